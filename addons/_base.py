@@ -1,0 +1,108 @@
+"""What every taskgate addon shares: the flow's exchange, refusals, fail-closed hooks."""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from mitmproxy import ctx, http
+
+from proxy.audit import redact_target
+from proxy.errors import status_for
+from proxy.gateway import REQUEST_ID_HEADER, Exchange, Gateway, new_request_id, refusal_body
+from proxy.paths import split_target
+
+log = logging.getLogger("taskgate")
+
+EXCHANGE = "taskgate.exchange"
+CONFIG_OPTION = "taskgate_config"
+
+Hook = Callable[[Any, http.HTTPFlow], Awaitable[None]]
+
+
+def exchange(flow: http.HTTPFlow) -> Exchange:
+    """The flow's :class:`Exchange`, made on first use (request id, client address)."""
+    ex = flow.metadata.get(EXCHANGE)
+    if ex is None:
+        peer = flow.client_conn.peername
+        req = flow.request
+        ex = Exchange(request_id=new_request_id(), client=peer[0] if peer else None,
+                      method=req.method, scheme=req.scheme, host=req.host[:255],
+                      port=req.port)
+        if req.method != "CONNECT":
+            raw_path, raw_query = split_target(req.data.path)
+            ex.path = redact_target(raw_path.decode("latin-1")[:2048],
+                                    raw_query.decode("latin-1")[:2048])
+        flow.metadata[EXCHANGE] = ex
+    return ex
+
+
+def refuse(flow: http.HTTPFlow, status: int, error: str, reason: str,
+           headers: dict[str, str] | None = None, decision: str = "deny") -> None:
+    """Answer the agent with a JSON refusal and mark the exchange denied."""
+    ex = exchange(flow)
+    if status != 407 or ex.decision is None:
+        ex.deny(reason, "error" if status >= 500 else decision)
+    ex.status = status
+    flow.request.stream = False
+    flow.response = http.Response.make(
+        status,
+        refusal_body(error, reason, ex.request_id),
+        {"Content-Type": "application/json", REQUEST_ID_HEADER: ex.request_id,
+         **(headers or {})},
+    )
+
+
+def refuse_for(flow: http.HTTPFlow, exc: BaseException) -> None:
+    """Refuse with the status the core's exception tree maps ``exc`` to."""
+    status, error, reason = status_for(exc)
+    headers = {"Proxy-Authenticate": 'Basic realm="taskgate"'} if status == 407 else None
+    refuse(flow, status, error, reason, headers)
+
+
+def guarded(hook: Hook) -> Hook:
+    """Fail closed: mitmproxy logs an addon's exception and lets the flow go on,
+    so any exception in a policy hook ends here, in a refusal."""
+
+    @functools.wraps(hook)
+    async def wrapper(self: Any, flow: http.HTTPFlow) -> None:
+        try:
+            await hook(self, flow)
+        except Exception as e:  # noqa: BLE001 - the whole point: deny on anything
+            log.exception("taskgate: %s failed; refusing the call", hook.__qualname__)
+            if flow.live and not flow.response:
+                refuse_for(flow, e)
+            elif flow.live:
+                flow.kill()
+
+    return wrapper
+
+
+class GatewayAddon:
+    """Base of the taskgate addons: holds the shared :class:`Gateway`.
+
+    Inside ``taskgate run`` the gateway is handed in; under plain ``mitmdump -s``
+    it is built from the ``taskgate_config`` option when the proxy starts.
+    """
+
+    def __init__(self, gateway: Gateway | None = None) -> None:
+        self._gateway = gateway
+
+    @property
+    def gateway(self) -> Gateway:
+        if self._gateway is None:
+            raise RuntimeError("the taskgate gateway is not running yet")
+        return self._gateway
+
+    def load(self, loader: Any) -> None:
+        if CONFIG_OPTION not in ctx.options:
+            loader.add_option(CONFIG_OPTION, str, "",
+                              "taskgate config file (standalone use with mitmdump -s)")
+
+    async def running(self) -> None:
+        if self._gateway is None:
+            from proxy.server import shared_gateway
+
+            self._gateway = await shared_gateway(getattr(ctx.options, CONFIG_OPTION) or None)

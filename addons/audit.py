@@ -1,0 +1,116 @@
+"""Write one audit record per call, before the response completes; stream and count."""
+
+from __future__ import annotations
+
+import logging
+
+from mitmproxy import http
+
+from addons._base import GatewayAddon, exchange, refuse
+from proxy.errors import Unavailable
+from proxy.gateway import REQUEST_ID_HEADER, Exchange
+
+log = logging.getLogger("taskgate")
+
+
+def _counter(ex: Exchange):  # type: ignore[no-untyped-def]
+    def count(chunk: bytes) -> bytes:
+        ex.bytes_out += len(chunk)
+        return chunk
+
+    return count
+
+
+def _request_counter(ex: Exchange):  # type: ignore[no-untyped-def]
+    def count(chunk: bytes) -> bytes:
+        ex.bytes_in += len(chunk)
+        return chunk
+
+    return count
+
+
+class Audit(GatewayAddon):
+    """Tag every response with the request id; record every call, refusal and error."""
+
+    def requestheaders(self, flow: http.HTTPFlow) -> None:
+        if flow.response or not flow.live:
+            return
+        req = flow.request
+        length = req.headers.get("content-length")
+        large = (length is None and "chunked" in req.headers.get("transfer-encoding", "").lower()
+                 ) or (length is not None and length.isdigit()
+                       and int(length) > self.gateway.config.stream_threshold_bytes)
+        if large and not flow.metadata.get("taskgate.inspect_body"):
+            req.stream = _request_counter(exchange(flow))
+
+    def responseheaders(self, flow: http.HTTPFlow) -> None:
+        resp = flow.response
+        if resp is None:
+            return
+        ex = exchange(flow)
+        resp.headers[REQUEST_ID_HEADER] = ex.request_id
+        if resp.stream:
+            resp.stream = _counter(ex)
+            return
+        length = resp.headers.get("content-length")
+        if (length is None and flow.request.method != "HEAD" and resp.status_code not in (204, 304)
+                or resp.headers.get("content-type", "").startswith("text/event-stream")
+                or (length and length.isdigit()
+                    and int(length) > self.gateway.config.stream_threshold_bytes)):
+            resp.stream = _counter(ex)
+
+    async def response(self, flow: http.HTTPFlow) -> None:
+        resp = flow.response
+        assert resp is not None
+        ex = exchange(flow)
+        ex.status = resp.status_code
+        if not resp.stream:
+            ex.bytes_out = len(resp.raw_content or b"")
+        if not flow.request.stream:
+            ex.bytes_in = len(flow.request.raw_content or b"")
+        if ex.decision is None:
+            ex.deny("no decision was made; refused", "error")
+        await self._write(flow, ex)
+
+    async def http_connect(self, flow: http.HTTPFlow) -> None:
+        if flow.response is not None:
+            flow.response.headers[REQUEST_ID_HEADER] = exchange(flow).request_id
+
+    def http_connected(self, flow: http.HTTPFlow) -> None:
+        if flow.response is not None:
+            flow.response.headers[REQUEST_ID_HEADER] = exchange(flow).request_id
+
+    async def http_connect_error(self, flow: http.HTTPFlow) -> None:
+        ex = exchange(flow)
+        ex.status = flow.response.status_code if flow.response else None
+        await self._write(flow, ex)
+
+    async def error(self, flow: http.HTTPFlow) -> None:
+        ex = exchange(flow)
+        if ex.audited:
+            return
+        if ex.decision in (None, "allow"):
+            ex.reason = flow.error.msg if flow.error else "the call failed"
+            ex.decision = "error"
+        if flow.response is not None and ex.status is None:
+            ex.status = flow.response.status_code
+        try:
+            await self.gateway.audit_exchange(ex)
+        except Unavailable:
+            log.error("audit write failed for errored call %s", ex.request_id)
+
+    async def _write(self, flow: http.HTTPFlow, ex: Exchange) -> None:
+        try:
+            await self.gateway.audit_exchange(ex)
+        except Exception as e:  # noqa: BLE001 - an unrecorded call must not complete
+            log.error("audit write failed for %s: %s", ex.request_id, e)
+            if flow.response is not None and not flow.response.stream and flow.live:
+                refuse(flow, 503, "unavailable",
+                       "the audit log could not be written; the call was refused",
+                       decision="error")
+                flow.response.headers[REQUEST_ID_HEADER] = ex.request_id
+            else:
+                flow.kill()
+
+
+addons = [Audit()]

@@ -1,0 +1,60 @@
+"""Authorize each call against the caller's rules; default deny."""
+
+from __future__ import annotations
+
+from mitmproxy import http
+
+from addons._base import GatewayAddon, exchange, guarded, refuse, refuse_for
+from proxy.errors import Refused
+from proxy.gateway import Tunnel
+from proxy.hosts import canonical_host
+
+RULE = "taskgate.rule"
+
+
+class Authorize(GatewayAddon):
+    """CONNECT: refuse tunnels to endpoints no rule names. Requests: match the rules."""
+
+    @guarded
+    async def http_connect(self, flow: http.HTTPFlow) -> None:
+        if flow.response or not flow.live:
+            return
+        ex = exchange(flow)
+        ex.host, ex.port = flow.request.host, flow.request.port
+        if ex.caller is None:
+            raise Refused("caller not identified")
+        decision = self.gateway.authorize_connect(ex.caller, flow.request.host, flow.request.port)
+        if not decision.allowed:
+            refuse(flow, 403, "forbidden", decision.reason)
+            return
+        self.gateway.tunnels[flow.client_conn.id] = Tunnel(
+            ex.caller, canonical_host(flow.request.host), flow.request.port)
+
+    @guarded
+    async def requestheaders(self, flow: http.HTTPFlow) -> None:
+        if flow.response or not flow.live:
+            return
+        ex = exchange(flow)
+        if ex.caller is None:
+            raise Refused("caller not identified")
+        gw = self.gateway
+        req = flow.request
+        tunnel = gw.tunnels.get(flow.client_conn.id)
+        try:
+            call = gw.describe(ex, req.method, req.scheme, req.host, req.port, req.data.path)
+            gw.check_host_header(call, req.host_header, tunnel)
+            if tunnel is not None and req.scheme == "https":
+                gw.check_sni(flow.client_conn.sni, tunnel)
+        except Refused as e:
+            refuse_for(flow, e)
+            return
+        decision = gw.authorize(ex.caller, call)
+        ex.rule = decision.rule_id
+        if not decision.allowed:
+            refuse(flow, 403, "forbidden", decision.reason)
+            return
+        ex.decision, ex.reason = "allow", decision.reason
+        flow.metadata[RULE] = decision.rule
+
+
+addons = [Authorize()]

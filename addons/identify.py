@@ -1,0 +1,60 @@
+"""Identify the calling workload from its proxy credential (CONNECT or request)."""
+
+from __future__ import annotations
+
+from mitmproxy import connection, http
+
+from addons._base import GatewayAddon, exchange, guarded, refuse_for
+from proxy.errors import InvalidCredential, TaskgateError
+
+HOP_HEADERS = ("Proxy-Authorization", "Proxy-Connection")
+
+
+def _credential(flow: http.HTTPFlow) -> str | None:
+    """Take the proxy credential off the request: it never travels upstream."""
+    values = flow.request.headers.get_all("Proxy-Authorization")
+    for name in HOP_HEADERS:
+        flow.request.headers.pop(name, None)
+    if len(values) > 1:
+        raise InvalidCredential("more than one Proxy-Authorization header")
+    return values[0] if values else None
+
+
+class Identify(GatewayAddon):
+    """CONNECT: verify the token, remember the caller for the tunnel.
+    Requests: the tunnel's caller (re-checked), or the request's own token."""
+
+    @guarded
+    async def http_connect(self, flow: http.HTTPFlow) -> None:
+        if flow.response or not flow.live:
+            return
+        ex = exchange(flow)
+        ex.method = "CONNECT"
+        try:
+            ex.caller = await self.gateway.identify(_credential(flow))
+        except TaskgateError as e:
+            refuse_for(flow, e)
+
+    @guarded
+    async def requestheaders(self, flow: http.HTTPFlow) -> None:
+        if flow.response or not flow.live:
+            return
+        ex = exchange(flow)
+        self.gateway.begin(ex)
+        tunnel = self.gateway.tunnels.get(flow.client_conn.id)
+        try:
+            credential = _credential(flow)
+            if tunnel is not None:
+                ex.caller = tunnel.caller
+                self.gateway.recheck(tunnel.caller)
+            else:
+                ex.caller = await self.gateway.identify(credential)
+        except TaskgateError as e:
+            refuse_for(flow, e)
+
+    def client_disconnected(self, client: connection.Client) -> None:
+        if self._gateway is not None:
+            self._gateway.tunnels.pop(client.id, None)
+
+
+addons = [Identify()]

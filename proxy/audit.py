@@ -1,0 +1,222 @@
+"""The audit log: one JSON line per call and per refusal, hash-chained.
+
+Field names are defined once (:data:`FIELDS`); every record carries all of
+them, ``None`` where a value does not apply. Records are written by one
+writer thread in batches (so the event loop never blocks on the disk), and
+:meth:`AuditLog.write` returns only once its record is in the file: the
+gateway awaits it before the response reaches the agent, and a failed write
+fails the call closed.
+
+Chain: ``seq`` counts records across restarts; ``prev`` is the previous
+record's ``hash``; ``hash`` is SHA-256 (or HMAC-SHA-256 with a key) over the
+record's canonical encoding (orjson, sorted keys, without ``hash``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import logging
+import os
+import threading
+from collections.abc import Mapping
+from datetime import UTC, datetime
+from typing import Any
+
+import orjson
+
+from .errors import Unavailable
+
+__all__ = [
+    "FIELDS",
+    "GENESIS",
+    "AuditLog",
+    "chain_hash",
+    "new_record",
+    "redact_target",
+    "rfc3339",
+]
+
+log = logging.getLogger(__name__)
+
+FIELDS = (
+    "ts", "seq", "request_id", "workload", "task", "owner", "client", "method",
+    "scheme", "host", "port", "path", "tool", "decision", "rule", "reason", "secret",
+    "approval", "status", "bytes_in", "bytes_out", "duration_ms", "prev", "hash",
+)
+DECISIONS = ("allow", "deny", "error", "approved", "rejected", "held")
+GENESIS = "0" * 64
+REDACTED = "REDACTED"
+
+
+def rfc3339(ts: float) -> str:
+    """RFC 3339 UTC with milliseconds, e.g. ``2026-11-28T12:00:00.123Z``."""
+    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
+
+
+def redact_target(path: str, query: str) -> str:
+    """Path with every query value replaced: keys say what was asked, values may be secret."""
+    if not query:
+        return path
+    parts = []
+    for item in query.split("&"):
+        key, sep, _ = item.partition("=")
+        parts.append(f"{key}={REDACTED}" if sep else key)
+    return f"{path}?{'&'.join(parts)}"
+
+
+def new_record(**values: Any) -> dict[str, Any]:
+    """A record with every field present; unknown field names are a bug."""
+    rec = dict.fromkeys(FIELDS)
+    for key, value in values.items():
+        if key not in rec:
+            raise KeyError(f"unknown audit field {key!r}")
+        rec[key] = value
+    return rec
+
+
+def canonical(record: Mapping[str, Any]) -> bytes:
+    return orjson.dumps({k: v for k, v in record.items() if k != "hash"},
+                        option=orjson.OPT_SORT_KEYS)
+
+
+def chain_hash(record: Mapping[str, Any], key: bytes | None = None) -> str:
+    data = canonical(record)
+    if key:
+        return hmac.new(key, data, hashlib.sha256).hexdigest()
+    return hashlib.sha256(data).hexdigest()
+
+
+def _read_tail(path: str) -> tuple[int, str, bool]:
+    """(last seq, last hash, ends with newline) of an existing log, for chain continuity."""
+    try:
+        size = os.path.getsize(path)
+    except FileNotFoundError:
+        return 0, GENESIS, True
+    if size == 0:
+        return 0, GENESIS, True
+    with open(path, "rb") as f:
+        block = 64 * 1024
+        pos = max(0, size - block)
+        while True:
+            f.seek(pos)
+            data = f.read(size - pos)
+            lines = data.split(b"\n")
+            ends_clean = data.endswith(b"\n")
+            complete = lines[:-1] if pos == 0 else lines[1:-1]
+            for line in reversed(complete):
+                try:
+                    rec = orjson.loads(line)
+                    return int(rec["seq"]), str(rec["hash"]), ends_clean
+                except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
+                    continue
+            if pos == 0:
+                return 0, GENESIS, ends_clean
+            pos = max(0, pos - block)
+
+
+class AuditLog:
+    """Append-only, hash-chained JSON-lines log with an asynchronous, awaited write."""
+
+    def __init__(self, path: str, *, hmac_key: bytes | None = None) -> None:
+        self.path = path
+        self._key = hmac_key
+        self._fd: int | None = None
+        self._pending: list[tuple[dict[str, Any], asyncio.Future[None]]] = []
+        self._cond = threading.Condition()
+        self._thread: threading.Thread | None = None
+        self._closing = False
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self.seq = 0
+        self.last_hash = GENESIS
+        self.write_errors = 0
+        self.healthy = True
+
+    async def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        await asyncio.to_thread(self._open)
+        self._thread = threading.Thread(target=self._run, name="taskgate-audit", daemon=True)
+        self._thread.start()
+
+    def _open(self) -> None:
+        os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
+        self.seq, self.last_hash, clean = _read_tail(self.path)
+        self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        if not clean:
+            # A torn last line (crash mid-write) stays where it is, on a line of
+            # its own, for `audit verify` to report; the chain goes on after it.
+            log.error("audit log %s ends in a partial record; continuing on a new line",
+                      self.path)
+            os.write(self._fd, b"\n")
+
+    async def write(self, record: dict[str, Any]) -> None:
+        """Append ``record`` (fills seq, prev, hash); returns once it is in the file."""
+        if self._loop is None or self._closing:
+            raise Unavailable("the audit log is not open; the call was refused")
+        fut = self._loop.create_future()
+        with self._cond:
+            self._pending.append((record, fut))
+            self._cond.notify()
+        await fut
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._pending and not self._closing:
+                    self._cond.wait()
+                batch, self._pending = self._pending, []
+                if not batch and self._closing:
+                    return
+            self._write_batch(batch)
+
+    def _write_batch(self, batch: list[tuple[dict[str, Any], asyncio.Future[None]]]) -> None:
+        seq, prev = self.seq, self.last_hash
+        lines = []
+        for record, _ in batch:
+            seq += 1
+            record["seq"] = seq
+            record["prev"] = prev
+            record.pop("hash", None)
+            prev = record["hash"] = chain_hash(record, self._key)
+            lines.append(orjson.dumps(record))
+        data = b"\n".join(lines) + b"\n"
+        error: BaseException | None = None
+        try:
+            assert self._fd is not None
+            written = os.write(self._fd, data)
+            if written != len(data):
+                raise OSError(f"short write ({written} of {len(data)} bytes)")
+            self.seq, self.last_hash = seq, prev
+            self.healthy = True
+        except OSError as e:
+            error = e
+            self.write_errors += len(batch)
+            self.healthy = False
+            log.error("audit log write failed: %s", e)
+        assert self._loop is not None
+        self._loop.call_soon_threadsafe(self._settle, batch, error)
+
+    @staticmethod
+    def _settle(batch: list[tuple[dict[str, Any], asyncio.Future[None]]],
+                error: BaseException | None) -> None:
+        for _, fut in batch:
+            if fut.done():
+                continue
+            if error is None:
+                fut.set_result(None)
+            else:
+                fut.set_exception(Unavailable("the audit log could not be written; "
+                                              "the call was refused"))
+
+    async def close(self) -> None:
+        """Write what is queued, then close the file."""
+        with self._cond:
+            self._closing = True
+            self._cond.notify()
+        if self._thread is not None:
+            await asyncio.to_thread(self._thread.join)
+        if self._fd is not None:
+            fd, self._fd = self._fd, None
+            await asyncio.to_thread(os.fsync, fd)
+            os.close(fd)

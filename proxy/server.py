@@ -1,0 +1,227 @@
+"""The one module that wires the running gateway: mitmproxy + aiohttp, one uvloop loop.
+
+``serve`` builds the core (identity, policy, audit), starts the control plane,
+embeds mitmproxy's :class:`~mitmproxy.master.Master` with only the addons a
+gateway needs (not ``DumpMaster``, whose error check ``sys.exit``s on an
+error log and would take the control plane down with it), and shuts both
+down in order on SIGTERM/SIGINT: stop listening, let calls in flight finish
+within the grace period, flush the audit log.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import sys
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+from mitmproxy import certs, options
+from mitmproxy.addons import disable_h2c, next_layer, proxyserver, tlsconfig
+from mitmproxy.master import Master
+
+from .admin import admin_token
+from .audit import AuditLog
+from .config import Config, load_config
+from .control import ControlState, make_app
+from .gateway import Gateway, StandingPolicy
+from .identity import Identity, JwksKeys, TokenIssuer, WorkloadIssuer
+from .upstream import client_session, trust_bundle
+
+__all__ = ["build_gateway", "ensure_ca", "gateway_addons", "run", "serve", "shared_gateway"]
+
+log = logging.getLogger("taskgate")
+
+
+def ensure_ca(config: Config) -> str:
+    """Create taskgate's interception CA under home on first use; return the cert path."""
+    path = config.ca_dir
+    if not os.path.exists(os.path.join(path, "mitmproxy-ca.pem")):
+        os.makedirs(path, mode=0o700, exist_ok=True)
+        certs.CertStore.create_store(
+            __import__("pathlib").Path(path), "mitmproxy", 2048,
+            organization="taskgate", cn="taskgate egress CA")
+    os.chmod(os.path.join(path, "mitmproxy-ca.pem"), 0o600)
+    return config.ca_cert_file
+
+
+async def build_gateway(config: Config, session: aiohttp.ClientSession) -> Gateway:
+    """Assemble the core from a config; the audit log is open when this returns."""
+
+    async def fetch_json(url: str) -> Any:
+        async with session.get(url, allow_redirects=False) as resp:
+            resp.raise_for_status()
+            return await resp.json(content_type=None)
+
+    owners = {name: wl.owner for name, wl in config.workloads.items() if wl.owner}
+    issuers: list[TokenIssuer] = []
+    for ic in config.issuers:
+        if ic.jwks_file is not None:
+            keys = JwksKeys.from_file(ic.jwks_file)
+        else:
+            assert ic.jwks_url is not None
+            keys = JwksKeys(source=ic.jwks_url, fetch=fetch_json)
+        issuers.append(WorkloadIssuer(ic.issuer, ic.audience, keys,
+                                      leeway=config.leeway_seconds, owners=owners))
+    identity = Identity(issuers, leeway=config.leeway_seconds)
+    hmac_key = None
+    if config.audit_hmac_key_file:
+        with open(config.audit_hmac_key_file, "rb") as f:
+            hmac_key = f.read().strip()
+    audit = AuditLog(config.audit_path, hmac_key=hmac_key)
+    await audit.start()
+    gateway = Gateway(config, identity, StandingPolicy(config), audit)
+    gateway.http = session
+    return gateway
+
+
+def gateway_addons(gateway: Gateway) -> list[Any]:
+    """The taskgate addons, in the order their hooks must run."""
+    from addons.audit import Audit
+    from addons.authorize import Authorize
+    from addons.identify import Identify
+
+    return [Identify(gateway), Authorize(gateway), Audit(gateway)]
+
+
+def mitm_options(config: Config, bundle: str) -> dict[str, Any]:
+    host, port = config.proxy_listen
+    return {
+        "mode": [f"regular@{port}"],
+        "listen_host": host,
+        "confdir": config.ca_dir,
+        "rawtcp": False,
+        "http3": False,
+        "connection_strategy": "lazy",
+        "ssl_insecure": False,
+        "ssl_verify_upstream_trusted_ca": bundle,
+        "upstream_cert": False,
+        "validate_inbound_headers": True,
+    }
+
+
+class _GatewayMaster(Master):
+    """A Master that refuses to run when a listener failed to bind."""
+
+    bind_failed = False
+
+    async def running(self) -> None:
+        ps = self.addons.get("proxyserver")
+        if ps is None or not len(ps.servers) or any(not s.is_running for s in ps.servers):
+            self.bind_failed = True
+            self.should_exit.set()
+            return
+        await super().running()
+
+
+async def serve(config: Config) -> int:
+    """Run the gateway until SIGTERM/SIGINT; return the process exit code."""
+    loop = asyncio.get_running_loop()
+    os.makedirs(config.home, mode=0o700, exist_ok=True)
+    ca_cert = ensure_ca(config)
+    bundle = trust_bundle(config)
+    token_path = config.admin_token_file
+    state = ControlState(admin_token=admin_token(token_path))
+    session = client_session(config, bundle)
+    gateway = await build_gateway(config, session)
+    runner = web.AppRunner(make_app(gateway, state), access_log=None, handle_signals=False)
+    await runner.setup()
+    chost, cport = config.control_listen
+    try:
+        await web.TCPSite(runner, chost, cport).start()
+    except OSError as e:
+        log.error("control plane cannot listen on %s:%d: %s", chost, cport, e.strerror)
+        await _close(runner, gateway, session)
+        return 2
+
+    opts = options.Options()
+    master = _GatewayMaster(opts, event_loop=loop)
+    ps = proxyserver.Proxyserver()
+    master.addons.add(ps, next_layer.NextLayer(), tlsconfig.TlsConfig(),
+                      disable_h2c.DisableH2C(), *gateway_addons(gateway))
+    opts.update(**mitm_options(config, bundle))
+
+    stopping = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stopping.set)
+
+    async def on_stop() -> None:
+        await stopping.wait()
+        state.proxy_listening = False
+        log.info("taskgate: shutting down; closing listeners")
+        await ps.servers.update([])
+        await runner.shutdown()
+        if not await gateway.drained(config.shutdown_grace_seconds):
+            log.warning("taskgate: %d calls still in flight after the grace period",
+                        gateway.in_flight)
+        master.shutdown()
+
+    async def on_ready() -> None:
+        while not master.addons.get("proxyserver").is_running:
+            if master.should_exit.is_set():
+                return
+            await asyncio.sleep(0.01)
+        state.proxy_listening = True
+        addrs = ps.listen_addrs()
+        state.proxy_address = f"{addrs[0][0]}:{addrs[0][1]}" if addrs else ""
+        print(f"taskgate {_version()} running\n"
+              f"  proxy:         http://{config.proxy_listen[0]}:{config.proxy_listen[1]}\n"
+              f"  control plane: http://{chost}:{cport}\n"
+              f"  CA cert:       {os.path.abspath(ca_cert)}\n"
+              f"  admin token:   {os.path.abspath(token_path)}\n"
+              f"  audit log:     {os.path.abspath(config.audit_path)}\n"
+              f"  config:        {config.source}", flush=True)
+
+    stopper = asyncio.create_task(on_stop())
+    readier = asyncio.create_task(on_ready())
+    try:
+        await master.run()
+    finally:
+        stopper.cancel()
+        readier.cancel()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
+        await _close(runner, gateway, session)
+    if master.bind_failed:
+        log.error("taskgate: the proxy could not listen on %s:%d",
+                  config.proxy_listen[0], config.proxy_listen[1])
+        return 2
+    return 0
+
+
+async def _close(runner: web.AppRunner, gateway: Gateway,
+                 session: aiohttp.ClientSession) -> None:
+    await runner.cleanup()
+    await gateway.audit.close()
+    await session.close()
+
+
+def _version() -> str:
+    from . import __version__
+
+    return __version__
+
+
+def run(config: Config) -> int:
+    """Entry point of ``taskgate run``."""
+    import uvloop
+
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("mitmproxy").setLevel(logging.WARNING)
+    return uvloop.run(serve(config))
+
+
+_shared: dict[str | None, Gateway] = {}
+
+
+async def shared_gateway(config_path: str | None) -> Gateway:
+    """The gateway for standalone addons (``mitmdump -s``): one per config file."""
+    if config_path not in _shared:
+        config = load_config(config_path)
+        session = client_session(config, trust_bundle(config))
+        _shared[config_path] = await build_gateway(config, session)
+    return _shared[config_path]

@@ -1,0 +1,82 @@
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trustme
+
+from tests.support import AUDIENCE, ISSUER, WORKLOAD, Gateway, Keys, Upstream
+
+
+@pytest.fixture(scope="session")
+def keys() -> Keys:
+    return Keys()
+
+
+@pytest.fixture(scope="session")
+def test_ca() -> trustme.CA:
+    return trustme.CA()
+
+
+@pytest.fixture(scope="session")
+def upstream(test_ca: trustme.CA) -> Iterator[Upstream]:
+    import ssl
+
+    cert = test_ca.issue_cert("localhost", "127.0.0.1", "::1")
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    cert.configure_cert(ctx)
+    up = Upstream(ctx).start()
+    yield up
+    up.stop()
+
+
+@pytest.fixture(scope="session")
+def shared_files(tmp_path_factory: pytest.TempPathFactory, keys: Keys,
+                 test_ca: trustme.CA) -> dict[str, Path]:
+    d = tmp_path_factory.mktemp("shared")
+    jwks = d / "jwks.json"
+    jwks.write_text(json.dumps(keys.jwks()))
+    ca = d / "upstream-ca.pem"
+    test_ca.cert_pem.write_to_path(str(ca))
+    return {"jwks": jwks, "upstream_ca": ca}
+
+
+def base_config(shared_files: dict[str, Path], upstream: Upstream,
+                **extra: Any) -> dict[str, Any]:
+    """A config with one trusted issuer and standing rules for the test upstreams."""
+    cfg: dict[str, Any] = {
+        "upstream": {"ca_file": str(shared_files["upstream_ca"])},
+        "identity": {"issuers": [{"issuer": ISSUER, "audience": AUDIENCE,
+                                  "jwks_file": str(shared_files["jwks"])}]},
+        "workloads": {
+            WORKLOAD: {
+                "owner": "platform@acme.test",
+                "standing": [
+                    {"id": "plain-read", "host": "127.0.0.1", "port": upstream.http_port,
+                     "scheme": "http", "methods": ["GET"],
+                     "paths": ["/allowed/**", "/sse", "/slow"]},
+                    {"id": "tls-read", "host": "localhost", "port": upstream.https_port,
+                     "methods": ["GET", "POST"], "paths": ["/allowed/**", "/sse", "/slow"]},
+                ],
+            },
+        },
+        "proxy": {"shutdown_grace_seconds": 10},
+    }
+    cfg.update(extra)
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def gateway(tmp_path_factory: pytest.TempPathFactory, shared_files: dict[str, Path],
+            upstream: Upstream) -> Iterator[Gateway]:
+    gw = Gateway(tmp_path_factory.mktemp("gw"), base_config(shared_files, upstream)).start()
+    yield gw
+    gw.stop()
+
+
+@pytest.fixture
+def token(keys: Keys) -> str:
+    return keys.token()

@@ -1,0 +1,268 @@
+"""Test support: keys and tokens, loopback upstreams, and the real gateway as a process.
+
+Nothing here stands in for taskgate itself: tests start ``python -m proxy run``
+and talk to it over loopback with real clients.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import json
+import os
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import jwt
+import yaml
+from aiohttp import web
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+
+REPO = Path(__file__).resolve().parent.parent
+ISSUER = "https://issuer.test"
+AUDIENCE = "taskgate"
+WORKLOAD = "spiffe://acme.test/agent/triage"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# -- keys and tokens ----------------------------------------------------------
+@dataclass
+class Keys:
+    """An issuer's signing keys and the JWKS file the gateway trusts."""
+
+    rsa: rsa.RSAPrivateKey = field(default_factory=lambda: rsa.generate_private_key(65537, 2048))
+    ec: ec.EllipticCurvePrivateKey = field(default_factory=lambda: ec.generate_private_key(
+        ec.SECP256R1()))
+    other: rsa.RSAPrivateKey = field(default_factory=lambda: rsa.generate_private_key(65537, 2048))
+
+    def jwks(self) -> dict[str, Any]:
+        rsa_jwk = json.loads(jwt.algorithms.RSAAlgorithm.to_jwk(self.rsa.public_key()))
+        rsa_jwk.update(kid="rsa1", use="sig")
+        ec_jwk = json.loads(jwt.algorithms.ECAlgorithm.to_jwk(self.ec.public_key()))
+        ec_jwk.update(kid="ec1", use="sig")
+        return {"keys": [rsa_jwk, ec_jwk]}
+
+    def rsa_public_pem(self) -> bytes:
+        return self.rsa.public_key().public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+
+    def token(self, sub: str = WORKLOAD, *, aud: str = AUDIENCE, iss: str = ISSUER,
+              ttl: float = 600, kid: str | None = "rsa1", alg: str = "RS256",
+              key: Any = None, nbf: float | None = None, **claims: Any) -> str:
+        now = time.time()
+        payload: dict[str, Any] = {"sub": sub, "aud": aud, "iss": iss, "iat": int(now),
+                                   "exp": int(now + ttl), **claims}
+        if nbf is not None:
+            payload["nbf"] = int(nbf)
+        headers = {"kid": kid} if kid is not None else {}
+        if key is None:
+            key = self.ec if alg.startswith("ES") else self.rsa
+        return jwt.encode(payload, key, algorithm=alg, headers=headers)
+
+
+def unsigned_token(payload: dict[str, Any], header: dict[str, Any]) -> str:
+    def b64(d: dict[str, Any]) -> str:
+        return base64.urlsafe_b64encode(json.dumps(d).encode()).rstrip(b"=").decode()
+
+    return f"{b64(header)}.{b64(payload)}."
+
+
+# -- upstreams ----------------------------------------------------------------
+class Upstream:
+    """aiohttp upstream on loopback (HTTP and HTTPS), in its own thread and loop.
+
+    It records every request it receives, so tests can assert what reached it.
+    """
+
+    def __init__(self, tls_ctx: Any = None) -> None:
+        self.seen: list[dict[str, Any]] = []
+        self.tls_ctx = tls_ctx
+        self.http_port = free_port()
+        self.https_port = free_port()
+        self._loop = asyncio.new_event_loop()
+        self._ready = threading.Event()
+        self._thread = threading.Thread(target=self._main, daemon=True)
+
+    def app(self) -> web.Application:
+        app = web.Application()
+        app.router.add_route("*", "/sse", self.sse)
+        app.router.add_route("*", "/slow", self.slow)
+        app.router.add_route("*", "/{tail:.*}", self.echo)
+        return app
+
+    async def echo(self, request: web.Request) -> web.Response:
+        body = await request.read()
+        info = {"method": request.method, "path": request.raw_path,
+                "headers": dict(request.headers), "body_len": len(body),
+                "scheme": request.scheme}
+        self.seen.append(info)
+        return web.json_response(info)
+
+    async def slow(self, request: web.Request) -> web.Response:
+        self.seen.append({"method": request.method, "path": request.raw_path,
+                          "headers": dict(request.headers)})
+        await asyncio.sleep(float(request.query.get("s", "1")))
+        return web.json_response({"slow": True})
+
+    async def sse(self, request: web.Request) -> web.StreamResponse:
+        self.seen.append({"method": request.method, "path": request.raw_path,
+                          "headers": dict(request.headers)})
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        n = int(request.query.get("n", "3"))
+        gap = float(request.query.get("gap", "0.5"))
+        for i in range(n):
+            await resp.write(f"data: event {i} at {time.time():.3f}\n\n".encode())
+            await asyncio.sleep(gap)
+        await resp.write_eof()
+        return resp
+
+    def _main(self) -> None:
+        asyncio.set_event_loop(self._loop)
+        runner = web.AppRunner(self.app(), access_log=None)
+        self._loop.run_until_complete(runner.setup())
+        sites = [web.TCPSite(runner, "127.0.0.1", self.http_port)]
+        if self.tls_ctx is not None:
+            sites.append(web.TCPSite(runner, "127.0.0.1", self.https_port,
+                                     ssl_context=self.tls_ctx))
+        for s in sites:
+            self._loop.run_until_complete(s.start())
+        self._runner = runner
+        self._ready.set()
+        self._loop.run_forever()
+        self._loop.run_until_complete(runner.cleanup())
+
+    def start(self) -> Upstream:
+        self._thread.start()
+        self._ready.wait(10)
+        return self
+
+    def stop(self) -> None:
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(10)
+        self._loop.close()
+
+
+# -- the gateway --------------------------------------------------------------
+class Gateway:
+    """``python -m proxy run -c taskgate.yaml`` in a temp folder, on free ports."""
+
+    def __init__(self, workdir: Path, config: dict[str, Any], env: dict[str, str] | None = None
+                 ) -> None:
+        self.dir = workdir
+        self.proxy_port = free_port()
+        self.control_port = free_port()
+        config = dict(config)
+        config.setdefault("listen", {"proxy": f"127.0.0.1:{self.proxy_port}",
+                                     "control": f"127.0.0.1:{self.control_port}"})
+        self.config = config
+        self.config_path = workdir / "taskgate.yaml"
+        self.config_path.write_text(yaml.safe_dump(config, sort_keys=False))
+        self.env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+        self.env.pop("TASKGATE_ADMIN_TOKEN", None) if env is None else None
+        for var in ("HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy", "ALL_PROXY",
+                    "all_proxy", "NO_PROXY", "no_proxy"):
+            self.env.pop(var, None)
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.log = workdir / "gateway.log"
+
+    @property
+    def home(self) -> Path:
+        return self.dir / self.config.get("home", ".taskgate")
+
+    @property
+    def ca(self) -> Path:
+        return self.home / "ca" / "mitmproxy-ca-cert.pem"
+
+    @property
+    def audit_path(self) -> Path:
+        return self.dir / self.config.get("audit", {}).get("path", ".taskgate/audit.jsonl")
+
+    @property
+    def proxy_url(self) -> str:
+        return f"http://127.0.0.1:{self.proxy_port}"
+
+    @property
+    def control_url(self) -> str:
+        return f"http://127.0.0.1:{self.control_port}"
+
+    def proxy_url_with(self, token: str) -> str:
+        return f"http://agent:{token}@127.0.0.1:{self.proxy_port}"
+
+    def start(self, wait: bool = True) -> Gateway:
+        self._out = open(self.log, "ab")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "proxy", "run", "-c", str(self.config_path)],
+            cwd=self.dir, env=self.env, stdout=self._out, stderr=subprocess.STDOUT)
+        if wait:
+            self.wait_ready()
+        return self
+
+    def wait_ready(self, timeout: float = 20) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc is not None and self.proc.poll() is not None:
+                raise RuntimeError(f"gateway exited {self.proc.returncode}:\n{self.output()}")
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(f"{self.control_url}/readyz", timeout=1).status_code == 200:
+                    return
+            time.sleep(0.05)
+        raise RuntimeError(f"gateway not ready:\n{self.output()}")
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace") if self.log.exists() else ""
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 20) -> int:
+        if self.proc is None:
+            return 0
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._out.close()
+        return self.proc.returncode
+
+    def audit(self) -> list[dict[str, Any]]:
+        if not self.audit_path.exists():
+            return []
+        return [json.loads(line) for line in self.audit_path.read_text().splitlines() if line]
+
+    def records_for(self, request_id: str) -> list[dict[str, Any]]:
+        return [r for r in self.audit() if r["request_id"] == request_id]
+
+    def client(self, token: str | None, **kw: Any) -> httpx.Client:
+        proxy = self.proxy_url_with(token) if token else self.proxy_url
+        return httpx.Client(proxy=proxy, verify=self.ssl_context(), timeout=10,
+                            trust_env=False, **kw)
+
+    def ssl_context(self) -> ssl.SSLContext:
+        return ssl.create_default_context(cafile=str(self.ca))
+
+
+@contextlib.contextmanager
+def running_gateway(workdir: Path, config: dict[str, Any], **kw: Any) -> Iterator[Gateway]:
+    gw = Gateway(workdir, config, **kw).start()
+    try:
+        yield gw
+    finally:
+        gw.stop()
