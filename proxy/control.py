@@ -34,6 +34,20 @@ STATE = web.AppKey("state", ControlState)
 
 # Each plugin adds routes (and cleanup_ctx entries) to the app: tasks, audit, ui…
 ROUTE_PLUGINS: list[Callable[[web.Application], None]] = []
+# Modules that append to ROUTE_PLUGINS when imported (one per feature).
+PLUGIN_MODULES = ("proxy.control_tasks", "proxy.control_audit", "proxy.control_approvals",
+                  "proxy.ui", "proxy.metrics")
+
+
+def load_plugins() -> None:
+    import importlib
+
+    for mod in PLUGIN_MODULES:
+        try:
+            importlib.import_module(mod)
+        except ModuleNotFoundError as e:
+            if e.name != mod:
+                raise
 
 
 def json_error(status: int, error: str, reason: str, **extra: object) -> web.Response:
@@ -73,6 +87,7 @@ def make_app(gateway: Gateway, state: ControlState) -> web.Application:
     app[STATE] = state
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
+    load_plugins()
     for plugin in ROUTE_PLUGINS:
         plugin(app)
     return app

@@ -12,7 +12,7 @@ import asyncio
 import logging
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -131,6 +131,19 @@ class Gateway:
         self.idle.set()
         self.on_record: list[Callable[[dict[str, Any]], None]] = []
         self.http: Any = None  # the aiohttp session for the gateway's own upstream calls
+        # Called with a task id when a task ends (revoked, expired): secret providers
+        # revoke what they minted for it, approvals waiting on it are refused.
+        self.on_task_end: list[Callable[[str], Awaitable[None]]] = []
+        # Extension slots filled by features (task store, secret broker, approvals, metrics).
+        self.components: dict[str, Any] = {}
+
+    async def task_ended(self, task_id: str) -> None:
+        """Run every task-end hook; one failing hook never stops the others."""
+        for hook in list(self.on_task_end):
+            try:
+                await hook(task_id)
+            except Exception:  # noqa: BLE001
+                log.exception("task-end hook failed for task %s", task_id)
 
     def begin(self, ex: Exchange) -> None:
         """Count ``ex`` as in flight until its record is written (graceful shutdown waits)."""

@@ -78,13 +78,32 @@ async def build_gateway(config: Config, session: aiohttp.ClientSession) -> Gatew
     return gateway
 
 
-def gateway_addons(gateway: Gateway) -> list[Any]:
-    """The taskgate addons, in the order their hooks must run."""
-    from addons.audit import Audit
-    from addons.authorize import Authorize
-    from addons.identify import Identify
+# The addon chain, in the order hooks must run: who is calling, may it, what is in
+# the body (MCP), does a person have to say yes, which secret to add, and the record.
+ADDON_CHAIN = (
+    ("addons.identify", "Identify"),
+    ("addons.authorize", "Authorize"),
+    ("addons.mcp", "Mcp"),
+    ("addons.approve", "Approve"),
+    ("addons.inject", "Inject"),
+    ("addons.audit", "Audit"),
+)
 
-    return [Identify(gateway), Authorize(gateway), Audit(gateway)]
+
+def gateway_addons(gateway: Gateway) -> list[Any]:
+    """The taskgate addons present in this build, in chain order."""
+    import importlib
+
+    chain = []
+    for module, name in ADDON_CHAIN:
+        try:
+            mod = importlib.import_module(module)
+        except ModuleNotFoundError as e:
+            if e.name != module:
+                raise
+            continue
+        chain.append(getattr(mod, name)(gateway))
+    return chain
 
 
 def mitm_options(config: Config, bundle: str) -> dict[str, Any]:

@@ -175,7 +175,8 @@ class Gateway:
         self.config = config
         self.config_path = workdir / "taskgate.yaml"
         self.config_path.write_text(yaml.safe_dump(config, sort_keys=False))
-        self.env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+        self.env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(REPO),
+                    **(env or {})}
         self.env.pop("TASKGATE_ADMIN_TOKEN", None) if env is None else None
         for var in ("HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy", "ALL_PROXY",
                     "all_proxy", "NO_PROXY", "no_proxy"):
