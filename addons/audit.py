@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Iterable
 
 from mitmproxy import http
 
@@ -13,15 +14,28 @@ from proxy.gateway import REQUEST_ID_HEADER, Exchange
 log = logging.getLogger("taskgate")
 
 
-def _counter(ex: Exchange):  # type: ignore[no-untyped-def]
-    def count(chunk: bytes) -> bytes:
-        ex.bytes_out += len(chunk)
-        return chunk
-
-    return count
+StreamFilter = Callable[[bytes], bytes | Iterable[bytes]]
 
 
-def _request_counter(ex: Exchange):  # type: ignore[no-untyped-def]
+def _counter(ex: Exchange, inner: StreamFilter | None = None) -> StreamFilter:
+    """Count what reaches the agent, after any filter another addon installed."""
+    if inner is None:
+        def count(chunk: bytes) -> bytes:
+            ex.bytes_out += len(chunk)
+            return chunk
+
+        return count
+
+    def count_filtered(chunk: bytes) -> bytes:
+        out = inner(chunk)
+        data = out if isinstance(out, bytes) else b"".join(out)
+        ex.bytes_out += len(data)
+        return data
+
+    return count_filtered
+
+
+def _request_counter(ex: Exchange) -> StreamFilter:
     def count(chunk: bytes) -> bytes:
         ex.bytes_in += len(chunk)
         return chunk
@@ -50,7 +64,7 @@ class Audit(GatewayAddon):
         ex = exchange(flow)
         resp.headers[REQUEST_ID_HEADER] = ex.request_id
         if resp.stream:
-            resp.stream = _counter(ex)
+            resp.stream = _counter(ex, resp.stream if callable(resp.stream) else None)
             return
         length = resp.headers.get("content-length")
         if (length is None and flow.request.method != "HEAD" and resp.status_code not in (204, 304)
