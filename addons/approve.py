@@ -61,6 +61,7 @@ class Approve(GatewayAddon):
         if rule.mcp is not None and not calls:
             return  # initialize, tools/list, notifications: no tool runs, nothing to approve
         gw = self.gateway
+        ex.bytes_in = len(body)
         held = self.approvals.new(
             request_id=ex.request_id, workload=caller.workload, task=caller.task,
             owner=caller.owner, purpose=getattr(caller, "purpose", None), method=ex.method,

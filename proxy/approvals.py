@@ -83,8 +83,8 @@ class Held:
     client_id: str | None = None
     expires_at: float | None = None
     created: float = field(default_factory=time.time)
-    started: float = field(default_factory=time.monotonic)
     deadline: float | None = None
+    runs_out: str = "timeout"  # what ends it at the deadline: the timeout, or "expired"
     answer: Answer | None = None
     future: asyncio.Future[Answer] | None = field(default=None, repr=False)
     timer: asyncio.TimerHandle | None = field(default=None, repr=False)
@@ -142,7 +142,7 @@ class Approvals:
                     client_id=client_id, expires_at=expires_at)
         held.deadline = held.created + self.timeout
         if expires_at is not None and expires_at < held.deadline:
-            held.deadline = max(held.created, expires_at)
+            held.deadline, held.runs_out = max(held.created, expires_at), "expired"
         return held
 
     def start(self, held: Held) -> None:
@@ -153,14 +153,11 @@ class Approvals:
             self._end(held, Answer("shutdown", REASONS["shutdown"]))
             return
         assert held.deadline is not None
-        expires_first = held.expires_at is not None and held.expires_at < (
-            held.created + self.timeout)
-        outcome = "expired" if expires_first else "timeout"
         self._waiting[held.id] = held
         log.info("request %s held for approval %s: %s %s", held.request_id, held.id,
                  held.method, held.url)
         held.timer = loop.call_later(max(0.0, held.deadline - time.time()), self._end, held,
-                                     Answer(outcome, self._reason(outcome)))
+                                     Answer(held.runs_out, self._reason(held.runs_out)))
 
     async def wait(self, held: Held) -> Answer:
         """The answer for ``held``; if the waiter itself is cancelled, the hold ends too."""

@@ -139,9 +139,14 @@ def _print_list(items: list[dict[str, Any]]) -> None:
         print("no calls are waiting for approval")
         return
     for h in items:
-        print(f"{h['id']}  waiting {h['age_seconds']:.0f}s  until {h['expires_at']}")
-        print(f"  workload: {h['workload']}  owner: {h['owner'] or '-'}  "
-              f"task: {h['task'] or '-'}  purpose: {h['purpose'] or '-'}")
-        print(f"  call:     {h['method']} {h['url']}  (request {h['request_id']})")
+        print(_safe(f"{h['id']}  waiting {h['age_seconds']:.0f}s  until {h['expires_at']}"))
+        print(_safe(f"  workload: {h['workload']}  owner: {h['owner'] or '-'}  "
+                    f"task: {h['task'] or '-'}  purpose: {h['purpose'] or '-'}"))
+        print(_safe(f"  call:     {h['method']} {h['url']}  (request {h['request_id']})"))
         for c in h.get("calls") or []:
-            print(f"  tool:     {c['name']} {orjson.dumps(c['arguments']).decode()}")
+            print(_safe(f"  tool:     {c['name']} {orjson.dumps(c['arguments']).decode()}"))
+
+
+def _safe(line: str) -> str:
+    """What the agent controls (URL, tool names) must not drive the approver's terminal."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in line)

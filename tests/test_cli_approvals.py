@@ -12,6 +12,7 @@ from pathlib import Path
 import orjson
 import pytest
 
+from proxy.cli_approvals import _safe
 from tests.support import REPO, Gateway, Upstream, free_port
 from tests.test_approve import admin_token, agent, approval_config, control, held, https
 
@@ -116,3 +117,14 @@ async def test_cli_failures(cgw: Gateway, tmp_path: Path, extra: dict[str, str],
     extra = {"TASKGATE_CONTROL_URL": cgw.control_url, **extra}
     rc, _, err = await taskgate("approvals", *args, cwd=tmp_path, env=clean_env(**extra))
     assert rc == code and message in err, err
+
+
+@pytest.mark.parametrize(("text", "shown"), [
+    ("POST https://api.example/pulls", "POST https://api.example/pulls"),
+    ("pay \x1b[2J\x1b[31m", "pay \\x1b[2J\\x1b[31m"),
+    ("evil\u202eexe.txt", "evil\\u202eexe.txt"),
+    ("line\nbreak", "line\\nbreak"),
+    ("café", "café"),
+])
+def test_listing_never_drives_the_terminal(text: str, shown: str) -> None:
+    assert _safe(text) == shown
