@@ -103,7 +103,7 @@ class Audit(GatewayAddon):
         ex = exchange(flow)
         if ex.audited:
             return
-        if ex.decision in (None, "allow"):
+        if ex.decision in (None, "allow", "approved"):  # an approved call can still fail
             ex.reason = flow.error.msg if flow.error else "the call failed"
             ex.decision = "error"
         if flow.response is not None and ex.status is None:

@@ -6,6 +6,8 @@
     │   ├── MissingCredential      no Proxy-Authorization at all
     │   └── InvalidCredential      malformed, expired, wrongly signed, unknown issuer
     ├── Refused                → 403: identified, but no rule allows the call
+    ├── NotFound               → 404: the control plane has no such object (approval, task)
+    ├── Conflict               → 409: the object's state forbids it (answering an ended approval)
     ├── PayloadTooLarge        → 413: a body the gateway must inspect is too big
     ├── UpstreamSecretError    → 502: a secret provider failed (names the secret)
     └── Unavailable            → 503: a dependency the call needs failed (audit, store)
@@ -18,8 +20,10 @@ from __future__ import annotations
 __all__ = [
     "AuthError",
     "ConfigError",
+    "Conflict",
     "InvalidCredential",
     "MissingCredential",
+    "NotFound",
     "PayloadTooLarge",
     "Refused",
     "TaskgateError",
@@ -70,6 +74,20 @@ class Refused(TaskgateError):
     def __init__(self, reason: str, rule: str | None = None) -> None:
         super().__init__(reason)
         self.rule = rule
+
+
+class NotFound(TaskgateError):
+    """The control plane has no object by that id (or no longer remembers it)."""
+
+    status = 404
+    error = "not_found"
+
+
+class Conflict(TaskgateError):
+    """The request contradicts the object's state, e.g. answering an approval twice."""
+
+    status = 409
+    error = "conflict"
 
 
 class PayloadTooLarge(TaskgateError):

@@ -53,7 +53,8 @@ class Tunnel:
 
 @dataclass(slots=True)
 class Exchange:
-    """One call as the gateway handles it; becomes exactly one audit record."""
+    """One call as the gateway handles it; becomes exactly one final audit record
+    (a call held for approval also gets a ``held`` record when the hold starts)."""
 
     request_id: str
     client: str | None
@@ -242,7 +243,20 @@ class Gateway:
             self.in_flight -= 1
             if self.in_flight == 0:
                 self.idle.set()
+        await self._write(ex.record())
+
+    async def audit_interim(self, ex: Exchange, decision: str, reason: str,
+                            approval: dict[str, Any] | None = None) -> None:
+        """Write a record for ``ex`` that is not its last (``held``: waiting for approval).
+
+        ``ex`` stays open and in flight: its one final record is still written
+        by :meth:`audit_exchange`. Raises :class:`~proxy.errors.Unavailable` on failure.
+        """
         record = ex.record()
+        record.update(decision=decision, reason=reason, approval=approval, status=None)
+        await self._write(record)
+
+    async def _write(self, record: dict[str, Any]) -> None:
         await self.audit.write(record)
         for hook in self.on_record:
             try:

@@ -4,8 +4,8 @@
 embeds mitmproxy's :class:`~mitmproxy.master.Master` with only the addons a
 gateway needs (not ``DumpMaster``, whose error check ``sys.exit``s on an
 error log and would take the control plane down with it), and shuts both
-down in order on SIGTERM/SIGINT: stop listening, let calls in flight finish
-within the grace period, flush the audit log.
+down in order on SIGTERM/SIGINT: stop listening, refuse calls held for
+approval, let calls in flight finish within the grace period, flush the audit log.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from mitmproxy import certs, options
 from mitmproxy.addons import disable_h2c, next_layer, proxyserver, tlsconfig
 from mitmproxy.master import Master
 
+from . import approvals
 from .admin import admin_token
 from .audit import AuditLog
 from .config import Config, load_config
@@ -75,6 +76,7 @@ async def build_gateway(config: Config, session: aiohttp.ClientSession) -> Gatew
     await audit.start()
     gateway = Gateway(config, identity, StandingPolicy(config), audit)
     gateway.http = session
+    approvals.attach(gateway)
     return gateway
 
 
@@ -172,6 +174,9 @@ async def serve(config: Config) -> int:
         state.proxy_listening = False
         log.info("taskgate: shutting down; closing listeners")
         await ps.servers.update([])
+        held = gateway.components["approvals"].close()
+        if held:
+            log.info("taskgate: refused %d calls held for approval", held)
         await runner.shutdown()
         if not await gateway.drained(config.shutdown_grace_seconds):
             log.warning("taskgate: %d calls still in flight after the grace period",

@@ -1,0 +1,102 @@
+"""Hold calls whose rule says ``approval: required`` until a person answers.
+
+The ``request`` hook awaits the approval. mitmproxy runs every hook in a task
+of its own and pauses only the HTTP stream that raised it (``Layer.handle_event``
+marks the command ``blocking = self`` so outer layers go on), so a held call
+never holds up another call — not even another stream of the same HTTP/2
+connection. Its body is buffered (never streamed), so nothing reaches the
+upstream before the answer.
+"""
+
+from __future__ import annotations
+
+from mitmproxy import connection, http
+
+from addons._base import GatewayAddon, exchange, guarded, refuse, refuse_for
+from addons.authorize import RULE
+from proxy.approvals import Approvals, target_url, tool_calls
+from proxy.errors import PayloadTooLarge, Refused, TaskgateError
+
+INSPECT_BODY = "taskgate.inspect_body"
+
+
+class Approve(GatewayAddon):
+    """requestheaders: keep a call that may be held from streaming upstream.
+    request: hold it; on approval let it go, on anything else refuse it."""
+
+    @property
+    def approvals(self) -> Approvals:
+        return self.gateway.components["approvals"]
+
+    @guarded
+    async def requestheaders(self, flow: http.HTTPFlow) -> None:
+        if flow.response or not flow.live:
+            return
+        rule = flow.metadata.get(RULE)
+        if rule is None or not rule.approval:
+            return
+        flow.metadata[INSPECT_BODY] = True
+        length = flow.request.headers.get("content-length")
+        if length is not None and length.isdigit() and int(length) > self._cap:
+            refuse_for(flow, self._too_large())
+
+    @guarded
+    async def request(self, flow: http.HTTPFlow) -> None:
+        if flow.response or not flow.live:
+            return
+        rule = flow.metadata.get(RULE)
+        if rule is None or not rule.approval:
+            return
+        ex = exchange(flow)
+        caller = ex.caller
+        body = flow.request.raw_content
+        if caller is None:
+            raise Refused("caller not identified")
+        if flow.request.stream or body is None:
+            raise Refused("a streamed call cannot be held for approval")
+        if len(body) > self._cap:
+            refuse_for(flow, self._too_large())
+            return
+        calls = tool_calls(body)
+        if rule.mcp is not None and not calls:
+            return  # initialize, tools/list, notifications: no tool runs, nothing to approve
+        gw = self.gateway
+        ex.bytes_in = len(body)
+        held = self.approvals.new(
+            request_id=ex.request_id, workload=caller.workload, task=caller.task,
+            owner=caller.owner, purpose=getattr(caller, "purpose", None), method=ex.method,
+            url=target_url(ex.scheme, ex.host, ex.port, ex.path), tool=ex.tool, calls=calls,
+            client_id=flow.client_conn.id, expires_at=caller.expires_at + gw.identity.leeway)
+        await gw.audit_interim(ex, "held", "waiting for approval", held.audit_value())
+        self.approvals.start(held)
+        answer = await self.approvals.wait(held)
+        ex.approval = held.audit_value()
+        if answer.outcome == "client_disconnected" and flow.killable:
+            ex.deny(answer.reason, "rejected")
+            flow.kill()  # nobody to answer; the error hook writes the record
+            return
+        if not answer.approved:
+            refuse(flow, 403, "forbidden", answer.reason, decision="rejected")
+            return
+        try:
+            gw.recheck(caller)  # the task may have ended, the token expired, while it waited
+        except TaskgateError as e:
+            refuse(flow, 403, "forbidden", f"{answer.reason}, but {e.reason}",
+                   decision="rejected")
+            return
+        ex.decision, ex.reason = "approved", answer.reason
+
+    def client_disconnected(self, client: connection.Client) -> None:
+        if self._gateway is not None and "approvals" in self._gateway.components:
+            self.approvals.client_gone(client.id)
+
+    @property
+    def _cap(self) -> int:
+        return self.gateway.config.max_inspect_bytes
+
+    def _too_large(self) -> PayloadTooLarge:
+        return PayloadTooLarge(f"a call held for approval is buffered at the gateway; "
+                               f"its body may be at most {self._cap} bytes")
+
+
+addons = [Approve()]

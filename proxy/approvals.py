@@ -1,0 +1,283 @@
+"""Calls held until a person says yes: the registry of waiting approvals.
+
+A call allowed by a rule with ``approval: required`` is *held*: the data plane
+registers it here and awaits its :class:`Answer`; nothing goes upstream until
+then. Exactly one answer ends a held call, whichever comes first:
+
+- an approver approves or denies it on the control plane (``approved``, ``denied``);
+- ``approval_timeout_seconds`` pass (``timeout``), or the caller's credential
+  runs out first (``expired``);
+- its task ends — revoked or expired — (``task_ended``, via ``Gateway.on_task_end``);
+- the agent's connection goes away (``client_disconnected``);
+- the gateway shuts down (``shutdown``).
+
+Answering an ended call is a :class:`~proxy.errors.Conflict` (409 at the edge),
+answering an unknown one :class:`~proxy.errors.NotFound` (404). An approval
+covers exactly the one held request it was given for: nothing is remembered
+for the next call but the fact that this one ended (for the 409).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import orjson
+
+from .audit import rfc3339
+from .errors import Conflict, NotFound
+from .hosts import default_port
+
+if TYPE_CHECKING:
+    from .gateway import Gateway
+
+__all__ = ["Answer", "Approvals", "Held", "attach", "target_url", "tool_calls"]
+
+log = logging.getLogger(__name__)
+
+# Outcomes, and what the agent is told when its call is refused for each.
+REASONS = {
+    "timeout": "no approver answered within {timeout:g} seconds; the call was refused",
+    "expired": "the caller's credential expired while the call was held for approval",
+    "task_ended": "the task ended while the call was held for approval",
+    "client_disconnected": "the client disconnected while the call was held for approval",
+    "shutdown": "the gateway shut down while the call was held for approval",
+    "cancelled": "the held call was cancelled by the gateway",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Answer:
+    """How a held call ended: who said what (for ``approved``/``denied``), and when."""
+
+    outcome: str
+    reason: str
+    by: str | None = None
+    comment: str | None = None
+    at: float = field(default_factory=time.time)
+
+    @property
+    def approved(self) -> bool:
+        return self.outcome == "approved"
+
+
+@dataclass(slots=True, eq=False)
+class Held:
+    """One waiting call: what the approver is shown, and the future its hook awaits."""
+
+    id: str
+    request_id: str
+    workload: str | None
+    task: str | None
+    owner: str | None
+    purpose: str | None
+    method: str | None
+    url: str
+    tool: Any = None
+    calls: list[dict[str, Any]] = field(default_factory=list)
+    client_id: str | None = None
+    expires_at: float | None = None
+    created: float = field(default_factory=time.time)
+    deadline: float | None = None
+    runs_out: str = "timeout"  # what ends it at the deadline: the timeout, or "expired"
+    answer: Answer | None = None
+    future: asyncio.Future[Answer] | None = field(default=None, repr=False)
+    timer: asyncio.TimerHandle | None = field(default=None, repr=False)
+
+    def waited_ms(self) -> float:
+        end = self.answer.at if self.answer else time.time()
+        return round(max(0.0, end - self.created) * 1000, 3)
+
+    def view(self) -> dict[str, Any]:
+        """What ``GET /v1/approvals`` shows for this call."""
+        out: dict[str, Any] = {
+            "id": self.id, "request_id": self.request_id, "task": self.task,
+            "workload": self.workload, "owner": self.owner, "purpose": self.purpose,
+            "method": self.method, "url": self.url, "tool": self.tool, "calls": self.calls,
+            "held_at": rfc3339(self.created),
+            "age_seconds": round(max(0.0, time.time() - self.created), 3),
+            "expires_at": rfc3339(self.deadline) if self.deadline else None,
+            "state": "waiting" if self.answer is None else self.answer.outcome,
+        }
+        if self.answer is not None:
+            out["answer"] = self.audit_value()
+        return out
+
+    def audit_value(self) -> dict[str, Any]:
+        """The record's ``approval`` field: waiting (the hold record) or how it ended."""
+        if self.answer is None:
+            return {"id": self.id, "outcome": "waiting",
+                    "expires_at": rfc3339(self.deadline) if self.deadline else None}
+        a = self.answer
+        return {"id": self.id, "outcome": a.outcome, "by": a.by, "at": rfc3339(a.at),
+                "comment": a.comment, "waited_ms": self.waited_ms()}
+
+
+class Approvals:
+    """The held calls of one gateway process, each ended exactly once."""
+
+    def __init__(self, timeout: float, *, remember: int = 4096) -> None:
+        self.timeout = timeout
+        self._waiting: dict[str, Held] = {}
+        self._ended: OrderedDict[str, Held] = OrderedDict()
+        self._remember = remember
+        self._closed = False
+
+    # -- the data plane ---------------------------------------------------------
+    def new(self, *, request_id: str, workload: str | None, task: str | None,
+            owner: str | None, purpose: str | None, method: str | None, url: str,
+            tool: Any = None, calls: list[dict[str, Any]] | None = None,
+            client_id: str | None = None, expires_at: float | None = None) -> Held:
+        """A held call with a fresh id, not yet visible (its hold record comes first)."""
+        hid = secrets.token_hex(8)
+        while hid in self._waiting or hid in self._ended:  # pragma: no cover - 2**-64
+            hid = secrets.token_hex(8)
+        held = Held(id=hid, request_id=request_id, workload=workload, task=task, owner=owner,
+                    purpose=purpose, method=method, url=url, tool=tool, calls=calls or [],
+                    client_id=client_id, expires_at=expires_at)
+        held.deadline = held.created + self.timeout
+        if expires_at is not None and expires_at < held.deadline:
+            held.deadline, held.runs_out = max(held.created, expires_at), "expired"
+        return held
+
+    def start(self, held: Held) -> None:
+        """List ``held`` for approvers and start its clock (timeout or credential expiry)."""
+        loop = asyncio.get_running_loop()
+        held.future = loop.create_future()
+        if self._closed:
+            self._end(held, Answer("shutdown", REASONS["shutdown"]))
+            return
+        assert held.deadline is not None
+        self._waiting[held.id] = held
+        log.info("request %s held for approval %s: %s %s", held.request_id, held.id,
+                 held.method, held.url)
+        held.timer = loop.call_later(max(0.0, held.deadline - time.time()), self._end, held,
+                                     Answer(held.runs_out, self._reason(held.runs_out)))
+
+    async def wait(self, held: Held) -> Answer:
+        """The answer for ``held``; if the waiter itself is cancelled, the hold ends too."""
+        assert held.future is not None, "start() the held call first"
+        try:
+            return await asyncio.shield(held.future)
+        finally:
+            if held.answer is None:
+                self._end(held, Answer("cancelled", REASONS["cancelled"]))
+
+    # -- approvers ----------------------------------------------------------------
+    def approve(self, hid: str, by: str, comment: str | None = None) -> Held:
+        return self._answer(hid, Answer("approved", f"approved by {by}", by, comment))
+
+    def deny(self, hid: str, by: str, comment: str | None = None) -> Held:
+        reason = f"denied by {by}" + (f": {comment}" if comment else "")
+        return self._answer(hid, Answer("denied", reason, by, comment))
+
+    def waiting(self) -> list[Held]:
+        """Calls waiting now, oldest first."""
+        return sorted(self._waiting.values(), key=lambda h: h.created)
+
+    def get(self, hid: str) -> Held:
+        """A waiting call, or one that ended recently; :class:`NotFound` otherwise."""
+        held = self._waiting.get(hid) or self._ended.get(hid)
+        if held is None:
+            raise NotFound(f"no approval {hid!r}")
+        return held
+
+    # -- everything else that ends a hold -------------------------------------------
+    def client_gone(self, client_id: str) -> list[Held]:
+        """The agent's connection closed: its held calls can never be answered to it."""
+        gone = [h for h in self._waiting.values() if h.client_id == client_id]
+        for held in gone:
+            log.warning("approval %s for request %s cancelled: the client disconnected",
+                        held.id, held.request_id)
+            self._end(held, Answer("client_disconnected", REASONS["client_disconnected"]))
+        return gone
+
+    async def task_ended(self, task_id: str) -> None:
+        """``Gateway.on_task_end`` hook: refuse every call of the task still waiting."""
+        for held in [h for h in self._waiting.values() if h.task == task_id]:
+            log.info("approval %s refused: task %s ended", held.id, task_id)
+            self._end(held, Answer("task_ended", REASONS["task_ended"]))
+
+    def close(self) -> int:
+        """Gateway shutdown: refuse every held call, and any held from now on."""
+        self._closed = True
+        held = list(self._waiting.values())
+        for h in held:
+            self._end(h, Answer("shutdown", REASONS["shutdown"]))
+        return len(held)
+
+    # -- internals ----------------------------------------------------------------
+    def _reason(self, outcome: str) -> str:
+        return REASONS[outcome].format(timeout=self.timeout)
+
+    def _answer(self, hid: str, answer: Answer) -> Held:
+        held = self._waiting.get(hid)
+        if held is None:
+            ended = self._ended.get(hid)
+            if ended is None or ended.answer is None:
+                raise NotFound(f"no approval {hid!r}")
+            a = ended.answer
+            how = f"{a.outcome} by {a.by}" if a.by else a.outcome.replace("_", " ")
+            raise Conflict(f"approval {hid!r} has already ended ({how})")
+        self._end(held, answer)
+        return held
+
+    def _end(self, held: Held, answer: Answer) -> None:
+        if held.answer is not None:
+            return
+        held.answer = answer
+        log.info("approval %s for request %s ended: %s%s", held.id, held.request_id,
+                 answer.outcome, f" by {answer.by}" if answer.by else "")
+        if held.timer is not None:
+            held.timer.cancel()
+        self._waiting.pop(held.id, None)
+        self._ended[held.id] = held
+        while len(self._ended) > self._remember:
+            self._ended.popitem(last=False)
+        if held.future is not None and not held.future.done():
+            held.future.set_result(answer)
+
+
+def attach(gateway: Gateway) -> Approvals:
+    """Make the registry for ``gateway``: a component, and a task-end hook."""
+    approvals = Approvals(gateway.config.approval_timeout_seconds)
+    gateway.components["approvals"] = approvals
+    gateway.on_task_end.append(approvals.task_ended)
+    return approvals
+
+
+def target_url(scheme: str | None, host: str | None, port: int | None, path: str | None
+               ) -> str:
+    """The URL an approver is shown (``path`` already has its query values redacted)."""
+    scheme = scheme or "http"
+    netloc = f"[{host}]" if host and ":" in host else (host or "")
+    if port is not None and port != default_port(scheme):
+        netloc += f":{port}"
+    return f"{scheme}://{netloc}{path or ''}"
+
+
+def tool_calls(body: bytes) -> list[dict[str, Any]]:
+    """The ``tools/call`` requests in a JSON-RPC body (one or a batch): name and arguments.
+
+    The approver must see what exactly they approve; anything that is not a
+    JSON-RPC tool call yields nothing.
+    """
+    if not body or body.lstrip()[:1] not in (b"{", b"["):
+        return []
+    try:
+        doc = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return []
+    items = doc if isinstance(doc, list) else [doc]
+    calls = []
+    for item in items:
+        if isinstance(item, dict) and item.get("method") == "tools/call":
+            params = item.get("params")
+            params = params if isinstance(params, dict) else {}
+            calls.append({"name": params.get("name"), "arguments": params.get("arguments")})
+    return calls
