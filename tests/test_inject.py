@@ -355,10 +355,19 @@ def test_redirect_never_carries_the_secret(world: World) -> None:
 
 # -- never leaked -----------------------------------------------------------------
 def test_canary_values_appear_nowhere(world: World) -> None:
-    """Last: no spelling of any canary in the gateway's files, output, /metrics, or replies."""
+    """Last: no spelling of any canary in the gateway's files, output, /metrics, or replies.
+
+    The gateway is stopped first, so what it writes on the way out is scanned too,
+    and the GitHub token it minted must have been revoked on the way out.
+    """
     for path in ("/env/echo", "/env/b64", "/oauth/echo", "/vault/echo", "/down/echo"):
         get(world, world.https(path))
+    url = f"https://localhost:{world.github.https_port}/repos/acme/widgets/issues"
+    assert get(world, url).status_code == 200
     metrics = httpx.get(f"{world.gw.control_url}/metrics", timeout=5)
+    assert world.gw.stop() == 0
+    minted = {t.token for t in world.github.tokens}
+    assert minted and set(world.github.revocations) == minted  # revoked at shutdown
     blobs: dict[str, bytes] = {"gateway output": world.gw.output().encode()}
     if metrics.status_code == 200:
         blobs["/metrics"] = metrics.content

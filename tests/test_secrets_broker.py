@@ -390,3 +390,14 @@ async def test_values_never_show_in_repr_or_logs(
     assert value not in caplog.text
     await gateway.task_ended("t-repr")
     assert value not in caplog.text
+
+
+async def test_providers_trust_only_the_gateways_bundle(gateway: Gateway) -> None:
+    """Without ``upstream.ca_file`` the stand-in's CA is not trusted: the call fails closed."""
+    import aiohttp
+
+    async with aiohttp.ClientSession() as default_trust:
+        b = SecretBroker(gateway.config.secrets, default_trust)
+        with pytest.raises(ProviderError) as e:
+            await b.token("oauth-basic", caller(), rule("oauth-basic"))
+    assert e.value.kind == "unreachable" and "TLS certificate is not trusted" in str(e.value)

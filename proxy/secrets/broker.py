@@ -145,7 +145,7 @@ class SecretBroker:
                 slot.current = minted
             return minted
         except ProviderError as e:
-            log.warning("secret %r: %s", provider.name, e.reason)
+            log.warning("%s", e.reason)
             raise
         finally:
             slot.refreshing = None

@@ -113,6 +113,9 @@ async def request_json(provider: Provider, method: str, url: str, *,
                     raise provider.fail("bad_response", "the answer is too large")
     except TimeoutError:
         raise provider.fail("timeout") from None
+    except (aiohttp.ClientConnectorCertificateError, aiohttp.ClientSSLError):
+        raise provider.fail("unreachable", "its TLS certificate is not trusted; see "
+                                           "upstream.ca_file") from None
     except aiohttp.ClientError:
         raise provider.fail("unreachable") from None
     parsed: Any = None
