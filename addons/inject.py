@@ -22,8 +22,7 @@ from addons.authorize import RULE
 from proxy.errors import Refused, TaskgateError
 from proxy.gateway import Exchange
 from proxy.rules import Rule
-from proxy.secrets import COMPONENT, Redactor, SecretBroker, check_destination
-from proxy.secrets.spec import set_query_param
+from proxy.secrets import COMPONENT, Redactor, SecretBroker, check_destination, set_query_param
 
 INJECTED = "taskgate.secret_injected"
 DEFERRED = "taskgate.secret_after_approval"

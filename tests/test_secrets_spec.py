@@ -11,13 +11,8 @@ import pytest
 
 from proxy.config import parse_config
 from proxy.errors import ConfigError
-from proxy.secrets.spec import (
-    GitHubAppOptions,
-    InjectSpec,
-    OAuth2Options,
-    VaultOptions,
-    set_query_param,
-)
+from proxy.secrets.placement import InjectSpec, set_query_param
+from proxy.secrets.spec import GitHubAppOptions, OAuth2Options, VaultOptions
 from proxy.secrets.value import SecretValue
 from tests.support import REPO
 

@@ -16,8 +16,9 @@ from typing import TYPE_CHECKING
 
 from .binding import check_destination
 from .broker import SecretBroker
+from .placement import InjectSpec, Placement, set_query_param
 from .redact import Redactor
-from .spec import InjectSpec, Placement, SecretSpec, parse_secret
+from .spec import SecretSpec, parse_secret
 from .value import Minted, ProviderError, SecretValue
 
 __all__ = [
@@ -33,6 +34,7 @@ __all__ = [
     "check_destination",
     "install",
     "parse_secret",
+    "set_query_param",
 ]
 
 if TYPE_CHECKING:  # the config imports this package; the gateway imports the config

@@ -13,93 +13,34 @@ Each provider has its own keys (SPEC, section Secrets) plus the common ones::
         default_ttl_seconds: 300      # lifetime of a value whose issuer gives none
         timeout_seconds: 10           # per provider request
 
-``inject`` is one of ``{header: NAME, value: TEMPLATE}``, ``{query: PARAM}`` or
-``{basic: {username: TEMPLATE, password: TEMPLATE}}``; templates may use
-``{token}`` and nothing else. Errors are ``ValueError``s that start with the key
-path (``secrets["github-read"].app_id: …``) so the config loader can add the
-line.
+``inject`` is read by :mod:`proxy.secrets.placement`. Errors are
+``ValueError``s that start with the key path (``secrets["github-read"].app_id:
+…``) so the config loader can add the line.
 """
 
 from __future__ import annotations
 
-import base64
-import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import quote, unquote_plus
 
-from .value import SecretValue
+from ._keys import Keys
+from .placement import InjectSpec, parse_inject
 
 __all__ = [
     "EnvOptions",
     "FileOptions",
     "GitHubAppOptions",
-    "InjectSpec",
     "OAuth2Options",
-    "Placement",
     "SecretSpec",
     "VaultOptions",
     "parse_secret",
-    "set_query_param",
 ]
 
 PROVIDERS = ("env", "file", "oauth2_client_credentials", "github_app", "vault")
 COMMON = ("provider", "inject", "refresh_skew_seconds", "default_ttl_seconds", "timeout_seconds")
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
-_HEADER_NAME = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]{1,64}$")
-_QUERY_NAME = re.compile(r"^[A-Za-z0-9_.~-]{1,64}$")
-_ENV_VAR = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")
-_TOKEN = "{token}"  # noqa: S105 - the placeholder, not a password
-# Headers the gateway or HTTP itself owns; a secret never goes there.
-_RESERVED_HEADERS = frozenset({
-    "host", "content-length", "transfer-encoding", "connection", "upgrade", "te", "trailer",
-    "proxy-authorization", "proxy-connection", "keep-alive", "x-taskgate-request-id",
-})
-
-
-@dataclass(frozen=True, slots=True)
-class Placement:
-    """Where one injected value goes: a header (``query`` False) or a query parameter."""
-
-    name: str
-    value: SecretValue
-    query: bool = False
-
-
-@dataclass(frozen=True, slots=True)
-class InjectSpec:
-    """How a secret's value is put on the outbound request."""
-
-    kind: str  # "header" | "query" | "basic"
-    name: str  # header name (Authorization for basic) or query parameter
-    template: str = _TOKEN
-    username: str = ""
-    password: str = _TOKEN
-
-    def render(self, token: SecretValue) -> Placement:
-        value = token.reveal()
-        if self.kind == "basic":
-            pair = (self.username.replace(_TOKEN, value) + ":"
-                    + self.password.replace(_TOKEN, value))
-            text = "Basic " + base64.b64encode(pair.encode()).decode("ascii")
-            return Placement(self.name, SecretValue(text))
-        text = self.template.replace(_TOKEN, value)
-        return Placement(self.name, SecretValue(text), query=self.kind == "query")
-
-
-def set_query_param(target: bytes, name: str, value: str) -> bytes:
-    """``target`` with every ``name`` parameter (however encoded) replaced by one ``value``.
-
-    Works on the raw request target so the agent's other parameters keep their
-    exact bytes.
-    """
-    path, sep, query = target.partition(b"?")
-    kept = [item for item in query.split(b"&") if item
-            and unquote_plus(item.partition(b"=")[0].decode("latin-1")) != name] if sep else []
-    kept.append(f"{quote(name, safe='')}={quote(value, safe='')}".encode("ascii"))
-    return path + b"?" + b"&".join(kept)
 
 
 @dataclass(frozen=True, slots=True)
@@ -159,91 +100,23 @@ class SecretSpec:
     default_ttl_seconds: float = 300.0
     timeout_seconds: float = 10.0
 
-    def to_dict(self) -> dict[str, Any]:
-        """Provider and injection, for display: names, never values (there are none here)."""
-        return {"name": self.name, "provider": self.provider, "inject": self.inject.kind}
 
-
-class _Keys:
-    """Reads one mapping, remembering the path for messages."""
-
-    def __init__(self, where: str, data: Mapping[str, Any]) -> None:
-        self.where, self.data = where, data
-
-    def fail(self, key: str | None, msg: str) -> ValueError:
-        return ValueError(f"{self.where}.{key}: {msg}" if key else f"{self.where}: {msg}")
-
-    def str(self, key: str, default: str | None = None, *, required: bool = False
-            ) -> str | None:
-        value = self.data.get(key)
-        if value is None:
-            if required:
-                raise self.fail(key, "is required")
-            return default
-        if isinstance(value, bool) or not isinstance(value, (str, int)) or value == "":
-            raise self.fail(key, f"{value!r} is not a non-empty string")
-        return str(value)
-
-    def number(self, key: str, default: float, lo: float, hi: float) -> float:
-        value = self.data.get(key)
-        if value is None:
-            return default
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not lo <= value <= hi:
-            raise self.fail(key, f"{value!r} is not a number between {lo:g} and {hi:g}")
-        return float(value)
-
-    def flag(self, key: str) -> bool:
-        value = self.data.get(key, False)
-        if not isinstance(value, bool):
-            raise self.fail(key, f"{value!r} is not true or false")
-        return value
-
-    def one_of(self, key: str, choices: tuple[str, ...], default: str) -> str:
-        value = self.data.get(key, default)
-        if value not in choices:
-            raise self.fail(key, f"{value!r}: use one of {', '.join(choices)}")
-        return value
-
-    def env_var(self, key: str, *, required: bool = False) -> str | None:
-        value = self.str(key, required=required)
-        if value is not None and not _ENV_VAR.match(value):
-            raise self.fail(key, f"{value!r} is not an environment variable name")
-        return value
-
-    def file(self, key: str, *, required: bool = False) -> str | None:
-        value = self.str(key, required=required)
-        if value is not None and not os.path.isfile(value):
-            raise self.fail(key, f"{value!r} does not exist")
-        return value
-
-    def url(self, key: str, default: str | None = None) -> str:
-        value = self.str(key, default, required=default is None)
-        assert value is not None
-        value = value.rstrip("/")
-        if value.startswith("http://") and self.flag("unsafe_allow_http"):
-            return value
-        if not value.startswith("https://") or len(value) <= len("https://"):
-            raise self.fail(key, f"{value!r}: providers are called over https only "
-                                 "(set unsafe_allow_http: true to allow http)")
-        return value
-
-
-def _one_source(k: _Keys, env_key: str, file_key: str) -> tuple[str | None, str | None]:
+def _one_source(k: Keys, env_key: str, file_key: str) -> tuple[str | None, str | None]:
     env, path = k.env_var(env_key), k.file(file_key)
     if (env is None) == (path is None):
         raise k.fail(None, f"give exactly one of {env_key} or {file_key}")
     return env, path
 
 
-def _env(k: _Keys) -> EnvOptions:
+def _env(k: Keys) -> EnvOptions:
     return EnvOptions(k.env_var("var", required=True))  # type: ignore[arg-type]
 
 
-def _file(k: _Keys) -> FileOptions:
+def _file(k: Keys) -> FileOptions:
     return FileOptions(k.file("path", required=True))  # type: ignore[arg-type]
 
 
-def _oauth2(k: _Keys) -> OAuth2Options:
+def _oauth2(k: Keys) -> OAuth2Options:
     env, path = _one_source(k, "client_secret_env", "client_secret_file")
     scope = k.data.get("scope")
     if isinstance(scope, list):
@@ -262,7 +135,7 @@ def _oauth2(k: _Keys) -> OAuth2Options:
     )
 
 
-def _positive_id(k: _Keys, key: str) -> str:
+def _positive_id(k: Keys, key: str) -> str:
     value = k.str(key, required=True)
     assert value is not None
     if not value.isdigit() or value.startswith("0"):
@@ -270,7 +143,7 @@ def _positive_id(k: _Keys, key: str) -> str:
     return value
 
 
-def _github(k: _Keys) -> GitHubAppOptions:
+def _github(k: Keys) -> GitHubAppOptions:
     return GitHubAppOptions(
         app_id=_positive_id(k, "app_id"),
         private_key_file=k.file("private_key_file", required=True),  # type: ignore[arg-type]
@@ -282,7 +155,7 @@ def _github(k: _Keys) -> GitHubAppOptions:
 _VAULT_PATH = re.compile(r"^[A-Za-z0-9_.-]+(/[A-Za-z0-9_.-]+)*$")
 
 
-def _vault(k: _Keys) -> VaultOptions:
+def _vault(k: Keys) -> VaultOptions:
     env, path = _one_source(k, "token_env", "token_file")
     engine = k.one_of("engine", ("kv2", "dynamic"), "kv2")
     secret_path = k.str("path", required=True)
@@ -316,63 +189,6 @@ _PROVIDER_KEYS: dict[str, tuple[tuple[str, ...], Any]] = {
 }
 
 
-def _template(k: _Keys, key: str, value: Any) -> str:
-    if not isinstance(value, str):
-        raise k.fail(key, f"{value!r} is not a string template such as 'Bearer {{token}}'")
-    rest = value.replace(_TOKEN, "")
-    if "{" in rest or "}" in rest:
-        raise k.fail(key, f"{value!r}: the only placeholder is {{token}}")
-    if any(c in value for c in "\r\n\0"):
-        raise k.fail(key, "a template cannot hold line breaks or NUL")
-    return value
-
-
-def _inject(where: str, data: Any) -> InjectSpec:
-    if data is None:
-        return InjectSpec("header", "Authorization", "Bearer {token}")
-    if not isinstance(data, Mapping):
-        raise ValueError(f"{where}: expected {{header: NAME, value: 'Bearer {{token}}'}}, "
-                         "{query: PARAM} or {basic: {username: ..., password: '{token}'}}")
-    k = _Keys(where, data)
-    kinds = [kind for kind in ("header", "query", "basic") if kind in data]
-    if len(kinds) != 1:
-        raise k.fail(None, "give exactly one of header, query or basic")
-    kind = kinds[0]
-    allowed = {"header": ("header", "value"), "query": ("query",), "basic": ("basic",)}[kind]
-    for key in data:
-        if key not in allowed:
-            raise k.fail(key, f"unknown key; with {kind!r} use {', '.join(allowed)}")
-    if kind == "header":
-        name = k.str("header")
-        assert name is not None
-        if not _HEADER_NAME.match(name) or name.lower() in _RESERVED_HEADERS:
-            raise k.fail("header", f"{name!r} cannot carry a secret")
-        template = _template(k, "value", data.get("value", _TOKEN))
-        if _TOKEN not in template:
-            raise k.fail("value", f"{template!r} does not use {{token}}")
-        return InjectSpec("header", name, template)
-    if kind == "query":
-        name = k.str("query")
-        assert name is not None
-        if not _QUERY_NAME.match(name):
-            raise k.fail("query", f"{name!r} is not a plain query parameter name")
-        return InjectSpec("query", name)
-    basic = data["basic"]
-    bk = _Keys(f"{where}.basic", basic if isinstance(basic, Mapping) else {})
-    if not isinstance(basic, Mapping):
-        raise bk.fail(None, "expected {username: TEMPLATE, password: TEMPLATE}")
-    for key in basic:
-        if key not in ("username", "password"):
-            raise bk.fail(key, "unknown key; use username and password")
-    user = _template(bk, "username", basic.get("username", ""))
-    password = _template(bk, "password", basic.get("password", _TOKEN))
-    if ":" in user.replace(_TOKEN, ""):
-        raise bk.fail("username", "a basic-auth username cannot contain ':'")
-    if _TOKEN not in user + password:
-        raise bk.fail(None, "username or password must use {token}")
-    return InjectSpec("basic", "Authorization", username=user, password=password)
-
-
 def parse_secret(name: str, data: Any, where: str = "") -> SecretSpec:
     """Validate one ``secrets.<name>`` entry; the ``ValueError`` names the key and the fix."""
     where = where or f"secrets.{name}"
@@ -381,7 +197,7 @@ def parse_secret(name: str, data: Any, where: str = "") -> SecretSpec:
                          "'-'; at most 64)")
     if not isinstance(data, Mapping):
         raise ValueError(f"{where}: expected a mapping with a 'provider' and its settings")
-    k = _Keys(where, data)
+    k = Keys(where, data)
     provider = data.get("provider")
     if provider not in PROVIDERS:
         raise k.fail("provider", f"{provider!r}: use one of {', '.join(PROVIDERS)}")
@@ -393,7 +209,7 @@ def parse_secret(name: str, data: Any, where: str = "") -> SecretSpec:
     options = parse(k)
     return SecretSpec(
         name=name, provider=provider, options=options,
-        inject=_inject(f"{where}.inject", data.get("inject")),
+        inject=parse_inject(f"{where}.inject", data.get("inject")),
         refresh_skew_seconds=k.number("refresh_skew_seconds", 60.0, 0, 3600),
         default_ttl_seconds=k.number("default_ttl_seconds", 300.0, 1, 86400),
         timeout_seconds=k.number("timeout_seconds", 10.0, 0.1, 120),
