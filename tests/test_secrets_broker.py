@@ -401,3 +401,12 @@ async def test_providers_trust_only_the_gateways_bundle(gateway: Gateway) -> Non
         with pytest.raises(ProviderError) as e:
             await b.token("oauth-basic", caller(), rule("oauth-basic"))
     assert e.value.kind == "unreachable" and "TLS certificate is not trusted" in str(e.value)
+
+
+async def test_standing_tokens_are_not_shared_between_workloads(gateway: Gateway) -> None:
+    b = broker(gateway)
+    mine = await b.token("github", caller(None), rule("github", **GH_RULE))
+    again = await b.token("github", caller(None), rule("github", **GH_RULE))
+    theirs = await b.token("github", Caller("spiffe://acme.test/other", ISSUER,
+                                            time.time() + 600), rule("github", **GH_RULE))
+    assert again is mine and theirs.value != mine.value

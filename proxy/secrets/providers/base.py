@@ -42,7 +42,11 @@ class Provider:
         return self.spec.name
 
     def scope(self, caller: Caller, rule: Rule) -> tuple[str | None, Hashable]:
-        """(task, key) a value is cached under: ``task`` None means shared by every caller."""
+        """(task, key) a value is cached under; ``(None, ())``: shared by every caller.
+
+        Minted tokens are keyed by workload too, so a task-less (standing) token
+        of one workload never serves another.
+        """
         return None, ()
 
     async def fetch(self, task: str | None, rule: Rule) -> Minted:  # pragma: no cover

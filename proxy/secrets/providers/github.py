@@ -70,7 +70,7 @@ class GitHubAppProvider(Provider):
 
     def scope(self, caller: Caller, rule: Rule) -> tuple[str | None, Hashable]:
         perms = tuple(sorted((rule.permissions or {}).items()))
-        return caller.task, (tuple(sorted(rule.repositories)), perms)
+        return caller.task, (caller.workload, tuple(sorted(rule.repositories)), perms)
 
     async def _private_key(self) -> RSAPrivateKey:
         if self._key is None:

@@ -41,7 +41,9 @@ class OAuth2Provider(Provider):
         return self.spec.options
 
     def scope(self, caller: Caller, rule: Rule) -> tuple[str | None, Hashable]:
-        return (caller.task if self.opts.per_task else None), ()
+        if self.opts.per_task:
+            return caller.task, caller.workload
+        return None, ()
 
     async def fetch(self, task: str | None, rule: Rule) -> Minted:
         o = self.opts

@@ -36,7 +36,9 @@ class VaultProvider(Provider):
         return self.spec.options
 
     def scope(self, caller: Caller, rule: Rule) -> tuple[str | None, Hashable]:
-        return (caller.task if self.opts.engine == "dynamic" else None), ()
+        if self.opts.engine == "dynamic":  # a lease of its own per workload and task
+            return caller.task, caller.workload
+        return None, ()
 
     async def _headers(self) -> dict[str, str]:
         o = self.opts
