@@ -26,11 +26,12 @@ def _counter(ex: Exchange, inner: StreamFilter | None = None) -> StreamFilter:
 
         return count
 
-    def count_filtered(chunk: bytes) -> bytes:
+    def count_filtered(chunk: bytes) -> list[bytes]:
         out = inner(chunk)
-        data = out if isinstance(out, bytes) else b"".join(out)
-        ex.bytes_out += len(data)
-        return data
+        # Never pass an empty chunk on: over HTTP/1 chunked it would end the body.
+        chunks = [c for c in ([out] if isinstance(out, bytes) else out) if c]
+        ex.bytes_out += sum(len(c) for c in chunks)
+        return chunks
 
     return count_filtered
 

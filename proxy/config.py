@@ -24,6 +24,7 @@ from ruamel.yaml.error import YAMLError
 
 from .errors import ConfigError
 from .rules import Rule, parse_rule
+from .secrets.spec import SecretSpec, parse_secret
 
 __all__ = ["Config", "IssuerConfig", "WorkloadConfig", "load_config", "parse_config"]
 
@@ -64,7 +65,7 @@ class Config:
     issuers: tuple[IssuerConfig, ...] = ()
     leeway_seconds: float = 30.0
     workloads: Mapping[str, WorkloadConfig] = field(default_factory=dict)
-    secrets: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    secrets: Mapping[str, SecretSpec] = field(default_factory=dict)
     approval_timeout_seconds: float = 300.0
     shutdown_grace_seconds: float = 10.0
     stream_threshold_bytes: int = 1024 * 1024
@@ -256,7 +257,7 @@ def parse_config(doc: Any, source: str = "<config>") -> Config:
     kw["workloads"] = workloads
 
     w, v = sub("secrets")
-    secrets: dict[str, Mapping[str, Any]] = {}
+    secrets: dict[str, SecretSpec] = {}
     if v is not None:
         if not isinstance(v, Mapping):
             raise w.fail("expected a mapping of secret name → provider settings")
@@ -265,7 +266,10 @@ def parse_config(doc: Any, source: str = "<config>") -> Config:
             if not isinstance(item, Mapping) or "provider" not in item:
                 raise sw.fail("a secret needs a 'provider' (env, file, oauth2_client_credentials,"
                               " github_app, vault)")
-            secrets[str(name)] = _plain(item)
+            try:
+                secrets[str(name)] = parse_secret(str(name), _plain(item), sw.path)
+            except ValueError as e:
+                raise _located(sw, item, str(e)) from None
     kw["secrets"] = secrets
     for wl_name, wl in workloads.items():
         for kind in ("ceiling", "standing"):
@@ -274,6 +278,12 @@ def parse_config(doc: Any, source: str = "<config>") -> Config:
                     raise _child(w, v or {}, wl_name).fail(
                         f"{kind} rule {r.id!r} names secret {r.secret!r}, "
                         f"which is not defined under 'secrets'")
+                if (r.repositories or r.permissions is not None) and r.secret is not None \
+                        and secrets[r.secret].provider != "github_app":
+                    raise _child(w, v or {}, wl_name).fail(
+                        f"{kind} rule {r.id!r} limits repositories/permissions, which only a "
+                        f"github_app secret can do; {r.secret!r} is "
+                        f"{secrets[r.secret].provider}")
 
     w, v = sub("approval_timeout_seconds")
     if v is not None:
@@ -293,6 +303,19 @@ def parse_config(doc: Any, source: str = "<config>") -> Config:
         kw["max_inspect_bytes"] = int(_number(_child(w, mc, "max_body_bytes"),
                                               mc["max_body_bytes"], 1024, 64 << 20))
     return Config(**kw)
+
+
+def _located(where: _Where, node: Any, msg: str) -> ConfigError:
+    """A ``ValueError`` from a pure parser, with the line of the deepest key it names."""
+    line = where.line
+    rest = msg[len(where.path):] if msg.startswith(where.path) else ""
+    for key in rest.split(":")[0].lstrip(".").split("."):
+        if not key or not isinstance(node, Mapping) or key not in node:
+            break
+        found = _line(node, key)
+        line = found if found is not None else line
+        node = node[key]
+    return ConfigError(f"{where.source}:{(line or 0) + 1}: {msg}")
 
 
 def _plain(node: Any) -> Any:

@@ -8,6 +8,7 @@ matcher then only compares canonical values.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -22,7 +23,12 @@ METHODS = frozenset(
 )
 RULE_KEYS = (
     "id", "host", "port", "scheme", "methods", "paths", "mcp", "secret", "approval",
+    "repositories", "permissions",
 )
+# A GitHub App token's down-scoping: repository names, permission → level.
+_REPO = re.compile(r"^[A-Za-z0-9_.-]{1,100}$")
+_PERMISSION = re.compile(r"^[a-z][a-z_]{0,63}$")
+PERMISSION_LEVELS = ("read", "write", "admin")
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,6 +55,9 @@ class Rule:
     mcp: Mapping[str, Any] | None = None
     secret: str | None = None
     approval: bool = False
+    # With a github_app secret: the token minted for this rule is limited to these.
+    repositories: tuple[str, ...] = ()
+    permissions: Mapping[str, str] | None = None
 
     def port_for(self, scheme: str) -> int:
         """The port this rule admits for ``scheme``: its own, or the scheme's default."""
@@ -95,6 +104,10 @@ class Rule:
             out["secret"] = self.secret
         if self.approval:
             out["approval"] = "required"
+        if self.repositories:
+            out["repositories"] = list(self.repositories)
+        if self.permissions is not None:
+            out["permissions"] = dict(self.permissions)
         return out
 
 
@@ -216,11 +229,37 @@ def parse_rule(data: Any, where: str = "rule") -> Rule:
     approval = data.get("approval")
     _want(approval in (None, "required", "none"), f"{where}.approval",
           f"{approval!r}: use 'required' or leave it out")
+    repositories, permissions = _token_scope(data, where)
+    _want(secret is not None or not (repositories or permissions is not None),
+          f"{where}.repositories" if repositories else f"{where}.permissions",
+          "repositories and permissions limit a secret's token; name the secret too")
     return Rule(
         id=rid, host=host, port=port, scheme=scheme, methods=methods, paths=tuple(paths),
         mcp=dict(mcp) if mcp is not None else None, secret=secret,
-        approval=approval == "required",
+        approval=approval == "required", repositories=repositories, permissions=permissions,
     )
+
+
+def _token_scope(data: Mapping[str, Any], where: str
+                 ) -> tuple[tuple[str, ...], dict[str, str] | None]:
+    """``repositories`` (names in the app's installation) and ``permissions`` (name → level)."""
+    repos = data.get("repositories")
+    _want(repos is None or (isinstance(repos, Sequence) and not isinstance(repos, str)
+                            and 0 < len(repos) <= 500),
+          f"{where}.repositories", "repositories must be a list of 1-500 repository names")
+    for i, name in enumerate(repos or ()):
+        _want(isinstance(name, str) and bool(_REPO.match(name)), f"{where}.repositories[{i}]",
+              f"{name!r} is not a repository name (without the owner, e.g. 'widgets')")
+    perms = data.get("permissions")
+    _want(perms is None or (isinstance(perms, Mapping) and perms), f"{where}.permissions",
+          "permissions must map a permission to a level, e.g. {issues: read}")
+    for name, level in (perms or {}).items():
+        _want(isinstance(name, str) and bool(_PERMISSION.match(name)),
+              f"{where}.permissions", f"{name!r} is not a permission name such as 'contents'")
+        _want(level in PERMISSION_LEVELS, f"{where}.permissions.{name}",
+              f"{level!r}: use one of {', '.join(PERMISSION_LEVELS)}")
+    return (tuple(sorted(set(repos))) if repos else (),
+            dict(perms) if perms is not None else None)
 
 
 def parse_rules(data: Any, where: str = "rules") -> tuple[Rule, ...]:

@@ -30,6 +30,7 @@ from .config import Config, load_config
 from .control import ControlState, make_app
 from .gateway import Gateway, StandingPolicy
 from .identity import Identity, JwksKeys, TokenIssuer, WorkloadIssuer
+from .secrets import install as install_secrets
 from .upstream import client_session, trust_bundle
 
 __all__ = ["build_gateway", "ensure_ca", "gateway_addons", "run", "serve", "shared_gateway"]
@@ -77,6 +78,7 @@ async def build_gateway(config: Config, session: aiohttp.ClientSession) -> Gatew
     gateway = Gateway(config, identity, StandingPolicy(config), audit)
     gateway.http = session
     approvals.attach(gateway)
+    install_secrets(gateway)
     return gateway
 
 
@@ -220,6 +222,9 @@ async def _close(runner: web.AppRunner, gateway: Gateway,
                  session: aiohttp.ClientSession) -> None:
     await runner.cleanup()
     await gateway.audit.close()
+    secrets = gateway.components.get("secrets")
+    if secrets is not None:  # minted tokens die with the process: revoke them first
+        await secrets.close()
     await session.close()
 
 

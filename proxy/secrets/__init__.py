@@ -1,0 +1,51 @@
+"""Secrets injected at the edge: the broker, its providers, redaction, binding.
+
+The agent never holds a credential. A rule names a secret; once a call is
+authorized, the inject addon asks the :class:`SecretBroker` for a value
+(minting a short-lived, task-scoped token where the provider can), checks the
+destination (:func:`check_destination`), puts the value on the request and
+masks it in whatever the upstream sends back (:class:`Redactor`). Values are
+:class:`SecretValue` (``[secure]`` in every ``repr``), in memory only.
+
+Nothing here imports mitmproxy; :func:`install` wires the broker into a gateway.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from .binding import check_destination
+from .broker import SecretBroker
+from .placement import InjectSpec, Placement, set_query_param
+from .redact import Redactor
+from .spec import SecretSpec, parse_secret
+from .value import Minted, ProviderError, SecretValue
+
+__all__ = [
+    "COMPONENT",
+    "InjectSpec",
+    "Minted",
+    "Placement",
+    "ProviderError",
+    "Redactor",
+    "SecretBroker",
+    "SecretSpec",
+    "SecretValue",
+    "check_destination",
+    "install",
+    "parse_secret",
+    "set_query_param",
+]
+
+if TYPE_CHECKING:  # the config imports this package; the gateway imports the config
+    from proxy.gateway import Gateway
+
+COMPONENT = "secrets"
+
+
+def install(gateway: Gateway) -> SecretBroker:
+    """Give ``gateway`` a broker over its config's secrets, using its HTTP session."""
+    broker = SecretBroker(gateway.config.secrets, gateway.http)
+    gateway.components[COMPONENT] = broker
+    gateway.on_task_end.append(broker.task_ended)
+    return broker

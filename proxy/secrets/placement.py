@@ -1,0 +1,134 @@
+"""Where a secret's value goes on the outbound request: a header, a query parameter, basic auth.
+
+``inject`` in a secret's config is one of::
+
+    {header: NAME, value: TEMPLATE}      # value defaults to '{token}'
+    {query: PARAM}
+    {basic: {username: TEMPLATE, password: TEMPLATE}}   # password defaults to '{token}'
+
+Templates may use ``{token}`` and nothing else. Left out, ``inject`` is
+``{header: Authorization, value: 'Bearer {token}'}``.
+"""
+
+from __future__ import annotations
+
+import base64
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import quote, unquote_plus
+
+from ._keys import Keys
+from .value import SecretValue
+
+__all__ = ["InjectSpec", "Placement", "parse_inject", "set_query_param"]
+
+_TOKEN = "{token}"  # noqa: S105 - the placeholder, not a password
+_HEADER_NAME = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]{1,64}$")
+_QUERY_NAME = re.compile(r"^[A-Za-z0-9_.~-]{1,64}$")
+# Headers the gateway or HTTP itself owns; a secret never goes there.
+_RESERVED_HEADERS = frozenset({
+    "host", "content-length", "transfer-encoding", "connection", "upgrade", "te", "trailer",
+    "proxy-authorization", "proxy-connection", "keep-alive", "x-taskgate-request-id",
+})
+
+
+@dataclass(frozen=True, slots=True)
+class Placement:
+    """Where one injected value goes: a header (``query`` False) or a query parameter."""
+
+    name: str
+    value: SecretValue
+    query: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class InjectSpec:
+    """How a secret's value is put on the outbound request."""
+
+    kind: str  # "header" | "query" | "basic"
+    name: str  # header name (Authorization for basic) or query parameter
+    template: str = _TOKEN
+    username: str = ""
+    password: str = _TOKEN
+
+    def render(self, token: SecretValue) -> Placement:
+        value = token.reveal()
+        if self.kind == "basic":
+            pair = (self.username.replace(_TOKEN, value) + ":"
+                    + self.password.replace(_TOKEN, value))
+            text = "Basic " + base64.b64encode(pair.encode()).decode("ascii")
+            return Placement(self.name, SecretValue(text))
+        text = self.template.replace(_TOKEN, value)
+        return Placement(self.name, SecretValue(text), query=self.kind == "query")
+
+
+def set_query_param(target: bytes, name: str, value: str) -> bytes:
+    """``target`` with every ``name`` parameter (however encoded) replaced by one ``value``.
+
+    Works on the raw request target so the agent's other parameters keep their
+    exact bytes.
+    """
+    path, sep, query = target.partition(b"?")
+    kept = [item for item in query.split(b"&") if item
+            and unquote_plus(item.partition(b"=")[0].decode("latin-1")) != name] if sep else []
+    kept.append(f"{quote(name, safe='')}={quote(value, safe='')}".encode("ascii"))
+    return path + b"?" + b"&".join(kept)
+
+
+def _template(k: Keys, key: str, value: Any) -> str:
+    if not isinstance(value, str):
+        raise k.fail(key, f"{value!r} is not a string template such as 'Bearer {{token}}'")
+    rest = value.replace(_TOKEN, "")
+    if "{" in rest or "}" in rest:
+        raise k.fail(key, f"{value!r}: the only placeholder is {{token}}")
+    if any(c in value for c in "\r\n\0"):
+        raise k.fail(key, "a template cannot hold line breaks or NUL")
+    return value
+
+
+def parse_inject(where: str, data: Any) -> InjectSpec:
+    if data is None:
+        return InjectSpec("header", "Authorization", "Bearer {token}")
+    if not isinstance(data, Mapping):
+        raise ValueError(f"{where}: expected {{header: NAME, value: 'Bearer {{token}}'}}, "
+                         "{query: PARAM} or {basic: {username: ..., password: '{token}'}}")
+    k = Keys(where, data)
+    kinds = [kind for kind in ("header", "query", "basic") if kind in data]
+    if len(kinds) != 1:
+        raise k.fail(None, "give exactly one of header, query or basic")
+    kind = kinds[0]
+    allowed = {"header": ("header", "value"), "query": ("query",), "basic": ("basic",)}[kind]
+    for key in data:
+        if key not in allowed:
+            raise k.fail(key, f"unknown key; with {kind!r} use {', '.join(allowed)}")
+    if kind == "header":
+        name = k.str("header")
+        assert name is not None
+        if not _HEADER_NAME.match(name) or name.lower() in _RESERVED_HEADERS:
+            raise k.fail("header", f"{name!r} cannot carry a secret")
+        template = _template(k, "value", data.get("value", _TOKEN))
+        if _TOKEN not in template:
+            raise k.fail("value", f"{template!r} does not use {{token}}")
+        return InjectSpec("header", name, template)
+    if kind == "query":
+        name = k.str("query")
+        assert name is not None
+        if not _QUERY_NAME.match(name):
+            raise k.fail("query", f"{name!r} is not a plain query parameter name")
+        return InjectSpec("query", name)
+    basic = data["basic"]
+    bk = Keys(f"{where}.basic", basic if isinstance(basic, Mapping) else {})
+    if not isinstance(basic, Mapping):
+        raise bk.fail(None, "expected {username: TEMPLATE, password: TEMPLATE}")
+    for key in basic:
+        if key not in ("username", "password"):
+            raise bk.fail(key, "unknown key; use username and password")
+    user = _template(bk, "username", basic.get("username", ""))
+    password = _template(bk, "password", basic.get("password", _TOKEN))
+    if ":" in user.replace(_TOKEN, ""):
+        raise bk.fail("username", "a basic-auth username cannot contain ':'")
+    if _TOKEN not in user + password:
+        raise bk.fail(None, "username or password must use {token}")
+    return InjectSpec("basic", "Authorization", username=user, password=password)
