@@ -9,6 +9,8 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import hashlib
+import hmac
 import json
 import os
 import signal
@@ -82,6 +84,20 @@ def unsigned_token(payload: dict[str, Any], header: dict[str, Any]) -> str:
         return base64.urlsafe_b64encode(json.dumps(d).encode()).rstrip(b"=").decode()
 
     return f"{b64(header)}.{b64(payload)}."
+
+
+def hs256_token(payload: dict[str, Any], header: dict[str, Any], secret: bytes) -> str:
+    """A JWT HMAC-signed by hand: pyjwt refuses a PEM public key as an HMAC secret,
+    which is exactly the algorithm-confusion token a gateway must refuse."""
+    signing_input = unsigned_token(payload, {"typ": "JWT", **header, "alg": "HS256"})[:-1]
+    mac = hmac.new(secret, signing_input.encode(), hashlib.sha256).digest()
+    return f"{signing_input}.{base64.urlsafe_b64encode(mac).rstrip(b'=').decode()}"
+
+
+def claims(sub: str = WORKLOAD, *, aud: str = AUDIENCE, iss: str = ISSUER,
+           ttl: float = 600) -> dict[str, Any]:
+    now = int(time.time())
+    return {"sub": sub, "aud": aud, "iss": iss, "iat": now, "exp": now + int(ttl)}
 
 
 # -- upstreams ----------------------------------------------------------------
