@@ -97,6 +97,7 @@ class Audit(GatewayAddon):
     async def http_connect_error(self, flow: http.HTTPFlow) -> None:
         ex = exchange(flow)
         ex.status = flow.response.status_code if flow.response else None
+        ex.bytes_out = len(flow.response.raw_content or b"") if flow.response else 0
         await self._write(flow, ex)
 
     async def error(self, flow: http.HTTPFlow) -> None:

@@ -1,0 +1,98 @@
+"""Exact bytes on the wire: clients normalise paths, so ambiguity tests write their own.
+
+``send`` writes a raw request to the proxy (plain HTTP proxying) and parses the
+answer; ``Tunnel`` opens a CONNECT tunnel, optionally speaks TLS through it
+with the gateway's CA, and sends raw requests inside it.
+"""
+
+from __future__ import annotations
+
+import base64
+import http.client
+import socket
+import ssl
+from dataclasses import dataclass
+from pathlib import Path
+
+import orjson
+
+
+@dataclass
+class Reply:
+    status: int
+    headers: http.client.HTTPMessage
+    body: bytes
+
+    def json(self) -> dict:
+        return orjson.loads(self.body)
+
+    @property
+    def request_id(self) -> str | None:
+        return self.headers.get("X-Taskgate-Request-Id")
+
+
+def basic(token: str, user: str = "agent") -> str:
+    return "Basic " + base64.b64encode(f"{user}:{token}".encode()).decode()
+
+
+def request_bytes(method: str, target: bytes | str, host: str, token: str | None,
+                  extra: bytes = b"", body: bytes = b"") -> bytes:
+    """An HTTP/1.1 request with ``target`` written exactly as given."""
+    if isinstance(target, str):
+        target = target.encode()
+    head = method.encode() + b" " + target + b" HTTP/1.1\r\nHost: " + host.encode() + b"\r\n"
+    if token is not None:
+        head += b"Proxy-Authorization: " + basic(token).encode() + b"\r\n"
+    if body:
+        head += b"Content-Length: " + str(len(body)).encode() + b"\r\n"
+    return head + extra + b"\r\n" + body
+
+
+def read_reply(sock: socket.socket, method: str = "GET") -> Reply:
+    resp = http.client.HTTPResponse(sock, method=method)
+    resp.begin()
+    return Reply(resp.status, resp.msg, resp.read())
+
+
+def send(proxy_port: int, data: bytes, timeout: float = 10) -> Reply:
+    """One raw request over a fresh connection to the proxy; the parsed reply."""
+    with socket.create_connection(("127.0.0.1", proxy_port), timeout=timeout) as s:
+        s.sendall(data)
+        return read_reply(s)
+
+
+class Tunnel:
+    """A CONNECT tunnel through the proxy; TLS inside it on ``start_tls``."""
+
+    def __init__(self, proxy_port: int, target: str, token: str | None,
+                 timeout: float = 10) -> None:
+        self.target = target
+        self.sock: socket.socket = socket.create_connection(("127.0.0.1", proxy_port),
+                                                            timeout=timeout)
+        head = f"CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n"
+        if token is not None:
+            head += f"Proxy-Authorization: {basic(token)}\r\n"
+        self.sock.sendall(head.encode() + b"\r\n")
+        resp = http.client.HTTPResponse(self.sock, method="CONNECT")
+        resp.begin()
+        body = resp.read() if resp.status >= 300 else b""
+        self.connect = Reply(resp.status, resp.msg, body)
+
+    def start_tls(self, ca: Path, server_name: str) -> Tunnel:
+        ctx = ssl.create_default_context(cafile=str(ca))
+        ctx.set_alpn_protocols(["http/1.1"])
+        self.sock = ctx.wrap_socket(self.sock, server_hostname=server_name)
+        return self
+
+    def request(self, data: bytes, method: str = "GET") -> Reply:
+        self.sock.sendall(data)
+        return read_reply(self.sock, method)
+
+    def close(self) -> None:
+        self.sock.close()
+
+    def __enter__(self) -> Tunnel:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
