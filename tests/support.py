@@ -14,6 +14,7 @@ import hmac
 import json
 import os
 import signal
+import site
 import socket
 import ssl
 import subprocess
@@ -36,6 +37,19 @@ REPO = Path(__file__).resolve().parent.parent
 ISSUER = "https://issuer.test"
 AUDIENCE = "taskgate"
 WORKLOAD = "spiffe://acme.test/agent/triage"
+
+
+# Subprocesses run THIS checkout's code. `-S` keeps site's .pth files out: an
+# editable install of another checkout (the venv is shared) would otherwise supply
+# the optional modules this checkout lacks (addons.approve, proxy.control_*, ...),
+# which the gateway imports when present. Site-packages come back via PYTHONPATH.
+PYTHON = [sys.executable, "-S"]
+PYTHONPATH = os.pathsep.join([str(REPO), *site.getsitepackages()])
+
+
+def python_env(**extra: str) -> dict[str, str]:
+    """The environment for a subprocess running this checkout (see :data:`PYTHON`)."""
+    return {**os.environ, "PYTHONPATH": PYTHONPATH, **extra}
 
 
 def free_port() -> int:
@@ -191,8 +205,7 @@ class Gateway:
         self.config = config
         self.config_path = workdir / "taskgate.yaml"
         self.config_path.write_text(yaml.safe_dump(config, sort_keys=False))
-        self.env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(REPO),
-                    **(env or {})}
+        self.env = {**python_env(PYTHONUNBUFFERED="1"), **(env or {})}
         self.env.pop("TASKGATE_ADMIN_TOKEN", None) if env is None else None
         for var in ("HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy", "ALL_PROXY",
                     "all_proxy", "NO_PROXY", "no_proxy"):
@@ -226,7 +239,7 @@ class Gateway:
     def start(self, wait: bool = True) -> Gateway:
         self._out = open(self.log, "ab")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "proxy", "run", "-c", str(self.config_path)],
+            [*PYTHON, "-m", "proxy", "run", "-c", str(self.config_path)],
             cwd=self.dir, env=self.env, stdout=self._out, stderr=subprocess.STDOUT)
         if wait:
             self.wait_ready()

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
@@ -12,7 +11,7 @@ import pytest
 
 from proxy.config import Config, load_config, parse_config
 from proxy.errors import ConfigError
-from tests.support import REPO
+from tests.support import PYTHON, python_env
 
 
 def write(tmp_path: Path, text: str, name: str = "taskgate.yaml") -> Path:
@@ -227,8 +226,8 @@ def test_missing_file(tmp_path: Path) -> None:
 
 # -- taskgate check-config ---------------------------------------------------------
 def check_config(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    return subprocess.run([sys.executable, "-m", "proxy", "check-config", *args], cwd=cwd,
+    env = python_env()
+    return subprocess.run([*PYTHON, "-m", "proxy", "check-config", *args], cwd=cwd,
                           env=env, capture_output=True, text=True, timeout=60)
 
 

@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import json
-import os
 import pkgutil
 import subprocess
-import sys
 
 import proxy
-from tests.support import REPO
+from tests.support import PYTHON, REPO, python_env
 
 CORE = sorted(f"proxy.{m.name}" for m in pkgutil.iter_modules(proxy.__path__)
               if m.name not in ("server", "__main__"))
@@ -27,18 +25,22 @@ def test_core_imports_no_mitmproxy() -> None:
         "import importlib, json, sys\n"
         f"for name in {CORE!r}:\n"
         "    importlib.import_module(name)\n"
-        "print(json.dumps(sorted(m for m in sys.modules if m.split('.')[0] == 'mitmproxy')))\n"
+        "import proxy\n"
+        "print(json.dumps([proxy.__file__,\n"
+        "                  sorted(m for m in sys.modules if m.split('.')[0] == 'mitmproxy')]))\n"
     )
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    out = subprocess.run([sys.executable, "-c", script], env=env, cwd=REPO,
+    env = python_env()
+    out = subprocess.run([*PYTHON, "-c", script], env=env, cwd=REPO,
                          capture_output=True, text=True, timeout=60, check=True)
-    assert json.loads(out.stdout) == []
+    origin, mitm = json.loads(out.stdout)
+    assert origin == str(REPO / "proxy" / "__init__.py")  # this checkout, not another
+    assert mitm == []
 
 
 def test_server_is_the_module_that_wires_mitmproxy() -> None:
     """The check above can fail: the wiring module does pull mitmproxy in."""
     script = "import sys, proxy.server; print('mitmproxy' in sys.modules)"
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    out = subprocess.run([sys.executable, "-c", script], env=env, cwd=REPO,
+    env = python_env()
+    out = subprocess.run([*PYTHON, "-c", script], env=env, cwd=REPO,
                          capture_output=True, text=True, timeout=60, check=True)
     assert out.stdout.strip() == "True"

@@ -96,3 +96,51 @@ class Tunnel:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def h2_request(tunnel: Tunnel, ca: Path, server_name: str,
+               headers: list[tuple[str, str]], timeout: float = 10) -> Reply:
+    """One HTTP/2 request through ``tunnel`` (TLS with ALPN h2 only), headers as given.
+
+    The h2 library is told not to validate or normalise them, so a test can send
+    what a hostile client would (a ``host`` header that disagrees, no ``:authority``).
+    """
+    import h2.config
+    import h2.connection
+    import h2.events
+
+    ctx = ssl.create_default_context(cafile=str(ca))
+    ctx.set_alpn_protocols(["h2"])
+    sock = ctx.wrap_socket(tunnel.sock, server_hostname=server_name)
+    tunnel.sock = sock
+    assert sock.selected_alpn_protocol() == "h2"
+    conn = h2.connection.H2Connection(h2.config.H2Configuration(
+        client_side=True, header_encoding="utf-8", validate_outbound_headers=False,
+        normalize_outbound_headers=False))
+    conn.initiate_connection()
+    conn.send_headers(1, headers, end_stream=True)
+    sock.sendall(conn.data_to_send())
+    status, resp_headers, body = 0, http.client.HTTPMessage(), b""
+    sock.settimeout(timeout)
+    while True:
+        data = sock.recv(65536)
+        if not data:
+            break
+        ended = False
+        for ev in conn.receive_data(data):
+            if isinstance(ev, h2.events.ResponseReceived):
+                for name, value in ev.headers:
+                    if name == ":status":
+                        status = int(value)
+                    else:
+                        resp_headers[name] = value
+            elif isinstance(ev, h2.events.DataReceived):
+                body += ev.data
+                conn.acknowledge_received_data(ev.flow_controlled_length, ev.stream_id)
+            elif isinstance(ev, (h2.events.StreamEnded, h2.events.StreamReset,
+                                 h2.events.ConnectionTerminated)):
+                ended = True
+        sock.sendall(conn.data_to_send())
+        if ended:
+            break
+    return Reply(status, resp_headers, body)
