@@ -11,7 +11,7 @@ from typing import Any
 from mitmproxy import ctx, http
 
 from proxy.audit import redact_target
-from proxy.errors import status_for
+from proxy.errors import TaskgateError, Unavailable, status_for
 from proxy.gateway import REQUEST_ID_HEADER, Exchange, Gateway, new_request_id, refusal_body
 from proxy.hosts import canonical_host
 from proxy.paths import split_target
@@ -78,7 +78,10 @@ def guarded(hook: Hook) -> Hook:
         try:
             await hook(self, flow)
         except Exception as e:  # noqa: BLE001 - the whole point: deny on anything
-            log.exception("taskgate: %s failed; refusing the call", hook.__qualname__)
+            if isinstance(e, TaskgateError):  # a refusal with a reason, not a bug
+                log.warning("taskgate: %s refused the call: %s", hook.__qualname__, e.reason)
+            else:
+                log.exception("taskgate: %s failed; refusing the call", hook.__qualname__)
             if flow.live and not flow.response:
                 refuse_for(flow, e)
             elif flow.live:
@@ -100,8 +103,14 @@ class GatewayAddon:
     @property
     def gateway(self) -> Gateway:
         if self._gateway is None:
-            raise RuntimeError("the taskgate gateway is not running yet")
+            # Standalone (mitmdump -s): the proxy listens before `running` built the
+            # gateway; a call in that window is refused (503), not crashed on.
+            raise Unavailable("the gateway is still starting; the call was refused")
         return self._gateway
+
+    @property
+    def started(self) -> bool:
+        return self._gateway is not None
 
     def __dir__(self) -> list[str]:
         # mitmproxy's command collection getattr()s every name dir() lists when a

@@ -172,6 +172,8 @@ async def serve(config: Config) -> int:
         state.proxy_listening = False
         log.info("taskgate: shutting down; closing listeners")
         await ps.servers.update([])
+        for site in list(runner.sites):  # runner.shutdown() alone leaves them listening
+            await site.stop()
         await runner.shutdown()
         if not await gateway.drained(config.shutdown_grace_seconds):
             log.warning("taskgate: %d calls still in flight after the grace period",
