@@ -290,3 +290,23 @@ def test_curl_through_a_fresh_gateway(gateway: Gateway, upstream: Upstream,
     """The CA a fresh gateway made is all curl needs for HTTPS through it."""
     r = curl(gateway, f"https://localhost:{upstream.https_port}/allowed/x", token)
     assert r.status == 200, r.stderr
+
+
+def test_failed_audit_write_fails_the_call_closed(tmp_path: Path, shared_files: dict[str, Path],
+                                                  upstream: Upstream, token: str) -> None:
+    """The log lives on a full disk: no call completes unrecorded, and /readyz says so."""
+    cfg = base_config(shared_files, upstream)
+    cfg["audit"] = {"path": "/dev/full"}  # every write fails with ENOSPC
+    gw = Gateway(tmp_path, cfg).start()
+    try:
+        with gw.client(token) as c:
+            allowed = c.get(f"http://127.0.0.1:{upstream.http_port}/allowed/x")
+            refused = c.get(f"https://localhost:{upstream.https_port}/secret")
+        for r in (allowed, refused):
+            assert_refusal(r.status_code, r.headers, r.content, 503,
+                           "the audit log could not be written")
+        ready = httpx.get(f"{gw.control_url}/readyz", timeout=5)
+        assert ready.status_code == 503 and ready.json()["checks"]["audit"] is False
+        assert gw.proc is not None and gw.proc.poll() is None  # still serving
+    finally:
+        gw.stop()
