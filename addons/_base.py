@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 from collections.abc import Awaitable, Callable
@@ -10,8 +11,9 @@ from typing import Any
 from mitmproxy import ctx, http
 
 from proxy.audit import redact_target
-from proxy.errors import status_for
+from proxy.errors import TaskgateError, Unavailable, status_for
 from proxy.gateway import REQUEST_ID_HEADER, Exchange, Gateway, new_request_id, refusal_body
+from proxy.hosts import canonical_host
 from proxy.paths import split_target
 
 log = logging.getLogger("taskgate")
@@ -29,7 +31,7 @@ def exchange(flow: http.HTTPFlow) -> Exchange:
         peer = flow.client_conn.peername
         req = flow.request
         ex = Exchange(request_id=new_request_id(), client=peer[0] if peer else None,
-                      method=req.method, scheme=req.scheme, host=req.host[:255],
+                      method=req.method, scheme=req.scheme or None, host=req.host[:255],
                       port=req.port)
         if req.method != "CONNECT":
             raw_path, raw_query = split_target(req.data.path)
@@ -46,6 +48,11 @@ def refuse(flow: http.HTTPFlow, status: int, error: str, reason: str,
     if status != 407 or ex.decision is None:
         ex.deny(reason, "error" if status >= 500 else decision)
     ex.status = status
+    if ex.host:
+        # Refused before the host was judged (407, CONNECT): log its canonical
+        # spelling where it has one, so a search by host finds '127.1' too.
+        with contextlib.suppress(ValueError):
+            ex.host = canonical_host(ex.host)
     flow.request.stream = False
     flow.response = http.Response.make(
         status,
@@ -71,7 +78,10 @@ def guarded(hook: Hook) -> Hook:
         try:
             await hook(self, flow)
         except Exception as e:  # noqa: BLE001 - the whole point: deny on anything
-            log.exception("taskgate: %s failed; refusing the call", hook.__qualname__)
+            if isinstance(e, TaskgateError):  # a refusal with a reason, not a bug
+                log.warning("taskgate: %s refused the call: %s", hook.__qualname__, e.reason)
+            else:
+                log.exception("taskgate: %s failed; refusing the call", hook.__qualname__)
             if flow.live and not flow.response:
                 refuse_for(flow, e)
             elif flow.live:
@@ -93,8 +103,19 @@ class GatewayAddon:
     @property
     def gateway(self) -> Gateway:
         if self._gateway is None:
-            raise RuntimeError("the taskgate gateway is not running yet")
+            # Standalone (mitmdump -s): the proxy listens before `running` built the
+            # gateway; a call in that window is refused (503), not crashed on.
+            raise Unavailable("the gateway is still starting; the call was refused")
         return self._gateway
+
+    @property
+    def started(self) -> bool:
+        return self._gateway is not None
+
+    def __dir__(self) -> list[str]:
+        # mitmproxy's command collection getattr()s every name dir() lists when a
+        # script loads, before `running` built the gateway; the property would raise.
+        return [name for name in super().__dir__() if name != "gateway"]
 
     def load(self, loader: Any) -> None:
         if CONFIG_OPTION not in ctx.options:

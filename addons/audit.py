@@ -48,7 +48,7 @@ class Audit(GatewayAddon):
     """Tag every response with the request id; record every call, refusal and error."""
 
     def requestheaders(self, flow: http.HTTPFlow) -> None:
-        if flow.response or not flow.live:
+        if flow.response or not flow.live or not self.started:
             return
         req = flow.request
         length = req.headers.get("content-length")
@@ -60,7 +60,7 @@ class Audit(GatewayAddon):
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:
         resp = flow.response
-        if resp is None:
+        if resp is None or not self.started:  # not started: refused, id already on it
             return
         ex = exchange(flow)
         resp.headers[REQUEST_ID_HEADER] = ex.request_id
@@ -98,11 +98,12 @@ class Audit(GatewayAddon):
     async def http_connect_error(self, flow: http.HTTPFlow) -> None:
         ex = exchange(flow)
         ex.status = flow.response.status_code if flow.response else None
+        ex.bytes_out = len(flow.response.raw_content or b"") if flow.response else 0
         await self._write(flow, ex)
 
     async def error(self, flow: http.HTTPFlow) -> None:
         ex = exchange(flow)
-        if ex.audited:
+        if ex.audited or not self.started:
             return
         if ex.decision in (None, "allow", "approved"):  # an approved call can still fail
             ex.reason = flow.error.msg if flow.error else "the call failed"
@@ -115,6 +116,12 @@ class Audit(GatewayAddon):
             log.error("audit write failed for errored call %s", ex.request_id)
 
     async def _write(self, flow: http.HTTPFlow, ex: Exchange) -> None:
+        if not self.started:
+            # mitmdump -s start-up window: the call was refused (503) and there is
+            # no log yet to write to. A warning: an error would make mitmdump exit.
+            log.warning("taskgate: call %s refused during start-up, not recorded",
+                        ex.request_id)
+            return
         try:
             await self.gateway.audit_exchange(ex)
         except Exception as e:  # noqa: BLE001 - an unrecorded call must not complete

@@ -218,5 +218,9 @@ class AuditLog:
             await asyncio.to_thread(self._thread.join)
         if self._fd is not None:
             fd, self._fd = self._fd, None
-            await asyncio.to_thread(os.fsync, fd)
-            os.close(fd)
+            try:
+                await asyncio.to_thread(os.fsync, fd)
+            except OSError as e:  # reported; the descriptor is closed all the same
+                log.error("audit log %s could not be synced: %s", self.path, e)
+            finally:
+                os.close(fd)

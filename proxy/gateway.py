@@ -200,11 +200,15 @@ class Gateway:
         if host_header is None:
             return
         name, port = _split_hostport(host_header)
+        if port is None:
+            # No port in Host means the scheme's default (RFC 9110 7.2), not "any
+            # port": 'Host: api' on a call to api:8443 names another authority.
+            port = default_port(call.scheme)
         try:
             same = canonical_host(name) == call.host
         except ValueError:
             same = False
-        if not same or (port is not None and port != call.port):
+        if not same or port != call.port:
             raise Refused("the Host header does not match the "
                           + ("CONNECT target" if tunnel else "request's target"))
 

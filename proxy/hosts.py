@@ -19,7 +19,16 @@ import idna
 __all__ = ["HostPattern", "canonical_host", "default_port"]
 
 _NUMERIC_V4 = re.compile(r"^[0-9a-fA-FxX.]+$")
+_NUMBER = re.compile(r"^(?:[0-9]+|0x[0-9a-f]*)$")
 _LABEL = re.compile(r"^(?!-)[a-z0-9_-]{1,63}(?<!-)$")
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
 
 
 def default_port(scheme: str) -> int:
@@ -49,22 +58,25 @@ def canonical_host(host: str) -> str:
         return addr.compressed
     if h.endswith("."):
         h = h[:-1]
-    if _NUMERIC_V4.match(h) and any(c.isdigit() for c in h):
-        try:
-            return socket.inet_ntoa(socket.inet_aton(h))
-        except OSError:
-            if h.replace(".", "").isdigit():
-                raise ValueError(f"{host!r} is not a valid IPv4 address") from None
-    try:
-        ascii_host = idna.encode(h, uts46=True).decode("ascii")
-    except idna.IDNAError:
-        # Underscores and other bytes IDNA refuses still appear in real names
-        # (_acme-challenge, service records); accept plain ASCII labels as-is.
+    if _NUMERIC_V4.match(h):  # digits, hex and dots: an address spelling, no IDNA needed
         ascii_host = h.lower()
-        if not all(_LABEL.match(label) for label in ascii_host.split(".")):
-            raise ValueError(f"{host!r} is not a valid host name") from None
+    else:
+        try:
+            ascii_host = idna.encode(h, uts46=True).decode("ascii")
+        except idna.IDNAError:
+            # Underscores and other bytes IDNA refuses still appear in real names
+            # (_acme-challenge, service records); accept plain ASCII labels as-is.
+            ascii_host = h.lower()
     if not all(_LABEL.match(label) for label in ascii_host.split(".")):
         raise ValueError(f"{host!r} is not a valid host name")
+    if _NUMBER.match(ascii_host.rpartition(".")[2]):
+        # A host whose last label is a number is an IPv4 address or nothing (as
+        # in the WHATWG URL parser): '0x100000000' must not pass as a "name".
+        # After IDNA mapping, so full-width digits ('１２７.１') are caught too.
+        try:
+            return socket.inet_ntoa(socket.inet_aton(ascii_host))
+        except OSError:
+            raise ValueError(f"{host!r} is not a valid IPv4 address") from None
     return ascii_host
 
 
@@ -80,16 +92,24 @@ class HostPattern:
         """Parse a rule's ``host``; the ``ValueError`` says how to fix it."""
         if not isinstance(text, str) or not text:
             raise ValueError("host must be a non-empty string")
-        if text.startswith("*."):
-            suffix = canonical_host(text[2:])
+        if text.startswith("*.") and "*" not in text[2:]:
+            try:
+                suffix = canonical_host(text[2:])
+            except ValueError as e:
+                raise ValueError(f"{text!r} is not a valid pattern: {e}") from None
+            if _is_ip(suffix):
+                raise ValueError(f"{text!r}: a wildcard cannot stand over an IP address")
             if "." not in suffix:
                 raise ValueError(
                     f"{text!r} would match a whole top-level domain; name a registrable domain"
                 )
             return cls(suffix, True)
         if "*" in text:
-            fix = "*." + text.lstrip("*.")
-            raise ValueError(f"{text!r} is not a valid pattern; use {fix!r}")
+            tail = text.rpartition("*")[2].lstrip(".")
+            if "." in tail:
+                raise ValueError(f"{text!r} is not a valid pattern; use {'*.' + tail!r}")
+            raise ValueError(f"{text!r}: '*' is allowed only as a whole leading label, "
+                             "as in '*.example.com'")
         return cls(canonical_host(text), False)
 
     def matches(self, host: str) -> bool:

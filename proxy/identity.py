@@ -80,6 +80,9 @@ def token_from_proxy_authorization(value: str | None) -> str:
         raise InvalidCredential("unsupported proxy authorization scheme; use Basic or Bearer")
     if not token:
         raise MissingCredential("empty proxy credential")
+    if any(c in token for c in " \t,"):
+        # Two credentials folded into one value ("Bearer a, Bearer b"), or junk.
+        raise InvalidCredential("malformed proxy credential")
     if len(token) > MAX_TOKEN_BYTES:
         raise InvalidCredential("proxy credential is too long")
     return token
@@ -118,8 +121,10 @@ class JwksKeys:
         initial: Mapping[str, Any] | None = None,
         min_refetch_seconds: float = 30.0,
         max_age_seconds: float = 3600.0,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.source = source
+        self._clock = clock
         self._fetch = fetch
         self._keys: dict[str, tuple[jwt.PyJWK, frozenset[str]]] = {}
         self._unnamed: list[tuple[jwt.PyJWK, frozenset[str]]] = []
@@ -160,7 +165,7 @@ class JwksKeys:
             else:
                 unnamed.append((jwk, algs))
         self._keys, self._unnamed = named, unnamed
-        self._fetched_at = time.monotonic()
+        self._fetched_at = self._clock()
         self.generation += 1
 
     async def _refresh(self) -> None:
@@ -168,20 +173,21 @@ class JwksKeys:
         if self._inflight is not None:
             await asyncio.shield(self._inflight)
             return
-        self._inflight = asyncio.get_running_loop().create_future()
+        inflight = self._inflight = asyncio.get_running_loop().create_future()
         try:
             self._load(await self._fetch(self.source))
-            self._inflight.set_result(None)
         except Exception as e:  # noqa: BLE001 - any fetch failure keeps the old keys
             log.warning("JWKS refresh from %s failed: %s", self.source, type(e).__name__)
-            self._fetched_at = time.monotonic()  # rate-limit retries too
-            self._inflight.set_result(None)
+            self._fetched_at = self._clock()  # rate-limit retries too
         finally:
+            # Also when the fetching call is cancelled: the others waiting on it
+            # must not wait forever.
             self._inflight = None
+            inflight.set_result(None)
 
     async def lookup(self, kid: str | None) -> list[tuple[jwt.PyJWK, frozenset[str]]]:
         """Keys that may have signed a token with this ``kid``."""
-        now = time.monotonic()
+        now = self._clock()
         if self._fetch is not None and (
             self._fetched_at == 0.0 or now - self._fetched_at > self._max_age
         ):

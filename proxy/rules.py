@@ -81,10 +81,12 @@ class Rule:
             return "scheme"
         if call.port != self.port_for(call.scheme):
             return "port"
-        if self.methods and call.method not in self.methods:
-            return "method"
+        # Path before method, as in _MISS_ORDER: "wrong method" is only said of a
+        # rule whose host and path did match.
         if self.paths and not any(g.matches(call.path) for g in self.paths):
             return "path"
+        if self.methods and call.method not in self.methods:
+            return "method"
         return None
 
     def to_dict(self) -> dict[str, Any]:

@@ -176,6 +176,8 @@ async def serve(config: Config) -> int:
         state.proxy_listening = False
         log.info("taskgate: shutting down; closing listeners")
         await ps.servers.update([])
+        for site in list(runner.sites):  # runner.shutdown() alone leaves them listening
+            await site.stop()
         held = gateway.components["approvals"].close()
         if held:
             log.info("taskgate: refused %d calls held for approval", held)

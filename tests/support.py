@@ -9,9 +9,12 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import hashlib
+import hmac
 import json
 import os
 import signal
+import site
 import socket
 import ssl
 import subprocess
@@ -34,6 +37,19 @@ REPO = Path(__file__).resolve().parent.parent
 ISSUER = "https://issuer.test"
 AUDIENCE = "taskgate"
 WORKLOAD = "spiffe://acme.test/agent/triage"
+
+
+# Subprocesses run THIS checkout's code. `-S` keeps site's .pth files out: an
+# editable install of another checkout (the venv is shared) would otherwise supply
+# the optional modules this checkout lacks (addons.approve, proxy.control_*, ...),
+# which the gateway imports when present. Site-packages come back via PYTHONPATH.
+PYTHON = [sys.executable, "-S"]
+PYTHONPATH = os.pathsep.join([str(REPO), *site.getsitepackages()])
+
+
+def python_env(**extra: str) -> dict[str, str]:
+    """The environment for a subprocess running this checkout (see :data:`PYTHON`)."""
+    return {**os.environ, "PYTHONPATH": PYTHONPATH, **extra}
 
 
 def free_port() -> int:
@@ -82,6 +98,20 @@ def unsigned_token(payload: dict[str, Any], header: dict[str, Any]) -> str:
         return base64.urlsafe_b64encode(json.dumps(d).encode()).rstrip(b"=").decode()
 
     return f"{b64(header)}.{b64(payload)}."
+
+
+def hs256_token(payload: dict[str, Any], header: dict[str, Any], secret: bytes) -> str:
+    """A JWT HMAC-signed by hand: pyjwt refuses a PEM public key as an HMAC secret,
+    which is exactly the algorithm-confusion token a gateway must refuse."""
+    signing_input = unsigned_token(payload, {"typ": "JWT", **header, "alg": "HS256"})[:-1]
+    mac = hmac.new(secret, signing_input.encode(), hashlib.sha256).digest()
+    return f"{signing_input}.{base64.urlsafe_b64encode(mac).rstrip(b'=').decode()}"
+
+
+def claims(sub: str = WORKLOAD, *, aud: str = AUDIENCE, iss: str = ISSUER,
+           ttl: float = 600) -> dict[str, Any]:
+    now = int(time.time())
+    return {"sub": sub, "aud": aud, "iss": iss, "iat": now, "exp": now + int(ttl)}
 
 
 # -- upstreams ----------------------------------------------------------------
@@ -175,8 +205,7 @@ class Gateway:
         self.config = config
         self.config_path = workdir / "taskgate.yaml"
         self.config_path.write_text(yaml.safe_dump(config, sort_keys=False))
-        self.env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(REPO),
-                    **(env or {})}
+        self.env = {**python_env(PYTHONUNBUFFERED="1"), **(env or {})}
         self.env.pop("TASKGATE_ADMIN_TOKEN", None) if env is None else None
         for var in ("HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy", "ALL_PROXY",
                     "all_proxy", "NO_PROXY", "no_proxy"):
@@ -210,7 +239,7 @@ class Gateway:
     def start(self, wait: bool = True) -> Gateway:
         self._out = open(self.log, "ab")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "proxy", "run", "-c", str(self.config_path)],
+            [*PYTHON, "-m", "proxy", "run", "-c", str(self.config_path)],
             cwd=self.dir, env=self.env, stdout=self._out, stderr=subprocess.STDOUT)
         if wait:
             self.wait_ready()
