@@ -92,7 +92,7 @@ def test_full_config(tmp_path: Path) -> None:
     assert c.issuers[1].jwks_url == "https://j.example/k"
     wl = c.workloads["spiffe://acme.dev/agent/triage"]
     assert wl.owner == "platform@acme.dev" and str(wl.standing[0].host) == "*.example.com"
-    assert c.secrets["gh"]["inject"]["value"] == "x {token}"
+    assert c.secrets["gh"].inject.template == "x {token}"
     assert c.approval_timeout_seconds == 60 and c.shutdown_grace_seconds == 2
     assert c.stream_threshold_bytes == 10 and c.max_inspect_bytes == 2048
 
