@@ -9,6 +9,7 @@ Numeric IPv4 forms are read the way the system resolver reads them
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import re
 import socket
@@ -36,12 +37,18 @@ def default_port(scheme: str) -> int:
     return 443 if scheme == "https" else 80
 
 
+@functools.lru_cache(maxsize=4096)
 def canonical_host(host: str) -> str:
     """Return the canonical form of ``host`` or raise ``ValueError``.
 
     Lower case, no trailing dot, IDNA 2008 A-labels for names; dotted-quad for
     every IPv4 spelling; compressed form for IPv6, with IPv4-mapped addresses
     turned into their IPv4 form.
+
+    Memoised: a call is judged with it two or three times (target, Host header,
+    SNI) and the IDNA codec is the costliest step of a decision. The function is
+    pure, refusals (``ValueError``) are not cached, and inputs are at most 255
+    characters, so the cache stays small and answers exactly as a fresh call.
     """
     if not host or len(host) > 255:
         raise ValueError("empty or overlong host")
