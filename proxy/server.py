@@ -16,6 +16,7 @@ import logging
 import os
 import signal
 import sys
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -46,7 +47,7 @@ def ensure_ca(config: Config) -> str:
     if not os.path.exists(os.path.join(path, "mitmproxy-ca.pem")):
         os.makedirs(path, mode=0o700, exist_ok=True)
         certs.CertStore.create_store(
-            __import__("pathlib").Path(path), "mitmproxy", 2048,
+            Path(path), "mitmproxy", 2048,
             organization="taskgate", cn="taskgate egress CA")
     os.chmod(os.path.join(path, "mitmproxy-ca.pem"), 0o600)
     return config.ca_cert_file
