@@ -15,9 +15,10 @@ log = logging.getLogger("taskgate")
 
 
 StreamFilter = Callable[[bytes], bytes | Iterable[bytes]]
+CountFilter = Callable[[bytes], bytes | list[bytes]]
 
 
-def _counter(ex: Exchange, inner: StreamFilter | None = None) -> StreamFilter:
+def _counter(ex: Exchange, inner: StreamFilter | None = None) -> CountFilter:
     """Count what reaches the agent, after any filter another addon installed."""
     if inner is None:
         def count(chunk: bytes) -> bytes:
@@ -26,11 +27,12 @@ def _counter(ex: Exchange, inner: StreamFilter | None = None) -> StreamFilter:
 
         return count
 
-    def count_filtered(chunk: bytes) -> bytes:
+    def count_filtered(chunk: bytes) -> list[bytes]:
         out = inner(chunk)
-        data = out if isinstance(out, bytes) else b"".join(out)
-        ex.bytes_out += len(data)
-        return data
+        data = [out] if isinstance(out, bytes) else list(out)
+        ex.bytes_out += sum(len(d) for d in data)
+        # Never pass b"" on: mitmproxy writes an empty chunk of a chunked body as its end.
+        return [d for d in data if d]
 
     return count_filtered
 

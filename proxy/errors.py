@@ -7,6 +7,7 @@
     │   └── InvalidCredential      malformed, expired, wrongly signed, unknown issuer
     ├── Refused                → 403: identified, but no rule allows the call
     ├── PayloadTooLarge        → 413: a body the gateway must inspect is too big
+    ├── LengthRequired         → 411: a body the gateway must inspect has no length
     ├── UpstreamSecretError    → 502: a secret provider failed (names the secret)
     └── Unavailable            → 503: a dependency the call needs failed (audit, store)
 
@@ -19,6 +20,7 @@ __all__ = [
     "AuthError",
     "ConfigError",
     "InvalidCredential",
+    "LengthRequired",
     "MissingCredential",
     "PayloadTooLarge",
     "Refused",
@@ -77,6 +79,13 @@ class PayloadTooLarge(TaskgateError):
 
     status = 413
     error = "payload_too_large"
+
+
+class LengthRequired(TaskgateError):
+    """A body the gateway must inspect was sent without a Content-Length (chunked)."""
+
+    status = 411
+    error = "length_required"
 
 
 class UpstreamSecretError(TaskgateError):
