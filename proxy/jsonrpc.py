@@ -122,20 +122,35 @@ def decode_content(body: bytes, content_encoding: str | None, cap: int) -> bytes
 
 # -- strict JSON ----------------------------------------------------------------
 def _object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """Build one object, refusing duplicate keys and keys that fold together.
+
+    Runs for every object of every inspected body, so the common case (ASCII
+    keys) stays in C: a join, ``isascii``, ``lower`` and, for mixed-case keys only, a set.
+    """
     obj = dict(pairs)
-    if len(obj) != len(pairs):
+    n = len(obj)
+    if len(pairs) == 1 and pairs[0][0].isascii():
+        return obj
+    if n != len(pairs):
         seen: set[str] = set()
         for key, _ in pairs:
             if key in seen:
                 raise _Bad(f"duplicate key {key[:64]!r}")
             seen.add(key)
+    joined = "".join(obj)
+    if joined.isascii():
+        # Distinct keys without capitals cannot fold together; only mixed case needs the set.
+        if joined.lower() != joined and len(set(map(str.lower, obj))) != n:
+            raise _Bad("two keys in one object differ only by case or Unicode folding")
+        return obj
+    folded = set()
     for key in obj:
-        if not key.isascii():
-            try:
-                key.encode("utf-8")
-            except UnicodeEncodeError:
-                raise _Bad("a key holds an unpaired surrogate (\\ud800-\\udfff)") from None
-    if len(pairs) > 1 and len({fold(k) for k in obj}) != len(obj):
+        try:
+            key.encode("utf-8")
+        except UnicodeEncodeError:
+            raise _Bad("a key holds an unpaired surrogate (\\ud800-\\udfff)") from None
+        folded.add(fold(key))
+    if len(folded) != n:
         raise _Bad("two keys in one object differ only by case or Unicode folding")
     return obj
 

@@ -14,11 +14,13 @@ Constraints are JSON-Schema-like and strict: ``pattern`` is a full match;
 constrained argument that is missing or of the wrong type fails. ``const`` and
 ``enum`` compare JSON values with JSON types (``true`` is not ``1``).
 
-``initialize``, ``server/discover``, ``ping``, ``tools/list`` and
-``notifications/*`` pass on any granted MCP endpoint (the lifecycle a client
-needs before it can call anything); ``tools/call`` is governed by ``tools``;
-anything else (``resources/*``, ``prompts/*``, ``completion/complete``, plain
-JSON-RPC methods) only when ``methods`` lists it.
+``initialize``, ``server/discover`` (its 2026-07-28 successor), ``ping``,
+``tools/list`` and ``notifications/*`` pass on any granted MCP endpoint (the
+lifecycle a client needs before it can call anything), and so do the client's
+answers to the server's own requests (sampling, elicitation, roots);
+``tools/call`` is governed by ``tools``; anything else (``resources/*``,
+``prompts/*``, ``completion/complete``, plain JSON-RPC methods) only when
+``methods`` lists it.
 """
 
 from __future__ import annotations
