@@ -73,9 +73,9 @@ class Mcp(GatewayAddon):
             return
         ex = exchange(flow)
         req = flow.request
-        if req.raw_content is None:
-            raise Refused("the MCP request body was not held for inspection")
         try:
+            if req.raw_content is None:
+                raise Refused("the MCP request body was not held for inspection")
             decision = inspect(rules, req.method, req.raw_content,
                                ",".join(req.headers.get_all("content-encoding")) or None,
                                self.gateway.config.max_inspect_bytes)
@@ -106,7 +106,9 @@ class Mcp(GatewayAddon):
             200, rpc_refusal(decision, ex.request_id),
             {"Content-Type": "application/json", REQUEST_ID_HEADER: ex.request_id})
 
-    def responseheaders(self, flow: http.HTTPFlow) -> None:
+    @guarded
+    async def responseheaders(self, flow: http.HTTPFlow) -> None:
+        """Filter tools/list answers (fail closed: an error here kills the flow)."""
         decision = flow.metadata.get(MCP_DECISION)
         resp = flow.response
         if resp is None or not isinstance(decision, McpDecision) or not decision.allowed:
@@ -119,7 +121,7 @@ class Mcp(GatewayAddon):
             return
         cap = max(4 * self.gateway.config.max_inspect_bytes, MIN_RESPONSE_CAP)
         granted = decision.granted_tools
-        if resp.headers.get("content-encoding", "identity").strip().lower() != "identity":
+        if resp.headers.get("content-encoding", "").strip().lower() not in ("", "identity"):
             resp.headers.pop("content-encoding")
             resp.headers["content-type"] = "application/json"
             resp.stream = ReplaceFilter(error_message(

@@ -25,7 +25,6 @@ import hashlib
 import json
 import math
 import zlib
-from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -254,7 +253,3 @@ def digest(value: Any) -> str | None:
         except (ValueError, RecursionError):
             return None
     return hashlib.sha256(data).hexdigest()
-
-
-def is_object(value: Any) -> bool:
-    return isinstance(value, Mapping)

@@ -133,7 +133,7 @@ def _entry(protocol: str, method: str | None, name: str | None,
             "arguments_sha256": arguments_sha256}
 
 
-def _tool_field(calls: Sequence[_Call], batch: bool, messages: Any) -> dict[str, Any]:
+def _tool_field(calls: Sequence[_Call], batch: bool) -> dict[str, Any]:
     if not batch:
         return calls[0].entry
     protocol = "mcp" if any(c.entry["protocol"] == "mcp" for c in calls) else "jsonrpc"
@@ -155,7 +155,7 @@ def inspect(rules: Sequence[Rule], http_method: str, body: bytes,
                            grants[0][0], granted_tools=tools)
     messages, batch = parse_body(decode_content(body, content_encoding, cap))
     calls = [_Call(m) for m in messages]
-    tool = _tool_field(calls, batch, messages)
+    tool = _tool_field(calls, batch)
     lists = any(m.method == "tools/list" for m in messages)
     invoked = tuple((c.name, c.arguments) for c in calls
                     if c.msg.method == "tools/call" and c.name is not None)
@@ -168,7 +168,7 @@ def inspect(rules: Sequence[Rule], http_method: str, body: bytes,
     first = next((k for k, v in enumerate(verdicts) if all(w is not None for w in v)), None)
     if first is None:
         reason = "no single rule allows every call in this batch; send them separately"
-        culprit = calls[0]
+        culprit = next((c for c in calls if c.answers_as_tool_error), calls[0])
     else:
         culprit = calls[first]
         reason = _best_reason(verdicts[first])
@@ -177,8 +177,8 @@ def inspect(rules: Sequence[Rule], http_method: str, body: bytes,
     replies = []
     for c in calls:
         if c.msg.has_id and c.msg.method is not None:
-            why = reason if c is culprit else f"not run: another call in this batch was " \
-                                              f"refused ({reason})"
+            why = reason if c is culprit else (
+                f"not run: another call in this batch was refused ({reason})")
             replies.append((c.msg.id, why))
     return McpDecision(False, reason, None, tool, tuple(replies), batch, calls=invoked)
 

@@ -69,6 +69,7 @@ DECISIONS: list[tuple[Any, str | None, str, bool]] = [
     ([msg("tools/list", 1), msg("prompts/get", 2)], None, "'prompts/get' is not granted",
      False),
     ([call("add", id=1), call("drop", id=2)], None, "tool 'drop' is not granted", True),
+    ([NOTE, call("add", id=1), msg("resources/read", 2, uri="x")], None, "no single rule", True),
 ]
 
 
