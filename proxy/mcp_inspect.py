@@ -74,7 +74,8 @@ class _Call:
             return
         if m == "tools/call":
             self._tool_call(msg)
-            self.entry = _entry("mcp", m, self.name, digest(self.arguments))
+            raw = msg.params.get("arguments", {}) if isinstance(msg.params, dict) else None
+            self.entry = _entry("mcp", m, self.name, digest(raw))
             return
         known = _FOLDED_METHODS.get(fold(m))
         if known is not None and known != m:
