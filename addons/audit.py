@@ -15,10 +15,9 @@ log = logging.getLogger("taskgate")
 
 
 StreamFilter = Callable[[bytes], bytes | Iterable[bytes]]
-CountFilter = Callable[[bytes], bytes | list[bytes]]
 
 
-def _counter(ex: Exchange, inner: StreamFilter | None = None) -> CountFilter:
+def _counter(ex: Exchange, inner: StreamFilter | None = None) -> StreamFilter:
     """Count what reaches the agent, after any filter another addon installed."""
     if inner is None:
         def count(chunk: bytes) -> bytes:
@@ -29,10 +28,10 @@ def _counter(ex: Exchange, inner: StreamFilter | None = None) -> CountFilter:
 
     def count_filtered(chunk: bytes) -> list[bytes]:
         out = inner(chunk)
-        data = [out] if isinstance(out, bytes) else list(out)
-        ex.bytes_out += sum(len(d) for d in data)
-        # Never pass b"" on: mitmproxy writes an empty chunk of a chunked body as its end.
-        return [d for d in data if d]
+        # Never pass an empty chunk on: over HTTP/1 chunked it would end the body.
+        chunks = [c for c in ([out] if isinstance(out, bytes) else out) if c]
+        ex.bytes_out += sum(len(c) for c in chunks)
+        return chunks
 
     return count_filtered
 
