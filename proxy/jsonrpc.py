@@ -33,7 +33,7 @@ import orjson
 from .errors import PayloadTooLarge, Refused
 from .mcp import fold
 
-__all__ = ["Message", "decode_content", "digest", "parse_body"]
+__all__ = ["Message", "canonical", "decode_content", "digest", "parse_body"]
 
 ENVELOPE = ("jsonrpc", "id", "method", "params", "result", "error")
 _FOLDED_ENVELOPE = {fold(k): k for k in ENVELOPE}
@@ -240,16 +240,19 @@ def parse_body(data: bytes) -> tuple[list[Message], bool]:
     return [_message(doc)], False
 
 
-def digest(value: Any) -> str | None:
-    """SHA-256 of the canonical JSON of ``value`` (sorted keys), for the audit record."""
-    if value is None:
-        return None
+def canonical(value: Any) -> bytes | None:
+    """The canonical JSON of ``value``: sorted keys, no spaces, UTF-8."""
     try:
-        data = orjson.dumps(value, option=orjson.OPT_SORT_KEYS)
+        return orjson.dumps(value, option=orjson.OPT_SORT_KEYS)
     except (orjson.JSONEncodeError, TypeError):  # integers beyond 64 bits, deep nesting
         try:
-            data = json.dumps(value, sort_keys=True, separators=(",", ":"),
+            return json.dumps(value, sort_keys=True, separators=(",", ":"),
                               ensure_ascii=False).encode("utf-8", "surrogatepass")
         except (ValueError, RecursionError):
             return None
-    return hashlib.sha256(data).hexdigest()
+
+
+def digest(value: Any) -> str | None:
+    """SHA-256 of the canonical JSON of ``value``, for the audit record."""
+    data = canonical(value) if value is not None else None
+    return hashlib.sha256(data).hexdigest() if data is not None else None

@@ -111,7 +111,7 @@ def test_audit_tool_field() -> None:
     d = inspect(RULES, "POST", json.dumps(call("add", {"b": 2, "a": 1})).encode(), None, 1 << 20)
     assert d.tool == {"protocol": "mcp", "method": "tools/call", "name": "add",
                       "arguments_sha256": digest({"a": 1, "b": 2})}
-    assert d.calls == (("add", {"b": 2, "a": 1}),)
+    assert d.calls == (("add", b'{"a":1,"b":2}'),)
     d = inspect([parse_rule({"id": "rpc", "host": "eth.test", "mcp": {"methods": ["eth_call"]}})],
                 "POST", json.dumps(msg("eth_call", x=1)).encode(), None, 1 << 20)
     assert d.allowed and d.tool == {"protocol": "jsonrpc", "method": "eth_call",
