@@ -10,6 +10,7 @@ from proxy.gateway import Tunnel
 from proxy.hosts import canonical_host
 
 RULE = "taskgate.rule"
+CALL = "taskgate.call"  # the Call judged, for addons that judge the body
 
 
 class Authorize(GatewayAddon):
@@ -55,6 +56,7 @@ class Authorize(GatewayAddon):
             return
         ex.decision, ex.reason = "allow", decision.reason
         flow.metadata[RULE] = decision.rule
+        flow.metadata[CALL] = call
 
 
 addons = [Authorize()]

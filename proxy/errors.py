@@ -9,6 +9,7 @@
     ├── NotFound               → 404: the control plane has no such object (approval, task)
     ├── Conflict               → 409: the object's state forbids it (answering an ended approval)
     ├── PayloadTooLarge        → 413: a body the gateway must inspect is too big
+    ├── LengthRequired         → 411: a body the gateway must inspect has no length
     ├── UpstreamSecretError    → 502: a secret provider failed (names the secret)
     └── Unavailable            → 503: a dependency the call needs failed (audit, store)
 
@@ -22,6 +23,7 @@ __all__ = [
     "ConfigError",
     "Conflict",
     "InvalidCredential",
+    "LengthRequired",
     "MissingCredential",
     "NotFound",
     "PayloadTooLarge",
@@ -95,6 +97,13 @@ class PayloadTooLarge(TaskgateError):
 
     status = 413
     error = "payload_too_large"
+
+
+class LengthRequired(TaskgateError):
+    """A body the gateway must inspect was sent without a Content-Length (chunked)."""
+
+    status = 411
+    error = "length_required"
 
 
 class UpstreamSecretError(TaskgateError):

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .hosts import HostPattern, default_port
+from .mcp import McpGrant
 from .paths import PathGlob
 
 __all__ = ["Call", "Decision", "Rule", "RuleSet", "parse_rule", "parse_rules"]
@@ -52,7 +53,7 @@ class Rule:
     scheme: str | None = None
     methods: frozenset[str] = frozenset()
     paths: tuple[PathGlob, ...] = ()
-    mcp: Mapping[str, Any] | None = None
+    mcp: McpGrant | None = None
     secret: str | None = None
     approval: bool = False
     # With a github_app secret: the token minted for this rule is limited to these.
@@ -101,7 +102,7 @@ class Rule:
         if self.paths:
             out["paths"] = [str(p) for p in self.paths]
         if self.mcp is not None:
-            out["mcp"] = self.mcp
+            out["mcp"] = self.mcp.to_dict()
         if self.secret is not None:
             out["secret"] = self.secret
         if self.approval:
@@ -164,6 +165,10 @@ class RuleSet:
             if r.host.matches(host):
                 yield r
 
+    def matching(self, call: Call) -> list[Rule]:
+        """Every rule that allows ``call`` (MCP judges tools against all of them)."""
+        return [r for r in self.candidates(call.host) if r.why_not(call) is None]
+
     def names_endpoint(self, host: str, port: int) -> bool:
         return any(r.admits_endpoint(host, port) for r in self.candidates(host))
 
@@ -223,6 +228,7 @@ def parse_rule(data: Any, where: str = "rule") -> Rule:
         except ValueError as e:
             raise ValueError(f"{where}.paths[{i}]: {e}") from None
     _want(mcp is None or isinstance(mcp, Mapping), f"{where}.mcp", "mcp must be a mapping")
+    grant = McpGrant.parse(mcp, f"{where}.mcp") if mcp is not None else None
     if mcp is not None and not methods:
         methods = frozenset({"POST", "GET", "DELETE"})  # streamable HTTP uses these
     secret = data.get("secret")
@@ -237,7 +243,7 @@ def parse_rule(data: Any, where: str = "rule") -> Rule:
           "repositories and permissions limit a secret's token; name the secret too")
     return Rule(
         id=rid, host=host, port=port, scheme=scheme, methods=methods, paths=tuple(paths),
-        mcp=dict(mcp) if mcp is not None else None, secret=secret,
+        mcp=grant, secret=secret,
         approval=approval == "required", repositories=repositories, permissions=permissions,
     )
 

@@ -1,0 +1,139 @@
+"""Per-tool-call authorization on MCP (streamable HTTP) and JSON-RPC endpoints.
+
+Runs after ``authorize``: when a rule that matched the call carries ``mcp``,
+the request body is held (within ``mcp.max_body_bytes``), read strictly and
+judged against every matching rule (``proxy.mcp_inspect``). A refused
+``tools/call`` is answered with a JSON-RPC error (HTTP 200, the request's id);
+other refusals with 403/411/413. tools/list answers are filtered to the
+granted tools as they stream back (``proxy.mcp_filter``).
+"""
+
+from __future__ import annotations
+
+from mitmproxy import http
+
+from addons._base import GatewayAddon, exchange, guarded, refuse_for
+from addons.authorize import CALL, RULE
+from proxy.errors import LengthRequired, PayloadTooLarge, Refused, TaskgateError
+from proxy.gateway import REQUEST_ID_HEADER
+from proxy.mcp_filter import JsonFilter, ReplaceFilter, SseFilter, error_message
+from proxy.mcp_inspect import McpDecision, inspect, rpc_refusal
+
+INSPECT_BODY = "taskgate.inspect_body"
+MCP_RULES = "taskgate.mcp_rules"
+MCP_DECISION = "taskgate.mcp"
+# A tools/list answer may be larger than a request; bound what one event may hold.
+MIN_RESPONSE_CAP = 4 << 20
+
+
+class Mcp(GatewayAddon):
+    """Hold, read and judge MCP request bodies; filter tools/list answers."""
+
+    @guarded
+    async def requestheaders(self, flow: http.HTTPFlow) -> None:
+        if flow.response or not flow.live:
+            return
+        ex = exchange(flow)
+        call = flow.metadata.get(CALL)
+        if flow.metadata.get(RULE) is None or call is None or ex.caller is None:
+            return
+        rules = [r for r in self.gateway.policy.rules_for(ex.caller).matching(call)
+                 if r.mcp is not None]
+        if not rules:
+            return
+        flow.metadata[MCP_RULES] = rules
+        flow.metadata[INSPECT_BODY] = True
+        try:
+            self._check_length(flow)
+        except TaskgateError as e:
+            ex.rule = None
+            refuse_for(flow, e)
+
+    def _check_length(self, flow: http.HTTPFlow) -> None:
+        """Refuse early a body too large to hold, or one whose length is unknown."""
+        req = flow.request
+        if req.stream:
+            raise Refused("an MCP request body cannot be streamed past inspection")
+        cap = self.gateway.config.max_inspect_bytes
+        length = req.headers.get_all("content-length")
+        if length:
+            if len(set(length)) != 1 or not length[0].isdigit():
+                raise Refused("the request's Content-Length is not one number")
+            if int(length[0]) > cap:
+                raise PayloadTooLarge(f"an MCP request body may be at most {cap} bytes")
+        elif "transfer-encoding" in req.headers or (
+                not req.http_version.startswith("HTTP/1") and req.method not in ("GET", "HEAD")):
+            raise LengthRequired("an MCP request body needs a Content-Length (chunked bodies "
+                                 "cannot be inspected before they end)")
+
+    @guarded
+    async def request(self, flow: http.HTTPFlow) -> None:
+        rules = flow.metadata.get(MCP_RULES)
+        if not rules or flow.response or not flow.live:
+            return
+        ex = exchange(flow)
+        req = flow.request
+        try:
+            if req.raw_content is None:
+                raise Refused("the MCP request body was not held for inspection")
+            decision = inspect(rules, req.method, req.raw_content,
+                               ",".join(req.headers.get_all("content-encoding")) or None,
+                               self.gateway.config.max_inspect_bytes)
+        except TaskgateError as e:
+            ex.rule = None
+            refuse_for(flow, e)
+            return
+        ex.tool = decision.tool
+        flow.metadata[MCP_DECISION] = decision
+        if not decision.allowed:
+            ex.rule = None
+            if decision.tool_error:
+                self._tool_error(flow, decision)
+            else:
+                refuse_for(flow, Refused(decision.reason))
+            return
+        assert decision.rule is not None
+        flow.metadata[RULE] = decision.rule  # the rule that allowed it answers for it
+        ex.rule, ex.decision, ex.reason = decision.rule.id, "allow", decision.reason
+        if decision.lists_tools or req.method == "GET":
+            req.headers["accept-encoding"] = "identity"  # filter what we can read
+
+    def _tool_error(self, flow: http.HTTPFlow, decision: McpDecision) -> None:
+        ex = exchange(flow)
+        ex.deny(decision.reason)
+        ex.status = 200
+        flow.response = http.Response.make(
+            200, rpc_refusal(decision, ex.request_id),
+            {"Content-Type": "application/json", REQUEST_ID_HEADER: ex.request_id})
+
+    @guarded
+    async def responseheaders(self, flow: http.HTTPFlow) -> None:
+        """Filter tools/list answers (fail closed: an error here kills the flow)."""
+        decision = flow.metadata.get(MCP_DECISION)
+        resp = flow.response
+        if resp is None or not isinstance(decision, McpDecision) or not decision.allowed:
+            return
+        if not 200 <= resp.status_code < 300 or flow.request.method == "HEAD":
+            return
+        ctype = resp.headers.get("content-type", "").split(";")[0].strip().lower()
+        sse = ctype == "text/event-stream"
+        if not decision.lists_tools and not (sse and flow.request.method == "GET"):
+            return
+        cap = max(4 * self.gateway.config.max_inspect_bytes, MIN_RESPONSE_CAP)
+        granted = decision.granted_tools
+        if resp.headers.get("content-encoding", "").strip().lower() not in ("", "identity"):
+            resp.headers.pop("content-encoding")
+            resp.headers["content-type"] = "application/json"
+            resp.stream = ReplaceFilter(error_message(
+                "the server's answer is compressed and could not be inspected"))
+        elif sse:
+            resp.stream = SseFilter(granted, cap, every=decision.lists_tools)
+        else:
+            resp.stream = JsonFilter(granted, cap)
+        resp.headers.pop("content-length", None)
+        if flow.request.http_version.startswith("HTTP/1") and \
+                flow.request.http_version != "HTTP/1.0":
+            resp.headers["transfer-encoding"] = "chunked"
+
+
+addons = [Mcp()]

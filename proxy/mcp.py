@@ -1,0 +1,287 @@
+"""MCP grants: which tools (and with which arguments) and which methods a rule allows.
+
+A rule's ``mcp`` mapping is parsed once into a :class:`McpGrant`::
+
+    mcp:
+      tools: [search_docs, get_page]          # tools/call names this rule allows
+      args:                                   # constraints on every call of those tools
+        limit: {maximum: 50}
+        query: {maxLength: 200, pattern: "[^<>]*"}
+      methods: ["resources/*", "prompts/get"] # other JSON-RPC methods it allows
+
+Constraints are JSON-Schema-like and strict: ``pattern`` is a full match;
+``minimum``/``maximum`` need a number, ``pattern``/``maxLength`` a string; a
+constrained argument that is missing or of the wrong type fails. ``const`` and
+``enum`` compare JSON values with JSON types (``true`` is not ``1``).
+
+``initialize``, ``server/discover`` (its 2026-07-28 successor), ``ping``,
+``tools/list`` and ``notifications/*`` pass on any granted MCP endpoint (the
+lifecycle a client needs before it can call anything), and so do the client's
+answers to the server's own requests (sampling, elicitation, roots);
+``tools/call`` is governed by ``tools``; anything else (``resources/*``,
+``prompts/*``, ``completion/complete``, plain JSON-RPC methods) only when
+``methods`` lists it.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import unicodedata
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+__all__ = [
+    "ALWAYS_ALLOWED",
+    "ArgConstraint",
+    "McpGrant",
+    "TOOL_NAME",
+    "fold",
+    "json_equal",
+    "mcp_method",
+]
+
+TOOL_NAME = re.compile(r"[A-Za-z0-9_.-]{1,128}")
+_METHOD_NAME = re.compile(r"[A-Za-z0-9_.$-]+(?:/[A-Za-z0-9_.$-]+)*")
+GRANT_KEYS = ("tools", "args", "methods")
+CONSTRAINT_KEYS = ("const", "enum", "pattern", "minimum", "maximum", "maxLength")
+MAX_PATTERN_CHARS = 1024
+
+# Pass on a granted endpoint: what a client sends before and around calling tools.
+ALWAYS_ALLOWED = frozenset({"initialize", "server/discover", "ping", "tools/list"})
+# Method families the MCP specification defines (for the audit record's protocol).
+_MCP_PREFIXES = ("tools/", "resources/", "prompts/", "notifications/", "completion/",
+                 "logging/", "sampling/", "roots/", "elicitation/", "tasks/", "server/",
+                 "subscriptions/")
+
+
+def fold(key: str) -> str:
+    """The form under which two keys would be "the same" to a lenient parser.
+
+    Covers case (``Name``), compatibility forms (fullwidth ``ｎａｍｅ``) and the
+    characters that upper-casing maps into ASCII (``ſ`` → ``S``, ``ı`` → ``I``).
+    """
+    if key.isascii():
+        return key.lower()
+    k = unicodedata.normalize("NFKC", key)
+    return unicodedata.normalize("NFKC", k.upper().lower().casefold())
+
+
+def mcp_method(method: str) -> bool:
+    """Whether ``method`` belongs to MCP (else it is a plain JSON-RPC method)."""
+    return method in ALWAYS_ALLOWED or method.startswith(_MCP_PREFIXES)
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def json_equal(a: Any, b: Any) -> bool:
+    """Equality of JSON values with JSON types: ``true`` ≠ ``1``, ``1`` = ``1.0``."""
+    if isinstance(a, bool) or isinstance(b, bool):
+        return isinstance(a, bool) and isinstance(b, bool) and a is b
+    if _is_number(a) or _is_number(b):
+        return _is_number(a) and _is_number(b) and a == b
+    if isinstance(a, str) or a is None:
+        return type(a) is type(b) and a == b
+    if isinstance(a, list):
+        return (isinstance(b, list) and len(a) == len(b)
+                and all(json_equal(x, y) for x, y in zip(a, b, strict=True)))
+    if isinstance(a, dict):
+        return (isinstance(b, dict) and a.keys() == b.keys()
+                and all(json_equal(v, b[k]) for k, v in a.items()))
+    return False
+
+
+def _plain_json(v: Any, where: str) -> Any:
+    """A config value as a plain JSON value (YAML may hand us its own mapping types)."""
+    if v is None or isinstance(v, (bool, str)):
+        return v
+    if isinstance(v, int) or (isinstance(v, float) and math.isfinite(v)):
+        return v
+    if isinstance(v, Mapping):
+        return {str(k): _plain_json(x, where) for k, x in v.items()}
+    if isinstance(v, Sequence):
+        return [_plain_json(x, where) for x in v]
+    raise ValueError(f"{where}: {v!r} is not a JSON value")
+
+
+_UNSET: Any = object()
+
+
+@dataclass(frozen=True, slots=True)
+class ArgConstraint:
+    """What one argument must satisfy; parsed from e.g. ``{maximum: 50}``."""
+
+    const: Any = _UNSET
+    enum: tuple[Any, ...] | None = None
+    pattern: re.Pattern[str] | None = None
+    minimum: int | float | None = None
+    maximum: int | float | None = None
+    max_length: int | None = None
+
+    @classmethod
+    def parse(cls, data: Any, where: str) -> ArgConstraint:
+        if not isinstance(data, Mapping) or not data:
+            raise ValueError(f"{where}: a constraint is a mapping with one or more of "
+                             f"{', '.join(CONSTRAINT_KEYS)}, e.g. {{maximum: 50}}")
+        kw: dict[str, Any] = {}
+        for key, v in data.items():
+            w = f"{where}.{key}"
+            if key not in CONSTRAINT_KEYS:
+                raise ValueError(f"{w}: unknown constraint; use {', '.join(CONSTRAINT_KEYS)}")
+            if key == "const":
+                kw["const"] = _plain_json(v, w)
+            elif key == "enum":
+                if isinstance(v, (str, Mapping)) or not isinstance(v, Sequence) or not v:
+                    raise ValueError(f"{w}: enum must be a non-empty list of values")
+                kw["enum"] = tuple(_plain_json(x, w) for x in v)
+            elif key == "pattern":
+                if not isinstance(v, str) or not 0 < len(v) <= MAX_PATTERN_CHARS:
+                    raise ValueError(f"{w}: pattern must be a regular expression of "
+                                     f"1-{MAX_PATTERN_CHARS} characters")
+                try:
+                    kw["pattern"] = re.compile(v)
+                except re.error as e:
+                    raise ValueError(f"{w}: {v!r} is not a valid regular expression: {e}"
+                                     ) from None
+            elif key in ("minimum", "maximum"):
+                if not _is_number(v) or not math.isfinite(v):
+                    raise ValueError(f"{w}: {v!r} is not a number")
+                kw[key] = v
+            else:
+                if type(v) is not int or v < 0:
+                    raise ValueError(f"{w}: maxLength must be a whole number ≥ 0")
+                kw["max_length"] = v
+        c = cls(**kw)
+        if c.minimum is not None and c.maximum is not None and c.minimum > c.maximum:
+            raise ValueError(f"{where}: minimum {c.minimum} is above maximum {c.maximum}")
+        if (c.minimum is not None or c.maximum is not None) and (
+                c.pattern is not None or c.max_length is not None):
+            raise ValueError(f"{where}: minimum/maximum want a number but pattern/maxLength "
+                             "want a string; no value can satisfy both")
+        return c
+
+    def why_not(self, value: Any) -> str | None:
+        """``None`` if ``value`` satisfies every constraint, else why not (no value echoed)."""
+        if self.const is not _UNSET and not json_equal(value, self.const):
+            return "is not the allowed value"
+        if self.enum is not None and not any(json_equal(value, e) for e in self.enum):
+            return "is not one of the allowed values"
+        if self.minimum is not None or self.maximum is not None:
+            if not _is_number(value):
+                return "must be a number"
+            if self.minimum is not None and value < self.minimum:
+                return f"is below the minimum {self.minimum}"
+            if self.maximum is not None and value > self.maximum:
+                return f"is above the maximum {self.maximum}"
+        if self.pattern is not None or self.max_length is not None:
+            if not isinstance(value, str):
+                return "must be a string"
+            if self.max_length is not None and len(value) > self.max_length:
+                return f"is longer than {self.max_length} characters"
+            if self.pattern is not None and self.pattern.fullmatch(value) is None:
+                return "does not match the allowed pattern"
+        return None
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        if self.const is not _UNSET:
+            out["const"] = self.const
+        if self.enum is not None:
+            out["enum"] = list(self.enum)
+        if self.pattern is not None:
+            out["pattern"] = self.pattern.pattern
+        if self.minimum is not None:
+            out["minimum"] = self.minimum
+        if self.maximum is not None:
+            out["maximum"] = self.maximum
+        if self.max_length is not None:
+            out["maxLength"] = self.max_length
+        return out
+
+
+@dataclass(frozen=True, slots=True)
+class McpGrant:
+    """The MCP part of a rule: allowed tools, argument constraints, extra methods."""
+
+    tools: frozenset[str] = frozenset()
+    args: Mapping[str, ArgConstraint] = field(default_factory=dict)
+    methods: tuple[str, ...] = ()
+    _folded_args: Mapping[str, str] = field(default_factory=dict, repr=False, compare=False)
+
+    @classmethod
+    def parse(cls, data: Any, where: str = "mcp") -> McpGrant:
+        """Validate a rule's ``mcp`` mapping; errors name the key and the fix."""
+        if not isinstance(data, Mapping):
+            raise ValueError(f"{where}: mcp must be a mapping with keys {', '.join(GRANT_KEYS)}")
+        for key in data:
+            if key not in GRANT_KEYS:
+                raise ValueError(f"{where}.{key}: unknown key; mcp has "
+                                 f"{', '.join(GRANT_KEYS)}")
+        tools_in = data.get("tools", [])
+        if isinstance(tools_in, (str, Mapping)) or not isinstance(tools_in, Sequence):
+            raise ValueError(f"{where}.tools: tools must be a list of tool names")
+        for i, t in enumerate(tools_in):
+            if not isinstance(t, str) or TOOL_NAME.fullmatch(t) is None:
+                raise ValueError(f"{where}.tools[{i}]: {t!r} is not a tool name "
+                                 "(1-128 of A-Z a-z 0-9 _ . -)")
+        args_in = data.get("args", {})
+        if not isinstance(args_in, Mapping):
+            raise ValueError(f"{where}.args: args must map argument names to constraints")
+        args = {}
+        for name, c in args_in.items():
+            if not isinstance(name, str) or not name:
+                raise ValueError(f"{where}.args: {name!r} is not an argument name")
+            args[name] = ArgConstraint.parse(c, f"{where}.args.{name}")
+        folded = {fold(n): n for n in args}
+        if len(folded) != len(args):
+            raise ValueError(f"{where}.args: two argument names differ only by case or "
+                             "Unicode folding; name each argument once")
+        methods_in = data.get("methods", [])
+        if isinstance(methods_in, (str, Mapping)) or not isinstance(methods_in, Sequence):
+            raise ValueError(f"{where}.methods: methods must be a list such as "
+                             "['resources/read', 'prompts/*']")
+        for i, m in enumerate(methods_in):
+            w = f"{where}.methods[{i}]"
+            base = m[:-2] if isinstance(m, str) and m.endswith("/*") else m
+            if not isinstance(base, str) or _METHOD_NAME.fullmatch(base) is None:
+                raise ValueError(f"{w}: {m!r} is not a JSON-RPC method name or 'family/*'")
+            if fold(base) in ("tools", "tools/call"):
+                raise ValueError(f"{w}: grant tool calls with mcp.tools, not mcp.methods")
+        return cls(frozenset(tools_in), args, tuple(methods_in), folded)
+
+    def allows_method(self, method: str) -> bool:
+        """Whether a JSON-RPC method other than ``tools/call`` passes under this grant."""
+        if method in ALWAYS_ALLOWED or method.startswith("notifications/"):
+            return True
+        return any(method == m or (m.endswith("/*") and method.startswith(m[:-1])
+                                   and _METHOD_NAME.fullmatch(method) is not None)
+                   for m in self.methods)
+
+    def why_not_tool(self, name: str, arguments: Mapping[str, Any]) -> str | None:
+        """``None`` if this grant allows calling ``name`` with ``arguments``, else why."""
+        if name not in self.tools:
+            return f"tool {name!r} is not granted"
+        for key in arguments:
+            target = self._folded_args.get(fold(key))
+            if target is not None and target != key:
+                return (f"argument {key!r} differs only by case or Unicode folding from "
+                        f"the constrained argument {target!r}")
+        for arg, c in self.args.items():
+            if arg not in arguments:
+                return f"argument {arg!r} is required by the grant and missing"
+            why = c.why_not(arguments[arg])
+            if why is not None:
+                return f"argument {arg!r} {why}"
+        return None
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data, as a task request or the config would spell it."""
+        out: dict[str, Any] = {"tools": sorted(self.tools)}
+        if self.args:
+            out["args"] = {k: c.to_dict() for k, c in self.args.items()}
+        if self.methods:
+            out["methods"] = list(self.methods)
+        return out

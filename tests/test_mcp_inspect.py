@@ -1,0 +1,144 @@
+"""proxy/mcp_inspect.py: a body judged against every MCP rule matching the endpoint."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import orjson
+import pytest
+
+from proxy.errors import Refused
+from proxy.jsonrpc import digest
+from proxy.mcp_inspect import TOOL_REFUSED, inspect, rpc_refusal
+from proxy.rules import parse_rule
+
+RULES = [
+    parse_rule({"id": "plain", "host": "mcp.test", "methods": ["POST"], "paths": ["/other"]}),
+    parse_rule({"id": "basic", "host": "mcp.test", "mcp": {"tools": ["add"]}}),
+    parse_rule({"id": "search", "host": "mcp.test", "secret": "s",
+                "mcp": {"tools": ["search", "add"], "args": {"limit": {"maximum": 50}},
+                        "methods": ["resources/*"]}}),
+]
+
+
+def call(name: str, arguments: Any = None, id: Any = 1) -> dict[str, Any]:
+    params: dict[str, Any] = {"name": name}
+    if arguments is not None:
+        params["arguments"] = arguments
+    return {"jsonrpc": "2.0", "id": id, "method": "tools/call", "params": params}
+
+
+def msg(method: str, id: Any = 1, **params: Any) -> dict[str, Any]:
+    return {"jsonrpc": "2.0", "id": id, "method": method, "params": params}
+
+
+NOTE = {"jsonrpc": "2.0", "method": "notifications/initialized"}
+
+# (body, allowed rule id or None, part of the reason, answered as a JSON-RPC error)
+DECISIONS: list[tuple[Any, str | None, str, bool]] = [
+    (call("add", {"a": 1}), "basic", "allowed", False),
+    (call("search", {"limit": 5}), "search", "allowed", False),
+    (call("add"), "basic", "allowed", False),
+    (call("search", {"limit": 500}), None, "above the maximum 50", True),
+    (call("search"), None, "'limit' is required by the grant and missing", True),
+    (call("drop"), None, "tool 'drop' is not granted", True),
+    (call("add", [1, 2]), None, "arguments must be an object", True),
+    (call(7), None, "needs a tool name", True),
+    ({**call("add"), "params": [1]}, None, "params must be an object", True),
+    (call("add", id=None), None, "id must be a string", False),
+    ({k: v for k, v in call("drop").items() if k != "id"}, None, "must carry an id", False),
+    ({**call("add"), "params": {"name": "add", "Arguments": {"a": 1}}}, None,
+     "'Arguments' differs only by case", True),
+    (msg("initialize"), "basic", "allowed", False),
+    (msg("server/discover"), "basic", "allowed", False),
+    (msg("ping"), "basic", "allowed", False),
+    (msg("tools/list"), "basic", "allowed", False),
+    (NOTE, "basic", "allowed", False),
+    ({"jsonrpc": "2.0", "id": 5, "result": {"roots": []}}, "basic", "allowed", False),
+    (msg("resources/read", uri="res://x"), "search", "allowed", False),
+    (msg("prompts/get", name="x"), None, "'prompts/get' is not granted", False),
+    (msg("Tools/List"), None, "differs only by case or folding from 'tools/list'", False),
+    (msg("TOOLS/CALL", name="add"), None, "differs only by case", False),
+    # The search rule's args hold for each of its tools, so add needs a limit there too.
+    ([call("add", {"limit": 1}, 1), call("search", {"limit": 1}, 2), NOTE], "search", "allowed",
+     False),
+    ([call("add", id=1), msg("resources/read", 2, uri="x")], None, "no single rule", True),
+    ([call("add", {"limit": 9}, 1), msg("resources/read", 2, uri="x")], "search", "allowed",
+     False),
+    ([msg("tools/list", 1), msg("prompts/get", 2)], None, "'prompts/get' is not granted",
+     False),
+    ([call("add", id=1), call("drop", id=2)], None, "tool 'drop' is not granted", True),
+    ([NOTE, call("add", id=1), msg("resources/read", 2, uri="x")], None, "no single rule", True),
+]
+
+
+@pytest.mark.parametrize(("body", "rule", "why", "rpc"), DECISIONS)
+def test_decisions(body: Any, rule: str | None, why: str, rpc: bool) -> None:
+    try:
+        d = inspect(RULES, "POST", json.dumps(body).encode(), None, 1 << 20)
+    except Refused as e:
+        assert rule is None and not rpc and why in e.reason
+        return
+    assert d.allowed is (rule is not None)
+    assert (d.rule.id if d.rule else None) == rule
+    assert why in d.reason
+    assert d.tool_error is rpc
+
+
+def test_batch_across_rules_is_refused() -> None:
+    """Each call is allowed by some rule, but no single rule (and secret) covers both."""
+    rules = [RULES[1], parse_rule({"id": "other", "host": "mcp.test",
+                                   "mcp": {"tools": ["search"]}})]
+    body = json.dumps([call("add", id=1), call("search", id=2)]).encode()
+    d = inspect(rules, "POST", body, None, 1 << 20)
+    assert not d.allowed and "no single rule allows every call" in d.reason
+    answer = orjson.loads(rpc_refusal(d, "rid"))
+    assert [a["id"] for a in answer] == [1, 2]
+    assert all(a["error"]["code"] == TOOL_REFUSED for a in answer)
+
+
+def test_refusal_body() -> None:
+    d = inspect(RULES, "POST", json.dumps(call("drop", id="x-1")).encode(), None, 1 << 20)
+    assert orjson.loads(rpc_refusal(d, "rid")) == {
+        "jsonrpc": "2.0", "id": "x-1",
+        "error": {"code": TOOL_REFUSED,
+                  "message": "taskgate refused this call: tool 'drop' is not granted",
+                  "data": {"reason": "tool 'drop' is not granted", "request_id": "rid"}}}
+
+
+def test_audit_tool_field() -> None:
+    d = inspect(RULES, "POST", json.dumps(call("add", {"b": 2, "a": 1})).encode(), None, 1 << 20)
+    assert d.tool == {"protocol": "mcp", "method": "tools/call", "name": "add",
+                      "arguments_sha256": digest({"a": 1, "b": 2})}
+    assert d.calls == (("add", b'{"a":1,"b":2}'),)
+    d = inspect([parse_rule({"id": "rpc", "host": "eth.test", "mcp": {"methods": ["eth_call"]}})],
+                "POST", json.dumps(msg("eth_call", x=1)).encode(), None, 1 << 20)
+    assert d.allowed and d.tool == {"protocol": "jsonrpc", "method": "eth_call",
+                                    "name": "eth_call", "arguments_sha256": digest({"x": 1})}
+    d = inspect(RULES, "POST", json.dumps([NOTE, call("add", id=3)]).encode(), None, 1 << 20)
+    assert d.tool is not None and d.tool["method"] == "batch"
+    assert [e["method"] for e in d.tool["batch"]] == ["notifications/initialized", "tools/call"]
+
+
+def test_tools_list_is_flagged_for_filtering() -> None:
+    d = inspect(RULES, "POST", json.dumps(msg("tools/list")).encode(), None, 1 << 20)
+    assert d.lists_tools and d.granted_tools == {"add", "search"}
+    d = inspect(RULES, "POST", json.dumps(call("add")).encode(), None, 1 << 20)
+    assert not d.lists_tools
+
+
+@pytest.mark.parametrize(("method", "allowed"), [("GET", True), ("DELETE", True)])
+def test_bodyless_stream_and_session_requests(method: str, allowed: bool) -> None:
+    d = inspect(RULES, method, b"", None, 1 << 20)
+    assert d.allowed is allowed and d.tool is None
+
+
+def test_empty_post_refused() -> None:
+    with pytest.raises(Refused, match="needs a body"):
+        inspect(RULES, "POST", b"", None, 1 << 20)
+
+
+def test_no_mcp_rule() -> None:
+    d = inspect(RULES[:1], "POST", json.dumps(call("add")).encode(), None, 1 << 20)
+    assert not d.allowed
