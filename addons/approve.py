@@ -10,11 +10,15 @@ upstream before the answer.
 
 from __future__ import annotations
 
+from typing import Any
+
+import orjson
 from mitmproxy import connection, http
 
 from addons._base import GatewayAddon, exchange, guarded, refuse, refuse_for
 from addons.authorize import RULE
-from proxy.approvals import Approvals, target_url, tool_calls
+from addons.mcp import MCP_DECISION
+from proxy.approvals import Approvals, target_url
 from proxy.errors import PayloadTooLarge, Refused, TaskgateError
 
 INSPECT_BODY = "taskgate.inspect_body"
@@ -57,9 +61,17 @@ class Approve(GatewayAddon):
         if len(body) > self._cap:
             refuse_for(flow, self._too_large())
             return
-        calls = tool_calls(body)
-        if rule.mcp is not None and not calls:
-            return  # initialize, tools/list, notifications: no tool runs, nothing to approve
+        calls: list[dict[str, Any]] = []
+        if rule.mcp is not None:
+            # What the approver sees is what the MCP addon judged (strictly parsed,
+            # Content-Encoding decoded) — never a second, more lenient reading.
+            decision = flow.metadata.get(MCP_DECISION)
+            if decision is None:
+                raise Refused("the MCP body was not inspected; it cannot be held for approval")
+            calls = [{"name": name, "arguments": orjson.loads(args)}
+                     for name, args in decision.calls]
+            if not calls:
+                return  # initialize, tools/list, notifications: no tool runs, nothing to approve
         gw = self.gateway
         ex.bytes_in = len(body)
         held = self.approvals.new(

@@ -105,8 +105,14 @@ class Audit(GatewayAddon):
         ex = exchange(flow)
         if ex.audited or not self.started:
             return
-        if ex.decision in (None, "allow", "approved"):  # an approved call can still fail
-            ex.reason = flow.error.msg if flow.error else "the call failed"
+        msg = flow.error.msg if flow.error else "the call failed"
+        streamed = flow.response is not None and bool(flow.response.stream)
+        if streamed and ex.decision in ("allow", "approved") and msg.startswith("Client disc"):
+            # The agent hung up on a stream it had been answered on (an MCP client
+            # does after the last event): the call was allowed and answered.
+            ex.reason = "the agent closed the connection before the stream ended"
+        elif ex.decision in (None, "allow", "approved"):  # an approved call can still fail
+            ex.reason = msg
             ex.decision = "error"
         if flow.response is not None and ex.status is None:
             ex.status = flow.response.status_code

@@ -19,6 +19,7 @@ from mitmproxy import http
 
 from addons._base import GatewayAddon, exchange, guarded, refuse, refuse_for
 from addons.authorize import RULE
+from addons.mcp import MCP_RULES
 from proxy.errors import Refused, TaskgateError
 from proxy.gateway import Exchange
 from proxy.rules import Rule
@@ -58,14 +59,16 @@ class Inject(GatewayAddon):
         if flow.response or not flow.live:
             return
         rule: Rule | None = flow.metadata.get(RULE)
-        if rule is None or rule.secret is None:
+        mcp_rules = flow.metadata.get(MCP_RULES)
+        if rule is None or (rule.secret is None and not mcp_rules):
             return
         ex = exchange(flow)
         if ex.decision not in AUTHORIZED:
             return
-        if rule.approval and ex.decision != "approved":
-            # The approve addon decides in its `request` hook, which runs before
-            # ours: keep the body whole so the headers can still change then.
+        if mcp_rules or (rule.approval and ex.decision != "approved"):
+            # The rule that decides an MCP call (its tool) and a person's yes are
+            # both known only in `request` hooks that run before ours: keep the
+            # body whole so the headers can still change then.
             flow.metadata[DEFERRED] = True
             flow.metadata["taskgate.inspect_body"] = True
             return
@@ -76,7 +79,9 @@ class Inject(GatewayAddon):
         if not flow.metadata.pop(DEFERRED, False) or flow.response or not flow.live:
             return
         ex = exchange(flow)
-        rule: Rule = flow.metadata[RULE]
+        rule: Rule = flow.metadata[RULE]  # for MCP: the rule that allowed this tool call
+        if rule.secret is None:
+            return
         if ex.decision not in AUTHORIZED or flow.request.stream:
             refuse_for(flow, Refused("the call was not authorized; its secret was not added",
                                      rule.id))

@@ -21,12 +21,14 @@ from mitmproxy.test import tflow
 from addons._base import exchange
 from addons.approve import Approve
 from addons.authorize import RULE
+from addons.mcp import MCP_DECISION
 from proxy.approvals import Approvals, attach
 from proxy.audit import AuditLog
 from proxy.config import Config
 from proxy.errors import Refused
 from proxy.gateway import Gateway, StandingPolicy
 from proxy.identity import Caller, Identity
+from proxy.mcp_inspect import McpDecision
 from proxy.rules import parse_rule
 
 
@@ -145,8 +147,27 @@ async def test_client_gone_kills_the_flow(gw: Gateway) -> None:
 
 async def test_mcp_call_without_a_tool_call_is_not_held(gw: Gateway) -> None:
     f = held_flow(mcp=True, body=b'{"jsonrpc":"2.0","id":1,"method":"tools/list"}')
+    f.metadata[MCP_DECISION] = McpDecision(True, "tools/list", calls=())
     await asyncio.wait_for(Approve(gw).request(f), 1)
     assert f.response is None and exchange(f).decision == "allow"
+    assert approvals(gw).waiting() == []
+
+
+async def test_mcp_call_is_held_as_the_mcp_addon_read_it(gw: Gateway) -> None:
+    # The approver sees the strictly parsed call, not a second reading of the body.
+    f = held_flow(mcp=True, body=b"\x1f\x8b not json the approve addon could read")
+    f.metadata[MCP_DECISION] = McpDecision(True, "ok", calls=(("search", b'{"q":"x"}'),))
+    task = await hold(gw, f)
+    [held] = approvals(gw).waiting()
+    assert held.calls == [{"name": "search", "arguments": {"q": "x"}}]
+    approvals(gw).deny(held.id, "bob")
+    await task
+
+
+async def test_mcp_rule_without_an_inspected_body_is_refused(gw: Gateway) -> None:
+    f = held_flow(mcp=True, body=b'{"jsonrpc":"2.0","id":1,"method":"tools/call"}')
+    await asyncio.wait_for(Approve(gw).request(f), 1)
+    assert f.response is not None and f.response.status_code == 403
     assert approvals(gw).waiting() == []
 
 
