@@ -24,11 +24,13 @@ from mitmproxy.addons import disable_h2c, next_layer, proxyserver, tlsconfig
 from mitmproxy.master import Master
 
 from .admin import admin_token
-from .audit import AuditLog
+from .audit import AuditLog, load_hmac_key
 from .config import Config, load_config
 from .control import ControlState, make_app
+from .errors import ConfigError
 from .gateway import Gateway, StandingPolicy
 from .identity import Identity, JwksKeys, TokenIssuer, WorkloadIssuer
+from .metrics import install_metrics
 from .upstream import client_session, trust_bundle
 
 __all__ = ["build_gateway", "ensure_ca", "gateway_addons", "run", "serve", "shared_gateway"]
@@ -67,14 +69,15 @@ async def build_gateway(config: Config, session: aiohttp.ClientSession) -> Gatew
         issuers.append(WorkloadIssuer(ic.issuer, ic.audience, keys,
                                       leeway=config.leeway_seconds, owners=owners))
     identity = Identity(issuers, leeway=config.leeway_seconds)
-    hmac_key = None
-    if config.audit_hmac_key_file:
-        with open(config.audit_hmac_key_file, "rb") as f:
-            hmac_key = f.read().strip()
-    audit = AuditLog(config.audit_path, hmac_key=hmac_key)
+    try:
+        hmac_key = load_hmac_key(config.audit_hmac_key_file)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"audit.hmac_key_file: {e}") from None
+    audit = AuditLog(config.audit_path, hmac_key=hmac_key, max_bytes=config.audit_max_bytes)
     await audit.start()
     gateway = Gateway(config, identity, StandingPolicy(config), audit)
     gateway.http = session
+    install_metrics(gateway)
     return gateway
 
 
