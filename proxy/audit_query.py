@@ -136,13 +136,18 @@ def _parse_line(line: bytes) -> dict[str, Any] | None:
     return rec if isinstance(rec, dict) and type(rec.get("seq")) is int else None
 
 
-def _scan(path: str, offset: int = 0) -> Iterator[tuple[bytes, int]]:
-    """(line, offset after it) for each whole line of ``path`` from ``offset``."""
+def _scan(path: str, offset: int = 0, expect: tuple[int, int] | None = None
+          ) -> Iterator[tuple[bytes, int]]:
+    """(line, offset after it) for each whole line of ``path`` from ``offset``; nothing if
+    the file is not the one ``expect`` names (device, inode): it was rotated meanwhile."""
     try:
         f = open(path, "rb")  # noqa: SIM115 - closed below; the generator may stop early
     except FileNotFoundError:
         return
     with f:
+        st = os.fstat(f.fileno())
+        if expect is not None and (st.st_dev, st.st_ino) != expect:
+            return
         f.seek(offset)
         for line in f:
             if not line.endswith(b"\n"):
@@ -151,11 +156,12 @@ def _scan(path: str, offset: int = 0) -> Iterator[tuple[bytes, int]]:
             yield line, offset
 
 
-def _read_lines(path: str, flt: AuditFilter, offset: int = 0
+def _read_lines(path: str, flt: AuditFilter, offset: int = 0,
+                expect: tuple[int, int] | None = None
                 ) -> Iterator[tuple[dict[str, Any] | None, int]]:
     """(record or ``None`` if it does not match, offset after it) per whole line."""
     needles = flt.needles()
-    for line, end in _scan(path, offset):
+    for line, end in _scan(path, offset, expect):
         rec = None if any(n not in line for n in needles) else _parse_line(line)
         yield (rec if rec is not None and flt.matches(rec) else None), end
 
@@ -242,20 +248,24 @@ def follow(path: str, flt: AuditFilter, *, poll: float = 0.5,
 
     current = identity(path)
     offset = os.path.getsize(path) if current else 0
+    done = {identity(f) for f in rotated_files(path)}  # there before we started
     while stop is None or not stop.is_set():
         now = identity(path)
         if now != current:
-            # Rotated: finish the old file (now <path>.<n>), then read the new one from 0.
-            old = next((f for f in reversed(rotated_files(path)) if identity(f) == current),
-                       None) if current is not None else None
-            if old is not None:
-                for rec, _ in _read_lines(old, flt, offset):
+            # Rotated (maybe more than once since the last look): finish the file we were
+            # reading, now <path>.<n>, read any newer rotated file whole, then the new one.
+            for older in rotated_files(path):
+                fid = identity(older)
+                if fid in done:
+                    continue
+                done.add(fid)
+                for rec, _ in _read_lines(older, flt, offset if fid == current else 0):
                     if rec is not None:
                         yield rec
             current, offset = now, 0
             continue
         start = offset
-        for rec, end in _read_lines(path, flt, start):
+        for rec, end in _read_lines(path, flt, start, expect=current):
             offset = end
             if rec is not None:
                 yield rec

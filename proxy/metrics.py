@@ -9,7 +9,8 @@ What is exported, and where it comes from:
   :meth:`Metrics.secret_fetch`;
 - ``taskgate_active_tasks``, ``taskgate_pending_approvals``: gauges read at
   scrape time from callbacks the tasks and approvals features register with
-  :meth:`Metrics.track`;
+  :meth:`Metrics.track` (without one, pending approvals are counted from
+  ``gateway.components["approvals"].waiting()`` when that exists, else 0);
 - ``taskgate_calls_in_flight``, ``taskgate_audit_write_errors_total``,
   ``taskgate_audit_healthy``: read from the gateway and its audit log.
 
@@ -43,6 +44,7 @@ from prometheus_client import (
     Counter,
     Gauge,
     Histogram,
+    disable_created_metrics,
     generate_latest,
 )
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -54,12 +56,13 @@ from .gateway import Gateway
 __all__ = ["GAUGES", "MAX_RULE_LABELS", "Metrics", "install_metrics"]
 
 log = logging.getLogger(__name__)
+disable_created_metrics()  # no *_created series: they double the output and say nothing here
 
 MAX_RULE_LABELS = 200
 GAUGES = ("active_tasks", "pending_approvals")
 OTHER = "other"
 NONE = "none"
-_LABEL_OK = re.compile(r"[A-Za-z0-9_.:@/-]{1,64}")
+_LABEL_OK = re.compile(r"[A-Za-z0-9_.:@-]{1,64}")
 # From a 1 ms allow to a call held five minutes for approval.
 BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
            30.0, 60.0, 300.0)
@@ -114,6 +117,7 @@ class Metrics:
     """The gateway's metrics, in a registry of their own (one per gateway)."""
 
     def __init__(self, gateway: Gateway) -> None:
+        self._gateway = gateway
         self.registry = CollectorRegistry()
         self._decision = _Bounded(0, DECISIONS, closed=True)
         self._rule = _Bounded(MAX_RULE_LABELS)
@@ -155,11 +159,16 @@ class Metrics:
     def render(self) -> bytes:
         return generate_latest(self.registry)
 
+    def _default(self, name: str) -> Callable[[], float]:
+        if name == "pending_approvals":
+            waiting = getattr(self._gateway.components.get("approvals"), "waiting", None)
+            if callable(waiting):
+                return lambda: len(waiting())
+        return lambda: 0.0
+
     def _reader(self, name: str) -> Callable[[], float]:
         def read() -> float:
-            fn = self._callbacks.get(name)
-            if fn is None:
-                return 0.0
+            fn = self._callbacks.get(name) or self._default(name)
             try:
                 return float(fn())
             except Exception:  # noqa: BLE001 - a scrape never fails on a feature's bug
