@@ -52,7 +52,10 @@ def seed(path: Path, records: list[dict[str, Any]]) -> None:
         await log.close()
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    asyncio.run(go())
+    # In a thread of its own: the browser tests' Playwright runs a loop in this one.
+    worker = threading.Thread(target=asyncio.run, args=(go(),))
+    worker.start()
+    worker.join(30)
 
 
 def wanted(rec: dict[str, Any], f: dict[str, str]) -> bool:
