@@ -12,7 +12,6 @@ import os
 import re
 import threading
 import time
-from collections import deque
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -202,36 +201,112 @@ class Page:
 def query(path: str, flt: AuditFilter, *, limit: int = 100, after: int | None = None,
           before: int | None = None) -> Page:
     """Matching records. With ``after``: the oldest ones with a greater ``seq``, ascending.
-    Otherwise the newest ones (below ``before`` if given), newest first."""
+    Otherwise the newest ones (below ``before`` if given), newest first.
+
+    Neither reads more of the log than it must: ``after`` starts in the file and
+    at the place (a binary search on ``seq``) where that ``seq`` is; newest-first
+    reads the files backwards from their ends and stops once the page is full.
+    """
     files = log_files(path)
+    out: list[dict[str, Any]] = []
     if after is not None:
         start = 0
         for i, file in enumerate(files):
             first = _first_seq(file)
             if first is not None and first <= after + 1:
                 start = i
-        out: list[dict[str, Any]] = []
-        for file in files[start:]:
-            for rec in _matching(file, flt):
-                if rec["seq"] <= after:
+        for i, file in enumerate(files[start:]):
+            offset = _offset_near(file, after) if i == 0 else 0
+            for rec, _ in _read_lines(file, flt, offset):
+                if rec is None or rec["seq"] <= after:
                     continue
                 if len(out) == limit:
                     return Page(out, next_after=out[-1]["seq"])
                 out.append(rec)
         return Page(out)
-    newest: deque[dict[str, Any]] = deque(maxlen=limit)
-    more = False
-    for file in files:
+    needles = flt.needles()
+    for file in reversed(files):
         first = _first_seq(file)
         if before is not None and first is not None and first >= before:
-            break
-        for rec in _matching(file, flt):
-            if before is not None and rec["seq"] >= before:
+            continue  # all of it is newer than the cursor
+        end = _line_of(file, before) if before is not None else None
+        for line in _scan_reverse(file, end):
+            if any(n not in line for n in needles):
                 continue
-            more = more or len(newest) == limit
-            newest.append(rec)
-    page = list(reversed(newest))
-    return Page(page, next_before=page[-1]["seq"] if more and page else None)
+            rec = _parse_line(line)
+            if rec is None or (before is not None and rec["seq"] >= before) \
+                    or not flt.matches(rec):
+                continue
+            if len(out) == limit:
+                return Page(out, next_before=out[-1]["seq"])
+            out.append(rec)
+    return Page(out)
+
+
+_BLOCK = 256 * 1024
+
+
+def _scan_reverse(path: str, end: int | None = None) -> Iterator[bytes]:
+    """The whole lines of ``path`` (before offset ``end``, a line start), last first; a
+    line still being written is left out."""
+    try:
+        f = open(path, "rb")  # noqa: SIM115 - closed below; the generator may stop early
+    except FileNotFoundError:
+        return
+    with f:
+        pos = f.seek(0, os.SEEK_END) if end is None else end
+        while pos > 0:  # find the end of the last whole line
+            size = min(_BLOCK, pos)
+            f.seek(pos - size)
+            cut = f.read(size).rfind(b"\n")
+            if cut >= 0:
+                pos = pos - size + cut + 1
+                break
+            pos -= size
+        buf = b""
+        while pos > 0:
+            size = min(_BLOCK, pos)
+            pos -= size
+            f.seek(pos)
+            parts = (f.read(size) + buf).split(b"\n")
+            buf = parts[0]  # the start of this line lies further back
+            for line in reversed(parts[1:]):
+                if line:
+                    yield line
+        if buf:
+            yield buf
+
+
+def _line_of(path: str, seq: int) -> int | None:
+    """The offset where the first record with ``seq`` or more starts (``None``: none does)."""
+    start = _offset_near(path, seq - 1)
+    for line, end in _scan(path, start):
+        rec = _parse_line(line)
+        if rec is not None and rec["seq"] >= seq:
+            return end - len(line)
+    return None
+
+
+def _offset_near(path: str, seq: int) -> int:
+    """A line start at or before the record after ``seq`` (within a block of it), found by
+    a binary search over the file: records in a file are in ``seq`` order."""
+    try:
+        f = open(path, "rb")  # noqa: SIM115
+    except FileNotFoundError:
+        return 0
+    with f:
+        lo, hi = 0, f.seek(0, os.SEEK_END)
+        while hi - lo > 64 * 1024:
+            mid = (lo + hi) // 2
+            f.seek(mid)
+            f.readline()  # to the next line start
+            start = f.tell()
+            rec = _parse_line(f.readline()) if start < hi else None
+            if rec is not None and rec["seq"] <= seq:
+                lo = start
+            else:
+                hi = mid
+        return lo
 
 
 def follow(path: str, flt: AuditFilter, *, poll: float = 0.5,

@@ -304,3 +304,48 @@ def test_follow_across_rotation_and_restart(tmp_path: Path, shared_files: dict[s
     assert main(["audit", "verify"]) == 0
     out = capsys.readouterr().out
     assert "records: 26 (seq 1..26)" in out and "OK" in out
+
+
+@pytest.fixture(scope="module")
+def big_log(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """3000 records over several rotated files, each much larger than a search block."""
+    path = tmp_path_factory.mktemp("big") / "audit.jsonl"
+    recs = [new_record(ts=rfc3339(T0 + i), request_id=f"r{i}", workload=WORKLOAD,
+                       task=f"t-{i % 7}", decision=DECISIONS[i % 3], host="api.example.com",
+                       method="GET", scheme="https", port=443, path=f"/{'x' * 300}/{i}")
+            for i in range(3000)]
+
+    async def go() -> None:
+        log = AuditLog(str(path), max_bytes=400_000)
+        await log.start()
+        for rec in recs:
+            await log.write(rec)
+        await log.close()
+
+    worker = threading.Thread(target=asyncio.run, args=(go(),))
+    worker.start()
+    worker.join(60)
+    with open(path, "ab") as f:
+        f.write(b'{"seq": 3001, "ts": "2030-')  # a record being written right now
+    assert len(log_files(str(path))) >= 4
+    return path
+
+
+@pytest.mark.parametrize("flt", [{}, {"task": "t-3"}, {"decision": "deny,error"}],
+                         ids=["all", "task", "decision"])
+def test_cursors_on_a_big_rotated_log(big_log: Path, flt: dict[str, str]) -> None:
+    from proxy.audit_query import AuditFilter, query, records
+
+    f = AuditFilter.parse(flt)
+    every = [r["seq"] for r in records(str(big_log), f)]
+    assert every == sorted(every) and every
+    for after in (0, 1, 499, 1234, 2100, 2998, 3000):
+        page = query(str(big_log), f, limit=50, after=after)
+        want = [s for s in every if s > after]
+        assert [r["seq"] for r in page.records] == want[:50], after
+        assert page.next_after == (want[49] if len(want) > 50 else None)
+    for before in (None, 1, 2, 700, 1500, 2999, 3001, 9999):
+        page = query(str(big_log), f, limit=50, before=before)
+        want = [s for s in every if before is None or s < before][::-1]
+        assert [r["seq"] for r in page.records] == want[:50], before
+        assert page.next_before == (want[49] if len(want) > 50 else None)

@@ -368,3 +368,52 @@ def _config(tmp_path: Path, log: Path, key_file: Path | None = None) -> Path:
     cfg = tmp_path / "taskgate.yaml"
     cfg.write_text(json.dumps({"audit": audit}))
     return cfg
+
+
+def test_config_rotation_key() -> None:
+    from proxy.config import parse_config
+    from proxy.errors import ConfigError
+
+    assert parse_config({"audit": {"max_bytes": 0}}).audit_max_bytes == 0
+    assert parse_config({"audit": {"max_bytes": 1 << 20}}).audit_max_bytes == 1 << 20
+    assert parse_config({}).audit_max_bytes == 100 * 1024 * 1024
+    for bad in (100, "10MB", True, -1):
+        with pytest.raises(ConfigError, match="audit.max_bytes"):
+            parse_config({"audit": {"max_bytes": bad}})
+
+
+def test_real_gateway_killed_mid_write(tmp_path: Path, shared_files: dict[str, Path],
+                                       upstream: Any, keys: Any,
+                                       capsys: pytest.CaptureFixture[str],
+                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """SIGKILL the real gateway, cut its last record as a crash mid-write would, restart it:
+    the torn line stays on a line of its own and verify names it; the chain goes on."""
+    import signal
+
+    from tests.conftest import base_config
+    from tests.support import Gateway
+
+    gw = Gateway(tmp_path, base_config(shared_files, upstream)).start()
+    base = f"http://127.0.0.1:{upstream.http_port}"
+    try:
+        with gw.client(keys.token()) as c:
+            for i in range(4):
+                assert c.get(f"{base}/allowed/{i}").status_code == 200
+        gw.stop(signal.SIGKILL)
+        data = lines(gw.audit_path)
+        assert len(data) == 4
+        gw.audit_path.write_bytes(b"".join(data[:3]) + data[3][:70])  # record 4, cut
+        gw.start()
+        with gw.client(keys.token()) as c:
+            assert c.get(f"{base}/allowed/after").status_code == 200
+    finally:
+        gw.stop()
+    after = lines(gw.audit_path)
+    assert after[3] == data[3][:70] + b"\n"
+    assert json.loads(after[4])["seq"] == 4 and json.loads(after[4])["path"] == "/allowed/after"
+    monkeypatch.chdir(tmp_path)
+    assert main(["audit", "verify"]) == 1
+    out = capsys.readouterr().out
+    assert f"DAMAGED: truncated: {gw.audit_path.relative_to(tmp_path)} line 4:" in out
+    assert main(["audit", "verify", "--accept-torn"]) == 0
+    assert "records: 4 (seq 1..4)" in capsys.readouterr().out

@@ -223,8 +223,8 @@ def test_filters_and_a_task_timeline(visit: Visit, ugw: Gateway) -> None:
         r["seq"] for r in logged if r["decision"] == "deny"]
     # One task's timeline: oldest first, its hold, approval (and by whom) and refusal marked.
     page.click("#clear")
-    page.fill("#filters input[name=task]", "t-1")
-    page.click("#filters button[type=submit]")
+    page.wait_for_selector('#calls-body button.task-link:text-is("t-1")')
+    page.click('#calls-body button.task-link:text-is("t-1")')
     page.wait_for_function("() => document.getElementById('calls-title').textContent"
                            " === 'Calls of task t-1'")
     page.wait_for_function("() => document.querySelectorAll('#calls-body tr').length === 4")
@@ -235,6 +235,14 @@ def test_filters_and_a_task_timeline(visit: Visit, ugw: Gateway) -> None:
     assert "approved by carol “looks right”" in shown[2]["text"]
     assert "refused" in shown[3]["cls"].split()
     assert page.is_visible("#task-detail") and "t-1" in page.inner_text("#task-detail")
+    assert page.input_value("#filters input[name=task]") == "t-1"
+    # The same through the filter form: another task, typed in.
+    page.fill("#filters input[name=task]", "t-2")
+    page.click("#filters button[type=submit]")
+    page.wait_for_function("() => document.getElementById('calls-title').textContent"
+                           " === 'Calls of task t-2'")
+    page.wait_for_function("() => document.querySelectorAll('#calls-body tr').length === 1")
+    assert rows(page)[0]["text"].count("POST https://api.github.com/x") == 1
     # A reason that looks like markup is shown as text and never runs.
     assert XSS in shown[3]["text"]
     assert page.evaluate("window.pwned") is None and not visit.dialogs
@@ -334,6 +342,7 @@ def test_approve_from_the_page(visit: Visit, ugw: Gateway, upstream: Upstream,
     caller.start()
     try:
         page.wait_for_selector('[data-approval]:has-text("/approve/pr-1")', timeout=15000)
+        assert pending(ugw) == 1
         page.click("[data-approval] button.approve")
         assert "Enter your name" in page.inner_text("#status")  # who approves is required
         page.fill("#approver", "dana")
@@ -344,3 +353,14 @@ def test_approve_from_the_page(visit: Visit, ugw: Gateway, upstream: Upstream,
     assert result["r"].status_code == 200, result["r"].text
     page.wait_for_selector('#calls-body tr:has-text("approved by dana “ok to merge”")',
                            timeout=10000)
+    assert pending(ugw) == 0
+    page.wait_for_selector("#approvals-body >> text=Nothing is waiting.")
+
+
+def pending(gw: Gateway) -> float:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = httpx.get(f"{gw.control_url}/metrics", timeout=10).text
+    (family,) = [f for f in text_string_to_metric_families(text)
+                 if f.name == "taskgate_pending_approvals"]
+    return family.samples[0].value
