@@ -17,13 +17,12 @@ from typing import Any
 
 import httpx
 import pytest
+from playwright import sync_api as playwright_sync
 
 from proxy.audit import new_record, rfc3339
 from tests.conftest import base_config
 from tests.support import REPO, WORKLOAD, Gateway, Keys, Upstream
 from tests.test_audit_query import T0, seed
-
-playwright_sync = pytest.importorskip("playwright.sync_api")
 
 CHROMIUM = "/usr/bin/chromium"
 ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
