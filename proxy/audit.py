@@ -10,6 +10,14 @@ fails the call closed.
 Chain: ``seq`` counts records across restarts; ``prev`` is the previous
 record's ``hash``; ``hash`` is SHA-256 (or HMAC-SHA-256 with a key) over the
 record's canonical encoding (orjson, sorted keys, without ``hash``).
+
+Rotation (``audit.max_bytes``): when the file would grow past the limit it is
+renamed ``<path>.<n>`` (n = 1, 2, … oldest first) and a new file starts; the
+chain simply goes on, so the first record of each file carries the previous
+file's last hash as ``prev`` and the next ``seq``. A removed or truncated file
+therefore breaks the chain where the next file starts, and the whole set
+begins at ``seq`` 1 with ``prev`` :data:`GENESIS`. ``proxy/audit_verify.py``
+checks it; ``proxy/audit_query.py`` reads it.
 """
 
 from __future__ import annotations
@@ -19,6 +27,7 @@ import hashlib
 import hmac
 import logging
 import os
+import re
 import threading
 from collections.abc import Mapping
 from datetime import UTC, datetime
@@ -33,6 +42,8 @@ __all__ = [
     "GENESIS",
     "AuditLog",
     "chain_hash",
+    "load_hmac_key",
+    "log_files",
     "new_record",
     "redact_target",
     "rfc3339",
@@ -88,6 +99,38 @@ def chain_hash(record: Mapping[str, Any], key: bytes | None = None) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+def rotated_files(path: str) -> list[str]:
+    """``<path>.1``, ``<path>.2``, … that exist, oldest first."""
+    folder, base = os.path.split(os.path.abspath(path))
+    pattern = re.compile(re.escape(base) + r"\.([0-9]+)")
+    try:
+        names = os.listdir(folder)
+    except FileNotFoundError:
+        return []
+    found = [(int(m.group(1)), name) for name in names if (m := pattern.fullmatch(name))]
+    prefix = os.path.dirname(path)
+    return [os.path.join(prefix, name) for _, name in sorted(found)]
+
+
+def log_files(path: str) -> list[str]:
+    """Every file of the log in chain order: the rotated ones, then the current one."""
+    files = rotated_files(path)
+    if os.path.exists(path):
+        files.append(path)
+    return files
+
+
+def load_hmac_key(key_file: str | None) -> bytes | None:
+    """The chain key from ``audit.hmac_key_file`` (``None`` without one); empty is an error."""
+    if not key_file:
+        return None
+    with open(key_file, "rb") as f:
+        key = f.read().strip()
+    if not key:
+        raise ValueError(f"{key_file}: the audit HMAC key file is empty")
+    return key
+
+
 def _read_tail(path: str) -> tuple[int, str, bool]:
     """(last seq, last hash, ends with newline) of an existing log, for chain continuity."""
     try:
@@ -116,12 +159,27 @@ def _read_tail(path: str) -> tuple[int, str, bool]:
             pos = max(0, pos - block)
 
 
+def _chain_tail(path: str) -> tuple[int, str, bool]:
+    """Like :func:`_read_tail`, falling back to the newest rotated file when the current
+    one holds no complete record yet (the chain goes on across files)."""
+    seq, last, clean = _read_tail(path)
+    if seq == 0:
+        for older in reversed(rotated_files(path)):
+            older_seq, older_hash, _ = _read_tail(older)
+            if older_seq:
+                return older_seq, older_hash, clean
+    return seq, last, clean
+
+
 class AuditLog:
     """Append-only, hash-chained JSON-lines log with an asynchronous, awaited write."""
 
-    def __init__(self, path: str, *, hmac_key: bytes | None = None) -> None:
+    def __init__(self, path: str, *, hmac_key: bytes | None = None, max_bytes: int = 0) -> None:
         self.path = path
         self._key = hmac_key
+        self.max_bytes = max_bytes
+        self._size = 0
+        self._suspect = False  # a failed write may have left part of a batch behind
         self._fd: int | None = None
         self._pending: list[tuple[dict[str, Any], asyncio.Future[None]]] = []
         self._cond = threading.Condition()
@@ -141,7 +199,7 @@ class AuditLog:
 
     def _open(self) -> None:
         os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
-        self.seq, self.last_hash, clean = _read_tail(self.path)
+        self.seq, self.last_hash, clean = _chain_tail(self.path)
         self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
         if not clean:
             # A torn last line (crash mid-write) stays where it is, on a line of
@@ -149,6 +207,30 @@ class AuditLog:
             log.error("audit log %s ends in a partial record; continuing on a new line",
                       self.path)
             os.write(self._fd, b"\n")
+        self._size = os.fstat(self._fd).st_size
+
+    def _rotate(self) -> None:
+        """Rename the full file to the next ``<path>.<n>`` and start a new one."""
+        assert self._fd is not None
+        rotated = rotated_files(self.path)
+        last = int(rotated[-1].rsplit(".", 1)[1]) if rotated else 0
+        os.fsync(self._fd)
+        os.rename(self.path, f"{self.path}.{last + 1}")
+        old, self._fd = self._fd, os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT,
+                                          0o600)
+        os.close(old)
+        self._size = 0
+
+    def _recover(self) -> None:
+        """After a failed write, resync with what reached the file: records that made it
+        stay in the chain, and a cut-off record is left on a line of its own."""
+        assert self._fd is not None
+        if os.fstat(self._fd).st_size != self._size:
+            self.seq, self.last_hash, clean = _chain_tail(self.path)
+            if not clean:
+                os.write(self._fd, b"\n")
+            self._size = os.fstat(self._fd).st_size
+        self._suspect = False
 
     async def write(self, record: dict[str, Any]) -> None:
         """Append ``record`` (fills seq, prev, hash); returns once it is in the file."""
@@ -171,22 +253,32 @@ class AuditLog:
             self._write_batch(batch)
 
     def _write_batch(self, batch: list[tuple[dict[str, Any], asyncio.Future[None]]]) -> None:
-        seq, prev = self.seq, self.last_hash
-        lines = []
-        for record, _ in batch:
-            seq += 1
-            record["seq"] = seq
-            record["prev"] = prev
-            record.pop("hash", None)
-            prev = record["hash"] = chain_hash(record, self._key)
-            lines.append(orjson.dumps(record))
-        data = b"\n".join(lines) + b"\n"
         error: BaseException | None = None
         try:
             assert self._fd is not None
-            written = os.write(self._fd, data)
-            if written != len(data):
-                raise OSError(f"short write ({written} of {len(data)} bytes)")
+            if self._suspect:
+                self._recover()
+            seq, prev = self.seq, self.last_hash
+            lines = []
+            for record, _ in batch:
+                seq += 1
+                record["seq"] = seq
+                record["prev"] = prev
+                record.pop("hash", None)
+                prev = record["hash"] = chain_hash(record, self._key)
+                lines.append(orjson.dumps(record))
+            data = b"\n".join(lines) + b"\n"
+            if self.max_bytes and self._size and self._size + len(data) > self.max_bytes:
+                try:
+                    self._rotate()
+                except OSError as e:  # keep writing the full file rather than refuse calls
+                    log.error("audit log rotation failed: %s", e)
+            view = memoryview(data)
+            self._suspect = True
+            while view:
+                view = view[os.write(self._fd, view):]
+            self._suspect = False
+            self._size += len(data)
             self.seq, self.last_hash = seq, prev
             self.healthy = True
         except OSError as e:

@@ -62,6 +62,7 @@ class Config:
     upstream_ca_file: str | None = None
     audit_path: str = ".taskgate/audit.jsonl"
     audit_hmac_key_file: str | None = None
+    audit_max_bytes: int = 100 * 1024 * 1024  # rotate past this size; 0 never rotates
     issuers: tuple[IssuerConfig, ...] = ()
     leeway_seconds: float = 30.0
     workloads: Mapping[str, WorkloadConfig] = field(default_factory=dict)
@@ -209,12 +210,17 @@ def parse_config(doc: Any, source: str = "<config>") -> Config:
         kw["upstream_ca_file"] = ca
 
     w, v = sub("audit")
-    audit = _mapping(w, v, ("path", "hmac_key_file"))
+    audit = _mapping(w, v, ("path", "hmac_key_file", "max_bytes"))
     kw["audit_path"] = (_str(_child(w, audit, "path"), audit["path"]) if "path" in audit
                         else os.path.join(home, "audit.jsonl"))
     if audit.get("hmac_key_file") is not None:
         kw["audit_hmac_key_file"] = _str(_child(w, audit, "hmac_key_file"),
                                          audit["hmac_key_file"])
+    if "max_bytes" in audit:
+        mb = audit["max_bytes"]
+        if mb != 0:
+            mb = _number(_child(w, audit, "max_bytes"), mb, 4096, 1 << 40)
+        kw["audit_max_bytes"] = int(mb)
 
     w, v = sub("identity")
     ident = _mapping(w, v, ("issuers", "leeway_seconds"))

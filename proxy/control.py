@@ -2,8 +2,9 @@
 
 Open endpoints: ``/healthz`` (the process answers), ``/readyz`` (the proxy
 listens and the audit log takes writes). Everything under ``/v1/`` requires
-the admin bearer token; later features add their routes through
-:data:`ROUTE_PLUGINS`.
+the admin bearer token, or the review page's session cookie (with its CSRF
+header on anything but GET/HEAD, see proxy/ui_session.py); later features add
+their routes through :data:`ROUTE_PLUGINS`.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from aiohttp import web
 
 from .gateway import Gateway
 
-__all__ = ["ControlState", "GATEWAY", "ROUTE_PLUGINS", "STATE", "make_app"]
+__all__ = ["ControlState", "GATEWAY", "ROUTE_PLUGINS", "SESSION_AUTH", "STATE", "make_app"]
 
 
 @dataclass(slots=True)
@@ -31,6 +32,10 @@ class ControlState:
 
 GATEWAY = web.AppKey("gateway", Gateway)
 STATE = web.AppKey("state", ControlState)
+# The other way into /v1/: a browser session (proxy/ui_session.py). Returns None when the
+# request is authenticated by it, else the refusal to send.
+SessionAuth = Callable[[web.Request], web.StreamResponse | None]
+SESSION_AUTH: web.AppKey[SessionAuth] = web.AppKey("session_auth")
 
 # Each plugin adds routes (and cleanup_ctx entries) to the app: tasks, audit, ui…
 ROUTE_PLUGINS: list[Callable[[web.Application], None]] = []
@@ -58,13 +63,18 @@ def json_error(status: int, error: str, reason: str, **extra: object) -> web.Res
 async def admin_auth(request: web.Request,
                      handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
                      ) -> web.StreamResponse:
-    """Every /v1/ endpoint needs ``Authorization: Bearer <admin token>`` (constant-time)."""
+    """Every /v1/ endpoint needs ``Authorization: Bearer <admin token>`` (constant-time),
+    or a review-page session."""
     if request.path.startswith("/v1/"):
         expected = request.app[STATE].admin_token.encode()
         scheme, _, given = request.headers.get("Authorization", "").partition(" ")
         if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(),
                                                                  expected):
-            return json_error(401, "unauthorized", "a valid admin bearer token is required")
+            session_auth = request.app.get(SESSION_AUTH)
+            refusal = session_auth(request) if session_auth is not None else json_error(
+                401, "unauthorized", "a valid admin bearer token is required")
+            if refusal is not None:
+                return refusal
     return await handler(request)
 
 

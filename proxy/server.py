@@ -27,11 +27,13 @@ from mitmproxy.master import Master
 
 from . import approvals
 from .admin import admin_token
-from .audit import AuditLog
+from .audit import AuditLog, load_hmac_key
 from .config import Config, load_config
 from .control import ControlState, make_app
+from .errors import ConfigError
 from .gateway import Gateway, StandingPolicy
 from .identity import Identity, JwksKeys, TokenIssuer, WorkloadIssuer
+from .metrics import install_metrics
 from .secrets import install as install_secrets
 from .upstream import client_session, trust_bundle
 
@@ -72,16 +74,17 @@ async def build_gateway(config: Config, session: aiohttp.ClientSession) -> Gatew
         issuers.append(WorkloadIssuer(ic.issuer, ic.audience, keys,
                                       leeway=config.leeway_seconds, owners=owners))
     identity = Identity(issuers, leeway=config.leeway_seconds)
-    hmac_key = None
-    if config.audit_hmac_key_file:
-        with open(config.audit_hmac_key_file, "rb") as f:
-            hmac_key = f.read().strip()
-    audit = AuditLog(config.audit_path, hmac_key=hmac_key)
+    try:
+        hmac_key = load_hmac_key(config.audit_hmac_key_file)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"audit.hmac_key_file: {e}") from None
+    audit = AuditLog(config.audit_path, hmac_key=hmac_key, max_bytes=config.audit_max_bytes)
     await audit.start()
     gateway = Gateway(config, identity, StandingPolicy(config), audit)
     gateway.http = session
     approvals.attach(gateway)
     install_secrets(gateway)
+    install_metrics(gateway)
     return gateway
 
 
