@@ -82,9 +82,9 @@ async def build_gateway(config: Config, session: aiohttp.ClientSession) -> Gatew
     await audit.start()
     gateway = Gateway(config, identity, StandingPolicy(config), audit)
     gateway.http = session
+    install_metrics(gateway)  # first: the features below report to it
     approvals.attach(gateway)
     install_secrets(gateway)
-    install_metrics(gateway)
     return gateway
 
 

@@ -48,4 +48,7 @@ def install(gateway: Gateway) -> SecretBroker:
     broker = SecretBroker(gateway.config.secrets, gateway.http)
     gateway.components[COMPONENT] = broker
     gateway.on_task_end.append(broker.task_ended)
+    metrics = gateway.components.get("metrics")
+    if metrics is not None:
+        broker.on_fetch = metrics.secret_fetch
     return broker

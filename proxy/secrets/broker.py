@@ -24,7 +24,7 @@ import logging
 import math
 import time
 from collections import OrderedDict
-from collections.abc import Hashable, Mapping
+from collections.abc import Callable, Hashable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -75,6 +75,8 @@ class SecretBroker:
         self._values: dict[bytes, float] = {}
         self._redactor = Redactor(())
         self._dirty = False
+        # Observer of every provider fetch: (secret name, succeeded) — the metrics.
+        self.on_fetch: Callable[[str, bool], None] | None = None
         self._next_prune = 0.0
         self.fetches = 0  # provider fetches started (for tests and metrics)
 
@@ -128,6 +130,7 @@ class SecretBroker:
 
     async def _fetch(self, key: Key, slot: _Slot, provider: Provider, task: str | None,
                      rule: Rule) -> Minted:
+        ok = False
         try:
             self.fetches += 1
             minted = await provider.fetch(task, rule)
@@ -143,12 +146,15 @@ class SecretBroker:
                 raise Refused("the task has ended", rule.id)
             if self._slots.get(key) is slot:
                 slot.current = minted
+            ok = True
             return minted
         except ProviderError as e:
             log.warning("%s", e.reason)
             raise
         finally:
             slot.refreshing = None
+            if self.on_fetch is not None:
+                self.on_fetch(key[0], ok)
 
     # -- task end and shutdown ------------------------------------------------
     async def task_ended(self, task_id: str) -> None:
