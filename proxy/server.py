@@ -28,6 +28,7 @@ from .audit import AuditLog
 from .config import Config, load_config
 from .control import ControlState, make_app
 from .gateway import Gateway, StandingPolicy
+from .grants import install_tasks
 from .identity import Identity, JwksKeys, TokenIssuer, WorkloadIssuer
 from .upstream import client_session, trust_bundle
 
@@ -75,6 +76,7 @@ async def build_gateway(config: Config, session: aiohttp.ClientSession) -> Gatew
     await audit.start()
     gateway = Gateway(config, identity, StandingPolicy(config), audit)
     gateway.http = session
+    await install_tasks(gateway)  # task grants: store, signing keys, TaskPolicy
     return gateway
 
 
