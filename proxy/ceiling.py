@@ -161,7 +161,7 @@ def _against(rule: Rule, c: Rule) -> tuple[str, str] | None:
         return "host", f"host {str(rule.host)!r} is not within {str(c.host)!r}"
     mine, theirs = endpoints(rule), endpoints(c)
     if not mine <= theirs:
-        key = "port" if {p for _, p in mine} - {p for _, p in theirs} else "scheme"
+        key = "scheme" if {s for s, _ in mine} - {s for s, _ in theirs} else "port"
         return key, (f"{key} not allowed: the rule reaches {_fmt(mine - theirs)}, "
                      f"the ceiling only {_fmt(theirs)}")
     if c.methods and (not rule.methods or not rule.methods <= c.methods):

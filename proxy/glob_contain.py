@@ -18,6 +18,12 @@ regular, so containment is decided exactly rather than by string tricks:
   ceiling glob does. Finding one yields a concrete counterexample path for
   the error message; exhausting the walk proves containment.
 
+Only paths that can reach a rule count: the gateway refuses a path with an
+empty segment (``//``) before matching (:func:`proxy.paths.ambiguity`), so the
+walk never puts ``/`` right after ``/``. That is why ``/a/*/c`` lies within
+``/a/**/c`` although ``*`` alone would also match the empty segment of
+``/a//c``.
+
 The walk is bounded (:data:`MAX_STATES`); a glob pair too complex to decide is
 reported as not contained, so the answer errs on the side of refusing.
 """
@@ -37,6 +43,7 @@ _OTHER = ""  # the symbol for "any character not named in either glob"
 _SLASH = "/"
 
 State = tuple[int, int, int]  # (glob index, token position, sub-state)
+_Node = tuple[State, frozenset[State], bool]  # task state, ceiling states, last was '/'
 
 
 @dataclass(frozen=True, slots=True)
@@ -143,37 +150,38 @@ def counterexample(inner: Sequence[str], outer: Sequence[str]) -> str | None:
         alphabet = _alphabet([g, *outer_globs])
         taken = set(alphabet)
         start_out = big.start()
-        parent: dict[tuple[State, frozenset[State]], tuple[tuple[State, frozenset[State]],
-                                                            str] | None] = {}
-        queue: deque[tuple[State, frozenset[State]]] = deque()
+        parent: dict[_Node, tuple[_Node, str] | None] = {}
+        queue: deque[_Node] = deque()
         for s in small.start():
-            pair = (s, start_out)
-            parent[pair] = None
-            queue.append(pair)
+            node0 = (s, start_out, False)
+            parent[node0] = None
+            queue.append(node0)
         while queue:
-            pair = queue.popleft()
-            s, outs = pair
+            node = queue.popleft()
+            s, outs, after_slash = node
             if small.accepting(s) and not any(big.accepting(o) for o in outs):
                 symbols: list[str] = []
-                node: tuple[State, frozenset[State]] | None = pair
-                while node is not None:
-                    link = parent[node]
+                at: _Node | None = node
+                while at is not None:
+                    link = parent[at]
                     if link is None:
                         break
-                    node, sym = link
+                    at, sym = link
                     symbols.append(sym)
                 return _render(symbols[::-1], taken)
             for sym in alphabet:
+                if after_slash and sym == _SLASH:
+                    continue  # '//' never reaches a rule
                 nexts = small.step(s, sym)
                 if not nexts:
                     continue
                 outs2 = big.move(outs, sym)
                 for s2 in small.closure(nexts):
-                    nxt = (s2, outs2)
+                    nxt = (s2, outs2, sym == _SLASH)
                     if nxt not in parent:
                         if len(parent) >= MAX_STATES:
                             raise ValueError("the path globs are too complex to compare")
-                        parent[nxt] = (pair, sym)
+                        parent[nxt] = (node, sym)
                         queue.append(nxt)
     return None
 
