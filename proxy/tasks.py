@@ -22,6 +22,7 @@ small and load fast.
 from __future__ import annotations
 
 import functools
+import sys
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -230,8 +231,14 @@ class Task:
                        self.revoked_at, self.ended)
 
 
+def _json(value: Any) -> bytes:
+    """Canonical JSON, copied: orjson's own result keeps a 4 KiB buffer alive, which
+    adds up to hundreds of MB over 100k stored tasks."""
+    return bytes(memoryview(orjson.dumps(value, option=orjson.OPT_SORT_KEYS)))
+
+
 def canonical_rules(rules: tuple[Rule, ...]) -> bytes:
-    return orjson.dumps([r.to_dict() for r in rules], option=orjson.OPT_SORT_KEYS)
+    return _json([r.to_dict() for r in rules])
 
 
 @dataclass(frozen=True, slots=True)
@@ -253,36 +260,67 @@ def _host(text: str) -> HostPattern:
     return HostPattern.parse(text)
 
 
+_METHODS: dict[tuple[str, ...], frozenset[str]] = {}
+
+
 def _rule(d: Mapping[str, Any]) -> Rule:
     """A rule from its canonical form (``Rule.to_dict`` of a validated rule)."""
+    methods = tuple(d.get("methods", ()))
     return Rule(
-        id=d["id"], host=_host(d["host"]), port=d.get("port"), scheme=d.get("scheme"),
-        methods=frozenset(d.get("methods", ())),
+        id=sys.intern(d["id"]), host=_host(d["host"]), port=d.get("port"),
+        scheme=d.get("scheme"), methods=_METHODS.setdefault(methods, frozenset(methods)),
         paths=tuple(LazyGlob(p, None) for p in d.get("paths", ())),  # type: ignore[arg-type]
         mcp=d.get("mcp"), secret=d.get("secret"), approval=d.get("approval") == "required")
 
 
 class RuleSets:
-    """Interned rule sets, keyed by canonical JSON and counted, so equal grants share."""
+    """Interned rules and rule sets, keyed by canonical JSON and counted.
+
+    Tasks with equal rules share one :class:`RuleSet`; tasks whose rule sets differ
+    still share every rule they have in common (a common MCP rule is one object)."""
 
     def __init__(self) -> None:
-        self._sets: dict[bytes, tuple[bytes, RuleSet, list[int]]] = {}
+        self._sets: dict[bytes, _Entry] = {}
+        self._rules: dict[bytes, list[Any]] = {}  # rule JSON → [Rule, references, key]
 
     def acquire(self, rules_json: bytes) -> tuple[bytes, RuleSet]:
         """The shared (key, RuleSet) for ``rules_json``; call :meth:`release` when done."""
         hit = self._sets.get(rules_json)
         if hit is None:
-            rs = RuleSet(tuple(_rule(d) for d in orjson.loads(rules_json)))
-            hit = self._sets[rules_json] = (rules_json, rs, [0])
-        hit[2][0] += 1
-        return hit[0], hit[1]
+            keys, rules = [], []
+            for d in orjson.loads(rules_json):
+                key = _json(d)
+                entry = self._rules.get(key)
+                if entry is None:
+                    entry = self._rules[key] = [_rule(d), 0, key]
+                entry[1] += 1
+                rules.append(entry[0])
+                keys.append(entry[2])  # the one copy of this rule's key
+            hit = self._sets[rules_json] = _Entry(rules_json, RuleSet(tuple(rules)),
+                                                  tuple(keys))
+        hit.refs += 1
+        return hit.key, hit.ruleset
 
     def release(self, rules_json: bytes) -> None:
         hit = self._sets.get(rules_json)
-        if hit is not None:
-            hit[2][0] -= 1
-            if hit[2][0] <= 0:
-                del self._sets[rules_json]
+        if hit is None:
+            return
+        hit.refs -= 1
+        if hit.refs > 0:
+            return
+        del self._sets[rules_json]
+        for key in hit.rule_keys:
+            entry = self._rules[key]
+            entry[1] -= 1
+            if entry[1] <= 0:
+                del self._rules[key]
 
     def __len__(self) -> int:
         return len(self._sets)
+
+
+class _Entry:
+    __slots__ = ("key", "refs", "rule_keys", "ruleset")
+
+    def __init__(self, key: bytes, ruleset: RuleSet, rule_keys: tuple[bytes, ...]) -> None:
+        self.key, self.ruleset, self.rule_keys, self.refs = key, ruleset, rule_keys, 0

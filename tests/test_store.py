@@ -8,6 +8,7 @@ import sqlite3
 import stat
 import threading
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -26,7 +27,8 @@ def row(task_id: str, **kw: object) -> TaskRow:
 async def test_tasks_counters_and_revocations_survive_reopen(tmp_path: Path) -> None:
     path = str(tmp_path / "home" / "tasks.db")
     store = TaskStore(path)
-    assert await store.start() == []
+    await store.start()
+    assert await store.load() == []
     await store.insert(row("a"))
     await store.insert(row("b", max_calls=None, purpose="p"))
     await asyncio.gather(*(store.add_used("a", 1) for _ in range(37)))
@@ -37,7 +39,8 @@ async def test_tasks_counters_and_revocations_survive_reopen(tmp_path: Path) -> 
     await store.close()
 
     again = TaskStore(path)
-    rows = {r.id: r for r in await again.start()}
+    await again.start()
+    rows = {r.id: r for r in await again.load()}
     await again.close()
     assert rows["a"].used == 35 and rows["a"].revoked_at is None and not rows["a"].ended
     assert rows["b"].revoked_at == 123.5 and rows["b"].ended and rows["b"].purpose == "p"
@@ -96,6 +99,16 @@ async def test_statements_run_off_the_event_loop(tmp_path: Path) -> None:
     assert seen == ["taskgate-store"]
 
 
+async def test_pages_come_oldest_first(tmp_path: Path) -> None:
+    store = TaskStore(str(tmp_path / "tasks.db"))
+    await store.start()
+    await store.insert_many([row(f"t{i:03}") for i in range(25)])
+    pages = [[r.id for r in page] async for page in store.pages(size=10)]
+    await store.close()
+    assert [len(p) for p in pages] == [10, 10, 5]
+    assert sum(pages, []) == [f"t{i:03}" for i in range(25)]
+
+
 async def test_delete(tmp_path: Path) -> None:
     store = TaskStore(str(tmp_path / "tasks.db"))
     await store.start()
@@ -116,3 +129,32 @@ async def test_unopenable_store_fails_closed(tmp_path: Path) -> None:
     await store.close()
     with pytest.raises(Unavailable):
         await store.add_used("a", 1)
+
+
+async def test_revocations_are_fsynced_counters_are_not(tmp_path: Path) -> None:
+    """Creation, revocation, ending and purge commit with synchronous=FULL; counters NORMAL."""
+    store = TaskStore(str(tmp_path / "tasks.db"))
+    await store.start()
+    flags: list[bool] = []
+    submit = store._submit
+
+    async def spy(op: Any, *, durable: bool = False) -> Any:
+        flags.append(durable)
+        return await submit(op, durable=durable)
+
+    store._submit = spy  # type: ignore[method-assign]
+    await store.insert(row("a"))
+    await store.add_used("a", 1)
+    await store.revoke("a", 1.0)
+    await store.mark_ended(["a"])
+    await store.delete(["a"])
+    assert flags == [True, False, True, True, True]
+    modes: list[int] = []
+
+    def mode(conn: sqlite3.Connection) -> None:
+        modes.append(conn.execute("PRAGMA synchronous").fetchone()[0])
+
+    await submit(mode, durable=True)
+    await submit(mode)
+    await store.close()
+    assert modes == [2, 1]  # 2 = FULL, 1 = NORMAL
