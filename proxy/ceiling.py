@@ -41,7 +41,7 @@ from typing import Any
 
 import orjson
 
-from .glob_contain import counterexample
+from .glob_contain import Budget, counterexample
 from .hosts import HostPattern, default_port
 from .rules import Rule
 
@@ -155,7 +155,7 @@ def mcp_breach(inner: Mapping[str, Any] | None, outer: Mapping[str, Any] | None)
     return None
 
 
-def _against(rule: Rule, c: Rule) -> tuple[str, str] | None:
+def _against(rule: Rule, c: Rule, budget: Budget | None) -> tuple[str, str] | None:
     """(aspect, reason) of the first way ``rule`` exceeds ``c``, or ``None``."""
     if not host_within(rule.host, c.host):
         return "host", f"host {str(rule.host)!r} is not within {str(c.host)!r}"
@@ -171,7 +171,7 @@ def _against(rule: Rule, c: Rule) -> tuple[str, str] | None:
     if c.paths:
         inner = [p.text for p in rule.paths] or ["/**"]
         try:
-            path = counterexample(inner, [p.text for p in c.paths])
+            path = counterexample(inner, [p.text for p in c.paths], budget)
         except ValueError as e:
             return "paths", str(e)
         if path is not None:
@@ -187,14 +187,17 @@ def _against(rule: Rule, c: Rule) -> tuple[str, str] | None:
     return None
 
 
-def breach(rule: Rule, ceiling: Sequence[Rule]) -> Breach | None:
-    """``None`` if one ceiling rule contains ``rule``; else why not (closest ceiling rule)."""
+def breach(rule: Rule, ceiling: Sequence[Rule], budget: Budget | None = None
+           ) -> Breach | None:
+    """``None`` if one ceiling rule contains ``rule``; else why not (closest ceiling rule).
+
+    ``budget`` caps the path-glob work (see :mod:`proxy.glob_contain`)."""
     if not ceiling:
         return Breach(rule.id, "host", "the workload has no ceiling; a task may be granted "
                                        "nothing")
     best: tuple[int, str, str, str] | None = None
     for c in ceiling:
-        miss = _against(rule, c)
+        miss = _against(rule, c, budget)
         if miss is None:
             return None
         aspect, reason = miss

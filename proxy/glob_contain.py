@@ -24,8 +24,10 @@ walk never puts ``/`` right after ``/``. That is why ``/a/*/c`` lies within
 ``/a/**/c`` although ``*`` alone would also match the empty segment of
 ``/a//c``.
 
-The walk is bounded (:data:`MAX_STATES`); a glob pair too complex to decide is
-reported as not contained, so the answer errs on the side of refusing.
+The walk is bounded (:data:`MAX_STATES` per question, and an optional
+:class:`Budget` shared by all the questions one request asks); a glob pair too
+complex to decide is reported as not contained, so the answer errs on the
+side of refusing.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ from collections import deque
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-__all__ = ["MAX_STATES", "accepts", "counterexample", "contains"]
+__all__ = ["MAX_STATES", "Budget", "accepts", "counterexample", "contains"]
 
 MAX_STATES = 50_000
 
@@ -44,6 +46,13 @@ _SLASH = "/"
 
 State = tuple[int, int, int]  # (glob index, token position, sub-state)
 _Node = tuple[State, frozenset[State], bool]  # task state, ceiling states, last was '/'
+
+
+@dataclass(slots=True)
+class Budget:
+    """How many more automaton states the caller lets containment checks visit."""
+
+    left: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -136,11 +145,12 @@ def _render(symbols: list[str], taken: set[str]) -> str:
     return "".join(other if s == _OTHER else s for s in symbols)
 
 
-def counterexample(inner: Sequence[str], outer: Sequence[str]) -> str | None:
+def counterexample(inner: Sequence[str], outer: Sequence[str],
+                   budget: Budget | None = None) -> str | None:
     """A path some glob of ``inner`` matches and no glob of ``outer`` does, else ``None``.
 
-    Raises ``ValueError`` when the walk exceeds :data:`MAX_STATES` (treat as
-    not contained).
+    Raises ``ValueError`` when the walk exceeds :data:`MAX_STATES` or ``budget``
+    (treat as not contained).
     """
     outer_globs = [_tokens(t) for t in outer]
     big = _Nfa(outer_globs)
@@ -179,8 +189,12 @@ def counterexample(inner: Sequence[str], outer: Sequence[str]) -> str | None:
                 for s2 in small.closure(nexts):
                     nxt = (s2, outs2, sym == _SLASH)
                     if nxt not in parent:
-                        if len(parent) >= MAX_STATES:
-                            raise ValueError("the path globs are too complex to compare")
+                        if len(parent) >= MAX_STATES or (budget is not None
+                                                         and budget.left <= 0):
+                            raise ValueError("the path globs are too complex to compare "
+                                             "with the ceiling; use simpler globs")
+                        if budget is not None:
+                            budget.left -= 1
                         parent[nxt] = (node, sym)
                         queue.append(nxt)
     return None

@@ -17,7 +17,8 @@ connections, through ``Gateway.recheck``):
   against ``max_calls: 10`` let exactly 10 through), and the increment is
   committed to the store before the call goes on. A call refused later in
   the chain (an MCP tool not granted, an approval denied) is given back when
-  its audit record shows ``deny`` or ``rejected``.
+  its audit record shows ``deny`` or ``rejected``; a call that was let through
+  and then failed upstream (``error``) stays counted.
 
 Standing rules do not apply to a task caller: a task token carries exactly
 its task's rules, so what an agent can do on a task is what the task says.
@@ -42,12 +43,13 @@ import time
 import uuid
 from typing import Any
 
-from .ceiling import breach
+from .ceiling import Breach, breach
 from .config import Config
 from .errors import InvalidCredential, Refused, TaskgateError, Unavailable
 from .gateway import Gateway, StandingPolicy
+from .glob_contain import Budget
 from .identity import Caller
-from .rules import Decision, RuleSet
+from .rules import Decision, Rule, RuleSet
 from .store import TaskRow, TaskStore
 from .task_tokens import TASK_ISSUER, TaskKeys, TaskTokenIssuer
 from .tasks import RequestError, RuleSets, Task, TaskRequest, canonical_rules
@@ -59,6 +61,7 @@ log = logging.getLogger(__name__)
 SWEEP_SECONDS = 1.0
 RETENTION_SECONDS = 3600.0
 ADMITTED_MAX_AGE = 3600.0
+CEILING_CHECK_STATES = 100_000  # automaton states one task request may cost
 _REFUND = ("deny", "rejected")
 
 
@@ -132,11 +135,13 @@ class TaskRegistry:
         if wl is None:
             raise RequestError("workload", f"unknown workload {workload!r}; it must be listed "
                                            "under 'workloads' in the config")
-        for i, rule in enumerate(req.rules):
-            why = breach(rule, wl.ceiling)
-            if why is not None:
-                raise RequestError(f"rules[{i}].{why.key}", f"rule {why.rule!r}: {why.reason}",
-                                   error="beyond_ceiling", rule=why.rule)
+        # Containment is CPU work (automata over path globs): off the event loop, and
+        # bounded per request so a request of pathological globs is refused, not slow.
+        why = await asyncio.to_thread(_first_breach, req.rules, wl.ceiling)
+        if why is not None:
+            i, b = why
+            raise RequestError(f"rules[{i}].{b.key}", f"rule {b.rule!r}: {b.reason}",
+                               error="beyond_ceiling", rule=b.rule)
         now = time.time()
         rules_json = canonical_rules(req.rules)
         task_id = uuid.uuid4().hex
@@ -306,6 +311,16 @@ class TaskRegistry:
         if self._background:
             await asyncio.gather(*self._background, return_exceptions=True)
         await self.store.close()
+
+
+def _first_breach(rules: tuple[Rule, ...], ceiling: tuple[Rule, ...]
+                  ) -> tuple[int, Breach] | None:
+    budget = Budget(CEILING_CHECK_STATES)
+    for i, rule in enumerate(rules):
+        why = breach(rule, ceiling, budget)
+        if why is not None:
+            return i, why
+    return None
 
 
 class TaskPolicy(StandingPolicy):

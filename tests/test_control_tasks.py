@@ -333,6 +333,7 @@ def test_audit_records_carry_task_owner_and_rule(ceiling_gateway: Gateway,
     assert (rec["task"], rec["owner"], rec["decision"]) == (task["task_id"], "alice@acme.test",
                                                             "deny")
     assert task["token"] not in gw.audit_path.read_text()
+    assert task["token"] not in gw.output()
 
 
 def test_standing_rules_do_not_apply_to_task_callers(ceiling_gateway: Gateway,

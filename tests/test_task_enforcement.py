@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import signal
 import time
 import uuid
 from pathlib import Path
@@ -96,7 +97,7 @@ def test_budget_spent_inside_an_open_https_tunnel(ceiling_gateway: Gateway,
 
 def test_expiry_is_enforced(ceiling_gateway: Gateway, upstream: Upstream) -> None:
     gw = ceiling_gateway
-    task = create_task(gw, upstream, ttl_seconds=2)
+    task = create_task(gw, upstream, ttl_seconds=3)
     tunnel = Tunnel(gw, task["token"], "localhost", upstream.https_port)
     try:
         with client(gw, task) as c:
@@ -209,9 +210,11 @@ def test_task_id_in_proxy_user_is_not_trusted(ceiling_gateway: Gateway,
 
 
 # -- restart ----------------------------------------------------------------------
+@pytest.mark.parametrize("how", [signal.SIGTERM, signal.SIGKILL], ids=["stop", "crash"])
 def test_restart_keeps_tasks_counters_and_revocations(tmp_path: Path,
                                                       shared_files: dict[str, Path],
-                                                      upstream: Upstream) -> None:
+                                                      upstream: Upstream,
+                                                      how: signal.Signals) -> None:
     gw = Gateway(tmp_path, ceiling_config(shared_files, upstream)).start()
     try:
         budget = create_task(gw, upstream, max_calls=5)
@@ -224,7 +227,8 @@ def test_restart_keeps_tasks_counters_and_revocations(tmp_path: Path,
         revoke(gw, gone["task_id"])
         keys_before = (gw.home / "task-keys.json").read_text()
     finally:
-        assert gw.stop() == 0
+        code = gw.stop(how)
+    assert code == (0 if how == signal.SIGTERM else -signal.SIGKILL)
     before = gw
     gw = Gateway(tmp_path, before.config)  # same folder, same ports
     gw.proxy_port, gw.control_port = before.proxy_port, before.control_port
