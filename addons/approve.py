@@ -76,7 +76,7 @@ class Approve(GatewayAddon):
         ex.bytes_in = len(body)
         held = self.approvals.new(
             request_id=ex.request_id, workload=caller.workload, task=caller.task,
-            owner=caller.owner, purpose=getattr(caller, "purpose", None), method=ex.method,
+            owner=caller.owner, purpose=self._purpose(caller.task), method=ex.method,
             url=target_url(ex.scheme, ex.host, ex.port, ex.path), tool=ex.tool, calls=calls,
             client_id=flow.client_conn.id, expires_at=caller.expires_at + gw.identity.leeway)
         await gw.audit_interim(ex, "held", "waiting for approval", held.audit_value())
@@ -101,6 +101,12 @@ class Approve(GatewayAddon):
     def client_disconnected(self, client: connection.Client) -> None:
         if self._gateway is not None and "approvals" in self._gateway.components:
             self.approvals.client_gone(client.id)
+
+    def _purpose(self, task_id: str | None) -> str | None:
+        """The task's purpose, so the approver knows what the agent was asked to do."""
+        tasks = self.gateway.components.get("tasks")
+        task = tasks.get(task_id) if tasks is not None and task_id is not None else None
+        return task.purpose if task is not None else None
 
     @property
     def _cap(self) -> int:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from mitmproxy import http
 
 from addons._base import GatewayAddon, exchange, guarded, refuse, refuse_for
-from proxy.errors import Refused
+from proxy.errors import Refused, TaskgateError
 from proxy.gateway import Tunnel
 from proxy.hosts import canonical_host
 
@@ -51,6 +51,11 @@ class Authorize(GatewayAddon):
             return
         decision = gw.authorize(ex.caller, call)
         ex.rule = decision.rule_id
+        try:
+            decision = await gw.admit(ex, decision)  # budgets (task grants)
+        except TaskgateError as e:
+            refuse_for(flow, e)
+            return
         if not decision.allowed:
             refuse(flow, 403, "forbidden", decision.reason)
             return

@@ -31,7 +31,9 @@ class Identify(GatewayAddon):
         ex = exchange(flow)
         ex.method = "CONNECT"
         try:
-            ex.caller = await self.gateway.identify(_credential(flow))
+            # Identify, then check the grant: a refused caller is still named in the record.
+            ex.caller = await self.gateway.identity.identify(_credential(flow))
+            self.gateway.policy.check(ex.caller)
         except TaskgateError as e:
             refuse_for(flow, e)
 
@@ -48,7 +50,8 @@ class Identify(GatewayAddon):
                 ex.caller = tunnel.caller
                 self.gateway.recheck(tunnel.caller)
             else:
-                ex.caller = await self.gateway.identify(credential)
+                ex.caller = await self.gateway.identity.identify(credential)
+                self.gateway.policy.check(ex.caller)
         except TaskgateError as e:
             refuse_for(flow, e)
 

@@ -105,6 +105,10 @@ class Policy:
     def check(self, caller: Caller) -> None:
         """Raise :class:`Refused` if the caller's grant ended (task expired, revoked, spent)."""
 
+    async def admit(self, caller: Caller, decision: Decision, request_id: str) -> Decision:
+        """An allowed call is about to go ahead: take it from the caller's budget (tasks)."""
+        return decision
+
 
 class StandingPolicy(Policy):
     """Each workload's ``standing`` rules from the config; nothing for unknown workloads."""
@@ -225,6 +229,12 @@ class Gateway:
 
     def authorize(self, caller: Caller, call: Call) -> Decision:
         return self.policy.rules_for(caller).decide(call)
+
+    async def admit(self, ex: Exchange, decision: Decision) -> Decision:
+        """Count an allowed call against its grant; may turn it into a refusal."""
+        if ex.caller is None or not decision.allowed:
+            return decision
+        return await self.policy.admit(ex.caller, decision, ex.request_id)
 
     def authorize_connect(self, caller: Caller, host: str, port: int) -> Decision:
         """At CONNECT: does any rule of the caller name this endpoint at all?"""

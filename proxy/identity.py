@@ -280,7 +280,7 @@ class WorkloadIssuer:
 class Identity:
     """Turns a ``Proxy-Authorization`` value into a :class:`Caller`, or raises AuthError."""
 
-    def __init__(self, issuers: list[TokenIssuer], *, cache_size: int = 10_000,
+    def __init__(self, issuers: list[TokenIssuer], *, cache_size: int = 200_000,
                  leeway: float = 30.0) -> None:
         self._issuers: dict[str, TokenIssuer] = {i.issuer: i for i in issuers}
         self._cache: OrderedDict[str, Caller] = OrderedDict()
@@ -305,6 +305,7 @@ class Identity:
         token = token_from_proxy_authorization(proxy_authorization)
         cached = self._cache.get(token)
         if cached is not None:
+            self._cache.move_to_end(token)  # least recently used goes first
             self.check_fresh(cached)
             return cached
         caller = await self._verify(token)

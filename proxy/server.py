@@ -32,6 +32,7 @@ from .config import Config, load_config
 from .control import ControlState, make_app
 from .errors import ConfigError
 from .gateway import Gateway, StandingPolicy
+from .grants import install_tasks
 from .identity import Identity, JwksKeys, TokenIssuer, WorkloadIssuer
 from .metrics import install_metrics
 from .secrets import install as install_secrets
@@ -83,6 +84,7 @@ async def build_gateway(config: Config, session: aiohttp.ClientSession) -> Gatew
     gateway = Gateway(config, identity, StandingPolicy(config), audit)
     gateway.http = session
     install_metrics(gateway)  # first: the features below report to it
+    await install_tasks(gateway)  # task grants: store, signing keys, TaskPolicy
     approvals.attach(gateway)
     install_secrets(gateway)
     return gateway
@@ -242,6 +244,9 @@ async def serve(config: Config) -> int:
 async def _close(runner: web.AppRunner, gateway: Gateway,
                  session: aiohttp.ClientSession) -> None:
     await runner.cleanup()
+    tasks = gateway.components.get("tasks")
+    if tasks is not None:  # last counters and revocations to disk before the audit closes
+        await tasks.close()
     await gateway.audit.close()
     secrets = gateway.components.get("secrets")
     if secrets is not None:  # minted tokens die with the process: revoke them first

@@ -80,3 +80,41 @@ def gateway(tmp_path_factory: pytest.TempPathFactory, shared_files: dict[str, Pa
 @pytest.fixture
 def token(keys: Keys) -> str:
     return keys.token()
+
+
+OTHER_WORKLOAD = "spiffe://acme.test/agent/other"
+
+
+def ceiling_config(shared_files: dict[str, Path], upstream: Upstream,
+                   **extra: Any) -> dict[str, Any]:
+    """base_config plus a ceiling for WORKLOAD (HTTP, HTTPS, MCP, approval, secret rules)
+    and a second workload with no ceiling at all."""
+    cfg = base_config(shared_files, upstream, **extra)
+    cfg["workloads"][WORKLOAD]["ceiling"] = [
+        {"id": "up-http", "host": "127.0.0.1", "port": upstream.http_port, "scheme": "http",
+         "methods": ["GET", "POST"], "paths": ["/allowed/**", "/slow", "/sse"]},
+        {"id": "up-https", "host": "localhost", "port": upstream.https_port,
+         "methods": ["GET", "POST"], "paths": ["/allowed/**", "/slow"]},
+        {"id": "up-mcp", "host": "localhost", "port": upstream.https_port, "paths": ["/mcp"],
+         "mcp": {"tools": ["search_docs", "read_file"],
+                 "args": {"limit": {"maximum": 50}}}},
+        {"id": "up-approve", "host": "localhost", "port": upstream.https_port,
+         "methods": ["POST"], "paths": ["/approve/**"], "approval": "required"},
+        {"id": "up-secret", "host": "localhost", "port": upstream.https_port,
+         "methods": ["GET"], "paths": ["/secret/**"], "secret": "demo-key"},
+    ]
+    cfg.setdefault("secrets", {})["demo-key"] = {
+        "provider": "env", "var": "TASKGATE_TEST_SECRET",
+        "inject": {"header": "Authorization", "value": "Bearer {token}"}}
+    cfg["workloads"][OTHER_WORKLOAD] = {"owner": "other@acme.test"}
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def ceiling_gateway(tmp_path_factory: pytest.TempPathFactory, shared_files: dict[str, Path],
+                    upstream: Upstream) -> Iterator[Gateway]:
+    """A running gateway whose workload has a ceiling; tasks are created on it."""
+    gw = Gateway(tmp_path_factory.mktemp("gw-ceiling"),
+                 ceiling_config(shared_files, upstream)).start()
+    yield gw
+    gw.stop()

@@ -1,0 +1,280 @@
+"""The embedded state store: tasks, their call counters and revocations, in SQLite.
+
+One SQLite file under home (``tasks.db``, mode 0600) in WAL mode. Every
+statement runs on one dedicated thread, never on the event loop; callers await
+a future that settles once their change is committed.
+
+Durability: task creation, revocation, ending and purging commit with
+``synchronous=FULL`` (fsync'd: a revocation survives even a power cut).
+Counter updates commit with ``synchronous=NORMAL``: in the WAL before the
+call is admitted, so they survive any crash or restart of the gateway
+process; only an operating-system crash or power loss can drop the last
+few milliseconds of counts (the next FULL commit fsyncs them too). An fsync
+per counted call would cost every budgeted call several milliseconds.
+
+Group commit: the thread takes everything queued since its last commit and
+runs it as one transaction (each operation inside its own savepoint, so one
+failing operation fails alone), then commits once and settles all the
+futures. Under load, hundreds of counter increments share one commit and one
+fsync; idle, an increment costs one small commit.
+
+Counters are persisted as deltas (``used = used + ?``). The gateway awaits the
+increment before it lets a call through, so a call that reached an upstream
+was counted on disk; a restart can neither forget it nor count it twice. (A
+crash between commit and forwarding leaves a call counted that never went
+out: the budget errs on the side of less.)
+
+A shared store for several replicas is a later concern; this interface
+(:class:`TaskStore`) is what it would implement.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import sqlite3
+import threading
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from dataclasses import astuple, dataclass
+from typing import Any
+
+from .errors import Unavailable
+
+__all__ = ["TaskRow", "TaskStore"]
+
+log = logging.getLogger(__name__)
+
+SCHEMA_VERSION = 1
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS tasks (
+    id          TEXT PRIMARY KEY,
+    workload    TEXT NOT NULL,
+    owner       TEXT,
+    purpose     TEXT,
+    created_at  REAL NOT NULL,
+    expires_at  REAL NOT NULL,
+    max_calls   INTEGER,
+    rules       BLOB NOT NULL,
+    kid         TEXT NOT NULL,
+    used        INTEGER NOT NULL DEFAULT 0,
+    revoked_at  REAL,
+    ended       INTEGER NOT NULL DEFAULT 0
+)
+"""
+_COLUMNS = ("id, workload, owner, purpose, created_at, expires_at, max_calls, rules, kid, "
+            "used, revoked_at, ended")
+
+Op = Callable[[sqlite3.Connection], Any]
+
+
+@dataclass(slots=True)
+class TaskRow:
+    """A task as stored: the rules as canonical JSON, times as epoch seconds."""
+
+    id: str
+    workload: str
+    owner: str | None
+    purpose: str | None
+    created_at: float
+    expires_at: float
+    max_calls: int | None
+    rules: bytes
+    kid: str
+    used: int = 0
+    revoked_at: float | None = None
+    ended: bool = False
+
+
+class TaskStore:
+    """Tasks in SQLite, every statement on the store's own thread."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._pending: list[tuple[Op, asyncio.Future[Any], bool]] = []
+        self._cond = threading.Condition()
+        self._thread: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._closing = False
+        self._open_error: BaseException | None = None
+        self.commits = 0
+        self.healthy = True
+        self._sync = "NORMAL"
+
+    # -- lifecycle ------------------------------------------------------------
+    async def start(self) -> None:
+        """Open (creating) the database; raises :class:`Unavailable` if it cannot."""
+        self._loop = asyncio.get_running_loop()
+        self._thread = threading.Thread(target=self._run, name="taskgate-store", daemon=True)
+        self._thread.start()
+        await self._submit(lambda c: None)
+
+    async def close(self) -> None:
+        """Commit what is queued, then close the database."""
+        with self._cond:
+            self._closing = True
+            self._cond.notify()
+        if self._thread is not None:
+            await asyncio.to_thread(self._thread.join)
+
+    # -- operations -----------------------------------------------------------
+    async def insert(self, row: TaskRow) -> None:
+        await self._submit(lambda c: _insert(c, [astuple(row)]), durable=True)
+
+    async def insert_many(self, rows: Sequence[TaskRow]) -> None:
+        await self._submit(lambda c: _insert(c, [astuple(r) for r in rows]), durable=True)
+
+    async def add_used(self, task_id: str, delta: int) -> None:
+        """Add ``delta`` to a task's counter; returns once committed."""
+        await self._submit(lambda c: _update_one(
+            c, "UPDATE tasks SET used = used + ? WHERE id = ?", (delta, task_id)))
+
+    async def revoke(self, task_id: str, at: float) -> None:
+        await self._submit(lambda c: _update_one(
+            c, "UPDATE tasks SET revoked_at = COALESCE(revoked_at, ?) WHERE id = ?",
+            (at, task_id)), durable=True)
+
+    async def mark_ended(self, task_ids: Iterable[str]) -> None:
+        ids = [(t,) for t in task_ids]
+        await self._submit(lambda c: _many(c, "UPDATE tasks SET ended = 1 WHERE id = ?", ids),
+                           durable=True)
+
+    async def delete(self, task_ids: Iterable[str]) -> None:
+        ids = [(t,) for t in task_ids]
+        await self._submit(lambda c: _many(c, "DELETE FROM tasks WHERE id = ?", ids),
+                           durable=True)
+
+    async def load(self) -> list[TaskRow]:
+        """Every stored task, oldest first."""
+        return [row async for page in self.pages() for row in page]
+
+    async def pages(self, size: int = 5000) -> AsyncIterator[list[TaskRow]]:
+        """Every stored task, oldest first, a page at a time (a small peak at start-up)."""
+        after = 0
+        while True:
+            page = await self._submit(lambda c, after=after: _page(c, after, size))
+            if not page:
+                return
+            after = page[-1][0]
+            yield [row for _, row in page]
+
+    # -- the thread -----------------------------------------------------------
+    async def _submit(self, op: Op, *, durable: bool = False) -> Any:
+        """Run ``op`` on the store thread in the next group commit (fsync'd if durable)."""
+        if self._loop is None or self._closing:
+            raise Unavailable("the task store is not open")
+        fut: asyncio.Future[Any] = self._loop.create_future()
+        with self._cond:
+            self._pending.append((op, fut, durable))
+            self._cond.notify()
+        return await fut
+
+    def _connect(self) -> sqlite3.Connection:
+        os.makedirs(os.path.dirname(os.path.abspath(self.path)), mode=0o700, exist_ok=True)
+        if not os.path.exists(self.path):
+            os.close(os.open(self.path, os.O_WRONLY | os.O_CREAT, 0o600))
+        conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=True)
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute("PRAGMA synchronous=NORMAL")
+        conn.execute("PRAGMA busy_timeout=5000")
+        version = conn.execute("PRAGMA user_version").fetchone()[0]
+        if version > SCHEMA_VERSION:
+            raise RuntimeError(f"{self.path}: written by a newer taskgate (schema {version})")
+        conn.execute(_SCHEMA)
+        conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+        return conn
+
+    def _run(self) -> None:
+        conn: sqlite3.Connection | None = None
+        try:
+            conn = self._connect()
+        except (sqlite3.Error, OSError, RuntimeError) as e:
+            log.error("task store %s cannot be opened: %s", self.path, e)
+            self._open_error = e
+            self.healthy = False
+        while True:
+            with self._cond:
+                while not self._pending and not self._closing:
+                    self._cond.wait()
+                batch, self._pending = self._pending, []
+                if not batch and self._closing:
+                    break
+            try:
+                results = self._apply(conn, batch)
+            except Exception:  # noqa: BLE001 - the thread must outlive any one batch
+                log.exception("task store batch failed")
+                self.healthy = False
+                results = [Unavailable("the task store could not be written")] * len(batch)
+            assert self._loop is not None
+            try:
+                self._loop.call_soon_threadsafe(_settle, batch, results)
+            except RuntimeError:  # the loop is gone (interpreter shutting down)
+                break
+        if conn is not None:
+            conn.close()
+
+    def _apply(self, conn: sqlite3.Connection | None,
+               batch: list[tuple[Op, asyncio.Future[Any], bool]]) -> list[Any]:
+        if conn is None:
+            return [Unavailable("the task store could not be opened")] * len(batch)
+        results: list[Any] = []
+        durable = any(d for _, _, d in batch)
+        try:
+            want = "FULL" if durable else "NORMAL"
+            if want != self._sync:
+                conn.execute(f"PRAGMA synchronous={want}")
+                self._sync = want
+            conn.execute("BEGIN IMMEDIATE")
+            for op, _, _ in batch:
+                conn.execute("SAVEPOINT op")
+                try:
+                    results.append(op(conn))
+                    conn.execute("RELEASE op")
+                except Exception as e:  # noqa: BLE001 - handed to the caller's future
+                    conn.execute("ROLLBACK TO op")
+                    conn.execute("RELEASE op")
+                    results.append(e)
+            conn.execute("COMMIT")
+            self.commits += 1
+            self.healthy = True
+        except sqlite3.Error as e:
+            log.error("task store commit failed: %s", e)
+            self.healthy = False
+            if conn.in_transaction:
+                try:
+                    conn.execute("ROLLBACK")
+                except sqlite3.Error:
+                    log.exception("task store rollback failed")
+            return [Unavailable("the task store could not be written")] * len(batch)
+        return results
+
+
+def _insert(conn: sqlite3.Connection, rows: list[tuple[Any, ...]]) -> None:
+    conn.executemany(
+        f"INSERT INTO tasks ({_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)", rows)  # noqa: S608
+
+
+def _many(conn: sqlite3.Connection, sql: str, params: list[tuple[Any, ...]]) -> None:
+    conn.executemany(sql, params)
+
+
+def _update_one(conn: sqlite3.Connection, sql: str, params: tuple[Any, ...]) -> None:
+    if conn.execute(sql, params).rowcount != 1:
+        raise LookupError("no such task")
+
+
+def _page(conn: sqlite3.Connection, after: int, size: int) -> list[tuple[int, TaskRow]]:
+    rows = conn.execute(f"SELECT rowid, {_COLUMNS} FROM tasks WHERE rowid > ? "  # noqa: S608
+                        "ORDER BY rowid LIMIT ?", (after, size))
+    return [(r[0], TaskRow(r[1], r[2], r[3], r[4], r[5], r[6], r[7], bytes(r[8]), r[9], r[10],
+                           r[11], bool(r[12]))) for r in rows]
+
+
+def _settle(batch: list[tuple[Op, asyncio.Future[Any], bool]], results: list[Any]) -> None:
+    for (_, fut, _), result in zip(batch, results, strict=True):
+        if fut.done():
+            continue
+        if isinstance(result, BaseException):
+            fut.set_exception(result)
+        else:
+            fut.set_result(result)
