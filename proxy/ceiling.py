@@ -16,7 +16,8 @@ when all of these hold:
   ``paths`` means every path (``/**``).
 * **mcp** — ``C`` without ``mcp`` allows any traffic to the endpoint, so ``T``
   may add MCP limits freely. ``C`` with ``mcp``: ``T`` needs ``mcp`` too; its
-  ``tools`` a subset of ``C``'s (no ``tools`` = every tool); for every argument
+  ``tools`` a subset of ``C``'s (no ``tools`` = no tool call at all, as the
+  gateway enforces it); for every argument
   ``C`` constrains, ``T`` constrains it at least as strictly: ``const`` equal,
   ``enum`` a subset (or a ``const`` in it), ``maximum``/``minimum``/``maxLength``
   no looser (or ``const``/``enum`` values that satisfy them), and ``pattern``
@@ -133,9 +134,7 @@ def mcp_breach(inner: Mapping[str, Any] | None, outer: Mapping[str, Any] | None)
         return "the ceiling limits MCP tools here; the rule needs an 'mcp' section"
     tools_out = outer.get("tools")
     if tools_out is not None:
-        tools_in = inner.get("tools")
-        if tools_in is None:
-            return f"the ceiling allows only the tools {sorted(tools_out)}; list the tools"
+        tools_in = inner.get("tools") or ()
         extra = sorted(set(tools_in) - set(tools_out))
         if extra:
             return f"tools {extra} are not among the ceiling's tools {sorted(tools_out)}"
@@ -177,13 +176,47 @@ def _against(rule: Rule, c: Rule, budget: Budget | None) -> tuple[str, str] | No
         if path is not None:
             return "paths", (f"the rule's paths reach {path!r}, which the ceiling's paths "
                              f"{[p.text for p in c.paths]} do not")
-    why = mcp_breach(rule.mcp, c.mcp)
+    why = mcp_breach(rule.mcp.to_dict() if rule.mcp is not None else None,
+                     c.mcp.to_dict() if c.mcp is not None else None)
     if why:
         return "mcp", why
     if rule.secret is not None and rule.secret != c.secret:
         return "secret", f"secret {rule.secret!r} is not one the ceiling names here"
+    why = scope_breach(rule, c)
+    if why:
+        return "secret", why
     if c.approval and not rule.approval:
         return "approval", "the ceiling requires approval here; keep approval: required"
+    return None
+
+
+_LEVELS = {"read": 1, "write": 2, "admin": 3}
+
+
+def scope_breach(rule: Rule, c: Rule) -> str | None:
+    """A minted token's scope (GitHub ``repositories``, ``permissions``) within the ceiling's.
+
+    A ceiling that names repositories or permissions bounds the task's: the task
+    must name a subset (none at all would mean the whole installation), at a
+    level no higher (read < write < admin). A ceiling that names none leaves the
+    task free to narrow its token.
+    """
+    if c.repositories:
+        extra = sorted(set(rule.repositories or ("*",)) - set(c.repositories))
+        if extra:
+            return (f"repositories {extra} are beyond the ceiling's {sorted(c.repositories)}"
+                    if rule.repositories else
+                    f"the ceiling limits the token to repositories {sorted(c.repositories)}; "
+                    "name them")
+    if c.permissions is not None:
+        if rule.permissions is None:
+            return ("the ceiling limits the token's permissions; name them "
+                    f"(at most {dict(c.permissions)})")
+        for perm, level in rule.permissions.items():
+            top = c.permissions.get(perm)
+            if top is None or _LEVELS.get(level, 99) > _LEVELS.get(top, 0):
+                return (f"permission {perm}: {level} is beyond the ceiling's "
+                        f"{top or 'none'}")
     return None
 
 

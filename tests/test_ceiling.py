@@ -93,7 +93,10 @@ TABLE: list[tuple[dict[str, Any], dict[str, Any], str | None]] = [
                mcp={"tools": ["search_docs"], "args": mcp_args()}), None),
     (MCP, dict(host="mcp.acme.dev", paths=["/mcp"],
                mcp={"tools": ["search_docs", "delete_repo"], "args": mcp_args()}), "mcp"),
-    (MCP, dict(host="mcp.acme.dev", paths=["/mcp"], mcp={"args": mcp_args()}), "mcp"),
+    # no tools listed = no tool may be called: narrower than any ceiling
+    (MCP, dict(host="mcp.acme.dev", paths=["/mcp"], mcp={"args": mcp_args()}), None),
+    (dict(host="mcp.acme.dev", paths=["/mcp"], mcp={"args": {}}),
+     dict(host="mcp.acme.dev", paths=["/mcp"], mcp={"tools": ["search_docs"]}), "mcp"),
     (MCP, dict(host="mcp.acme.dev", paths=["/mcp"], methods=["POST"]), "mcp"),  # no mcp at all
     (MCP, dict(host="mcp.acme.dev", paths=["/mcp"],
                mcp={"tools": ["read_file"], "args": mcp_args(limit=None)}), "mcp"),
@@ -213,3 +216,25 @@ def test_host_breach_lists_the_ceiling_hosts() -> None:
 def test_mcp_shape_errors_name_the_key(mcp: Any, where: str) -> None:
     with pytest.raises(ValueError, match=rf"^{where.replace('.', '[.]')}: "):
         check_mcp_shape(mcp, "mcp")
+
+
+GH_APP = dict(host="api.github.com", methods=["GET", "POST"], paths=["/repos/acme/**"],
+              secret="gh-app", repositories=["widgets", "gadgets"],
+              permissions={"issues": "write", "contents": "read"})
+
+
+@pytest.mark.parametrize(("task", "field"), [
+    (dict(repositories=["widgets"], permissions={"issues": "read"}), None),
+    (dict(repositories=["widgets", "gadgets"], permissions={"issues": "write"}), None),
+    (dict(repositories=["widgets", "secret-repo"], permissions={"issues": "read"}), "secret"),
+    (dict(permissions={"issues": "read"}), "secret"),          # no repositories = all of them
+    (dict(repositories=["widgets"]), "secret"),                # no permissions = the app's all
+    (dict(repositories=["widgets"], permissions={"contents": "write"}), "secret"),
+    (dict(repositories=["widgets"], permissions={"admin": "read"}), "secret"),
+])
+def test_github_token_scope_within_ceiling(task: dict[str, Any], field: str | None) -> None:
+    ceiling = parse_rule({"id": "c", **GH_APP})
+    rule = parse_rule({"id": "t", "host": "api.github.com", "methods": ["GET"],
+                       "paths": ["/repos/acme/widgets/issues"], "secret": "gh-app", **task})
+    why = breach(rule, [ceiling])
+    assert (why.key if why else None) == field, why
