@@ -1,4 +1,4 @@
-"""The ``taskgate`` command line.
+"""taskgate: the egress gateway for AI agents (command line).
 
 Subcommands register themselves in :data:`COMMANDS` (name → (help, setup,
 handler)); later features add theirs from their own modules.
