@@ -99,12 +99,7 @@ class Mcp(GatewayAddon):
             req.headers["accept-encoding"] = "identity"  # filter what we can read
 
     def _tool_error(self, flow: http.HTTPFlow, decision: McpDecision) -> None:
-        ex = exchange(flow)
-        ex.deny(decision.reason)
-        ex.status = 200
-        flow.response = http.Response.make(
-            200, rpc_refusal(decision, ex.request_id),
-            {"Content-Type": "application/json", REQUEST_ID_HEADER: ex.request_id})
+        tool_error(flow, decision)
 
     @guarded
     async def responseheaders(self, flow: http.HTTPFlow) -> None:
@@ -134,6 +129,18 @@ class Mcp(GatewayAddon):
         if flow.request.http_version.startswith("HTTP/1") and \
                 flow.request.http_version != "HTTP/1.0":
             resp.headers["transfer-encoding"] = "chunked"
+
+
+def tool_error(flow: http.HTTPFlow, decision: McpDecision, verdict: str = "deny") -> None:
+    """Answer a refused tools/call the MCP way: JSON-RPC errors with the requests' ids,
+    so the agent's client reports a tool error, not a broken transport."""
+    ex = exchange(flow)
+    ex.deny(decision.reason, verdict)
+    ex.status = 200
+    flow.request.stream = False
+    flow.response = http.Response.make(
+        200, rpc_refusal(decision, ex.request_id),
+        {"Content-Type": "application/json", REQUEST_ID_HEADER: ex.request_id})
 
 
 addons = [Mcp()]

@@ -6,8 +6,9 @@ then. Exactly one answer ends a held call, whichever comes first:
 
 - an approver approves or denies it on the control plane (``approved``, ``denied``);
 - ``approval_timeout_seconds`` pass (``timeout``), or the caller's credential
-  runs out first (``expired``);
-- its task ends — revoked or expired — (``task_ended``, via ``Gateway.on_task_end``);
+  (a task's: the task) runs out first (``expired``);
+- its task ends — revoked or expired — (``task_ended``, via ``Gateway.on_task_end``;
+  the reason says which);
 - the agent's connection goes away (``client_disconnected``);
 - the gateway shuts down (``shutdown``).
 
@@ -45,6 +46,8 @@ REASONS = {
     "timeout": "no approver answered within {timeout:g} seconds; the call was refused",
     "expired": "the caller's credential expired while the call was held for approval",
     "task_ended": "the task ended while the call was held for approval",
+    "task_revoked": "the task was revoked while the call was held for approval",
+    "task_expired": "the task expired while the call was held for approval",
     "client_disconnected": "the client disconnected while the call was held for approval",
     "shutdown": "the gateway shut down while the call was held for approval",
     "cancelled": "the held call was cancelled by the gateway",
@@ -156,8 +159,11 @@ class Approvals:
         self._waiting[held.id] = held
         log.info("request %s held for approval %s: %s %s", held.request_id, held.id,
                  held.method, held.url)
+        reason = self._reason(held.runs_out)
+        if held.runs_out == "expired" and held.task is not None:
+            reason = REASONS["task_expired"]
         held.timer = loop.call_later(max(0.0, held.deadline - time.time()), self._end, held,
-                                     Answer(held.runs_out, self._reason(held.runs_out)))
+                                     Answer(held.runs_out, reason))
 
     async def wait(self, held: Held) -> Answer:
         """The answer for ``held``; if the waiter itself is cancelled, the hold ends too."""
@@ -197,11 +203,14 @@ class Approvals:
             self._end(held, Answer("client_disconnected", REASONS["client_disconnected"]))
         return gone
 
-    async def task_ended(self, task_id: str) -> None:
-        """``Gateway.on_task_end`` hook: refuse every call of the task still waiting."""
+    async def task_ended(self, task_id: str, how: str | None = None) -> None:
+        """``Gateway.on_task_end`` hook: refuse every call of the task still waiting.
+
+        ``how`` (``revoked``, ``expired``) makes the reason say how the task ended."""
+        reason = REASONS.get(f"task_{how}", REASONS["task_ended"])
         for held in [h for h in self._waiting.values() if h.task == task_id]:
             log.info("approval %s refused: task %s ended", held.id, task_id)
-            self._end(held, Answer("task_ended", REASONS["task_ended"]))
+            self._end(held, Answer("task_ended", reason))
 
     def close(self) -> int:
         """Gateway shutdown: refuse every held call, and any held from now on."""
@@ -247,7 +256,14 @@ def attach(gateway: Gateway) -> Approvals:
     """Make the registry for ``gateway``: a component, and a task-end hook."""
     approvals = Approvals(gateway.config.approval_timeout_seconds)
     gateway.components["approvals"] = approvals
-    gateway.on_task_end.append(approvals.task_ended)
+
+    async def task_ended(task_id: str) -> None:
+        tasks = gateway.components.get("tasks")  # task grants, when in this build
+        task = tasks.get(task_id) if tasks is not None else None
+        how = task.state(time.time()) if task is not None else None
+        await approvals.task_ended(task_id, how if how in ("revoked", "expired") else None)
+
+    gateway.on_task_end.append(task_ended)
     return approvals
 
 

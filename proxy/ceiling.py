@@ -22,7 +22,8 @@ when all of these hold:
   ``enum`` a subset (or a ``const`` in it), ``maximum``/``minimum``/``maxLength``
   no looser (or ``const``/``enum`` values that satisfy them), and ``pattern``
   identical — two different regexes are never compared, so a pattern is only
-  "as strict" when it is the ceiling's own. Any other ``mcp`` key ``C`` sets must
+  "as strict" when it is the ceiling's own; ``methods`` a subset of ``C``'s
+  patterns, each written as ``C`` writes it. Any other ``mcp`` key ``C`` sets must
   be repeated verbatim.
 * **secret** — ``T`` names no secret, or the one ``C`` names.
 * **approval** — if ``C`` requires approval, so does ``T``.
@@ -148,8 +149,13 @@ def mcp_breach(inner: Mapping[str, Any] | None, outer: Mapping[str, Any] | None)
         why = _arg_breach(name, cons, args_in[name])
         if why:
             return why
+    methods_out = list(outer.get("methods") or ())  # absent: the ceiling grants none
+    extra = [m for m in inner.get("methods") or () if m not in methods_out]
+    if extra:
+        return (f"methods {extra} are not among the ceiling's methods {methods_out} "
+                "(each pattern must be one of the ceiling's, as written)")
     for key, value in outer.items():
-        if key not in ("tools", "args") and not _same(inner.get(key), value):
+        if key not in ("tools", "args", "methods") and not _same(inner.get(key), value):
             return f"mcp.{key} must be the ceiling's {orjson.dumps(value).decode()}"
     return None
 

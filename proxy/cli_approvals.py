@@ -145,6 +145,9 @@ def _print_list(items: list[dict[str, Any]]) -> None:
         print(_safe(f"  call:     {h['method']} {h['url']}  (request {h['request_id']})"))
         for c in h.get("calls") or []:
             print(_safe(f"  tool:     {c['name']} {orjson.dumps(c['arguments']).decode()}"))
+        tool = h.get("tool")
+        if not h.get("calls") and isinstance(tool, dict) and tool.get("method"):
+            print(_safe(f"  rpc:      {tool['method']}"))  # an MCP method other than a tool
 
 
 def _safe(line: str) -> str:

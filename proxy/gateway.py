@@ -105,6 +105,11 @@ class Policy:
     def check(self, caller: Caller) -> None:
         """Raise :class:`Refused` if the caller's grant ended (task expired, revoked, spent)."""
 
+    def check_live(self, caller: Caller) -> None:
+        """Like :meth:`check`, for a call already admitted (counted): only whether the
+        grant ended (expired, revoked) — a budget it used up itself does not refuse it."""
+        self.check(caller)
+
     async def admit(self, caller: Caller, decision: Decision, request_id: str) -> Decision:
         """An allowed call is about to go ahead: take it from the caller's budget (tasks)."""
         return decision
@@ -171,10 +176,14 @@ class Gateway:
         self.policy.check(caller)
         return caller
 
-    def recheck(self, caller: Caller) -> None:
-        """Re-validate a tunnel's caller for one more call (expiry, revocation)."""
+    def recheck(self, caller: Caller, *, admitted: bool = False) -> None:
+        """Re-validate a tunnel's caller for one more call (expiry, revocation), or
+        (``admitted``) for a call already counted that waited, e.g. for approval."""
         self.identity.check_fresh(caller)
-        self.policy.check(caller)
+        if admitted:
+            self.policy.check_live(caller)
+        else:
+            self.policy.check(caller)
 
     # -- requests -------------------------------------------------------------
     def describe(self, ex: Exchange, method: str, scheme: str, host: str, port: int,

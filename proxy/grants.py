@@ -195,6 +195,12 @@ class TaskRegistry:
         if task.max_calls is not None and task.used >= task.max_calls:
             raise Refused(self._spent(task))
 
+    def check_live(self, caller: Caller) -> None:
+        """Raise if the caller's task ended; its budget is not looked at (the call asking
+        was admitted already, and may have spent the last of it)."""
+        if caller.task is not None:
+            self._live(caller)
+
     def _live(self, caller: Caller) -> Task:
         task = self.tasks.get(caller.task or "")
         if task is None or task.workload != caller.workload:
@@ -231,7 +237,12 @@ class TaskRegistry:
         return decision
 
     def on_record(self, record: dict[str, Any]) -> None:
-        """Audit observer: give back the call of an admitted request refused later."""
+        """Audit observer: give back the call of an admitted request refused later.
+
+        A ``held`` record is not the call's last (approvals write it when the hold
+        starts): the final record, approved or rejected, still follows."""
+        if record.get("decision") == "held":
+            return
         entry = self._admitted.pop(record.get("request_id") or "", None)
         if entry is not None and record.get("decision") in _REFUND:
             self._refund(entry[0])
@@ -344,6 +355,9 @@ class TaskPolicy(StandingPolicy):
 
     def check(self, caller: Caller) -> None:
         self.registry.check(caller)
+
+    def check_live(self, caller: Caller) -> None:
+        self.registry.check_live(caller)
 
     async def admit(self, caller: Caller, decision: Decision, request_id: str) -> Decision:
         return await self.registry.admit(caller, decision, request_id)

@@ -26,7 +26,7 @@ from .jsonrpc import Message, canonical, decode_content, digest, parse_body
 from .mcp import ALWAYS_ALLOWED, TOOL_NAME, McpGrant, fold, mcp_method
 from .rules import Rule
 
-__all__ = ["TOOL_REFUSED", "McpDecision", "inspect", "rpc_refusal"]
+__all__ = ["TOOL_REFUSED", "McpDecision", "inspect", "refused_after", "rpc_refusal"]
 
 # JSON-RPC reserves -32000..-32099 for implementation-defined server errors. MCP
 # itself uses -32000 (connection closed), -32001 (request timeout), -32002
@@ -55,6 +55,12 @@ class McpDecision:
     # (tool, canonical JSON of its arguments) per tools/call, for approvals: bytes,
     # so the parsed document does not outlive the decision.
     calls: tuple[tuple[str, bytes], ...] = field(default=())
+    # For an allowed body: the ids of its requests (answered with JSON-RPC errors if
+    # the call is refused later, e.g. by an approver), and whether it asks the server
+    # to act — a tool call, or a method granted through mcp.methods — rather than
+    # only the lifecycle (initialize, ping, tools/list, notifications, responses).
+    requests: tuple[str | int | None, ...] = ()
+    acts: bool = False
 
     @property
     def tool_error(self) -> bool:
@@ -192,8 +198,12 @@ def _inspect(rules: Sequence[Rule], http_method: str, body: bytes,
     verdicts = [[c.why_not(g) for _, g in grants] for c in calls]
     for i, (rule, _) in enumerate(grants):
         if all(v[i] is None for v in verdicts):
-            return McpDecision(True, _allowed_reason(calls), rule, tool, lists_tools=lists,
-                               granted_tools=tools, calls=invoked)
+            return McpDecision(
+                True, _allowed_reason(calls), rule, tool, batch=batch, lists_tools=lists,
+                granted_tools=tools, calls=invoked,
+                requests=tuple(c.msg.id for c in calls
+                               if c.msg.has_id and c.msg.method is not None),
+                acts=any(_acts(c.msg.method) for c in calls))
     # Refused: say why for the first message no rule allows.
     first = next((k for k, v in enumerate(verdicts) if all(w is not None for w in v)), None)
     if first is None:
@@ -211,6 +221,19 @@ def _inspect(rules: Sequence[Rule], http_method: str, body: bytes,
                 f"not run: another call in this batch was refused ({reason})")
             replies.append((c.msg.id, why))
     return McpDecision(False, reason, None, tool, tuple(replies), batch, calls=invoked)
+
+
+def _acts(method: str | None) -> bool:
+    return method is not None and method not in ALWAYS_ALLOWED and not method.startswith(
+        "notifications/")
+
+
+def refused_after(decision: McpDecision, reason: str) -> McpDecision:
+    """An allowed ``decision`` refused after all (an approver said no, the hold timed
+    out): every request of the body is answered with a JSON-RPC error saying why."""
+    return McpDecision(False, reason, None, decision.tool,
+                       tuple((rid, reason) for rid in decision.requests), decision.batch,
+                       calls=decision.calls)
 
 
 def _best_reason(reasons: Sequence[str | None]) -> str:

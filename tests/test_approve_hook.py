@@ -129,11 +129,19 @@ async def test_task_revoked_unnoticed_is_refused_after_approval(gw: Gateway) -> 
 
 
 async def test_credential_expiring_while_held_refuses(gw: Gateway) -> None:
-    f = held_flow(expires_in=0.3)
+    f = held_flow(task=None, expires_in=0.3)  # a workload token
     task = await hold(gw, f)
     await asyncio.wait_for(task, 3)
     assert refusal(f)["reason"] == ("the caller's credential expired while the call was "
                                     "held for approval")
+
+
+async def test_task_expiring_while_held_refuses_naming_the_task(gw: Gateway) -> None:
+    f = held_flow(expires_in=0.3)  # a task token ends with its task, no leeway
+    task = await hold(gw, f)
+    await asyncio.wait_for(task, 3)
+    assert refusal(f)["reason"] == "the task expired while the call was held for approval"
+    assert exchange(f).approval["outcome"] == "expired"  # type: ignore[index]
 
 
 async def test_client_gone_kills_the_flow(gw: Gateway) -> None:

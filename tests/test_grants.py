@@ -205,3 +205,27 @@ async def test_admit_refuses_a_task_revoked_meanwhile(tmp_path: Path) -> None:
         await admit
     assert task.used == 0
     await reg.close()
+
+
+@pytest.mark.parametrize("rule", [
+    {"id": "plain", "host": "api.test", "port": 8443, "scheme": "https", "methods": ["GET"],
+     "paths": ["/v1/**"], "approval": "required"},
+    {"id": "tools", "host": "mcp.test", "paths": ["/mcp"], "approval": "required",
+     "mcp": {"tools": ["search"], "args": {"limit": {"maximum": 5}},
+             "methods": ["resources/*"]}},
+    {"id": "gh", "host": "api.github.com", "methods": ["POST"], "paths": ["/repos/**"],
+     "secret": "gh", "repositories": ["widgets"], "permissions": {"pull_requests": "write"}},
+])
+def test_a_stored_rule_comes_back_whole(rule: dict[str, Any]) -> None:
+    """What the registry enforces is what the task asked for: the MCP grant (judged by
+    the MCP inspector) and a secret's token scope survive the store's canonical form."""
+    from proxy.mcp import McpGrant
+    from proxy.tasks import RuleSets, canonical_rules
+
+    (asked,) = parse_rules([rule])
+    _, ruleset = RuleSets().acquire(canonical_rules((asked,)))
+    (loaded,) = ruleset.rules
+    assert loaded.to_dict() == asked.to_dict()
+    assert (loaded.mcp, loaded.repositories, loaded.permissions, loaded.approval) == (
+        asked.mcp, asked.repositories, asked.permissions, asked.approval)
+    assert loaded.mcp is None or isinstance(loaded.mcp, McpGrant)

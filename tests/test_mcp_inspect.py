@@ -10,7 +10,7 @@ import pytest
 
 from proxy.errors import Refused
 from proxy.jsonrpc import digest
-from proxy.mcp_inspect import TOOL_REFUSED, inspect, rpc_refusal
+from proxy.mcp_inspect import TOOL_REFUSED, inspect, refused_after, rpc_refusal
 from proxy.rules import parse_rule
 
 RULES = [
@@ -142,3 +142,37 @@ def test_empty_post_refused() -> None:
 def test_no_mcp_rule() -> None:
     d = inspect(RULES[:1], "POST", json.dumps(call("add")).encode(), None, 1 << 20)
     assert not d.allowed
+
+
+# (allowed body, whether it asks the server to act — held under approval: required —,
+#  the ids a later refusal answers)
+ACTS: list[tuple[Any, bool, list[Any]]] = [
+    (call("add", {"a": 1}), True, [1]),
+    (msg("resources/read", id="r", uri="res://doc"), True, ["r"]),
+    (msg("initialize"), False, [1]),
+    (msg("tools/list", id=2), False, [2]),
+    (msg("ping", id=3), False, [3]),
+    (NOTE, False, []),
+    ([msg("tools/list", id=1), NOTE, call("add", id=2)], True, [1, 2]),
+    ({"jsonrpc": "2.0", "id": 9, "result": {}}, False, []),
+]
+
+
+@pytest.mark.parametrize(("body", "acts", "ids"), ACTS)
+def test_what_an_allowed_body_asks_for(body: Any, acts: bool, ids: list[Any]) -> None:
+    d = inspect(RULES[1:], "POST", orjson.dumps(body), None, 1 << 20)
+    assert d.allowed, d.reason
+    assert (d.acts, list(d.requests), d.batch) == (acts, ids, isinstance(body, list))
+
+
+def test_an_allowed_call_refused_after_is_answered_per_request() -> None:
+    batch = [call("add", {"a": 1}, id="x"), NOTE, call("add", {"a": 2}, id=7)]
+    d = refused_after(inspect(RULES[1:], "POST", orjson.dumps(batch), None, 1 << 20),
+                      "denied by bob")
+    assert not d.allowed and d.tool_error and d.reason == "denied by bob"
+    assert [(e["id"], e["error"]["code"], e["error"]["data"]["reason"])
+            for e in orjson.loads(rpc_refusal(d, "rid"))] == [
+        ("x", TOOL_REFUSED, "denied by bob"), (7, TOOL_REFUSED, "denied by bob")]
+    single = refused_after(inspect(RULES[1:], "POST", orjson.dumps(call("add", id=4)), None,
+                                   1 << 20), "timed out")
+    assert orjson.loads(rpc_refusal(single, "rid"))["id"] == 4

@@ -114,6 +114,7 @@ async function loadTasks() {
     el("thead", {}, el("tr", {}, ...["Task", "Workload", "Owner", "Purpose", "Expires",
                                       "Calls used", "Calls left", "Status"].map((h) => el("th", {}, h)))),
     el("tbody", {}, ...rows)));
+  renderTaskDetail();  // the shown task's budget and status move as its calls happen
 }
 
 function showTask(id) {
@@ -220,7 +221,9 @@ function reasonText(r) {
   if (a && typeof a === "object" && a.by) {
     const outcome = a.outcome ?? (r.decision === "rejected" ? "rejected" : "approved");
     const comment = a.comment ? ` “${a.comment}”` : "";
-    text += `${text ? " — " : ""}${outcome} by ${a.by}${comment}`;
+    const who = `${outcome} by ${a.by}`;
+    if (text === who || text === `${who}: ${a.comment}`) text = "";  // say it once
+    text += `${text ? " — " : ""}${who}${comment}`;
   }
   return text;
 }
