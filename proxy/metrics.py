@@ -140,6 +140,8 @@ class Metrics:
     # -- the API other features call ------------------------------------------
     def observe(self, record: dict[str, Any]) -> None:
         """One audit record (a sync ``Gateway.on_record`` observer)."""
+        if record.get("decision") == "held":
+            return  # the interim record of a held call; its final record counts it once
         decision = self._decision(record.get("decision"))
         self.calls.labels(decision, self._rule(record.get("rule"))).inc()
         ms = record.get("duration_ms")
