@@ -169,3 +169,14 @@ def test_label_sets_stay_bounded(tmp_path: Path) -> None:
     assert value(s, "taskgate_calls_total", decision="allow", rule="other") == 51
     assert value(s, "taskgate_calls_total", decision="other", rule="none") == 1
     assert value(s, "taskgate_call_duration_seconds_count", decision="allow") == 251
+
+
+def test_a_held_call_counts_once_by_its_final_decision(tmp_path: Path) -> None:
+    m = Metrics(core_gateway(tmp_path))
+    m.observe({"decision": "held", "rule": "open-pr", "duration_ms": 0.1})
+    m.observe({"decision": "approved", "rule": "open-pr", "duration_ms": 1500.0})
+    s = parsed(m)
+    calls = {dict(labels)["decision"]: v for (name, labels), v in s.items()
+             if name == "taskgate_calls_total"}
+    assert calls == {"approved": 1}
+    assert value(s, "taskgate_call_duration_seconds_count", decision="approved") == 1
