@@ -34,6 +34,7 @@ from .audit import rfc3339
 from .ceiling import check_mcp_shape
 from .errors import TaskgateError
 from .hosts import HostPattern
+from .mcp import McpGrant
 from .paths import PathGlob
 from .rules import Rule, RuleSet, parse_rules
 from .store import TaskRow
@@ -264,13 +265,20 @@ _METHODS: dict[tuple[str, ...], frozenset[str]] = {}
 
 
 def _rule(d: Mapping[str, Any]) -> Rule:
-    """A rule from its canonical form (``Rule.to_dict`` of a validated rule)."""
+    """A rule from its canonical form (``Rule.to_dict`` of a validated rule).
+
+    Every key ``to_dict`` writes is read back: a key dropped here is a grant the
+    task was given but the gateway does not enforce (an MCP tool list, a token's
+    down-scoping)."""
     methods = tuple(d.get("methods", ()))
+    mcp = d.get("mcp")
     return Rule(
         id=sys.intern(d["id"]), host=_host(d["host"]), port=d.get("port"),
         scheme=d.get("scheme"), methods=_METHODS.setdefault(methods, frozenset(methods)),
         paths=tuple(LazyGlob(p, None) for p in d.get("paths", ())),  # type: ignore[arg-type]
-        mcp=d.get("mcp"), secret=d.get("secret"), approval=d.get("approval") == "required")
+        mcp=McpGrant.parse(mcp) if mcp is not None else None, secret=d.get("secret"),
+        approval=d.get("approval") == "required",
+        repositories=tuple(d.get("repositories", ())), permissions=d.get("permissions"))
 
 
 class RuleSets:
