@@ -242,6 +242,34 @@ def test_an_expired_task_has_its_github_token_revoked(world: World) -> None:
     refused_at_connect(w, task, w.issues())
 
 
+def test_a_task_rule_without_the_secret_is_within_a_ceiling_rule_with_one(
+        world: World) -> None:
+    """Less than the ceiling: the call goes without a token, so the ceiling's token
+    scope does not apply (and nothing is minted)."""
+    w, gh = world, world.github
+    bare = {k: v for k, v in gh_rule().items()
+            if k not in ("secret", "repositories", "permissions")}
+    task = new_task(w, [with_port(bare, gh.https_port)])
+    mints = len(gh.requests)
+    r = call(w, task, "GET", w.issues(), headers={"Authorization": "token agent-own"})
+    assert r.status_code == 401 and r.json()["message"] == "Bad credentials", r.text
+    assert len(gh.requests) == mints and record(w, r)["secret"] is None
+
+
+def test_after_a_restart_the_task_gets_a_fresh_token_of_its_scope(world: World) -> None:
+    w, gh = world, world.github
+    task = new_task(w, [with_port(gh_rule(), gh.https_port)])
+    assert call(w, task, "GET", w.issues()).status_code == 200
+    before = gh.tokens[-1].token
+    assert w.gw.stop() == 0
+    assert before in gh.revocations  # minted tokens die with the process
+    w.gw.start()
+    r = call(w, task, "GET", w.issues())
+    assert r.status_code == 200, r.text
+    assert gh.requests[-1] == {"repositories": ["widgets"], "permissions": {"issues": "read"}}
+    assert gh.tokens[-1].token != before and record(w, r)["task"] == task["task_id"]
+
+
 # -- 2. Vault dynamic secrets per task -------------------------------------------------
 def test_revoking_the_task_revokes_its_vault_lease(world: World) -> None:
     w, vault = world, world.vault
