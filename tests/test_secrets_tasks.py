@@ -465,8 +465,12 @@ def test_audit_record_names_task_owner_rule_and_secret_never_the_value(world: Wo
 # -- 6. Never leaked ----------------------------------------------------------------------
 def test_canaries_and_task_tokens_appear_nowhere(world: World) -> None:
     """Last: no spelling of any secret value — nor of any task token — in the gateway's
-    files, its output, /metrics, or any answer an agent or the orchestrator got."""
+    files, its output, /metrics, or any answer an agent or the orchestrator got
+    (the task, audit and approval listings of the control plane included)."""
     w = world
+    for path in ("/v1/tasks?limit=1000", "/v1/audit?limit=1000", "/v1/approvals"):
+        r = kept(httpx.get(f"{w.gw.control_url}{path}", headers=w.admin, timeout=5))
+        assert r.status_code == 200, (path, r.text)
     metrics = httpx.get(f"{w.gw.control_url}/metrics", timeout=5)
     assert metrics.status_code == 200
     for name in ("github", "vault-db", "mcp-add", "mcp-search"):
