@@ -197,8 +197,9 @@ class TaskRegistry:
         ending = [t for t in tasks if not t.ended]
         for t in ending:
             t.ended = True
-        for t in ending:
-            await self.gateway.task_ended(t.id)
+        # Together: a provider slow to revoke one task's token must not hold up the
+        # revocations of every task that ended after it.
+        await asyncio.gather(*(self.gateway.task_ended(t.id) for t in ending))
         if ending:
             await self.store.mark_ended(t.id for t in ending)
 
