@@ -25,7 +25,8 @@ when all of these hold:
   "as strict" when it is the ceiling's own; ``methods`` a subset of ``C``'s
   patterns, each written as ``C`` writes it. Any other ``mcp`` key ``C`` sets must
   be repeated verbatim.
-* **secret** — ``T`` names no secret, or the one ``C`` names.
+* **secret** — ``T`` names no secret, or the one ``C`` names, and then the
+  token scope (``repositories``, ``permissions``) within ``C``'s (:func:`scope_breach`).
 * **approval** — if ``C`` requires approval, so does ``T``.
 
 The check asks for one ceiling rule containing the whole task rule; a task
@@ -205,8 +206,11 @@ def scope_breach(rule: Rule, c: Rule) -> str | None:
     A ceiling that names repositories or permissions bounds the task's: the task
     must name a subset (none at all would mean the whole installation), at a
     level no higher (read < write < admin). A ceiling that names none leaves the
-    task free to narrow its token.
+    task free to narrow its token. A task rule without the secret gets no token,
+    so there is nothing to bound.
     """
+    if rule.secret is None:
+        return None
     if c.repositories:
         extra = sorted(set(rule.repositories or ("*",)) - set(c.repositories))
         if extra:

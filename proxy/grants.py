@@ -147,6 +147,7 @@ class TaskRegistry:
             i, b = why
             raise RequestError(f"rules[{i}].{b.key}", f"rule {b.rule!r}: {b.reason}",
                                error="beyond_ceiling", rule=b.rule)
+        self._check_token_scopes(req.rules)
         now = time.time()
         rules_json = canonical_rules(req.rules)
         task_id = uuid.uuid4().hex
@@ -162,6 +163,21 @@ class TaskRegistry:
         token = self.keys.sign(task_id=task_id, workload=workload,
                                expires_at=task.expires_at, now=now)
         return task, token
+
+    def _check_token_scopes(self, rules: tuple[Rule, ...]) -> None:
+        """``repositories``/``permissions`` only where they limit a token: a github_app
+        secret. Elsewhere the provider would ignore them, and the task would look
+        narrower than the credential it gets (the config refuses the same)."""
+        for i, r in enumerate(rules):
+            spec = self.config.secrets.get(r.secret) if r.secret is not None else None
+            if spec is None or spec.provider == "github_app":
+                continue
+            if r.repositories or r.permissions is not None:
+                key = "repositories" if r.repositories else "permissions"
+                raise RequestError(f"rules[{i}].{key}",
+                                   f"rule {r.id!r}: repositories and permissions limit a "
+                                   f"github_app token; secret {r.secret!r} is "
+                                   f"{spec.provider}", rule=r.id)
 
     async def revoke(self, task_id: str) -> Task | None:
         """Revoke now (memory first, so the next call is refused), then persist and
@@ -181,8 +197,9 @@ class TaskRegistry:
         ending = [t for t in tasks if not t.ended]
         for t in ending:
             t.ended = True
-        for t in ending:
-            await self.gateway.task_ended(t.id)
+        # Together: a provider slow to revoke one task's token must not hold up the
+        # revocations of every task that ended after it.
+        await asyncio.gather(*(self.gateway.task_ended(t.id) for t in ending))
         if ending:
             await self.store.mark_ended(t.id for t in ending)
 

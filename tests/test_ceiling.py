@@ -254,3 +254,13 @@ def test_github_token_scope_within_ceiling(task: dict[str, Any], field: str | No
                        "paths": ["/repos/acme/widgets/issues"], "secret": "gh-app", **task})
     why = breach(rule, [ceiling])
     assert (why.key if why else None) == field, why
+
+
+def test_a_rule_without_the_secret_needs_no_token_scope() -> None:
+    """No secret, no token: the ceiling's repositories/permissions bound a token the
+    task rule never gets, so they do not make it name any (it could not: a rule
+    names a token's scope only together with its secret)."""
+    ceiling = parse_rule({"id": "c", **GH_APP})
+    rule = parse_rule({"id": "t", "host": "api.github.com", "methods": ["GET"],
+                       "paths": ["/repos/acme/widgets/issues"]})
+    assert breach(rule, [ceiling]) is None

@@ -123,6 +123,30 @@ async def test_expiry_and_revocation_run_task_end_hooks_once(tmp_path: Path) -> 
     await reg.close()
 
 
+async def test_tasks_ending_together_run_their_hooks_together(tmp_path: Path) -> None:
+    """A slow task-end hook (a provider revoking a token) does not hold up the next
+    task's: revocations of tasks that end in one sweep overlap."""
+    gw = make_gateway(tmp_path)
+    running: list[int] = []
+    overlap = 0
+
+    async def slow_revoke(task_id: str) -> None:
+        nonlocal overlap
+        running.append(1)
+        overlap = max(overlap, len(running))
+        await asyncio.sleep(0.3)
+        running.pop()
+
+    gw.on_task_end.append(slow_revoke)
+    reg = await open_registry(tmp_path, gw)
+    for _ in range(5):
+        await reg.create(parse_task_request(request(ttl_seconds=1)))
+    started = time.monotonic()
+    await reg.sweep(time.time() + 5)
+    assert overlap == 5 and time.monotonic() - started < 1.0
+    await reg.close()
+
+
 async def test_tasks_ended_while_down_are_ended_after_start(tmp_path: Path) -> None:
     reg = await open_registry(tmp_path)
     task, _ = await reg.create(parse_task_request(request(ttl_seconds=1)))

@@ -365,12 +365,13 @@ def test_canary_values_appear_nowhere(world: World) -> None:
     url = f"https://localhost:{world.github.https_port}/repos/acme/widgets/issues"
     assert get(world, url).status_code == 200
     metrics = httpx.get(f"{world.gw.control_url}/metrics", timeout=5)
+    assert metrics.status_code == 200  # scanned below: the secrets' fetch counters are in it
+    assert 'taskgate_secret_fetches_total{result="error",secret="oauth-down"}' in metrics.text
     assert world.gw.stop() == 0
     minted = {t.token for t in world.github.tokens}
     assert minted and set(world.github.revocations) == minted  # revoked at shutdown
-    blobs: dict[str, bytes] = {"gateway output": world.gw.output().encode()}
-    if metrics.status_code == 200:
-        blobs["/metrics"] = metrics.content
+    blobs: dict[str, bytes] = {"gateway output": world.gw.output().encode(),
+                               "/metrics": metrics.content}
     for f in world.gw.dir.rglob("*"):
         if f.is_file():
             blobs[str(f.relative_to(world.gw.dir))] = f.read_bytes()
