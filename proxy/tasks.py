@@ -34,6 +34,7 @@ from .audit import rfc3339
 from .ceiling import check_mcp_shape
 from .errors import TaskgateError
 from .hosts import HostPattern
+from .mcp import McpGrant
 from .paths import PathGlob
 from .rules import Rule, RuleSet, parse_rules
 from .store import TaskRow
@@ -266,11 +267,16 @@ _METHODS: dict[tuple[str, ...], frozenset[str]] = {}
 def _rule(d: Mapping[str, Any]) -> Rule:
     """A rule from its canonical form (``Rule.to_dict`` of a validated rule)."""
     methods = tuple(d.get("methods", ()))
+    mcp, perms = d.get("mcp"), d.get("permissions")
     return Rule(
         id=sys.intern(d["id"]), host=_host(d["host"]), port=d.get("port"),
         scheme=d.get("scheme"), methods=_METHODS.setdefault(methods, frozenset(methods)),
         paths=tuple(LazyGlob(p, None) for p in d.get("paths", ())),  # type: ignore[arg-type]
-        mcp=d.get("mcp"), secret=d.get("secret"), approval=d.get("approval") == "required")
+        # The MCP grant as the McpGrant the inspector judges with, not its plain data;
+        # a GitHub token's scope kept too (both are in Rule.to_dict).
+        mcp=McpGrant.parse(mcp) if mcp is not None else None, secret=d.get("secret"),
+        approval=d.get("approval") == "required", repositories=tuple(d.get("repositories", ())),
+        permissions=dict(perms) if perms is not None else None)
 
 
 class RuleSets:
