@@ -36,6 +36,22 @@ def _counter(ex: Exchange, inner: StreamFilter | None = None) -> StreamFilter:
     return count_filtered
 
 
+class _Withheld:
+    """The stream filter of a refusal that replaced an answer about to stream: the
+    upstream's bytes never pass; the refusal's body goes out once in their place
+    (at the first chunk, so an endless event stream does not hold it back)."""
+
+    def __init__(self, body: bytes) -> None:
+        self.body = body
+        self.sent = False
+
+    def __call__(self, chunk: bytes) -> list[bytes]:
+        if self.sent:
+            return []
+        self.sent = True
+        return [self.body]
+
+
 def _request_counter(ex: Exchange) -> StreamFilter:
     def count(chunk: bytes) -> bytes:
         ex.bytes_in += len(chunk)
@@ -44,11 +60,27 @@ def _request_counter(ex: Exchange) -> StreamFilter:
     return count
 
 
+AUDIT_DOWN = "the audit log cannot be written; the call was refused before it was sent"
+
+
 class Audit(GatewayAddon):
-    """Tag every response with the request id; record every call, refusal and error."""
+    """Tag every response with the request id; record every call, refusal and error.
+
+    The record is written when the answer is complete, after the upstream acted;
+    so once a write failed (``audit.healthy`` is False) no call leaves and no
+    answer starts streaming. The refusal's own record tries the disk again: the
+    first write that succeeds makes the log healthy, and calls go through again.
+    """
+
+    def _down(self, flow: http.HTTPFlow) -> bool:
+        """Refuse the call (503) if the audit log failed its last write."""
+        if self.gateway.audit.healthy:
+            return False
+        refuse(flow, 503, "unavailable", AUDIT_DOWN, decision="error")
+        return True
 
     def requestheaders(self, flow: http.HTTPFlow) -> None:
-        if flow.response or not flow.live or not self.started:
+        if flow.response or not flow.live or not self.started or self._down(flow):
             return
         req = flow.request
         length = req.headers.get("content-length")
@@ -58,26 +90,43 @@ class Audit(GatewayAddon):
         if large and not flow.metadata.get("taskgate.inspect_body"):
             req.stream = _request_counter(exchange(flow))
 
+    def request(self, flow: http.HTTPFlow) -> None:
+        """The last look before the call leaves (after any hold for approval); a streamed
+        body has gone already, judged in ``requestheaders``."""
+        if flow.response or not flow.live or not self.started or flow.request.stream:
+            return
+        self._down(flow)
+
     def responseheaders(self, flow: http.HTTPFlow) -> None:
         resp = flow.response
         if resp is None or not self.started:  # not started: refused, id already on it
             return
         ex = exchange(flow)
         resp.headers[REQUEST_ID_HEADER] = ex.request_id
-        if resp.stream:
-            resp.stream = _counter(ex, resp.stream if callable(resp.stream) else None)
-            return
         length = resp.headers.get("content-length")
-        if (length is None and flow.request.method != "HEAD" and resp.status_code not in (204, 304)
+        if not (resp.stream
+                or (length is None and flow.request.method != "HEAD"
+                    and resp.status_code not in (204, 304))
                 or resp.headers.get("content-type", "").startswith("text/event-stream")
                 or (length and length.isdigit()
                     and int(length) > self.gateway.config.stream_threshold_bytes)):
-            resp.stream = _counter(ex)
+            return  # buffered: `response` writes the record before anything is sent
+        if not self.gateway.audit.healthy:  # streamed, it would reach the agent unrecorded
+            refuse(flow, 503, "unavailable", AUDIT_DOWN, decision="error")
+            body = flow.response.raw_content or b""
+            flow.response.stream = _Withheld(body)
+            ex.bytes_out = len(body)
+            return
+        resp.stream = _counter(ex, resp.stream if callable(resp.stream) else None)
 
     async def response(self, flow: http.HTTPFlow) -> None:
         resp = flow.response
         assert resp is not None
         ex = exchange(flow)
+        if isinstance(resp.stream, _Withheld) and not resp.stream.sent:
+            # The upstream's answer had no body to stream in place of: mitmproxy read
+            # it whole into the refusal; send the refusal's own body instead.
+            resp.content, resp.stream = resp.stream.body, False
         ex.status = resp.status_code
         if not resp.stream:
             ex.bytes_out = len(resp.raw_content or b"")
@@ -133,10 +182,11 @@ class Audit(GatewayAddon):
         except Exception as e:  # noqa: BLE001 - an unrecorded call must not complete
             log.error("audit write failed for %s: %s", ex.request_id, e)
             if flow.response is not None and not flow.response.stream and flow.live:
-                refuse(flow, 503, "unavailable",
-                       "the audit log could not be written; the call was refused",
-                       decision="error")
-                flow.response.headers[REQUEST_ID_HEADER] = ex.request_id
+                if ex.reason != AUDIT_DOWN:  # else refused before it was sent, and says so
+                    refuse(flow, 503, "unavailable",
+                           "the audit log could not be written; the call was refused",
+                           decision="error")
+                    flow.response.headers[REQUEST_ID_HEADER] = ex.request_id
             else:
                 flow.kill()
 

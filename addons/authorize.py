@@ -13,6 +13,14 @@ RULE = "taskgate.rule"
 CALL = "taskgate.call"  # the Call judged, for addons that judge the body
 
 
+def _upgrade(req: http.Request) -> bool:
+    """Does the request ask to leave HTTP (WebSocket, h2c, anything)? After an upgrade
+    the connection carries frames no rule, budget or audit record ever sees."""
+    return "Upgrade" in req.headers or any(
+        token.strip().lower() == "upgrade"
+        for value in req.headers.get_all("Connection") for token in value.split(","))
+
+
 class Authorize(GatewayAddon):
     """CONNECT: refuse tunnels to endpoints no rule names. Requests: match the rules."""
 
@@ -46,6 +54,14 @@ class Authorize(GatewayAddon):
             gw.check_host_header(call, req.host_header, tunnel)
             if tunnel is not None and req.scheme == "https":
                 gw.check_sni(flow.client_conn.sni, tunnel)
+            if tunnel is not None and req.authority:
+                # mitmproxy keeps an absolute-form URL inside a tunnel as it came.
+                gw.check_authority(call, req.authority, tunnel)
+                if not (req.is_http2 or req.is_http3):  # HTTP/2's :authority stays
+                    req.authority = ""  # origin-form upstream
+            if _upgrade(req):
+                raise Refused("protocol upgrades (WebSocket, h2c) are not supported: "
+                              "every call must stay a plain HTTP request to be judged")
         except Refused as e:
             refuse_for(flow, e)
             return

@@ -3,8 +3,9 @@
 Requests: only once the call is authorized (and approved, where the rule asks
 for a person), only when every name for the destination agrees with the rule
 (:func:`proxy.secrets.check_destination`), in ``requestheaders`` — a streamed
-body would go out before a later hook. What the agent sent in that place is
-removed first. A provider failure is a 502 naming the secret.
+body would go out before a later hook. What the agent sent in that place, and
+any credential of its own (Authorization, Cookie, an ``access_token`` query
+parameter), is removed first. A provider failure is a 502 naming the secret.
 
 Responses: every value the broker handed out lately is masked in headers and
 body — buffered bodies in ``response``, streamed ones by a filter installed in
@@ -25,6 +26,11 @@ from proxy.gateway import Exchange
 from proxy.rules import Rule
 from proxy.secrets import COMPONENT, Redactor, SecretBroker, check_destination, set_query_param
 
+# What an agent could authenticate with on its own: on a rule with a secret, only the
+# gateway's credential goes out (Proxy-Authorization is taken off for every call;
+# access_token is the bearer token's query form, RFC 6750 2.3).
+AGENT_CREDENTIALS = ("Authorization", "Proxy-Authorization", "Cookie")
+AGENT_CREDENTIAL_PARAMS = ("access_token",)
 INJECTED = "taskgate.secret_injected"
 DEFERRED = "taskgate.secret_after_approval"
 REDACTOR = "taskgate.redactor"
@@ -96,7 +102,7 @@ class Inject(GatewayAddon):
             if broker is None:
                 raise Refused("secrets are not configured in this gateway", rule.id)
             check_destination(rule, scheme=req.scheme, host=req.host, port=req.port,
-                              host_header=req.host_header,
+                              host_header=req.host_header, authority=req.authority,
                               tunnel=self.gateway.tunnels.get(flow.client_conn.id),
                               sni=flow.client_conn.sni)
             minted = await broker.token(rule.secret, ex.caller, rule)
@@ -106,6 +112,11 @@ class Inject(GatewayAddon):
         if flow.response or not flow.live:  # the agent went away while we waited
             return
         place = broker.specs[rule.secret].inject.render(minted.value)
+        for name in AGENT_CREDENTIALS:
+            req.headers.pop(name, None)
+        for name in AGENT_CREDENTIAL_PARAMS:
+            if b"?" in req.data.path:
+                req.data.path = set_query_param(req.data.path, name, None)
         if place.query:
             req.data.path = set_query_param(req.data.path, place.name, place.value.reveal())
         else:

@@ -67,13 +67,16 @@ def rfc3339(ts: float) -> str:
 
 
 def redact_target(path: str, query: str) -> str:
-    """Path with every query value replaced: keys say what was asked, values may be secret."""
+    """Path with every query value replaced: keys say what was asked, values may be secret.
+
+    An item without '=' may be a value too (``?sk-live-…``): it is replaced whole.
+    """
     if not query:
         return path
     parts = []
     for item in query.split("&"):
         key, sep, _ = item.partition("=")
-        parts.append(f"{key}={REDACTED}" if sep else key)
+        parts.append(f"{key}={REDACTED}" if sep else REDACTED if item else "")
     return f"{path}?{'&'.join(parts)}"
 
 

@@ -210,20 +210,16 @@ class Gateway:
         """The Host header must name the host the call goes to (no domain fronting)."""
         if tunnel is not None and (call.host, call.port) != (tunnel.host, tunnel.port):
             raise Refused("the request's target differs from the CONNECT target")
-        if host_header is None:
-            return
-        name, port = _split_hostport(host_header)
-        if port is None:
-            # No port in Host means the scheme's default (RFC 9110 7.2), not "any
-            # port": 'Host: api' on a call to api:8443 names another authority.
-            port = default_port(call.scheme)
-        try:
-            same = canonical_host(name) == call.host
-        except ValueError:
-            same = False
-        if not same or port != call.port:
+        if host_header is not None and not _names_target(host_header, call):
             raise Refused("the Host header does not match the "
                           + ("CONNECT target" if tunnel else "request's target"))
+
+    def check_authority(self, call: Call, authority: str, tunnel: Tunnel) -> None:
+        """An absolute-form URL inside a tunnel must name the CONNECT target: passed
+        on, the upstream would take its host as the request's (domain fronting)."""
+        if (call.host, call.port) != (tunnel.host, tunnel.port) or not _names_target(
+                authority, call):
+            raise Refused("the request's URL names another host than the CONNECT target")
 
     def check_sni(self, sni: str | None, tunnel: Tunnel) -> None:
         """TLS SNI inside a tunnel must name the CONNECT target."""
@@ -286,6 +282,19 @@ class Gateway:
                 hook(record)
             except Exception:  # noqa: BLE001 - observers never affect the call
                 log.exception("audit observer failed")
+
+
+def _names_target(hostport: str, call: Call) -> bool:
+    """Does ``hostport`` (a Host header, a URL's authority) name ``call``'s host and port?"""
+    name, port = _split_hostport(hostport)
+    if port is None:
+        # No port means the scheme's default (RFC 9110 7.2), not "any port":
+        # 'Host: api' on a call to api:8443 names another authority.
+        port = default_port(call.scheme)
+    try:
+        return canonical_host(name) == call.host and port == call.port
+    except ValueError:
+        return False
 
 
 def _split_hostport(value: str) -> tuple[str, int | None]:

@@ -3,8 +3,9 @@
 Gateways are bypassed when they judge one path and the upstream serves
 another. So a raw path that different servers could read differently (dot
 segments, encoded ``/`` or ``\\``, double encoding, ``//``, ``;`` parameters,
-control bytes) is refused outright rather than "normalised into" a grant.
-What remains has exactly one reading, which globs are matched against.
+control bytes, characters NFKC folds into others such as full-width ``．／``)
+is refused outright rather than "normalised into" a grant. What remains has
+exactly one reading, which globs are matched against.
 
 Globs: ``*`` matches within one segment, ``**`` any number of segments; a
 trailing ``/**`` also matches the directory itself (``/issues/**`` matches
@@ -14,6 +15,7 @@ trailing ``/**`` also matches the directory itself (``/issues/**`` matches
 from __future__ import annotations
 
 import re
+import unicodedata
 from dataclasses import dataclass
 from urllib.parse import unquote_to_bytes
 
@@ -68,9 +70,13 @@ def ambiguity(raw_path: bytes) -> str | None:
         if segment in (b".", b".."):
             return "the path contains a dot segment"
     try:
-        unquote_to_bytes(raw_path).decode("utf-8")
+        text = unquote_to_bytes(raw_path).decode("utf-8")
     except UnicodeDecodeError:
         return "the path does not decode to UTF-8"
+    if not unicodedata.is_normalized("NFKC", text):
+        # Full-width '．' and '／', '‥' …: a server that folds compatibility forms
+        # reads dot segments and slashes the globs never saw.
+        return "the path contains look-alike characters (its NFKC form differs)"
     return None
 
 

@@ -25,6 +25,13 @@ from mitmproxy import certs, options
 from mitmproxy.addons import disable_h2c, next_layer, proxyserver, tlsconfig
 from mitmproxy.master import Master
 
+from addons.approve import Approve
+from addons.audit import Audit
+from addons.authorize import Authorize
+from addons.identify import Identify
+from addons.inject import Inject
+from addons.mcp import Mcp
+
 from . import approvals
 from .admin import admin_token
 from .audit import AuditLog, load_hmac_key
@@ -92,30 +99,13 @@ async def build_gateway(config: Config, session: aiohttp.ClientSession) -> Gatew
 
 # The addon chain, in the order hooks must run: who is calling, may it, what is in
 # the body (MCP), does a person have to say yes, which secret to add, and the record.
-ADDON_CHAIN = (
-    ("addons.identify", "Identify"),
-    ("addons.authorize", "Authorize"),
-    ("addons.mcp", "Mcp"),
-    ("addons.approve", "Approve"),
-    ("addons.inject", "Inject"),
-    ("addons.audit", "Audit"),
-)
+# Every one is policy: plain imports, so a missing module stops the start, never a hook.
+ADDON_CHAIN = (Identify, Authorize, Mcp, Approve, Inject, Audit)
 
 
 def gateway_addons(gateway: Gateway) -> list[Any]:
-    """The taskgate addons present in this build, in chain order."""
-    import importlib
-
-    chain = []
-    for module, name in ADDON_CHAIN:
-        try:
-            mod = importlib.import_module(module)
-        except ModuleNotFoundError as e:
-            if e.name != module:
-                raise
-            continue
-        chain.append(getattr(mod, name)(gateway))
-    return chain
+    """The taskgate addons, in chain order."""
+    return [addon(gateway) for addon in ADDON_CHAIN]
 
 
 def mitm_options(config: Config, bundle: str) -> dict[str, Any]:
@@ -125,6 +115,9 @@ def mitm_options(config: Config, bundle: str) -> dict[str, Any]:
         "listen_host": host,
         "confdir": config.ca_dir,
         "rawtcp": False,
+        # After an upgrade the connection carries frames no rule or record sees
+        # (the authorize addon refuses upgrade requests too).
+        "websocket": False,
         "http3": False,
         "connection_strategy": "lazy",
         "ssl_insecure": False,

@@ -61,8 +61,10 @@ def test_rfc3339() -> None:
     ("/a", "q=secret", "/a?q=REDACTED"),
     ("/a", "q=secret&page=2", "/a?q=REDACTED&page=REDACTED"),
     ("/a", "access_token=eyJhbGciOi.x.y", "/a?access_token=REDACTED"),
-    ("/a", "flag", "/a?flag"),
-    ("/a", "flag&k=v", "/a?flag&k=REDACTED"),
+    ("/a", "flag", "/a?REDACTED"),
+    ("/a", "sk-live-TOKEN", "/a?REDACTED"),  # a bare item may be the secret itself
+    ("/a", "flag&k=v", "/a?REDACTED&k=REDACTED"),
+    ("/a", "k=v&sk-live-TOKEN", "/a?k=REDACTED&REDACTED"),
     ("/a", "k=", "/a?k=REDACTED"),
     ("/a", "k=a=b", "/a?k=REDACTED"),
     ("/a", "=v", "/a?=REDACTED"),

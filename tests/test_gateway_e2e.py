@@ -7,10 +7,13 @@ audit record per call with no token in it.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import httpx
 import pytest
 
 from proxy.audit import FIELDS
+from tests.conftest import base_config
 from tests.e2e import assert_refusal, audit_text, curl
 from tests.support import WORKLOAD, Gateway, Keys, Upstream
 from tests.wire import Reply, Tunnel, basic, h2_request, request_bytes, send
@@ -234,7 +237,7 @@ def test_audit_record_fields(gateway: Gateway, upstream: Upstream, token: str) -
     assert rec["client"] == "127.0.0.1"
     assert (rec["method"], rec["scheme"], rec["host"], rec["port"]) == (
         "GET", "https", "localhost", upstream.https_port)
-    assert rec["path"] == "/allowed/fields?a=REDACTED&b"
+    assert rec["path"] == "/allowed/fields?a=REDACTED&REDACTED"
     assert rec["decision"] == "allow" and rec["rule"] == "tls-read"
     assert rec["status"] == 200 and rec["bytes_in"] == 0
     assert rec["bytes_out"] == len(r.content) and rec["duration_ms"] >= 0
@@ -263,3 +266,23 @@ def test_connect_407_record_fields(gateway: Gateway, upstream: Upstream) -> None
         "CONNECT", None, "localhost", upstream.https_port, None)
     assert rec["decision"] == "deny" and rec["status"] == 407
     assert rec["bytes_out"] == len(reply.body)
+
+
+# -- upstream TLS ------------------------------------------------------------------
+def test_upstream_with_an_untrusted_certificate_is_refused(
+        tmp_path: Path, shared_files: dict[str, Path], upstream: Upstream, token: str) -> None:
+    """Without upstream.ca_file the test CA is not trusted: the gateway's TLS handshake
+    with the upstream fails, so no request (and no secret) ever reaches it."""
+    cfg = base_config(shared_files, upstream)
+    del cfg["upstream"]
+    gw = Gateway(tmp_path, cfg).start()
+    try:
+        before = len(upstream.seen)
+        with gw.client(token) as c:
+            r = c.get(tls(upstream))
+        assert r.status_code == 502, r.text
+        assert len(upstream.seen) == before
+        (rec,) = [x for x in gw.audit() if x["path"] == "/allowed/x"]
+        assert rec["decision"] == "error" and "certificate" in rec["reason"].lower(), rec
+    finally:
+        gw.stop()

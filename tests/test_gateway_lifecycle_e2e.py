@@ -6,9 +6,12 @@ stop); the shared module gateway serves the streaming tests.
 
 from __future__ import annotations
 
+import asyncio
 import os
+import resource
 import signal
 import socket
+import ssl
 import stat
 import subprocess
 import threading
@@ -18,6 +21,8 @@ from typing import Any
 
 import httpx
 import pytest
+import trustme
+from aiohttp import web
 
 from tests.conftest import base_config
 from tests.e2e import CLEAN_ENV, assert_refusal, curl
@@ -294,19 +299,125 @@ def test_curl_through_a_fresh_gateway(gateway: Gateway, upstream: Upstream,
 
 def test_failed_audit_write_fails_the_call_closed(tmp_path: Path, shared_files: dict[str, Path],
                                                   upstream: Upstream, token: str) -> None:
-    """The log lives on a full disk: no call completes unrecorded, and /readyz says so."""
+    """The log lives on a full disk: no call completes unrecorded, and /readyz says so.
+    Once a write failed, no call leaves for the upstream, whatever its shape."""
     cfg = base_config(shared_files, upstream)
     cfg["audit"] = {"path": "/dev/full"}  # every write fails with ENOSPC
     gw = Gateway(tmp_path, cfg).start()
+    tls = f"https://localhost:{upstream.https_port}"
     try:
         with gw.client(token) as c:
-            allowed = c.get(f"http://127.0.0.1:{upstream.http_port}/allowed/x")
-            refused = c.get(f"https://localhost:{upstream.https_port}/secret")
-        for r in (allowed, refused):
-            assert_refusal(r.status_code, r.headers, r.content, 503,
-                           "the audit log could not be written")
+            first = c.get(f"{tls}/secret")  # refused; its record is the first write
+            before = len(upstream.seen)
+            calls = [
+                c.get(f"http://127.0.0.1:{upstream.http_port}/allowed/x"),
+                c.get(f"{tls}/allowed/x"),
+                c.get(f"{tls}/sse?n=3&gap=0.1"),
+                c.post(f"{tls}/allowed/upload", content=b"x" * 2_000_000),  # streamed
+                c.post(f"{tls}/allowed/upload", content=iter([b"y" * 1000] * 3)),  # chunked
+            ]
+        assert len(upstream.seen) == before, upstream.seen[before:]
+        for r in (first, *calls):
+            assert_refusal(r.status_code, r.headers, r.content, 503, "the audit log c")
+        for r in calls:
+            assert "refused before it was sent" in r.json()["reason"]
         ready = httpx.get(f"{gw.control_url}/readyz", timeout=5)
         assert ready.status_code == 503 and ready.json()["checks"]["audit"] is False
         assert gw.proc is not None and gw.proc.poll() is None  # still serving
     finally:
         gw.stop()
+
+
+class GatedUpstream(Upstream):
+    """``/allowed/gated`` answers with an event stream only once ``gate`` is set."""
+
+    def __init__(self, tls_ctx: Any) -> None:
+        super().__init__(tls_ctx)
+        self.gate = threading.Event()
+
+    def app(self) -> web.Application:
+        app = web.Application()
+        app.router.add_route("GET", "/allowed/gated", self.gated)
+        app.router.add_route("*", "/{tail:.*}", self.echo)
+        return app
+
+    async def gated(self, request: web.Request) -> web.StreamResponse:
+        self.seen.append({"method": request.method, "path": request.raw_path,
+                          "headers": dict(request.headers)})
+        for _ in range(500):
+            if self.gate.is_set():
+                break
+            await asyncio.sleep(0.02)
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        for i in range(3):
+            await resp.write(f"data: event {i}\n\n".encode())
+            await asyncio.sleep(0.05)
+        await resp.write_eof()
+        return resp
+
+
+def _audit_write_errors(gw: Gateway) -> float:
+    metrics = httpx.get(f"{gw.control_url}/metrics", timeout=5).text
+    (line,) = [x for x in metrics.splitlines()
+               if x.startswith("taskgate_audit_write_errors_total ")]
+    return float(line.split()[1])
+
+
+def test_audit_failing_mid_call_withholds_the_stream(tmp_path: Path, test_ca: trustme.CA,
+                                                     shared_files: dict[str, Path],
+                                                     token: str) -> None:
+    """The log fails while a call is at the upstream: the answer, which would stream to
+    the agent before its record is written, is withheld (503). When the disk takes
+    writes again, the next refusal's record makes the log healthy and calls go through."""
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    test_ca.issue_cert("localhost").configure_cert(ctx)
+    up = GatedUpstream(ctx).start()
+    gw = Gateway(tmp_path, base_config(shared_files, up)).start()
+    url = f"https://localhost:{up.https_port}/allowed/gated"
+    result: dict[str, Any] = {}
+
+    def agent() -> None:
+        with gw.client(token) as c:
+            r = c.get(url)
+            result.update(status=r.status_code, headers=r.headers, body=r.content)
+
+    thread = threading.Thread(target=agent)
+    assert gw.proc is not None
+    try:
+        thread.start()
+        deadline = time.monotonic() + 10
+        while not up.seen and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert up.seen, "the call never reached the upstream"
+        # The gateway may write no byte more to its files: the audit log fails (EFBIG).
+        _, hard = resource.prlimit(gw.proc.pid, resource.RLIMIT_FSIZE)
+        resource.prlimit(gw.proc.pid, resource.RLIMIT_FSIZE,
+                         (gw.audit_path.stat().st_size, hard))
+        probe = send(gw.proxy_port, request_bytes(  # no token: refused, record fails
+            "GET", f"https://localhost:{up.https_port}/allowed/x", "localhost", None))
+        assert probe.status == 503
+        assert httpx.get(f"{gw.control_url}/readyz", timeout=5).json()["checks"]["audit"] \
+            is False
+        up.gate.set()
+        thread.join(15)
+        assert_refusal(result["status"], result["headers"], result["body"], 503,
+                       "the audit log cannot be written")
+        assert b"event" not in result["body"]
+        # Its record is tried when the upstream's stream ends: the second failed write.
+        while _audit_write_errors(gw) < 2 and time.monotonic() < deadline + 10:
+            time.sleep(0.02)
+        assert _audit_write_errors(gw) == 2
+        # The disk takes writes again: one refusal (whose record is the probe), then calls.
+        resource.prlimit(gw.proc.pid, resource.RLIMIT_FSIZE, (hard, hard))
+        with gw.client(token) as c:
+            again = c.get(f"https://localhost:{up.https_port}/allowed/x")
+            assert_refusal(again.status_code, again.headers, again.content, 503,
+                           "refused before it was sent")
+            assert c.get(f"https://localhost:{up.https_port}/allowed/x").status_code == 200
+        assert len(up.seen) == 2
+    finally:
+        up.gate.set()
+        thread.join(15)
+        gw.stop()
+        up.stop()

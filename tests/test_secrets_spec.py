@@ -231,6 +231,15 @@ def test_query_injection_replaces_every_spelling(target: bytes, expected: bytes)
     assert set_query_param(target, "k", "v/1") == expected
 
 
+@pytest.mark.parametrize(("target", "expected"), [
+    (b"/a", b"/a"),
+    (b"/a?k=agent", b"/a"),
+    (b"/a?x=1&k=agent&%6B=again&y", b"/a?x=1&y"),
+])
+def test_query_param_removed_in_every_spelling(target: bytes, expected: bytes) -> None:
+    assert set_query_param(target, "k", None) == expected
+
+
 def test_check_config_names_file_line_and_key(tmp_path: Path, files: dict[str, str]) -> None:
     cfg = tmp_path / "taskgate.yaml"
     cfg.write_text(

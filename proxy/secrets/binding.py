@@ -1,11 +1,12 @@
 """Bind a secret to its destination: every name for where a call goes must agree.
 
-A secret is added only when the rule's host, the request's target, the Host
-header, the CONNECT target and the TLS server name all name the same place —
-otherwise a tunnel to one host with a request (or SNI) for another would carry
-the credential to a host the rule never named. Over plain HTTP only when the
-rule says ``scheme: http``. The authorize step checks most of this already;
-this is the second look, right where the value leaves.
+A secret is added only when the rule's host, the request's target (and an
+absolute-form URL's authority), the Host header, the CONNECT target and the
+TLS server name all name the same place — otherwise a tunnel to one host
+with a request (or SNI) for another would carry the credential to a host the
+rule never named. Over plain HTTP only when the rule says ``scheme: http``.
+The authorize step checks most of this already; this is the second look,
+right where the value leaves.
 """
 
 from __future__ import annotations
@@ -32,7 +33,8 @@ def _same(name: str | None, host: str) -> bool:
 
 
 def check_destination(rule: Rule, *, scheme: str, host: str, port: int,
-                      host_header: str | None, tunnel: Tunnel | None, sni: str | None) -> None:
+                      host_header: str | None, tunnel: Tunnel | None, sni: str | None,
+                      authority: str = "") -> None:
     """Raise :class:`Refused` unless ``rule``'s secret may go to this destination."""
     from proxy.gateway import _split_hostport
 
@@ -49,10 +51,11 @@ def check_destination(rule: Rule, *, scheme: str, host: str, port: int,
         raise refuse("the request's host is not a valid host name") from None
     if not rule.host.matches(chost) or port != rule.port_for(scheme):
         raise refuse("the request does not go to the rule's host and port")
-    if host_header is not None:
-        name, hport = _split_hostport(host_header)
-        if not _same(name, chost) or (hport is not None and hport != port):
-            raise refuse("the Host header names another destination")
+    for what, value in (("Host header", host_header), ("request's URL", authority or None)):
+        if value is not None:
+            name, hport = _split_hostport(value)
+            if not _same(name, chost) or (hport is not None and hport != port):
+                raise refuse(f"the {what} names another destination")
     if tunnel is None:
         if scheme == "https":
             raise refuse("an https call must come through a CONNECT tunnel")

@@ -64,8 +64,9 @@ class InjectSpec:
         return Placement(self.name, SecretValue(text), query=self.kind == "query")
 
 
-def set_query_param(target: bytes, name: str, value: str) -> bytes:
-    """``target`` with every ``name`` parameter (however encoded) replaced by one ``value``.
+def set_query_param(target: bytes, name: str, value: str | None) -> bytes:
+    """``target`` with every ``name`` parameter (however encoded) replaced by one ``value``
+    (or only removed, for ``None``).
 
     Works on the raw request target so the agent's other parameters keep their
     exact bytes.
@@ -73,7 +74,10 @@ def set_query_param(target: bytes, name: str, value: str) -> bytes:
     path, sep, query = target.partition(b"?")
     kept = [item for item in query.split(b"&") if item
             and unquote_plus(item.partition(b"=")[0].decode("latin-1")) != name] if sep else []
-    kept.append(f"{quote(name, safe='')}={quote(value, safe='')}".encode("ascii"))
+    if value is not None:
+        kept.append(f"{quote(name, safe='')}={quote(value, safe='')}".encode("ascii"))
+    elif not kept:
+        return path
     return path + b"?" + b"&".join(kept)
 
 
