@@ -70,7 +70,7 @@ def _check(args: argparse.Namespace) -> int:
 def _load_plugins() -> None:
     """Import the modules whose subcommands register themselves (they import this
     module, so not at the top); one that fails to import is an error, not a gap."""
-    from . import cli_approvals, cli_audit, cli_tasks  # noqa: F401
+    from . import cli_approvals, cli_audit, cli_tasks, demo  # noqa: F401
 
 
 def build_parser() -> argparse.ArgumentParser:

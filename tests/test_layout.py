@@ -59,7 +59,7 @@ STARTUP = {
                 ["proxy.control_tasks", "proxy.control_audit", "proxy.control_approvals",
                  "proxy.ui", "proxy.metrics"]),
     "cli": ("from proxy.cli import build_parser\nbuild_parser()",
-            ["proxy.cli_tasks", "proxy.cli_audit", "proxy.cli_approvals"]),
+            ["proxy.cli_tasks", "proxy.cli_audit", "proxy.cli_approvals", "proxy.demo"]),
 }
 
 
