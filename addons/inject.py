@@ -181,14 +181,6 @@ class Inject(GatewayAddon):
         if content and redactor.found_in(content):
             resp.content = redactor.redact(content)
 
-    def websocket_message(self, flow: http.HTTPFlow) -> None:
-        redactor: Redactor | None = flow.metadata.get(REDACTOR)
-        if redactor is None or flow.websocket is None:
-            return
-        message = flow.websocket.messages[-1]
-        if not message.from_client:
-            message.content = redactor.redact(message.content)
-
 
 def _redact_headers(headers: http.Headers, redactor: Redactor) -> None:
     fields = headers.fields
