@@ -34,6 +34,7 @@ from .errors import ConfigError
 from .gateway import Gateway, StandingPolicy
 from .grants import install_tasks
 from .identity import Identity, JwksKeys, TokenIssuer, WorkloadIssuer
+from .limits import AuthFailures
 from .metrics import install_metrics
 from .secrets import install as install_secrets
 from .upstream import client_session, trust_bundle
@@ -87,12 +88,14 @@ async def build_gateway(config: Config, session: aiohttp.ClientSession) -> Gatew
     await install_tasks(gateway)  # task grants: store, signing keys, TaskPolicy
     approvals.attach(gateway)
     install_secrets(gateway)
+    gateway.components["auth_failures"] = AuthFailures(audit.write)
     return gateway
 
 
 # The addon chain, in the order hooks must run: who is calling, may it, what is in
 # the body (MCP), does a person have to say yes, which secret to add, and the record.
 ADDON_CHAIN = (
+    ("addons.limits", "Limits"),  # connections per client, before anything is read
     ("addons.identify", "Identify"),
     ("addons.authorize", "Authorize"),
     ("addons.mcp", "Mcp"),
@@ -131,6 +134,9 @@ def mitm_options(config: Config, bundle: str) -> dict[str, Any]:
         "ssl_verify_upstream_trusted_ca": bundle,
         "upstream_cert": False,
         "validate_inbound_headers": True,
+        # Inactivity of a whole connection: mitmproxy has no timeout for reading a
+        # request head (see proxy/limits.py); max_connections_per_client bounds those.
+        "tcp_timeout": config.idle_timeout_seconds,
     }
 
 
@@ -247,6 +253,7 @@ async def _close(runner: web.AppRunner, gateway: Gateway,
     tasks = gateway.components.get("tasks")
     if tasks is not None:  # last counters and revocations to disk before the audit closes
         await tasks.close()
+    await gateway.components["auth_failures"].flush()  # 407s counted, not yet written
     await gateway.audit.close()
     secrets = gateway.components.get("secrets")
     if secrets is not None:  # minted tokens die with the process: revoke them first
