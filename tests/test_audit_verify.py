@@ -243,6 +243,27 @@ def test_intact_log_reaches_its_head(tmp_path: Path, capsys: pytest.CaptureFixtu
     assert f"head:    {head_path(str(log))} (the log reaches it)" in out
 
 
+def test_head_follows_a_burst_before_close(tmp_path: Path) -> None:
+    """Under load the head may trail by a batch or two; once the burst is written it
+    names the last record, without waiting for close."""
+    log = tmp_path / "audit.jsonl"
+
+    async def burst() -> Head | None:
+        audit = AuditLog(str(log))
+        await audit.start()
+        await asyncio.gather(*(audit.write(new_record(ts=rfc3339(0), request_id=str(i),
+                                                      decision="allow")) for i in range(500)))
+        for _ in range(100):  # the head is written just after the callers are released
+            head = read_head(str(log), None)
+            if head is not None and head.seq == 500:
+                break
+            await asyncio.sleep(0.01)
+        await audit.close()
+        return head
+
+    assert asyncio.run(burst()) == Head(500, json.loads(lines(log)[-1])["hash"])
+
+
 def test_records_cut_from_the_end_are_detected_across_a_restart(
         tmp_path: Path, capsys: pytest.CaptureFixture[str],
         caplog: pytest.LogCaptureFixture) -> None:
