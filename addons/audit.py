@@ -5,11 +5,12 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Iterable
 
-from mitmproxy import http
+from mitmproxy import connection, http, tls
+from mitmproxy.proxy import server_hooks
 
 from addons._base import GatewayAddon, exchange, refuse
 from proxy.errors import Unavailable
-from proxy.gateway import REQUEST_ID_HEADER, Exchange
+from proxy.gateway import REQUEST_ID_HEADER, Exchange, Gateway
 
 log = logging.getLogger("taskgate")
 
@@ -78,6 +79,12 @@ class Audit(GatewayAddon):
             return False
         refuse(flow, 503, "unavailable", AUDIT_DOWN, decision="error")
         return True
+
+    def __init__(self, gateway: Gateway | None = None) -> None:
+        super().__init__(gateway)
+        # Upstreams a client's calls could not reach (connect or TLS failed), until the
+        # error hook of the call records it: mitmproxy answers those with a 502.
+        self._unreachable: dict[str, set[tuple[str, int]]] = {}
 
     def requestheaders(self, flow: http.HTTPFlow) -> None:
         if flow.response or not flow.live or not self.started or self._down(flow):
@@ -165,10 +172,30 @@ class Audit(GatewayAddon):
             ex.decision = "error"
         if flow.response is not None and ex.status is None:
             ex.status = flow.response.status_code
+        failed = self._unreachable.get(flow.client_conn.id)
+        if failed and (flow.request.host, flow.request.port) in failed:
+            failed.discard((flow.request.host, flow.request.port))
+            if flow.response is None and ex.status is None:
+                ex.status = 502  # what mitmproxy answered (proxy/server.py makes it JSON)
         try:
             await self.gateway.audit_exchange(ex)
         except Unavailable:
             log.error("audit write failed for errored call %s", ex.request_id)
+
+    def server_connect_error(self, data: server_hooks.ServerConnectionHookData) -> None:
+        self._upstream_failed(data.client, data.server)
+
+    def tls_failed_server(self, data: tls.TlsData) -> None:
+        self._upstream_failed(data.context.client, data.conn)
+
+    def _upstream_failed(self, client: connection.Client, server: connection.Connection
+                         ) -> None:
+        if server.address is not None:
+            host, port = server.address[0], server.address[1]
+            self._unreachable.setdefault(client.id, set()).add((host, port))
+
+    def client_disconnected(self, client: connection.Client) -> None:
+        self._unreachable.pop(client.id, None)
 
     async def _write(self, flow: http.HTTPFlow, ex: Exchange) -> None:
         if not self.started:

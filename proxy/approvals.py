@@ -159,11 +159,8 @@ class Approvals:
         self._waiting[held.id] = held
         log.info("request %s held for approval %s: %s %s", held.request_id, held.id,
                  held.method, held.url)
-        reason = self._reason(held.runs_out)
-        if held.runs_out == "expired" and held.task is not None:
-            reason = REASONS["task_expired"]
-        held.timer = loop.call_later(max(0.0, held.deadline - time.time()), self._end, held,
-                                     Answer(held.runs_out, reason))
+        held.timer = loop.call_later(max(0.0, held.deadline - time.time()), self._run_out,
+                                     held)
 
     async def wait(self, held: Held) -> Answer:
         """The answer for ``held``; if the waiter itself is cancelled, the hold ends too."""
@@ -223,6 +220,14 @@ class Approvals:
     # -- internals ----------------------------------------------------------------
     def _reason(self, outcome: str) -> str:
         return REASONS[outcome].format(timeout=self.timeout)
+
+    def _run_out(self, held: Held) -> None:
+        """The deadline passed: the answer is made now, so its ``at`` (and the record's
+        ``waited_ms``) say when the hold ended, not when it began."""
+        reason = self._reason(held.runs_out)
+        if held.runs_out == "expired" and held.task is not None:
+            reason = REASONS["task_expired"]
+        self._end(held, Answer(held.runs_out, reason))
 
     def _answer(self, hid: str, answer: Answer) -> Held:
         held = self._waiting.get(hid)

@@ -18,6 +18,9 @@ file's last hash as ``prev`` and the next ``seq``. A removed or truncated file
 therefore breaks the chain where the next file starts, and the whole set
 begins at ``seq`` 1 with ``prev`` :data:`GENESIS`. ``proxy/audit_verify.py``
 checks it; ``proxy/audit_query.py`` reads it.
+
+Head (``proxy/audit_head.py``): after every batch the writer records the last
+seq and hash in ``<path>.head``, so records cut from the end are detected too.
 """
 
 from __future__ import annotations
@@ -29,12 +32,14 @@ import logging
 import os
 import re
 import threading
+import time
 from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any
 
 import orjson
 
+from .audit_head import Head, read_head, write_head
 from .errors import Unavailable
 
 __all__ = [
@@ -58,6 +63,7 @@ FIELDS = (
 )
 DECISIONS = ("allow", "deny", "error", "approved", "rejected", "held")
 GENESIS = "0" * 64
+HEAD_LAG_SECONDS = 0.1  # under load, how far the chain head may trail the log
 REDACTED = "REDACTED"
 
 
@@ -193,6 +199,9 @@ class AuditLog:
         self.last_hash = GENESIS
         self.write_errors = 0
         self.healthy = True
+        self._head_failed = False
+        self._head_written = False  # by this process: then synced again on close
+        self._head_at = 0.0  # monotonic time of the last head write
 
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
@@ -203,6 +212,7 @@ class AuditLog:
     def _open(self) -> None:
         os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
         self.seq, self.last_hash, clean = _chain_tail(self.path)
+        self._check_head()
         self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
         if not clean:
             # A torn last line (crash mid-write) stays where it is, on a line of
@@ -211,6 +221,39 @@ class AuditLog:
                       self.path)
             os.write(self._fd, b"\n")
         self._size = os.fstat(self._fd).st_size
+
+    def _check_head(self) -> None:
+        """Never re-chain silently over records cut from the end: when the log is behind
+        its head, go on from the head, so the gap stays in the chain for verify to name."""
+        try:
+            head = read_head(self.path, self._key)
+        except ValueError as e:
+            log.error("%s; records cut from the end of the audit log cannot be detected",
+                      e)
+            return
+        if head is None:
+            if self.seq:
+                log.error("audit log %s has no chain head (%s.head): if records were cut "
+                          "from its end, that cannot be detected (fine once, for a log "
+                          "written by an older version)", self.path, self.path)
+            return
+        if head.seq > self.seq or (head.seq == self.seq and head.hash != self.last_hash):
+            log.error("audit log %s ends at seq %d but its chain head says seq %d: records "
+                      "were removed from its end; the chain goes on from the head, so "
+                      "`taskgate audit verify` shows the gap", self.path, self.seq, head.seq)
+            self.seq, self.last_hash = head.seq, head.hash
+
+    def _write_head(self, *, sync: bool = False) -> None:
+        """Record the chain's end; a failure is logged (the records are in the log)."""
+        try:
+            write_head(self.path, Head(self.seq, self.last_hash), self._key, sync=sync)
+        except OSError as e:
+            if not self._head_failed:
+                log.error("audit chain head %s.head could not be written: %s", self.path, e)
+            self._head_failed = True
+        else:
+            self._head_failed = False
+            self._head_written = True
 
     def _rotate(self) -> None:
         """Rename the full file to the next ``<path>.<n>`` and start a new one."""
@@ -291,6 +334,15 @@ class AuditLog:
             log.error("audit log write failed: %s", e)
         assert self._loop is not None
         self._loop.call_soon_threadsafe(self._settle, batch, error)
+        if error is None:  # after the callers were released: they wait on the log only
+            with self._cond:
+                more = bool(self._pending)
+            now = time.monotonic()
+            # Under load the next batch is already waiting: the head follows it, at
+            # least every HEAD_LAG_SECONDS (and on close), not after every batch.
+            if not more or now - self._head_at >= HEAD_LAG_SECONDS:
+                self._head_at = now
+                self._write_head()
 
     @staticmethod
     def _settle(batch: list[tuple[dict[str, Any], asyncio.Future[None]]],
@@ -315,6 +367,8 @@ class AuditLog:
             fd, self._fd = self._fd, None
             try:
                 await asyncio.to_thread(os.fsync, fd)
+                if self._head_written:
+                    await asyncio.to_thread(self._write_head, sync=True)
             except OSError as e:  # reported; the descriptor is closed all the same
                 log.error("audit log %s could not be synced: %s", self.path, e)
             finally:

@@ -12,9 +12,13 @@ damage, naming the file, the line, the ``seq`` and the kind:
   cut). A cut-off record the chain continues intact around is a *torn write*,
   which ``accept_torn`` turns into a warning.
 
-What a plain hash chain cannot show: records cut from the very end of the
-newest file (keep the printed last hash elsewhere to compare), or a rewrite
-that recomputes every later hash — unless the chain is keyed
+Records cut from the very end leave a valid chain; the chain head the writer
+keeps beside the log (``<path>.head``, proxy/audit_head.py) names the last
+seq and hash, so they show as ``removed`` at the end, and a last record that
+differs from the head as ``edited``. Without a head (an older log) or with
+head and records both removed, the end cannot be checked: keep the printed
+last hash elsewhere to compare. A rewrite that recomputes every later hash
+(and the head) is only detected when the chain is keyed
 (``audit.hmac_key_file``), which is what the key is for.
 """
 
@@ -28,6 +32,7 @@ from typing import Any
 import orjson
 
 from .audit import GENESIS, chain_hash, log_files, rotated_files
+from .audit_head import Head, head_path, read_head
 
 __all__ = ["Damage", "Report", "verify", "verify_files"]
 
@@ -62,6 +67,7 @@ class Report:
     damage: Damage | None = None
     torn: list[Damage] = field(default_factory=list)
     per_file: dict[str, tuple[int, int]] = field(default_factory=dict)  # file → (first, last)
+    head: str | None = None  # the chain head file compared with the end, if there was one
 
     @property
     def ok(self) -> bool:
@@ -77,6 +83,7 @@ class Report:
                 "kind": self.damage.kind, "file": self.damage.file, "line": self.damage.line,
                 "seq": self.damage.seq, "detail": self.damage.detail},
             "torn": [str(t) for t in self.torn],
+            "head": self.head,
         }
 
 
@@ -120,14 +127,24 @@ def _find_seq(files: list[str], start: tuple[int, int], seq: int) -> _Line | Non
 
 
 def verify_files(files: list[str], *, key: bytes | None = None, partial: bool = False,
-                 accept_torn: bool = False, current: str | None = None) -> Report:
+                 accept_torn: bool = False, current: str | None = None,
+                 head_of: str | None = None) -> Report:
     """Verify ``files`` as one chain, in the order given.
 
     ``partial``: the first file may continue a chain whose start is not given
     (its first record's ``prev`` is trusted). ``current``: the live file, which
-    must exist when rotated files do.
+    must exist when rotated files do. ``head_of``: the log whose chain head
+    (``<head_of>.head``), when there is one, the end of the chain must reach.
     """
     report = Report(files=list(files), keyed=key is not None)
+    head: Head | None = None
+    head_error: str | None = None
+    if head_of is not None:
+        try:
+            head = read_head(head_of, key)
+        except (OSError, ValueError) as e:
+            head_error = str(e)
+        report.head = head_path(head_of) if head is not None or head_error else None
     if current is not None and not os.path.exists(current) and files:
         report.damage = Damage("removed", current, 0, None,
                                "the current log file is missing, though rotated files exist")
@@ -196,6 +213,9 @@ def verify_files(files: list[str], *, key: bytes | None = None, partial: bool = 
             return fail("edited", last, seq - 1,
                         f"{line.file} line {line.number} (seq {seq}) does not link to it: "
                         "this record or the next was rewritten with a recomputed hash")
+        if head is not None and seq == head.seq and rec["hash"] != head.hash:
+            return fail("edited", line, seq, f"the record differs from the chain head "
+                        f"({report.head}): records at the end were replaced")
         report.records += 1
         first, _ = report.per_file.get(line.file, (seq, seq))
         report.per_file[line.file] = (first, seq)
@@ -211,7 +231,27 @@ def verify_files(files: list[str], *, key: bytes | None = None, partial: bool = 
             report.torn.append(damage)
         else:
             report.damage = damage
+    if report.damage is None:
+        _check_head(report, head, head_error, last, files)
     return report
+
+
+def _check_head(report: Report, head: Head | None, head_error: str | None,
+                last: _Line | None, files: list[str]) -> None:
+    """The chain must reach the head the writer recorded: else records were cut off."""
+    assert report.head is not None or (head is None and head_error is None)
+    if head_error is not None:
+        report.damage = Damage("edited", report.head or "", 1, None, head_error)
+        return
+    end = report.last_seq or 0
+    if head is None or head.seq <= end:
+        return
+    missing = f"seq {head.seq}" if head.seq == end + 1 else f"seq {end + 1}..{head.seq}"
+    where, number = ((last.file, last.number) if last is not None
+                     else (files[-1] if files else report.head or "", 0))
+    report.damage = Damage("removed", where, number, end + 1,
+                           f"the log ends here, but its chain head ({report.head}) says "
+                           f"seq {head.seq}: {missing} missing (cut from the end)")
 
 
 def _key_hint(rec: dict[str, Any], key: bytes | None) -> str:
@@ -229,7 +269,7 @@ def verify(path: str, *, key: bytes | None = None, accept_torn: bool = False,
     files = log_files(path)
     rotated = rotated_files(path)
     report = verify_files(files, key=key, accept_torn=accept_torn, partial=partial,
-                          current=path if rotated else None)
+                          current=path if rotated else None, head_of=path)
     if report.damage is not None and report.damage.kind == "removed" and rotated:
         numbers = {int(f.rsplit(".", 1)[1]) for f in rotated}
         gone = [f"{os.path.basename(path)}.{n}" for n in range(1, max(numbers))

@@ -163,8 +163,9 @@ def main_verify(args: argparse.Namespace) -> int:
         if missing:
             print(f"taskgate audit verify: {missing[0]}: no such file", file=sys.stderr)
             return 2
-        report = verify_files(_chain_order(args.files), key=key, partial=args.partial,
-                              accept_torn=args.accept_torn)
+        files = _chain_order(args.files)
+        report = verify_files(files, key=key, partial=args.partial,
+                              accept_torn=args.accept_torn, head_of=files[-1])
     elif not log_files(config.audit_path):
         print(f"taskgate audit verify: no audit log at {config.audit_path}", file=sys.stderr)
         return 1
@@ -205,6 +206,8 @@ def _summary(report: Report, *, partial: bool, explicit: bool) -> str:
     lines.append(f"  chain:   {chain}")
     if report.damage is None:
         lines.append(f"  last hash: {report.last_hash}")
+        lines.append(f"  head:    {report.head} (the log reaches it)" if report.head else
+                     "  head:    none (records cut from the end would not show)")
     for t in report.torn:
         lines.append(f"  warning: {t}")
     return "\n".join(lines)

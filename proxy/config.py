@@ -71,6 +71,9 @@ class Config:
     shutdown_grace_seconds: float = 10.0
     stream_threshold_bytes: int = 1024 * 1024
     max_inspect_bytes: int = 1024 * 1024
+    max_connections: int = 10000  # agent connections open at once, from everyone
+    max_connections_per_client: int = 256  # … from one client IP
+    idle_timeout_seconds: int = 600  # a connection with no traffic either way is closed
 
     @property
     def ca_dir(self) -> str:
@@ -296,13 +299,19 @@ def parse_config(doc: Any, source: str = "<config>") -> Config:
         kw["approval_timeout_seconds"] = _number(w, v, 1, 86400)
 
     w, v = sub("proxy")
-    px = _mapping(w, v, ("shutdown_grace_seconds", "stream_threshold_bytes"))
+    px = _mapping(w, v, ("shutdown_grace_seconds", "stream_threshold_bytes", "max_connections",
+                         "max_connections_per_client", "idle_timeout_seconds"))
     if "shutdown_grace_seconds" in px:
         kw["shutdown_grace_seconds"] = _number(_child(w, px, "shutdown_grace_seconds"),
                                                px["shutdown_grace_seconds"], 0, 600)
     if "stream_threshold_bytes" in px:
         kw["stream_threshold_bytes"] = int(_number(_child(w, px, "stream_threshold_bytes"),
                                                    px["stream_threshold_bytes"], 0, 1 << 40))
+    for key, lo, hi in (("max_connections", 1, 1 << 20),
+                        ("max_connections_per_client", 1, 1 << 20),
+                        ("idle_timeout_seconds", 1, 86400)):
+        if key in px:
+            kw[key] = int(_number(_child(w, px, key), px[key], lo, hi))
     w, v = sub("mcp")
     mc = _mapping(w, v, ("max_body_bytes",))
     if "max_body_bytes" in mc:

@@ -262,7 +262,12 @@ class Gateway:
             self.in_flight -= 1
             if self.in_flight == 0:
                 self.idle.set()
-        await self._write(ex.record())
+        record = ex.record()
+        floods = self.components.get("auth_failures")  # proxy/limits.py: 407 floods
+        if floods is not None and floods.absorb(record):
+            self._observe(record)  # counted (metrics) and summarized, not a line of its own
+            return
+        await self._write(record)
 
     async def audit_interim(self, ex: Exchange, decision: str, reason: str,
                             approval: dict[str, Any] | None = None) -> None:
@@ -277,6 +282,9 @@ class Gateway:
 
     async def _write(self, record: dict[str, Any]) -> None:
         await self.audit.write(record)
+        self._observe(record)
+
+    def _observe(self, record: dict[str, Any]) -> None:
         for hook in self.on_record:
             try:
                 hook(record)

@@ -61,6 +61,7 @@ log = logging.getLogger(__name__)
 SWEEP_SECONDS = 1.0
 RETENTION_SECONDS = 3600.0
 ADMITTED_MAX_AGE = 3600.0
+ACTIVE_COUNT_SECONDS = 1.0  # /metrics is open to anyone: count the tasks at most this often
 CEILING_CHECK_STATES = 100_000  # automaton states one task request may cost
 _REFUND = ("deny", "rejected")
 
@@ -83,6 +84,7 @@ class TaskRegistry:
         self._admitted: dict[str, tuple[str, float]] = {}  # request id → (task, when)
         self._background: set[asyncio.Task[Any]] = set()
         self._sweeper: asyncio.Task[None] | None = None
+        self._active: tuple[float, float] | None = None  # (monotonic when, count)
 
     # -- loading --------------------------------------------------------------
     async def load(self) -> None:
@@ -103,6 +105,7 @@ class TaskRegistry:
 
     def _index(self, task: Task) -> None:
         self.tasks[task.id] = task
+        self._active = None
         heapq.heappush(self._ends, (task.revoked_at or task.expires_at, task.id))
         heapq.heappush(self._purges, (task.ended_at() + self.retention, task.id))
         self._kid_until[task.kid] = max(self._kid_until.get(task.kid, 0.0), task.expires_at)
@@ -111,9 +114,15 @@ class TaskRegistry:
         return self.tasks.get(task_id)
 
     def active_count(self) -> float:
-        """Tasks that can still make calls (read at /metrics scrape time)."""
-        now = time.time()
-        return sum(1 for t in self.tasks.values() if t.state(now) == "active")
+        """Tasks that can still make calls (read at /metrics scrape time). Counted again
+        at most once a second, or after a task was created or revoked: a scrape flood
+        must not walk every task each time."""
+        now = time.monotonic()
+        if self._active is None or now - self._active[0] >= ACTIVE_COUNT_SECONDS:
+            wall = time.time()
+            self._active = (now, float(sum(1 for t in self.tasks.values()
+                                           if t.state(wall) == "active")))
+        return self._active[1]
 
     # -- creation and revocation ----------------------------------------------
     async def workload_of(self, req: TaskRequest) -> str:
@@ -187,6 +196,7 @@ class TaskRegistry:
             return None
         if task.revoked_at is None:
             task.revoked_at = time.time()
+            self._active = None
             heapq.heappush(self._purges, (task.ended_at() + self.retention, task.id))
             self.gateway.identity.forget(lambda c: c.task == task_id)
             await self.store.revoke(task_id, task.revoked_at)

@@ -14,6 +14,7 @@ import asyncio
 import gc
 import logging
 import os
+import re
 import signal
 import sys
 from pathlib import Path
@@ -21,15 +22,18 @@ from typing import Any
 
 import aiohttp
 from aiohttp import web
-from mitmproxy import certs, options
+from mitmproxy import certs, http, options, version
 from mitmproxy.addons import disable_h2c, next_layer, proxyserver, tlsconfig
 from mitmproxy.master import Master
+from mitmproxy.net.http import http1
+from mitmproxy.proxy.layers.http import _http1, _http2, _http_h2
 
 from addons.approve import Approve
 from addons.audit import Audit
 from addons.authorize import Authorize
 from addons.identify import Identify
 from addons.inject import Inject
+from addons.limits import Limits
 from addons.mcp import Mcp
 
 from . import approvals
@@ -38,15 +42,16 @@ from .audit import AuditLog, load_hmac_key
 from .config import Config, load_config
 from .control import ControlState, make_app
 from .errors import ConfigError
-from .gateway import Gateway, StandingPolicy
+from .gateway import REQUEST_ID_HEADER, Gateway, StandingPolicy, new_request_id, refusal_body
 from .grants import install_tasks
 from .identity import Identity, JwksKeys, TokenIssuer, WorkloadIssuer
+from .limits import AuthFailures
 from .metrics import install_metrics
 from .secrets import install as install_secrets
 from .upstream import client_session, trust_bundle
 
-__all__ = ["build_gateway", "ensure_ca", "gateway_addons", "run", "serve", "settle_heap",
-           "shared_gateway"]
+__all__ = ["build_gateway", "ensure_ca", "gateway_addons", "json_error_responses", "run",
+           "serve", "settle_heap", "shared_gateway"]
 
 log = logging.getLogger("taskgate")
 
@@ -94,13 +99,15 @@ async def build_gateway(config: Config, session: aiohttp.ClientSession) -> Gatew
     await install_tasks(gateway)  # task grants: store, signing keys, TaskPolicy
     approvals.attach(gateway)
     install_secrets(gateway)
+    gateway.components["auth_failures"] = AuthFailures(audit.write)
     return gateway
 
 
 # The addon chain, in the order hooks must run: who is calling, may it, what is in
 # the body (MCP), does a person have to say yes, which secret to add, and the record.
 # Every one is policy: plain imports, so a missing module stops the start, never a hook.
-ADDON_CHAIN = (Identify, Authorize, Mcp, Approve, Inject, Audit)
+# Limits comes first: connections per client are counted before anything is read.
+ADDON_CHAIN = (Limits, Identify, Authorize, Mcp, Approve, Inject, Audit)
 
 
 def gateway_addons(gateway: Gateway) -> list[Any]:
@@ -124,7 +131,69 @@ def mitm_options(config: Config, bundle: str) -> dict[str, Any]:
         "ssl_verify_upstream_trusted_ca": bundle,
         "upstream_cert": False,
         "validate_inbound_headers": True,
+        # Inactivity of a whole connection: mitmproxy has no timeout for reading a
+        # request head (see proxy/limits.py); max_connections_per_client bounds those.
+        "tcp_timeout": config.idle_timeout_seconds,
     }
+
+
+# -- responses mitmproxy writes itself ------------------------------------------
+_ERROR_CODES = {400: ("bad_request", "malformed request"),
+                413: ("payload_too_large", "request body too large"),
+                502: ("bad_gateway", "the upstream failed")}
+_QUOTED = re.compile(r"b?'(?:[^'\\]|\\.)*'" + r'|b?"(?:[^"\\]|\\.)*"')
+_h2_error_id: list[str] = []  # the id send_headers put on an h2 error, for its body
+
+
+def _error_body(status: int, message: str, request_id: str) -> bytes:
+    """taskgate's JSON refusal for an error mitmproxy answers itself. Its message loses
+    what it quotes (a request line, an upstream's header: bytes that may hold a secret)."""
+    error, what = _ERROR_CODES.get(status, ("error", "the call failed"))
+    detail = "".join(c if c.isprintable() else " " for c in _QUOTED.sub("[...]", message))
+    reason = f"{what}: {detail.strip()[:300]}" if detail.strip() else what
+    return refusal_body(error, reason, request_id)
+
+
+def _error_response(status_code: int, message: str = "") -> bytes:
+    """Replaces ``mitmproxy.proxy.layers.http._http1.make_error_response`` (HTML, no id).
+
+    A fresh request id: mitmproxy makes this response where the flow (and the id of
+    its audit record) is out of reach."""
+    request_id = new_request_id()
+    resp = http.Response.make(status_code, _error_body(status_code, message, request_id),
+                              {"Content-Type": "application/json", "Connection": "close",
+                               REQUEST_ID_HEADER: request_id})
+    return bytes(http1.assemble_response(resp))
+
+
+def json_error_responses() -> None:
+    """Make mitmproxy's own error responses (400 for a malformed request, 502 for an
+    unreachable upstream, …) taskgate refusals, over HTTP/1 and HTTP/2. Idempotent."""
+    _http1.make_error_response = _error_response
+    conn = _http_h2.BufferedH2Connection
+    if getattr(conn, "_taskgate_errors", False):
+        return
+    send_headers = conn.send_headers
+    server = (b"server", version.MITMPROXY.encode())
+
+    def headers_of_errors(self: Any, stream_id: int, headers: Any, *args: Any,
+                          **kw: Any) -> None:
+        # mitmproxy's h2 error response is exactly these three headers, then its body.
+        if (isinstance(headers, list) and len(headers) == 3 and headers[1] == server
+                and headers[2] == (b"content-type", b"text/html")):
+            request_id = new_request_id()
+            _h2_error_id[:] = [request_id]
+            headers = [headers[0], (b"content-type", b"application/json"),
+                       (REQUEST_ID_HEADER.lower().encode(), request_id.encode())]
+        send_headers(self, stream_id, headers, *args, **kw)
+
+    def body_of_errors(status: int, message: str) -> bytes:
+        request_id = _h2_error_id.pop() if _h2_error_id else new_request_id()
+        return _error_body(status, message, request_id)
+
+    conn.send_headers = headers_of_errors  # type: ignore[method-assign]
+    conn._taskgate_errors = True  # type: ignore[attr-defined]
+    _http2.format_error = body_of_errors
 
 
 def settle_heap() -> None:
@@ -173,6 +242,7 @@ async def serve(config: Config) -> int:
         await _close(runner, gateway, session)
         return 2
 
+    json_error_responses()
     opts = options.Options()
     master = _GatewayMaster(opts, event_loop=loop)
     ps = proxyserver.Proxyserver()
@@ -240,6 +310,7 @@ async def _close(runner: web.AppRunner, gateway: Gateway,
     tasks = gateway.components.get("tasks")
     if tasks is not None:  # last counters and revocations to disk before the audit closes
         await tasks.close()
+    await gateway.components["auth_failures"].flush()  # 407s counted, not yet written
     await gateway.audit.close()
     secrets = gateway.components.get("secrets")
     if secrets is not None:  # minted tokens die with the process: revoke them first
@@ -269,6 +340,7 @@ _shared: dict[str | None, Gateway] = {}
 async def shared_gateway(config_path: str | None) -> Gateway:
     """The gateway for standalone addons (``mitmdump -s``): one per config file."""
     if config_path not in _shared:
+        json_error_responses()
         config = load_config(config_path)
         session = client_session(config, trust_bundle(config))
         _shared[config_path] = await build_gateway(config, session)

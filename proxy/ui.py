@@ -17,20 +17,19 @@ from __future__ import annotations
 
 import hmac
 import html
-import time
-from collections import deque
 from importlib import resources
 
 from aiohttp import web
 
 from .control import ROUTE_PLUGINS, SESSION_AUTH, STATE
+from .limits import FailureThrottle, client_key
 from .ui_session import CSRF_HEADER, Sessions, same_origin
 
 __all__ = ["SECURITY_HEADERS", "SESSIONS"]
 
 SESSIONS = web.AppKey("ui_sessions", Sessions)
 ASSETS = web.AppKey("ui_assets", dict)
-FAILURES = web.AppKey("ui_login_failures", deque)
+FAILURES = web.AppKey("ui_login_failures", FailureThrottle)
 
 SECURITY_HEADERS = {
     "Content-Security-Policy": (
@@ -74,11 +73,10 @@ async def ui_redirect(request: web.Request) -> web.Response:
 
 
 async def login(request: web.Request) -> web.Response:
-    failures = request.app[FAILURES]
-    now = time.monotonic()
-    if len(failures) == failures.maxlen and now - failures[0] < 60:
-        return _page(request, "login.html", 429,
-                     error="Too many failed sign-ins; wait a minute and try again.")
+    """Sign in. Failures are throttled per client address, and the right token is
+    checked first: nobody else's failures (not even from a shared address) lock the
+    admin out. The throttle only slows guessing from one address; the token is 256
+    random bits unless TASKGATE_ADMIN_TOKEN sets a weaker one."""
     if not same_origin(request):
         return _page(request, "login.html", 403, error="Sign in from this page.")
     form = await request.post() if request.content_type == "application/x-www-form-urlencoded" \
@@ -87,7 +85,11 @@ async def login(request: web.Request) -> web.Response:
     expected = request.app[STATE].admin_token
     if not isinstance(given, str) or not hmac.compare_digest(given.strip().encode(),
                                                              expected.encode()):
-        failures.append(now)
+        failures, client = request.app[FAILURES], client_key(request.remote)
+        if failures.blocked(client):
+            return _page(request, "login.html", 429,
+                         error="Too many failed sign-ins; wait a minute and try again.")
+        failures.failed(client)
         return _page(request, "login.html", 401, error="That is not the admin token.")
     sessions = request.app[SESSIONS]
     sessions.drop(request)
@@ -133,7 +135,7 @@ def _routes(app: web.Application) -> None:
     app[SESSIONS] = sessions
     app[SESSION_AUTH] = sessions.authenticate
     app[ASSETS] = _load_assets()
-    app[FAILURES] = deque(maxlen=LOGIN_FAILURES_PER_MINUTE)
+    app[FAILURES] = FailureThrottle(LOGIN_FAILURES_PER_MINUTE)
     app.on_response_prepare.append(_security_headers)
     app.router.add_get("/ui", ui_page)
     app.router.add_get("/ui/", ui_redirect)

@@ -81,6 +81,10 @@ async def test_timeout_refuses_and_then_answers_conflict() -> None:
     held = held_call(ap)
     answer = await asyncio.wait_for(ap.wait(held), 2)
     assert answer.outcome == "timeout" and "0.05 seconds" in answer.reason
+    # The answer is made when the clock runs out, not when the hold began.
+    assert answer.at >= held.created + 0.05
+    value = held.audit_value()
+    assert 50 <= value["waited_ms"] < 1000, value
     with pytest.raises(Conflict, match="timeout"):
         ap.approve(held.id, "alice")
 
@@ -90,6 +94,7 @@ async def test_credential_expiring_first_ends_the_hold_early() -> None:
     held = held_call(ap, expires_at=time.time() + 0.05)
     answer = await asyncio.wait_for(ap.wait(held), 2)
     assert answer.outcome == "expired"
+    assert 40 <= held.audit_value()["waited_ms"] < 1000
 
 
 async def test_task_end_refuses_only_that_tasks_calls() -> None:

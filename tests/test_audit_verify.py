@@ -21,6 +21,7 @@ import orjson
 import pytest
 
 from proxy.audit import AuditLog, chain_hash, log_files, new_record, rfc3339
+from proxy.audit_head import Head, head_path, read_head, write_head
 from proxy.audit_verify import verify
 from proxy.cli import main
 from tests.support import REPO
@@ -230,6 +231,126 @@ def test_removed_rotated_file_is_detected(tmp_path: Path, which: str) -> None:
         assert "a rotated file" in d.detail and os.path.basename(victim) not in after
 
 
+# -- the end of the chain: its head ----------------------------------------------
+def test_intact_log_reaches_its_head(tmp_path: Path, capsys: pytest.CaptureFixture[str]
+                                     ) -> None:
+    log = tmp_path / "audit.jsonl"
+    write(log, 5)
+    last = json.loads(lines(log)[-1])
+    assert read_head(str(log), None) == Head(5, last["hash"])
+    code, out = verify_cli(capsys, str(log))
+    assert code == 0, out
+    assert f"head:    {head_path(str(log))} (the log reaches it)" in out
+
+
+def test_head_follows_a_burst_before_close(tmp_path: Path) -> None:
+    """Under load the head may trail by a batch or two; once the burst is written it
+    names the last record, without waiting for close."""
+    log = tmp_path / "audit.jsonl"
+
+    async def burst() -> Head | None:
+        audit = AuditLog(str(log))
+        await audit.start()
+        await asyncio.gather(*(audit.write(new_record(ts=rfc3339(0), request_id=str(i),
+                                                      decision="allow")) for i in range(500)))
+        for _ in range(100):  # the head is written just after the callers are released
+            head = read_head(str(log), None)
+            if head is not None and head.seq == 500:
+                break
+            await asyncio.sleep(0.01)
+        await audit.close()
+        return head
+
+    assert asyncio.run(burst()) == Head(500, json.loads(lines(log)[-1])["hash"])
+
+
+def test_records_cut_from_the_end_are_detected_across_a_restart(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str],
+        caplog: pytest.LogCaptureFixture) -> None:
+    log = tmp_path / "audit.jsonl"
+    write(log, 8)
+    data = lines(log)
+    log.write_bytes(b"".join(data[:-2]))  # seq 7 and 8 gone: what is left is a valid chain
+    code, out = verify_cli(capsys, str(log))
+    assert code == 1
+    assert f"DAMAGED: removed: {log} line 6 (seq 7)" in out
+    assert "seq 7..8 missing (cut from the end)" in out
+    # A restart does not chain over the gap: it goes on from the head, and says so.
+    with caplog.at_level("ERROR", logger="proxy.audit"):
+        write(log, 2, first=8)
+    assert "ends at seq 6 but its chain head says seq 8" in caplog.text
+    after = [json.loads(x) for x in lines(log)]
+    assert [r["seq"] for r in after] == [1, 2, 3, 4, 5, 6, 9, 10]
+    assert after[6]["prev"] == json.loads(data[-1])["hash"]
+    code, out = verify_cli(capsys, str(log))
+    assert code == 1
+    assert f"DAMAGED: removed: {log} line 7 (seq 9): after line 6: seq 7..8 missing" in out
+
+
+def test_replaced_last_records_are_detected(tmp_path: Path) -> None:
+    """Cut the end and append records with recomputed hashes: a valid unkeyed chain,
+    but its last record is not the one the head names."""
+    log = tmp_path / "audit.jsonl"
+    write(log, 6)
+    data = lines(log)
+    rec = orjson.loads(data[-1])
+    rec["decision"], rec["status"] = "deny", 403
+    rec["hash"] = chain_hash(rec)
+    log.write_bytes(b"".join(data[:-1]) + orjson.dumps(rec) + b"\n")
+    assert damage(log) == ("edited", "audit.jsonl", 6, 6)
+    assert "differs from the chain head" in str(verify(str(log)).damage)
+
+
+def test_records_cut_from_the_end_after_rotation(tmp_path: Path) -> None:
+    log = tmp_path / "audit.jsonl"
+    write(log, 60, max_bytes=4096)
+    assert len(log_files(str(log))) >= 3
+    end = read_head(str(log), None)
+    assert end is not None and end.seq == 60
+    log.write_bytes(b"")  # the whole current file emptied
+    d = verify(str(log)).damage
+    assert d is not None and d.kind == "removed" and d.seq is not None
+    assert f"seq {d.seq}..60 missing (cut from the end)" in d.detail
+    code = main(["audit", "verify", *log_files(str(log))])  # explicit files: same head
+    assert code == 1
+
+
+def test_keyed_head_cannot_be_forged_without_the_key(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str],
+        caplog: pytest.LogCaptureFixture) -> None:
+    log = tmp_path / "audit.jsonl"
+    key_file = tmp_path / "key"
+    key_file.write_bytes(KEY)
+    write(log, 6, key=KEY)
+    code, out = verify_cli(capsys, "--hmac-key-file", str(key_file), str(log))
+    assert code == 0, out
+    data = lines(log)
+    log.write_bytes(b"".join(data[:-2]))
+    last = json.loads(data[-3])
+    write_head(str(log), Head(4, last["hash"]), b"not the key")  # agrees with the cut log
+    code, out = verify_cli(capsys, "--hmac-key-file", str(key_file), str(log))
+    assert code == 1 and "edited" in out and "MAC does not match" in out
+    write_head(str(log), Head(4, last["hash"]), None)  # no MAC at all
+    code, out = verify_cli(capsys, "--hmac-key-file", str(key_file), str(log))
+    assert code == 1 and "MAC does not match" in out
+    with caplog.at_level("ERROR", logger="proxy.audit"):
+        write(log, 1, key=KEY, first=6)
+    assert "MAC does not match" in caplog.text
+
+
+def test_missing_head_is_reported_on_start(tmp_path: Path,
+                                           caplog: pytest.LogCaptureFixture) -> None:
+    log = tmp_path / "audit.jsonl"
+    write(log, 3)
+    os.remove(head_path(str(log)))
+    report = verify(str(log))
+    assert report.ok and report.head is None  # an older log: nothing to compare with
+    with caplog.at_level("ERROR", logger="proxy.audit"):
+        write(log, 1, first=3)
+    assert "has no chain head" in caplog.text
+    assert read_head(str(log), None) == Head(4, json.loads(lines(log)[-1])["hash"])
+
+
 # -- crashes -------------------------------------------------------------------
 def test_crash_mid_write_is_reported_precisely(tmp_path: Path,
                                                      capsys: pytest.CaptureFixture[str]
@@ -403,6 +524,8 @@ def test_real_gateway_killed_mid_write(tmp_path: Path, shared_files: dict[str, P
         data = lines(gw.audit_path)
         assert len(data) == 4
         gw.audit_path.write_bytes(b"".join(data[:3]) + data[3][:70])  # record 4, cut
+        # A crash mid-write comes before the chain head names the batch: it says seq 3.
+        write_head(str(gw.audit_path), Head(3, json.loads(data[2])["hash"]), None)
         gw.start()
         with gw.client(keys.token()) as c:
             assert c.get(f"{base}/allowed/after").status_code == 200

@@ -38,6 +38,8 @@ def test_defaults() -> None:
     assert c.upstream_ca_file is None
     assert c.issuers == () and dict(c.workloads) == {} and dict(c.secrets) == {}
     assert c.approval_timeout_seconds == 300
+    assert (c.max_connections, c.max_connections_per_client) == (10000, 256)
+    assert c.idle_timeout_seconds == 600
     assert c.ca_cert_file == os.path.join(".taskgate", "ca", "mitmproxy-ca-cert.pem")
 
 
@@ -83,7 +85,8 @@ def test_full_config(tmp_path: Path) -> None:
         secrets:
           gh: {{provider: env, var: GH, inject: {{header: Authorization, value: "x {{token}}"}}}}
         approval_timeout_seconds: 60
-        proxy: {{shutdown_grace_seconds: 2, stream_threshold_bytes: 10}}
+        proxy: {{shutdown_grace_seconds: 2, stream_threshold_bytes: 10, max_connections: 50,
+                 max_connections_per_client: 5, idle_timeout_seconds: 30}}
         mcp: {{max_body_bytes: 2048}}
         """)
     c = load_config(str(path))
@@ -95,6 +98,8 @@ def test_full_config(tmp_path: Path) -> None:
     assert c.secrets["gh"].inject.template == "x {token}"
     assert c.approval_timeout_seconds == 60 and c.shutdown_grace_seconds == 2
     assert c.stream_threshold_bytes == 10 and c.max_inspect_bytes == 2048
+    assert (c.max_connections, c.max_connections_per_client) == (50, 5)
+    assert c.idle_timeout_seconds == 30
 
 
 # -- unknown keys: named, with their line -------------------------------------------
@@ -164,6 +169,10 @@ BAD_VALUES = [
     ("approval_timeout_seconds: 0", "approval_timeout_seconds: 0 is not a number between 1"),
     ("proxy: {shutdown_grace_seconds: 601}", "proxy.shutdown_grace_seconds: 601 is not a number"),
     ("proxy: {stream_threshold_bytes: -1}", "proxy.stream_threshold_bytes: -1 is not a number"),
+    ("proxy: {max_connections: 0}", "proxy.max_connections: 0 is not a number between 1"),
+    ("proxy: {max_connections_per_client: many}",
+     "proxy.max_connections_per_client: 'many' is not a number"),
+    ("proxy: {idle_timeout_seconds: 0}", "proxy.idle_timeout_seconds: 0 is not a number"),
     ("mcp: {max_body_bytes: 10}", "mcp.max_body_bytes: 10 is not a number between 1024"),
     ("- a", "expected a mapping with keys version, listen"),
     ("just text", "expected a mapping with keys"),

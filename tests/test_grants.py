@@ -96,6 +96,35 @@ async def test_refusals_later_in_the_chain_give_the_call_back(tmp_path: Path) ->
     await again.close()
 
 
+async def test_active_count_walks_the_tasks_at_most_once_a_second(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """/metrics is open: scraping it in a loop must not walk every task each time."""
+    import proxy.grants
+    from proxy.tasks import Task
+
+    reg = await open_registry(tmp_path)
+    tasks = [(await reg.create(parse_task_request(request())))[0] for _ in range(3)]
+    walked = 0
+    state = Task.state
+
+    def counted(self: Task, now: float) -> str:
+        nonlocal walked
+        walked += 1
+        return state(self, now)
+
+    monkeypatch.setattr(Task, "state", counted)
+    assert [reg.active_count() for _ in range(200)] == [3.0] * 200
+    assert walked == 3
+    await reg.revoke(tasks[0].id)  # a change the registry makes is seen at once
+    assert reg.active_count() == 2.0 and walked == 6
+    monkeypatch.setattr(proxy.grants, "ACTIVE_COUNT_SECONDS", 0.05)
+    tasks[1].expires_at = time.time()  # time-based changes: within the interval
+    assert reg.active_count() == 2.0
+    await asyncio.sleep(0.06)
+    assert reg.active_count() == 1.0
+    await reg.close()
+
+
 async def test_expiry_and_revocation_run_task_end_hooks_once(tmp_path: Path) -> None:
     gw = make_gateway(tmp_path)
     ended: list[str] = []

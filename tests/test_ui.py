@@ -318,8 +318,16 @@ def test_failed_sign_ins_are_throttled(tmp_path: Path, shared_files: dict[str, P
         codes = [httpx.post(url, data={"token": f"guess{i}"}, timeout=10).status_code
                  for i in range(10)]
         assert codes == [401] * 10
-        r = httpx.post(url, data={"token": token_of(gw)}, timeout=10)
+        r = httpx.post(url, data={"token": "guess10"}, timeout=10)
         assert r.status_code == 429 and "set-cookie" not in r.headers
+        # Others' failures never lock the admin out, even from the same address ...
+        r = httpx.post(url, data={"token": token_of(gw)}, timeout=10)
+        assert r.status_code == 303 and "taskgate_session" in r.headers["set-cookie"]
+        # ... and a throttled address is only that address.
+        with httpx.Client(transport=httpx.HTTPTransport(local_address="127.0.0.2"),
+                          timeout=10) as other:
+            assert other.post(url, data={"token": "guess"}).status_code == 401
+        assert httpx.post(url, data={"token": "guess11"}, timeout=10).status_code == 429
     finally:
         gw.stop()
 

@@ -28,7 +28,6 @@ from collections.abc import Callable, Hashable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from proxy.audit import rfc3339
 from proxy.errors import Refused
 from proxy.identity import Caller
 from proxy.rules import Rule
@@ -224,7 +223,6 @@ class SecretBroker:
                 del self._revocable[task]
 
     def label(self, minted: Minted) -> str:
-        """The audit ``secret`` field: the name, and the token's expiry where the issuer said."""
-        if minted.reported and minted.expires_at is not None:
-            return f"{minted.secret} (expires {rfc3339(minted.expires_at)})"
+        """The audit ``secret`` field: the secret's name, nothing else (SPEC), so a search
+        by name finds every call that used it."""
         return minted.secret
