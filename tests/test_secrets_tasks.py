@@ -441,7 +441,7 @@ async def test_secret_is_added_only_once_the_call_is_approved(world: World, verb
     got = [s for s in w.api.seen[seen:] if s["path"].startswith(marker)]
     assert len(got) == 1 and got[0]["authorization"] == [f"Bearer {lease.value}"]
     assert (rec["decision"], rec["rule"]) == ("approved", "pay"), rec
-    assert rec["secret"].startswith("vault-db (expires "), rec
+    assert rec["secret"] == "vault-db", rec
     assert rec["approval"]["by"] == "bob"
 
 
@@ -457,7 +457,7 @@ def test_audit_record_names_task_owner_rule_and_secret_never_the_value(world: Wo
     assert rec["task"] == task["task_id"] and rec["owner"] == OWNER
     assert rec["workload"] == WORKLOAD and rec["rule"] == "gh-read"
     assert rec["decision"] == "allow" and rec["status"] == 200
-    assert rec["secret"].startswith("github (expires 20") and rec["secret"].endswith("Z)")
+    assert rec["secret"] == "github", rec
     raw = w.gw.audit_path.read_bytes()
     assert not any(s in raw for s in spellings(token))
 
