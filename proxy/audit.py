@@ -40,6 +40,7 @@ from typing import Any
 import orjson
 
 from .audit_head import Head, read_head, write_head
+from .batching import WorkQueue
 from .errors import Unavailable
 
 __all__ = [
@@ -190,10 +191,8 @@ class AuditLog:
         self._size = 0
         self._suspect = False  # a failed write may have left part of a batch behind
         self._fd: int | None = None
-        self._pending: list[tuple[dict[str, Any], asyncio.Future[None]]] = []
-        self._cond = threading.Condition()
+        self._queue: WorkQueue[tuple[dict[str, Any], asyncio.Future[None]]] = WorkQueue()
         self._thread: threading.Thread | None = None
-        self._closing = False
         self._loop: asyncio.AbstractEventLoop | None = None
         self.seq = 0
         self.last_hash = GENESIS
@@ -280,22 +279,14 @@ class AuditLog:
 
     async def write(self, record: dict[str, Any]) -> None:
         """Append ``record`` (fills seq, prev, hash); returns once it is in the file."""
-        if self._loop is None or self._closing:
+        if self._loop is None or self._queue.closing:
             raise Unavailable("the audit log is not open; the call was refused")
         fut = self._loop.create_future()
-        with self._cond:
-            self._pending.append((record, fut))
-            self._cond.notify()
+        self._queue.put((record, fut))
         await fut
 
     def _run(self) -> None:
-        while True:
-            with self._cond:
-                while not self._pending and not self._closing:
-                    self._cond.wait()
-                batch, self._pending = self._pending, []
-                if not batch and self._closing:
-                    return
+        while (batch := self._queue.take()) is not None:
             self._write_batch(batch)
 
     def _write_batch(self, batch: list[tuple[dict[str, Any], asyncio.Future[None]]]) -> None:
@@ -335,8 +326,7 @@ class AuditLog:
         assert self._loop is not None
         self._loop.call_soon_threadsafe(self._settle, batch, error)
         if error is None:  # after the callers were released: they wait on the log only
-            with self._cond:
-                more = bool(self._pending)
+            more = not self._queue.empty()
             now = time.monotonic()
             # Under load the next batch is already waiting: the head follows it, at
             # least every HEAD_LAG_SECONDS (and on close), not after every batch.
@@ -358,9 +348,7 @@ class AuditLog:
 
     async def close(self) -> None:
         """Write what is queued, then close the file."""
-        with self._cond:
-            self._closing = True
-            self._cond.notify()
+        self._queue.close()
         if self._thread is not None:
             await asyncio.to_thread(self._thread.join)
         if self._fd is not None:

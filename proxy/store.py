@@ -39,6 +39,7 @@ from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from dataclasses import astuple, dataclass
 from typing import Any
 
+from .batching import WorkQueue
 from .errors import Unavailable
 
 __all__ = ["TaskRow", "TaskStore"]
@@ -91,11 +92,9 @@ class TaskStore:
 
     def __init__(self, path: str) -> None:
         self.path = path
-        self._pending: list[tuple[Op, asyncio.Future[Any], bool]] = []
-        self._cond = threading.Condition()
+        self._queue: WorkQueue[tuple[Op, asyncio.Future[Any], bool]] = WorkQueue()
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._closing = False
         self._open_error: BaseException | None = None
         self.commits = 0
         self.healthy = True
@@ -111,9 +110,7 @@ class TaskStore:
 
     async def close(self) -> None:
         """Commit what is queued, then close the database."""
-        with self._cond:
-            self._closing = True
-            self._cond.notify()
+        self._queue.close()
         if self._thread is not None:
             await asyncio.to_thread(self._thread.join)
 
@@ -161,12 +158,10 @@ class TaskStore:
     # -- the thread -----------------------------------------------------------
     async def _submit(self, op: Op, *, durable: bool = False) -> Any:
         """Run ``op`` on the store thread in the next group commit (fsync'd if durable)."""
-        if self._loop is None or self._closing:
+        if self._loop is None or self._queue.closing:
             raise Unavailable("the task store is not open")
         fut: asyncio.Future[Any] = self._loop.create_future()
-        with self._cond:
-            self._pending.append((op, fut, durable))
-            self._cond.notify()
+        self._queue.put((op, fut, durable))
         return await fut
 
     def _connect(self) -> sqlite3.Connection:
@@ -192,13 +187,7 @@ class TaskStore:
             log.error("task store %s cannot be opened: %s", self.path, e)
             self._open_error = e
             self.healthy = False
-        while True:
-            with self._cond:
-                while not self._pending and not self._closing:
-                    self._cond.wait()
-                batch, self._pending = self._pending, []
-                if not batch and self._closing:
-                    break
+        while (batch := self._queue.take()) is not None:
             try:
                 results = self._apply(conn, batch)
             except Exception:  # noqa: BLE001 - the thread must outlive any one batch
