@@ -143,10 +143,6 @@ class Audit(GatewayAddon):
             ex.deny("no decision was made; refused", "error")
         await self._write(flow, ex)
 
-    async def http_connect(self, flow: http.HTTPFlow) -> None:
-        if flow.response is not None:
-            flow.response.headers[REQUEST_ID_HEADER] = exchange(flow).request_id
-
     def http_connected(self, flow: http.HTTPFlow) -> None:
         if flow.response is not None:
             flow.response.headers[REQUEST_ID_HEADER] = exchange(flow).request_id

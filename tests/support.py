@@ -206,7 +206,8 @@ class Gateway:
         self.config_path = workdir / "taskgate.yaml"
         self.config_path.write_text(yaml.safe_dump(config, sort_keys=False))
         self.env = {**python_env(PYTHONUNBUFFERED="1"), **(env or {})}
-        self.env.pop("TASKGATE_ADMIN_TOKEN", None) if env is None else None
+        if env is None:  # the gateway makes its own admin token unless a test sets one
+            self.env.pop("TASKGATE_ADMIN_TOKEN", None)
         for var in ("HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy", "ALL_PROXY",
                     "all_proxy", "NO_PROXY", "no_proxy"):
             self.env.pop(var, None)
