@@ -90,6 +90,20 @@ def guarded(hook: Hook) -> Hook:
     return wrapper
 
 
+def streams_response(flow: http.HTTPFlow, threshold: int) -> bool:
+    """Whether the response goes to the agent as it arrives rather than buffered:
+    no length (SSE, chunked), an event stream, or longer than ``threshold``. One rule,
+    so the addons that filter a stream (inject) and count it (audit) agree."""
+    resp = flow.response
+    assert resp is not None
+    length = resp.headers.get("content-length")
+    return bool(
+        (length is None and flow.request.method != "HEAD"
+         and resp.status_code not in (204, 304))
+        or resp.headers.get("content-type", "").startswith("text/event-stream")
+        or (length and length.isdigit() and int(length) > threshold))
+
+
 class GatewayAddon:
     """Base of the taskgate addons: holds the shared :class:`Gateway`.
 

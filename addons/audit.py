@@ -8,7 +8,7 @@ from collections.abc import Callable, Iterable
 from mitmproxy import connection, http, tls
 from mitmproxy.proxy import server_hooks
 
-from addons._base import GatewayAddon, exchange, refuse
+from addons._base import GatewayAddon, exchange, refuse, streams_response
 from proxy.errors import Unavailable
 from proxy.gateway import REQUEST_ID_HEADER, Exchange, Gateway
 
@@ -110,13 +110,8 @@ class Audit(GatewayAddon):
             return
         ex = exchange(flow)
         resp.headers[REQUEST_ID_HEADER] = ex.request_id
-        length = resp.headers.get("content-length")
         if not (resp.stream
-                or (length is None and flow.request.method != "HEAD"
-                    and resp.status_code not in (204, 304))
-                or resp.headers.get("content-type", "").startswith("text/event-stream")
-                or (length and length.isdigit()
-                    and int(length) > self.gateway.config.stream_threshold_bytes)):
+                or streams_response(flow, self.gateway.config.stream_threshold_bytes)):
             return  # buffered: `response` writes the record before anything is sent
         if not self.gateway.audit.healthy:  # streamed, it would reach the agent unrecorded
             refuse(flow, 503, "unavailable", AUDIT_DOWN, decision="error")

@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterable
 
 from mitmproxy import http
 
-from addons._base import GatewayAddon, exchange, guarded, refuse, refuse_for
+from addons._base import GatewayAddon, exchange, guarded, refuse, refuse_for, streams_response
 from addons.authorize import RULE
 from addons.mcp import MCP_RULES
 from proxy.errors import Refused, TaskgateError
@@ -141,7 +141,7 @@ class Inject(GatewayAddon):
             if callable(resp.stream):
                 resp.stream = _after(resp.stream, redactor.stream())
             return
-        if not self._streams(flow, resp):
+        if not streams_response(flow, self.gateway.config.stream_threshold_bytes):
             return
         encoding = resp.headers.get("content-encoding", "identity").strip().lower()
         if flow.metadata.get(INJECTED) and encoding not in ("", "identity"):
@@ -151,16 +151,6 @@ class Inject(GatewayAddon):
             flow.kill()
             return
         resp.stream = redactor.stream()
-
-    def _streams(self, flow: http.HTTPFlow, resp: http.Response) -> bool:
-        """The audit addon's rule for streaming, so it wraps our filter, not the body."""
-        length = resp.headers.get("content-length")
-        return bool(
-            (length is None and flow.request.method != "HEAD"
-             and resp.status_code not in (204, 304))
-            or resp.headers.get("content-type", "").startswith("text/event-stream")
-            or (length and length.isdigit()
-                and int(length) > self.gateway.config.stream_threshold_bytes))
 
     @guarded
     async def response(self, flow: http.HTTPFlow) -> None:

@@ -317,7 +317,3 @@ def _split_hostport(value: str) -> tuple[str, int | None]:
     if port:
         return host, int(port) if port.isdigit() and len(port) <= 5 else -1
     return host, None
-
-
-def port_or_default(port: int | None, scheme: str) -> int:
-    return port if port is not None else default_port(scheme)
