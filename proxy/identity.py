@@ -16,7 +16,9 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import json
 import logging
+import math
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Mapping
@@ -34,6 +36,7 @@ __all__ = [
     "JwksKeys",
     "TokenIssuer",
     "WorkloadIssuer",
+    "check_token_structure",
     "token_from_proxy_authorization",
 ]
 
@@ -44,6 +47,10 @@ FetchJson = Callable[[str], Awaitable[Any]]
 _RSA_ALGS = frozenset({"RS256", "RS384", "RS512", "PS256", "PS384", "PS512"})
 _EC_ALGS = {"P-256": "ES256", "P-384": "ES384", "P-521": "ES512", "secp256k1": "ES256K"}
 MAX_TOKEN_BYTES = 16 * 1024
+# NumericDate claims (RFC 7519 2): a JSON number, no later than 9999-12-31T23:59:59Z.
+NUMERIC_DATE_CLAIMS = ("exp", "nbf", "iat")
+MAX_NUMERIC_DATE = 253402300799
+STRING_CLAIMS = ("iss", "sub", "jti", "task")
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,6 +111,79 @@ def algorithms_for(jwk: Mapping[str, Any]) -> frozenset[str]:
     if declared is not None:
         allowed = allowed & {declared}
     return allowed
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    seen: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in seen:
+            raise InvalidCredential(f"token repeats the {key!r} member")
+        seen[key] = value
+    return seen
+
+
+def _no_constant(name: str) -> Any:
+    raise InvalidCredential(f"token holds {name}, which is not JSON")
+
+
+def _unicode(value: Any) -> bool:
+    """Is every string in ``value`` valid Unicode (no lone surrogate from a \\u escape)?"""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return False
+        return True
+    if isinstance(value, dict):
+        return all(_unicode(k) and _unicode(v) for k, v in value.items())
+    if isinstance(value, list):
+        return all(_unicode(v) for v in value)
+    return True
+
+
+def _segment(text: str, what: str) -> dict[str, Any]:
+    try:
+        data = jwt.utils.base64url_decode(text.encode("ascii"))
+        value = json.loads(data.decode("utf-8"), object_pairs_hook=_no_duplicates,
+                           parse_constant=_no_constant)
+    except (ValueError, UnicodeError, binascii.Error):
+        raise InvalidCredential("proxy credential is not a well-formed JWT") from None
+    if not isinstance(value, dict):
+        raise InvalidCredential(f"token {what} is not a JSON object")
+    if not _unicode(value):
+        raise InvalidCredential(f"token {what} holds a string that is not valid Unicode")
+    return value
+
+
+def check_token_structure(token: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Read a JWT's header and claims strictly, before any library reads them leniently.
+
+    pyjwt keeps the last of duplicate members and turns ``"exp": "1e30"`` or a float of
+    any size into a number; a gateway that judges a claim must read the one value a
+    token has, of the type RFC 7519 gives it. Returns (header, claims); raises
+    :class:`InvalidCredential` for duplicates, wrong types or out-of-range dates.
+    """
+    parts = token.split(".")
+    if len(parts) != 3:
+        raise InvalidCredential("proxy credential is not a well-formed JWT")
+    header, claims = _segment(parts[0], "header"), _segment(parts[1], "claims")
+    for name in NUMERIC_DATE_CLAIMS:
+        if name not in claims:
+            continue
+        value = claims[name]
+        if isinstance(value, bool) or not isinstance(value, int | float) or (
+                isinstance(value, float) and not math.isfinite(value)):
+            raise InvalidCredential(f"token claim {name!r} is not a NumericDate")
+        if not 0 <= value <= MAX_NUMERIC_DATE:
+            raise InvalidCredential(f"token claim {name!r} is out of range")
+    for name in STRING_CLAIMS:
+        if name in claims and not isinstance(claims[name], str):
+            raise InvalidCredential(f"token claim {name!r} is not a string")
+    aud = claims.get("aud")
+    if aud is not None and not (isinstance(aud, str) or (
+            isinstance(aud, list) and aud and all(isinstance(a, str) for a in aud))):
+        raise InvalidCredential("token claim 'aud' is not a string or a list of strings")
+    return header, claims
 
 
 class JwksKeys:
@@ -315,11 +395,7 @@ class Identity:
         return caller
 
     async def _verify(self, token: str) -> Caller:
-        try:
-            header = jwt.get_unverified_header(token)
-            unverified = jwt.decode(token, options={"verify_signature": False})
-        except jwt.InvalidTokenError:
-            raise InvalidCredential("proxy credential is not a well-formed JWT") from None
+        header, unverified = check_token_structure(token)
         alg = header.get("alg")
         if not isinstance(alg, str) or alg.lower() == "none" or alg.upper().startswith("HS"):
             raise InvalidCredential(f"algorithm {alg!r} is not accepted")

@@ -10,6 +10,8 @@ import trustme
 
 from tests.support import AUDIENCE, ISSUER, WORKLOAD, Gateway, Keys, Upstream
 
+pytest_plugins = ["tests.skips"]  # no silent skips (see its docstring)
+
 
 @pytest.fixture(scope="session")
 def keys() -> Keys:

@@ -108,6 +108,21 @@ def hs256_token(payload: dict[str, Any], header: dict[str, Any], secret: bytes) 
     return f"{signing_input}.{base64.urlsafe_b64encode(mac).rstrip(b'=').decode()}"
 
 
+def raw_signed_token(key: rsa.RSAPrivateKey, header: str, payload: str) -> str:
+    """An RS256 JWT over header and payload JSON written by hand: duplicate members,
+    strings where numbers belong, numbers no JSON encoder writes. Validly signed, so
+    only the gateway's reading of the claims can refuse it."""
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.asymmetric import padding
+
+    def b64(text: str) -> str:
+        return base64.urlsafe_b64encode(text.encode()).rstrip(b"=").decode()
+
+    signing_input = f"{b64(header)}.{b64(payload)}"
+    sig = key.sign(signing_input.encode(), padding.PKCS1v15(), hashes.SHA256())
+    return f"{signing_input}.{base64.urlsafe_b64encode(sig).rstrip(b'=').decode()}"
+
+
 def claims(sub: str = WORKLOAD, *, aud: str = AUDIENCE, iss: str = ISSUER,
            ttl: float = 600) -> dict[str, Any]:
     now = int(time.time())

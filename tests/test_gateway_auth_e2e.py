@@ -13,7 +13,15 @@ import jwt
 import pytest
 
 from tests.e2e import assert_refusal, curl
-from tests.support import Gateway, Keys, Upstream, claims, hs256_token, unsigned_token
+from tests.support import (
+    Gateway,
+    Keys,
+    Upstream,
+    claims,
+    hs256_token,
+    raw_signed_token,
+    unsigned_token,
+)
 from tests.wire import Reply, request_bytes, send
 
 
@@ -120,6 +128,16 @@ def test_two_proxy_authorization_headers(gateway: Gateway, upstream: Upstream, k
 
 
 # -- tokens that do not verify ---------------------------------------------------------
+def _raw(keys: Keys, exp: str | None = None, extra: str = "") -> str:
+    """A signed token whose claims JSON is written by hand (see raw_signed_token)."""
+    c = claims()
+    exp_text = exp if exp is not None else str(c["exp"])
+    payload = (f'{{"sub":"{c["sub"]}","aud":"{c["aud"]}","iss":"{c["iss"]}",'
+               f'"iat":{c["iat"]},"exp":{exp_text}{extra}}}')
+    return raw_signed_token(keys.rsa, '{"alg":"RS256","kid":"rsa1"}', payload)
+
+
+
 BAD_TOKENS: dict[str, tuple[Callable[[Keys], str], str]] = {
     "expired": (lambda k: k.token(ttl=-120), "token has expired"),
     "not yet valid": (lambda k: k.token(nbf=__import__("time").time() + 600), "not valid yet"),
@@ -139,6 +157,12 @@ BAD_TOKENS: dict[str, tuple[Callable[[Keys], str], str]] = {
     "no exp": (lambda k: jwt.encode({key: v for key, v in claims().items() if key != "exp"},
                                     k.rsa, algorithm="RS256", headers={"kid": "rsa1"}),
                "lacks the 'exp' claim"),
+    # Validly signed, read strictly (RFC 7519 types, one value per claim).
+    "exp as a string": (lambda k: _raw(k, exp='"4102444800"'), "'exp' is not a NumericDate"),
+    "exp 1e30": (lambda k: _raw(k, exp="1e30"), "'exp' is out of range"),
+    "duplicate sub": (lambda k: _raw(k, extra=',"sub":"spiffe://acme.test/agent/admin"'),
+                      "repeats the 'sub'"),
+    "duplicate exp": (lambda k: _raw(k, extra=',"exp":4102444800'), "repeats the 'exp'"),
 }
 
 

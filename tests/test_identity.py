@@ -20,7 +20,16 @@ from proxy.identity import (
     algorithms_for,
     token_from_proxy_authorization,
 )
-from tests.support import AUDIENCE, ISSUER, WORKLOAD, Keys, claims, hs256_token, unsigned_token
+from tests.support import (
+    AUDIENCE,
+    ISSUER,
+    WORKLOAD,
+    Keys,
+    claims,
+    hs256_token,
+    raw_signed_token,
+    unsigned_token,
+)
 
 
 def basic(userpass: bytes) -> str:
@@ -301,6 +310,67 @@ async def test_refused_tokens(keys: Keys, case: str, message: str) -> None:
     with pytest.raises(InvalidCredential, match=message) as err:
         await identity(keys).identify("Bearer " + _forge(keys, case))
     assert err.value.status == 407
+
+
+HEADER = '{"alg":"RS256","kid":"rsa1","typ":"JWT"}'
+
+
+def _claims_text(**override: str) -> str:
+    """The claims object as JSON text, each value given as the raw JSON it is written as."""
+    now = int(time.time())
+    members = {"sub": json.dumps(WORKLOAD), "aud": json.dumps(AUDIENCE),
+               "iss": json.dumps(ISSUER), "iat": str(now), "exp": str(now + 600), **override}
+    return "{" + ",".join(f'"{k}":{v}' for k, v in members.items() if v != "") + "}"
+
+
+def _dup(name: str, value: str) -> str:
+    return _claims_text()[:-1] + f',"{name}":{value}}}'
+
+
+# A token the issuer really signed, whose claims a lenient reader would still take.
+STRICT_CASES: dict[str, tuple[str, str, str]] = {
+    "exp as a string": (HEADER, _claims_text(exp=f'"{int(time.time()) + 600}"'),
+                        "'exp' is not a NumericDate"),
+    "exp 1e30": (HEADER, _claims_text(exp="1e30"), "'exp' is out of range"),
+    "exp past year 9999": (HEADER, _claims_text(exp="253402300800"), "'exp' is out of range"),
+    "exp true": (HEADER, _claims_text(exp="true"), "'exp' is not a NumericDate"),
+    "exp null": (HEADER, _claims_text(exp="null"), "'exp' is not a NumericDate"),
+    "exp a list": (HEADER, _claims_text(exp="[1]"), "'exp' is not a NumericDate"),
+    "exp NaN": (HEADER, _claims_text(exp="NaN"), "not JSON"),
+    "exp Infinity": (HEADER, _claims_text(exp="Infinity"), "not JSON"),
+    "exp negative": (HEADER, _claims_text(exp="-1"), "'exp' is out of range"),
+    "nbf as a string": (HEADER, _claims_text(nbf='"0"'), "'nbf' is not a NumericDate"),
+    "iat as a string": (HEADER, _claims_text(iat='"0"'), "'iat' is not a NumericDate"),
+    "duplicate exp": (HEADER, _dup("exp", str(int(time.time()) + 10**8)), "repeats the 'exp'"),
+    "duplicate sub": (HEADER, _dup("sub", '"spiffe://acme.test/agent/admin"'),
+                      "repeats the 'sub'"),
+    "duplicate aud": (HEADER, _dup("aud", '"other"'), "repeats the 'aud'"),
+    "duplicate header alg": ('{"alg":"none","kid":"rsa1","alg":"RS256"}', _claims_text(),
+                             "repeats the 'alg'"),
+    "sub a number": (HEADER, _claims_text(sub="42"), "'sub' is not a string"),
+    "iss a list": (HEADER, _claims_text(iss=json.dumps([ISSUER])), "'iss' is not a string"),
+    "aud a number": (HEADER, _claims_text(aud="7"), "'aud' is not a string or a list"),
+    "aud an empty list": (HEADER, _claims_text(aud="[]"), "'aud' is not a string or a list"),
+    "sub a lone surrogate": (HEADER, _claims_text(sub='"spiffe://a/\\ud800"'),
+                             "not valid Unicode"),
+    "claims an array": (HEADER, "[1,2]", "claims is not a JSON object"),
+    "header an array": ('["RS256"]', _claims_text(), "header is not a JSON object"),
+}
+
+
+@pytest.mark.parametrize("case", STRICT_CASES)
+async def test_claims_read_strictly(keys: Keys, case: str) -> None:
+    header, payload, message = STRICT_CASES[case]
+    with pytest.raises(InvalidCredential, match=message):
+        await identity(keys).identify("Bearer " + raw_signed_token(keys.rsa, header, payload))
+
+
+@pytest.mark.parametrize("exp", [str(int(time.time()) + 600), f"{time.time() + 600:.3f}"])
+async def test_numeric_dates_as_rfc_7519_writes_them(keys: Keys, exp: str) -> None:
+    """Integers and fractions both are NumericDates: the strict reading refuses no
+    token a conforming issuer writes."""
+    token = raw_signed_token(keys.rsa, HEADER, _claims_text(exp=exp))
+    assert (await identity(keys).identify("Bearer " + token)).workload == WORKLOAD
 
 
 async def test_leeway_applies_to_expiry(keys: Keys) -> None:

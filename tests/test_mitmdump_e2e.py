@@ -8,6 +8,7 @@ import shutil
 import socket
 import ssl
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -22,7 +23,10 @@ from tests.e2e import assert_refusal
 from tests.support import REPO, Upstream, free_port, python_env
 from tests.wire import request_bytes, send
 
-MITMDUMP = shutil.which("mitmdump", path="/tmp/venv/bin") or shutil.which("mitmdump")
+# Beside this Python first (the venv's own mitmdump, which README's test command never
+# puts on PATH), then PATH: as bench/run.py finds it.
+MITMDUMP = (shutil.which("mitmdump", path=str(Path(sys.executable).parent))
+            or shutil.which("mitmdump"))
 
 
 @dataclass

@@ -29,7 +29,6 @@ ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-net
         "--disable-component-update", "--disable-sync", "--no-first-run"]
 ARTIFACTS = REPO / "test-artifacts"
 XSS = '<img src=x onerror="window.pwned=1">'
-HAS_APPROVALS = (REPO / "proxy" / "control_approvals.py").exists()
 
 
 def task_records() -> list[dict[str, Any]]:
@@ -56,11 +55,10 @@ def task_records() -> list[dict[str, Any]]:
 
 def ui_config(shared_files: dict[str, Path], upstream: Upstream) -> dict[str, Any]:
     cfg = base_config(shared_files, upstream)
-    if HAS_APPROVALS:
-        wl = cfg["workloads"][WORKLOAD]
-        wl["standing"].append({"id": "open-pr", "host": "127.0.0.1", "port": upstream.http_port,
-                               "scheme": "http", "methods": ["POST"], "paths": ["/approve/**"],
-                               "approval": "required"})
+    wl = cfg["workloads"][WORKLOAD]
+    wl["standing"].append({"id": "open-pr", "host": "127.0.0.1", "port": upstream.http_port,
+                           "scheme": "http", "methods": ["POST"], "paths": ["/approve/**"],
+                           "approval": "required"})
     return cfg
 
 
@@ -332,7 +330,6 @@ def test_failed_sign_ins_are_throttled(tmp_path: Path, shared_files: dict[str, P
         gw.stop()
 
 
-@pytest.mark.skipif(not HAS_APPROVALS, reason="the approvals feature is not in this build")
 def test_approve_from_the_page(visit: Visit, ugw: Gateway, upstream: Upstream,
                                keys: Keys) -> None:
     page = visit.sign_in(token_of(ugw))
