@@ -53,7 +53,8 @@ def test_server_is_the_module_that_wires_mitmproxy() -> None:
 # or a command) silently out.
 STARTUP = {
     "addons": ("import proxy.server\nproxy.server.gateway_addons(None)",
-               ["addons.limits", "addons.identify", "addons.authorize", "addons.mcp",
+               ["addons.limits", "addons.identify", "addons.authorize", "addons.egress",
+                "addons.mcp",
                 "addons.approve", "addons.inject", "addons.audit"]),
     "control": ("from proxy.control import load_plugins\nload_plugins()",
                 ["proxy.control_tasks", "proxy.control_audit", "proxy.control_approvals",
