@@ -80,5 +80,5 @@ def test_the_whole_chain_loads() -> None:
               "print([type(a).__name__ for a in proxy.server.gateway_addons(None)])")
     out = subprocess.run([*PYTHON, "-c", script], env=python_env(), cwd=REPO,
                          capture_output=True, text=True, timeout=60, check=True)
-    assert out.stdout.strip() == str(["Limits", "Identify", "Authorize", "Mcp", "Approve",
-                                      "Inject", "Audit"])
+    assert out.stdout.strip() == str(["Limits", "Identify", "Authorize", "Egress", "Mcp",
+                                      "Approve", "Inject", "Audit"])
