@@ -98,8 +98,14 @@ class Egress(GatewayAddon):
 
     def _restore(self, server: connection.Server) -> None:
         name = self._names.pop(server.id, None)
-        if name is not None:
-            server.address = name  # matched for reuse; the socket stays on the pinned ip
+        if name is None:
+            return
+        # The socket is connected to the pinned ip (``peername``); the address goes
+        # back to the name, as on any connection mitmproxy resolves itself, so its
+        # reuse check (by name) and the other addons see what they expect. mitmproxy
+        # refuses to *redirect* an open connection by assigning ``address``; this
+        # redirects nothing, hence the plain attribute write.
+        object.__setattr__(server, "address", name)
 
     def client_disconnected(self, client: connection.Client) -> None:
         with contextlib.suppress(KeyError):

@@ -71,8 +71,22 @@ def test_a_wildcard_name_is_judged_by_every_address(answers: list[str], opt_in: 
     a.server_connect(hook(server, f.client_conn))
     assert server.error is None
     assert server.address == (answers[0], 443) and server.sni == "x.good.test"
+    server.state = connection.ConnectionState.OPEN  # as mitmproxy has it at this hook
+    server.peername = (answers[0], 443)
     a.server_connected(hook(server, f.client_conn))
-    assert server.address == ("x.good.test", 443)  # reusable by name; socket stays pinned
+    assert server.address == ("x.good.test", 443)  # reusable by name
+    assert server.peername == (answers[0], 443)  # the socket stays on the pinned ip
+
+
+def test_a_failed_connection_gets_its_name_back() -> None:
+    a = addon({"x.good.test": ["93.184.216.34"]})
+    f = flow_for("x.good.test")
+    asyncio.run(a.requestheaders(f))
+    server = connection.Server(address=("x.good.test", 443))
+    a.server_connect(hook(server, f.client_conn))
+    assert server.address == ("93.184.216.34", 443)
+    a.server_connect_error(hook(server, f.client_conn))
+    assert server.address == ("x.good.test", 443)
 
 
 def test_a_connection_nobody_judged_is_killed() -> None:

@@ -10,7 +10,9 @@ resolver in tests/test_egress.py.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -26,8 +28,42 @@ from tests.wire import Tunnel, h2_request, request_bytes, send
 OPT_IN = "allow_private: true"
 
 
-def ssrf_config(shared_files: dict[str, Path], up: Upstream, control_port: int
-                ) -> dict[str, Any]:
+class KeepAlive(ThreadingHTTPServer):
+    """A plain HTTP/1.1 upstream that keeps connections open and notes each peer."""
+
+    daemon_threads = True
+
+    def __init__(self) -> None:
+        self.peers: list[tuple[str, int]] = []
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def do_GET(self) -> None:  # noqa: N802 - http.server's spelling
+                outer.peers.append(self.client_address)
+                self.send_response(200)
+                self.send_header("Content-Length", "2")
+                self.end_headers()
+                self.wfile.write(b"ok")
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        super().__init__(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.serve_forever, daemon=True).start()
+
+
+@pytest.fixture(scope="module")
+def keepalive() -> Iterator[KeepAlive]:
+    srv = KeepAlive()
+    yield srv
+    srv.shutdown()
+    srv.server_close()
+
+
+def ssrf_config(shared_files: dict[str, Path], up: Upstream, control_port: int,
+                keepalive_port: int) -> dict[str, Any]:
     cfg = base_config(shared_files, up)
     wl = cfg["workloads"][WORKLOAD]
     h, s = up.http_port, up.https_port
@@ -50,6 +86,8 @@ def ssrf_config(shared_files: dict[str, Path], up: Upstream, control_port: int
          "methods": ["GET"]},
         {"id": "unspecified", "host": "0.0.0.0", "port": h, "scheme": "http",
          "allow_private": True, "methods": ["GET"]},
+        {"id": "keepalive", "host": "localhost", "port": keepalive_port, "scheme": "http",
+         "allow_private": True, "methods": ["GET"]},
     ]
     wl["ceiling"] = [
         {"id": "c-name", "host": "localhost", "port": s, "methods": ["GET"],
@@ -67,11 +105,11 @@ def ssrf_config(shared_files: dict[str, Path], up: Upstream, control_port: int
 
 @pytest.fixture(scope="module")
 def gw(tmp_path_factory: pytest.TempPathFactory, shared_files: dict[str, Path],
-       upstream: Upstream) -> Iterator[Gateway]:
+       upstream: Upstream, keepalive: KeepAlive) -> Iterator[Gateway]:
     from tests.support import free_port
 
     control = free_port()
-    cfg = ssrf_config(shared_files, upstream, control)
+    cfg = ssrf_config(shared_files, upstream, control, keepalive.server_address[1])
     cfg["listen"] = {"proxy": f"127.0.0.1:{free_port()}", "control": f"127.0.0.1:{control}"}
     g = Gateway(tmp_path_factory.mktemp("gw-ssrf"), cfg,
                 env={"TASKGATE_SSRF_SECRET": "sk-ssrf-canary-0042"})
@@ -160,6 +198,20 @@ def test_many_calls_on_one_tunnel_stay_pinned(gw: Gateway, upstream: Upstream,
         assert_refusal(rep.status, rep.headers, rep.body, 403, OPT_IN)
         rep = t.request(request_bytes("GET", "/open/pin-after", target, None))
         assert rep.status == 200
+
+
+def test_a_pinned_upstream_connection_is_reused(gw: Gateway, keepalive: KeepAlive,
+                                                keys: Keys) -> None:
+    """Pinning must not cost connection reuse: calls on one agent connection to one
+    host:port share one upstream connection (to the pinned address)."""
+    keepalive.peers.clear()
+    with gw.client(keys.token()) as c:
+        for i in range(4):
+            r = c.get(f"http://localhost:{keepalive.server_address[1]}/k{i}")
+            assert r.status_code == 200, r.text
+            assert gw.records_for(r.headers["x-taskgate-request-id"])[0]["upstream_ip"] \
+                == "127.0.0.1"
+    assert len(keepalive.peers) == 4 and len(set(keepalive.peers)) == 1, keepalive.peers
 
 
 @pytest.mark.parametrize(("url", "says"), [
