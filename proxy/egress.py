@@ -185,11 +185,30 @@ def local_addresses() -> frozenset[str]:
     with contextlib.suppress(OSError, UnicodeError):
         for *_, sockaddr in socket.getaddrinfo(socket.gethostname(), None):
             found.add(str(sockaddr[0]))
-    with contextlib.suppress(OSError), open("/proc/net/if_inet6") as f:  # noqa: PTH123
+    found.update(_interface_v4())
+    with contextlib.suppress(OSError, ValueError, IndexError), \
+            open("/proc/net/if_inet6") as f:  # noqa: PTH123 - Linux: every IPv6 address
         for line in f:
-            hexaddr = line.split()[0]
-            found.add(str(ipaddress.IPv6Address(int(hexaddr, 16))))
+            found.add(str(ipaddress.IPv6Address(int(line.split()[0], 16))))
     return frozenset(found)
+
+
+def _interface_v4() -> set[str]:
+    """Each interface's IPv4 address (Linux ``SIOCGIFADDR``); empty where unsupported."""
+    found: set[str] = set()
+    try:
+        import fcntl
+        import struct
+
+        names = [name for _, name in socket.if_nameindex()]
+    except (ImportError, OSError):
+        return found
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        for name in names:
+            with contextlib.suppress(OSError):
+                req = struct.pack("256s", name.encode()[:15])
+                found.add(socket.inet_ntoa(fcntl.ioctl(s.fileno(), 0x8915, req)[20:24]))
+    return found
 
 
 @dataclass(frozen=True, slots=True)

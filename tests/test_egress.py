@@ -262,3 +262,11 @@ def test_guard_resolves_with_the_system_resolver() -> None:
     assert not v.allowed and "loopback" in v.reason and "allow_private: true" in v.reason
     v = asyncio.run(EgressGuard(OwnAddresses()).check("localhost", 80, opt_in=True))
     assert v.allowed and v.ip is not None and classify(v.ip)[0] == PRIVATE
+
+
+def test_the_hosts_own_addresses_are_found() -> None:
+    from proxy.egress import local_addresses
+
+    found = local_addresses()
+    assert "127.0.0.1" in found  # the loopback interface's address (SIOCGIFADDR)
+    assert all(ipaddress.ip_address(a) for a in found)
