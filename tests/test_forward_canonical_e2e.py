@@ -163,3 +163,60 @@ def test_h2_control_character_in_a_header_value_is_refused(
     if rep.status == 400:
         assert_refusal(rep.status, rep.headers, rep.body, 400, "control character")
     assert seen(upstream, path) == []
+
+
+
+
+def h2_with_trailers(gw: Gateway, token: str, port: int, path: str,
+                     trailers: list[tuple[str, str]]) -> int:
+    """POST with a 5-byte body and trailers over HTTP/2; the status (0: stream reset)."""
+    import ssl
+
+    import h2.config
+    import h2.connection
+    import h2.events
+
+    with Tunnel(gw.proxy_port, f"localhost:{port}", token) as t:
+        ctx = ssl.create_default_context(cafile=str(gw.ca))
+        ctx.set_alpn_protocols(["h2"])
+        sock = ctx.wrap_socket(t.sock, server_hostname="localhost")
+        t.sock = sock
+        conn = h2.connection.H2Connection(h2.config.H2Configuration(
+            client_side=True, header_encoding="utf-8", validate_outbound_headers=False,
+            normalize_outbound_headers=False))
+        conn.initiate_connection()
+        conn.send_headers(1, [(":method", "POST"), (":scheme", "https"),
+                              (":authority", f"localhost:{port}"), (":path", path),
+                              ("content-length", "5")])
+        conn.send_data(1, b"hello")
+        conn.send_headers(1, trailers, end_stream=True)
+        sock.sendall(conn.data_to_send())
+        sock.settimeout(10)
+        status = 0
+        for _ in range(100):
+            data = sock.recv(65536)
+            if not data:
+                break
+            events = conn.receive_data(data)
+            for ev in events:
+                if isinstance(ev, h2.events.ResponseReceived):
+                    status = int(dict(ev.headers)[":status"])
+            sock.sendall(conn.data_to_send())
+            if any(isinstance(ev, (h2.events.StreamEnded, h2.events.StreamReset,
+                                   h2.events.ConnectionTerminated)) for ev in events):
+                break
+        return status
+
+
+@pytest.mark.parametrize(("value", "statuses"), [
+    ("a\x01b", {400}), ("x\x1b[0m", {400}), ("del\x7f", {400}),
+    ("a\x00b", {0, 400}),  # malformed HTTP/2: reset by the h2 layer, or refused
+    ("fine", {200}),
+])
+def test_h2_request_trailers_are_held_to_the_header_rule(
+        gateway: Gateway, upstream: Upstream, token: str, value: str,
+        statuses: set[int]) -> None:
+    path = unique("trailer-h2")
+    status = h2_with_trailers(gateway, token, upstream.https_port, path, [("x-t", value)])
+    assert status in statuses
+    assert len(seen(upstream, path)) == (1 if status == 200 else 0)
