@@ -104,8 +104,9 @@ async def build_gateway(config: Config, session: aiohttp.ClientSession) -> Gatew
     return gateway
 
 
-# The addon chain, in the order hooks must run: who is calling, may it, what is in
-# the body (MCP), does a person have to say yes, which secret to add, and the record.
+# The addon chain, in the order hooks must run: who is calling, may it, where its name
+# leads (egress), what is in the body (MCP), does a person have to say yes, which
+# secret to add, and the record.
 # Every one is policy: plain imports, so a missing module stops the start, never a hook.
 # Limits comes first: connections per client are counted before anything is read.
 ADDON_CHAIN = (Limits, Identify, Authorize, Egress, Mcp, Approve, Inject, Audit)
