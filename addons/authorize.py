@@ -2,15 +2,50 @@
 
 from __future__ import annotations
 
+import re
+
 from mitmproxy import http
+from mitmproxy.net.http import url
 
 from addons._base import GatewayAddon, exchange, guarded, refuse, refuse_for
+from addons.egress import CALL, RULE, Egress
 from proxy.errors import Refused, TaskgateError
 from proxy.gateway import Tunnel
 from proxy.hosts import canonical_host
 
-RULE = "taskgate.rule"
-CALL = "taskgate.call"  # the Call judged, for addons that judge the body
+__all__ = ["CALL", "RULE", "Authorize", "Egress"]  # CALL: the Call judged, for body judges
+
+
+# Control characters a header value must not carry (HTAB is whitespace, allowed).
+_CTL = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
+
+
+def _malformed(req: http.Request) -> str | None:
+    """Why the request cannot be forwarded as judged, or ``None``.
+
+    The method is judged upper-cased (mitmproxy's ``request.method``) but would be
+    sent as written; methods are case-sensitive (RFC 9110 9.1), so ``get`` is
+    refused rather than silently turned into ``GET``. A header value with a control
+    character (NUL, CR, LF, …) is read differently by different servers."""
+    raw = req.data.method
+    if raw != raw.upper():
+        shown = raw.decode("ascii", "replace")[:16]
+        return (f"method {shown!r} is not upper-case; methods are case-sensitive: send "
+                f"{shown.upper()!r}")
+    for name, value in req.headers.fields:
+        if _CTL.search(value) or _CTL.search(name):
+            shown = name.decode("ascii", "replace")[:64]
+            return (f"header {shown!r} carries a control character; only visible "
+                    "characters, spaces and tabs are forwarded")
+    return None
+
+
+def _forward_canonical(req: http.Request, host: str) -> None:
+    """Send the host as judged: the connection target, Host and :authority all name
+    the canonical host (``API.GOOD.TEST.`` goes out as ``api.good.test``)."""
+    req.data.host = host
+    if req.host_header is not None:
+        req.host_header = url.hostport(req.scheme, host, req.port)
 
 
 def _upgrade(req: http.Request) -> bool:
@@ -40,6 +75,17 @@ class Authorize(GatewayAddon):
             ex.caller, canonical_host(flow.request.host), flow.request.port)
 
     @guarded
+    async def request(self, flow: http.HTTPFlow) -> None:
+        """Trailers of a buffered request are forwarded too: same rule as headers."""
+        if flow.response or not flow.live or flow.request.trailers is None:
+            return
+        for name, value in flow.request.trailers.fields:
+            if _CTL.search(value) or _CTL.search(name):
+                refuse(flow, 400, "bad_request", "a request trailer carries a control "
+                                                 "character")
+                return
+
+    @guarded
     async def requestheaders(self, flow: http.HTTPFlow) -> None:
         if flow.response or not flow.live:
             return
@@ -48,6 +94,10 @@ class Authorize(GatewayAddon):
             raise Refused("caller not identified")
         gw = self.gateway
         req = flow.request
+        why = _malformed(req)
+        if why is not None:
+            refuse(flow, 400, "bad_request", why)
+            return
         tunnel = gw.tunnels.get(flow.client_conn.id)
         try:
             call = gw.describe(ex, req.method, req.scheme, req.host, req.port, req.data.path)
@@ -76,8 +126,10 @@ class Authorize(GatewayAddon):
             refuse(flow, 403, "forbidden", decision.reason)
             return
         ex.decision, ex.reason = "allow", decision.reason
+        _forward_canonical(req, call.host)
         flow.metadata[RULE] = decision.rule
         flow.metadata[CALL] = call
 
 
-addons = [Authorize()]
+# Standalone (mitmdump -s addons/authorize.py): never authorize without the SSRF guard.
+addons = [Authorize(), Egress()]

@@ -83,7 +83,7 @@ def taskgate_config(files: Files, proxy_port: int, control_port: int, http_port:
         "workloads": {WORKLOAD: {"owner": "bench@taskgate.test", "standing": [
             {"id": "bench-http", "host": "127.0.0.1", "port": http_port, "scheme": "http",
              **rule},
-            {"id": "bench-https", "host": "localhost", "port": https_port,
+            {"id": "bench-https", "host": "localhost", "allow_private": True, "port": https_port,
              "scheme": "https", **rule},
         ]}},
     }

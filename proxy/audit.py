@@ -59,8 +59,8 @@ log = logging.getLogger(__name__)
 
 FIELDS = (
     "ts", "seq", "request_id", "workload", "task", "owner", "client", "method",
-    "scheme", "host", "port", "path", "tool", "decision", "rule", "reason", "secret",
-    "approval", "status", "bytes_in", "bytes_out", "duration_ms", "prev", "hash",
+    "scheme", "host", "port", "upstream_ip", "path", "tool", "decision", "rule", "reason",
+    "secret", "approval", "status", "bytes_in", "bytes_out", "duration_ms", "prev", "hash",
 )
 DECISIONS = ("allow", "deny", "error", "approved", "rejected", "held")
 GENESIS = "0" * 64

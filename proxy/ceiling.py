@@ -27,7 +27,12 @@ when all of these hold:
   be repeated verbatim.
 * **secret** — ``T`` names no secret, or the one ``C`` names, and then the
   token scope (``repositories``, ``permissions``) within ``C``'s (:func:`scope_breach`).
+  A secret sent in cleartext (``T`` says ``scheme: http`` and names a secret)
+  needs ``C`` to say ``scheme: http`` too: a ceiling rule without a scheme injects
+  over HTTPS only, so it never allows cleartext injection.
 * **approval** — if ``C`` requires approval, so does ``T``.
+* **allow_private** — ``T`` may opt in to private addresses only if ``C`` does
+  (``allow_private: true``, or an IP address as its host; see :mod:`proxy.egress`).
 
 The check asks for one ceiling rule containing the whole task rule; a task
 rule that only a combination of ceiling rules would cover is refused (split
@@ -51,7 +56,7 @@ from .rules import Rule
 __all__ = ["ARG_CONSTRAINTS", "Breach", "breach", "check_mcp_shape"]
 
 ARG_CONSTRAINTS = ("const", "enum", "pattern", "maximum", "minimum", "maxLength")
-_ORDER = ("host", "port", "methods", "paths", "mcp", "secret", "approval")
+_ORDER = ("host", "port", "methods", "paths", "mcp", "secret", "approval", "allow_private")
 
 
 @dataclass(frozen=True, slots=True)
@@ -192,8 +197,17 @@ def _against(rule: Rule, c: Rule, budget: Budget | None) -> tuple[str, str] | No
     why = scope_breach(rule, c)
     if why:
         return "secret", why
+    if rule.secret is not None and rule.scheme == "http" and c.scheme != "http":
+        return "secret", (f"secret {rule.secret!r} goes out in cleartext over scheme: http, "
+                          "but the ceiling injects it over https only; cleartext injection "
+                          "needs scheme: http on the ceiling rule itself")
     if c.approval and not rule.approval:
         return "approval", "the ceiling requires approval here; keep approval: required"
+    if rule.allow_private and not c.private_ok:
+        return "allow_private", ("the rule opts in to private addresses (allow_private: "
+                                 "true) but the ceiling rule does not; a task may reach "
+                                 "private addresses only where its ceiling says "
+                                 "allow_private: true")
     return None
 
 

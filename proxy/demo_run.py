@@ -74,7 +74,7 @@ def _free_port() -> int:
 def gateway_config(home: str, proxy_port: int, control_port: int, api_port: int,
                    mcp_port: int, upstream_ca: str) -> dict[str, Any]:
     """The generated config: absolute paths, so ``taskgate logs -c`` works from anywhere."""
-    api = {"host": "localhost", "port": api_port}
+    api = {"host": "localhost", "allow_private": True, "port": api_port}
     return {
         "version": 1,
         "listen": {"proxy": f"127.0.0.1:{proxy_port}", "control": f"127.0.0.1:{control_port}"},
@@ -87,7 +87,8 @@ def gateway_config(home: str, proxy_port: int, control_port: int, api_port: int,
              "secret": SECRET_NAME},
             {"id": "github-pulls", **api, "methods": ["POST"], "paths": ["/repos/acme/*/pulls"],
              "secret": SECRET_NAME, "approval": "required"},
-            {"id": "docs-mcp", "host": "localhost", "port": mcp_port, "paths": ["/mcp"],
+            {"id": "docs-mcp", "host": "localhost", "allow_private": True,
+             "port": mcp_port, "paths": ["/mcp"],
              "mcp": {"tools": ["search_docs"], "args": {"limit": {"maximum": 50}}}},
         ]}},
         "secrets": {SECRET_NAME: {"provider": "env", "var": SECRET_VAR, "inject": {

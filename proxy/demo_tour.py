@@ -158,11 +158,12 @@ class Tour:
 
     # the orchestrator ----------------------------------------------------------------
     def task_rules(self) -> list[dict[str, Any]]:
-        api = {"host": "localhost", "port": self.site.api_port}
+        api = {"host": "localhost", "allow_private": True, "port": self.site.api_port}
         return [
             {"id": "read-issues", **api, "methods": ["GET"], "paths": [f"{REPO}/issues/**"],
              "secret": SECRET_NAME},
-            {"id": "docs-search", "host": "localhost", "port": self.site.mcp_port,
+            {"id": "docs-search", "host": "localhost", "allow_private": True,
+             "port": self.site.mcp_port,
              "paths": ["/mcp"], "mcp": {"tools": ["search_docs"],
                                         "args": {"limit": {"maximum": 20}}}},
             {"id": "open-pr", **api, "methods": ["POST"], "paths": [f"{REPO}/pulls"],
@@ -175,7 +176,8 @@ class Tour:
 
     async def over_ceiling(self, ctl: httpx.AsyncClient) -> None:
         step = self._step("ctl POST /v1/tasks (DELETE /repos/acme/**)")
-        wipe = {"id": "wipe-repos", "host": "localhost", "port": self.site.api_port,
+        wipe = {"id": "wipe-repos", "host": "localhost", "allow_private": True,
+                "port": self.site.api_port,
                 "methods": ["DELETE"], "paths": ["/repos/acme/**"], "secret": SECRET_NAME}
         resp = await ctl.post("/v1/tasks", json=self.task_request([wipe]))
         step.status, step.reason = resp.status_code, _reason(resp)

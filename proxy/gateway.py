@@ -65,6 +65,7 @@ class Exchange:
     scheme: str | None = None
     host: str | None = None
     port: int | None = None
+    upstream_ip: str | None = None  # the address checked and connected to (proxy/egress.py)
     path: str | None = None
     tool: dict[str, Any] | None = None
     decision: str | None = None
@@ -88,7 +89,7 @@ class Exchange:
             workload=caller.workload if caller else None,
             task=caller.task if caller else None, owner=caller.owner if caller else None,
             client=self.client, method=self.method, scheme=self.scheme, host=self.host,
-            port=self.port, path=self.path, tool=self.tool,
+            port=self.port, upstream_ip=self.upstream_ip, path=self.path, tool=self.tool,
             decision=self.decision or "error", rule=self.rule, reason=self.reason,
             secret=self.secret, approval=self.approval, status=self.status,
             bytes_in=self.bytes_in, bytes_out=self.bytes_out,

@@ -8,6 +8,7 @@ matcher then only compares canonical values.
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -24,7 +25,7 @@ METHODS = frozenset(
 )
 RULE_KEYS = (
     "id", "host", "port", "scheme", "methods", "paths", "mcp", "secret", "approval",
-    "repositories", "permissions",
+    "repositories", "permissions", "allow_private",
 )
 # A GitHub App token's down-scoping: repository names, permission → level.
 _REPO = re.compile(r"^[A-Za-z0-9_.-]{1,100}$")
@@ -59,6 +60,14 @@ class Rule:
     # With a github_app secret: the token minted for this rule is limited to these.
     repositories: tuple[str, ...] = ()
     permissions: Mapping[str, str] | None = None
+    # Names may resolve to loopback/private/link-local addresses (proxy/egress.py).
+    allow_private: bool = False
+
+    @property
+    def private_ok(self) -> bool:
+        """May this rule's calls reach a private address? Only by explicit opt-in:
+        ``allow_private: true``, or an IP address written as the rule's host."""
+        return self.allow_private or (not self.host.wildcard and is_ip(self.host.host))
 
     def port_for(self, scheme: str) -> int:
         """The port this rule admits for ``scheme``: its own, or the scheme's default."""
@@ -111,6 +120,8 @@ class Rule:
             out["repositories"] = list(self.repositories)
         if self.permissions is not None:
             out["permissions"] = dict(self.permissions)
+        if self.allow_private:
+            out["allow_private"] = True
         return out
 
 
@@ -183,6 +194,14 @@ class RuleSet:
         return Decision(False, _MISS_REASONS[closest])
 
 
+def is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
 def _want(cond: bool, where: str, msg: str) -> None:
     if not cond:
         raise ValueError(f"{where}: {msg}")
@@ -237,6 +256,9 @@ def parse_rule(data: Any, where: str = "rule") -> Rule:
     approval = data.get("approval")
     _want(approval in (None, "required", "none"), f"{where}.approval",
           f"{approval!r}: use 'required' or leave it out")
+    allow_private = data.get("allow_private", False)
+    _want(type(allow_private) is bool, f"{where}.allow_private",
+          f"{allow_private!r}: use true (the rule may reach private addresses) or false")
     repositories, permissions = _token_scope(data, where)
     _want(secret is not None or not (repositories or permissions is not None),
           f"{where}.repositories" if repositories else f"{where}.permissions",
@@ -245,6 +267,7 @@ def parse_rule(data: Any, where: str = "rule") -> Rule:
         id=rid, host=host, port=port, scheme=scheme, methods=methods, paths=tuple(paths),
         mcp=grant, secret=secret,
         approval=approval == "required", repositories=repositories, permissions=permissions,
+        allow_private=allow_private,
     )
 
 

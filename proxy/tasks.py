@@ -279,7 +279,8 @@ def _rule(d: Mapping[str, Any]) -> Rule:
         mcp=McpGrant.parse(mcp, "mcp") if mcp is not None else None, secret=d.get("secret"),
         approval=d.get("approval") == "required",
         repositories=tuple(d.get("repositories", ())),
-        permissions=dict(permissions) if permissions is not None else None)
+        permissions=dict(permissions) if permissions is not None else None,
+        allow_private=d.get("allow_private") is True)
 
 
 class RuleSets:

@@ -22,7 +22,7 @@ PROXY_VARS = ("HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy", "ALL_PRO
 
 def mcp_rules(up: McpUpstream) -> list[dict[str, Any]]:
     """Two rules on one endpoint: tools are judged against both."""
-    where = {"host": up.host, "port": up.port, "paths": ["/mcp"]}
+    where = {"host": up.host, "port": up.port, "paths": ["/mcp"], "allow_private": True}
     if up.scheme == "http":
         where["scheme"] = "http"
     return [

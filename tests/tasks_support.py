@@ -28,7 +28,8 @@ def http_rule(up: Upstream, **kw: Any) -> dict[str, Any]:
 
 def https_rule(up: Upstream, **kw: Any) -> dict[str, Any]:
     """A task rule within the 'up-https' ceiling rule."""
-    return {"id": "tls", "host": "localhost", "port": up.https_port, "methods": ["GET"],
+    return {"id": "tls", "host": "localhost", "allow_private": True,
+            "port": up.https_port, "methods": ["GET"],
             "paths": ["/allowed/**"], **kw}
 
 

@@ -31,11 +31,11 @@ def approval_config(shared_files: dict[str, Path], upstream: Upstream, **extra: 
     cfg = base_config(shared_files, upstream, mcp={"max_body_bytes": CAP}, **extra)
     wl = next(iter(cfg["workloads"].values()))
     wl["standing"] = [*wl["standing"],
-        {"id": "open-pr", "host": "localhost", "port": upstream.https_port,
+        {"id": "open-pr", "host": "localhost", "allow_private": True, "port": upstream.https_port,
          "methods": ["GET", "POST"], "paths": ["/approve/**"], "approval": "required"},
         {"id": "plain-pr", "host": "127.0.0.1", "port": upstream.http_port, "scheme": "http",
          "methods": ["GET", "POST"], "paths": ["/approve/**"], "approval": "required"},
-        {"id": "pay-tool", "host": "localhost", "port": upstream.https_port,
+        {"id": "pay-tool", "host": "localhost", "allow_private": True, "port": upstream.https_port,
          "paths": ["/mcp"], "mcp": {"tools": ["pay"]}, "approval": "required"},
         {"id": "gone-upstream", "host": "127.0.0.1", "port": DEAD_PORT, "scheme": "http",
          "methods": ["POST"], "paths": ["/approve/**"], "approval": "required"},

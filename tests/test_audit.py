@@ -29,7 +29,8 @@ from proxy.errors import Unavailable
 
 SPEC_FIELDS = {
     "ts", "seq", "request_id", "workload", "task", "owner", "client", "method", "scheme",
-    "host", "port", "path", "tool", "decision", "rule", "reason", "secret", "approval",
+    "host", "port", "upstream_ip", "path", "tool", "decision", "rule", "reason", "secret",
+    "approval",
     "status", "bytes_in", "bytes_out", "duration_ms", "prev", "hash",
 }
 

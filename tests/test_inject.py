@@ -74,7 +74,7 @@ def kept(r: httpx.Response) -> httpx.Response:
 def rule(rid: str, host: str, port: int, paths: list[str], secret: str | None = None,
          **extra: Any) -> dict[str, Any]:
     out = {"id": rid, "host": host, "port": port, "methods": ["GET", "POST"], "paths": paths,
-           **extra}
+           "allow_private": True, **extra}
     if secret:
         out["secret"] = secret
     return out

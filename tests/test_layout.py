@@ -53,7 +53,8 @@ def test_server_is_the_module_that_wires_mitmproxy() -> None:
 # or a command) silently out.
 STARTUP = {
     "addons": ("import proxy.server\nproxy.server.gateway_addons(None)",
-               ["addons.limits", "addons.identify", "addons.authorize", "addons.mcp",
+               ["addons.limits", "addons.identify", "addons.authorize", "addons.egress",
+                "addons.mcp",
                 "addons.approve", "addons.inject", "addons.audit"]),
     "control": ("from proxy.control import load_plugins\nload_plugins()",
                 ["proxy.control_tasks", "proxy.control_audit", "proxy.control_approvals",
@@ -79,5 +80,5 @@ def test_the_whole_chain_loads() -> None:
               "print([type(a).__name__ for a in proxy.server.gateway_addons(None)])")
     out = subprocess.run([*PYTHON, "-c", script], env=python_env(), cwd=REPO,
                          capture_output=True, text=True, timeout=60, check=True)
-    assert out.stdout.strip() == str(["Limits", "Identify", "Authorize", "Mcp", "Approve",
-                                      "Inject", "Audit"])
+    assert out.stdout.strip() == str(["Limits", "Identify", "Authorize", "Egress", "Mcp",
+                                      "Approve", "Inject", "Audit"])

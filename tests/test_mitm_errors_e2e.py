@@ -36,10 +36,10 @@ def egw(tmp_path_factory: pytest.TempPathFactory, shared_files: dict[str, Path],
     cfg["workloads"][next(iter(cfg["workloads"]))]["standing"] += [
         {"id": "nowhere-http", "host": "127.0.0.1", "port": closed_port, "scheme": "http",
          "methods": ["GET"], "paths": ["/allowed/**"]},
-        {"id": "nowhere-https", "host": "localhost", "port": closed_port,
+        {"id": "nowhere-https", "host": "localhost", "allow_private": True, "port": closed_port,
          "methods": ["GET"], "paths": ["/allowed/**"]},
         # TLS to the upstream's plain-HTTP port: the handshake fails.
-        {"id": "no-tls", "host": "localhost", "port": upstream.http_port,
+        {"id": "no-tls", "host": "localhost", "allow_private": True, "port": upstream.http_port,
          "methods": ["GET"], "paths": ["/allowed/**"]},
     ]
     gw = Gateway(tmp_path_factory.mktemp("gw-errors"), cfg).start()

@@ -97,19 +97,23 @@ def world(tmp_path_factory: pytest.TempPathFactory, test_ca: trustme.CA,
             "mcp-search": {"provider": "env", "var": "TG_MCP_SEARCH", "inject": bearer},
         },
         "workloads": {WORKLOAD: {"owner": "platform@acme.test", "ceiling": [
-            {"id": "gh", "host": "localhost", "port": g, "methods": ["GET"],
+            {"id": "gh", "host": "localhost", "allow_private": True, "port": g, "methods": ["GET"],
              "paths": ["/repos/acme/**"], "secret": "github",
              "repositories": ["widgets", "gadgets"],
              "permissions": {"issues": "write", "metadata": "read"}},
-            {"id": "db", "host": "localhost", "port": a, "methods": ["GET"],
+            {"id": "db", "host": "localhost", "allow_private": True, "port": a, "methods": ["GET"],
              "paths": ["/db/**"], "secret": "vault-db"},
-            {"id": "db-pay", "host": "localhost", "port": a, "methods": ["POST"],
+            {"id": "db-pay", "host": "localhost", "allow_private": True,
+             "port": a, "methods": ["POST"],
              "paths": ["/pay/**"], "secret": "vault-db", "approval": "required"},
-            {"id": "mcp-add", "host": "localhost", "port": a, "paths": ["/mcp/echo"],
+            {"id": "mcp-add", "host": "localhost", "allow_private": True,
+             "port": a, "paths": ["/mcp/echo"],
              "mcp": {"tools": ["add"]}, "secret": "mcp-add"},
-            {"id": "mcp-search", "host": "localhost", "port": a, "paths": ["/mcp/echo"],
+            {"id": "mcp-search", "host": "localhost", "allow_private": True,
+             "port": a, "paths": ["/mcp/echo"],
              "mcp": {"tools": ["search"]}, "secret": "mcp-search"},
-            {"id": "open", "host": "localhost", "port": a, "methods": ["GET"],
+            {"id": "open", "host": "localhost", "allow_private": True,
+             "port": a, "methods": ["GET"],
              "paths": ["/open/**"]},
         ]}},
     }
@@ -164,7 +168,7 @@ def eventually(check: Callable[[], bool], what: str, timeout: float = 8.0) -> No
 def gh_rule(**kw: Any) -> dict[str, Any]:
     """A task rule within the ceiling's 'gh' (port: see :func:`with_port`): any
     repository's issues, with a token for 'widgets' only."""
-    return {"id": "gh-read", "host": "localhost", "methods": ["GET"],
+    return {"id": "gh-read", "host": "localhost", "allow_private": True, "methods": ["GET"],
             "paths": ["/repos/acme/*/issues"], "secret": "github",
             "repositories": ["widgets"], "permissions": {"issues": "read"}, **kw}
 
@@ -174,7 +178,7 @@ def with_port(rule: dict[str, Any], port: int) -> dict[str, Any]:
 
 
 def db_rule(w: World) -> dict[str, Any]:
-    return {"id": "db-read", "host": "localhost", "port": w.api.https_port,
+    return {"id": "db-read", "host": "localhost", "allow_private": True, "port": w.api.https_port,
             "methods": ["GET"], "paths": ["/db/**"], "secret": "vault-db"}
 
 
@@ -297,7 +301,8 @@ def test_an_expired_task_has_its_vault_lease_revoked(world: World) -> None:
 # -- 3. Secrets and token scopes within the ceiling ---------------------------------------
 BEYOND = [
     ("secret-where-the-ceiling-names-none",
-     lambda w: {"id": "r", "host": "localhost", "port": w.api.https_port, "methods": ["GET"],
+     lambda w: {"id": "r", "host": "localhost", "allow_private": True,
+                "port": w.api.https_port, "methods": ["GET"],
                 "paths": ["/open/**"], "secret": "vault-db"},
      "rules[0].secret", "secret 'vault-db' is not one the ceiling names"),
     ("another-secret-than-the-ceilings",
@@ -357,7 +362,8 @@ def rpc(tool: str, **arguments: Any) -> bytes:
 
 def test_mcp_call_gets_the_secret_of_the_rule_that_allowed_its_tool(world: World) -> None:
     w = world
-    where = {"host": "localhost", "port": w.api.https_port, "paths": ["/mcp/echo"]}
+    where = {"host": "localhost", "allow_private": True,
+             "port": w.api.https_port, "paths": ["/mcp/echo"]}
     task = new_task(w, [{"id": "t-add", **where, "mcp": {"tools": ["add"]}, "secret": "mcp-add"},
                         {"id": "t-search", **where, "mcp": {"tools": ["search"]},
                          "secret": "mcp-search"}])
@@ -410,7 +416,8 @@ async def _answer(w: World, approval: dict[str, Any], verb: str) -> None:
 
 
 def pay_rule(w: World) -> dict[str, Any]:
-    return {"id": "pay", "host": "localhost", "port": w.api.https_port, "methods": ["POST"],
+    return {"id": "pay", "host": "localhost", "allow_private": True,
+            "port": w.api.https_port, "methods": ["POST"],
             "paths": ["/pay/**"], "secret": "vault-db", "approval": "required"}
 
 

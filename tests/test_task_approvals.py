@@ -64,7 +64,8 @@ async def ctl(tgw: Gateway) -> AsyncIterator[httpx.AsyncClient]:
 
 def approve_rule(up: Upstream) -> dict[str, Any]:
     """Within the ceiling's 'up-approve' rule: POSTs that a person must allow."""
-    return {"id": "open-pr", "host": "localhost", "port": up.https_port, "methods": ["POST"],
+    return {"id": "open-pr", "host": "localhost", "allow_private": True,
+            "port": up.https_port, "methods": ["POST"],
             "paths": ["/approve/**"], "approval": "required"}
 
 
@@ -271,7 +272,7 @@ async def test_mcp_sdk_tool_call_held_with_its_arguments_approved_and_denied(
 
 def echo_mcp_rule(up: Upstream) -> dict[str, Any]:
     """Within the ceiling's 'up-mcp' rule (the echo upstream shows what was forwarded)."""
-    return {"id": "read-approve", "host": "localhost", "port": up.https_port,
+    return {"id": "read-approve", "host": "localhost", "allow_private": True, "port": up.https_port,
             "paths": ["/mcp"], "approval": "required",
             "mcp": {"tools": ["read_file"], "args": {"limit": {"maximum": 50}}}}
 

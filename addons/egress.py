@@ -1,0 +1,115 @@
+"""Resolve an allowed call's host once, judge every address, pin the connection to it.
+
+``requestheaders`` (after authorize): the core (:mod:`proxy.egress`) resolves the
+host and judges every address against the rule that allowed the call; a call is
+refused (403) if any address is private and the rule did not opt in. The address
+judged is pinned for the agent connection and that host:port.
+
+``server_connect``: mitmproxy is about to open the upstream connection to
+``(host, port)``; its address becomes the pinned IP, so mitmproxy never
+resolves the name itself. The TLS server name (``server.sni``, set from the host
+when mitmproxy made the connection) and the Host header keep the name.
+``server_connected`` gives the connection its name back, so later calls on the
+same agent connection to the same host:port reuse it (each is judged against
+that same pinned address). A connection with no pin is refused: fail closed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+from mitmproxy import connection, http
+from mitmproxy.proxy import server_hooks
+
+from addons._base import GatewayAddon, exchange, guarded, refuse
+from proxy.egress import EgressGuard, OwnAddresses, local_addresses
+from proxy.errors import Refused
+from proxy.gateway import Gateway
+from proxy.hosts import canonical_host
+from proxy.rules import Call, Rule
+
+# Set by addons/authorize.py (which imports this module, so they are spelled here).
+RULE = "taskgate.rule"
+CALL = "taskgate.call"
+
+Endpoint = tuple[str, int]
+
+
+class Egress(GatewayAddon):
+    """SSRF guard: every address a name resolves to is judged; the judged one is used."""
+
+    def __init__(self, gateway: Gateway | None = None) -> None:
+        super().__init__(gateway)
+        self._guard: EgressGuard | None = None
+        # agent connection id → {(canonical host, port): pinned ip}
+        self._pins: dict[str, dict[Endpoint, str]] = {}
+        # upstream connection id → the (host, port) it was asked for, until connected
+        self._names: dict[str, Endpoint] = {}
+
+    @property
+    def guard(self) -> EgressGuard:
+        if self._guard is None:
+            config = self.gateway.config
+            own = OwnAddresses.of((config.proxy_listen, config.control_listen),
+                                  local_addresses())
+            self._guard = EgressGuard(own)
+        return self._guard
+
+    @guarded
+    async def requestheaders(self, flow: http.HTTPFlow) -> None:
+        if flow.response or not flow.live:
+            return
+        rule, call = flow.metadata.get(RULE), flow.metadata.get(CALL)
+        if not isinstance(rule, Rule) or not isinstance(call, Call):
+            raise Refused("the call was not authorized")  # never reached past authorize
+        pins = self._pins.setdefault(flow.client_conn.id, {})
+        key = (call.host, call.port)
+        verdict = await self.guard.check(call.host, call.port, opt_in=rule.private_ok,
+                                         pinned=pins.get(key))
+        if not verdict.allowed or verdict.ip is None:
+            refuse(flow, 403, "forbidden", verdict.reason)
+            return
+        pins.setdefault(key, verdict.ip)
+        exchange(flow).upstream_ip = verdict.ip
+
+    def server_connect(self, data: server_hooks.ServerConnectionHookData) -> None:
+        server = data.server
+        if server.address is None or server.via is not None:
+            # An upstream proxy (not taskgate's mode) would resolve the name itself.
+            server.error = "taskgate: upstream connections go direct to a checked address"
+            return
+        host, port = server.address
+        try:
+            key = (canonical_host(host), port)
+        except ValueError:
+            key = (host, port)
+        ip = self._pins.get(data.client.id, {}).get(key)
+        if ip is None:
+            server.error = "taskgate: the upstream's address was not checked; not connecting"
+            return
+        self._names[server.id] = server.address
+        server.address = (ip, port)
+
+    def server_connected(self, data: server_hooks.ServerConnectionHookData) -> None:
+        self._restore(data.server)
+
+    def server_connect_error(self, data: server_hooks.ServerConnectionHookData) -> None:
+        self._restore(data.server)
+
+    def _restore(self, server: connection.Server) -> None:
+        name = self._names.pop(server.id, None)
+        if name is None:
+            return
+        # The socket is connected to the pinned ip (``peername``); the address goes
+        # back to the name, as on any connection mitmproxy resolves itself, so its
+        # reuse check (by name) and the other addons see what they expect. mitmproxy
+        # refuses to *redirect* an open connection by assigning ``address``; this
+        # redirects nothing, hence the plain attribute write.
+        object.__setattr__(server, "address", name)
+
+    def client_disconnected(self, client: connection.Client) -> None:
+        with contextlib.suppress(KeyError):
+            del self._pins[client.id]
+
+
+addons = [Egress()]
