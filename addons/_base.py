@@ -128,8 +128,11 @@ class GatewayAddon:
 
     def __dir__(self) -> list[str]:
         # mitmproxy's command collection getattr()s every name dir() lists when a
-        # script loads, before `running` built the gateway; the property would raise.
-        return [name for name in super().__dir__() if name != "gateway"]
+        # script loads, before `running` built the gateway; a property reading the
+        # gateway would raise there. Commands are methods, never properties.
+        cls = type(self)
+        return [name for name in super().__dir__()
+                if not isinstance(getattr(cls, name, None), property)]
 
     def load(self, loader: Any) -> None:
         if CONFIG_OPTION not in ctx.options:

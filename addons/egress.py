@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import contextlib
 
-from mitmproxy import connection, http
+from mitmproxy import connection, ctx, http
 from mitmproxy.proxy import server_hooks
 
 from addons._base import GatewayAddon, exchange, guarded, refuse
@@ -54,6 +54,13 @@ class Egress(GatewayAddon):
                                   local_addresses())
             self._guard = EgressGuard(own)
         return self._guard
+
+    def configure(self, updated: set[str]) -> None:
+        # A pin exists once a request was judged; mitmproxy's default (eager) opens the
+        # upstream at CONNECT, before any request. `taskgate run` sets lazy itself; under
+        # plain `mitmdump -s` this addon does (eager would fail closed on every tunnel).
+        if "connection_strategy" in updated and ctx.options.connection_strategy != "lazy":
+            ctx.options.update(connection_strategy="lazy")
 
     @guarded
     async def requestheaders(self, flow: http.HTTPFlow) -> None:
