@@ -167,6 +167,10 @@ class Revocations:
         self._next_prune = 0.0
 
     # -- what others read ----------------------------------------------------------
+    async def loaded(self) -> None:
+        """Returns once what an earlier run left was read (or could not be)."""
+        await self._ready.wait()
+
     def pending_count(self) -> int:
         """Credentials due for revocation and not yet revoked (a gauge)."""
         return len(self._pending)
@@ -301,6 +305,11 @@ class Revocations:
             await provider.revoke(cred.handle)
         except ProviderError as e:
             error = e.what
+        except Exception:  # noqa: BLE001 - a bug: a failed attempt like any other
+            log.exception("secret %r: revoking a %s failed unexpectedly", cred.secret,
+                          cred.kind)
+            self._error("revocation")
+            error = "the gateway failed while revoking it (see its log)"
         else:
             await self._finish(cred, "revoked", f"{what} revoked (attempt {cred.attempts})",
                                started, provider)
