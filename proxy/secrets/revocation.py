@@ -241,6 +241,8 @@ class Revocations:
         self._add(cred)
         await self._prune()
         if self._store is not None:
+            if self._loader is None:
+                self.start()
             await self._ready.wait()
             try:
                 if self._sealer is None:
