@@ -113,8 +113,8 @@ def revocation_record(cred: Credential, target: tuple[str, str] | None, decision
                       reason: str, owner: str | None, duration: float) -> dict[str, Any]:
     """The audit record of one revocation outcome.
 
-    ``method``/``scheme``/``host``/``port``/``path``: the revocation call made to
-    the issuer (none if it could not be made); ``secret``: the secret's name;
+    ``method``/``scheme``/``host``/``port``/``path``: the issuer's revocation call
+    (none when the secret is no longer configured); ``secret``: the secret's name;
     ``decision``: ``allow`` (revoked) or ``error``; ``reason``: ``secret
     revocation: …`` with the kind, the attempt and what failed (fixed, value-free
     phrases); ``rule``, ``status``, ``client`` are empty: no agent call made it.
@@ -200,6 +200,8 @@ class Revocations:
         for t in background:
             t.cancel()
         await asyncio.gather(*background, return_exceptions=True)
+        for c in self._creds.values():
+            c.busy = False  # a job cancelled before it started leaves its mark
         live = [c for c in self._creds.values() if c.state == LIVE]
         try:
             await asyncio.wait_for(self._drain(live), grace)
