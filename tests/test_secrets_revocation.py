@@ -399,3 +399,28 @@ async def test_what_an_earlier_run_left_is_revoked_or_abandoned_at_start(
     text = (first.home / "audit.jsonl").read_bytes()
     for m in minted.values():
         assert m.value.reveal().encode() not in text
+
+
+async def test_shutdown_tries_a_credential_whose_retry_was_queued_but_not_run(
+        rig_factory: Callable[..., Any]) -> None:
+    rig = await rig_factory()
+    minted = await rig.broker.token("vault-db", caller("t-queued"), rule())
+    rig.vault.fail_revocations(1)
+    await rig.broker.task_ended("t-queued")
+    [cred] = rig.broker.revocations._pending.values()
+    rig.broker.revocations._spawn(cred)  # the loop's next try: queued, cancelled unstarted
+    await rig.broker.close(2.0)
+    assert lease_of(rig.vault, minted.value).revoked and rig.rows() == []
+
+
+async def test_shutdown_leaves_what_it_could_not_revoke_pending_in_the_store(
+        rig_factory: Callable[..., Any]) -> None:
+    rig = await rig_factory()
+    await rig.broker.token("vault-db", caller("t-live"), rule())
+    rig.vault.fail_revocations(10_000)
+    started = time.monotonic()
+    await rig.broker.close(0.5)
+    assert time.monotonic() - started < 1.5  # bounded
+    [(task, state, attempts, _)] = rig.rows()
+    assert (task, state) == ("t-live", "pending") and attempts >= 2
+    assert rig.broker.credentials("t-live")[0]["state"] == "pending_revocation"
