@@ -61,6 +61,8 @@ OUTCOMES = ("revoked", "failed", "expired", "abandoned")
 PRUNE_EVERY = 30.0  # how often live credentials that expired are forgotten
 IDLE_WAIT = 5.0  # the retry loop looks again at least this often
 RESTART_FIRST, RESTART_MAX = 0.1, 30.0  # pause before a failed job is restarted
+CLOSE_MARGIN = 5.0  # at shutdown, past the grace: for the last records and store writes
+STOPPED = "no answer before the gateway stopped"
 REASON = "secret revocation"  # every record's reason starts so: `taskgate logs` finds them
 
 Audit = Callable[[dict[str, Any]], Awaitable[None]]
@@ -196,36 +198,47 @@ class Revocations:
         if self._closed:
             return
         self._closed = True
-        background = [t for t in (self._loader, self._retrier, *self._jobs) if t is not None]
-        for t in background:
+        deadline = asyncio.get_running_loop().time() + grace
+        loops = [t for t in (self._loader, self._retrier) if t is not None]
+        for t in loops:
             t.cancel()
-        await asyncio.gather(*background, return_exceptions=True)
+        await asyncio.gather(*loops, return_exceptions=True)
+        if self._jobs:  # attempts under way finish, so their outcome is recorded
+            _, stragglers = await asyncio.wait(set(self._jobs), timeout=grace)
+            for t in stragglers:
+                t.cancel()
+            await asyncio.gather(*stragglers, return_exceptions=True)
         for c in self._creds.values():
             c.busy = False  # a job cancelled before it started leaves its mark
         live = [c for c in self._creds.values() if c.state == LIVE]
         try:
-            await asyncio.wait_for(self._drain(live), grace)
+            await asyncio.wait_for(self._drain(live, deadline), grace + CLOSE_MARGIN)
         except TimeoutError:
-            pass
+            log.error("secrets: the store or the audit log did not take the last "
+                      "revocation records in time")
         if self._pending:
             log.warning("secrets: %d credentials are still pending revocation at shutdown; %s",
                         len(self._pending),
                         "the next start tries again" if self._store is not None
                         else "they stay valid until they expire")
 
-    async def _drain(self, live: list[Credential]) -> None:
+    async def _drain(self, live: list[Credential], deadline: float) -> None:
+        """Try every pending credential until ``deadline`` (loop time): an attempt
+        still waiting for its issuer then is a failed one, recorded like any other."""
+        loop = asyncio.get_running_loop()
         await self._mark_pending(live)
         now = self.clock()
         for c in self._pending.values():
             c.next_at = min(c.next_at, now)  # all tried now, not at their next turn
-        while self._pending:
+        while self._pending and loop.time() < deadline:
             now = self.clock()
             due = [c for c in self._pending.values() if c.next_at <= now and not c.busy]
             if due:
-                await asyncio.gather(*(self._attempt(c) for c in due))
+                await asyncio.gather(*(self._attempt(c, deadline) for c in due))
                 continue
             soonest = min(c.next_at for c in self._pending.values())
-            await asyncio.sleep(min(max(soonest - now, 0.01), 1.0))
+            await asyncio.sleep(min(max(soonest - now, 0.01), 1.0,
+                                    max(deadline - loop.time(), 0.0)))
 
     # -- minting and retiring ----------------------------------------------------------
     async def track(self, minted: Minted, provider: Provider, workload: str | None
@@ -275,14 +288,15 @@ class Revocations:
         await self._save(creds)
 
     # -- one attempt ---------------------------------------------------------------------
-    async def _attempt(self, cred: Credential) -> None:
-        """Try to revoke ``cred`` once; never raises (but for cancellation)."""
+    async def _attempt(self, cred: Credential, deadline: float | None = None) -> None:
+        """Try to revoke ``cred`` once (the issuer's answer awaited until ``deadline``,
+        loop time, if given); never raises (but for cancellation)."""
         if cred.busy or cred.id not in self._pending:
             return
         cred.busy = True
         started = time.monotonic()
         try:
-            await self._try(cred, started)
+            await self._try(cred, started, deadline)
         except Exception:  # noqa: BLE001 - a bug here must not end the retries
             log.exception("secret %r: revoking a %s failed unexpectedly; trying again later",
                           cred.secret, cred.kind)
@@ -292,7 +306,7 @@ class Revocations:
             cred.busy = False
             self._wake.set()
 
-    async def _try(self, cred: Credential, started: float) -> None:
+    async def _try(self, cred: Credential, started: float, deadline: float | None) -> None:
         what = f"{REASON}: {cred.kind} of secret {cred.secret!r}"
         provider = self._providers.get(cred.secret)
         if provider is None:
@@ -306,9 +320,12 @@ class Revocations:
             return
         cred.attempts += 1
         try:
-            await provider.revoke(cred.handle)
+            async with asyncio.timeout_at(deadline):
+                await provider.revoke(cred.handle)
         except ProviderError as e:
             error = e.what
+        except TimeoutError:  # only with a deadline: the provider's own is a ProviderError
+            error = STOPPED
         except Exception:  # noqa: BLE001 - a bug: a failed attempt like any other
             log.exception("secret %r: revoking a %s failed unexpectedly", cred.secret,
                           cred.kind)
@@ -342,16 +359,18 @@ class Revocations:
 
     async def _finish(self, cred: Credential, outcome: str, reason: str, started: float,
                       provider: Provider | None = None) -> None:
-        self._drop(cred)
-        if self._store is not None:
-            await self._quietly(self._store.delete_credentials([cred.id]))
-        self._count(cred.secret, outcome)
+        """The final outcome: recorded and counted first, so a credential gone from
+        the task's view has its record in the log."""
         if outcome == "revoked":
             log.info("secret %r: %s of task %s revoked", cred.secret, cred.kind, cred.task)
         else:
             log.warning("%s", reason)
         await self._record(cred, provider, "allow" if outcome == "revoked" else "error",
                            reason, started)
+        self._count(cred.secret, outcome)
+        self._drop(cred)
+        if self._store is not None:
+            await self._quietly(self._store.delete_credentials([cred.id]))
 
     async def _record(self, cred: Credential, provider: Provider | None, decision: str,
                       reason: str, started: float) -> None:
