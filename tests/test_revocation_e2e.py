@@ -319,8 +319,14 @@ def test_the_first_revocations_fail_then_one_succeeds(world: World, secret: str,
     recs = revocation_records(w, task, secret)
     failed = assert_attempt_records(recs, secret, mode, 3 if mode == "503" else None)
     assert failed >= 1
-    gaps = [seconds(b) - seconds(a) for a, b in zip(recs, recs[1:], strict=False)]
-    assert all(g >= 0.02 for g in gaps), gaps  # backoff: not hammered back to back
+    # Backoff: not hammered back to back (the first wait is 0.025 to 0.05 s here). With a
+    # reset, aiohttp's own second try follows at once: the records' times are compared.
+    if mode == "503":
+        times = [t for s, _, t in standin.revocation_attempts if s == subject]
+        assert all(b - a >= 0.02 for a, b in zip(times, times[1:], strict=False)), times
+    else:
+        times = [seconds(r) for r in recs]
+        assert all(b - a >= 0.01 for a, b in zip(times, times[1:], strict=False)), times
 
 
 # -- 2. expiry ends the retries ----------------------------------------------------------
