@@ -174,6 +174,29 @@ def _show_task(task: dict[str, Any], as_json: bool) -> None:
           f"rules")
     for rule in task["rules"]:
         print(f"  - {orjson.dumps(rule).decode()}")
+    _show_credentials(task.get("credentials"))
+
+
+def _show_credentials(creds: list[dict[str, Any]] | None) -> None:
+    """Minted credentials still live or pending revocation (a gateway without secrets,
+    or an older one, sends none)."""
+    if creds is None:
+        return
+    if not creds:
+        print("credentials  none live, none pending revocation")
+        return
+    print("credentials")
+    for c in creds:
+        state = "pending revocation" if c["state"] == "pending_revocation" else c["state"]
+        line = (f"  - {c['secret']} ({c['kind']}): {state}, expires "
+                f"{c['expires_at'] or 'never'}")
+        if c["attempts"]:
+            line += f", {c['attempts']} revocation attempts failed"
+        if c["last_error"]:
+            line += f", last error: {c['last_error']}"
+        if c["next_attempt_at"]:
+            line += f", next attempt {c['next_attempt_at']}"
+        print(line)
 
 
 def _show(ctl: Control, args: argparse.Namespace) -> int:

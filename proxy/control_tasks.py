@@ -4,8 +4,11 @@
 (``http://<task_id>:<token>@<proxy host:port>``, usable as-is in
 ``HTTP_PROXY``/``HTTPS_PROXY``); ``GET /v1/tasks`` (``?workload=``, ``?status=``,
 ``?limit=``; newest first); ``GET /v1/tasks/{id}``; ``DELETE /v1/tasks/{id}``
-(revoke now; idempotent). ``GET /v1/task-keys`` publishes the public keys
-(JWKS); ``POST /v1/task-keys/rotate`` starts signing with a new key.
+(revoke now; idempotent). The last two list the task's ``credentials``: what the
+secret broker minted for it that is still live or pending revocation (secret,
+kind, state, expiry, attempts, last error; never a value). ``GET /v1/task-keys``
+publishes the public keys (JWKS); ``POST /v1/task-keys/rotate`` starts signing
+with a new key.
 
 Every error on these routes is JSON (``error``, ``reason``, ``field`` when a
 field is to blame), including unknown routes and methods; a bug while
@@ -18,12 +21,15 @@ import logging
 import re
 import time
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 from aiohttp import web
 
 from .control import GATEWAY, ROUTE_PLUGINS, STATE, json_error
 from .errors import TaskgateError
 from .grants import TaskRegistry
+from .secrets import COMPONENT as SECRETS
+from .secrets import SecretBroker
 from .tasks import MAX_BODY_BYTES, RequestError, parse_task_request
 
 __all__ = ["setup"]
@@ -121,18 +127,24 @@ async def list_tasks(request: web.Request) -> web.Response:
     return web.json_response({"tasks": out, "total": total})
 
 
+def _with_credentials(request: web.Request, view: dict[str, Any]) -> dict[str, Any]:
+    broker = request.app[GATEWAY].components.get(SECRETS)
+    creds = broker.credentials(view["task_id"]) if isinstance(broker, SecretBroker) else []
+    return {**view, "credentials": creds}
+
+
 async def show_task(request: web.Request) -> web.Response:
     task = _registry(request).get(_task_id(request))
     if task is None:
         raise RequestError("task_id", "no such task", status=404, error="not_found")
-    return web.json_response(task.view())
+    return web.json_response(_with_credentials(request, task.view()))
 
 
 async def revoke_task(request: web.Request) -> web.Response:
     task = await _registry(request).revoke(_task_id(request))
     if task is None:
         raise RequestError("task_id", "no such task", status=404, error="not_found")
-    return web.json_response(task.view())
+    return web.json_response(_with_credentials(request, task.view()))
 
 
 async def task_keys(request: web.Request) -> web.Response:
@@ -182,7 +194,13 @@ def setup(app: web.Application) -> None:
 
 
 async def _close(app: web.Application) -> None:
-    """The store closes with the control plane, after the proxy stopped and drained."""
+    """The store closes with the control plane, after the proxy stopped and drained.
+
+    Minted credentials are revoked first, while the store (what is still pending
+    goes there) and the audit log (each outcome) are open."""
+    broker = app[GATEWAY].components.get(SECRETS)
+    if isinstance(broker, SecretBroker):
+        await broker.close()
     registry = app[GATEWAY].components.get("tasks")
     if isinstance(registry, TaskRegistry):
         await registry.close()

@@ -7,6 +7,12 @@ What is exported, and where it comes from:
   through :attr:`Gateway.on_record`;
 - ``taskgate_secret_fetches_total{secret,result}``: the secret broker calls
   :meth:`Metrics.secret_fetch`;
+- ``taskgate_secret_revocations_total{secret,outcome}`` (outcome: ``revoked``,
+  ``failed`` per failed attempt, ``expired``, ``abandoned``), the gauge
+  ``taskgate_secret_revocations_pending`` and
+  ``taskgate_secret_background_errors_total{job}`` (a broker job that failed and
+  was restarted): :meth:`Metrics.secret_revocation`,
+  :meth:`Metrics.secret_background_error`, ``track("secret_revocations_pending", …)``;
 - ``taskgate_active_tasks``, ``taskgate_pending_approvals``: gauges read at
   scrape time from callbacks the tasks and approvals features register with
   :meth:`Metrics.track` (without one, pending approvals are counted from
@@ -59,7 +65,9 @@ log = logging.getLogger(__name__)
 disable_created_metrics()  # no *_created series: they double the output and say nothing here
 
 MAX_RULE_LABELS = 200
-GAUGES = ("active_tasks", "pending_approvals")
+GAUGES = ("active_tasks", "pending_approvals", "secret_revocations_pending")
+REVOCATION_OUTCOMES = ("revoked", "failed", "expired", "abandoned")
+SECRET_JOBS = ("fetch", "revocation", "revocations", "load", "store")
 OTHER = "other"
 NONE = "none"
 _LABEL_OK = re.compile(r"[A-Za-z0-9_.:@-]{1,64}")
@@ -130,6 +138,17 @@ class Metrics:
         self.secret_fetches = Counter("taskgate_secret_fetches",
                                       "Secret fetches by secret name and result (ok, error)",
                                       ("secret", "result"), registry=self.registry)
+        self._outcome = _Bounded(0, REVOCATION_OUTCOMES, closed=True)
+        self._job = _Bounded(0, SECRET_JOBS, closed=True)
+        self.secret_revocations = Counter(
+            "taskgate_secret_revocations",
+            "Revocations of minted credentials by secret name and outcome (revoked, failed "
+            "per failed attempt, expired, abandoned)", ("secret", "outcome"),
+            registry=self.registry)
+        self.secret_background_errors = Counter(
+            "taskgate_secret_background_errors",
+            "Secret broker jobs that failed unexpectedly (logged, then retried or restarted)",
+            ("job",), registry=self.registry)
         self._callbacks: dict[str, Callable[[], float]] = {}
         for name in GAUGES:
             gauge = Gauge(f"taskgate_{name}", f"{name.replace('_', ' ').capitalize()} now",
@@ -151,6 +170,14 @@ class Metrics:
     def secret_fetch(self, name: str, ok: bool) -> None:
         """Count one fetch of secret ``name`` (a configured name; others read ``other``)."""
         self.secret_fetches.labels(self._secret(name), "ok" if ok else "error").inc()
+
+    def secret_revocation(self, name: str, outcome: str) -> None:
+        """Count one revocation outcome of a credential of secret ``name``."""
+        self.secret_revocations.labels(self._secret(name), self._outcome(outcome)).inc()
+
+    def secret_background_error(self, job: str) -> None:
+        """Count one unexpected failure of a secret broker job."""
+        self.secret_background_errors.labels(self._job(job)).inc()
 
     def track(self, gauge: str, read: Callable[[], float]) -> None:
         """Read gauge ``gauge`` (one of :data:`GAUGES`) from ``read()`` at scrape time."""

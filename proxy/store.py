@@ -42,7 +42,7 @@ from typing import Any
 from .batching import WorkQueue
 from .errors import Unavailable
 
-__all__ = ["TaskRow", "TaskStore"]
+__all__ = ["CredentialRow", "TaskRow", "TaskStore"]
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +65,27 @@ CREATE TABLE IF NOT EXISTS tasks (
 """
 _COLUMNS = ("id, workload, owner, purpose, created_at, expires_at, max_calls, rules, kid, "
             "used, revoked_at, ended")
+# Credentials the secret broker minted and must revoke (proxy/secrets/revocation.py):
+# ``live`` while in use, ``pending`` once due for revocation; the row goes when the
+# revocation succeeded or the credential expired. ``handle`` (what revokes it: a lease
+# id, a token) is sealed by the broker; the store never sees it in the clear.
+_CREDENTIALS_SCHEMA = """
+CREATE TABLE IF NOT EXISTS secret_credentials (
+    id          TEXT PRIMARY KEY,
+    secret      TEXT NOT NULL,
+    kind        TEXT NOT NULL,
+    task        TEXT,
+    workload    TEXT,
+    issued_at   REAL NOT NULL,
+    expires_at  REAL,
+    state       TEXT NOT NULL,
+    attempts    INTEGER NOT NULL DEFAULT 0,
+    last_error  TEXT,
+    handle      BLOB NOT NULL
+)
+"""
+_CREDENTIAL_COLUMNS = ("id, secret, kind, task, workload, issued_at, expires_at, state, "
+                       "attempts, last_error, handle")
 
 Op = Callable[[sqlite3.Connection], Any]
 
@@ -85,6 +106,23 @@ class TaskRow:
     used: int = 0
     revoked_at: float | None = None
     ended: bool = False
+
+
+@dataclass(slots=True)
+class CredentialRow:
+    """A minted credential to revoke, as stored (``handle`` sealed)."""
+
+    id: str
+    secret: str
+    kind: str
+    task: str | None
+    workload: str | None
+    issued_at: float
+    expires_at: float | None
+    state: str
+    attempts: int
+    last_error: str | None
+    handle: bytes
 
 
 class TaskStore:
@@ -155,6 +193,31 @@ class TaskStore:
             after = page[-1][0]
             yield [row for _, row in page]
 
+    # -- credentials to revoke (the secret broker's) ----------------------------
+    async def add_credential(self, row: CredentialRow) -> None:
+        await self._submit(lambda c: c.execute(
+            f"INSERT INTO secret_credentials ({_CREDENTIAL_COLUMNS}) "  # noqa: S608
+            "VALUES (?,?,?,?,?,?,?,?,?,?,?)", astuple(row)), durable=True)
+
+    async def update_credentials(self, changes: Sequence[tuple[str, str, int, str | None]]
+                                 ) -> None:
+        """``(id, state, attempts, last_error)`` each; a state change is fsync'd."""
+        rows = [(state, attempts, error, cid) for cid, state, attempts, error in changes]
+        await self._submit(lambda c: _many(
+            c, "UPDATE secret_credentials SET state = ?, attempts = ?, last_error = ? "
+               "WHERE id = ?", rows), durable=True)
+
+    async def delete_credentials(self, ids: Iterable[str]) -> None:
+        rows = [(i,) for i in ids]
+        await self._submit(lambda c: _many(c, "DELETE FROM secret_credentials WHERE id = ?",
+                                           rows), durable=True)
+
+    async def load_credentials(self) -> list[CredentialRow]:
+        return await self._submit(lambda c: [
+            CredentialRow(*r[:10], bytes(r[10])) for r in c.execute(
+                f"SELECT {_CREDENTIAL_COLUMNS} FROM secret_credentials "  # noqa: S608
+                "ORDER BY issued_at")])
+
     # -- the thread -----------------------------------------------------------
     async def _submit(self, op: Op, *, durable: bool = False) -> Any:
         """Run ``op`` on the store thread in the next group commit (fsync'd if durable)."""
@@ -176,6 +239,7 @@ class TaskStore:
         if version > SCHEMA_VERSION:
             raise RuntimeError(f"{self.path}: written by a newer taskgate (schema {version})")
         conn.execute(_SCHEMA)
+        conn.execute(_CREDENTIALS_SCHEMA)
         conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
         return conn
 

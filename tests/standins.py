@@ -12,6 +12,8 @@ from __future__ import annotations
 import asyncio
 import base64
 import gzip
+import socket
+import struct
 import time
 import uuid
 from dataclasses import dataclass
@@ -32,6 +34,47 @@ def canary(kind: str) -> str:
 
 def _iso(ts: float) -> str:
     return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+class FailingRevocations:
+    """Revocations that fail on demand: :meth:`fail_revocations` makes the next ``n``
+    fail, as ``"503"`` (the service answers 503 Service Unavailable, as a sealed
+    Vault or an overloaded API does) or ``"reset"`` (the connection is reset before
+    any answer), then they succeed again. Every attempt is kept in
+    ``revocation_attempts``: (subject — the lease id or token —, outcome, when)."""
+
+    UNAVAILABLE: dict[str, Any] = {"message": "Service Unavailable"}
+
+    def _init_failures(self) -> None:
+        self.revoke_failures = 0
+        self.revoke_failure_mode = "503"
+        self.revocation_attempts: list[tuple[str, str, float]] = []
+
+    def fail_revocations(self, n: int, mode: str = "503") -> None:
+        if mode not in ("503", "reset"):
+            raise ValueError(mode)
+        self.revoke_failure_mode, self.revoke_failures = mode, n
+
+    def attempts_for(self, subject: str) -> list[str]:
+        return [outcome for s, outcome, _ in self.revocation_attempts if s == subject]
+
+    def _fault(self, request: web.Request, subject: str) -> web.Response | None:
+        """The failure to give for this attempt, or ``None`` to go on."""
+        if self.revoke_failures <= 0:
+            self.revocation_attempts.append((subject, "ok", time.time()))
+            return None
+        self.revoke_failures -= 1
+        mode = self.revoke_failure_mode
+        self.revocation_attempts.append((subject, mode, time.time()))
+        if mode == "503":
+            return web.json_response(self.UNAVAILABLE, status=503)
+        transport = request.transport
+        assert transport is not None
+        sock = transport.get_extra_info("socket")
+        if sock is not None:  # linger 0: the close is a TCP RST, not a FIN
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        transport.abort()
+        return web.Response(status=503)  # never reaches the client
 
 
 # -- OAuth 2.0 ----------------------------------------------------------------
@@ -128,7 +171,7 @@ class GitHubToken:
     revoked: bool = False
 
 
-class GitHubServer(Upstream):
+class GitHubServer(FailingRevocations, Upstream):
     """GitHub's REST API for a GitHub App: installation tokens, their use and revocation.
 
     - App JWT (https://docs.github.com/en/apps/creating-github-apps/authenticating-with-a-github-app/generating-a-json-web-token-jwt-for-a-github-app):
@@ -141,7 +184,8 @@ class GitHubServer(Upstream):
       ``repository_selection``.
     - ``DELETE /installation/token``
       (https://docs.github.com/en/rest/apps/installations#revoke-an-installation-access-token):
-      authenticated with the installation token itself; 204.
+      authenticated with the installation token itself; 204 (or, on demand, 503 or a
+      reset connection: :class:`FailingRevocations`).
     - ``GET /repos/{owner}/{repo}/issues``
       (https://docs.github.com/en/rest/issues/issues#list-repository-issues):
       an installation token used as ``Bearer``/``token``; 401 ``Bad credentials``
@@ -161,6 +205,7 @@ class GitHubServer(Upstream):
         self.jwt_claims: list[dict[str, Any]] = []
         self.requests: list[dict[str, Any]] = []
         self.revocations: list[str] = []
+        self._init_failures()
 
     def app(self) -> web.Application:
         app = web.Application()
@@ -220,6 +265,9 @@ class GitHubServer(Upstream):
         return web.json_response(answer, status=201)
 
     async def revoke(self, request: web.Request) -> web.Response:
+        fault = self._fault(request, self._bearer(request) or "")
+        if fault is not None:
+            return fault
         token = self._find(self._bearer(request))
         if token is None:
             return self._bad(401, "Bad credentials")
@@ -246,7 +294,7 @@ class Lease:
     revoked: bool = False
 
 
-class VaultServer(Upstream):
+class VaultServer(FailingRevocations, Upstream):
     """HashiCorp Vault's HTTP API: KV v2 reads, database credentials, lease revocation.
 
     - ``GET /v1/{mount}/data/{path}``
@@ -257,7 +305,8 @@ class VaultServer(Upstream):
       ``{"lease_id": "database/creds/{name}/…", "lease_duration": N, "renewable": true,
       "data": {"username": …, "password": …}}``.
     - ``PUT /v1/sys/leases/revoke`` with ``{"lease_id": …}``
-      (https://developer.hashicorp.com/vault/api-docs/system/leases#revoke-lease): 204.
+      (https://developer.hashicorp.com/vault/api-docs/system/leases#revoke-lease): 204
+      (or, on demand, 503 as when sealed, or a reset connection: :class:`FailingRevocations`).
     Authentication: ``X-Vault-Token`` (https://developer.hashicorp.com/vault/api-docs#authentication);
     errors are ``{"errors": [...]}`` with 403 for a bad token, 404 for no such path.
     """
@@ -270,6 +319,9 @@ class VaultServer(Upstream):
         self.leases: list[Lease] = []
         self.requests: list[dict[str, Any]] = []
         self.revocations: list[str] = []
+        self._init_failures()
+
+    UNAVAILABLE = {"errors": ["Vault is sealed"]}  # what a sealed Vault answers, with 503
 
     def app(self) -> web.Application:
         app = web.Application()
@@ -320,6 +372,9 @@ class VaultServer(Upstream):
             return denied
         body = await request.json()
         lease_id = body.get("lease_id") if isinstance(body, dict) else None
+        fault = self._fault(request, str(lease_id))
+        if fault is not None:
+            return fault
         if not isinstance(lease_id, str) or not lease_id:
             return web.json_response({"errors": ["missing lease ID"]}, status=400)
         for lease in self.leases:

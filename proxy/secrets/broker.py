@@ -13,8 +13,15 @@
 - At task end every revocable value minted for the task (superseded ones too)
   is revoked at its issuer, the task's cache entries dropped, and a fetch still
   running for it is revoked when it lands. At shutdown, everything revocable.
-- Values live only here, in memory. Every value handed out in the last
-  ``expires_at + REDACT_GRACE`` seconds feeds the :class:`Redactor`.
+  Revocation is reliable (:mod:`proxy.secrets.revocation`): retried with backoff
+  until it succeeds or the credential expires, kept in the state store across
+  restarts, recorded and counted.
+- Values live only here, in memory (what revokes one is also in the store,
+  sealed). Every value handed out in the last ``expires_at + REDACT_GRACE``
+  seconds feeds the :class:`Redactor`.
+- Nothing here dies silently: a fetch that fails unexpectedly is logged,
+  counted (``on_background_error``) and answered as a provider failure (the next
+  call fetches again); the revocation jobs are supervised and restarted.
 """
 
 from __future__ import annotations
@@ -34,6 +41,7 @@ from proxy.rules import Rule
 
 from .providers import Provider, make_provider
 from .redact import MIN_VALUE_BYTES, Redactor
+from .revocation import Revocations
 from .spec import SecretSpec
 from .value import Minted, ProviderError
 
@@ -62,14 +70,22 @@ class SecretBroker:
     """Hands out secret values for authorized calls; the only holder of minted tokens."""
 
     def __init__(self, specs: Mapping[str, SecretSpec], session: Any, *,
-                 clock: Any = time.time) -> None:
+                 clock: Any = time.time, store: Any = None, key_path: str | None = None,
+                 audit: Any = None) -> None:
+        """``store`` (a :class:`~proxy.store.TaskStore`) keeps credentials to revoke
+        across restarts, sealed with the key in ``key_path``; ``audit`` writes a
+        record of each revocation outcome. Without them, revocations are retried
+        in memory only."""
         self.specs = dict(specs)
         self.clock = clock
         self._providers: dict[str, Provider] = {
             name: make_provider(spec, session, clock) for name, spec in self.specs.items()}
         self._slots: dict[Key, _Slot] = {}
         self._task_keys: dict[str, set[Key]] = {}
-        self._revocable: dict[str | None, list[Minted]] = {}
+        # Observer of background failures: (job) — the metrics. Logged before it is called.
+        self.on_background_error: Callable[[str], None] | None = None
+        self.revocations = Revocations(self._providers, clock, store=store, key_path=key_path,
+                                       audit=audit, on_error=self._background_error)
         self._ended: OrderedDict[str, None] = OrderedDict()
         self._values: dict[bytes, float] = {}
         self._redactor = Redactor(())
@@ -89,6 +105,7 @@ class SecretBroker:
         if provider is None:
             raise ProviderError(name, "misconfigured", "no such secret is configured")
         task, scope = provider.scope(caller, rule)
+        workload = caller.workload
         if task is not None and task in self._ended:
             raise Refused("the task has ended", rule.id)
         key: Key = (name, task, scope)
@@ -102,7 +119,7 @@ class SecretBroker:
                                                  provider.spec.refresh_skew_seconds):
             return self._checked(current)
         try:
-            minted = await self._refresh(key, slot, provider, task, rule)
+            minted = await self._refresh(key, slot, provider, task, rule, workload)
         except ProviderError as e:
             current = slot.current
             if current is None or not current.usable(self.clock()):
@@ -119,27 +136,28 @@ class SecretBroker:
         return minted
 
     async def _refresh(self, key: Key, slot: _Slot, provider: Provider, task: str | None,
-                       rule: Rule) -> Minted:
+                       rule: Rule, workload: str) -> Minted:
         if slot.refreshing is None:
-            job = asyncio.create_task(self._fetch(key, slot, provider, task, rule),
+            job = asyncio.create_task(self._fetch(key, slot, provider, task, rule, workload),
                                       name=f"taskgate-secret-{provider.name}")
             job.add_done_callback(lambda t: t.cancelled() or t.exception())
             slot.refreshing = job
         return await asyncio.shield(slot.refreshing)
 
     async def _fetch(self, key: Key, slot: _Slot, provider: Provider, task: str | None,
-                     rule: Rule) -> Minted:
+                     rule: Rule, workload: str) -> Minted:
         ok = False
         try:
             self.fetches += 1
             minted = await provider.fetch(task, rule)
+            cred = (await self.revocations.track(minted, provider, workload)
+                    if provider.revocable else None)
             if not _usable_text(minted.value.reveal()):
-                await self._revoke(provider, minted)
+                if cred is not None:
+                    await self.revocations.retire([cred])
                 raise provider.fail("bad_response", "the value is not printable ASCII of at "
                                                     f"least {MIN_VALUE_BYTES} characters")
             self._remember(minted)
-            if provider.revocable and minted.revoke is not None:
-                self._revocable.setdefault(task, []).append(minted)
             if task is not None and task in self._ended:
                 await self.task_ended(task)  # landed after the task ended: revoke it now
                 raise Refused("the task has ended", rule.id)
@@ -150,6 +168,12 @@ class SecretBroker:
         except ProviderError as e:
             log.warning("%s", e.reason)
             raise
+        except Refused:
+            raise
+        except Exception:  # noqa: BLE001 - a bug: said and counted, the call fails closed
+            log.exception("secret %r: fetching a value failed unexpectedly", provider.name)
+            self._background_error("fetch")
+            raise provider.fail("internal") from None
         finally:
             slot.refreshing = None
             if self.on_fetch is not None:
@@ -163,29 +187,32 @@ class SecretBroker:
             self._ended.popitem(last=False)
         for key in self._task_keys.pop(task_id, ()):
             self._slots.pop(key, None)
-        minted = self._revocable.pop(task_id, [])
-        if minted:
-            await asyncio.gather(*(self._revoke(self._providers[m.secret], m) for m in minted))
+        await self.revocations.end_task(task_id)
 
-    async def close(self) -> None:
-        """Revoke everything revocable still alive (minted tokens die with the process)."""
-        pending = [m for ms in self._revocable.values() for m in ms]
-        self._revocable.clear()
-        now = self.clock()
-        jobs = [self._revoke(self._providers[m.secret], m) for m in pending if m.usable(now)]
-        if jobs:
+    def start(self) -> None:
+        """Take over the revocations an earlier run left pending (needs a running loop)."""
+        self.revocations.start()
+
+    async def close(self, grace: float = CLOSE_TIMEOUT) -> None:
+        """Revoke everything revocable still alive (minted tokens die with the process),
+        for at most ``grace`` seconds; what is left is retried by the next start.
+        Idempotent: the control plane's cleanup calls it while the audit log and the
+        store are still open, the server's once more at the end."""
+        await self.revocations.close(grace)
+
+    def credentials(self, task_id: str) -> list[dict[str, Any]]:
+        """The task's minted credentials still live or pending revocation (never values)."""
+        return self.revocations.view(task_id)
+
+    def pending_revocations(self) -> float:
+        return float(self.revocations.pending_count())
+
+    def _background_error(self, job: str) -> None:
+        if self.on_background_error is not None:
             try:
-                await asyncio.wait_for(asyncio.gather(*jobs), CLOSE_TIMEOUT)
-            except TimeoutError:
-                log.warning("secrets: revoking %d tokens at shutdown timed out", len(jobs))
-
-    @staticmethod
-    async def _revoke(provider: Provider, minted: Minted) -> None:
-        try:
-            await provider.revoke(minted)
-        except ProviderError as e:
-            log.warning("secret %r: revoking a value of task %s failed (%s)",
-                        provider.name, minted.task, e.kind)
+                self.on_background_error(job)
+            except Exception:  # noqa: BLE001 - an observer never breaks the broker
+                log.exception("secrets: the background-error observer failed")
 
     # -- redaction and audit --------------------------------------------------
     def _remember(self, minted: Minted) -> None:
@@ -215,12 +242,6 @@ class SecretBroker:
                 del self._slots[key]
                 if key[1] is not None:
                     self._task_keys.get(key[1], set()).discard(key)
-        for task, minted in list(self._revocable.items()):
-            alive = [m for m in minted if m.usable(now)]
-            if alive:
-                self._revocable[task] = alive
-            else:
-                del self._revocable[task]
 
     def label(self, minted: Minted) -> str:
         """The audit ``secret`` field: the secret's name, nothing else (SPEC), so a search

@@ -12,6 +12,8 @@ Each provider has its own keys (SPEC, section Secrets) plus the common ones::
         refresh_skew_seconds: 60      # refresh once less than min(half the life, this) is left
         default_ttl_seconds: 300      # lifetime of a value whose issuer gives none
         timeout_seconds: 10           # per provider request
+        revoke_backoff_seconds: 1     # github_app, vault: first wait after a failed
+        revoke_max_backoff_seconds: 300  # revocation, doubling (jittered) up to this
 
 ``inject`` is read by :mod:`proxy.secrets.placement`. Errors are
 ``ValueError``s that start with the key path (``secrets["github-read"].app_id:
@@ -99,6 +101,8 @@ class SecretSpec:
     refresh_skew_seconds: float = 60.0
     default_ttl_seconds: float = 300.0
     timeout_seconds: float = 10.0
+    revoke_backoff_seconds: float = 1.0
+    revoke_max_backoff_seconds: float = 300.0
 
 
 def _one_source(k: Keys, env_key: str, file_key: str) -> tuple[str | None, str | None]:
@@ -176,6 +180,7 @@ def _vault(k: Keys) -> VaultOptions:
     )
 
 
+REVOKE_KEYS = ("revoke_backoff_seconds", "revoke_max_backoff_seconds")
 _PROVIDER_KEYS: dict[str, tuple[tuple[str, ...], Any]] = {
     "env": (("var",), _env),
     "file": (("path",), _file),
@@ -183,9 +188,9 @@ _PROVIDER_KEYS: dict[str, tuple[tuple[str, ...], Any]] = {
         ("token_url", "client_id", "client_secret_env", "client_secret_file", "scope",
          "audience", "auth_method", "per_task", "unsafe_allow_http"), _oauth2),
     "github_app": (("app_id", "private_key_file", "installation_id", "api_url",
-                    "unsafe_allow_http"), _github),
+                    "unsafe_allow_http", *REVOKE_KEYS), _github),
     "vault": (("address", "token_env", "token_file", "path", "field", "engine", "mount",
-               "namespace", "unsafe_allow_http"), _vault),
+               "namespace", "unsafe_allow_http", *REVOKE_KEYS), _vault),
 }
 
 
@@ -207,10 +212,16 @@ def parse_secret(name: str, data: Any, where: str = "") -> SecretSpec:
             raise k.fail(str(key), f"unknown key for provider {provider!r}; "
                                    f"expected one of {', '.join(COMMON + keys)}")
     options = parse(k)
+    backoff = k.number("revoke_backoff_seconds", 1.0, 0.01, 3600)
+    max_backoff = k.number("revoke_max_backoff_seconds", 300.0, 0.01, 86400)
+    if max_backoff < backoff:
+        raise k.fail("revoke_max_backoff_seconds",
+                     f"{max_backoff:g} is less than revoke_backoff_seconds ({backoff:g})")
     return SecretSpec(
         name=name, provider=provider, options=options,
         inject=parse_inject(f"{where}.inject", data.get("inject")),
         refresh_skew_seconds=k.number("refresh_skew_seconds", 60.0, 0, 3600),
         default_ttl_seconds=k.number("default_ttl_seconds", 300.0, 1, 86400),
         timeout_seconds=k.number("timeout_seconds", 10.0, 0.1, 120),
+        revoke_backoff_seconds=backoff, revoke_max_backoff_seconds=max_backoff,
     )

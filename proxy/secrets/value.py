@@ -65,6 +65,8 @@ FAILURES = {
     "bad_response": "the provider's answer could not be used",
     "misconfigured": "the secret's own settings cannot be used",
     "expired": "the only token at hand has expired",
+    "unrecorded": "the credential could not be recorded for its revocation",
+    "internal": "the gateway failed while fetching it (see its log)",
 }
 
 
@@ -81,6 +83,7 @@ class ProviderError(UpstreamSecretError):
             text = f"{text} ({detail})"
         super().__init__(f"secret {secret!r} is unavailable: {text}")
         self.secret, self.kind, self.detail = secret, kind, detail
+        self.what = text  # the failure without the secret's name: value-free too
 
 
 @dataclass(slots=True)

@@ -33,6 +33,7 @@ class Provider:
     """Produces values for one secret. Subclasses override :meth:`fetch` (and revoke)."""
 
     revocable = False  # True if what it mints can and must be revoked at task end
+    credential_kind = "value"  # what it mints, as records name it (vault_lease, …)
 
     def __init__(self, spec: SecretSpec, session: Any, clock: Clock) -> None:
         self.spec, self.session, self.clock = spec, session, clock
@@ -52,8 +53,18 @@ class Provider:
     async def fetch(self, task: str | None, rule: Rule) -> Minted:  # pragma: no cover
         raise NotImplementedError
 
-    async def revoke(self, minted: Minted) -> None:
-        """Revoke ``minted`` at its issuer; raise :class:`ProviderError` on failure."""
+    def handle(self, minted: Minted) -> SecretValue | None:
+        """What :meth:`revoke` needs to revoke ``minted`` (a lease id, the token itself);
+        ``None``: there is nothing to revoke."""
+        return None
+
+    def revoke_target(self) -> tuple[str, str]:
+        """(method, URL) of the revocation call: what its audit record names."""
+        raise NotImplementedError
+
+    async def revoke(self, handle: SecretValue) -> None:
+        """Revoke the credential ``handle`` stands for at its issuer; raise
+        :class:`ProviderError` on failure (retried by the broker)."""
 
     def fail(self, kind: str, detail: str | None = None) -> ProviderError:
         return ProviderError(self.name, kind, detail)

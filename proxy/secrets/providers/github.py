@@ -27,7 +27,7 @@ from cryptography.hazmat.primitives.serialization import load_pem_private_key
 from proxy.identity import Caller
 from proxy.rules import Rule
 from proxy.secrets.spec import GitHubAppOptions
-from proxy.secrets.value import Minted
+from proxy.secrets.value import Minted, SecretValue
 
 from .base import Provider, field_of, read_text_file, request_json
 
@@ -54,6 +54,7 @@ def _parse_time(value: Any) -> float | None:
 
 class GitHubAppProvider(Provider):
     revocable = True
+    credential_kind = "github_installation_token"
 
     def __init__(self, *args: Any) -> None:
         super().__init__(*args)
@@ -105,7 +106,14 @@ class GitHubAppProvider(Provider):
         return self.minted(token, ttl=expires_at - self.clock(), reported=True, task=task,
                            revoke=True)
 
-    async def revoke(self, minted: Minted) -> None:
+    def handle(self, minted: Minted) -> SecretValue | None:
+        return minted.value if minted.revoke else None  # revoked with itself
+
+    def revoke_target(self) -> tuple[str, str]:
+        return "DELETE", f"{self.opts.api_url}/installation/token"
+
+    async def revoke(self, handle: SecretValue) -> None:
         # 401: the token is already invalid (expired or revoked), which is what we want.
-        await request_json(self, "DELETE", f"{self.opts.api_url}/installation/token",
-                           expect=(204, 401), headers=self.headers(minted.value.reveal()))
+        method, url = self.revoke_target()
+        await request_json(self, method, url, expect=(204, 401),
+                           headers=self.headers(handle.reveal()))

@@ -20,7 +20,7 @@ from collections.abc import Hashable
 from proxy.identity import Caller
 from proxy.rules import Rule
 from proxy.secrets.spec import VaultOptions
-from proxy.secrets.value import Minted
+from proxy.secrets.value import Minted, SecretValue
 
 from .base import Provider, field_of, request_json
 
@@ -29,6 +29,7 @@ __all__ = ["VaultProvider"]
 
 class VaultProvider(Provider):
     revocable = True
+    credential_kind = "vault_lease"
 
     @property
     def opts(self) -> VaultOptions:
@@ -70,9 +71,14 @@ class VaultProvider(Provider):
         return self.minted(value, ttl=self.spec.default_ttl_seconds, task=task,
                            revoke=lease_id)
 
-    async def revoke(self, minted: Minted) -> None:
-        if not isinstance(minted.revoke, str):
-            return
-        await request_json(self, "PUT", f"{self.opts.address}/v1/sys/leases/revoke",
-                           expect=(204, 200), headers=await self._headers(),
-                           json={"lease_id": minted.revoke})
+    def handle(self, minted: Minted) -> SecretValue | None:
+        lease = minted.revoke
+        return SecretValue(lease) if isinstance(lease, str) and lease else None
+
+    def revoke_target(self) -> tuple[str, str]:
+        return "PUT", f"{self.opts.address}/v1/sys/leases/revoke"
+
+    async def revoke(self, handle: SecretValue) -> None:
+        method, url = self.revoke_target()
+        await request_json(self, method, url, expect=(204, 200),
+                           headers=await self._headers(), json={"lease_id": handle.reveal()})
