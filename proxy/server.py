@@ -31,6 +31,7 @@ from mitmproxy.proxy.layers.http import _http1, _http2, _http_h2
 from addons.approve import Approve
 from addons.audit import Audit
 from addons.authorize import Authorize
+from addons.framing import Framing
 from addons.identify import Identify
 from addons.inject import Inject
 from addons.limits import Limits
@@ -107,7 +108,8 @@ async def build_gateway(config: Config, session: aiohttp.ClientSession) -> Gatew
 # the body (MCP), does a person have to say yes, which secret to add, and the record.
 # Every one is policy: plain imports, so a missing module stops the start, never a hook.
 # Limits comes first: connections per client are counted before anything is read.
-ADDON_CHAIN = (Limits, Identify, Authorize, Mcp, Approve, Inject, Audit)
+# Framing last: it patches mitmproxy's HTTP/1 framing when loaded (addons/framing.py).
+ADDON_CHAIN = (Limits, Identify, Authorize, Mcp, Approve, Inject, Audit, Framing)
 
 
 def gateway_addons(gateway: Gateway) -> list[Any]:
