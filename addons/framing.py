@@ -59,7 +59,7 @@ class _KeepTrailers:
     def __call__(self, buf: Any) -> Any:
         event = self.inner(buf)
         if isinstance(event, h11.EndOfMessage) and event.headers:
-            self.trailers = trailer_fields(event.headers.raw_items())
+            self.trailers = trailer_fields(event.headers)  # names lower-cased (HTTP/2)
             return h11.EndOfMessage()
         return event
 

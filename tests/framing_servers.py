@@ -23,6 +23,7 @@ from typing import Any
 import h2.config
 import h2.connection
 import h2.events
+import h2.exceptions
 import h2.settings
 
 from tests.wire import Tunnel
@@ -215,7 +216,7 @@ class H2Upstream:
 
     def _serve(self, raw: socket.socket) -> None:
         raw.settimeout(TIMEOUT)
-        with contextlib.suppress(OSError, ssl.SSLError):
+        with contextlib.suppress(OSError, ssl.SSLError, h2.exceptions.H2Error):
             sock = self.tls_ctx.wrap_socket(raw, server_side=True)
             conn = h2.connection.H2Connection(h2.config.H2Configuration(
                 client_side=False, header_encoding="utf-8"))
