@@ -8,7 +8,8 @@ gateway knows when the head goes out:
 
 - no body follows the head: no body (``Content-Length: 0`` where one is expected);
 - the body is held whole: ``Content-Length`` of exactly those bytes (chunked if
-  trailers follow, the only way HTTP/1.1 carries them);
+  trailers follow, the only way HTTP/1.1 carries them, or if the agent applied a
+  transfer coding such as ``gzip, chunked``, which stays named);
 - the body streams: the one ``Content-Length`` the agent's own framing proved (its
   parser counted the bytes), else ``Transfer-Encoding: chunked``.
 
@@ -76,10 +77,15 @@ def h1_request_framing(fields: Fields, method: str, *, ends: bool, body: bytes |
         if framed or method.upper() not in _BODYLESS:
             return Framing((*kept, (b"content-length", b"0")), False, 0)
         return Framing(kept, False, None)
+    te = [v for n, v in fields if n.lower() == b"transfer-encoding"]
+    codings = [c.strip().lower() for v in te for c in v.split(b",")]
+    if codings and codings[-1] == b"chunked" and set(codings[:-1]) - {b"chunked"}:
+        # The body carries a transfer coding (``gzip, chunked``): only chunked can
+        # frame it, and the coding must stay named or the upstream reads it as is.
+        return Framing((*kept, (b"transfer-encoding", b", ".join(codings))), True, None)
     if body is not None and not trailers:
         return Framing((*kept, (b"content-length", b"%d" % len(body))), False, len(body))
     length = _single_length(lengths) if body is None else None
-    te = [v for n, v in fields if n.lower() == b"transfer-encoding"]
     if length is not None and not te and not trailers:
         return Framing((*kept, (b"content-length", b"%d" % length)), False, length)
     return Framing((*kept, (b"transfer-encoding", b"chunked")), True, None)

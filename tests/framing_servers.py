@@ -314,8 +314,10 @@ class H2Client:
 
     def data(self, sid: int, data: bytes, end: bool = False) -> None:
         view = memoryview(data)
+        deadline = time.monotonic() + TIMEOUT
         while True:
             while self.conn.local_flow_control_window(sid) <= 0:
+                assert time.monotonic() < deadline, "no flow-control window in time"
                 self.pump(0.2)
             size = min(len(view), self.conn.local_flow_control_window(sid),
                        self.conn.max_outbound_frame_size)

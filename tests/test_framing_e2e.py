@@ -11,6 +11,7 @@ Upstreams see raw bytes (tests/framing_servers.py); every wait is bounded.
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import os
 import socket
@@ -251,41 +252,46 @@ def _raw_tls(gw: Gateway, port: int, token: str, alpn: list[str] | None) -> ssl.
     return s
 
 
+class _Bounded:
+    """Reads from a socket with one deadline for the whole message; EOF is an error."""
+
+    def __init__(self, s: socket.socket, timeout: float = 15) -> None:
+        self.s, self.buf = s, b""
+        self.deadline = time.monotonic() + timeout
+
+    def more(self) -> None:
+        assert time.monotonic() < self.deadline, ("no complete answer in time", self.buf[:200])
+        data = self.s.recv(65536)
+        assert data, ("the gateway closed the connection", self.buf[:200])
+        self.buf += data
+
+    def until(self, sep: bytes) -> bytes:
+        while sep not in self.buf:
+            self.more()
+        out, _, self.buf = self.buf.partition(sep)
+        return out
+
+    def exact(self, n: int) -> bytes:
+        while len(self.buf) < n:
+            self.more()
+        out, self.buf = self.buf[:n], self.buf[n:]
+        return out
+
+
 def _read_http1(s: socket.socket) -> tuple[bytes, bytes, list[bytes]]:
     """Status line+headers, the de-chunked body and the raw trailer lines (bounded)."""
-    buf = b""
-    while b"\r\n\r\n" not in buf:
-        data = s.recv(65536)
-        assert data, buf
-        buf += data
-    head, _, buf = buf.partition(b"\r\n\r\n")
-    body, trailers = b"", []
+    r = _Bounded(s)
+    head = r.until(b"\r\n\r\n")
     if b"transfer-encoding: chunked" not in head.lower():
         length = int(head.lower().split(b"content-length:")[1].split(b"\r\n")[0])
-        while len(buf) < length:
-            buf += s.recv(65536)
-        return head, buf[:length], []
-    while True:
-        while b"\r\n" not in buf:
-            buf += s.recv(65536)
-        size_line, _, buf = buf.partition(b"\r\n")
-        size = int(size_line.split(b";")[0], 16)
-        if size == 0:
-            while True:
-                while b"\r\n" not in buf:
-                    data = s.recv(65536)
-                    assert data
-                    buf += data
-                line, _, buf = buf.partition(b"\r\n")
-                if not line:
-                    return head, body, trailers
-                trailers.append(line)
-        while len(buf) < size + 2:
-            data = s.recv(65536)
-            assert data
-            buf += data
-        body += buf[:size]
-        buf = buf[size + 2:]
+        return head, r.exact(length), []
+    body, trailers = b"", []
+    while size := int(r.until(b"\r\n").split(b";")[0], 16):
+        body += r.exact(size)
+        assert r.exact(2) == b"\r\n"
+    while line := r.until(b"\r\n"):
+        trailers.append(line)
+    return head, body, trailers
 
 
 @pytest.mark.parametrize(("chunked", "trailers"), [(False, False), (True, False), (True, True)],
@@ -330,6 +336,23 @@ def test_http1_client_to_http1_upstream_one_framing(gw: Gateway, raw_tls: RawH1,
     assert len(h.header("content-length") + h.header("transfer-encoding")) == 1
     if chunked:  # an agent's chunked trailers used to raise inside mitmproxy
         assert h.trailers == [("x-checksum", "abc")]
+
+
+def test_http1_transfer_coding_stays_named(gw: Gateway, raw_tls: RawH1, tok: str) -> None:
+    """``gzip, chunked``: re-framed as plain chunked, the upstream would take the
+    compressed bytes for the body itself."""
+    marker = "/allowed/h1-gzip-chunked"
+    s = _raw_tls(gw, raw_tls.port, tok, ["http/1.1"])
+    coded = gzip.compress(b"payload " * 100)
+    with s:
+        s.sendall(f"POST {marker} HTTP/1.1\r\nHost: 127.0.0.1:{raw_tls.port}\r\n".encode()
+                  + b"Transfer-Encoding: gzip, chunked\r\n\r\n%x\r\n%s\r\n0\r\n\r\n"
+                  % (len(coded), coded))
+        head, _, _ = _read_http1(s)
+    assert head.startswith(b"HTTP/1.1 200"), head
+    (h,) = _heads_for(raw_tls, marker)
+    assert h.body == coded and h.header("transfer-encoding") == ["gzip, chunked"]
+    assert h.header("content-length") == []
 
 
 # -- bounded memory, no hang -------------------------------------------------------
