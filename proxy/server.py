@@ -32,6 +32,7 @@ from addons.approve import Approve
 from addons.audit import Audit
 from addons.authorize import Authorize
 from addons.framing import Framing
+from addons.framing import install as install_framing
 from addons.identify import Identify
 from addons.inject import Inject
 from addons.limits import Limits
@@ -343,6 +344,7 @@ async def shared_gateway(config_path: str | None) -> Gateway:
     """The gateway for standalone addons (``mitmdump -s``): one per config file."""
     if config_path not in _shared:
         json_error_responses()
+        install_framing()  # the chain's Framing addon does this inside `taskgate run`
         config = load_config(config_path)
         session = client_session(config, trust_bundle(config))
         _shared[config_path] = await build_gateway(config, session)
