@@ -192,6 +192,24 @@ def test_h2_empty_data_frame_does_not_end_the_body(gw: Gateway, raw_tls: RawH1,
     assert head.body == b"first " + SMUGGLED[0]
 
 
+@pytest.mark.parametrize(("method", "framing"), [
+    ("GET", []), ("POST", [("content-length", "0")]), ("PUT", [("content-length", "0")])])
+def test_h2_no_body_to_http1(gw: Gateway, raw_tls: RawH1, tok: str, method: str,
+                             framing: list) -> None:
+    """END_STREAM on the HEADERS frame: no body, and a body-bearing method says so."""
+    mark = _mark(raw_tls)
+    marker = f"/allowed/h2-nobody-{method}"
+    with H2Client(gw.proxy_port, f"127.0.0.1:{raw_tls.port}", tok, gw.ca) as c:
+        sid = c.start(method, marker, end=True)
+        r = c.wait(sid)
+    assert r.status == 200 and r.ended, r
+    _no_smuggling(raw_tls, mark)
+    (head,) = _heads_for(raw_tls, marker)
+    assert head.body == b"" and [
+        (n, v) for n, v in head.headers
+        if n.lower() in ("content-length", "transfer-encoding")] == framing
+
+
 def test_h2_body_with_length_to_http1(gw: Gateway, raw_tls: RawH1, tok: str) -> None:
     mark = _mark(raw_tls)
     marker = "/allowed/h2-with-length"
