@@ -91,9 +91,13 @@ class Audit(GatewayAddon):
             return
         req = flow.request
         length = req.headers.get("content-length")
-        large = (length is None and "chunked" in req.headers.get("transfer-encoding", "").lower()
-                 ) or (length is not None and length.isdigit()
-                       and int(length) > self.gateway.config.stream_threshold_bytes)
+        # No length: a chunked HTTP/1 body, or an HTTP/2 or /3 body (framed by its
+        # frames; gRPC streams are endless). Streamed, never held whole in memory.
+        unknown = length is None and (
+            "chunked" in req.headers.get("transfer-encoding", "").lower()
+            or not req.http_version.startswith("HTTP/1"))
+        large = unknown or (length is not None and length.isdigit()
+                            and int(length) > self.gateway.config.stream_threshold_bytes)
         if large and not flow.metadata.get("taskgate.inspect_body"):
             req.stream = _request_counter(exchange(flow))
 

@@ -32,6 +32,8 @@ from addons.approve import Approve
 from addons.audit import Audit
 from addons.authorize import Authorize
 from addons.egress import Egress
+from addons.framing import Framing
+from addons.framing import install as install_framing
 from addons.identify import Identify
 from addons.inject import Inject
 from addons.limits import Limits
@@ -109,7 +111,8 @@ async def build_gateway(config: Config, session: aiohttp.ClientSession) -> Gatew
 # secret to add, and the record.
 # Every one is policy: plain imports, so a missing module stops the start, never a hook.
 # Limits comes first: connections per client are counted before anything is read.
-ADDON_CHAIN = (Limits, Identify, Authorize, Egress, Mcp, Approve, Inject, Audit)
+# Framing last: it patches mitmproxy's HTTP/1 framing when loaded (addons/framing.py).
+ADDON_CHAIN = (Limits, Identify, Authorize, Egress, Mcp, Approve, Inject, Audit, Framing)
 
 
 def gateway_addons(gateway: Gateway) -> list[Any]:
@@ -343,6 +346,7 @@ async def shared_gateway(config_path: str | None) -> Gateway:
     """The gateway for standalone addons (``mitmdump -s``): one per config file."""
     if config_path not in _shared:
         json_error_responses()
+        install_framing()  # the chain's Framing addon does this inside `taskgate run`
         config = load_config(config_path)
         session = client_session(config, trust_bundle(config))
         _shared[config_path] = await build_gateway(config, session)

@@ -54,8 +54,8 @@ def test_server_is_the_module_that_wires_mitmproxy() -> None:
 STARTUP = {
     "addons": ("import proxy.server\nproxy.server.gateway_addons(None)",
                ["addons.limits", "addons.identify", "addons.authorize", "addons.egress",
-                "addons.mcp",
-                "addons.approve", "addons.inject", "addons.audit"]),
+                "addons.mcp", "addons.approve", "addons.inject", "addons.audit",
+                "addons.framing"]),
     "control": ("from proxy.control import load_plugins\nload_plugins()",
                 ["proxy.control_tasks", "proxy.control_audit", "proxy.control_approvals",
                  "proxy.ui", "proxy.metrics"]),
@@ -81,4 +81,4 @@ def test_the_whole_chain_loads() -> None:
     out = subprocess.run([*PYTHON, "-c", script], env=python_env(), cwd=REPO,
                          capture_output=True, text=True, timeout=60, check=True)
     assert out.stdout.strip() == str(["Limits", "Identify", "Authorize", "Egress", "Mcp",
-                                      "Approve", "Inject", "Audit"])
+                                      "Approve", "Inject", "Audit", "Framing"])
