@@ -247,7 +247,7 @@ def _refuse_unread(stream: Any) -> Generator[commands.Command, Any, None]:
     yield from stream.send_response()  # response hook (the audit record), then the answer
     client = stream.context.client
     if h1:
-        yield commands.CloseConnection(client, half_close=True)
+        yield commands.CloseTcpConnection(client, half_close=True)
         addon = _active[0] if _active else None
         if addon is not None:
             addon.arm(client, LINGER_SECONDS, "refused before its body was read")

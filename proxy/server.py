@@ -11,6 +11,7 @@ approval, let calls in flight finish within the grace period, flush the audit lo
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import logging
 import os
@@ -40,7 +41,7 @@ from . import approvals
 from .admin import admin_token
 from .audit import AuditLog, load_hmac_key
 from .config import Config, load_config
-from .control import ControlState, make_app
+from .control import ControlSite, ControlState, make_app
 from .errors import ConfigError
 from .gateway import REQUEST_ID_HEADER, Gateway, StandingPolicy, new_request_id, refusal_body
 from .grants import install_tasks
@@ -51,7 +52,7 @@ from .secrets import install as install_secrets
 from .upstream import client_session, trust_bundle
 
 __all__ = ["build_gateway", "ensure_ca", "gateway_addons", "json_error_responses", "run",
-           "serve", "settle_heap", "shared_gateway"]
+           "serve", "settle_heap", "shared_gateway", "stop_signals"]
 
 log = logging.getLogger("taskgate")
 
@@ -232,11 +233,15 @@ async def serve(config: Config) -> int:
     state = ControlState(admin_token=admin_token(token_path))
     session = client_session(config, bundle)
     gateway = await build_gateway(config, session)
-    runner = web.AppRunner(make_app(gateway, state), access_log=None, handle_signals=False)
+    runner = web.AppRunner(make_app(gateway, state), access_log=None, handle_signals=False,
+                           keepalive_timeout=config.control_idle_timeout_seconds)
     await runner.setup()
     chost, cport = config.control_listen
+    _file_budget(config)
     try:
-        await web.TCPSite(runner, chost, cport).start()
+        await ControlSite(runner, chost, cport,
+                          max_connections=config.control_max_connections,
+                          header_timeout=config.control_header_timeout_seconds).start()
     except OSError as e:
         log.error("control plane cannot listen on %s:%d: %s", chost, cport, e.strerror)
         await _close(runner, gateway, session)
@@ -251,8 +256,7 @@ async def serve(config: Config) -> int:
     opts.update(**mitm_options(config, bundle))
 
     stopping = asyncio.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stopping.set)
+    handled = _handle_stop_signals(loop, stopping)
 
     async def on_stop() -> None:
         await stopping.wait()
@@ -294,7 +298,7 @@ async def serve(config: Config) -> int:
     finally:
         stopper.cancel()
         readier.cancel()
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        for sig in handled:
             loop.remove_signal_handler(sig)
         await _close(runner, gateway, session)
     if master.bind_failed:
@@ -302,6 +306,79 @@ async def serve(config: Config) -> int:
                   config.proxy_listen[0], config.proxy_listen[1])
         return 2
     return 0
+
+
+# Signals whose default action ends the process but that are not a request to stop:
+# the kernel's own faults (a handler cannot resume after them), those raised by the
+# process itself, and two whose default Python already replaced (SIGPIPE is ignored:
+# a write to a closed socket fails with EPIPE on that connection only) or that this
+# gateway ignores (SIGXFSZ: a write past the file-size limit then fails with EFBIG,
+# which the audit log treats as a failed write: calls are refused, fail closed).
+_NOT_STOP = frozenset(getattr(signal, name) for name in (
+    "SIGKILL", "SIGSTOP", "SIGSEGV", "SIGBUS", "SIGILL", "SIGFPE", "SIGSYS", "SIGTRAP",
+    "SIGABRT", "SIGIOT", "SIGEMT", "SIGPIPE", "SIGXFSZ") if hasattr(signal, name))
+# Signals whose default action is not to end the process: left alone.
+_HARMLESS = frozenset(getattr(signal, name) for name in (
+    "SIGCHLD", "SIGCLD", "SIGCONT", "SIGURG", "SIGWINCH", "SIGTSTP", "SIGTTIN", "SIGTTOU",
+    "SIGINFO") if hasattr(signal, name))
+
+
+def stop_signals() -> list[signal.Signals]:
+    """Every signal another process can send that would end the gateway by default:
+    each stops it the way SIGTERM does (stop listening, drain, flush the audit log).
+    SIGHUP, SIGINT, SIGTERM, SIGQUIT, SIGUSR1/2, SIGALRM, SIGVTALRM, SIGPROF, SIGIO,
+    SIGPWR, SIGXCPU (the soft CPU limit: the hard one is SIGKILL), the real-time ones."""
+    found = []
+    for num in sorted(signal.valid_signals()):
+        if num in _NOT_STOP or num in _HARMLESS:
+            continue
+        try:
+            found.append(signal.Signals(num))
+        except ValueError:  # a real-time signal without a name
+            found.append(num)  # type: ignore[arg-type]
+    return found
+
+
+def _handle_stop_signals(loop: asyncio.AbstractEventLoop, stopping: asyncio.Event) -> list[int]:
+    if hasattr(signal, "SIGXFSZ"):
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    handled = []
+
+    def stop(sig: int) -> None:
+        if not stopping.is_set():
+            name = signal.Signals(sig).name if sig in signal.Signals._value2member_map_ \
+                else f"signal {sig}"
+            log.info("taskgate: %s received; stopping", name)
+        stopping.set()
+
+    for sig in stop_signals():
+        try:
+            loop.add_signal_handler(sig, stop, int(sig))
+        except (OSError, RuntimeError, ValueError):  # reserved by the C library
+            continue
+        handled.append(int(sig))
+    return handled
+
+
+def _file_budget(config: Config) -> None:
+    """Raise the soft open-file limit to the hard one, and say when the caps do not fit
+    in it: each agent connection can hold two descriptors (agent and upstream), the
+    control plane has its own cap, and the audit log, CA and listeners need a few."""
+    try:
+        import resource
+    except ImportError:  # pragma: no cover - not on POSIX
+        return
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or soft < hard:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+    need = 2 * config.max_connections + config.control_max_connections + 64
+    if soft != resource.RLIM_INFINITY and need > soft:
+        log.warning("taskgate: the open-file limit is %d; proxy.max_connections (%d, two "
+                    "descriptors each) and control.max_connections (%d) need %d: lower them "
+                    "or raise the limit (ulimit -n)", soft, config.max_connections,
+                    config.control_max_connections, need)
 
 
 async def _close(runner: web.AppRunner, gateway: Gateway,
