@@ -49,10 +49,11 @@ from .identity import Identity, JwksKeys, TokenIssuer, WorkloadIssuer
 from .limits import AuthFailures
 from .metrics import install_metrics
 from .secrets import install as install_secrets
+from .signals import stop_signals
 from .upstream import client_session, trust_bundle
 
 __all__ = ["build_gateway", "ensure_ca", "gateway_addons", "json_error_responses", "run",
-           "serve", "settle_heap", "shared_gateway", "stop_signals"]
+           "serve", "settle_heap", "shared_gateway"]
 
 log = logging.getLogger("taskgate")
 
@@ -298,45 +299,16 @@ async def serve(config: Config) -> int:
     finally:
         stopper.cancel()
         readier.cancel()
+        # The handlers stay until the audit log is flushed: a second signal then
+        # must not kill the process mid-write.
+        await _close(runner, gateway, session)
         for sig in handled:
             loop.remove_signal_handler(sig)
-        await _close(runner, gateway, session)
     if master.bind_failed:
         log.error("taskgate: the proxy could not listen on %s:%d",
                   config.proxy_listen[0], config.proxy_listen[1])
         return 2
     return 0
-
-
-# Signals whose default action ends the process but that are not a request to stop:
-# the kernel's own faults (a handler cannot resume after them), those raised by the
-# process itself, and two whose default Python already replaced (SIGPIPE is ignored:
-# a write to a closed socket fails with EPIPE on that connection only) or that this
-# gateway ignores (SIGXFSZ: a write past the file-size limit then fails with EFBIG,
-# which the audit log treats as a failed write: calls are refused, fail closed).
-_NOT_STOP = frozenset(getattr(signal, name) for name in (
-    "SIGKILL", "SIGSTOP", "SIGSEGV", "SIGBUS", "SIGILL", "SIGFPE", "SIGSYS", "SIGTRAP",
-    "SIGABRT", "SIGIOT", "SIGEMT", "SIGPIPE", "SIGXFSZ") if hasattr(signal, name))
-# Signals whose default action is not to end the process: left alone.
-_HARMLESS = frozenset(getattr(signal, name) for name in (
-    "SIGCHLD", "SIGCLD", "SIGCONT", "SIGURG", "SIGWINCH", "SIGTSTP", "SIGTTIN", "SIGTTOU",
-    "SIGINFO") if hasattr(signal, name))
-
-
-def stop_signals() -> list[signal.Signals]:
-    """Every signal another process can send that would end the gateway by default:
-    each stops it the way SIGTERM does (stop listening, drain, flush the audit log).
-    SIGHUP, SIGINT, SIGTERM, SIGQUIT, SIGUSR1/2, SIGALRM, SIGVTALRM, SIGPROF, SIGIO,
-    SIGPWR, SIGXCPU (the soft CPU limit: the hard one is SIGKILL), the real-time ones."""
-    found = []
-    for num in sorted(signal.valid_signals()):
-        if num in _NOT_STOP or num in _HARMLESS:
-            continue
-        try:
-            found.append(signal.Signals(num))
-        except ValueError:  # a real-time signal without a name
-            found.append(num)  # type: ignore[arg-type]
-    return found
 
 
 def _handle_stop_signals(loop: asyncio.AbstractEventLoop, stopping: asyncio.Event) -> list[int]:
@@ -373,12 +345,12 @@ def _file_budget(config: Config) -> None:
         with contextlib.suppress(ValueError, OSError):
             resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
             soft = hard
-    need = 2 * config.max_connections + config.control_max_connections + 64
+    need = config.max_connections + config.control_max_connections + 64
     if soft != resource.RLIM_INFINITY and need > soft:
-        log.warning("taskgate: the open-file limit is %d; proxy.max_connections (%d, two "
-                    "descriptors each) and control.max_connections (%d) need %d: lower them "
-                    "or raise the limit (ulimit -n)", soft, config.max_connections,
-                    config.control_max_connections, need)
+        log.warning("taskgate: the open-file limit is %d; proxy.max_connections (%d, one "
+                    "descriptor each, two while calling upstream) and control.max_connections "
+                    "(%d) need more: lower them or raise the limit (ulimit -n)", soft,
+                    config.max_connections, config.control_max_connections)
 
 
 async def _close(runner: web.AppRunner, gateway: Gateway,
