@@ -10,6 +10,7 @@ message never quotes the file's content (it may be a secret).
 
 from __future__ import annotations
 
+import logging
 import ssl
 from collections.abc import Callable
 
@@ -48,10 +49,14 @@ def check_jwks_file(path: str) -> str | None:
         return f"{path!r} is not JSON; expected a JWKS ({{\"keys\": [...]}})"
     if not isinstance(doc, dict) or not isinstance(doc.get("keys"), list):
         return f"{path!r} is not a JWKS: expected an object with a 'keys' list"
+    quiet = logging.getLogger(JwksKeys.__module__)
+    was, quiet.disabled = quiet.disabled, True  # the verdict below says it once
     try:
         keys = JwksKeys(source=path, initial=doc)
     except (ValueError, TypeError) as e:
         return f"{path!r} is not a usable JWKS: {e}"
+    finally:
+        quiet.disabled = was
     if doc["keys"] and not (keys._keys or keys._unnamed):  # noqa: SLF001 - what lookup() searches
         return (f"{path!r} has no signing key the gateway can use (RSA, EC or OKP public "
                 "keys with use 'sig')")
