@@ -128,6 +128,12 @@ class Limits(GatewayAddon):
         loop = asyncio.get_running_loop()
         self._timers[client.id] = loop.call_later(seconds, self._expire, client.id, why)
 
+    def start_head_clock(self, client: connection.Client) -> None:
+        """A request head begins: time it, unless a clock already runs (from the
+        connect or a CONNECT: a slow first byte does not buy more time)."""
+        if client.id not in self._timers:
+            self.arm(client, self.header_timeout, "its request head took too long")
+
     def disarm(self, client: connection.Client) -> None:
         timer = self._timers.pop(client.id, None)
         if timer is not None:
@@ -205,7 +211,7 @@ def _patch_read_headers() -> None:
                     self.state = self.done
                     return
             if len(self.buf) == len(event.data):  # the first bytes of a new head
-                addon.arm(self.conn, addon.header_timeout, "its request head took too long")
+                addon.start_head_clock(self.conn)
         yield from original(self, event)
 
     server.read_headers = read_headers  # type: ignore[method-assign]

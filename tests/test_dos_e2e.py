@@ -271,7 +271,7 @@ def trickle(s: socket.socket, data: bytes, gap: float, seconds: float) -> bool:
     return False
 
 
-@pytest.mark.parametrize("how", ["silent", "partial-head", "trickle"])
+@pytest.mark.parametrize("how", ["silent", "partial-head", "trickle", "late-first-byte"])
 def test_slow_head_is_closed_with_408(gw: Gateway, upstream: Upstream, how: str) -> None:
     target = f"http://127.0.0.1:{upstream.http_port}/allowed/x"
     data = f"GET {target} HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: {'s' * 200}\r\n\r\n".encode()
@@ -281,6 +281,10 @@ def test_slow_head_is_closed_with_408(gw: Gateway, upstream: Upstream, how: str)
             s.sendall(data[:30])
         elif how == "trickle":
             assert trickle(s, data, 0.2, HEADER_TIMEOUT + 5)
+        elif how == "late-first-byte":  # the clock runs from the connect, not the first byte
+            time.sleep(HEADER_TIMEOUT - 0.7)
+            assert trickle(s, data, 0.1, HEADER_TIMEOUT + 5)
+            assert time.monotonic() - start < HEADER_TIMEOUT + 1.2
         reply = read_reply(s)
         assert reply.status == 408 and reply.json()["error"] == "request_timeout"
         assert reply.json()["request_id"]
