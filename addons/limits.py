@@ -249,8 +249,11 @@ def _refuse_unread(stream: Any) -> Generator[commands.Command, Any, None]:
     h1 = not (flow.request.is_http2 or flow.request.is_http3)
     if h1:
         flow.response.headers["Connection"] = "close"
-    stream.client_state = stream.state_done  # what still comes of the body is dropped
+    stream.client_state = stream.state_done  # so send_response ends the stream (flow_done)
     yield from stream.send_response()  # response hook (the audit record), then the answer
+    # Body bytes that arrived while the hook ran are replayed to this stream after it:
+    # dropped silently (state_done would take them for a protocol error).
+    stream.client_state = stream.state_errored
     client = stream.context.client
     if h1:
         yield commands.CloseTcpConnection(client, half_close=True)

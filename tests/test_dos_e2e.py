@@ -341,3 +341,24 @@ def test_rss_after_a_600_mb_refused_post(gw: Gateway, upstream: Upstream) -> Non
     grown = rss_kib(gw) - before
     print(json.dumps({"rss_before_kib": before, "rss_growth_kib": grown}))
     assert grown < 48 * 1024
+
+
+@pytest.mark.parametrize("status,token", [(407, None), (403, "valid")])
+def test_refused_body_in_the_same_packet_as_the_head(gw: Gateway, upstream: Upstream,
+                                                     keys: Keys, status: int,
+                                                     token: str | None) -> None:
+    """Body bytes that come with the head (and while the refusal is being recorded) are
+    dropped; they are no protocol error and crash nothing."""
+    target = f"http://127.0.0.1:{upstream.http_port}/allowed/x"
+    body = b'{"jsonrpc": "2.0"}' * 4000
+    with connect(gw) as s:
+        s.sendall(head(target, keys.token() if token else None, len(body)) + body)
+        reply = read_reply(s, "POST")
+        assert reply.status == status
+        assert closed_within(s, 6)
+
+
+def test_zz_no_crash_was_logged(gw: Gateway) -> None:
+    """Runs last in this module: nothing above made mitmproxy or an addon raise."""
+    out = gw.output()
+    assert "Traceback" not in out and "has crashed" not in out
