@@ -1,37 +1,88 @@
-"""Cap the connections agents hold open, per client address and in all.
+"""Cap what agents can make the gateway hold before a call is judged.
 
-Runs before any credential is seen: a connection past a cap is closed as it
-opens (mitmproxy closes a client whose ``error`` is set in ``client_connected``),
-so idle or trickling connections from one address cannot use up the
-gateway's file descriptors for everyone else.
+Runs before any credential is seen:
+
+- connections per client address and in all: a connection past a cap is closed
+  as it opens (mitmproxy closes a client whose ``error`` is set in
+  ``client_connected``), so idle or trickling connections from one address
+  cannot use up the gateway's file descriptors for everyone else;
+- the time to a request head (``proxy.header_timeout_seconds``): mitmproxy has
+  no such clock (its ``tcp_timeout`` is inactivity, which a client trickling a
+  byte at a time keeps resetting). A timer starts when a connection opens (again
+  after a CONNECT, and when an HTTP/1 connection starts its next request head)
+  and stops when the head is read; when it fires the connection is closed, with
+  a JSON 408 where the connection is plain HTTP/1;
+- the size of an HTTP/1 request head (``proxy.max_header_bytes``): mitmproxy
+  buffers an unterminated head without bound; past the cap the client gets a
+  JSON 431 and the connection is closed (HTTP/2 heads are bounded by the h2
+  library: 64 KiB decoded, 64 CONTINUATION frames);
+- a call refused in ``requestheaders`` (407, 403, …) while its body is still to
+  come: mitmproxy would read the whole body into memory before sending the
+  refusal. Here the refusal goes out at once and the body is never read: an
+  HTTP/1 connection is answered with ``Connection: close``, half-closed, and
+  closed for good :data:`LINGER_SECONDS` later (bytes that arrive meanwhile are
+  dropped as they come); an HTTP/2 stream is reset after its answer.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
+import re
 import time
+from collections.abc import Generator
+from typing import Any
 
-from mitmproxy import connection
+from mitmproxy import connection, ctx, http
+from mitmproxy.net.http import http1
+from mitmproxy.proxy import commands, events
+from mitmproxy.proxy.layers.http import (
+    ErrorCode,
+    HttpStream,
+    ResponseHeaders,
+    ResponseProtocolError,
+    SendHttp,
+    _http1,
+)
 
 from addons._base import GatewayAddon
-from proxy.gateway import Gateway
+from proxy.gateway import REQUEST_ID_HEADER, Gateway, new_request_id, refusal_body
 from proxy.limits import ConnectionLimits, client_key
 
 log = logging.getLogger("taskgate")
 
 LOG_EVERY_SECONDS = 10.0  # a flood of refused connections is one log line per interval
+LINGER_SECONDS = 2.0  # after a refusal whose body was not read: then the connection closes
+DEFAULT_MAX_HEADER_BYTES = 64 * 1024
+_HEAD_END = re.compile(rb"\n\r?\n")
 
 
 class Limits(GatewayAddon):
-    """client_connected: take a slot or close; client_disconnected: give it back."""
+    """client_connected: take a slot or close, start the head clock;
+    http_connect/requestheaders: the head arrived; client_disconnected: give it back."""
 
     def __init__(self, gateway: Gateway | None = None) -> None:
         super().__init__(gateway)
         self._limits: ConnectionLimits | None = None
         self._holding: dict[str, str] = {}  # client connection id → its client key
+        self._timers: dict[str, asyncio.TimerHandle] = {}  # client id → its close
+        self._clients: dict[str, connection.Client] = {}
         self._refused = 0
         self._logged = 0.0
+        install_patches(self)
 
+    # -- settings (defaults until the gateway is known) -------------------------------
+    @property
+    def max_header_bytes(self) -> int:
+        return self._gateway.config.max_header_bytes if self._gateway else \
+            DEFAULT_MAX_HEADER_BYTES
+
+    @property
+    def header_timeout(self) -> float:
+        return float(self._gateway.config.header_timeout_seconds) if self._gateway else 30.0
+
+    # -- connections --------------------------------------------------------------
     def client_connected(self, client: connection.Client) -> None:
         if not self.started:
             return
@@ -43,6 +94,8 @@ class Limits(GatewayAddon):
         why = self._limits.admit(key)
         if why is None:
             self._holding[client.id] = key
+            self._clients[client.id] = client
+            self.arm(client, self.header_timeout, "its request head took too long")
             return
         client.error = f"connection refused: {why}"
         self._refused += 1
@@ -52,9 +105,164 @@ class Limits(GatewayAddon):
             self._logged, self._refused = now, 0
 
     def client_disconnected(self, client: connection.Client) -> None:
+        self.disarm(client)
+        self._clients.pop(client.id, None)
         key = self._holding.pop(client.id, None)
         if key is not None and self._limits is not None:
             self._limits.release(key)
+
+    def http_connect(self, flow: http.HTTPFlow) -> None:
+        # The CONNECT head is in; the tunnel's first request head gets a clock of its own.
+        if self.started and flow.client_conn.id in self._clients:
+            self.arm(flow.client_conn, self.header_timeout, "its request head took too long")
+
+    def requestheaders(self, flow: http.HTTPFlow) -> None:
+        self.disarm(flow.client_conn)
+
+    # -- the clock ------------------------------------------------------------------
+    def arm(self, client: connection.Client, seconds: float, why: str) -> None:
+        """Close ``client`` in ``seconds`` unless :meth:`disarm` comes first."""
+        if client.id not in self._clients:
+            return
+        self.disarm(client)
+        loop = asyncio.get_running_loop()
+        self._timers[client.id] = loop.call_later(seconds, self._expire, client.id, why)
+
+    def start_head_clock(self, client: connection.Client) -> None:
+        """A request head begins: time it, unless a clock already runs (from the
+        connect or a CONNECT: a slow first byte does not buy more time)."""
+        if client.id not in self._timers:
+            self.arm(client, self.header_timeout, "its request head took too long")
+
+    def disarm(self, client: connection.Client) -> None:
+        timer = self._timers.pop(client.id, None)
+        if timer is not None:
+            timer.cancel()
+
+    def _expire(self, client_id: str, why: str) -> None:
+        self._timers.pop(client_id, None)
+        client = self._clients.get(client_id)
+        handler = _connection_handler(client_id)
+        if client is None or handler is None:
+            return
+        io = handler.transports.get(handler.client)
+        if io is None or io.handler is None:
+            return
+        if why.startswith("its request head") and not client.tls and io.writer is not None:
+            with contextlib.suppress(Exception):  # plain HTTP/1 only: it can read a 408
+                io.writer.write(_refusal(408, "request_timeout",
+                                         f"the request head did not arrive within "
+                                         f"{self.header_timeout:g} seconds "
+                                         "(proxy.header_timeout_seconds)"))
+        log.info("taskgate: closing %s: %s", client_key(
+            client.peername[0] if client.peername else None), why)
+        io.handler.cancel(why)
+
+
+def _connection_handler(client_id: str) -> Any:
+    with contextlib.suppress(Exception):
+        ps = ctx.master.addons.get("proxyserver")
+        return ps.connections.get(client_id) if ps is not None else None
+    return None
+
+
+def _refusal(status: int, error: str, reason: str) -> bytes:
+    request_id = new_request_id()
+    resp = http.Response.make(status, refusal_body(error, reason, request_id),
+                              {"Content-Type": "application/json", "Connection": "close",
+                               REQUEST_ID_HEADER: request_id})
+    return bytes(http1.assemble_response(resp))
+
+
+# -- mitmproxy patches ---------------------------------------------------------------
+_active: list[Limits] = []  # the Limits addon the patches report to (the latest made)
+
+
+def install_patches(addon: Limits) -> None:
+    """Patch mitmproxy's HTTP/1 server (head size, head clock) and HTTP stream (refuse
+    without reading the body). Idempotent; the patches ask the latest addon."""
+    _active[:] = [addon]
+    if getattr(HttpStream, "_taskgate_limits", False):
+        return
+    HttpStream._taskgate_limits = True  # type: ignore[attr-defined]
+    _patch_read_headers()
+    _patch_request_headers()
+
+
+def _patch_read_headers() -> None:
+    server = _http1.Http1Server
+    original = server.read_headers
+
+    def read_headers(self: Any, event: events.ConnectionEvent
+                     ) -> Generator[commands.Command, Any, None]:
+        addon = _active[0] if _active else None
+        if isinstance(event, events.DataReceived) and addon is not None:
+            cap = addon.max_header_bytes
+            if len(self.buf) > cap:
+                data = bytes(self.buf)
+                end = _HEAD_END.search(data)
+                if end is None or end.start() > cap:
+                    self.buf = _http1.ReceiveBuffer()
+                    yield commands.SendData(self.conn, _refusal(
+                        431, "request_header_fields_too_large",
+                        f"the request head is larger than {cap} bytes "
+                        "(proxy.max_header_bytes)"))
+                    yield commands.CloseConnection(self.conn)
+                    self.state = self.done
+                    return
+            if len(self.buf) == len(event.data):  # the first bytes of a new head
+                addon.start_head_clock(self.conn)
+        yield from original(self, event)
+
+    server.read_headers = read_headers  # type: ignore[method-assign]
+
+
+def _patch_request_headers() -> None:
+    original = HttpStream.state_wait_for_request_headers
+
+    def state_wait_for_request_headers(self: Any, event: Any
+                                       ) -> Generator[commands.Command, Any, None]:
+        gen = original(self, event)
+        sent: Any = None
+        try:
+            while True:
+                command = gen.send(sent)
+                if (isinstance(command, SendHttp) and isinstance(command.event, ResponseHeaders)
+                        and command.event.response.status_code == 100
+                        and self.flow.response is not None):
+                    sent = None  # refused: no "100 Continue" to invite the body
+                    continue
+                sent = yield command
+        except StopIteration:
+            pass
+        if (self.flow.response is not None and not event.end_stream
+                and self.client_state == self.state_consume_request_body):
+            yield from _refuse_unread(self)
+
+    HttpStream.state_wait_for_request_headers = state_wait_for_request_headers  # type: ignore[method-assign]
+
+
+def _refuse_unread(stream: Any) -> Generator[commands.Command, Any, None]:
+    """Send the refusal set in ``requestheaders`` now; the body is never read."""
+    flow: http.HTTPFlow = stream.flow
+    assert flow.response is not None
+    h1 = not (flow.request.is_http2 or flow.request.is_http3)
+    if h1:
+        flow.response.headers["Connection"] = "close"
+    stream.client_state = stream.state_done  # so send_response ends the stream (flow_done)
+    yield from stream.send_response()  # response hook (the audit record), then the answer
+    # Body bytes that arrived while the hook ran are replayed to this stream after it:
+    # dropped silently (state_done would take them for a protocol error).
+    stream.client_state = stream.state_errored
+    client = stream.context.client
+    if h1:
+        yield commands.CloseTcpConnection(client, half_close=True)
+        addon = _active[0] if _active else None
+        if addon is not None:
+            addon.arm(client, LINGER_SECONDS, "refused before its body was read")
+    else:
+        yield SendHttp(ResponseProtocolError(stream.stream_id, "refused before its body was read",
+                                             ErrorCode.CANCEL), client)
 
 
 addons = [Limits()]

@@ -22,6 +22,7 @@ from typing import Any
 from ruamel.yaml import YAML
 from ruamel.yaml.error import YAMLError
 
+from . import config_files
 from .errors import ConfigError
 from .rules import Rule, parse_rule
 from .secrets.spec import SecretSpec, parse_secret
@@ -74,6 +75,11 @@ class Config:
     max_connections: int = 10000  # agent connections open at once, from everyone
     max_connections_per_client: int = 256  # … from one client IP
     idle_timeout_seconds: int = 600  # a connection with no traffic either way is closed
+    max_header_bytes: int = 64 * 1024  # an HTTP/1 request head longer than this: 431
+    header_timeout_seconds: int = 30  # a request head not in by then: the connection closes
+    control_max_connections: int = 256  # control-plane connections open at once
+    control_header_timeout_seconds: int = 10  # … to send a request head
+    control_idle_timeout_seconds: int = 60  # … kept open with no request (keep-alive)
 
     @property
     def ca_dir(self) -> str:
@@ -142,6 +148,30 @@ def _number(where: _Where, value: Any, lo: float, hi: float) -> float:
     return float(value)
 
 
+def _int(where: _Where, value: Any, lo: int, hi: int) -> int:
+    """A whole number in [lo, hi]: never a float (1.5 would become 1), a bool, a string."""
+    want = f"a number between {lo} and {hi}"
+    if isinstance(value, float) and not isinstance(value, bool):
+        raise where.fail(f"{value!r} is not a whole number; write {want} without a fraction"
+                         f"{f', e.g. {int(value)}' if lo <= int(value) <= hi else ''}")
+    if isinstance(value, bool) or not isinstance(value, int):
+        hint = (f"; write it without quotes: {value.strip()}"
+                if isinstance(value, str) and value.strip().isdigit() else "")
+        raise where.fail(f"{value!r} is not {want}{hint}")
+    if not lo <= value <= hi:
+        raise where.fail(f"{value!r} is not {want}")
+    return value
+
+
+def _file(where: _Where, path: str, check: Callable[[str], str | None]) -> None:
+    """The file ``path`` is there and loads as the gateway will load it."""
+    if not os.path.exists(path):
+        raise where.fail(f"{path!r} does not exist")
+    problem = check(path)
+    if problem is not None:
+        raise where.fail(problem)
+
+
 def _hostport(where: _Where, value: Any) -> tuple[str, int]:
     text = _str(where, value)
     assert text is not None
@@ -174,7 +204,7 @@ def _rules(where: _Where, node: Any) -> tuple[Rule, ...]:
 
 
 _TOP = ("version", "listen", "home", "admin_token_file", "upstream", "audit", "identity",
-        "workloads", "secrets", "approval_timeout_seconds", "proxy", "mcp")
+        "workloads", "secrets", "approval_timeout_seconds", "proxy", "mcp", "control")
 
 
 def parse_config(doc: Any, source: str = "<config>") -> Config:
@@ -187,7 +217,7 @@ def parse_config(doc: Any, source: str = "<config>") -> Config:
         return _child(root, top, key), top.get(key)
 
     w, v = sub("version")
-    if v is not None and v != CONFIG_VERSION:
+    if v is not None and (type(v) is not int or v != CONFIG_VERSION):
         raise w.fail(f"unsupported config version {v!r}; this gateway reads version 1")
 
     w, v = sub("listen")
@@ -208,8 +238,8 @@ def parse_config(doc: Any, source: str = "<config>") -> Config:
     up = _mapping(w, v, ("ca_file",))
     if up.get("ca_file") is not None:
         ca = _str(_child(w, up, "ca_file"), up["ca_file"])
-        if not os.path.isfile(ca):  # type: ignore[arg-type]
-            raise _child(w, up, "ca_file").fail(f"{ca!r} does not exist")
+        assert ca is not None
+        _file(_child(w, up, "ca_file"), ca, config_files.check_ca_file)
         kw["upstream_ca_file"] = ca
 
     w, v = sub("audit")
@@ -217,13 +247,16 @@ def parse_config(doc: Any, source: str = "<config>") -> Config:
     kw["audit_path"] = (_str(_child(w, audit, "path"), audit["path"]) if "path" in audit
                         else os.path.join(home, "audit.jsonl"))
     if audit.get("hmac_key_file") is not None:
-        kw["audit_hmac_key_file"] = _str(_child(w, audit, "hmac_key_file"),
-                                         audit["hmac_key_file"])
+        hw = _child(w, audit, "hmac_key_file")
+        hk = _str(hw, audit["hmac_key_file"])
+        assert hk is not None
+        _file(hw, hk, config_files.check_hmac_key_file)
+        kw["audit_hmac_key_file"] = hk
     if "max_bytes" in audit:
         mb = audit["max_bytes"]
-        if mb != 0:
-            mb = _number(_child(w, audit, "max_bytes"), mb, 4096, 1 << 40)
-        kw["audit_max_bytes"] = int(mb)
+        if mb != 0 or type(mb) is not int:
+            mb = _int(_child(w, audit, "max_bytes"), mb, 4096, 1 << 40)
+        kw["audit_max_bytes"] = mb
 
     w, v = sub("identity")
     ident = _mapping(w, v, ("issuers", "leeway_seconds"))
@@ -246,8 +279,8 @@ def parse_config(doc: Any, source: str = "<config>") -> Config:
             raise ew.fail("give exactly one of jwks_file or jwks_url")
         if ju is not None and not ju.startswith("https://"):
             raise _child(ew, m, "jwks_url").fail(f"{ju!r}: keys are fetched over https only")
-        if jf is not None and not os.path.isfile(jf):
-            raise _child(ew, m, "jwks_file").fail(f"{jf!r} does not exist")
+        if jf is not None:
+            _file(_child(ew, m, "jwks_file"), jf, config_files.check_jwks_file)
         issuers.append(IssuerConfig(iss, aud, jf, ju))  # type: ignore[arg-type]
     kw["issuers"] = tuple(issuers)
 
@@ -279,6 +312,7 @@ def parse_config(doc: Any, source: str = "<config>") -> Config:
                 secrets[str(name)] = parse_secret(str(name), _plain(item), sw.path)
             except ValueError as e:
                 raise _located(sw, item, str(e)) from None
+            _secret_files(sw, item)
     kw["secrets"] = secrets
     for wl_name, wl in workloads.items():
         for kind in ("ceiling", "standing"):
@@ -300,24 +334,42 @@ def parse_config(doc: Any, source: str = "<config>") -> Config:
 
     w, v = sub("proxy")
     px = _mapping(w, v, ("shutdown_grace_seconds", "stream_threshold_bytes", "max_connections",
-                         "max_connections_per_client", "idle_timeout_seconds"))
+                         "max_connections_per_client", "idle_timeout_seconds",
+                         "max_header_bytes", "header_timeout_seconds"))
     if "shutdown_grace_seconds" in px:
         kw["shutdown_grace_seconds"] = _number(_child(w, px, "shutdown_grace_seconds"),
                                                px["shutdown_grace_seconds"], 0, 600)
     if "stream_threshold_bytes" in px:
-        kw["stream_threshold_bytes"] = int(_number(_child(w, px, "stream_threshold_bytes"),
-                                                   px["stream_threshold_bytes"], 0, 1 << 40))
+        kw["stream_threshold_bytes"] = _int(_child(w, px, "stream_threshold_bytes"),
+                                            px["stream_threshold_bytes"], 0, 1 << 40)
     for key, lo, hi in (("max_connections", 1, 1 << 20),
                         ("max_connections_per_client", 1, 1 << 20),
-                        ("idle_timeout_seconds", 1, 86400)):
+                        ("idle_timeout_seconds", 1, 86400),
+                        ("max_header_bytes", 1024, 1 << 20),
+                        ("header_timeout_seconds", 1, 3600)):
         if key in px:
-            kw[key] = int(_number(_child(w, px, key), px[key], lo, hi))
+            kw[key] = _int(_child(w, px, key), px[key], lo, hi)
+    w, v = sub("control")
+    cp = _mapping(w, v, ("max_connections", "header_timeout_seconds", "idle_timeout_seconds"))
+    for key, lo, hi in (("max_connections", 1, 1 << 16),
+                        ("header_timeout_seconds", 1, 3600),
+                        ("idle_timeout_seconds", 1, 86400)):
+        if key in cp:
+            kw[f"control_{key}"] = _int(_child(w, cp, key), cp[key], lo, hi)
     w, v = sub("mcp")
     mc = _mapping(w, v, ("max_body_bytes",))
     if "max_body_bytes" in mc:
-        kw["max_inspect_bytes"] = int(_number(_child(w, mc, "max_body_bytes"),
-                                              mc["max_body_bytes"], 1024, 64 << 20))
+        kw["max_inspect_bytes"] = _int(_child(w, mc, "max_body_bytes"),
+                                       mc["max_body_bytes"], 1024, 64 << 20)
     return Config(**kw)
+
+
+def _secret_files(where: _Where, item: Mapping[str, Any]) -> None:
+    """Each file a secret provider names loads (the secret itself is never shown)."""
+    for key, check in config_files.FILE_CHECKS.get(str(item.get("provider")), {}).items():
+        path = item.get(key)
+        if isinstance(path, str) and path:
+            _file(_child(where, item, key), path, check)
 
 
 def _located(where: _Where, node: Any, msg: str) -> ConfigError:

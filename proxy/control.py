@@ -9,15 +9,22 @@ their routes through :data:`ROUTE_PLUGINS`.
 
 from __future__ import annotations
 
+import asyncio
 import hmac
+import json
+import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from aiohttp import web
 
-from .gateway import Gateway
+from .gateway import Gateway, new_request_id
 
-__all__ = ["ControlState", "GATEWAY", "ROUTE_PLUGINS", "SESSION_AUTH", "STATE", "make_app"]
+__all__ = ["ControlSite", "ControlState", "GATEWAY", "ROUTE_PLUGINS", "SESSION_AUTH", "STATE",
+           "make_app"]
+
+log = logging.getLogger("taskgate")
 
 
 @dataclass(slots=True)
@@ -99,3 +106,101 @@ def make_app(gateway: Gateway, state: ControlState) -> web.Application:
     for plugin in ROUTE_PLUGINS:
         plugin(app)
     return app
+
+
+# -- connection limits ------------------------------------------------------------------
+def _refusal_bytes(status: int, reason_phrase: str, error: str, reason: str) -> bytes:
+    body = json.dumps({"error": error, "reason": reason,
+                       "request_id": new_request_id()}).encode()
+    return (f"HTTP/1.1 {status} {reason_phrase}\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n").encode() + body
+
+
+class _Refuse(asyncio.Protocol):
+    """A connection past the cap: one JSON 503, then closed; nothing is read."""
+
+    def connection_made(self, transport: Any) -> None:
+        transport.write(_refusal_bytes(
+            503, "Service Unavailable", "unavailable",
+            "the control plane has too many connections open (control.max_connections)"))
+        transport.close()
+
+
+class _Counted(asyncio.Protocol):
+    """Wraps aiohttp's request handler: counts the connection, and closes it when no
+    request head arrived within the head timeout (aiohttp has no such clock of its own
+    for a client that trickles a head in; its keep-alive timeout is the idle bound)."""
+
+    def __init__(self, site: ControlSite, inner: Any) -> None:
+        self._site, self._inner = site, inner
+        self._timer: asyncio.TimerHandle | None = None
+        self._transport: Any = None
+
+    def connection_made(self, transport: Any) -> None:  # uvloop's is no asyncio.Transport
+        self._transport = transport
+        self._site.open += 1
+        self._timer = asyncio.get_running_loop().call_later(
+            self._site.header_timeout, self._head_late)
+        self._inner.connection_made(transport)
+
+    def _head_late(self) -> None:
+        self._timer = None
+        if getattr(self._inner, "_request_count", 1) == 0 and self._transport is not None:
+            self._transport.write(_refusal_bytes(
+                408, "Request Timeout", "request_timeout",
+                f"the request head did not arrive within {self._site.header_timeout:g} "
+                "seconds (control.header_timeout_seconds)"))
+            self._transport.abort()
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._site.open -= 1
+        self._inner.connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        self._inner.data_received(data)
+
+    def eof_received(self) -> bool | None:
+        return self._inner.eof_received()
+
+    def pause_writing(self) -> None:
+        self._inner.pause_writing()
+
+    def resume_writing(self) -> None:
+        self._inner.resume_writing()
+
+
+class ControlSite(web.TCPSite):
+    """The control plane's listener, with a budget of its own: at most ``max_connections``
+    open at once (more are answered 503 and closed as they open), a request head within
+    ``header_timeout`` seconds of connecting; the runner's ``keepalive_timeout`` closes a
+    connection idle between requests. Agents' connections are counted by the proxy."""
+
+    def __init__(self, runner: web.BaseRunner, host: str, port: int, *,
+                 max_connections: int, header_timeout: float) -> None:
+        super().__init__(runner, host, port)
+        self.max_connections, self.header_timeout = max_connections, header_timeout
+        self.open = 0
+        self.refused = 0
+
+    def _protocol(self) -> asyncio.Protocol:
+        server = self._runner.server
+        assert server is not None
+        if self.open >= self.max_connections:
+            self.refused += 1
+            if self.refused == 1 or self.refused % 1000 == 0:
+                log.warning("taskgate: control plane: %d connections refused: %d are open "
+                            "(control.max_connections)", self.refused, self.open)
+            return _Refuse()
+        return _Counted(self, server())
+
+    async def start(self) -> None:
+        await web.BaseSite.start(self)
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(
+            self._protocol, self._host, self._port, backlog=self._backlog,
+            reuse_address=self._reuse_address, reuse_port=self._reuse_port)
+        sockets = self._server.sockets
+        self._bound_port = sockets[0].getsockname()[1] if sockets else self._port

@@ -11,6 +11,7 @@ approval, let calls in flight finish within the grace period, flush the audit lo
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import logging
 import os
@@ -43,7 +44,7 @@ from . import approvals
 from .admin import admin_token
 from .audit import AuditLog, load_hmac_key
 from .config import Config, load_config
-from .control import ControlState, make_app
+from .control import ControlSite, ControlState, make_app
 from .errors import ConfigError
 from .gateway import REQUEST_ID_HEADER, Gateway, StandingPolicy, new_request_id, refusal_body
 from .grants import install_tasks
@@ -51,6 +52,7 @@ from .identity import Identity, JwksKeys, TokenIssuer, WorkloadIssuer
 from .limits import AuthFailures
 from .metrics import install_metrics
 from .secrets import install as install_secrets
+from .signals import stop_signals
 from .upstream import client_session, trust_bundle
 
 __all__ = ["build_gateway", "ensure_ca", "gateway_addons", "json_error_responses", "run",
@@ -237,11 +239,15 @@ async def serve(config: Config) -> int:
     state = ControlState(admin_token=admin_token(token_path))
     session = client_session(config, bundle)
     gateway = await build_gateway(config, session)
-    runner = web.AppRunner(make_app(gateway, state), access_log=None, handle_signals=False)
+    runner = web.AppRunner(make_app(gateway, state), access_log=None, handle_signals=False,
+                           keepalive_timeout=config.control_idle_timeout_seconds)
     await runner.setup()
     chost, cport = config.control_listen
+    _file_budget(config)
     try:
-        await web.TCPSite(runner, chost, cport).start()
+        await ControlSite(runner, chost, cport,
+                          max_connections=config.control_max_connections,
+                          header_timeout=config.control_header_timeout_seconds).start()
     except OSError as e:
         log.error("control plane cannot listen on %s:%d: %s", chost, cport, e.strerror)
         await _close(runner, gateway, session)
@@ -256,8 +262,7 @@ async def serve(config: Config) -> int:
     opts.update(**mitm_options(config, bundle))
 
     stopping = asyncio.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stopping.set)
+    handled = _handle_stop_signals(loop, stopping)
 
     async def on_stop() -> None:
         await stopping.wait()
@@ -299,14 +304,58 @@ async def serve(config: Config) -> int:
     finally:
         stopper.cancel()
         readier.cancel()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.remove_signal_handler(sig)
+        # The handlers stay until the audit log is flushed: a second signal then
+        # must not kill the process mid-write.
         await _close(runner, gateway, session)
+        for sig in handled:
+            loop.remove_signal_handler(sig)
     if master.bind_failed:
         log.error("taskgate: the proxy could not listen on %s:%d",
                   config.proxy_listen[0], config.proxy_listen[1])
         return 2
     return 0
+
+
+def _handle_stop_signals(loop: asyncio.AbstractEventLoop, stopping: asyncio.Event) -> list[int]:
+    if hasattr(signal, "SIGXFSZ"):
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    handled = []
+
+    def stop(sig: int) -> None:
+        if not stopping.is_set():
+            name = signal.Signals(sig).name if sig in signal.Signals._value2member_map_ \
+                else f"signal {sig}"
+            log.info("taskgate: %s received; stopping", name)
+        stopping.set()
+
+    for sig in stop_signals():
+        try:
+            loop.add_signal_handler(sig, stop, int(sig))
+        except (OSError, RuntimeError, ValueError):  # reserved by the C library
+            continue
+        handled.append(int(sig))
+    return handled
+
+
+def _file_budget(config: Config) -> None:
+    """Raise the soft open-file limit to the hard one, and say when the caps do not fit
+    in it: each agent connection can hold two descriptors (agent and upstream), the
+    control plane has its own cap, and the audit log, CA and listeners need a few."""
+    try:
+        import resource
+    except ImportError:  # pragma: no cover - not on POSIX
+        return
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or soft < hard:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+    need = config.max_connections + config.control_max_connections + 64
+    if soft != resource.RLIM_INFINITY and need > soft:
+        log.warning("taskgate: the open-file limit is %d; proxy.max_connections (%d, one "
+                    "descriptor each, two while calling upstream) and control.max_connections "
+                    "(%d) need more: lower them or raise the limit (ulimit -n)", soft,
+                    config.max_connections, config.control_max_connections)
 
 
 async def _close(runner: web.AppRunner, gateway: Gateway,

@@ -23,6 +23,13 @@ def files(tmp_path: Path) -> dict[str, str]:
     for name in ("key.pem", "secret.txt", "token.txt"):
         (tmp_path / name).write_text("x" * 16)
         out[name] = str(tmp_path / name)
+    # config checks load the GitHub App key: a real RSA key (issue 10 item 14)
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    (tmp_path / "key.pem").write_bytes(rsa.generate_private_key(65537, 2048).private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption()))
     return out
 
 

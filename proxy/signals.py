@@ -1,0 +1,43 @@
+"""Which signals stop the gateway (proxy/server.py installs the handlers).
+
+Every signal another process can send whose default action would end the process
+stops the gateway the way SIGTERM does: stop listening, refuse calls held for
+approval, let calls in flight finish within the grace period, flush the audit log,
+exit 0. None of them may kill it mid-call with no audit record.
+"""
+
+from __future__ import annotations
+
+import signal
+
+__all__ = ["stop_signals"]
+
+# Signals whose default action ends the process but that are not a request to stop:
+# the kernel's own faults (a handler cannot resume after them), those raised by the
+# process itself, and two whose default Python already replaced (SIGPIPE is ignored:
+# a write to a closed socket fails with EPIPE on that connection only) or that this
+# gateway ignores (SIGXFSZ: a write past the file-size limit then fails with EFBIG,
+# which the audit log treats as a failed write: calls are refused, fail closed).
+_NOT_STOP = frozenset(getattr(signal, name) for name in (
+    "SIGKILL", "SIGSTOP", "SIGSEGV", "SIGBUS", "SIGILL", "SIGFPE", "SIGSYS", "SIGTRAP",
+    "SIGABRT", "SIGIOT", "SIGEMT", "SIGPIPE", "SIGXFSZ") if hasattr(signal, name))
+# Signals whose default action is not to end the process: left alone.
+_HARMLESS = frozenset(getattr(signal, name) for name in (
+    "SIGCHLD", "SIGCLD", "SIGCONT", "SIGURG", "SIGWINCH", "SIGTSTP", "SIGTTIN", "SIGTTOU",
+    "SIGINFO") if hasattr(signal, name))
+
+
+def stop_signals() -> list[signal.Signals]:
+    """Every signal another process can send that would end the gateway by default:
+    each stops it the way SIGTERM does (stop listening, drain, flush the audit log).
+    SIGHUP, SIGINT, SIGTERM, SIGQUIT, SIGUSR1/2, SIGALRM, SIGVTALRM, SIGPROF, SIGIO,
+    SIGPWR, SIGXCPU (the soft CPU limit: the hard one is SIGKILL), the real-time ones."""
+    found = []
+    for num in sorted(signal.valid_signals()):
+        if num in _NOT_STOP or num in _HARMLESS:
+            continue
+        try:
+            found.append(signal.Signals(num))
+        except ValueError:  # a real-time signal without a name
+            found.append(num)  # type: ignore[arg-type]
+    return found
