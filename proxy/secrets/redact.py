@@ -36,7 +36,7 @@ import html.entities
 import re
 from collections.abc import Callable, Iterable
 
-__all__ = ["MIN_VALUE_BYTES", "Redactor", "spellings"]
+__all__ = ["MIN_VALUE_BYTES", "Redactor", "scrub_upstream_text", "spellings"]
 
 MASK = b"*"
 MIN_VALUE_BYTES = 6  # shorter "secrets" would mask ordinary text; they are refused at use
@@ -256,3 +256,17 @@ class Redactor:
             return [out] if out else []
 
         return step
+
+
+_QUOTED = re.compile(r"b?'(?:[^'\\]|\\.)*'" + r'|b?"(?:[^"\\]|\\.)*"')
+
+
+def scrub_upstream_text(text: str, redactor: Redactor | None, limit: int = 300) -> str:
+    """An error text that may quote upstream bytes (mitmproxy's ``Bad HTTP response line:
+    b'...'``), fit for the audit log and an error body: what it quotes is dropped,
+    what is not printable blanked, any spelling of a live secret masked."""
+    text = _QUOTED.sub("[...]", text)
+    text = "".join(c if c.isprintable() else " " for c in text).strip()
+    if redactor is not None:
+        text = redactor.redact_text(text)
+    return text[:limit]
