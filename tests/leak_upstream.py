@@ -186,8 +186,8 @@ class LeakUpstream:
             return [b"HTTP/1.1 401 invalid token " + spelled + b"\r\nContent-Length: 2\r\n"
                     b"Connection: close\r\n\r\nno"]
         if kind == "header-name":  # hex / base64url spell a valid field name
-            return [b"HTTP/1.1 200 OK\r\nX-" + spelled.rstrip(b"=") + b": 1\r\nContent-Length: 2\r\n"
-                    b"Connection: close\r\n\r\nok"]
+            return [b"HTTP/1.1 200 OK\r\nX-" + spelled.rstrip(b"=")
+                    + b": 1\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok"]
         if kind == "header-value":
             return [b"HTTP/1.1 200 OK\r\nWWW-Authenticate: Bearer error=\"" + spelled
                     + b"\"\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok"]

@@ -93,9 +93,17 @@ class _Brotli:
     def feed(self, data: bytes, cap: int) -> bytes:
         out = bytearray()
         try:
-            out += self.d.process(data, output_buffer_limit=min(cap + 1, _PIECE))
-            while not self.d.can_accept_more_data() and len(out) <= cap:
-                out += self.d.process(b"", output_buffer_limit=min(cap + 1 - len(out), _PIECE))
+            limit = min(cap + 1, _PIECE)
+            piece = self.d.process(data, output_buffer_limit=limit)
+            out += piece
+            # A full piece may have more behind it, whatever can_accept_more_data says.
+            while len(out) <= cap and not self.d.is_finished() and (
+                    len(piece) >= limit or not self.d.can_accept_more_data()):
+                limit = min(cap + 1 - len(out), _PIECE)
+                piece = self.d.process(b"", output_buffer_limit=limit)
+                out += piece
+                if not piece and self.d.can_accept_more_data():
+                    break
         except brotli.error:
             raise Undecodable("corrupt br data") from None
         if len(out) > cap:
