@@ -155,7 +155,9 @@ def _char_re(b: int) -> bytes:
     alts = [re.escape(bytes([b])), rb"%(?:25)?" + hx, rb"\\(?:u00|x)" + hx]
     if b in b'/"\\':
         alts.append(re.escape(b"\\" + bytes([b])))
-    alts.append(b"&#(?:0{0,%d}%d|[Xx]0{0,%d}%s);?" % (_MAX_ZEROS, b, _MAX_ZEROS, hx))
+    # Decimal and hex references share one branch (compiling a long value's pattern
+    # costs half): it also takes &#x<decimal>, which is no spelling of anything.
+    alts.append(b"&#[Xx]?0{0,%d}(?:%d|%s);?" % (_MAX_ZEROS, b, hx))
     names = _NAMED.get(b)
     if names:
         alts.append(b"&(?:" + b"|".join(re.escape(n) for n in names) + b")")
@@ -201,7 +203,8 @@ def _mask(m: re.Match[bytes]) -> bytes:
 
 
 def _longest(sp: Spelling) -> int:
-    return sum(max(len(alt) for alt in token) for token in sp)
+    """The longest match of ``sp`` (+1 a token: :func:`_char_re` is a little wider)."""
+    return sum(max(len(alt) for alt in token) + 1 for token in sp)
 
 
 class Redactor:
