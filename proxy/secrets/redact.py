@@ -10,7 +10,8 @@ spelling of a value we know is masked, with ``*`` of the same length so a
   double-encoded ``%25XX``), JSON ``\\uXXXX`` and ``\\/``, ``\\xXX``, HTML
   character references (decimal, hex, named; zero-padded; with or without ``;``);
 - its hex (any mix of upper and lower case);
-- UTF-16 (little- or big-endian: the value's bytes with NULs between);
+- UTF-16 (little- or big-endian: the value's bytes with NULs between; the
+  first character is left, the rest masked from the NUL that follows it);
 - its base64 (standard and URL-safe alphabets) at each of the three byte
   alignments, so it is found inside a larger base64 blob too (``Basic
   base64(user:token)``): only the characters that depend on the value alone are
@@ -111,7 +112,9 @@ def spellings(value: bytes) -> list[Spelling]:
     out: list[Spelling] = [
         tuple(_CHAR_TOKENS.get(b) or ((bytes([b]),),) for b in value),
         tuple((_hex_atoms(b),) for b in value),
-        ((_lit(value[:1]),), *(((b"\0", bytes([b])),) for b in value[1:])),  # UTF-16
+        # UTF-16, LE or BE: from the NUL after the first character (a spelling that
+        # starts with a NUL is tried only where one is: text has few)
+        tuple(((b"\0", bytes([b])),) for b in value[1:]),
     ]
     out += [tuple(((bytes([c]),),) for c in frag) for frag in sorted(_b64_fragments(value))]
     return out
