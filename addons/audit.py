@@ -11,6 +11,7 @@ from mitmproxy.proxy import server_hooks
 from addons._base import GatewayAddon, exchange, refuse, streams_response
 from proxy.errors import Unavailable
 from proxy.gateway import REQUEST_ID_HEADER, Exchange, Gateway
+from proxy.secrets.redact import scrub_upstream_text
 
 log = logging.getLogger("taskgate")
 
@@ -59,6 +60,12 @@ def _request_counter(ex: Exchange) -> StreamFilter:
         return chunk
 
     return count
+
+
+def _scrubbed(gateway: Gateway, msg: str) -> str:
+    """mitmproxy's error text quotes what the upstream sent: drop the quotes, mask secrets."""
+    broker = gateway.components.get("secrets")
+    return scrub_upstream_text(msg, broker.redactor() if broker is not None else None)
 
 
 AUDIT_DOWN = "the audit log cannot be written; the call was refused before it was sent"
@@ -163,7 +170,7 @@ class Audit(GatewayAddon):
             # does after the last event): the call was allowed and answered.
             ex.reason = "the agent closed the connection before the stream ended"
         elif ex.decision in (None, "allow", "approved"):  # an approved call can still fail
-            ex.reason = msg
+            ex.reason = _scrubbed(self.gateway, msg)
             ex.decision = "error"
         if flow.response is not None and ex.status is None:
             ex.status = flow.response.status_code

@@ -7,13 +7,20 @@ body would go out before a later hook. What the agent sent in that place, and
 any credential of its own (Authorization, Cookie, an ``access_token`` query
 parameter), is removed first. A provider failure is a 502 naming the secret.
 
-Responses: every value the broker handed out lately is masked in headers and
-body — buffered bodies in ``response``, streamed ones by a filter installed in
-``responseheaders`` (the audit addon, later in the chain, wraps it to count).
+Responses: every value the broker handed out lately is masked in the reason
+phrase, header names and values, trailers and body — buffered bodies in
+``response``, streamed ones by a filter installed in ``responseheaders`` (the
+audit addon, later in the chain, wraps it to count). A coded body (any
+``Content-Encoding``, a ``Transfer-Encoding`` other than chunked) is scanned
+decoded, never past a size cap (:mod:`proxy.secrets.codings`); a buffered one off
+the event loop. On a call that carried a secret, an answer that cannot be
+decoded, or decodes too large, is withheld (502) or, streamed, cut.
 """
 
 from __future__ import annotations
 
+import asyncio
+import logging
 from collections.abc import Callable, Iterable
 
 from mitmproxy import http
@@ -25,12 +32,16 @@ from proxy.errors import Refused, TaskgateError
 from proxy.gateway import Exchange
 from proxy.rules import Rule
 from proxy.secrets import COMPONENT, Redactor, SecretBroker, check_destination, set_query_param
+from proxy.secrets.codings import StreamDecoder, TooLarge, Undecodable, codings, decode
+from proxy.secrets.placement import CREDENTIAL_PARAMS, strip_query_params
 
 # What an agent could authenticate with on its own: on a rule with a secret, only the
 # gateway's credential goes out (Proxy-Authorization is taken off for every call;
 # access_token is the bearer token's query form, RFC 6750 2.3).
 AGENT_CREDENTIALS = ("Authorization", "Proxy-Authorization", "Cookie")
 AGENT_CREDENTIAL_PARAMS = ("access_token",)
+CUT = "taskgate.stream_undecodable"
+INLINE_SCAN_BYTES = 256 * 1024  # a larger or coded buffered body is scanned off the loop
 INJECTED = "taskgate.secret_injected"
 DEFERRED = "taskgate.secret_after_approval"
 REDACTOR = "taskgate.redactor"
@@ -53,12 +64,39 @@ def _after(inner: StreamFilter, outer: Callable[[bytes], list[bytes]]
     return step
 
 
+class _MaskSecrets(logging.Filter):
+    """Mask live secret values in every log line (mitmproxy's quote upstream bytes)."""
+
+    def __init__(self, broker: SecretBroker) -> None:
+        super().__init__()
+        self.broker = broker
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        redactor = self.broker.redactor()
+        if redactor is not None:
+            msg = record.getMessage()
+            masked = redactor.redact_text(msg)
+            if masked != msg:
+                record.msg, record.args = masked, None
+        return True
+
+
 class Inject(GatewayAddon):
     """Add the rule's secret to authorized calls; redact secrets from responses."""
 
     @property
     def broker(self) -> SecretBroker | None:
         return self.gateway.components.get(COMPONENT)
+
+    async def running(self) -> None:
+        await super().running()
+        broker = self.broker
+        if broker is None:
+            return
+        for logger in (logging.getLogger(), logging.getLogger("mitmproxy")):
+            for handler in logger.handlers:
+                if not any(isinstance(f, _MaskSecrets) for f in handler.filters):
+                    handler.addFilter(_MaskSecrets(broker))
 
     @guarded
     async def requestheaders(self, flow: http.HTTPFlow) -> None:
@@ -114,9 +152,14 @@ class Inject(GatewayAddon):
         place = broker.specs[rule.secret].inject.render(minted.value)
         for name in AGENT_CREDENTIALS:
             req.headers.pop(name, None)
-        for name in AGENT_CREDENTIAL_PARAMS:
-            if b"?" in req.data.path:
-                req.data.path = set_query_param(req.data.path, name, None)
+        # The agent's own credential parameters, however spelled (API_KEY, api%5Fkey,
+        # Api-Key); a name with a control byte (api_key%00) is refused, not guessed at.
+        strip = (place.name, *CREDENTIAL_PARAMS) if place.query else AGENT_CREDENTIAL_PARAMS
+        try:
+            req.data.path = strip_query_params(req.data.path, strip)
+        except ValueError as e:
+            refuse_for(flow, Refused(f"{e}; the call was refused", rule.id))
+            return
         if place.query:
             req.data.path = set_query_param(req.data.path, place.name, place.value.reveal())
         else:
@@ -137,44 +180,111 @@ class Inject(GatewayAddon):
             return
         flow.metadata[REDACTOR] = redactor
         _redact_headers(resp.headers, redactor)
+        resp.reason = redactor.redact(resp.data.reason).decode("latin-1")
         if resp.stream:
             if callable(resp.stream):
                 resp.stream = _after(resp.stream, redactor.stream())
             return
         if not streams_response(flow, self.gateway.config.stream_threshold_bytes):
             return
-        encoding = resp.headers.get("content-encoding", "identity").strip().lower()
-        if flow.metadata.get(INJECTED) and encoding not in ("", "identity"):
-            ex = exchange(flow)
-            ex.deny("the upstream sent an encoded stream that cannot be scanned for "
-                    "secret echoes; the call was cut", "error")
-            flow.kill()
+        try:
+            steps = codings(resp.headers.get("content-encoding"),
+                            resp.headers.get("transfer-encoding"))
+        except Undecodable:
+            if flow.metadata.get(INJECTED):
+                exchange(flow).deny("the upstream sent a stream in a coding that cannot be "
+                                    "scanned for secret echoes; the call was cut", "error")
+                flow.kill()
+            return  # not carrying a secret: passed on as it came
+        if not steps:
+            resp.stream = redactor.stream()
             return
-        resp.stream = redactor.stream()
+        # Decoded as it streams, so the agent gets it decoded: no length, no codings.
+        for name in ("content-encoding", "content-length"):
+            resp.headers.pop(name, None)
+        if resp.http_version.startswith("HTTP/1"):
+            resp.headers["transfer-encoding"] = "chunked"
+        else:
+            resp.headers.pop("transfer-encoding", None)
+        resp.stream = _decoding(StreamDecoder(steps), redactor.stream(), flow)
 
     @guarded
     async def response(self, flow: http.HTTPFlow) -> None:
         resp = flow.response
         redactor: Redactor | None = flow.metadata.get(REDACTOR)
-        if resp is None or redactor is None or resp.stream:
+        if resp is None or redactor is None:
             return
-        if resp.trailers:
+        if resp.trailers:  # streamed or not, they go out after this hook
             _redact_headers(resp.trailers, redactor)
-        try:
-            content = resp.get_content(strict=True)
-        except ValueError:
-            if flow.metadata.get(INJECTED):
-                refuse(flow, 502, "secret_unredactable",
-                       "the upstream's answer could not be decoded to scan it for secret "
-                       "echoes; it was withheld")
+        if resp.stream:
+            if flow.metadata.pop(CUT, False):
+                exchange(flow).deny("the upstream's stream could not be decoded to scan it "
+                                    "for secret echoes; the call was cut", "error")
+                flow.kill()
             return
-        if content and redactor.found_in(content):
-            resp.content = redactor.redact(content)
+        raw = resp.raw_content or b""
+        if not raw:
+            return
+        try:
+            steps = codings(resp.headers.get("content-encoding"),
+                            resp.headers.get("transfer-encoding"))
+            if steps or len(raw) > INLINE_SCAN_BYTES:
+                out = await asyncio.to_thread(_scan, raw, steps, redactor)
+            else:
+                out = _scan(raw, steps, redactor)
+        except Undecodable as e:
+            if flow.metadata.get(INJECTED):
+                why = ("is too large decoded to scan it" if isinstance(e, TooLarge)
+                       else "could not be decoded to scan it")
+                refuse(flow, 502, "secret_unredactable",
+                       f"the upstream's answer {why} for secret echoes; it was withheld")
+            return
+        if out is None:
+            return
+        resp.raw_content = out
+        resp.headers.pop("content-encoding", None)
+        te = resp.headers.get("transfer-encoding", "")
+        if "chunked" in te.lower():
+            resp.headers["transfer-encoding"] = "chunked"
+        else:
+            resp.headers.pop("transfer-encoding", None)
+            resp.headers["content-length"] = str(len(out))
+
+
+def _scan(raw: bytes, steps: list[str], redactor: Redactor) -> bytes | None:
+    """The decoded body, redacted, if it held an echo; else None (sent as it came)."""
+    content = decode(raw, steps)
+    return redactor.redact(content) if redactor.found_in(content) else None
+
+
+def _decoding(decoder: StreamDecoder, redact: Callable[[bytes], list[bytes]],
+              flow: http.HTTPFlow) -> Callable[[bytes], list[bytes]]:
+    """A stream filter that decodes, then redacts. Past a decoding error nothing more
+    goes out (not even the redactor's held tail: it may be most of a value) and the
+    ``response`` hook cuts the call."""
+    failed = False
+
+    def step(chunk: bytes) -> list[bytes]:
+        nonlocal failed
+        if failed:
+            return []
+        try:
+            if not chunk:
+                decoder.end()
+                return redact(b"")
+            data = decoder.feed(chunk)
+        except Undecodable:
+            failed = True
+            flow.metadata[CUT] = True
+            return []
+        return redact(data) if data else []
+
+    return step
 
 
 def _redact_headers(headers: http.Headers, redactor: Redactor) -> None:
     fields = headers.fields
-    redacted = tuple((name, redactor.redact(value)) for name, value in fields)
+    redacted = tuple((redactor.redact(name), redactor.redact(value)) for name, value in fields)
     if redacted != fields:
         headers.fields = redacted
 

@@ -22,7 +22,8 @@ from urllib.parse import quote, unquote_plus
 from ._keys import Keys
 from .value import SecretValue
 
-__all__ = ["InjectSpec", "Placement", "parse_inject", "set_query_param"]
+__all__ = ["CREDENTIAL_PARAMS", "InjectSpec", "Placement", "parse_inject", "query_name",
+           "set_query_param", "strip_query_params"]
 
 _TOKEN = "{token}"  # noqa: S105 - the placeholder, not a password
 _HEADER_NAME = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]{1,64}$")
@@ -79,6 +80,41 @@ def set_query_param(target: bytes, name: str, value: str | None) -> bytes:
     elif not kept:
         return path
     return path + b"?" + b"&".join(kept)
+
+
+# Query parameters an agent could authenticate with on its own, beside an injected one
+# (RFC 6750 2.3's access_token, and the common API-key spellings). Compared folded.
+CREDENTIAL_PARAMS = ("access_token", "api_key", "apikey", "api_token", "auth_token", "token",
+                     "client_secret", "password", "secret", "id_token", "refresh_token")
+_FOLD_DROP = str.maketrans("", "", "-_. \t")
+
+
+def query_name(raw: bytes) -> str:
+    """A query parameter's name as an upstream may read it: percent-decoded (twice, for a
+    server that decodes again), case-folded, with ``-``, ``_``, ``.`` and blanks
+    dropped (``Api-Key``, ``API_KEY``, ``api%5Fkey`` are all ``apikey``).
+
+    Raises ValueError for a name with a control character (``api_key%00``): one
+    server may cut it there and another keep it."""
+    name = raw.decode("latin-1")
+    for _ in range(2):
+        name = unquote_plus(name, encoding="latin-1")
+    if any(ord(c) < 0x20 or ord(c) == 0x7F for c in name):
+        raise ValueError("a query parameter name holds a control character")
+    return name.casefold().translate(_FOLD_DROP)
+
+
+def strip_query_params(target: bytes, names: tuple[str, ...]) -> bytes:
+    """``target`` without every query parameter whose :func:`query_name` is one of
+    ``names``'s; the others keep their exact bytes. Raises ValueError as
+    :func:`query_name` does."""
+    path, sep, query = target.partition(b"?")
+    if not sep:
+        return target
+    folded = {query_name(n.encode("ascii")) for n in names}
+    kept = [item for item in query.split(b"&")
+            if item and query_name(item.partition(b"=")[0]) not in folded]
+    return path + b"?" + b"&".join(kept) if kept else path
 
 
 def _template(k: Keys, key: str, value: Any) -> str:
