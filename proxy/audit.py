@@ -515,8 +515,11 @@ class AuditLog:
         self._inflight, self._busy_since = batch, time.monotonic()
         try:
             self._write_and_settle(batch)
-        finally:
+        except Exception:
             self._inflight = self._busy_since = None
+            raise
+        # Not in a `finally`: a thread that dies keeps its batch here, for the watchdog.
+        self._inflight = self._busy_since = None
 
     def _write_and_settle(self, batch: list[tuple[dict[str, Any], asyncio.Future[None]]]
                           ) -> None:
@@ -601,6 +604,7 @@ class AuditLog:
             log.error("the audit writer thread stopped; its waiting calls are refused and "
                       "a new writer is started")
             self._fail_waiting("the audit log's writer stopped; the call was refused")
+            self._inflight = self._busy_since = None
             self._thread = self._spawn()
             return
         if self.stalled:
