@@ -396,7 +396,7 @@ class AuditLog:
         ends: list[tuple[Head, str]] = []
         try:
             head = read_head(self.path, self._key)
-        except ValueError as e:
+        except (OSError, ValueError) as e:
             log.error("%s; records cut from the end of the audit log cannot be detected "
                       "by the head file", e)
             head = None
@@ -487,7 +487,16 @@ class AuditLog:
         await fut
 
     def _run(self) -> None:
-        consume("audit", self._queue, self._write_batch, self._batch_failed)
+        try:
+            consume("audit", self._queue, self._write_batch, self._batch_failed)
+        finally:  # the thread ends at close only: refuse its waiting calls now
+            if not self._queue.closing and self._loop is not None:
+                FAILURES.add("audit")
+                log.error("the audit writer thread stopped; its waiting calls are refused")
+                with contextlib.suppress(RuntimeError):  # the loop is gone already
+                    self._loop.call_soon_threadsafe(
+                        self._fail_waiting, "the audit log's writer stopped; the call was "
+                        "refused")
 
     def _chain(self, record: dict[str, Any], seq: int, prev: str
                ) -> tuple[bytes, str, BaseException | None]:
@@ -599,10 +608,8 @@ class AuditLog:
         write hangs; the watchdog calls this every :data:`WATCH_SECONDS`."""
         if self._queue.closing or self._thread is None:
             return
-        if not self._thread.is_alive():
-            FAILURES.add("audit")
-            log.error("the audit writer thread stopped; its waiting calls are refused and "
-                      "a new writer is started")
+        if not self._thread.is_alive():  # counted and logged by the thread as it ended
+            log.error("the audit writer thread stopped; a new writer is started")
             self._fail_waiting("the audit log's writer stopped; the call was refused")
             self._inflight = self._busy_since = None
             self._thread = self._spawn()

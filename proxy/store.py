@@ -41,6 +41,7 @@ still shows records cut from its end (``taskgate audit verify``).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import sqlite3
@@ -108,6 +109,7 @@ class TaskStore:
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._open_error: BaseException | None = None
+        self._inflight: list[tuple[Op, asyncio.Future[Any], bool]] | None = None
         self.commits = 0
         self.healthy = True
         self._sync = "NORMAL"
@@ -174,14 +176,8 @@ class TaskStore:
         return self._thread is None or self._thread.is_alive() or self._queue.closing
 
     def _revive(self) -> None:
-        """The thread is gone (it never should be): refuse what waits on it, start anew."""
-        FAILURES.add("store")
-        log.error("the task store thread stopped; waiting calls are refused and a new "
-                  "thread takes over")
-        self.healthy = False
-        for _, fut, _ in self._queue.drain():
-            if not fut.done():
-                fut.set_exception(Unavailable("the task store stopped; the call was refused"))
+        """The thread is gone (it never should be; it refused what waited): start anew."""
+        log.error("the task store thread stopped; a new one takes over")
         self._thread = threading.Thread(target=self._run, name="taskgate-store", daemon=True)
         self._thread.start()
 
@@ -212,6 +208,27 @@ class TaskStore:
         return conn
 
     def _run(self) -> None:
+        try:
+            self._serve()
+        finally:  # the thread ends at close only; anything else is a failure
+            if not self._queue.closing:
+                self._died()
+
+    def _died(self) -> None:
+        """On the dying thread: count it, and refuse its batch and what is queued."""
+        FAILURES.add("store")
+        log.error("the task store thread stopped; waiting calls are refused (the next "
+                  "call starts a new thread)")
+        self.healthy = False
+        waiting, self._inflight = list(self._inflight or ()) + self._queue.drain(), None
+        if self._loop is not None:
+            with contextlib.suppress(RuntimeError):  # the loop is gone already
+                self._loop.call_soon_threadsafe(
+                    _settle, waiting,
+                    [Unavailable("the task store stopped; the call was refused")
+                     for _ in waiting])
+
+    def _serve(self) -> None:
         conn: sqlite3.Connection | None = None
         try:
             conn = self._connect()
@@ -220,6 +237,7 @@ class TaskStore:
             self._open_error = e
             self.healthy = False
         while (batch := self._queue.take()) is not None:
+            self._inflight = batch
             try:
                 results = self._apply(conn, batch)
             except Exception:  # noqa: BLE001 - the thread must outlive any one batch
@@ -232,6 +250,8 @@ class TaskStore:
                 self._loop.call_soon_threadsafe(_settle, batch, results)
             except RuntimeError:  # the loop is gone (interpreter shutting down)
                 break
+            finally:
+                self._inflight = None
         if conn is not None:
             conn.close()
 

@@ -271,11 +271,17 @@ async def test_dead_writer_thread_fails_waiters_at_once_and_is_replaced(
     await log.start()
     await write(log, new_record(request_id="first"))
     before = FAILURES.counts()["audit"]
+    dying = log._thread
     started = time.monotonic()
     with pytest.raises(Unavailable, match="writer stopped"):
         await asyncio.wait_for(log.write(new_record(request_id="lost")), 5)
     assert time.monotonic() - started < audit_mod.WATCH_SECONDS + 1.5
     assert FAILURES.counts()["audit"] == before + 1
+    async with asyncio.timeout(5):  # the watchdog starts a new writer
+        while True:
+            if log._thread is not dying and log.healthy:
+                break
+            await asyncio.sleep(0.02)
     await asyncio.wait_for(log.write(new_record(request_id="after")), 5)
     assert log.healthy
     await log.close()
