@@ -20,12 +20,32 @@ begins at ``seq`` 1 with ``prev`` :data:`GENESIS`. ``proxy/audit_verify.py``
 checks it; ``proxy/audit_query.py`` reads it.
 
 Head (``proxy/audit_head.py``): after every batch the writer records the last
-seq and hash in ``<path>.head``, so records cut from the end are detected too.
+seq and hash in ``<path>.head``, so records cut from the end are detected too,
+and the same in the state store (``AuditAnchor``, proxy/store.py), where the
+log's own folder cannot roll it back.
+
+Values: every value is made encodable before it is chained (:func:`clean`, in
+:func:`new_record` and again in the writer, for records changed after it). A
+string that is not valid Unicode (a lone surrogate U+D800–U+DFFF: a ``\\ud800``
+escape in an agent's JSON, or a byte that is not UTF-8 that a library kept as
+U+DC80–U+DCFF) keeps its code point as the six characters ``\\udXXX``, so the
+record says what was sent (a backslash already there is not doubled: the text is
+for reading, not for decoding back). Integers past 64 bits become their decimal
+text, and nesting deeper than :data:`MAX_DEPTH` is replaced by a note.
+
+The writer never dies: a record it still cannot encode (a bug: a value of a
+type JSON has not) is replaced, in the chain, by one that says so (decision
+``error``, the fields it had to drop); its call is refused. A batch that fails
+as a whole fails its calls (503), and the thread goes on; if the thread is gone,
+or a write hangs for :data:`STALL_SECONDS` (a disk that stopped answering),
+every waiting call and every new one is refused at once and the log reports
+unhealthy (``/readyz``) until writes go through again.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import hmac
 import logging
@@ -35,19 +55,21 @@ import threading
 import time
 from collections.abc import Mapping
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Protocol
 
 import orjson
 
-from .audit_head import Head, read_head, write_head
-from .batching import WorkQueue
+from .audit_head import Head, check_mac, head_mac, head_path, read_head, write_head
+from .batching import FAILURES, WorkQueue, consume
 from .errors import Unavailable
 
 __all__ = [
     "FIELDS",
+    "Anchor",
     "GENESIS",
     "AuditLog",
     "chain_hash",
+    "clean",
     "load_hmac_key",
     "log_files",
     "new_record",
@@ -66,6 +88,27 @@ DECISIONS = ("allow", "deny", "error", "approved", "rejected", "held")
 GENESIS = "0" * 64
 HEAD_LAG_SECONDS = 0.1  # under load, how far the chain head may trail the log
 REDACTED = "REDACTED"
+MAX_DEPTH = 32  # nesting a record keeps (orjson refuses past 254)
+TOO_DEEP = "[nested too deep; not recorded]"
+STALL_SECONDS = 10.0  # a batch taking longer: the disk stopped answering, fail closed
+WATCH_SECONDS = 0.5  # how often the watchdog looks at the writer thread
+_INT_MIN, _INT_MAX = -(1 << 63), (1 << 64) - 1  # what orjson writes as a JSON integer
+
+
+class Anchor(Protocol):
+    """Where the chain's end is kept outside the log's folder (proxy/store.py's
+    ``AuditAnchor``): it only moves forward."""
+
+    path: str
+
+    def read(self) -> tuple[Head, str | None] | None:
+        """The stored end and its MAC, ``None`` when none is stored."""
+
+    def advance(self, seq: int, digest: str, mac: str | None, *, sync: bool = False,
+                force: bool = False) -> None:
+        """Store the end unless a later one is stored (``force``: replace it anyway)."""
+
+    def close(self) -> None: ...
 
 
 def rfc3339(ts: float) -> str:
@@ -87,14 +130,87 @@ def redact_target(path: str, query: str) -> str:
     return f"{path}?{'&'.join(parts)}"
 
 
+def _clean_str(text: str) -> str:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:  # lone surrogates: keep the code point, as text
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return text
+
+
+def _clean_int(value: int) -> Any:
+    if _INT_MIN <= value <= _INT_MAX:
+        return value
+    try:
+        return str(value)
+    except ValueError:  # more digits than Python converts
+        return f"[an integer of {value.bit_length()} bits; not recorded]"
+
+
+def clean(value: Any, depth: int = 0) -> Any:
+    """``value`` in a form every encoder takes (the log, a log line, a JSON response).
+
+    Strings lose lone surrogates (written ``\\udXXX``), integers past 64 bits
+    become text, mapping keys become strings, tuples lists, and nesting past
+    :data:`MAX_DEPTH` a note. Values of other types are left as they are: the
+    writer replaces a record it cannot encode.
+    """
+    if isinstance(value, str):
+        return value if value.isascii() else _clean_str(value)
+    if value is None or isinstance(value, (bool, float)):
+        return value
+    if isinstance(value, int):
+        return _clean_int(value)
+    if isinstance(value, dict):
+        if depth >= MAX_DEPTH:
+            return TOO_DEEP
+        return {clean(k if isinstance(k, str) else str(k)): clean(v, depth + 1)
+                for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        if depth >= MAX_DEPTH:
+            return TOO_DEEP
+        return [clean(v, depth + 1) for v in value]
+    return value
+
+
 def new_record(**values: Any) -> dict[str, Any]:
-    """A record with every field present; unknown field names are a bug."""
+    """A record with every field present, every value :func:`clean`; unknown field
+    names are a bug."""
     rec = dict.fromkeys(FIELDS)
     for key, value in values.items():
         if key not in rec:
             raise KeyError(f"unknown audit field {key!r}")
-        rec[key] = value
+        rec[key] = clean(value)
     return rec
+
+
+def substitute(record: Mapping[Any, Any], error: BaseException) -> dict[str, Any]:
+    """The record written in place of one that cannot be encoded: every field that
+    encodes on its own is kept; the decision becomes ``error`` and the reason says
+    which fields were dropped and that the call was refused."""
+    sub: dict[str, Any] = dict.fromkeys(FIELDS)
+    dropped: list[str] = []
+    for key, value in record.items():
+        if key in ("seq", "prev", "hash"):
+            continue
+        if key not in sub:
+            dropped.append(_clean_str(repr(key))[:64])
+            continue
+        try:
+            orjson.dumps(value)
+        except Exception:  # noqa: BLE001 - any failure: the field is dropped
+            dropped.append(key)
+        else:
+            sub[key] = value
+    if sub["ts"] is None:
+        sub["ts"] = rfc3339(time.time())
+    was = sub["decision"] if isinstance(sub["decision"], str) else None
+    sub["decision"], sub["status"] = "error", None
+    sub["reason"] = (f"the call's audit record could not be encoded "
+                     f"({type(error).__name__}); fields dropped: "
+                     f"{', '.join(dropped) or 'none'}; the call was refused"
+                     + (f" (it had been decided: {was[:32]})" if was else ""))
+    return sub
 
 
 def canonical(record: Mapping[str, Any]) -> bytes:
@@ -182,31 +298,63 @@ def _chain_tail(path: str) -> tuple[int, str, bool]:
 
 
 class AuditLog:
-    """Append-only, hash-chained JSON-lines log with an asynchronous, awaited write."""
+    """Append-only, hash-chained JSON-lines log with an asynchronous, awaited write.
 
-    def __init__(self, path: str, *, hmac_key: bytes | None = None, max_bytes: int = 0) -> None:
+    ``anchor``: where the chain's end is also kept, outside the log's folder (the
+    state store's :class:`~proxy.store.AuditAnchor`); ``None`` keeps only the head file.
+    """
+
+    def __init__(self, path: str, *, hmac_key: bytes | None = None, max_bytes: int = 0,
+                 anchor: Anchor | None = None) -> None:
         self.path = path
         self._key = hmac_key
         self.max_bytes = max_bytes
+        self._anchor = anchor
+        self._anchor_force = False  # the stored anchor is not ours (bad MAC): overwrite it
         self._size = 0
         self._suspect = False  # a failed write may have left part of a batch behind
         self._fd: int | None = None
         self._queue: WorkQueue[tuple[dict[str, Any], asyncio.Future[None]]] = WorkQueue()
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._watchdog: asyncio.Task[None] | None = None
         self.seq = 0
         self.last_hash = GENESIS
         self.write_errors = 0
-        self.healthy = True
+        self._ok = True  # the last write went through
+        self._busy_since: float | None = None  # monotonic start of the batch being written
+        self._inflight: list[tuple[dict[str, Any], asyncio.Future[None]]] | None = None
+        self._stall_reported = False
         self._head_failed = False
         self._head_written = False  # by this process: then synced again on close
         self._head_at = 0.0  # monotonic time of the last head write
 
+    # -- health -------------------------------------------------------------------
+    @property
+    def writer_alive(self) -> bool:
+        return self._thread is None or self._thread.is_alive() or self._queue.closing
+
+    @property
+    def stalled(self) -> bool:
+        """A batch has been in the writer's hands for over :data:`STALL_SECONDS`."""
+        since = self._busy_since
+        return since is not None and time.monotonic() - since > STALL_SECONDS
+
+    @property
+    def healthy(self) -> bool:
+        """Records go in: the last write succeeded, the writer runs and answers."""
+        return self._ok and self.writer_alive and not self.stalled
+
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
         await asyncio.to_thread(self._open)
-        self._thread = threading.Thread(target=self._run, name="taskgate-audit", daemon=True)
-        self._thread.start()
+        self._thread = self._spawn()
+        self._watchdog = self._loop.create_task(self._watch())
+
+    def _spawn(self) -> threading.Thread:
+        thread = threading.Thread(target=self._run, name="taskgate-audit", daemon=True)
+        thread.start()
+        return thread
 
     def _open(self) -> None:
         os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
@@ -221,38 +369,85 @@ class AuditLog:
             os.write(self._fd, b"\n")
         self._size = os.fstat(self._fd).st_size
 
+    def _read_anchor(self) -> Head | None:
+        """The chain's end as the state store has it; ``None`` without one (or unusable)."""
+        if self._anchor is None:
+            return None
+        try:
+            found = self._anchor.read()
+        except Exception as e:  # noqa: BLE001 - a store we cannot read anchors nothing
+            log.error("the audit chain anchor in %s cannot be read: %s", self._anchor.path, e)
+            return None
+        if found is None:
+            return None
+        head, mac = found
+        try:
+            check_mac(head, mac, self._key, f"the audit chain anchor in {self._anchor.path}")
+        except ValueError as e:
+            log.error("%s; it is replaced by this log's own", e)
+            self._anchor_force = True
+            return None
+        return head
+
     def _check_head(self) -> None:
         """Never re-chain silently over records cut from the end: when the log is behind
-        its head, go on from the head, so the gap stays in the chain for verify to name."""
+        its head (or the state store's anchor), go on from there, so the gap stays in
+        the chain for verify to name."""
+        ends: list[tuple[Head, str]] = []
         try:
             head = read_head(self.path, self._key)
-        except ValueError as e:
-            log.error("%s; records cut from the end of the audit log cannot be detected",
-                      e)
+        except (OSError, ValueError) as e:
+            log.error("%s; records cut from the end of the audit log cannot be detected "
+                      "by the head file", e)
+            head = None
+        if head is not None:
+            ends.append((head, "its chain head"))
+        anchor = self._read_anchor()
+        if anchor is not None:
+            ends.append((anchor, f"its anchor in the state store ({self._anchor_path()})"))
+        if head is None and self.seq:
+            log.error("audit log %s has no chain head (%s.head): if records were cut "
+                      "from its end, only the state store's anchor can show it (fine once, "
+                      "for a log written by an older version)", self.path, self.path)
+        if not ends:
             return
-        if head is None:
-            if self.seq:
-                log.error("audit log %s has no chain head (%s.head): if records were cut "
-                          "from its end, that cannot be detected (fine once, for a log "
-                          "written by an older version)", self.path, self.path)
-            return
-        if head.seq > self.seq or (head.seq == self.seq and head.hash != self.last_hash):
-            log.error("audit log %s ends at seq %d but its chain head says seq %d: records "
-                      "were removed from its end; the chain goes on from the head, so "
-                      "`taskgate audit verify` shows the gap", self.path, self.seq, head.seq)
-            self.seq, self.last_hash = head.seq, head.hash
+        end, source = max(ends, key=lambda e: e[0].seq)
+        if end.seq > self.seq or (end.seq == self.seq and end.hash != self.last_hash):
+            log.error("audit log %s ends at seq %d but %s says seq %d: records were removed "
+                      "from its end; the chain goes on from there, so `taskgate audit "
+                      "verify` shows the gap", self.path, self.seq, source, end.seq)
+            self.seq, self.last_hash = end.seq, end.hash
+
+    def _anchor_path(self) -> str:
+        return self._anchor.path if self._anchor is not None else ""
 
     def _write_head(self, *, sync: bool = False) -> None:
-        """Record the chain's end; a failure is logged (the records are in the log)."""
+        """Record the chain's end in the head file and the state store's anchor; a
+        failure is logged and counted (the records are in the log)."""
+        head = Head(self.seq, self.last_hash)
+        failed: list[str] = []
         try:
-            write_head(self.path, Head(self.seq, self.last_hash), self._key, sync=sync)
-        except OSError as e:
-            if not self._head_failed:
-                log.error("audit chain head %s.head could not be written: %s", self.path, e)
-            self._head_failed = True
+            write_head(self.path, head, self._key, sync=sync)
+        except Exception as e:  # noqa: BLE001 - reported below, never fatal
+            failed.append(f"{head_path(self.path)}: {e}")
         else:
-            self._head_failed = False
             self._head_written = True
+        if self._anchor is not None:
+            try:
+                self._anchor.advance(head.seq, head.hash,
+                                     head_mac(head, self._key) if self._key else None,
+                                     sync=sync, force=self._anchor_force)
+                self._anchor_force = False
+            except Exception as e:  # noqa: BLE001
+                failed.append(f"the anchor in {self._anchor.path}: {e}")
+        if failed:
+            FAILURES.add("audit-head")
+            if not self._head_failed:
+                log.error("audit chain end could not be recorded: %s", "; ".join(failed))
+            self._head_failed = True
+        elif self._head_failed:
+            log.info("audit chain end recorded again (seq %d)", head.seq)
+            self._head_failed = False
 
     def _rotate(self) -> None:
         """Rename the full file to the next ``<path>.<n>`` and start a new one."""
@@ -278,32 +473,77 @@ class AuditLog:
         self._suspect = False
 
     async def write(self, record: dict[str, Any]) -> None:
-        """Append ``record`` (fills seq, prev, hash); returns once it is in the file."""
+        """Append ``record`` (fills seq, prev, hash); returns once it is in the file.
+
+        Raises :class:`Unavailable` at once when the log is closed, its writer is
+        gone or stalled; later when the record could not be written (or encoded).
+        """
         if self._loop is None or self._queue.closing:
             raise Unavailable("the audit log is not open; the call was refused")
+        if not self.writer_alive or self.stalled:
+            raise Unavailable("the audit log is not answering; the call was refused")
         fut = self._loop.create_future()
         self._queue.put((record, fut))
         await fut
 
     def _run(self) -> None:
-        while (batch := self._queue.take()) is not None:
-            self._write_batch(batch)
+        try:
+            consume("audit", self._queue, self._write_batch, self._batch_failed)
+        finally:  # the thread ends at close only: refuse its waiting calls now
+            if not self._queue.closing and self._loop is not None:
+                FAILURES.add("audit")
+                log.error("the audit writer thread stopped; its waiting calls are refused")
+                with contextlib.suppress(RuntimeError):  # the loop is gone already
+                    self._loop.call_soon_threadsafe(
+                        self._fail_waiting, "the audit log's writer stopped; the call was "
+                        "refused")
+
+    def _chain(self, record: dict[str, Any], seq: int, prev: str
+               ) -> tuple[bytes, str, BaseException | None]:
+        """The line for ``record`` as the ``seq``-th (filled in place), its hash, and the
+        error its caller gets when it had to be replaced by :func:`substitute`."""
+        for key, value in list(record.items()):
+            record[key] = clean(value)
+        record["seq"], record["prev"] = seq, prev
+        record.pop("hash", None)
+        try:
+            digest = record["hash"] = chain_hash(record, self._key)
+            return orjson.dumps(record), digest, None
+        except Exception as e:  # noqa: BLE001 - a record we cannot encode is replaced
+            FAILURES.add("audit")
+            log.error("audit record %.80r could not be encoded (%s: %s); a record saying "
+                      "so is written in its place and the call is refused",
+                      record.get("request_id"), type(e).__name__, e)
+            sub = substitute(record, e)
+            sub["seq"], sub["prev"] = seq, prev
+            digest = sub["hash"] = chain_hash(sub, self._key)
+            return orjson.dumps(sub), digest, Unavailable(
+                "the call's audit record could not be encoded; the call was refused")
 
     def _write_batch(self, batch: list[tuple[dict[str, Any], asyncio.Future[None]]]) -> None:
-        error: BaseException | None = None
+        self._inflight, self._busy_since = batch, time.monotonic()
+        try:
+            self._write_and_settle(batch)
+        except Exception:
+            self._inflight = self._busy_since = None
+            raise
+        # Not in a `finally`: a thread that dies keeps its batch here, for the watchdog.
+        self._inflight = self._busy_since = None
+
+    def _write_and_settle(self, batch: list[tuple[dict[str, Any], asyncio.Future[None]]]
+                          ) -> None:
+        results: list[BaseException | None]
         try:
             assert self._fd is not None
             if self._suspect:
                 self._recover()
             seq, prev = self.seq, self.last_hash
-            lines = []
+            lines, results = [], []
             for record, _ in batch:
                 seq += 1
-                record["seq"] = seq
-                record["prev"] = prev
-                record.pop("hash", None)
-                prev = record["hash"] = chain_hash(record, self._key)
-                lines.append(orjson.dumps(record))
+                line, prev, error = self._chain(record, seq, prev)
+                lines.append(line)
+                results.append(error)
             data = b"\n".join(lines) + b"\n"
             if self.max_bytes and self._size and self._size + len(data) > self.max_bytes:
                 try:
@@ -317,15 +557,15 @@ class AuditLog:
             self._suspect = False
             self._size += len(data)
             self.seq, self.last_hash = seq, prev
-            self.healthy = True
+            self._ok = True
         except OSError as e:
-            error = e
+            results = [_write_failed() for _ in batch]
             self.write_errors += len(batch)
-            self.healthy = False
+            self._ok = False
             log.error("audit log write failed: %s", e)
         assert self._loop is not None
-        self._loop.call_soon_threadsafe(self._settle, batch, error)
-        if error is None:  # after the callers were released: they wait on the log only
+        self._loop.call_soon_threadsafe(self._settle, batch, results)
+        if self._ok:  # after the callers were released: they wait on the log only
             more = not self._queue.empty()
             now = time.monotonic()
             # Under load the next batch is already waiting: the head follows it, at
@@ -334,23 +574,77 @@ class AuditLog:
                 self._head_at = now
                 self._write_head()
 
+    def _batch_failed(self, batch: list[tuple[dict[str, Any], asyncio.Future[None]]],
+                      error: BaseException) -> None:
+        """A batch failed other than by a write error (a bug): its calls are refused."""
+        self._ok = False
+        self.write_errors += len(batch)
+        assert self._loop is not None
+        self._loop.call_soon_threadsafe(self._settle, batch, [_write_failed() for _ in batch])
+
     @staticmethod
     def _settle(batch: list[tuple[dict[str, Any], asyncio.Future[None]]],
-                error: BaseException | None) -> None:
-        for _, fut in batch:
+                results: list[BaseException | None]) -> None:
+        for (_, fut), error in zip(batch, results, strict=True):
             if fut.done():
                 continue
             if error is None:
                 fut.set_result(None)
             else:
-                fut.set_exception(Unavailable("the audit log could not be written; "
-                                              "the call was refused"))
+                fut.set_exception(error)
+
+    # -- the watchdog (on the event loop) -------------------------------------------
+    async def _watch(self) -> None:
+        while True:
+            await asyncio.sleep(WATCH_SECONDS)
+            try:
+                self.check_writer()
+            except Exception:  # noqa: BLE001 - the watchdog outlives its own bugs
+                FAILURES.add("audit")
+                log.exception("audit watchdog failed")
+
+    def check_writer(self) -> None:
+        """Refuse every waiting call when the writer is gone (and start a new one) or a
+        write hangs; the watchdog calls this every :data:`WATCH_SECONDS`."""
+        if self._queue.closing or self._thread is None:
+            return
+        if not self._thread.is_alive():  # counted and logged by the thread as it ended
+            log.error("the audit writer thread stopped; a new writer is started")
+            self._fail_waiting("the audit log's writer stopped; the call was refused")
+            self._inflight = self._busy_since = None
+            self._thread = self._spawn()
+            return
+        if self.stalled:
+            if not self._stall_reported:
+                FAILURES.add("audit")
+                log.error("audit log %s: a write has not finished for %.0f s; calls are "
+                          "refused until it does", self.path, STALL_SECONDS)
+                self._stall_reported = True
+            self._fail_waiting("the audit log is not answering; the call was refused")
+        elif self._stall_reported:
+            log.info("audit log %s answers again", self.path)
+            self._stall_reported = False
+
+    def _fail_waiting(self, reason: str) -> None:
+        waiting = list(self._inflight or ()) + self._queue.drain()
+        for _, fut in waiting:
+            if not fut.done():
+                fut.set_exception(Unavailable(reason))
 
     async def close(self) -> None:
         """Write what is queued, then close the file."""
         self._queue.close()
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._watchdog
+            self._watchdog = None
         if self._thread is not None:
-            await asyncio.to_thread(self._thread.join)
+            await asyncio.to_thread(self._thread.join, STALL_SECONDS)
+            if self._thread.is_alive():  # a write hangs: leave the file to it
+                log.error("audit log %s: the writer did not finish; not closed", self.path)
+                self._fail_waiting("the audit log is not answering; the call was refused")
+                return
         if self._fd is not None:
             fd, self._fd = self._fd, None
             try:
@@ -361,3 +655,9 @@ class AuditLog:
                 log.error("audit log %s could not be synced: %s", self.path, e)
             finally:
                 os.close(fd)
+        if self._anchor is not None:
+            await asyncio.to_thread(self._anchor.close)
+
+
+def _write_failed() -> Unavailable:
+    return Unavailable("the audit log could not be written; the call was refused")

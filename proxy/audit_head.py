@@ -13,10 +13,12 @@ Uses: on start the writer continues from the head when the log is behind it
 the end of the chain with it. The head covers the whole chain, so it sits
 beside the current (newest) file, whatever was rotated before it.
 
-What it cannot show: a head deleted together with the records (the gateway
-logs an error when it starts without one next to a non-empty log), or an old
-head put back with a log cut back to it. Keep the last hash ``verify``
-prints elsewhere for that.
+What it cannot show alone: a head deleted together with the records, or an old
+head put back with a log cut back to it (a keyed head proves who wrote it, not
+that it is the latest). So the writer keeps the same end in the state store
+too (``AuditAnchor`` in proxy/store.py, with the same MAC when keyed), which
+only moves forward and which the log's folder cannot roll back; ``audit verify``
+with the config compares the log and its head with it.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from dataclasses import dataclass
 
 import orjson
 
-__all__ = ["Head", "head_path", "read_head", "write_head"]
+__all__ = ["Head", "check_mac", "head_mac", "head_path", "read_head", "write_head"]
 
 _DOMAIN = b"taskgate audit head\n"  # a head MAC can never pass for a record's hash
 
@@ -46,14 +48,25 @@ def head_path(log_path: str) -> str:
     return f"{log_path}.head"
 
 
-def _mac(head: Head, key: bytes) -> str:
+def head_mac(head: Head, key: bytes) -> str:
+    """The MAC of a chain end (head file or anchor) under the chain's key."""
     return hmac.new(key, _DOMAIN + f"{head.seq}:{head.hash}".encode(), hashlib.sha256
                     ).hexdigest()
 
 
+def check_mac(head: Head, mac: object, key: bytes | None, what: str) -> None:
+    """With ``key``, raise ``ValueError`` (naming ``what``) unless ``mac`` is the MAC of
+    ``head``: it was forged, or written with another key (or without one)."""
+    if key is None:
+        return
+    if not isinstance(mac, str) or not hmac.compare_digest(mac, head_mac(head, key)):
+        raise ValueError(f"{what}: the chain head's MAC does not match the key: it was "
+                         "forged, or written with another key")
+
+
 def encode(head: Head, key: bytes | None) -> bytes:
     return orjson.dumps({"seq": head.seq, "hash": head.hash,
-                         "mac": _mac(head, key) if key else None}) + b"\n"
+                         "mac": head_mac(head, key) if key else None}) + b"\n"
 
 
 def write_head(log_path: str, head: Head, key: bytes | None, *, sync: bool = False) -> None:
@@ -90,9 +103,5 @@ def read_head(log_path: str, key: bytes | None) -> Head | None:
             or not isinstance(doc.get("hash"), str)):
         raise ValueError(f"{path} is not a chain head (seq or hash missing)")
     head = Head(doc["seq"], doc["hash"])
-    if key is not None:
-        mac = doc.get("mac")
-        if not isinstance(mac, str) or not hmac.compare_digest(mac, _mac(head, key)):
-            raise ValueError(f"{path}: the chain head's MAC does not match the key: it was "
-                             "forged, or written with another key")
+    check_mac(head, doc.get("mac"), key, path)
     return head

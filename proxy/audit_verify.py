@@ -15,16 +15,24 @@ damage, naming the file, the line, the ``seq`` and the kind:
 Records cut from the very end leave a valid chain; the chain head the writer
 keeps beside the log (``<path>.head``, proxy/audit_head.py) names the last
 seq and hash, so they show as ``removed`` at the end, and a last record that
-differs from the head as ``edited``. Without a head (an older log) or with
-head and records both removed, the end cannot be checked: keep the printed
-last hash elsewhere to compare. A rewrite that recomputes every later hash
-(and the head) is only detected when the chain is keyed
-(``audit.hmac_key_file``), which is what the key is for.
+differs from the head as ``edited``. The head sits in the log's own folder,
+so whoever can cut the log can also delete the head or put an older one back
+(a keyed head proves who wrote it, not that it is the latest). The writer
+therefore keeps the same end in the state store (the *anchor*, proxy/store.py),
+which only moves forward; given it (``anchor``: ``audit verify`` on the
+configured log), the chain must reach the anchor (else ``removed``), its
+record there must match (else ``edited``), and the head must exist and not be
+older than the anchor, nor the anchor be missing while the log has records:
+those three are damage unless ``accept_missing_head`` (a log written before
+heads or anchors existed), which makes them warnings. A rewrite that
+recomputes every later hash (and the head and anchor) is only detected when
+the chain is keyed (``audit.hmac_key_file``), which is what the key is for.
 """
 
 from __future__ import annotations
 
 import os
+import sqlite3
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -32,9 +40,38 @@ from typing import Any
 import orjson
 
 from .audit import GENESIS, chain_hash, log_files, rotated_files
-from .audit_head import Head, head_path, read_head
+from .audit_head import Head, check_mac, head_path, read_head
+from .store import AuditAnchor
 
-__all__ = ["Damage", "Report", "verify", "verify_files"]
+__all__ = ["AnchorState", "Damage", "Report", "read_anchor", "verify", "verify_files"]
+
+
+@dataclass(frozen=True, slots=True)
+class AnchorState:
+    """The state store's anchor as read for a check: where the chain ended."""
+
+    source: str  # the store file
+    head: Head | None  # None: no anchor stored (or it could not be used: ``error``)
+    error: str | None = None
+
+
+def read_anchor(store: str, key: bytes | None) -> AnchorState:
+    """The anchor in the state store at ``store``, read-only (never creates the file)."""
+    anchor = AuditAnchor(store, readonly=True)
+    try:
+        found = anchor.read()
+    except (sqlite3.Error, ValueError, OSError) as e:
+        return AnchorState(store, None, f"{store}: the audit anchor cannot be read: {e}")
+    finally:
+        anchor.close()
+    if found is None:
+        return AnchorState(store, None)
+    head, mac = found
+    try:
+        check_mac(head, mac, key, f"the audit anchor in {store}")
+    except ValueError as e:
+        return AnchorState(store, None, str(e))
+    return AnchorState(store, head)
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,6 +105,9 @@ class Report:
     torn: list[Damage] = field(default_factory=list)
     per_file: dict[str, tuple[int, int]] = field(default_factory=dict)  # file → (first, last)
     head: str | None = None  # the chain head file compared with the end, if there was one
+    anchor: str | None = None  # the state store whose anchor was compared, if checked
+    anchor_seq: int | None = None
+    warnings: list[str] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -84,6 +124,8 @@ class Report:
                 "seq": self.damage.seq, "detail": self.damage.detail},
             "torn": [str(t) for t in self.torn],
             "head": self.head,
+            "anchor": self.anchor, "anchor_seq": self.anchor_seq,
+            "warnings": list(self.warnings),
         }
 
 
@@ -128,13 +170,17 @@ def _find_seq(files: list[str], start: tuple[int, int], seq: int) -> _Line | Non
 
 def verify_files(files: list[str], *, key: bytes | None = None, partial: bool = False,
                  accept_torn: bool = False, current: str | None = None,
-                 head_of: str | None = None) -> Report:
+                 head_of: str | None = None, anchor: AnchorState | None = None,
+                 accept_missing_head: bool = False) -> Report:
     """Verify ``files`` as one chain, in the order given.
 
     ``partial``: the first file may continue a chain whose start is not given
     (its first record's ``prev`` is trusted). ``current``: the live file, which
     must exist when rotated files do. ``head_of``: the log whose chain head
     (``<head_of>.head``), when there is one, the end of the chain must reach.
+    ``anchor``: the state store's anchor of this log (see the module docstring);
+    ``accept_missing_head`` turns a missing head or anchor, or a head older than
+    the anchor, into warnings.
     """
     report = Report(files=list(files), keyed=key is not None)
     head: Head | None = None
@@ -145,6 +191,14 @@ def verify_files(files: list[str], *, key: bytes | None = None, partial: bool = 
         except (OSError, ValueError) as e:
             head_error = str(e)
         report.head = head_path(head_of) if head is not None or head_error else None
+    pinned: Head | None = None  # the anchor's end, which the chain must reach
+    if anchor is not None:
+        report.anchor = anchor.source
+        if anchor.error is not None:
+            report.damage = Damage("edited", anchor.source, 0, None, anchor.error)
+            return report
+        pinned = anchor.head
+        report.anchor_seq = pinned.seq if pinned is not None else None
     if current is not None and not os.path.exists(current) and files:
         report.damage = Damage("removed", current, 0, None,
                                "the current log file is missing, though rotated files exist")
@@ -216,6 +270,9 @@ def verify_files(files: list[str], *, key: bytes | None = None, partial: bool = 
         if head is not None and seq == head.seq and rec["hash"] != head.hash:
             return fail("edited", line, seq, f"the record differs from the chain head "
                         f"({report.head}): records at the end were replaced")
+        if pinned is not None and seq == pinned.seq and rec["hash"] != pinned.hash:
+            return fail("edited", line, seq, f"the record differs from the state store's "
+                        f"anchor ({report.anchor}): records at the end were replaced")
         report.records += 1
         first, _ = report.per_file.get(line.file, (seq, seq))
         report.per_file[line.file] = (first, seq)
@@ -233,7 +290,46 @@ def verify_files(files: list[str], *, key: bytes | None = None, partial: bool = 
             report.damage = damage
     if report.damage is None:
         _check_head(report, head, head_error, last, files)
+    if report.damage is None and anchor is not None:
+        _check_anchor(report, head, pinned, last, files, accept_missing_head)
     return report
+
+
+def _check_anchor(report: Report, head: Head | None, pinned: Head | None,
+                  last: _Line | None, files: list[str], accept: bool) -> None:
+    """The chain must reach the state store's anchor; the head and the anchor must be
+    there and agree (else, with ``accept``, a warning)."""
+    end = report.last_seq or 0
+    if pinned is not None and pinned.seq > end:
+        missing = (f"seq {pinned.seq}" if pinned.seq == end + 1
+                   else f"seq {end + 1}..{pinned.seq}")
+        where, number = ((last.file, last.number) if last is not None
+                         else (files[-1] if files else report.anchor or "", 0))
+        report.damage = Damage("removed", where, number, end + 1,
+                               f"the log ends here, but the state store's anchor "
+                               f"({report.anchor}) says seq {pinned.seq}: {missing} missing "
+                               "(cut from the end, the head put back or deleted)")
+        return
+    problems: list[tuple[str, str, str]] = []  # (kind, file, detail)
+    if pinned is None and end:
+        problems.append(("removed", report.anchor or "", "the state store has no anchor for "
+                         "this log: records cut from its end cannot be ruled out (a log "
+                         "written by an older taskgate, or the store was replaced)"))
+    if head is None and end:
+        problems.append(("removed", report.head or (files[-1] + ".head" if files else ""),
+                         "the chain head is missing (the gateway writes one after every "
+                         "batch): it was deleted"))
+    elif head is not None and pinned is not None and head.seq < pinned.seq:
+        problems.append(("edited", report.head or "", f"the chain head says seq {head.seq}, "
+                         f"older than the state store's anchor (seq {pinned.seq}): an old "
+                         "head was put back"))
+    for kind, file, detail in problems:
+        if accept:
+            report.warnings.append(f"{file}: {detail}")
+        else:
+            report.damage = Damage(kind, file, 0, None, f"{detail} (--accept-missing-head "
+                                   "accepts it)")
+            return
 
 
 def _check_head(report: Report, head: Head | None, head_error: str | None,
@@ -264,12 +360,14 @@ def _key_hint(rec: dict[str, Any], key: bytes | None) -> str:
 
 
 def verify(path: str, *, key: bytes | None = None, accept_torn: bool = False,
-           partial: bool = False) -> Report:
+           partial: bool = False, anchor: AnchorState | None = None,
+           accept_missing_head: bool = False) -> Report:
     """Verify the configured log: its rotated files, oldest first, then the current one."""
     files = log_files(path)
     rotated = rotated_files(path)
     report = verify_files(files, key=key, accept_torn=accept_torn, partial=partial,
-                          current=path if rotated else None, head_of=path)
+                          current=path if rotated else None, head_of=path, anchor=anchor,
+                          accept_missing_head=accept_missing_head)
     if report.damage is not None and report.damage.kind == "removed" and rotated:
         numbers = {int(f.rsplit(".", 1)[1]) for f in rotated}
         gone = [f"{os.path.basename(path)}.{n}" for n in range(1, max(numbers))

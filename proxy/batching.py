@@ -3,13 +3,49 @@
 The audit log and the task store both keep disk I/O off the event loop the same
 way: callers queue an item (with a future), one thread takes everything queued
 at once, writes it in one go (a group commit), and settles the futures.
+
+Background workers never die silently: :func:`consume` runs a worker's loop so
+that a batch that raises is handed to the worker's ``failed`` callback (which
+settles that batch's futures with an error) and the loop goes on; every such
+failure is logged and counted in :data:`FAILURES`, which ``/metrics`` exports as
+``taskgate_background_failures_total{worker=...}``. The worker names are a
+fixed set (:data:`WORKERS`), so the label stays bounded.
 """
 
 from __future__ import annotations
 
+import logging
 import threading
+from collections.abc import Callable
 
-__all__ = ["WorkQueue"]
+__all__ = ["FAILURES", "WORKERS", "Failures", "WorkQueue", "consume"]
+
+log = logging.getLogger(__name__)
+
+# Every background thread or task of the gateway, by the name /metrics labels it with.
+WORKERS = ("audit", "audit-head", "store", "sweeper")
+
+
+class Failures:
+    """How often each background worker failed (thread-safe; read at scrape time)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._counts = dict.fromkeys(WORKERS, 0)
+
+    def add(self, worker: str) -> None:
+        if worker not in self._counts:
+            raise ValueError(f"unknown background worker {worker!r}")
+        with self._lock:
+            self._counts[worker] += 1
+
+    def counts(self) -> dict[str, int]:
+        with self._lock:
+            return dict(self._counts)
+
+
+FAILURES = Failures()
+
 
 class WorkQueue[T]:
     """A closable queue whose consumer takes all waiting items at once."""
@@ -38,6 +74,34 @@ class WorkQueue[T]:
             batch, self._items = self._items, []
         return batch or None
 
+    def drain(self) -> list[T]:
+        """Everything queued, taken without waiting (to fail it when the consumer is gone)."""
+        with self._cond:
+            batch, self._items = self._items, []
+        return batch
+
     def empty(self) -> bool:
         with self._cond:
             return not self._items
+
+
+def consume[T](worker: str, queue: WorkQueue[T], handle: Callable[[list[T]], None],
+               failed: Callable[[list[T], BaseException], None]) -> None:
+    """A worker thread's loop: ``handle`` each batch until the queue is closed and drained.
+
+    A batch whose ``handle`` raises is logged, counted, and given to ``failed``
+    (which must settle its futures with an error); the loop goes on with the
+    next batch. ``failed`` raising too is logged and counted, never fatal.
+    """
+    while (batch := queue.take()) is not None:
+        try:
+            handle(batch)
+        except Exception as e:  # noqa: BLE001 - the worker outlives any one batch
+            FAILURES.add(worker)
+            log.exception("background worker %s failed on a batch of %d; it goes on",
+                          worker, len(batch))
+            try:
+                failed(batch, e)
+            except Exception:  # noqa: BLE001
+                FAILURES.add(worker)
+                log.exception("background worker %s could not report its failure", worker)

@@ -18,9 +18,10 @@ import orjson
 
 from .audit import load_hmac_key, log_files
 from .audit_query import FILTER_KEYS, AuditFilter, follow, records
-from .audit_verify import Report, verify, verify_files
+from .audit_verify import AnchorState, Report, read_anchor, verify, verify_files
 from .cli import command, config_of
 from .hosts import default_port
+from .store import store_path
 
 __all__ = ["format_row", "main_logs", "main_verify"]
 
@@ -137,6 +138,10 @@ def _verify_setup(parent: argparse.ArgumentParser) -> None:
                    help="the first file may continue an earlier file not given")
     p.add_argument("--accept-torn", action="store_true",
                    help="report records cut off by a crash as warnings, not damage")
+    p.add_argument("--accept-missing-head", action="store_true",
+                   help="report a missing chain head or state-store anchor, or a head older "
+                        "than the anchor, as warnings, not damage (a log written by an older "
+                        "taskgate); records missing before the anchor stay damage")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
 
 
@@ -158,26 +163,43 @@ def main_verify(args: argparse.Namespace) -> int:
     except (OSError, ValueError) as e:
         print(f"taskgate audit verify: cannot read the HMAC key: {e}", file=sys.stderr)
         return 2
+    anchor: AnchorState | None = None
     if args.files:
         missing = [f for f in args.files if not os.path.isfile(f)]
         if missing:
             print(f"taskgate audit verify: {missing[0]}: no such file", file=sys.stderr)
             return 2
         files = _chain_order(args.files)
+        if _same_file(files[-1], config.audit_path):  # the configured log: its anchor too
+            anchor = read_anchor(store_path(config.home), key)
         report = verify_files(files, key=key, partial=args.partial,
-                              accept_torn=args.accept_torn, head_of=files[-1])
+                              accept_torn=args.accept_torn, head_of=files[-1], anchor=anchor,
+                              accept_missing_head=args.accept_missing_head)
     elif not log_files(config.audit_path):
-        print(f"taskgate audit verify: no audit log at {config.audit_path}", file=sys.stderr)
+        anchor = read_anchor(store_path(config.home), key)
+        reached = (f", though the state store's anchor ({anchor.source}) says it reached "
+                   f"seq {anchor.head.seq}" if anchor.head is not None else "")
+        print(f"taskgate audit verify: no audit log at {config.audit_path}{reached}",
+              file=sys.stderr)
         return 1
     else:
+        anchor = read_anchor(store_path(config.home), key)
         report = verify(config.audit_path, key=key, partial=args.partial,
-                        accept_torn=args.accept_torn)
+                        accept_torn=args.accept_torn, anchor=anchor,
+                        accept_missing_head=args.accept_missing_head)
     if args.json:
         sys.stdout.buffer.write(orjson.dumps(report.as_dict(), option=orjson.OPT_INDENT_2)
                                 + b"\n")
     else:
         print(_summary(report, partial=args.partial, explicit=bool(args.files)))
     return 0 if report.ok else 1
+
+
+def _same_file(a: str, b: str) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
 
 
 def _summary(report: Report, *, partial: bool, explicit: bool) -> str:
@@ -208,6 +230,16 @@ def _summary(report: Report, *, partial: bool, explicit: bool) -> str:
         lines.append(f"  last hash: {report.last_hash}")
         lines.append(f"  head:    {report.head} (the log reaches it)" if report.head else
                      "  head:    none (records cut from the end would not show)")
+        if report.anchor is None:
+            lines.append("  anchor:  not checked (verify the configured log, with -c CONFIG, "
+                         "to compare with the state store)")
+        elif report.anchor_seq is None:
+            lines.append(f"  anchor:  none in {report.anchor}")
+        else:
+            lines.append(f"  anchor:  {report.anchor} seq {report.anchor_seq} "
+                         "(the log reaches it)")
     for t in report.torn:
         lines.append(f"  warning: {t}")
+    for w in report.warnings:
+        lines.append(f"  warning: {w}")
     return "\n".join(lines)

@@ -1,7 +1,8 @@
 """The control plane: an aiohttp app on its own listener.
 
 Open endpoints: ``/healthz`` (the process answers), ``/readyz`` (the proxy
-listens and the audit log takes writes). Everything under ``/v1/`` requires
+listens, the audit log takes writes, the task store and the expiry sweeper
+run). Everything under ``/v1/`` requires
 the admin bearer token, or the review page's session cookie (with its CSRF
 header on anything but GET/HEAD, see proxy/ui_session.py); later features add
 their routes through :data:`ROUTE_PLUGINS`.
@@ -91,6 +92,10 @@ async def readyz(request: web.Request) -> web.Response:
     state = request.app[STATE]
     gw = request.app[GATEWAY]
     checks = {"proxy": state.proxy_listening, "audit": gw.audit.healthy}
+    tasks = gw.components.get("tasks")
+    if tasks is not None:  # the task store's thread and the expiry sweeper (proxy/grants.py)
+        checks["store"] = bool(tasks.store.healthy and tasks.store.alive)
+        checks["sweeper"] = bool(tasks.sweeper_ok)
     ok = all(checks.values())
     return web.json_response({"status": "ready" if ok else "not ready", "checks": checks},
                              status=200 if ok else 503)

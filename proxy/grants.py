@@ -43,6 +43,7 @@ import time
 import uuid
 from typing import Any
 
+from .batching import FAILURES
 from .ceiling import Breach, breach
 from .config import Config
 from .errors import InvalidCredential, Refused, TaskgateError, Unavailable
@@ -84,6 +85,8 @@ class TaskRegistry:
         self._admitted: dict[str, tuple[str, float]] = {}  # request id → (task, when)
         self._background: set[asyncio.Task[Any]] = set()
         self._sweeper: asyncio.Task[None] | None = None
+        self.sweep_failing = False  # the last sweep raised (supervision: /readyz, /metrics)
+        self._closing = False
         self._active: tuple[float, float] | None = None  # (monotonic when, count)
 
     # -- loading --------------------------------------------------------------
@@ -339,13 +342,36 @@ class TaskRegistry:
             try:
                 await self.sweep()
             except Exception:  # noqa: BLE001 - the sweeper must keep running
+                FAILURES.add("sweeper")
+                self.sweep_failing = True
                 log.exception("task sweeper failed; retrying")
+            else:
+                self.sweep_failing = False
+
+    @property
+    def sweeper_ok(self) -> bool:
+        """The sweeper runs and its last sweep went through (``/readyz``)."""
+        running = self._sweeper is not None and not self._sweeper.done()
+        return running and not self.sweep_failing
 
     def start_sweeper(self) -> None:
         if self._sweeper is None:
             self._sweeper = asyncio.get_running_loop().create_task(self._sweep_forever())
+            self._sweeper.add_done_callback(self._sweeper_ended)
+
+    def _sweeper_ended(self, task: asyncio.Task[None]) -> None:
+        """The sweeper never ends but at close: if it did, say so, count it, start anew."""
+        if self._closing or task is not self._sweeper:
+            return
+        FAILURES.add("sweeper")
+        error = None if task.cancelled() else task.exception()
+        log.error("the task sweeper stopped (%s); starting it again",
+                  "cancelled" if error is None else f"{type(error).__name__}: {error}")
+        self._sweeper = None
+        self.start_sweeper()
 
     async def close(self) -> None:
+        self._closing = True
         if self._sweeper is not None:
             self._sweeper.cancel()
             with contextlib.suppress(asyncio.CancelledError):

@@ -18,7 +18,10 @@ What is exported, and where it comes from:
   :meth:`Metrics.track` (without one, pending approvals are counted from
   ``gateway.components["approvals"].waiting()`` when that exists, else 0);
 - ``taskgate_calls_in_flight``, ``taskgate_audit_write_errors_total``,
-  ``taskgate_audit_healthy``: read from the gateway and its audit log.
+  ``taskgate_audit_healthy``: read from the gateway and its audit log;
+- ``taskgate_background_failures_total{worker}``: failures of the background
+  threads and tasks (audit writer, audit head/anchor, task store, sweeper),
+  each logged and survived (proxy/batching.py :data:`FAILURES`).
 
 Other features reach the object as ``gateway.components["metrics"]``::
 
@@ -56,6 +59,7 @@ from prometheus_client import (
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from .audit import DECISIONS
+from .batching import FAILURES
 from .control import GATEWAY, ROUTE_PLUGINS
 from .gateway import Gateway
 
@@ -119,6 +123,12 @@ class _GatewayCollector:
         flight = GaugeMetricFamily("taskgate_calls_in_flight", "Calls not yet recorded")
         flight.add_metric([], float(self._gateway.in_flight))
         yield flight
+        failures = CounterMetricFamily("taskgate_background_failures",
+                                       "Failures of a background worker (logged, survived)",
+                                       labels=("worker",))
+        for worker, count in FAILURES.counts().items():
+            failures.add_metric([worker], float(count))
+        yield failures
 
 
 class Metrics:

@@ -53,6 +53,7 @@ from .limits import AuthFailures
 from .metrics import install_metrics
 from .secrets import install as install_secrets
 from .signals import stop_signals
+from .store import AuditAnchor, store_path
 from .upstream import client_session, trust_bundle
 
 __all__ = ["build_gateway", "ensure_ca", "gateway_addons", "json_error_responses", "run",
@@ -96,7 +97,8 @@ async def build_gateway(config: Config, session: aiohttp.ClientSession) -> Gatew
         hmac_key = load_hmac_key(config.audit_hmac_key_file)
     except (OSError, ValueError) as e:
         raise ConfigError(f"audit.hmac_key_file: {e}") from None
-    audit = AuditLog(config.audit_path, hmac_key=hmac_key, max_bytes=config.audit_max_bytes)
+    audit = AuditLog(config.audit_path, hmac_key=hmac_key, max_bytes=config.audit_max_bytes,
+                     anchor=AuditAnchor(store_path(config.home)))  # beyond the log's folder
     await audit.start()
     gateway = Gateway(config, identity, StandingPolicy(config), audit)
     gateway.http = session

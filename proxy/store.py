@@ -26,23 +26,36 @@ out: the budget errs on the side of less.)
 
 A shared store for several replicas is a later concern; this interface
 (:class:`TaskStore`) is what it would implement.
+
+The store thread never dies silently: a batch that fails is refused (503 for
+its callers), logged and counted (``taskgate_background_failures_total``); a
+thread that is gone anyway is noticed by the next caller, which gets a 503 at
+once while a new thread takes over.
+
+The audit chain's anchor (:class:`AuditAnchor`, table ``audit_anchor``): the
+audit writer keeps the last ``seq`` and ``hash`` of its chain here too, on its
+own connection, so that a log rolled back together with its ``.head`` file
+still shows records cut from its end (``taskgate audit verify``).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import sqlite3
 import threading
+import time
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from dataclasses import astuple, dataclass
 from typing import Any
 
-from .batching import WorkQueue
+from .audit_head import Head
+from .batching import FAILURES, WorkQueue
 from .errors import Unavailable
 
-__all__ = ["CredentialRow", "TaskRow", "TaskStore"]
+__all__ = ["STORE_FILE", "AuditAnchor", "CredentialRow", "TaskRow", "TaskStore", "store_path"]
 
 log = logging.getLogger(__name__)
 
@@ -134,6 +147,7 @@ class TaskStore:
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._open_error: BaseException | None = None
+        self._inflight: list[tuple[Op, asyncio.Future[Any], bool]] | None = None
         self.commits = 0
         self.healthy = True
         self._sync = "NORMAL"
@@ -219,10 +233,24 @@ class TaskStore:
                 "ORDER BY issued_at")])
 
     # -- the thread -----------------------------------------------------------
+    @property
+    def alive(self) -> bool:
+        """The store thread runs (or was never started, or is closing)."""
+        return self._thread is None or self._thread.is_alive() or self._queue.closing
+
+    def _revive(self) -> None:
+        """The thread is gone (it never should be; it refused what waited): start anew."""
+        log.error("the task store thread stopped; a new one takes over")
+        self._thread = threading.Thread(target=self._run, name="taskgate-store", daemon=True)
+        self._thread.start()
+
     async def _submit(self, op: Op, *, durable: bool = False) -> Any:
         """Run ``op`` on the store thread in the next group commit (fsync'd if durable)."""
         if self._loop is None or self._queue.closing:
             raise Unavailable("the task store is not open")
+        if not self.alive:
+            self._revive()
+            raise Unavailable("the task store stopped; the call was refused")
         fut: asyncio.Future[Any] = self._loop.create_future()
         self._queue.put((op, fut, durable))
         return await fut
@@ -244,6 +272,27 @@ class TaskStore:
         return conn
 
     def _run(self) -> None:
+        try:
+            self._serve()
+        finally:  # the thread ends at close only; anything else is a failure
+            if not self._queue.closing:
+                self._died()
+
+    def _died(self) -> None:
+        """On the dying thread: count it, and refuse its batch and what is queued."""
+        FAILURES.add("store")
+        log.error("the task store thread stopped; waiting calls are refused (the next "
+                  "call starts a new thread)")
+        self.healthy = False
+        waiting, self._inflight = list(self._inflight or ()) + self._queue.drain(), None
+        if self._loop is not None:
+            with contextlib.suppress(RuntimeError):  # the loop is gone already
+                self._loop.call_soon_threadsafe(
+                    _settle, waiting,
+                    [Unavailable("the task store stopped; the call was refused")
+                     for _ in waiting])
+
+    def _serve(self) -> None:
         conn: sqlite3.Connection | None = None
         try:
             conn = self._connect()
@@ -252,9 +301,11 @@ class TaskStore:
             self._open_error = e
             self.healthy = False
         while (batch := self._queue.take()) is not None:
+            self._inflight = batch
             try:
                 results = self._apply(conn, batch)
             except Exception:  # noqa: BLE001 - the thread must outlive any one batch
+                FAILURES.add("store")
                 log.exception("task store batch failed")
                 self.healthy = False
                 results = [Unavailable("the task store could not be written")] * len(batch)
@@ -263,6 +314,8 @@ class TaskStore:
                 self._loop.call_soon_threadsafe(_settle, batch, results)
             except RuntimeError:  # the loop is gone (interpreter shutting down)
                 break
+            finally:
+                self._inflight = None
         if conn is not None:
             conn.close()
 
@@ -291,6 +344,7 @@ class TaskStore:
             self.commits += 1
             self.healthy = True
         except sqlite3.Error as e:
+            FAILURES.add("store")
             log.error("task store commit failed: %s", e)
             self.healthy = False
             if conn.in_transaction:
@@ -331,3 +385,111 @@ def _settle(batch: list[tuple[Op, asyncio.Future[Any], bool]], results: list[Any
             fut.set_exception(result)
         else:
             fut.set_result(result)
+
+
+# -- the audit chain's anchor ------------------------------------------------------
+STORE_FILE = "tasks.db"
+_ANCHOR_SCHEMA = """
+CREATE TABLE IF NOT EXISTS audit_anchor (
+    id          INTEGER PRIMARY KEY CHECK (id = 1),
+    seq         INTEGER NOT NULL,
+    hash        TEXT NOT NULL,
+    mac         TEXT,
+    updated_at  REAL NOT NULL
+)
+"""
+_ADVANCE = """
+INSERT INTO audit_anchor (id, seq, hash, mac, updated_at) VALUES (1, ?, ?, ?, ?)
+ON CONFLICT (id) DO UPDATE SET seq = excluded.seq, hash = excluded.hash,
+    mac = excluded.mac, updated_at = excluded.updated_at
+WHERE ? OR excluded.seq >= audit_anchor.seq
+"""
+
+
+def store_path(home: str) -> str:
+    """The state store's file under ``home``."""
+    return os.path.join(home, STORE_FILE)
+
+
+class AuditAnchor:
+    """Where the audit chain ends, in the state store: one row that only moves forward.
+
+    Its own connection (callable from any one thread at a time: the audit writer
+    thread, or ``audit verify``), beside the task store's. ``readonly`` never
+    creates the file or the table (``audit verify``).
+    """
+
+    def __init__(self, path: str, *, readonly: bool = False) -> None:
+        self.path = path
+        self._readonly = readonly
+        self._conn: sqlite3.Connection | None = None
+        self._lock = threading.Lock()
+
+    def _connection(self) -> sqlite3.Connection | None:
+        if self._conn is not None:
+            return self._conn
+        if self._readonly:
+            if not os.path.exists(self.path):
+                return None
+            uri = f"file:{os.path.abspath(self.path)}?mode=ro"
+            conn = sqlite3.connect(uri, uri=True, isolation_level=None,
+                                   check_same_thread=False)
+            conn.execute("PRAGMA busy_timeout=2000")
+        else:
+            os.makedirs(os.path.dirname(os.path.abspath(self.path)), mode=0o700,
+                        exist_ok=True)
+            if not os.path.exists(self.path):
+                os.close(os.open(self.path, os.O_WRONLY | os.O_CREAT, 0o600))
+            conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+            conn.execute("PRAGMA busy_timeout=2000")  # the audit writer waits no longer
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=NORMAL")
+            conn.execute(_ANCHOR_SCHEMA)
+        self._conn = conn
+        return conn
+
+    def read(self) -> tuple[Head, str | None] | None:
+        """The stored end and its MAC; ``None`` when there is none (no store, no row).
+
+        Raises ``ValueError`` when the row is not an anchor, ``sqlite3.Error`` when
+        the store cannot be read.
+        """
+        with self._lock:
+            conn = self._connection()
+            if conn is None:
+                return None
+            try:
+                row = conn.execute("SELECT seq, hash, mac FROM audit_anchor WHERE id = 1"
+                                   ).fetchone()
+            except sqlite3.OperationalError as e:
+                if "no such table" in str(e):
+                    return None
+                raise
+        if row is None:
+            return None
+        seq, digest, mac = row
+        if type(seq) is not int or seq < 0 or not isinstance(digest, str) or not (
+                mac is None or isinstance(mac, str)):
+            raise ValueError(f"{self.path}: the audit anchor is not a chain end")
+        return Head(seq, digest), mac
+
+    def advance(self, seq: int, digest: str, mac: str | None, *, sync: bool = False,
+                force: bool = False) -> None:
+        """Store the chain's end, unless a later one is stored (``force``: anyway);
+        ``sync``: flushed to the disk before this returns."""
+        with self._lock:
+            conn = self._connection()
+            assert conn is not None and not self._readonly
+            if sync:
+                conn.execute("PRAGMA synchronous=FULL")
+            try:
+                conn.execute(_ADVANCE, (seq, digest, mac, time.time(), int(force)))
+            finally:
+                if sync:
+                    conn.execute("PRAGMA synchronous=NORMAL")
+
+    def close(self) -> None:
+        with self._lock:
+            if self._conn is not None:
+                self._conn.close()
+                self._conn = None

@@ -24,6 +24,7 @@ from proxy.audit import AuditLog, chain_hash, log_files, new_record, rfc3339
 from proxy.audit_head import Head, head_path, read_head, write_head
 from proxy.audit_verify import verify
 from proxy.cli import main
+from proxy.store import AuditAnchor, store_path
 from tests.support import REPO
 
 KEY = b"k3y-for-the-chain"
@@ -35,8 +36,14 @@ def write(path: Path, n: int, *, key: bytes | None = None, max_bytes: int = 0,
     asyncio.run(_write(path, n, key, max_bytes, first))
 
 
+def home_of(log: Path) -> Path:
+    """The state store's home of the log at ``log`` in these tests (see :func:`_config`)."""
+    return log.parent / "home"
+
+
 async def _write(path: Path, n: int, key: bytes | None, max_bytes: int, first: int) -> None:
-    log = AuditLog(str(path), hmac_key=key, max_bytes=max_bytes)
+    log = AuditLog(str(path), hmac_key=key, max_bytes=max_bytes,
+                   anchor=AuditAnchor(store_path(str(home_of(path)))))
     await log.start()
     for i in range(first, first + n):
         await log.write(new_record(
@@ -487,7 +494,7 @@ def _config(tmp_path: Path, log: Path, key_file: Path | None = None) -> Path:
     if key_file is not None:
         audit["hmac_key_file"] = str(key_file)
     cfg = tmp_path / "taskgate.yaml"
-    cfg.write_text(json.dumps({"audit": audit}))
+    cfg.write_text(json.dumps({"home": str(home_of(log)), "audit": audit}))
     return cfg
 
 

@@ -79,7 +79,7 @@ def test_calls_move_the_counters(gw: Gateway, upstream: Upstream, keys: Keys) ->
                    "spiffe://"):
         assert needle not in text, needle
     labels = {k for (_, pairs) in after for k, _ in pairs}
-    assert labels <= {"decision", "rule", "le", "secret", "result"}, labels
+    assert labels <= {"decision", "rule", "le", "secret", "result", "worker"}, labels
 
 
 def test_metrics_is_open_and_v1_is_not(gw: Gateway) -> None:
