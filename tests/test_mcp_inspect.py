@@ -128,10 +128,11 @@ def test_tools_list_is_flagged_for_filtering() -> None:
     assert not d.lists_tools
 
 
-@pytest.mark.parametrize(("method", "allowed"), [("GET", True), ("DELETE", True)])
-def test_bodyless_stream_and_session_requests(method: str, allowed: bool) -> None:
+@pytest.mark.parametrize(("method", "acts"), [("GET", False), ("DELETE", True)])
+def test_bodyless_stream_and_session_requests(method: str, acts: bool) -> None:
+    """The event stream is inert; ending a session is not (held under approval)."""
     d = inspect(RULES, method, b"", None, 1 << 20)
-    assert d.allowed is allowed and d.tool is None
+    assert d.allowed and d.tool is None and d.acts is acts
 
 
 def test_empty_post_refused() -> None:
@@ -154,7 +155,18 @@ ACTS: list[tuple[Any, bool, list[Any]]] = [
     (msg("ping", id=3), False, [3]),
     (NOTE, False, []),
     ([msg("tools/list", id=1), NOTE, call("add", id=2)], True, [1, 2]),
-    ({"jsonrpc": "2.0", "id": 9, "result": {}}, False, []),
+    # A client's answer to a server request (an elicitation "accept", a sampling
+    # result) can make the server act: not provably inert, so held under approval.
+    ({"jsonrpc": "2.0", "id": 9, "result": {}}, True, []),
+    (msg("server/discover", id=4), False, [4]),
+    ({"jsonrpc": "2.0", "method": "notifications/initialized"}, False, []),
+    ({"jsonrpc": "2.0", "method": "notifications/cancelled", "params": {"requestId": 1}},
+     False, []),
+    ({"jsonrpc": "2.0", "method": "notifications/progress", "params": {}}, False, []),
+    ({"jsonrpc": "2.0", "method": "notifications/roots/list_changed"}, False, []),
+    # Any other notification name is not one the specification defines: not inert.
+    ({"jsonrpc": "2.0", "method": "notifications/delete_everything"}, True, []),
+    ([msg("ping", id=1), {"jsonrpc": "2.0", "id": 9, "result": {}}], True, [1]),
 ]
 
 
