@@ -180,7 +180,7 @@ def test_digest_is_canonical() -> None:
 
 # -- strings that are not valid Unicode (a lone surrogate) -----------------------------
 def _rpc(params: str, method: str = '"tools/call"') -> bytes:
-    return ('{"jsonrpc":"2.0","id":1,"method":%s,"params":%s}' % (method, params)).encode()
+    return ('{"jsonrpc":"2.0","id":1,"method":' + method + ',"params":' + params + "}").encode()
 
 
 LONE_SURROGATES: list[tuple[str, bytes]] = [
