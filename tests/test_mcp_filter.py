@@ -192,31 +192,37 @@ def test_sse_incomplete_tail_not_sent() -> None:
 
 # -- answers read as strictly as requests ------------------------------------------------
 TOOLS = '[{"name":"add"},{"name":"danger"}]'
+
+
+def t(text: str) -> str:
+    return text.replace("%s", TOOLS)
+
+
 # (a tools/list answer a lenient client could read differently from the filter, why)
 UNREADABLE: list[tuple[str, str]] = [
-    ('{"jsonrpc":"2.0","id":2,"result":{"Tools":%s}}' % TOOLS, "Tools look-alike"),
-    ('{"jsonrpc":"2.0","id":2,"result":{"TOOLS":%s}}' % TOOLS, "upper case"),
-    ('{"jsonrpc":"2.0","id":2,"result":{"ｔｏｏｌｓ":%s}}' % TOOLS, "fullwidth"),
-    ('{"jsonrpc":"2.0","id":2,"result":{"tools":[],"Tools":%s}}' % TOOLS, "both spellings"),
-    ('{"jsonrpc":"2.0","id":2,"result":{"tools":[]},"result":{"tools":%s}}' % TOOLS,
+    (t('{"jsonrpc":"2.0","id":2,"result":{"Tools":%s}}'), "Tools look-alike"),
+    (t('{"jsonrpc":"2.0","id":2,"result":{"TOOLS":%s}}'), "upper case"),
+    (t('{"jsonrpc":"2.0","id":2,"result":{"ｔｏｏｌｓ":%s}}'), "fullwidth"),
+    (t('{"jsonrpc":"2.0","id":2,"result":{"tools":[],"Tools":%s}}'), "both spellings"),
+    (t('{"jsonrpc":"2.0","id":2,"result":{"tools":[]},"result":{"tools":%s}}'),
      "duplicate result"),
-    ('{"jsonrpc":"2.0","id":2,"result":{"tools":[],"tools":%s}}' % TOOLS, "duplicate tools"),
+    (t('{"jsonrpc":"2.0","id":2,"result":{"tools":[],"tools":%s}}'), "duplicate tools"),
     ('{"jsonrpc":"2.0","id":2,"result":{"tools":[{"name":"add","name":"danger"}]}}',
      "duplicate name"),
     ('{"jsonrpc":"2.0","id":2,"result":{"tools":[{"name":"add","Name":"danger"}]}}',
      "name look-alike"),
-    ('{"jsonrpc":"2.0","id":2,"Result":{"tools":%s}}' % TOOLS, "Result look-alike"),
-    ('{"jsonrpc":"2.0","id":2,"resulſ":{"tools":%s}}' % TOOLS, "long-s result"),
+    (t('{"jsonrpc":"2.0","id":2,"Result":{"tools":%s}}'), "Result look-alike"),
+    (t('{"jsonrpc":"2.0","id":2,"resulſ":{"tools":%s}}'), "long-s result"),
     ('{"jsonrpc":"2.0","id":2,"result":{"tools":[{"name":"add","x":"\\ud800"}]}}',
      "lone surrogate"),
-    ('{"jsonrpc":"2.0","id":2,"result":{"tools":%s},"error":{"code":1}}' % TOOLS,
+    (t('{"jsonrpc":"2.0","id":2,"result":{"tools":%s},"error":{"code":1}}'),
      "result and error"),
-    ('{"id":2,"result":{"tools":%s}}' % TOOLS, "no jsonrpc"),
-    ('{"jsonrpc":"2.0","id":2,"result":{"tools":%s},"x":1}' % TOOLS, "unknown member"),
-    ('[{"jsonrpc":"2.0","id":2,"result":{"tools":[]}},{"jsonrpc":"2.0","id":3,'
-     '"result":{"tools":%s},"id":4}]' % TOOLS, "duplicate in a batch"),
+    (t('{"id":2,"result":{"tools":%s}}'), "no jsonrpc"),
+    (t('{"jsonrpc":"2.0","id":2,"result":{"tools":%s},"x":1}'), "unknown member"),
+    (t('[{"jsonrpc":"2.0","id":2,"result":{"tools":[]}},{"jsonrpc":"2.0","id":3,'
+     '"result":{"tools":%s},"id":4}]'), "duplicate in a batch"),
     ("[]", "empty batch"),
-    ('{"jsonrpc":"2.0","id":2,"result":{"tools":%s,"n":NaN}}' % TOOLS, "NaN"),
+    (t('{"jsonrpc":"2.0","id":2,"result":{"tools":%s,"n":NaN}}'), "NaN"),
 ]
 
 
