@@ -5,7 +5,9 @@ the request body is held (within ``mcp.max_body_bytes``), read strictly and
 judged against every matching rule (``proxy.mcp_inspect``). A refused
 ``tools/call`` is answered with a JSON-RPC error (HTTP 200, the request's id);
 other refusals with 403/411/413. tools/list answers are filtered to the
-granted tools as they stream back (``proxy.mcp_filter``).
+granted tools as they stream back (``proxy.mcp_filter``). Only what the MCP
+transport defines reaches the endpoint (``proxy.mcp_inspect.transport_refusal``):
+POST with a body, the event-stream GET, the session DELETE.
 """
 
 from __future__ import annotations
@@ -17,7 +19,13 @@ from addons.authorize import CALL, RULE
 from proxy.errors import LengthRequired, PayloadTooLarge, Refused, TaskgateError
 from proxy.gateway import REQUEST_ID_HEADER
 from proxy.mcp_filter import JsonFilter, ReplaceFilter, SseFilter, error_message
-from proxy.mcp_inspect import McpDecision, inspect, rpc_refusal
+from proxy.mcp_inspect import (
+    SESSION_HEADER,
+    McpDecision,
+    inspect,
+    rpc_refusal,
+    transport_refusal,
+)
 
 INSPECT_BODY = "taskgate.inspect_body"
 MCP_RULES = "taskgate.mcp_rules"
@@ -44,10 +52,23 @@ class Mcp(GatewayAddon):
         flow.metadata[MCP_RULES] = rules
         flow.metadata[INSPECT_BODY] = True
         try:
+            self._check_transport(flow)
             self._check_length(flow)
         except TaskgateError as e:
             ex.rule = None
             refuse_for(flow, e)
+
+    @staticmethod
+    def _check_transport(flow: http.HTTPFlow) -> None:
+        """Refuse what the MCP transport does not define (a GET with a query, HEAD, PUT…)."""
+        req = flow.request
+        length = req.headers.get_all("content-length")
+        has_body = "transfer-encoding" in req.headers or any(v.strip() != "0" for v in length)
+        why = transport_refusal(req.method.upper(), "?" in req.path,
+                                ",".join(req.headers.get_all("accept")) or None,
+                                req.headers.get(SESSION_HEADER), has_body)
+        if why is not None:
+            raise Refused(why)
 
     def _check_length(self, flow: http.HTTPFlow) -> None:
         """Refuse early a body too large to hold, or one whose length is unknown."""
@@ -62,7 +83,7 @@ class Mcp(GatewayAddon):
             if int(length[0]) > cap:
                 raise PayloadTooLarge(f"an MCP request body may be at most {cap} bytes")
         elif "transfer-encoding" in req.headers or (
-                not req.http_version.startswith("HTTP/1") and req.method not in ("GET", "HEAD")):
+                not req.http_version.startswith("HTTP/1") and req.method == "POST"):
             raise LengthRequired("an MCP request body needs a Content-Length (chunked bodies "
                                  "cannot be inspected before they end)")
 
@@ -76,7 +97,7 @@ class Mcp(GatewayAddon):
         try:
             if req.raw_content is None:
                 raise Refused("the MCP request body was not held for inspection")
-            decision = inspect(rules, req.method, req.raw_content,
+            decision = inspect(rules, req.method.upper(), req.raw_content,
                                ",".join(req.headers.get_all("content-encoding")) or None,
                                self.gateway.config.max_inspect_bytes)
         except TaskgateError as e:

@@ -6,14 +6,22 @@ every reasonable parser reads it the same way, and refused otherwise:
 
 - decoded from ``Content-Encoding`` first (``gzip``, ``deflate``, ``br``), with
   the output bounded (a compression bomb is refused); unknown codings refused;
-- UTF-8 only: a BOM, invalid UTF-8 or a UTF-16/32 body is refused;
+- UTF-8 only: a BOM, invalid UTF-8 or a UTF-16/32 body is refused, and so is
+  any string (key or value, at any depth) that is not valid Unicode — a lone
+  surrogate, escaped (``"\\ud800"``) or as raw CESU-8 bytes — since no
+  record, log line or response could carry it;
 - duplicate keys refused at any depth (Python's json keeps the last one);
 - two keys in one object that differ only by case or Unicode folding
   (``name``/``Name``/``ｎａｍｅ``) refused at any depth, and a JSON-RPC envelope
   key that only folds to a known field (``paramſ``, ``Method``) refused;
-- ``NaN``/``Infinity`` and numbers that overflow to infinity refused;
+- ``NaN``/``Infinity`` and numbers that overflow to infinity refused; a number
+  with a fraction or exponent keeps its text (:class:`~proxy.mcp.ExactFloat`), so
+  constraints compare it exactly as written;
 - ``jsonrpc`` must be ``"2.0"``; a message is exactly one of a request
   (``method``, optional ``id``), or a response (``result`` xor ``error``, ``id``).
+
+The same reader judges the server's answers that the gateway rewrites (the
+tools/list filter), so both directions are read alike.
 
 The ``Content-Type`` is not consulted: whatever the agent calls it, the body
 is read as JSON-RPC.
@@ -24,6 +32,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import re
 import zlib
 from dataclasses import dataclass
 from typing import Any
@@ -31,9 +40,10 @@ from typing import Any
 import orjson
 
 from .errors import PayloadTooLarge, Refused
-from .mcp import fold
+from .mcp import ExactFloat, fold
 
-__all__ = ["Message", "canonical", "decode_content", "digest", "parse_body"]
+__all__ = ["Message", "canonical", "check_message", "decode_content", "digest", "dumps",
+           "loads_strict", "parse_body"]
 
 ENVELOPE = ("jsonrpc", "id", "method", "params", "result", "error")
 _FOLDED_ENVELOPE = {fold(k): k for k in ENVELOPE}
@@ -147,7 +157,7 @@ def _object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
         try:
             key.encode("utf-8")
         except UnicodeEncodeError:
-            raise _Bad("a key holds an unpaired surrogate (\\ud800-\\udfff)") from None
+            raise _Bad(_UNPAIRED) from None
         folded.add(fold(key))
     if len(folded) != n:
         raise _Bad("two keys in one object differ only by case or Unicode folding")
@@ -159,10 +169,40 @@ def _constant(name: str) -> Any:
 
 
 def _float(text: str) -> float:
-    value = float(text)
+    value = ExactFloat(text)
     if not math.isfinite(value):
         raise _Bad("a number overflows to infinity")
     return value
+
+
+# Only a \uD800-\uDFFF escape can put a surrogate into a decoded string (raw surrogate
+# bytes are invalid UTF-8); a body without one needs no walk. False hits ("\\ud800",
+# proper pairs) only cost the walk.
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+_UNPAIRED = "a string holds an unpaired surrogate (\\ud800-\\udfff); send valid Unicode"
+
+
+def _check_unicode(doc: Any) -> None:
+    """Refuse a document with a string (key or value, any depth) that UTF-8 cannot carry."""
+    stack = [doc]
+    while stack:
+        v = stack.pop()
+        if isinstance(v, str):
+            strings: Any = (v,)
+        elif isinstance(v, dict):
+            strings = v.keys()
+            stack.extend(v.values())
+        elif isinstance(v, list):
+            stack.extend(v)
+            continue
+        else:
+            continue
+        for s in strings:
+            if not s.isascii():
+                try:
+                    s.encode("utf-8")
+                except UnicodeEncodeError:
+                    raise _Bad(_UNPAIRED) from None
 
 
 _DECODER = json.JSONDecoder(object_pairs_hook=_object, parse_constant=_constant,
@@ -178,7 +218,10 @@ def loads_strict(data: bytes) -> Any:
     except UnicodeDecodeError:
         raise _refuse("the body is not valid UTF-8") from None
     try:
-        return _DECODER.decode(text)
+        doc = _DECODER.decode(text)
+        if _SURROGATE_ESCAPE.search(text) is not None:
+            _check_unicode(doc)
+        return doc
     except _Bad as e:
         raise _refuse(str(e)) from None
     except RecursionError:
@@ -189,6 +232,12 @@ def loads_strict(data: bytes) -> Any:
 
 
 # -- JSON-RPC -------------------------------------------------------------------
+def check_message(obj: Any) -> Message:
+    """One parsed JSON-RPC message (request, notification or response), checked as
+    strictly as a request body's; raise :class:`Refused`."""
+    return _message(obj)
+
+
 def _message(obj: Any) -> Message:
     if not isinstance(obj, dict):
         raise _refuse("a JSON-RPC message must be an object")
@@ -240,10 +289,26 @@ def parse_body(data: bytes) -> tuple[list[Message], bool]:
     return [_message(doc)], False
 
 
-def canonical(value: Any) -> bytes | None:
-    """The canonical JSON of ``value``: sorted keys, no spaces, UTF-8."""
+def _exact_number(value: Any) -> Any:
+    """orjson's ``default``: a number written with a fraction or exponent, as written."""
+    if isinstance(value, ExactFloat):
+        return orjson.Fragment(value.text)
+    raise TypeError
+
+
+def dumps(value: Any) -> bytes | None:
+    """``value`` (as :func:`loads_strict` read it) as JSON, numbers as written; ``None``
+    if it cannot be written (integers beyond 64 bits, nesting deeper than 255)."""
     try:
-        return orjson.dumps(value, option=orjson.OPT_SORT_KEYS)
+        return orjson.dumps(value, default=_exact_number)
+    except (orjson.JSONEncodeError, TypeError):
+        return None
+
+
+def canonical(value: Any) -> bytes | None:
+    """The canonical JSON of ``value``: sorted keys, no spaces, UTF-8, numbers as written."""
+    try:
+        return orjson.dumps(value, default=_exact_number, option=orjson.OPT_SORT_KEYS)
     except (orjson.JSONEncodeError, TypeError):  # integers beyond 64 bits, deep nesting
         try:
             return json.dumps(value, sort_keys=True, separators=(",", ":"),

@@ -14,6 +14,13 @@ Constraints are JSON-Schema-like and strict: ``pattern`` is a full match;
 constrained argument that is missing or of the wrong type fails. ``const`` and
 ``enum`` compare JSON values with JSON types (``true`` is not ``1``).
 
+Numbers are compared exactly as written (``decimal.Decimal`` of the number's
+text, see :class:`ExactFloat`), never after rounding to a float:
+``50.0000000000000001`` is above ``maximum: 50``. Patterns run on RE2 (linear
+time, no backreferences or lookaround; a pattern RE2 cannot compile is a
+config / task-request error), against strings of at most
+:data:`MAX_MATCH_CHARS` characters.
+
 ``initialize``, ``server/discover`` (its 2026-07-28 successor), ``ping``,
 ``tools/list`` and ``notifications/*`` pass on any granted MCP endpoint (the
 lifecycle a client needs before it can call anything), and so do the client's
@@ -30,14 +37,19 @@ import re
 import unicodedata
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from decimal import Decimal
 from typing import Any
+
+import re2
 
 __all__ = [
     "ALWAYS_ALLOWED",
     "ArgConstraint",
+    "ExactFloat",
     "McpGrant",
     "TOOL_NAME",
     "fold",
+    "exact",
     "json_equal",
     "mcp_method",
 ]
@@ -47,6 +59,8 @@ _METHOD_NAME = re.compile(r"[A-Za-z0-9_.$-]+(?:/[A-Za-z0-9_.$-]+)*")
 GRANT_KEYS = ("tools", "args", "methods")
 CONSTRAINT_KEYS = ("const", "enum", "pattern", "minimum", "maximum", "maxLength")
 MAX_PATTERN_CHARS = 1024
+# A pattern is matched against at most this many characters; a longer string fails.
+MAX_MATCH_CHARS = 64 * 1024
 
 # Pass on a granted endpoint: what a client sends before and around calling tools.
 ALWAYS_ALLOWED = frozenset({"initialize", "server/discover", "ping", "tools/list"})
@@ -73,16 +87,41 @@ def mcp_method(method: str) -> bool:
     return method in ALWAYS_ALLOWED or method.startswith(_MCP_PREFIXES)
 
 
+class ExactFloat(float):
+    """A JSON number with a fraction or exponent, as the strict reader parsed it: a
+    float (for everything that wants one) that keeps the text it was written as, so
+    that constraints compare the number the upstream will read, not its rounding."""
+
+    __slots__ = ("text",)
+    text: str
+
+    def __new__(cls, text: str) -> ExactFloat:
+        self = super().__new__(cls, text)
+        self.text = text
+        return self
+
+
 def _is_number(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
+def exact(v: int | float) -> Decimal:
+    """A number as written: an :class:`ExactFloat`'s text, an int exactly, a plain float
+    (from YAML or a task request) by its shortest round-tripping spelling."""
+    if isinstance(v, ExactFloat):
+        return Decimal(v.text)
+    if isinstance(v, float):
+        return Decimal(repr(v))
+    return Decimal(v)
+
+
 def json_equal(a: Any, b: Any) -> bool:
-    """Equality of JSON values with JSON types: ``true`` ≠ ``1``, ``1`` = ``1.0``."""
+    """Equality of JSON values with JSON types: ``true`` ≠ ``1``, ``1`` = ``1.0``;
+    numbers compared exactly as written."""
     if isinstance(a, bool) or isinstance(b, bool):
         return isinstance(a, bool) and isinstance(b, bool) and a is b
     if _is_number(a) or _is_number(b):
-        return _is_number(a) and _is_number(b) and a == b
+        return _is_number(a) and _is_number(b) and exact(a) == exact(b)
     if isinstance(a, str) or a is None:
         return type(a) is type(b) and a == b
     if isinstance(a, list):
@@ -110,16 +149,42 @@ def _plain_json(v: Any, where: str) -> Any:
 _UNSET: Any = object()
 
 
+def _re2_options() -> Any:
+    options = re2.Options()
+    options.log_errors = False  # a refused pattern is the caller's error, not a log line
+    return options
+
+
+_RE2_OPTIONS = _re2_options()
+
+
+def compile_pattern(text: str) -> Any:
+    """``text`` compiled by RE2 (linear-time matching); ``ValueError`` says why not."""
+    try:
+        return re2.compile(text, _RE2_OPTIONS)
+    except re2.error as e:
+        why = e.args[0].decode("utf-8", "replace") if e.args and isinstance(
+            e.args[0], bytes) else str(e)
+        raise ValueError(f"{why} (patterns use RE2 syntax: no backreferences, "
+                         "lookaround or possessive quantifiers)") from None
+    except (UnicodeError, TypeError):
+        raise ValueError("a pattern must be valid Unicode text") from None
+
+
 @dataclass(frozen=True, slots=True)
 class ArgConstraint:
     """What one argument must satisfy; parsed from e.g. ``{maximum: 50}``."""
 
     const: Any = _UNSET
     enum: tuple[Any, ...] | None = None
-    pattern: re.Pattern[str] | None = None
+    pattern: str | None = None
     minimum: int | float | None = None
     maximum: int | float | None = None
     max_length: int | None = None
+    # Derived once at parse time: the compiled RE2 pattern and the exact bounds.
+    _regex: Any = field(default=None, repr=False, compare=False)
+    _min: Decimal | None = field(default=None, repr=False, compare=False)
+    _max: Decimal | None = field(default=None, repr=False, compare=False)
 
     @classmethod
     def parse(cls, data: Any, where: str) -> ArgConstraint:
@@ -142,20 +207,22 @@ class ArgConstraint:
                     raise ValueError(f"{w}: pattern must be a regular expression of "
                                      f"1-{MAX_PATTERN_CHARS} characters")
                 try:
-                    kw["pattern"] = re.compile(v)
-                except re.error as e:
-                    raise ValueError(f"{w}: {v!r} is not a valid regular expression: {e}"
-                                     ) from None
+                    kw["_regex"] = compile_pattern(v)
+                except ValueError as e:
+                    raise ValueError(f"{w}: {v[:64]!r} is not a valid regular expression: "
+                                     f"{e}") from None
+                kw["pattern"] = v
             elif key in ("minimum", "maximum"):
                 if not _is_number(v) or not math.isfinite(v):
                     raise ValueError(f"{w}: {v!r} is not a number")
                 kw[key] = v
+                kw["_min" if key == "minimum" else "_max"] = exact(v)
             else:
                 if type(v) is not int or v < 0:
                     raise ValueError(f"{w}: maxLength must be a whole number ≥ 0")
                 kw["max_length"] = v
         c = cls(**kw)
-        if c.minimum is not None and c.maximum is not None and c.minimum > c.maximum:
+        if c._min is not None and c._max is not None and c._min > c._max:
             raise ValueError(f"{where}: minimum {c.minimum} is above maximum {c.maximum}")
         if (c.minimum is not None or c.maximum is not None) and (
                 c.pattern is not None or c.max_length is not None):
@@ -172,17 +239,25 @@ class ArgConstraint:
         if self.minimum is not None or self.maximum is not None:
             if not _is_number(value):
                 return "must be a number"
-            if self.minimum is not None and value < self.minimum:
+            number = exact(value)
+            if self._min is not None and number < self._min:
                 return f"is below the minimum {self.minimum}"
-            if self.maximum is not None and value > self.maximum:
+            if self._max is not None and number > self._max:
                 return f"is above the maximum {self.maximum}"
         if self.pattern is not None or self.max_length is not None:
             if not isinstance(value, str):
                 return "must be a string"
             if self.max_length is not None and len(value) > self.max_length:
                 return f"is longer than {self.max_length} characters"
-            if self.pattern is not None and self.pattern.fullmatch(value) is None:
-                return "does not match the allowed pattern"
+            if self._regex is not None:
+                if len(value) > MAX_MATCH_CHARS:
+                    return (f"is longer than the {MAX_MATCH_CHARS} characters a pattern is "
+                            "matched against")
+                try:
+                    if self._regex.fullmatch(value) is None:
+                        return "does not match the allowed pattern"
+                except UnicodeError:
+                    return "is not valid Unicode"
         return None
 
     def to_dict(self) -> dict[str, Any]:
@@ -192,7 +267,7 @@ class ArgConstraint:
         if self.enum is not None:
             out["enum"] = list(self.enum)
         if self.pattern is not None:
-            out["pattern"] = self.pattern.pattern
+            out["pattern"] = self.pattern
         if self.minimum is not None:
             out["minimum"] = self.minimum
         if self.maximum is not None:

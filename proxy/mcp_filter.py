@@ -8,8 +8,13 @@ that carry no tool list go through byte for byte, so the stream stays a
 stream and is never buffered whole.
 
 A rewritten message is re-serialised from what was checked, so the agent
-sees exactly what the gateway judged. What cannot be read is not passed on:
-an unreadable body or event in a tools/list response becomes a JSON-RPC error.
+sees exactly what the gateway judged. Answers are read as strictly as request
+bodies (``proxy.jsonrpc``: duplicate keys at any depth, keys that differ only
+by case or Unicode folding, a ``Result`` or ``Tools`` look-alike member, lone
+surrogates, a malformed JSON-RPC envelope), since a lenient client would read
+such an answer differently from the filter. What cannot be read is not passed
+on: an unreadable body, or an unreadable event that is read at all, becomes a
+JSON-RPC error.
 These filters are plain callables ``bytes -> list[bytes]`` (called with
 ``b""`` at the end of the body), as mitmproxy's ``Response.stream`` expects.
 They return an empty list, never ``b""``, when they hold a chunk back:
@@ -24,6 +29,10 @@ from collections.abc import Set
 from typing import Any
 
 import orjson
+
+from .errors import Refused
+from .jsonrpc import check_message, dumps, loads_strict
+from .mcp import fold
 
 __all__ = ["JsonFilter", "ReplaceFilter", "SseFilter", "error_message", "filter_message"]
 
@@ -42,12 +51,24 @@ def error_message(why: str) -> bytes:
                          "error": {"code": INSPECT_ERROR, "message": f"taskgate: {why}"}})
 
 
+class _Unreadable(ValueError):
+    """An answer a lenient client could read differently from the filter."""
+
+
 def _filter_one(msg: Any, granted: Set[str]) -> bool:
     """Drop ungranted tools from one response message in place; True if it changed."""
-    if not isinstance(msg, dict):
-        return False
+    try:
+        check_message(msg)
+    except Refused as e:
+        raise _Unreadable(str(e)) from None
     result = msg.get("result")
-    if not isinstance(result, dict) or "tools" not in result:
+    if not isinstance(result, dict):
+        return False
+    for key in result:
+        if key != "tools" and fold(key) == "tools":
+            raise _Unreadable(f"the result has a member {key[:32]!r} that differs only by "
+                              "case or Unicode folding from 'tools'")
+    if "tools" not in result:
         return False
     tools = result["tools"]
     if not isinstance(tools, list):
@@ -70,14 +91,20 @@ def filter_message(data: bytes, granted: Set[str], strict: bool) -> bytes | None
     if not data.strip():
         return None
     try:
-        doc = orjson.loads(data)
-    except orjson.JSONDecodeError:
+        doc = loads_strict(data)
+        msgs = doc if isinstance(doc, list) else [doc]
+        if not msgs:
+            raise _Unreadable("an empty batch")
+        changed = False
+        for m in msgs:
+            changed = _filter_one(m, granted) or changed
+    except (Refused, _Unreadable):
         return error_message("the server's answer could not be inspected") if strict else None
-    msgs = doc if isinstance(doc, list) else [doc]
-    changed = False
-    for m in msgs:
-        changed = _filter_one(m, granted) or changed
-    return orjson.dumps(doc) if changed else None
+    if not changed:
+        return None
+    out = dumps(doc)
+    return out if out is not None else error_message(
+        "the server's answer could not be re-encoded after filtering")
 
 
 class JsonFilter:
@@ -125,7 +152,8 @@ class SseFilter:
 
     With ``every`` (the stream answers a tools/list), every event is read;
     otherwise (a GET stream, where a tools/list answer only appears when a
-    client resumes) only events that mention ``tools``.
+    client resumes) only events that mention ``tools``. An event that is read
+    and cannot be read strictly is replaced by a JSON-RPC error.
     """
 
     def __init__(self, granted: Set[str], cap: int, every: bool) -> None:
@@ -176,7 +204,9 @@ class SseFilter:
                 other.append(line)
         if not data_lines:
             return raw
-        new = filter_message(b"\n".join(data_lines), self.granted, strict=self.every)
+        # An event that is read at all is read strictly: on a GET stream too, one that
+        # mentions tools but cannot be read could hide a tool list from the filter.
+        new = filter_message(b"\n".join(data_lines), self.granted, strict=True)
         if new is None:
             return raw
         return b"".join(line + b"\n" for line in other) + b"data: " + new + b"\n\n"

@@ -9,6 +9,19 @@ A refused ``tools/call`` is answered as a JSON-RPC error carrying the
 request's ``id`` (code :data:`TOOL_REFUSED`), so the agent's MCP client
 reports a tool error instead of a broken transport; any other refusal is an
 HTTP 403.
+
+Only what the MCP transports define reaches an MCP endpoint
+(:func:`transport_refusal`): ``POST`` with a JSON-RPC body; ``GET`` only as the
+server's event stream (``Accept: text/event-stream``, no query, no body);
+``DELETE`` only to end a session (``Mcp-Session-Id``, no query, no body).
+Anything else — another method, a GET with a query (a server may read calls
+from it), a body on GET or DELETE — is refused, never passed uninspected.
+
+:attr:`McpDecision.acts` is "not provably inert": only ``initialize`` (and
+``server/discover``), ``ping``, ``tools/list``, the client notifications the
+specification defines, and the plain event-stream GET are inert; everything
+else — a tool call, a granted method, the client's answer to a server request,
+a session DELETE — is held on an ``approval: required`` rule.
 """
 
 from __future__ import annotations
@@ -26,7 +39,8 @@ from .jsonrpc import Message, canonical, decode_content, digest, parse_body
 from .mcp import ALWAYS_ALLOWED, TOOL_NAME, McpGrant, fold, mcp_method
 from .rules import Rule
 
-__all__ = ["TOOL_REFUSED", "McpDecision", "inspect", "refused_after", "rpc_refusal"]
+__all__ = ["INERT_METHODS", "TOOL_REFUSED", "McpDecision", "inspect", "refused_after",
+           "rpc_refusal", "transport_refusal"]
 
 # JSON-RPC reserves -32000..-32099 for implementation-defined server errors. MCP
 # itself uses -32000 (connection closed), -32001 (request timeout), -32002
@@ -37,6 +51,59 @@ TOOL_REFUSED = -32051
 _TOOL_PARAMS = ("name", "arguments", "_meta")
 _FOLDED_TOOL_PARAMS = {fold(k): k for k in _TOOL_PARAMS}
 _FOLDED_METHODS = {fold(m): m for m in (*ALWAYS_ALLOWED, "tools/call", "initialize")}
+
+# Messages that provably make the server do nothing on the caller's behalf: the
+# lifecycle, and the notifications a client sends under the MCP specification.
+INERT_METHODS = ALWAYS_ALLOWED | {
+    "notifications/initialized", "notifications/cancelled", "notifications/progress",
+    "notifications/roots/list_changed"}
+SESSION_HEADER = "mcp-session-id"
+
+
+def transport_refusal(method: str, has_query: bool, accept: str | None,
+                      session_id: str | None, has_body: bool) -> str | None:
+    """Why a request is not one the MCP streamable-HTTP transport defines, or ``None``.
+
+    ``has_body`` is what is known of the body (a non-zero length, chunked framing, or
+    bytes read); :func:`inspect` checks the bytes again once they are held.
+    """
+    if method == "POST":
+        return None  # the body is read and judged by inspect()
+    if method == "GET":
+        if has_query:
+            return ("a GET to an MCP endpoint opens the server's event stream and carries "
+                    "no query; send calls as a POST with a JSON-RPC body")
+        if not _accepts_sse(accept):
+            return ("a GET to an MCP endpoint must accept text/event-stream (it opens the "
+                    "server's event stream); send calls as a POST with a JSON-RPC body")
+        if has_body:
+            return "a GET to an MCP endpoint carries no body"
+        return None
+    if method == "DELETE":
+        if not session_id or not session_id.strip():
+            return "a DELETE to an MCP endpoint ends a session and needs an Mcp-Session-Id"
+        if has_query or has_body:
+            return "a DELETE to an MCP endpoint ends a session and carries no query or body"
+        return None
+    return (f"{method[:16]} is not an MCP transport method; an MCP endpoint takes POST "
+            "(JSON-RPC), GET (the event stream) and DELETE (end a session)")
+
+
+def _accepts_sse(accept: str | None) -> bool:
+    """Whether an ``Accept`` header lists ``text/event-stream`` (and not with ``q=0``)."""
+    for part in (accept or "").split(","):
+        kind, *params = part.split(";")
+        if kind.strip().lower() != "text/event-stream":
+            continue
+        for param in params:
+            key, _, value = param.partition("=")
+            if key.strip().lower() == "q":
+                try:
+                    return float(value.strip()) > 0
+                except ValueError:
+                    return False
+        return True
+    return False
 
 
 @dataclass(frozen=True, slots=True)
@@ -183,11 +250,18 @@ def _inspect(rules: Sequence[Rule], http_method: str, body: bytes,
     if not grants:
         return McpDecision(reason="no MCP rule matches this endpoint")
     tools = frozenset().union(*(g.tools for _, g in grants))
+    if http_method != "POST":
+        if http_method not in ("GET", "DELETE"):
+            raise Refused(transport_refusal(http_method, False, None, None, False)
+                          or "not an MCP transport method")
+        if body:
+            raise Refused(f"a {http_method} to an MCP endpoint carries no body")
+        # The event stream is inert; ending a session is not (held under approval).
+        what = "event stream" if http_method == "GET" else "session end"
+        return McpDecision(True, f"MCP endpoint granted ({what})", grants[0][0],
+                           granted_tools=tools, acts=http_method != "GET")
     if not body:
-        if http_method == "POST":
-            raise Refused("JSON-RPC body refused: a POST to an MCP endpoint needs a body")
-        return McpDecision(True, "MCP endpoint granted (stream or session request)",
-                           grants[0][0], granted_tools=tools)
+        raise Refused("JSON-RPC body refused: a POST to an MCP endpoint needs a body")
     messages, batch = parse_body(decode_content(body, content_encoding, cap))
     calls = [_Call(m) for m in messages]
     tool = _tool_field(calls, batch)
@@ -203,7 +277,7 @@ def _inspect(rules: Sequence[Rule], http_method: str, body: bytes,
                 granted_tools=tools, calls=invoked,
                 requests=tuple(c.msg.id for c in calls
                                if c.msg.has_id and c.msg.method is not None),
-                acts=any(_acts(c.msg.method) for c in calls))
+                acts=not all(c.msg.method in INERT_METHODS for c in calls))
     # Refused: say why for the first message no rule allows.
     first = next((k for k, v in enumerate(verdicts) if all(w is not None for w in v)), None)
     if first is None:
@@ -221,11 +295,6 @@ def _inspect(rules: Sequence[Rule], http_method: str, body: bytes,
                 f"not run: another call in this batch was refused ({reason})")
             replies.append((c.msg.id, why))
     return McpDecision(False, reason, None, tool, tuple(replies), batch, calls=invoked)
-
-
-def _acts(method: str | None) -> bool:
-    return method is not None and method not in ALWAYS_ALLOWED and not method.startswith(
-        "notifications/")
 
 
 def refused_after(decision: McpDecision, reason: str) -> McpDecision:

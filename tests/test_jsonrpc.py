@@ -11,7 +11,7 @@ import brotli
 import pytest
 
 from proxy.errors import PayloadTooLarge, Refused
-from proxy.jsonrpc import decode_content, digest, loads_strict, parse_body
+from proxy.jsonrpc import canonical, decode_content, digest, loads_strict, parse_body
 
 OK = b'{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"a","arguments":{}}}'
 
@@ -176,3 +176,80 @@ def test_digest_is_canonical() -> None:
     assert digest(None) is None
     assert len(digest({"big": 10**30}) or "") == 64  # beyond orjson's 64-bit integers
     assert len(digest({"s": "\ud800"}) or "") == 64
+
+
+# -- strings that are not valid Unicode (a lone surrogate) -----------------------------
+def _rpc(params: str, method: str = '"tools/call"') -> bytes:
+    return ('{"jsonrpc":"2.0","id":1,"method":' + method + ',"params":' + params + "}").encode()
+
+
+LONE_SURROGATES: list[tuple[str, bytes]] = [
+    ("value-high", _rpc('{"name":"add","arguments":{"a":"\\ud800"}}')),
+    ("value-low", _rpc('{"name":"add","arguments":{"a":"\\udfff"}}')),
+    ("value-upper-hex", _rpc('{"name":"add","arguments":{"a":"\\uD83D"}}')),
+    ("value-mid-string", _rpc('{"name":"add","arguments":{"a":"ok \\udc00 ok"}}')),
+    ("reversed-pair", _rpc('{"name":"add","arguments":{"a":"\\ude00\\ud83d"}}')),
+    ("high-then-text", _rpc('{"name":"add","arguments":{"a":"\\ud83dx"}}')),
+    ("two-highs", _rpc('{"name":"add","arguments":{"a":"\\ud83d\\ud83d"}}')),
+    ("key-top", b'{"jsonrpc":"2.0","id":1,"method":"ping","\\ud800":1}'),
+    ("key-arguments", _rpc('{"name":"add","arguments":{"\\udbff":1}}')),
+    ("key-ascii-beside", _rpc('{"name":"add","arguments":{"a\\udbff":1,"b":2}}')),
+    ("nested-list", _rpc('{"name":"add","arguments":{"a":[1,[{"b":["\\udabc"]}]]}}')),
+    ("deep-object", _rpc('{"name":"add","arguments":{"a":{"b":{"c":{"d":"\\ud800"}}}}}')),
+    ("tool-name", _rpc('{"name":"add\\ud800","arguments":{}}')),
+    ("method", _rpc('{}', method='"tools/call\\ud800"')),
+    ("id", b'{"jsonrpc":"2.0","id":"\\ud800","method":"ping"}'),
+    ("jsonrpc-member", b'{"jsonrpc":"2.0\\ud800","id":1,"method":"ping"}'),
+    ("meta", _rpc('{"name":"add","_meta":{"progressToken":"\\udc80"}}')),
+    ("batch-second", b'[{"jsonrpc":"2.0","id":1,"method":"ping"},'
+                     b'{"jsonrpc":"2.0","id":2,"method":"x","params":["\\udfff"]}]'),
+    ("response-result", b'{"jsonrpc":"2.0","id":1,"result":{"a":"\\ud800"}}'),
+    ("response-error", b'{"jsonrpc":"2.0","id":1,"error":{"code":1,"message":"\\ud800"}}'),
+]
+
+
+@pytest.mark.parametrize("body", [b for _, b in LONE_SURROGATES],
+                         ids=[n for n, _ in LONE_SURROGATES])
+def test_lone_surrogate_refused_anywhere(body: bytes) -> None:
+    with pytest.raises(Refused) as e:
+        parse_body(body)
+    assert "unpaired surrogate" in e.value.reason
+
+
+@pytest.mark.parametrize("body", [
+    b'{"a":"\xed\xa0\x80"}',  # CESU-8 high surrogate
+    b'{"a":"\xed\xb0\x80"}',  # CESU-8 low surrogate
+    b'{"a":"\xed\xa0\xbd\xed\xb8\x80"}',  # CESU-8 pair (😀 as two 3-byte units)
+    b'{"\xed\xa0\x80":1}',  # in a key
+])
+def test_raw_surrogate_bytes_refused(body: bytes) -> None:
+    with pytest.raises(Refused, match="not valid UTF-8"):
+        loads_strict(body)
+
+
+@pytest.mark.parametrize(("body", "value"), [
+    (b'{"a":"\\ud83d\\ude00"}', "😀"),
+    (b'{"a":"\\uD83D\\uDE00"}', "😀"),
+    (b'{"a":"\\\\ud800"}', "\\ud800"),  # an escaped backslash, then plain text
+    (b'{"a":"\\\\\\ud83d\\ude00"}', "\\😀"),
+    (b'{"a":"\\ud7ff\\ue000"}', "\ud7ff\ue000"),  # just outside the surrogate range
+])
+def test_valid_unicode_escapes_read(body: bytes, value: str) -> None:
+    assert loads_strict(body) == {"a": value}
+
+
+# -- numbers keep the text they were written as ----------------------------------------
+@pytest.mark.parametrize("text", [
+    "50.0000000000000001", "1e2", "1E+2", "-0.0", "0.1", "1.5e-400", "123456789.123456789123",
+    "-1e-7", "5e0",
+])
+def test_numbers_keep_their_text(text: str) -> None:
+    doc = loads_strict(b'{"a":' + text.encode() + b"}")
+    assert doc["a"].text == text and float(doc["a"]) == float(text)
+    assert canonical(doc) == b'{"a":' + text.encode() + b"}"
+
+
+def test_canonical_keeps_exact_numbers_sorted() -> None:
+    doc = loads_strict(b'{"b":50.0000000000000001,"a":[1,2.50]}')
+    assert canonical(doc) == b'{"a":[1,2.50],"b":50.0000000000000001}'
+    assert digest(doc) == hashlib.sha256(canonical(doc) or b"").hexdigest()

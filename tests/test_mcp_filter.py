@@ -137,7 +137,8 @@ def test_sse_filters_event_by_event(eol: bytes, seed: int) -> None:
 @pytest.mark.parametrize("seed", range(4))
 def test_sse_untouched_events_pass_byte_for_byte(seed: int) -> None:
     stream = (b"retry: 1000\r\n\r\n" + event(b'{"jsonrpc":"2.0","id":1,"result":{"content":[]}}')
-              + b"data: {\"a\":\ndata: 1}\n\n" + b"id: 3\ndata\n\n")
+              + b"data: {\"jsonrpc\":\"2.0\",\ndata: \"method\":\"notifications/progress\"}\n\n"
+              + b"id: 3\ndata\n\n")
     for every in (True, False):
         assert joined(run(SseFilter(GRANTED, 1 << 20, every), splits(stream, seed))) == stream
 
@@ -187,3 +188,69 @@ def test_sse_oversize_event_dropped(every: bool) -> None:
 def test_sse_incomplete_tail_not_sent() -> None:
     out = joined(run(SseFilter(GRANTED, 1 << 20, every=True), [event(LISTED)[:-1]]))
     assert out == b""
+
+
+# -- answers read as strictly as requests ------------------------------------------------
+TOOLS = '[{"name":"add"},{"name":"danger"}]'
+
+
+def t(text: str) -> str:
+    return text.replace("%s", TOOLS)
+
+
+# (a tools/list answer a lenient client could read differently from the filter, why)
+UNREADABLE: list[tuple[str, str]] = [
+    (t('{"jsonrpc":"2.0","id":2,"result":{"Tools":%s}}'), "Tools look-alike"),
+    (t('{"jsonrpc":"2.0","id":2,"result":{"TOOLS":%s}}'), "upper case"),
+    (t('{"jsonrpc":"2.0","id":2,"result":{"ｔｏｏｌｓ":%s}}'), "fullwidth"),
+    (t('{"jsonrpc":"2.0","id":2,"result":{"tools":[],"Tools":%s}}'), "both spellings"),
+    (t('{"jsonrpc":"2.0","id":2,"result":{"tools":[]},"result":{"tools":%s}}'),
+     "duplicate result"),
+    (t('{"jsonrpc":"2.0","id":2,"result":{"tools":[],"tools":%s}}'), "duplicate tools"),
+    ('{"jsonrpc":"2.0","id":2,"result":{"tools":[{"name":"add","name":"danger"}]}}',
+     "duplicate name"),
+    ('{"jsonrpc":"2.0","id":2,"result":{"tools":[{"name":"add","Name":"danger"}]}}',
+     "name look-alike"),
+    (t('{"jsonrpc":"2.0","id":2,"Result":{"tools":%s}}'), "Result look-alike"),
+    (t('{"jsonrpc":"2.0","id":2,"resulſ":{"tools":%s}}'), "long-s result"),
+    ('{"jsonrpc":"2.0","id":2,"result":{"tools":[{"name":"add","x":"\\ud800"}]}}',
+     "lone surrogate"),
+    (t('{"jsonrpc":"2.0","id":2,"result":{"tools":%s},"error":{"code":1}}'),
+     "result and error"),
+    (t('{"id":2,"result":{"tools":%s}}'), "no jsonrpc"),
+    (t('{"jsonrpc":"2.0","id":2,"result":{"tools":%s},"x":1}'), "unknown member"),
+    (t('[{"jsonrpc":"2.0","id":2,"result":{"tools":[]}},{"jsonrpc":"2.0","id":3,'
+     '"result":{"tools":%s},"id":4}]'), "duplicate in a batch"),
+    ("[]", "empty batch"),
+    (t('{"jsonrpc":"2.0","id":2,"result":{"tools":%s,"n":NaN}}'), "NaN"),
+]
+
+
+@pytest.mark.parametrize("body", [b for b, _ in UNREADABLE], ids=[w for _, w in UNREADABLE])
+def test_json_answer_unreadable_strictly_becomes_error(body: str) -> None:
+    out = joined(run(JsonFilter(GRANTED, 1 << 20), [body.encode()]))
+    assert b"danger" not in out and b"could not be inspected" in out
+    assert json.loads(out)["error"]["code"] == -32052
+
+
+@pytest.mark.parametrize("every", [True, False])
+@pytest.mark.parametrize("body", [b for b, _ in UNREADABLE], ids=[w for _, w in UNREADABLE])
+def test_sse_answer_unreadable_strictly_becomes_error(body: str, every: bool) -> None:
+    raw = body.encode()
+    if not every and b"tools" not in raw:
+        pytest.skip("a GET stream reads only events that mention tools")
+    out = joined(run(SseFilter(GRANTED, 1 << 20, every), [event(raw)]))
+    assert b"danger" not in out and b"could not be inspected" in out
+
+
+def test_exact_numbers_survive_a_rewrite() -> None:
+    body = (b'{"jsonrpc":"2.0","id":2,"result":{"tools":[{"name":"add","x":'
+            b'50.0000000000000001},{"name":"danger"}],"big":123456789012345678901234567890}}')
+    out = joined(run(JsonFilter(GRANTED, 1 << 20), [body]))
+    # orjson cannot write a 96-bit integer: the filter answers an error, never a rounding.
+    assert b"danger" not in out and b"could not be re-encoded" in out
+    body = (b'{"jsonrpc":"2.0","id":2,"result":{"tools":[{"name":"add","x":'
+            b'50.0000000000000001},{"name":"danger"}]}}')
+    out = joined(run(JsonFilter(GRANTED, 1 << 20), [body]))
+    assert out == b'{"jsonrpc":"2.0","id":2,"result":{"tools":[{"name":"add","x":' \
+                  b'50.0000000000000001}]}}'

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import pytest
 
 from proxy.config import parse_config
 from proxy.errors import ConfigError
-from proxy.mcp import ArgConstraint, McpGrant, fold, json_equal
+from proxy.jsonrpc import loads_strict
+from proxy.mcp import ArgConstraint, McpGrant, exact, fold, json_equal
 from proxy.rules import parse_rule
 
 # (mcp mapping, the key the error names, a part of the message)
@@ -226,3 +228,161 @@ def test_fold(a: str, b: str, same: bool) -> None:
 def test_json_equal(a: Any, b: Any, equal: bool) -> None:
     assert json_equal(a, b) is equal
     assert json_equal(b, a) is equal
+
+
+# -- numbers compared exactly as written (item: no float rounding) ---------------------
+def num(text: str) -> Any:
+    """A number as the strict JSON-RPC reader hands it over."""
+    return loads_strict(b'{"v":' + text.encode() + b"}")["v"]
+
+
+# (constraint, the argument as written in the body, None if allowed else part of the reason)
+EXACT: list[tuple[dict[str, Any], str, str | None]] = [
+    ({"maximum": 50}, "50.0000000000000001", "above the maximum 50"),
+    ({"maximum": 50}, "50.00000000000000000000000000001", "above the maximum 50"),
+    ({"maximum": 50}, "5.00000000000000001e1", "above the maximum 50"),
+    ({"maximum": 50}, "50.0", None),
+    ({"maximum": 50}, "5e1", None),
+    ({"maximum": 50}, "50e0", None),
+    ({"maximum": 50}, "0.5E2", None),
+    ({"maximum": 50}, "49.99999999999999999", None),
+    ({"maximum": 50}, "50000000000000000000000000000000000000001e-39", "above the maximum"),
+    ({"maximum": 50}, "50000000000000000000000000000000000000000e-39", None),
+    ({"maximum": 50}, "12345678901234567890123456789", "above the maximum"),
+    ({"maximum": 9007199254740992}, "9007199254740993", "above the maximum"),
+    ({"maximum": 9007199254740992}, "9007199254740992.5", "above the maximum"),
+    ({"maximum": 9007199254740992}, "9007199254740992", None),
+    ({"minimum": 0}, "-0", None),
+    ({"minimum": 0}, "-0.0", None),
+    ({"minimum": 0}, "-0e10", None),
+    ({"minimum": 0}, "-1e-400", "below the minimum 0"),  # a float rounds it to -0.0
+    ({"minimum": 0}, "-0.0000000000000000000001", "below the minimum 0"),
+    ({"maximum": 0}, "1e-400", "above the maximum 0"),
+    ({"minimum": 0.1}, "0.1", None),  # the config's 0.1 as written, not its binary value
+    ({"minimum": 0.1}, "0.09999999999999999999", "below the minimum 0.1"),
+    ({"maximum": 0.1}, "0.10000000000000000001", "above the maximum 0.1"),
+    ({"minimum": -1.5, "maximum": 1.5}, "1.5000000000000000001", "above the maximum 1.5"),
+    ({"minimum": -1.5, "maximum": 1.5}, "-1.5000000000000000001", "below the minimum -1.5"),
+    ({"const": 50}, "50.0000000000000001", "not the allowed value"),
+    ({"const": 50}, "50.000", None),
+    ({"const": 50}, "5E1", None),
+    ({"enum": [1, 2]}, "1.0000000000000000001", "not one of the allowed values"),
+    ({"enum": [1, 2]}, "2e0", None),
+    ({"const": 0.1}, "0.1000000000000000000001", "not the allowed value"),
+    ({"const": 0}, "-0", None),
+]
+
+
+@pytest.mark.parametrize(("spec", "text", "why"), EXACT)
+def test_numbers_compared_as_written(spec: dict[str, Any], text: str, why: str | None) -> None:
+    got = ArgConstraint.parse(spec, "c").why_not(num(text))
+    if why is None:
+        assert got is None, got
+    else:
+        assert got is not None and why in got, got
+
+
+def test_const_compares_nested_numbers_exactly() -> None:
+    c = ArgConstraint.parse({"const": {"a": [1, 2.5]}}, "c")
+    assert c.why_not(loads_strict(b'{"a":[1,2.50]}')) is None
+    assert c.why_not(loads_strict(b'{"a":[1.0000000000000000001,2.5]}')) is not None
+
+
+def test_json_equal_exact() -> None:
+    assert json_equal(num("50.0000000000000001"), 50) is False
+    assert json_equal(num("50.0000000000000001"), num("50.00000000000000010")) is True
+    assert exact(num("1.10")) == exact(1.1) and exact(2) == exact(num("2.0"))
+
+
+# -- patterns run on RE2 (linear time) ------------------------------------------------
+# (pattern, why RE2 refuses it)
+BAD_PATTERNS: list[tuple[str, str]] = [
+    ("(a)\\1", "invalid escape sequence"),  # backreference
+    ("(?=a)a", "invalid perl operator"),  # lookahead
+    ("(?!a)b", "invalid perl operator"),
+    ("(?<=a)b", "invalid perl operator"),  # lookbehind
+    ("a++", "bad repetition operator"),  # possessive
+    ("(?>a)", "invalid"),  # atomic group
+    ("a{1001}", "invalid repetition size"),
+    ("(a{100}){100}", "invalid repetition size"),  # nested counts multiply
+    ("\\pL{1000}", "pattern too large"),  # over RE2's memory budget
+    ("(\\pL{100}){10}", "pattern too large"),
+    ("[z-a]", "invalid character class range"),
+    ("(", "missing )"),
+    ("a\\Z", "invalid escape sequence"),
+    ("\ud800", "valid Unicode"),
+]
+
+
+@pytest.mark.parametrize(("pattern", "why"), BAD_PATTERNS)
+def test_pattern_re2_cannot_compile_is_refused(pattern: str, why: str) -> None:
+    with pytest.raises(ValueError) as e:
+        parse_rule({"id": "r", "host": "mcp.test",
+                    "mcp": {"tools": ["t"], "args": {"q": {"pattern": pattern}}}}, "rules[0]")
+    assert str(e.value).startswith("rules[0].mcp.args.q.pattern: "), str(e.value)
+    assert why in str(e.value), str(e.value)
+
+
+REDOS = ["([A-Za-z0-9]+ ?)*", "(a+)+", "(a|a)*", "(a|aa)+", "(.*a){12}", "(x+x+)+y",
+         "([a-zA-Z]+)*", "(\\w+\\s?)*"]
+
+
+@pytest.mark.parametrize("pattern", REDOS)
+def test_redos_pattern_matches_in_linear_time(pattern: str) -> None:
+    c = ArgConstraint.parse({"pattern": pattern}, "c")
+    evil = ["a" * 28 + "!", "A1 " * 9 + "!", "x" * 5000 + "!", "a" * 60000 + "!"]
+    start = time.monotonic()
+    for value in evil:
+        assert c.why_not(value) == "does not match the allowed pattern"
+    assert time.monotonic() - start < 1.0
+
+
+# (pattern, value, None if allowed else part of the reason): full-match semantics, as today
+FULLMATCH: list[tuple[str, str, str | None]] = [
+    ("[a-z ]+", "abc def", None),
+    ("[a-z ]+", "abc<def", "does not match"),
+    ("[a-z]+", "xabc1", "does not match"),  # not a search
+    ("abc", "xabcx", "does not match"),
+    ("a|b", "ab", "does not match"),
+    ("[^<>]*", "line\nbreak", None),
+    ("[a-z]+$", "abc\n", "does not match"),
+    (".*", "a\nb", "does not match"),  # '.' does not match a newline, as in Python's re
+    ("(?s).*", "a\nb", None),
+    ("\\d+", "123", None),
+    ("\\d+", "١٢٣", "does not match"),  # RE2's \d is ASCII (stricter than re's)
+    ("[é]+", "ééé", None),
+    (".", "😀", None),
+    ("[a-z]*", "a" * (64 * 1024), None),
+    ("[a-z]*", "a" * (64 * 1024 + 1), "longer than the 65536 characters"),
+]
+
+
+@pytest.mark.parametrize(("pattern", "value", "why"), FULLMATCH)
+def test_pattern_full_match(pattern: str, value: str, why: str | None) -> None:
+    got = ArgConstraint.parse({"pattern": pattern}, "c").why_not(value)
+    if why is None:
+        assert got is None, got
+    else:
+        assert got is not None and why in got, got
+
+
+def test_pattern_compiled_once_and_round_trips() -> None:
+    rule = parse_rule({"id": "r", "host": "mcp.test",
+                       "mcp": {"tools": ["t"], "args": {"q": {"pattern": "[a-z]+"}}}})
+    assert rule.mcp is not None
+    c = rule.mcp.args["q"]
+    assert c.pattern == "[a-z]+" and c._regex is c._regex
+    assert rule.to_dict()["mcp"]["args"] == {"q": {"pattern": "[a-z]+"}}
+    assert parse_rule(rule.to_dict()) == rule
+
+
+def test_config_with_unsupported_pattern_is_a_config_error() -> None:
+    from ruamel.yaml import YAML
+
+    text = ("workloads:\n  w:\n    standing:\n      - id: r\n        host: mcp.test\n"
+            "        mcp:\n          tools: [search]\n"
+            "          args: {q: {pattern: '(?=x)x'}}\n")
+    with pytest.raises(ConfigError) as e:
+        parse_config(YAML(typ="rt", pure=True).load(text), "t.yaml")
+    assert 'workloads["w"].standing[0].mcp.args.q.pattern' in str(e.value)
+    assert "RE2" in str(e.value)

@@ -10,7 +10,13 @@ import pytest
 
 from proxy.errors import Refused
 from proxy.jsonrpc import digest
-from proxy.mcp_inspect import TOOL_REFUSED, inspect, refused_after, rpc_refusal
+from proxy.mcp_inspect import (
+    TOOL_REFUSED,
+    inspect,
+    refused_after,
+    rpc_refusal,
+    transport_refusal,
+)
 from proxy.rules import parse_rule
 
 RULES = [
@@ -128,10 +134,11 @@ def test_tools_list_is_flagged_for_filtering() -> None:
     assert not d.lists_tools
 
 
-@pytest.mark.parametrize(("method", "allowed"), [("GET", True), ("DELETE", True)])
-def test_bodyless_stream_and_session_requests(method: str, allowed: bool) -> None:
+@pytest.mark.parametrize(("method", "acts"), [("GET", False), ("DELETE", True)])
+def test_bodyless_stream_and_session_requests(method: str, acts: bool) -> None:
+    """The event stream is inert; ending a session is not (held under approval)."""
     d = inspect(RULES, method, b"", None, 1 << 20)
-    assert d.allowed is allowed and d.tool is None
+    assert d.allowed and d.tool is None and d.acts is acts
 
 
 def test_empty_post_refused() -> None:
@@ -154,7 +161,18 @@ ACTS: list[tuple[Any, bool, list[Any]]] = [
     (msg("ping", id=3), False, [3]),
     (NOTE, False, []),
     ([msg("tools/list", id=1), NOTE, call("add", id=2)], True, [1, 2]),
-    ({"jsonrpc": "2.0", "id": 9, "result": {}}, False, []),
+    # A client's answer to a server request (an elicitation "accept", a sampling
+    # result) can make the server act: not provably inert, so held under approval.
+    ({"jsonrpc": "2.0", "id": 9, "result": {}}, True, []),
+    (msg("server/discover", id=4), False, [4]),
+    ({"jsonrpc": "2.0", "method": "notifications/initialized"}, False, []),
+    ({"jsonrpc": "2.0", "method": "notifications/cancelled", "params": {"requestId": 1}},
+     False, []),
+    ({"jsonrpc": "2.0", "method": "notifications/progress", "params": {}}, False, []),
+    ({"jsonrpc": "2.0", "method": "notifications/roots/list_changed"}, False, []),
+    # Any other notification name is not one the specification defines: not inert.
+    ({"jsonrpc": "2.0", "method": "notifications/delete_everything"}, True, []),
+    ([msg("ping", id=1), {"jsonrpc": "2.0", "id": 9, "result": {}}], True, [1]),
 ]
 
 
@@ -176,3 +194,69 @@ def test_an_allowed_call_refused_after_is_answered_per_request() -> None:
     single = refused_after(inspect(RULES[1:], "POST", orjson.dumps(call("add", id=4)), None,
                                    1 << 20), "timed out")
     assert orjson.loads(rpc_refusal(single, "rid"))["id"] == 4
+
+
+# -- only what the MCP streamable-HTTP transport defines --------------------------------
+SSE = "text/event-stream"
+# (method, has query, Accept, Mcp-Session-Id, has body, None if allowed else part of why)
+TRANSPORT: list[tuple[str, bool, str | None, str | None, bool, str | None]] = [
+    ("POST", False, "application/json, text/event-stream", None, True, None),
+    ("POST", True, None, "s1", True, None),  # the old HTTP+SSE transport's /messages?session=
+    ("GET", False, SSE, None, False, None),
+    ("GET", False, SSE, "s1", False, None),
+    ("GET", False, "application/json, text/event-stream;q=0.5", None, False, None),
+    ("GET", False, "TEXT/EVENT-STREAM", None, False, None),
+    ("GET", False, " text/event-stream ; charset=utf-8", None, False, None),
+    ("GET", True, SSE, None, False, "carries no query"),
+    ("GET", True, None, None, False, "carries no query"),
+    ("GET", False, None, None, False, "must accept text/event-stream"),
+    ("GET", False, "*/*", None, False, "must accept text/event-stream"),
+    ("GET", False, "text/*", None, False, "must accept text/event-stream"),
+    ("GET", False, "application/json", None, False, "must accept text/event-stream"),
+    ("GET", False, "text/event-stream;q=0", None, False, "must accept text/event-stream"),
+    ("GET", False, "text/event-stream; q=0.000", None, False, "must accept text/event-stream"),
+    ("GET", False, "text/event-stream;q=x", None, False, "must accept text/event-stream"),
+    ("GET", False, "text/event-streams", None, False, "must accept text/event-stream"),
+    ("GET", False, SSE, None, True, "carries no body"),
+    ("DELETE", False, None, "s1", False, None),
+    ("DELETE", False, SSE, "s1", False, None),
+    ("DELETE", False, None, None, False, "needs an Mcp-Session-Id"),
+    ("DELETE", False, None, " ", False, "needs an Mcp-Session-Id"),
+    ("DELETE", True, None, "s1", False, "carries no query or body"),
+    ("DELETE", False, None, "s1", True, "carries no query or body"),
+    ("HEAD", False, SSE, None, False, "HEAD is not an MCP transport method"),
+    ("PUT", False, None, None, True, "PUT is not an MCP transport method"),
+    ("PATCH", False, None, None, True, "PATCH is not an MCP transport method"),
+    ("OPTIONS", False, None, None, False, "OPTIONS is not an MCP transport method"),
+    ("TRACE", False, None, None, False, "TRACE is not an MCP transport method"),
+    ("CONNECT", False, None, None, False, "is not an MCP transport method"),
+    ("PROPFIND", False, None, None, False, "is not an MCP transport method"),
+]
+
+
+@pytest.mark.parametrize(("method", "query", "accept", "session", "body", "why"), TRANSPORT)
+def test_transport_refusal(method: str, query: bool, accept: str | None, session: str | None,
+                           body: bool, why: str | None) -> None:
+    got = transport_refusal(method, query, accept, session, body)
+    if why is None:
+        assert got is None, got
+    else:
+        assert got is not None and why in got, got
+
+
+@pytest.mark.parametrize(("method", "body", "why"), [
+    ("GET", b'{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"danger"}}',
+     "a GET to an MCP endpoint carries no body"),
+    ("GET", b" ", "carries no body"),
+    ("DELETE", b"x", "a DELETE to an MCP endpoint carries no body"),
+    ("HEAD", b"", "HEAD is not an MCP transport method"),
+    ("PUT", json.dumps(call("add")).encode(), "PUT is not an MCP transport method"),
+    ("PATCH", b"", "PATCH is not an MCP transport method"),
+    ("OPTIONS", b"", "OPTIONS is not an MCP transport method"),
+    ("get", b"", "is not an MCP transport method"),  # the addon passes it upper-cased
+])
+def test_inspect_refuses_what_the_transport_does_not_define(method: str, body: bytes,
+                                                            why: str) -> None:
+    with pytest.raises(Refused) as e:
+        inspect(RULES, method, body, None, 1 << 20)
+    assert why in e.value.reason

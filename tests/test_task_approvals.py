@@ -264,10 +264,19 @@ async def test_mcp_sdk_tool_call_held_with_its_arguments_approved_and_denied(
         assert doc.contents[0].text == "the document"
         # The session survived the refusal; a tool without approval is not held.
         assert (await client.call_tool("search", {"query": "x"})).is_error is False
+        # Ending the session (the SDK's DELETE on close) is not provably inert: held too.
+        closing = asyncio.create_task(approve_delete(ctl, tid))
+    assert await asyncio.wait_for(closing, 10) == "DELETE"
     assert mcp_up.names() == ["add", "search"]
     rejected = [r for r in tgw.audit() if r["task"] == tid and r["decision"] == "rejected"]
     assert len(rejected) == 1 and rejected[0]["status"] == 200
     assert rejected[0]["rule"] == "mcp-add" and rejected[0]["tool"]["name"] == "add"
+
+
+async def approve_delete(ctl: httpx.AsyncClient, task_id: str) -> str:
+    [h] = await held_for(ctl, task_id)
+    await ctl.post(f"/v1/approvals/{h['id']}/approve", json={"by": "carol"})
+    return h["method"]
 
 
 def echo_mcp_rule(up: Upstream) -> dict[str, Any]:
