@@ -28,7 +28,7 @@ from mitmproxy.master import Master
 from mitmproxy.net.http import http1
 from mitmproxy.proxy.layers.http import _http1, _http2, _http_h2
 
-from addons.approve import Approve
+from addons.approve import Approve, ApprovedAsShown
 from addons.audit import Audit
 from addons.authorize import Authorize
 from addons.identify import Identify
@@ -107,7 +107,7 @@ async def build_gateway(config: Config, session: aiohttp.ClientSession) -> Gatew
 # the body (MCP), does a person have to say yes, which secret to add, and the record.
 # Every one is policy: plain imports, so a missing module stops the start, never a hook.
 # Limits comes first: connections per client are counted before anything is read.
-ADDON_CHAIN = (Limits, Identify, Authorize, Mcp, Approve, Inject, Audit)
+ADDON_CHAIN = (Limits, Identify, Authorize, Mcp, Approve, Inject, ApprovedAsShown, Audit)
 
 
 def gateway_addons(gateway: Gateway) -> list[Any]:
