@@ -101,11 +101,14 @@ def _text(data: bytes) -> str:
 
 
 def body_view(body: bytes, limit: int = VIEW_BODY_BYTES) -> dict[str, Any]:
-    """A body as an approver is shown it: UTF-8 text, or base64 when it is not text;
+    """A body as an approver is shown it: UTF-8 text, or base64 when it is not text
+    (not UTF-8, or with a NUL);
     at most ``limit`` bytes of it, with the size and SHA-256 of the whole body."""
     part = body[:limit]
     encoding = "utf-8"
     try:
+        if b"\0" in part:
+            raise UnicodeDecodeError("utf-8", part, 0, 0, "NUL: binary")
         shown = part.decode("utf-8")
     except UnicodeDecodeError as e:
         if (len(part) < len(body) and e.reason == "unexpected end of data"
