@@ -243,36 +243,36 @@ def tgw(tmp_path_factory: pytest.TempPathFactory, shared_files: dict[str, Path],
     gw.stop()
 
 
-def task_body(**extra: Any) -> dict[str, Any]:
+def task_body(up: Upstream, **extra: Any) -> dict[str, Any]:
     return {"workload": WORKLOAD, "ttl_seconds": 60, "rules": [
-        {"id": "r", "host": "127.0.0.1", "scheme": "http", "methods": ["GET"],
-         "paths": ["/allowed/**"]}], **extra}
+        {"id": "r", "host": "127.0.0.1", "port": up.http_port, "scheme": "http",
+         "methods": ["GET"], "paths": ["/allowed/**"]}], **extra}
 
 
 @pytest.mark.parametrize("name", list(PAYLOADS))
 @pytest.mark.parametrize("field", ["purpose", "owner", "workload"])
 async def test_task_text_with_control_characters_is_refused_naming_the_field(
-        tgw: Gateway, field: str, name: str) -> None:
+        tgw: Gateway, upstream: Upstream, field: str, name: str) -> None:
     value = ("spiffe://acme.test/agent/" if field == "workload" else "x") + PAYLOADS[name]
     async with control(tgw) as ctl:
-        r = await ctl.post("/v1/tasks", json=task_body(**{field: value}))
+        r = await ctl.post("/v1/tasks", json=task_body(upstream, **{field: value}))
         assert r.status_code == 422, r.text
         doc = r.json()
-        assert doc["field"] == field and doc["error"] and doc["request_id"]
+        assert doc["field"] == field and "control" in doc["reason"], doc
         assert all(t[field] != value for t in (await ctl.get("/v1/tasks")).json()["tasks"])
 
 
-async def test_plain_unicode_text_is_still_accepted(tgw: Gateway) -> None:
+async def test_plain_unicode_text_is_still_accepted(tgw: Gateway, upstream: Upstream) -> None:
     async with control(tgw) as ctl:
-        r = await ctl.post("/v1/tasks", json=task_body(purpose="Fix ünïcode — 日本 issue #42",
-                                                       owner="zoë@acme.test"))
+        r = await ctl.post("/v1/tasks", json=task_body(
+            upstream, purpose="Fix ünïcode — 日本 issue #42", owner="zoë@acme.test"))
         assert r.status_code == 201, r.text
 
 
 @pytest.mark.parametrize("name", list(PAYLOADS))
-async def test_the_cli_shows_the_refusal_escaped(tgw: Gateway, tmp_path: Path,
-                                                 name: str) -> None:
-    (tmp_path / "rules.yaml").write_text(yaml.safe_dump(task_body()["rules"]))
+async def test_the_cli_shows_the_refusal_escaped(tgw: Gateway, upstream: Upstream,
+                                                 tmp_path: Path, name: str) -> None:
+    (tmp_path / "rules.yaml").write_text(yaml.safe_dump(task_body(upstream)["rules"]))
     env = clean_env(TASKGATE_CONTROL_URL=tgw.control_url, TASKGATE_ADMIN_TOKEN=admin_token(tgw))
     rc, out, err = await taskgate("task", "create", "--workload", WORKLOAD, "--rules",
                                   str(tmp_path / "rules.yaml"), "--purpose",
@@ -304,7 +304,7 @@ async def test_held_calls_from_an_agent_print_escaped(
     p = PAYLOADS[name]
     m = uuid.uuid4().hex
     env = clean_env(TASKGATE_CONTROL_URL=vgw.control_url, TASKGATE_ADMIN_TOKEN=admin_token(vgw))
-    body = orjson.dumps({"memo": f"{m}{p}", "to": p})
+    body = f"memo={m}{p}&to={p}".encode()  # raw bytes, as an agent may send them
     mcp = orjson.dumps({"jsonrpc": "2.0", "id": 1, "method": "tools/call",
                         "params": {"name": "pay", "arguments": {"to": f"{m}{p}"}}})
     # A header value cannot carry C0 controls; C1, bidi and zero-width ones as UTF-8 can.
@@ -332,7 +332,8 @@ async def test_held_calls_from_an_agent_print_escaped(
             assert rc == 0, (cmd, err)
             assert_clean(out, err)
             outs.append(out)
-        assert safe(p) in outs[1] and safe(p) in outs[2]  # shown, escaped
+        # Shown, escaped (a body's lines each behind "| ", so none passes for output).
+        assert safe(p.split("\n")[-1]) in outs[1] and f"{m}" in outs[2]
         assert (await asyncio.wait_for(call, 20)).status_code == 200
         await asyncio.wait_for(tool, 20)
     # The records those calls left: the table and the JSON lines, escaped.
@@ -403,7 +404,8 @@ def test_logs_follow_escapes_new_records(tmp_path: Path, name: str, as_json: boo
         out_rest, err = proc.communicate(timeout=10)
     text = (first + b"".join(lines)).decode()
     assert_clean(text, err.decode())
-    assert text.count("\n") == 4 and "esc12" in text
+    assert text.count("\n") == 4
+    assert ("esc12" if as_json else safe(p)[:6]) in text
 
 
 @pytest.mark.parametrize("name", list(PAYLOADS))
