@@ -209,4 +209,6 @@ class ApprovedAsShown(GatewayAddon):
             refuse(flow, 500, "changed_after_approval", CHANGED, decision="error")
 
 
+# Under plain `mitmdump -s`, load this file after inject.py for the last check to come
+# after the secret's placement (Approve itself checks again right after the approval).
 addons = [Approve(), ApprovedAsShown()]

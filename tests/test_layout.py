@@ -80,4 +80,4 @@ def test_the_whole_chain_loads() -> None:
     out = subprocess.run([*PYTHON, "-c", script], env=python_env(), cwd=REPO,
                          capture_output=True, text=True, timeout=60, check=True)
     assert out.stdout.strip() == str(["Limits", "Identify", "Authorize", "Mcp", "Approve",
-                                      "Inject", "Audit"])
+                                      "Inject", "ApprovedAsShown", "Audit"])
