@@ -6,6 +6,11 @@ marks the command ``blocking = self`` so outer layers go on), so a held call
 never holds up another call — not even another stream of the same HTTP/2
 connection. Its body is buffered (never streamed), so nothing reaches the
 upstream before the answer.
+
+The approver is shown the request as it will go out (:func:`held_request`), with
+a digest over it; :class:`ApprovedAsShown`, after the inject addon in the chain,
+computes the digest again right before the call leaves and refuses it if
+anything but the secret's placement changed.
 """
 
 from __future__ import annotations
@@ -18,12 +23,57 @@ from mitmproxy import connection, http
 from addons._base import GatewayAddon, exchange, guarded, refuse, refuse_for
 from addons.authorize import RULE
 from addons.mcp import MCP_DECISION, tool_error
-from proxy.approvals import Approvals, target_url
+from proxy.approvals import Approvals, HeldRequest, target_url
 from proxy.errors import PayloadTooLarge, Refused, TaskgateError
+from proxy.gateway import Gateway
 from proxy.identity import Caller
 from proxy.mcp_inspect import McpDecision, refused_after
+from proxy.rules import Rule
+from proxy.secrets import COMPONENT as SECRETS
+from proxy.secrets import set_query_param
 
 INSPECT_BODY = "taskgate.inspect_body"
+HELD = "taskgate.held_request"  # (HeldRequest, hidden headers, replaced query parameters)
+
+# Never shown, never forwarded: the proxy credential (the identify addon takes it off).
+HOP = (b"proxy-authorization", b"proxy-connection")
+# On a rule with a secret the inject addon drops the agent's own credentials and sets
+# these (proxy/addons/inject.py): not what the agent's call carries upstream.
+SECRET_REPLACES = (b"authorization", b"cookie", b"accept-encoding")
+SECRET_REPLACES_PARAMS = ("access_token",)
+CHANGED = ("the call changed after it was approved (it is no longer byte for byte what "
+           "the approver was shown); it was not forwarded")
+
+
+def replaced_by_secret(gateway: Gateway, rule: Rule) -> tuple[frozenset[bytes], tuple[str, ...]]:
+    """Header names (lower case) and query parameters the gateway replaces when it
+    adds ``rule``'s secret after the approval; none without a secret."""
+    headers = set(HOP)
+    params: list[str] = []
+    if rule.secret is not None:
+        headers.update(SECRET_REPLACES)
+        params.extend(SECRET_REPLACES_PARAMS)
+        broker = gateway.components.get(SECRETS)
+        spec = broker.specs.get(rule.secret) if broker is not None else None
+        if spec is not None:
+            if spec.inject.kind == "query":
+                params.append(spec.inject.name)
+            else:
+                headers.add(spec.inject.name.lower().encode("latin-1"))
+    return frozenset(headers), tuple(params)
+
+
+def held_request(flow: http.HTTPFlow, hidden: frozenset[bytes], params: tuple[str, ...],
+                 secret: str | None = None) -> HeldRequest:
+    """``flow``'s request as it goes upstream, less what the gateway replaces."""
+    req = flow.request
+    target = req.data.path
+    for name in params:
+        if b"?" in target:
+            target = set_query_param(target, name, None)
+    url = target_url(req.scheme, req.host, req.port, "").encode("utf-8") + target
+    headers = tuple((n, v) for n, v in req.headers.fields if n.lower() not in hidden)
+    return HeldRequest.of(req.data.method, url, headers, req.raw_content or b"", secret)
 
 
 class Approve(GatewayAddon):
@@ -77,11 +127,14 @@ class Approve(GatewayAddon):
                      for name, args in decision.calls]
         gw = self.gateway
         ex.bytes_in = len(body)
+        hidden, params = replaced_by_secret(gw, rule)
+        shown = held_request(flow, hidden, params, rule.secret)
         held = self.approvals.new(
             request_id=ex.request_id, workload=caller.workload, task=caller.task,
             owner=caller.owner, purpose=self._purpose(caller.task), method=ex.method,
-            url=target_url(ex.scheme, ex.host, ex.port, ex.path), tool=ex.tool, calls=calls,
-            client_id=flow.client_conn.id, expires_at=self._ends_at(caller))
+            url=shown.view()["url"], tool=ex.tool, calls=calls,
+            client_id=flow.client_conn.id, expires_at=self._ends_at(caller), request=shown,
+            log_url=target_url(ex.scheme, ex.host, ex.port, ex.path))
         await gw.audit_interim(ex, "held", "waiting for approval", held.audit_value())
         self.approvals.start(held)
         answer = await self.approvals.wait(held)
@@ -100,6 +153,10 @@ class Approve(GatewayAddon):
         except TaskgateError as e:
             self._reject(flow, decision, f"{answer.reason}, but {e.reason}")
             return
+        if held_request(flow, hidden, params, rule.secret).digest != shown.digest:
+            refuse(flow, 500, "changed_after_approval", CHANGED, decision="error")
+            return
+        flow.metadata[HELD] = (shown, hidden, params)
         ex.decision, ex.reason = "approved", answer.reason
 
     @staticmethod
@@ -137,4 +194,21 @@ class Approve(GatewayAddon):
                                f"its body may be at most {self._cap} bytes")
 
 
-addons = [Approve()]
+class ApprovedAsShown(GatewayAddon):
+    """request (last in the chain but the record): an approved call goes upstream only
+    if it is still byte for byte what the approver was shown, the secret aside."""
+
+    @guarded
+    async def request(self, flow: http.HTTPFlow) -> None:
+        held = flow.metadata.get(HELD)
+        if held is None or flow.response or not flow.live:
+            return
+        shown, hidden, params = held
+        if flow.request.stream or held_request(flow, hidden, params,
+                                               shown.secret).digest != shown.digest:
+            refuse(flow, 500, "changed_after_approval", CHANGED, decision="error")
+
+
+# Under plain `mitmdump -s`, load this file after inject.py for the last check to come
+# after the secret's placement (Approve itself checks again right after the approval).
+addons = [Approve(), ApprovedAsShown()]

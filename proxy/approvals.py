@@ -16,11 +16,22 @@ Answering an ended call is a :class:`~proxy.errors.Conflict` (409 at the edge),
 answering an unknown one :class:`~proxy.errors.NotFound` (404). An approval
 covers exactly the one held request it was given for: nothing is remembered
 for the next call but the fact that this one ended (for the 409).
+
+What the approver sees is the request as it will be forwarded
+(:class:`HeldRequest`): method, the full URL with its query values, the
+headers the agent sent that go upstream, the body (shown up to
+:data:`VIEW_BODY_BYTES`, with the size and SHA-256 of all of it) and a
+:func:`request_digest` over all four. The gateway adds only the rule's secret
+after the approval (it is never shown); the data plane re-computes the digest
+right before forwarding and refuses the call if anything else changed, and the
+audit record's ``approval`` carries the digest.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
+import hashlib
 import logging
 import secrets
 import time
@@ -37,7 +48,8 @@ from .hosts import default_port
 if TYPE_CHECKING:
     from .gateway import Gateway
 
-__all__ = ["Answer", "Approvals", "Held", "attach", "target_url", "tool_calls"]
+__all__ = ["Answer", "Approvals", "Held", "HeldRequest", "attach", "body_view",
+           "request_digest", "target_url", "tool_calls"]
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +64,96 @@ REASONS = {
     "shutdown": "the gateway shut down while the call was held for approval",
     "cancelled": "the held call was cancelled by the gateway",
 }
+
+
+VIEW_BODY_BYTES = 64 * 1024  # the most of a body an approver is shown (the digest is of all)
+# Framing follows from the body (which the digest covers) and may be re-written when
+# a call changes protocol (HTTP/2 in, HTTP/1.1 out): shown, but not part of the digest.
+FRAMING_HEADERS = frozenset({b"content-length", b"transfer-encoding"})
+DIGEST_DOMAIN = b"taskgate held request v1\n"
+
+Fields = tuple[tuple[bytes, bytes], ...]
+
+
+def _lp(data: bytes) -> bytes:
+    return len(data).to_bytes(8, "big") + data
+
+
+def request_digest(method: bytes, url: bytes, headers: Fields, body: bytes) -> str:
+    """SHA-256 (hex) over a length-prefixed encoding of the request as forwarded:
+    ``DIGEST_DOMAIN``, method, URL (``scheme://host[:port]`` and the raw target, query
+    included), the header count, each header's name and value in order (framing
+    headers left out), and the body."""
+    fields = [(n, v) for n, v in headers if n.lower() not in FRAMING_HEADERS]
+    h = hashlib.sha256(DIGEST_DOMAIN)
+    h.update(_lp(method))
+    h.update(_lp(url))
+    h.update(len(fields).to_bytes(8, "big"))
+    for name, value in fields:
+        h.update(_lp(name))
+        h.update(_lp(value))
+    h.update(_lp(body))
+    return h.hexdigest()
+
+
+def _text(data: bytes) -> str:
+    return data.decode("utf-8", "backslashreplace")
+
+
+def body_view(body: bytes, limit: int = VIEW_BODY_BYTES) -> dict[str, Any]:
+    """A body as an approver is shown it: UTF-8 text, or base64 when it is not text
+    (not UTF-8, or with a NUL);
+    at most ``limit`` bytes of it, with the size and SHA-256 of the whole body."""
+    part = body[:limit]
+    encoding = "utf-8"
+    try:
+        if b"\0" in part:
+            raise UnicodeDecodeError("utf-8", part, 0, 0, "NUL: binary")
+        shown = part.decode("utf-8")
+    except UnicodeDecodeError as e:
+        if (len(part) < len(body) and e.reason == "unexpected end of data"
+                and _utf8(part[:e.start])):
+            part = part[:e.start]  # the bound cut through a character: still text
+            shown = part.decode("utf-8")
+        else:
+            encoding, shown = "base64", base64.b64encode(part).decode("ascii")
+    return {"size": len(body), "sha256": hashlib.sha256(body).hexdigest(),
+            "encoding": encoding, "shown": shown, "shown_bytes": len(part),
+            "truncated": len(part) < len(body)}
+
+
+def _utf8(data: bytes) -> bool:
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
+@dataclass(frozen=True, slots=True)
+class HeldRequest:
+    """A held call exactly as it will be forwarded, but for the gateway's secret:
+    ``headers`` are the agent's, less those the gateway drops or replaces (the proxy
+    credential; on a rule with a secret, the agent's own credentials and
+    ``Accept-Encoding``), ``url`` likewise less the query parameters it replaces."""
+
+    method: bytes
+    url: bytes
+    headers: Fields
+    body: bytes
+    secret: str | None = None  # the secret the gateway adds after the approval
+    digest: str = ""
+
+    @classmethod
+    def of(cls, method: bytes, url: bytes, headers: Fields, body: bytes,
+           secret: str | None = None) -> HeldRequest:
+        return cls(method, url, headers, body, secret,
+                   request_digest(method, url, headers, body))
+
+    def view(self) -> dict[str, Any]:
+        return {"method": _text(self.method), "url": _text(self.url),
+                "headers": [[_text(n), _text(v)] for n, v in self.headers],
+                "body": body_view(self.body), "secret": self.secret, "digest": self.digest}
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,6 +187,8 @@ class Held:
     calls: list[dict[str, Any]] = field(default_factory=list)
     client_id: str | None = None
     expires_at: float | None = None
+    request: HeldRequest | None = None
+    log_url: str = ""  # the URL with query values redacted, for the gateway's own log
     created: float = field(default_factory=time.time)
     deadline: float | None = None
     runs_out: str = "timeout"  # what ends it at the deadline: the timeout, or "expired"
@@ -106,6 +210,7 @@ class Held:
             "age_seconds": round(max(0.0, time.time() - self.created), 3),
             "expires_at": rfc3339(self.deadline) if self.deadline else None,
             "state": "waiting" if self.answer is None else self.answer.outcome,
+            "request": self.request.view() if self.request is not None else None,
         }
         if self.answer is not None:
             out["answer"] = self.audit_value()
@@ -114,11 +219,16 @@ class Held:
     def audit_value(self) -> dict[str, Any]:
         """The record's ``approval`` field: waiting (the hold record) or how it ended."""
         if self.answer is None:
-            return {"id": self.id, "outcome": "waiting",
-                    "expires_at": rfc3339(self.deadline) if self.deadline else None}
-        a = self.answer
-        return {"id": self.id, "outcome": a.outcome, "by": a.by, "at": rfc3339(a.at),
-                "comment": a.comment, "waited_ms": self.waited_ms()}
+            out = {"id": self.id, "outcome": "waiting",
+                   "expires_at": rfc3339(self.deadline) if self.deadline else None}
+        else:
+            a = self.answer
+            out = {"id": self.id, "outcome": a.outcome, "by": a.by, "at": rfc3339(a.at),
+                   "comment": a.comment, "waited_ms": self.waited_ms()}
+        if self.request is not None:  # what was shown, so the record proves what was approved
+            out.update(digest=self.request.digest, body_bytes=len(self.request.body),
+                       body_sha256=hashlib.sha256(self.request.body).hexdigest())
+        return out
 
 
 class Approvals:
@@ -135,14 +245,16 @@ class Approvals:
     def new(self, *, request_id: str, workload: str | None, task: str | None,
             owner: str | None, purpose: str | None, method: str | None, url: str,
             tool: Any = None, calls: list[dict[str, Any]] | None = None,
-            client_id: str | None = None, expires_at: float | None = None) -> Held:
+            client_id: str | None = None, expires_at: float | None = None,
+            request: HeldRequest | None = None, log_url: str = "") -> Held:
         """A held call with a fresh id, not yet visible (its hold record comes first)."""
         hid = secrets.token_hex(8)
         while hid in self._waiting or hid in self._ended:  # pragma: no cover - 2**-64
             hid = secrets.token_hex(8)
         held = Held(id=hid, request_id=request_id, workload=workload, task=task, owner=owner,
                     purpose=purpose, method=method, url=url, tool=tool, calls=calls or [],
-                    client_id=client_id, expires_at=expires_at)
+                    client_id=client_id, expires_at=expires_at, request=request,
+                    log_url=log_url or url)
         held.deadline = held.created + self.timeout
         if expires_at is not None and expires_at < held.deadline:
             held.deadline, held.runs_out = max(held.created, expires_at), "expired"
@@ -158,7 +270,7 @@ class Approvals:
         assert held.deadline is not None
         self._waiting[held.id] = held
         log.info("request %s held for approval %s: %s %s", held.request_id, held.id,
-                 held.method, held.url)
+                 held.method, held.log_url)
         held.timer = loop.call_later(max(0.0, held.deadline - time.time()), self._run_out,
                                      held)
 

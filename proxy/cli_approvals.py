@@ -1,4 +1,9 @@
-"""``taskgate approvals list|approve|deny``: answer held calls from a terminal.
+"""``taskgate approvals list|show|approve|deny``: answer held calls from a terminal.
+
+What a call carries is shown in full — the URL with its query, the headers
+that will be forwarded, the body (up to a bound, with its size and SHA-256),
+the MCP tools and arguments — every value through :func:`proxy.safe_text.safe`,
+since the agent wrote all of it.
 
 Talks to the control plane of a running gateway: its address is
 ``TASKGATE_CONTROL_URL`` or the config's ``listen.control``; the admin token is
@@ -21,6 +26,7 @@ import orjson
 from .admin import ENV_VAR as TOKEN_ENV
 from .admin import admin_token
 from .cli import command, config_of
+from .safe_text import safe, safe_json
 
 __all__ = ["ControlClient", "ControlError"]
 
@@ -93,38 +99,51 @@ def _setup(p: argparse.ArgumentParser) -> None:
     sub = p.add_subparsers(dest="action", required=True, metavar="ACTION")
     ls = sub.add_parser("list", help="calls waiting for approval, oldest first")
     ls.add_argument("--json", action="store_true", help="print the control plane's JSON")
+    sh = sub.add_parser("show", help="one held call in full: URL, headers, body, tools")
+    sh.add_argument("id", help="the approval id (from `taskgate approvals list`)")
+    sh.add_argument("--json", action="store_true", help="print the control plane's JSON")
     for verb, help_text in (("approve", "let one held call go to its upstream"),
                             ("deny", "refuse one held call")):
         a = sub.add_parser(verb, help=help_text, description=help_text)
         a.add_argument("id", help="the approval id (from `taskgate approvals list`)")
         a.add_argument("--by", required=True, metavar="NAME", help="who answers")
         a.add_argument("--comment", help="why; a denial's comment is shown to the agent")
-    for action_parser in (ls, *(sub.choices[v] for v in ("approve", "deny"))):
+    for action_parser in (ls, sh, *(sub.choices[v] for v in ("approve", "deny"))):
         action_parser.add_argument("-c", "--config", metavar="FILE", default=argparse.SUPPRESS,
                                    help="config file (for listen.control and admin_token_file)")
 
 
-@command("approvals", "list calls held for approval; approve or deny one", _setup)
+@command("approvals", "list calls held for approval; show, approve or deny one", _setup)
 def _approvals(args: argparse.Namespace) -> int:
     try:
         client = ControlClient.from_args(args)
         if args.action == "list":
             doc = client.call("GET", "/v1/approvals")
             if args.json:
-                print(orjson.dumps(doc, option=orjson.OPT_INDENT_2).decode())
+                print(safe_json(doc))
             else:
                 _print_list(doc.get("approvals", []))
+            return 0
+        if args.action == "show":
+            doc = client.call("GET", f"/v1/approvals/{_quote(args.id)}")
+            if args.json:
+                print(safe_json(doc))
+            else:
+                _print_held(doc, full=True)
             return 0
         body: dict[str, Any] = {"by": args.by}
         if args.comment is not None:
             body["comment"] = args.comment
         held = client.call("POST", f"/v1/approvals/{_quote(args.id)}/{args.action}", body)
     except ControlError as e:
-        print(f"taskgate approvals: {e}", file=sys.stderr)
+        print(f"taskgate approvals: {safe(e)}", file=sys.stderr)
         return e.code
     verb = "approved" if args.action == "approve" else "denied"
-    print(f"{verb} {held['id']} (request {held['request_id']}: {held['method']} "
-          f"{held['url']}) by {args.by}")
+    print(safe(f"{verb} {held['id']} (request {held['request_id']}: {held['method']} "
+               f"{held['url']}) by {args.by}"))
+    request = held.get("request")
+    if isinstance(request, dict) and request.get("digest"):
+        print(safe(f"  digest:   {request['digest']}"))
     return 0
 
 
@@ -139,17 +158,43 @@ def _print_list(items: list[dict[str, Any]]) -> None:
         print("no calls are waiting for approval")
         return
     for h in items:
-        print(_safe(f"{h['id']}  waiting {h['age_seconds']:.0f}s  until {h['expires_at']}"))
-        print(_safe(f"  workload: {h['workload']}  owner: {h['owner'] or '-'}  "
-                    f"task: {h['task'] or '-'}  purpose: {h['purpose'] or '-'}"))
-        print(_safe(f"  call:     {h['method']} {h['url']}  (request {h['request_id']})"))
-        for c in h.get("calls") or []:
-            print(_safe(f"  tool:     {c['name']} {orjson.dumps(c['arguments']).decode()}"))
-        tool = h.get("tool")
-        if not h.get("calls") and isinstance(tool, dict) and tool.get("method"):
-            print(_safe(f"  rpc:      {tool['method']}"))  # an MCP method other than a tool
+        _print_held(h, full=False)
 
 
-def _safe(line: str) -> str:
-    """What the agent controls (URL, tool names) must not drive the approver's terminal."""
-    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in line)
+BODY_LINES = 40  # `list` shows the start of a body; `show` all the control plane sent
+
+
+def _print_held(h: dict[str, Any], *, full: bool) -> None:
+    """One held call; every value through :func:`safe` (the agent wrote the call)."""
+    state = h.get("state") or "waiting"
+    print(safe(f"{h['id']}  {state} {h['age_seconds']:.0f}s  until {h['expires_at']}"))
+    print(safe(f"  workload: {h['workload']}  owner: {h['owner'] or '-'}  "
+               f"task: {h['task'] or '-'}  purpose: {h['purpose'] or '-'}"))
+    print(safe(f"  call:     {h['method']} {h['url']}  (request {h['request_id']})"))
+    for c in h.get("calls") or []:
+        print(safe(f"  tool:     {c['name']} {orjson.dumps(c['arguments']).decode()}"))
+    tool = h.get("tool")
+    if not h.get("calls") and isinstance(tool, dict) and tool.get("method"):
+        print(safe(f"  rpc:      {tool['method']}"))  # an MCP method other than a tool
+    request = h.get("request")
+    if not isinstance(request, dict):
+        return
+    for name, value in request.get("headers") or []:
+        print(f"  header:   {safe(name)}: {safe(value)}")
+    if request.get("secret"):
+        print(safe(f"  secret:   {request['secret']} is added by the gateway after approval"))
+    body = request.get("body") or {}
+    if body.get("size"):
+        cut = " (shown in part)" if body.get("truncated") else ""
+        print(safe(f"  body:     {body['size']} bytes, {body.get('encoding')}{cut}, "
+                   f"sha256 {body.get('sha256')}"))
+        lines = str(body.get("shown") or "").split("\n")
+        limit = len(lines) if full else BODY_LINES
+        for line in lines[:limit]:
+            print(f"    | {safe(line)}")
+        if len(lines) > limit:
+            print(f"    | ... {len(lines) - limit} more lines "
+                  f"(taskgate approvals show {safe(h['id'])})")
+    else:
+        print("  body:     none")
+    print(safe(f"  digest:   {request.get('digest')}"))

@@ -14,13 +14,12 @@ from collections import deque
 from collections.abc import Iterable
 from typing import Any
 
-import orjson
-
 from .audit import load_hmac_key, log_files
 from .audit_query import FILTER_KEYS, AuditFilter, follow, records
 from .audit_verify import AnchorState, Report, read_anchor, verify, verify_files
 from .cli import command, config_of
 from .hosts import default_port
+from .safe_text import safe, safe_json
 from .store import store_path
 
 __all__ = ["format_row", "main_logs", "main_verify"]
@@ -62,8 +61,8 @@ def format_row(rec: dict[str, Any]) -> str:
     values = (ts, str(rec.get("decision") or ""), str(rec.get("status") or "-"),
               str(rec.get("workload") or "-"), str(rec.get("task") or "-"), _call(rec),
               _tool(rec.get("tool")), str(rec.get("rule") or "-"), reason)
-    line = "  ".join(_cut(v, w) for v, (_, w) in zip(values, _COLUMNS, strict=True))
-    return "".join(c if c.isprintable() else "?" for c in line)
+    # Escaped before cut: a record's values come from agents and upstreams.
+    return "  ".join(_cut(safe(v), w) for v, (_, w) in zip(values, _COLUMNS, strict=True))
 
 
 def _header() -> str:
@@ -89,8 +88,7 @@ def _emit(recs: Iterable[dict[str, Any]], as_json: bool) -> None:
     out = sys.stdout
     for rec in recs:
         if as_json:
-            out.flush()
-            out.buffer.write(orjson.dumps(rec) + b"\n")
+            out.write(safe_json(rec, indent=False) + "\n")
         else:
             out.write(format_row(rec) + "\n")
     out.flush()
@@ -102,7 +100,7 @@ def main_logs(args: argparse.Namespace) -> int:
     try:
         flt = AuditFilter.parse({k: getattr(args, k) for k in FILTER_KEYS})
     except ValueError as e:
-        print(f"taskgate logs: --{e}", file=sys.stderr)
+        print(f"taskgate logs: --{safe(e)}", file=sys.stderr)
         return 2
     path = config.audit_path
     if not log_files(path) and not args.follow:
@@ -161,13 +159,13 @@ def main_verify(args: argparse.Namespace) -> int:
     try:
         key = load_hmac_key(args.hmac_key_file or config.audit_hmac_key_file)
     except (OSError, ValueError) as e:
-        print(f"taskgate audit verify: cannot read the HMAC key: {e}", file=sys.stderr)
+        print(f"taskgate audit verify: cannot read the HMAC key: {safe(e)}", file=sys.stderr)
         return 2
     anchor: AnchorState | None = None
     if args.files:
         missing = [f for f in args.files if not os.path.isfile(f)]
         if missing:
-            print(f"taskgate audit verify: {missing[0]}: no such file", file=sys.stderr)
+            print(f"taskgate audit verify: {safe(missing[0])}: no such file", file=sys.stderr)
             return 2
         files = _chain_order(args.files)
         if _same_file(files[-1], config.audit_path):  # the configured log: its anchor too
@@ -188,8 +186,7 @@ def main_verify(args: argparse.Namespace) -> int:
                         accept_torn=args.accept_torn, anchor=anchor,
                         accept_missing_head=args.accept_missing_head)
     if args.json:
-        sys.stdout.buffer.write(orjson.dumps(report.as_dict(), option=orjson.OPT_INDENT_2)
-                                + b"\n")
+        print(safe_json(report.as_dict()))
     else:
         print(_summary(report, partial=args.partial, explicit=bool(args.files)))
     return 0 if report.ok else 1
@@ -242,4 +239,5 @@ def _summary(report: Report, *, partial: bool, explicit: bool) -> str:
         lines.append(f"  warning: {t}")
     for w in report.warnings:
         lines.append(f"  warning: {w}")
-    return "\n".join(lines)
+    # A damage report may quote the log (its records came from agents): one line each.
+    return "\n".join(safe(line) for line in lines)

@@ -25,6 +25,7 @@ from ruamel.yaml.error import YAMLError
 from .admin import ENV_VAR as ADMIN_ENV
 from .admin import admin_token
 from .cli import command, config_of
+from .safe_text import safe, safe_json
 
 __all__ = ["parse_ttl"]
 
@@ -127,15 +128,15 @@ def _create(ctl: Control, args: argparse.Namespace) -> int:
             body[key] = getattr(args, key)
     task = ctl.call("POST", "/v1/tasks", body)
     if args.json:
-        print(orjson.dumps(task, option=orjson.OPT_INDENT_2).decode())
+        print(safe_json(task))
         return 0
     budget = f"{task['max_calls']} calls" if task.get("max_calls") else "no call budget"
-    print(f"task      {task['task_id']}\n"
-          f"workload  {task['workload']}\n"
-          f"expires   {task['expires_at']} (in {_human(task['expires_in_seconds'])})\n"
-          f"budget    {budget}\n\n"
-          f"export HTTP_PROXY={task['proxy_url']}\n"
-          f"export HTTPS_PROXY={task['proxy_url']}")
+    print(f"task      {safe(task['task_id'])}\n"
+          f"workload  {safe(task['workload'])}\n"
+          f"expires   {safe(task['expires_at'])} (in {_human(task['expires_in_seconds'])})\n"
+          f"budget    {safe(budget)}\n\n"
+          f"export HTTP_PROXY={safe(task['proxy_url'])}\n"
+          f"export HTTPS_PROXY={safe(task['proxy_url'])}")
     return 0
 
 
@@ -145,13 +146,13 @@ def _list(ctl: Control, args: argparse.Namespace) -> int:
                       ("limit", args.limit)) if v is not None)
     out = ctl.call("GET", "/v1/tasks" + (f"?{query}" if query else ""))
     if args.json:
-        print(orjson.dumps(out, option=orjson.OPT_INDENT_2).decode())
+        print(safe_json(out))
         return 0
     print(f"{'TASK':32}  {'STATUS':8}  {'CALLS':>11}  {'EXPIRES':24}  WORKLOAD")
     for t in out["tasks"]:
         calls = f"{t['calls_used']}/{t['max_calls'] if t['max_calls'] else '-'}"
-        print(f"{t['task_id']:32}  {t['status']:8}  {calls:>11}  {t['expires_at']:24}  "
-              f"{t['workload']}")
+        print(f"{safe(t['task_id']):32}  {safe(t['status']):8}  {safe(calls):>11}  "
+              f"{safe(t['expires_at']):24}  {safe(t['workload'])}")
     if out["total"] > len(out["tasks"]):
         print(f"({len(out['tasks'])} of {out['total']}; use --limit)")
     return 0
@@ -159,21 +160,22 @@ def _list(ctl: Control, args: argparse.Namespace) -> int:
 
 def _show_task(task: dict[str, Any], as_json: bool) -> None:
     if as_json:
-        print(orjson.dumps(task, option=orjson.OPT_INDENT_2).decode())
+        print(safe_json(task))
         return
     left = task["calls_left"] if task["calls_left"] is not None else "unlimited"
-    print(f"task      {task['task_id']}\n"
-          f"status    {task['status']}\n"
-          f"workload  {task['workload']}\n"
-          f"owner     {task['owner'] or '-'}\n"
-          f"purpose   {task['purpose'] or '-'}\n"
-          f"created   {task['created_at']}\n"
-          f"expires   {task['expires_at']}\n"
-          + (f"revoked   {task['revoked_at']}\n" if task["revoked_at"] else "")
-          + f"calls     {task['calls_used']} used, {left} left\n"
+    # Every value may have come from a request (purpose, owner, rules): one line each.
+    print(f"task      {safe(task['task_id'])}\n"
+          f"status    {safe(task['status'])}\n"
+          f"workload  {safe(task['workload'])}\n"
+          f"owner     {safe(task['owner'] or '-')}\n"
+          f"purpose   {safe(task['purpose'] or '-')}\n"
+          f"created   {safe(task['created_at'])}\n"
+          f"expires   {safe(task['expires_at'])}\n"
+          + (f"revoked   {safe(task['revoked_at'])}\n" if task["revoked_at"] else "")
+          + f"calls     {safe(task['calls_used'])} used, {safe(left)} left\n"
           f"rules")
     for rule in task["rules"]:
-        print(f"  - {orjson.dumps(rule).decode()}")
+        print(f"  - {safe_json(rule, indent=False)}")
     _show_credentials(task.get("credentials"))
 
 
@@ -196,7 +198,7 @@ def _show_credentials(creds: list[dict[str, Any]] | None) -> None:
             line += f", last error: {c['last_error']}"
         if c["next_attempt_at"]:
             line += f", next attempt {c['next_attempt_at']}"
-        print(line)
+        print(safe(line))  # last_error may quote what an issuer answered
 
 
 def _show(ctl: Control, args: argparse.Namespace) -> int:
@@ -208,16 +210,16 @@ def _show(ctl: Control, args: argparse.Namespace) -> int:
 def _revoke(ctl: Control, args: argparse.Namespace) -> int:
     task = ctl.call("DELETE", f"/v1/tasks/{urllib.parse.quote(args.id, safe='')}")
     if args.json:
-        print(orjson.dumps(task, option=orjson.OPT_INDENT_2).decode())
+        print(safe_json(task))
     else:
-        print(f"revoked {task['task_id']} at {task['revoked_at']} "
-              f"({task['calls_used']} calls used)")
+        print(f"revoked {safe(task['task_id'])} at {safe(task['revoked_at'])} "
+              f"({safe(task['calls_used'])} calls used)")
     return 0
 
 
 def _rotate(ctl: Control, args: argparse.Namespace) -> int:
     out = ctl.call("POST", "/v1/task-keys/rotate")
-    print(f"new signing key {out['current']}; {len(out['keys']) - 1} older key(s) kept "
+    print(f"new signing key {safe(out['current'])}; {len(out['keys']) - 1} older key(s) kept "
           "until their tokens expire")
     return 0
 
@@ -262,6 +264,6 @@ def _task(args: argparse.Namespace) -> int:
     try:
         return _ACTIONS[args.task_command](Control(args), args)
     except CliError as e:
-        print(f"taskgate task {args.task_command}: {e}", file=sys.stderr)
+        print(f"taskgate task {args.task_command}: {safe(e)}", file=sys.stderr)
         return 1
 

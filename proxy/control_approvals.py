@@ -20,6 +20,7 @@ from aiohttp import web
 from .approvals import Approvals, Held
 from .control import GATEWAY, ROUTE_PLUGINS, json_error
 from .errors import TaskgateError, status_for
+from .safe_text import bad_char
 
 __all__ = ["parse_answer", "routes"]
 
@@ -37,7 +38,8 @@ class BadAnswer(ValueError):
 
 
 def _has_control(text: str, allowed: str = "") -> bool:
-    return any((ord(c) < 32 or ord(c) == 127) and c not in allowed for c in text)
+    """C0/C1 controls, DEL, bidi and zero-width characters (:func:`bad_char`)."""
+    return bad_char(text, allowed) is not None
 
 
 def parse_answer(body: bytes) -> tuple[str, str | None]:
@@ -58,14 +60,15 @@ def parse_answer(body: bytes) -> tuple[str, str | None]:
         raise BadAnswer(422, "by", "'by' must name who answers (a non-empty string)")
     if len(by) > MAX_BY or _has_control(by):
         raise BadAnswer(422, "by", f"'by' must be at most {MAX_BY} characters "
-                        "without control characters")
+                        "without control or invisible characters")
     comment = doc.get("comment")
     if comment is not None:
         if not isinstance(comment, str):
             raise BadAnswer(422, "comment", "'comment' must be a string (or left out)")
         if len(comment) > MAX_COMMENT or _has_control(comment, "\n\t"):
             raise BadAnswer(422, "comment", f"'comment' must be at most {MAX_COMMENT} "
-                            "characters without control characters other than newline and tab")
+                            "characters without control or invisible characters other "
+                            "than newline and tab")
         comment = comment or None
     return by.strip(), comment
 

@@ -29,7 +29,7 @@ from mitmproxy.master import Master
 from mitmproxy.net.http import http1
 from mitmproxy.proxy.layers.http import _http1, _http2, _http_h2
 
-from addons.approve import Approve
+from addons.approve import Approve, ApprovedAsShown
 from addons.audit import Audit
 from addons.authorize import Authorize
 from addons.egress import Egress
@@ -116,7 +116,8 @@ async def build_gateway(config: Config, session: aiohttp.ClientSession) -> Gatew
 # Every one is policy: plain imports, so a missing module stops the start, never a hook.
 # Limits comes first: connections per client are counted before anything is read.
 # Framing last: it patches mitmproxy's HTTP/1 framing when loaded (addons/framing.py).
-ADDON_CHAIN = (Limits, Identify, Authorize, Egress, Mcp, Approve, Inject, Audit, Framing)
+ADDON_CHAIN = (Limits, Identify, Authorize, Egress, Mcp, Approve, Inject, ApprovedAsShown, Audit,
+               Framing)
 
 
 def gateway_addons(gateway: Gateway) -> list[Any]:

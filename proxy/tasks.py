@@ -37,6 +37,7 @@ from .hosts import HostPattern
 from .mcp import McpGrant
 from .paths import PathGlob
 from .rules import Rule, RuleSet, parse_rules
+from .safe_text import bad_char
 from .store import TaskRow
 
 __all__ = [
@@ -97,6 +98,10 @@ def _text(body: Mapping[str, Any], name: str, *, limit: int = MAX_TEXT) -> str |
         raise RequestError(name, f"{name} must be a string, not {_type(value)}")
     if not value.strip() or len(value) > limit:
         raise RequestError(name, f"{name} must be 1-{limit} characters")
+    bad = bad_char(value)
+    if bad is not None:  # it is printed on terminals and the review page
+        raise RequestError(name, f"{name} must not contain control, format or invisible "
+                           f"characters (found U+{ord(bad):04X})")
     return value
 
 

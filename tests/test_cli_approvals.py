@@ -12,7 +12,7 @@ from pathlib import Path
 import orjson
 import pytest
 
-from proxy.cli_approvals import _safe
+from proxy.safe_text import safe as _safe
 from tests.support import REPO, Gateway, Upstream, free_port
 from tests.test_approve import admin_token, agent, approval_config, control, held, https
 

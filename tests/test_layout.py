@@ -81,4 +81,5 @@ def test_the_whole_chain_loads() -> None:
     out = subprocess.run([*PYTHON, "-c", script], env=python_env(), cwd=REPO,
                          capture_output=True, text=True, timeout=60, check=True)
     assert out.stdout.strip() == str(["Limits", "Identify", "Authorize", "Egress", "Mcp",
-                                      "Approve", "Inject", "Audit", "Framing"])
+                                      "Approve", "Inject", "ApprovedAsShown", "Audit",
+                                      "Framing"])

@@ -111,7 +111,7 @@ async def test_a_task_call_is_held_shown_with_its_task_and_released_on_approval(
         assert h["workload"] == WORKLOAD and h["owner"] == "alice@acme.test"
         assert h["purpose"] == PURPOSE
         assert h["method"] == "POST"
-        assert h["url"] == https(upstream, f"/approve/{m}?sig=REDACTED")
+        assert h["url"] == https(upstream, f"/approve/{m}?sig=s3cret")
         assert h["age_seconds"] >= 0 and h["state"] == "waiting"
         await asyncio.sleep(0.3)
         assert seen(upstream, m) == [] and not call.done()

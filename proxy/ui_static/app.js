@@ -67,6 +67,16 @@ function listOf(data, key) {
   return [];
 }
 
+// Agent-controlled text is shown as text, and what a screen would hide or reorder —
+// controls, bidi overrides and isolates, zero-width and other invisible characters —
+// is shown as a visible \u escape (newlines only where `keepLines` says so).
+const HIDDEN = /[\u0000-\u0008\u000b-\u001f\u007f-\u009f\u00ad\u061c\u115f\u1160\u180e\u200b-\u200f\u2028-\u202e\u2060-\u206f\u3164\ufe00-\ufe0f\ufeff\ufff0-\ufffb\u{e0000}-\u{e0fff}]/gu;
+function visible(value, keepLines) {
+  const text = String(value ?? "");
+  const out = text.replace(HIDDEN, (c) => `\\u${c.codePointAt(0).toString(16).padStart(4, "0")}`);
+  return keepLines ? out : out.replace(/[\n\t]/g, (c) => (c === "\n" ? "\\n" : "\\t"));
+}
+
 function notAvailable(panel, what) {
   panel.replaceChildren(el("span", { class: "na" }, `${what}: not available in this gateway`));
 }
@@ -105,8 +115,8 @@ async function loadTasks() {
     const [used, left] = taskCalls(t);
     const row = el("tr", { class: "task-row" + (id === state.task ? " selected" : ""),
                            "data-task": id, on: { click: () => showTask(id) } },
-      el("td", {}, id), el("td", {}, t.workload ?? ""), el("td", {}, t.owner ?? ""),
-      el("td", {}, t.purpose ?? ""), el("td", {}, fmtTime(t.expires_at)),
+      el("td", {}, visible(id)), el("td", {}, visible(t.workload)), el("td", {}, visible(t.owner)),
+      el("td", {}, visible(t.purpose)), el("td", {}, fmtTime(t.expires_at)),
       el("td", {}, used), el("td", {}, left), el("td", {}, taskStatus(t)));
     return row;
   });
@@ -135,8 +145,8 @@ function renderTaskDetail() {
   const [used, left] = taskCalls(t);
   box.replaceChildren(
     el("strong", {}, `Timeline of task ${state.task}`),
-    el("div", {}, `owner ${t.owner ?? "?"} · purpose ${t.purpose ?? "?"} · expires ${fmtTime(t.expires_at)}` +
-                  ` · calls used ${used} · left ${left} · ${taskStatus(t)}`));
+    el("div", {}, visible(`owner ${t.owner ?? "?"} · purpose ${t.purpose ?? "?"} · expires ${fmtTime(t.expires_at)}` +
+                          ` · calls used ${used} · left ${left} · ${taskStatus(t)}`)));
 }
 
 // -- approvals ---------------------------------------------------------------
@@ -184,20 +194,41 @@ async function loadApprovals() {
     const tool = toolText(a.tool);
     return el("div", { class: "approval", "data-approval": id },
       el("div", {},
-        el("strong", {}, `${a.method ?? ""} ${approvalUrl(a)}`),
-        el("div", { class: "muted" },
+        el("strong", { class: "held-call" }, visible(`${a.method ?? ""} ${approvalUrl(a)}`)),
+        el("div", { class: "muted" }, visible(
            `task ${a.task ?? "-"} · workload ${a.workload ?? "-"} · owner ${a.owner ?? "-"}` +
            (a.purpose ? ` · ${a.purpose}` : "") +
            (a.age_seconds != null ? ` · waiting ${Math.round(a.age_seconds)} s` : "") +
-           (a.expires_at ? ` · until ${fmtTime(a.expires_at)}` : "")),
-        tool && !calls ? el("div", {}, `tool ${tool}`) : null,
-        calls ? el("pre", {}, calls.map((c) => `${c.name}(${JSON.stringify(c.arguments ?? {})})`).join("\n"))
-              : null),
+           (a.expires_at ? ` · until ${fmtTime(a.expires_at)}` : ""))),
+        tool && !calls ? el("div", {}, visible(`tool ${tool}`)) : null,
+        calls ? el("pre", { class: "held-tools" },
+                   calls.map((c) => visible(`${c.name}(${JSON.stringify(c.arguments ?? {})})`)).join("\n"))
+              : null,
+        heldRequest(a.request)),
       el("div", { class: "actions" },
         el("input", { "data-comment": id, placeholder: "comment", maxlength: "500" }),
         el("button", { class: "approve", type: "button", on: { click: () => decide(id, "approve") } }, "Approve"),
         el("button", { class: "deny", type: "button", on: { click: () => decide(id, "deny") } }, "Deny")));
   }));
+}
+
+// What will be forwarded, but for the gateway's secret: headers, the body (or its start),
+// its size and SHA-256, and the digest the record keeps with the approval.
+function heldRequest(r) {
+  if (!r || typeof r !== "object") return null;
+  const headers = Array.isArray(r.headers) ? r.headers : [];
+  const body = r.body && typeof r.body === "object" ? r.body : {};
+  const size = Number(body.size) || 0;
+  const about = size
+    ? `body ${size} bytes (${visible(body.encoding)}${body.truncated ? `, first ${Number(body.shown_bytes) || 0} bytes shown` : ""}) · sha256 ${visible(body.sha256)}`
+    : "no body";
+  return el("div", { class: "held-request" },
+    headers.length ? el("pre", { class: "held-headers" },
+                        headers.map((h) => `${visible(h[0])}: ${visible(h[1])}`).join("\n")) : null,
+    r.secret ? el("div", { class: "muted" }, `secret ${visible(r.secret)} is added by the gateway after approval`) : null,
+    el("div", { class: "muted held-body-about" }, about),
+    size ? el("pre", { class: "held-body" }, visible(body.shown, true)) : null,
+    el("div", { class: "muted held-digest" }, `digest ${visible(r.digest)}`));
 }
 
 // -- calls -------------------------------------------------------------------
@@ -236,14 +267,14 @@ function callRow(r, fresh) {
     el("td", {}, fmtTime(r.ts)),
     el("td", {}, el("span", { class: "badge" }, d)),
     el("td", {}, r.status ?? ""),
-    el("td", {}, r.workload ?? ""),
+    el("td", {}, visible(r.workload)),
     el("td", {}, r.task ? el("button", { class: "task-link", type: "button", title: "show this task's timeline",
                                          on: { click: () => showTask(r.task) } }, r.task) : ""),
-    el("td", { class: "call" }, callText(r)),
-    el("td", {}, toolText(r.tool)),
-    el("td", {}, r.rule ?? ""),
-    el("td", {}, r.secret ?? ""),
-    el("td", {}, reasonText(r)),
+    el("td", { class: "call" }, visible(callText(r))),
+    el("td", {}, visible(toolText(r.tool))),
+    el("td", {}, visible(r.rule)),
+    el("td", {}, visible(r.secret)),
+    el("td", {}, visible(reasonText(r))),
     el("td", {}, r.duration_ms ?? ""));
 }
 
