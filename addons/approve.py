@@ -30,7 +30,7 @@ from proxy.identity import Caller
 from proxy.mcp_inspect import McpDecision, refused_after
 from proxy.rules import Rule
 from proxy.secrets import COMPONENT as SECRETS
-from proxy.secrets import set_query_param
+from proxy.secrets import replaced_params, strip_query_params
 
 INSPECT_BODY = "taskgate.inspect_body"
 HELD = "taskgate.held_request"  # (HeldRequest, hidden headers, replaced query parameters)
@@ -40,7 +40,6 @@ HOP = (b"proxy-authorization", b"proxy-connection")
 # On a rule with a secret the inject addon drops the agent's own credentials and sets
 # these (proxy/addons/inject.py): not what the agent's call carries upstream.
 SECRET_REPLACES = (b"authorization", b"cookie", b"accept-encoding")
-SECRET_REPLACES_PARAMS = ("access_token",)
 CHANGED = ("the call changed after it was approved (it is no longer byte for byte what "
            "the approver was shown); it was not forwarded")
 
@@ -52,13 +51,11 @@ def replaced_by_secret(gateway: Gateway, rule: Rule) -> tuple[frozenset[bytes], 
     params: list[str] = []
     if rule.secret is not None:
         headers.update(SECRET_REPLACES)
-        params.extend(SECRET_REPLACES_PARAMS)
         broker = gateway.components.get(SECRETS)
         spec = broker.specs.get(rule.secret) if broker is not None else None
         if spec is not None:
-            if spec.inject.kind == "query":
-                params.append(spec.inject.name)
-            else:
+            params.extend(replaced_params(spec.inject))
+            if spec.inject.kind != "query":
                 headers.add(spec.inject.name.lower().encode("latin-1"))
     return frozenset(headers), tuple(params)
 
@@ -68,9 +65,8 @@ def held_request(flow: http.HTTPFlow, hidden: frozenset[bytes], params: tuple[st
     """``flow``'s request as it goes upstream, less what the gateway replaces."""
     req = flow.request
     target = req.data.path
-    for name in params:
-        if b"?" in target:
-            target = set_query_param(target, name, None)
+    if params:  # as the inject addon strips them (a control byte in a name: refused)
+        target = strip_query_params(target, params)
     url = target_url(req.scheme, req.host, req.port, "").encode("utf-8") + target
     headers = tuple((n, v) for n, v in req.headers.fields if n.lower() not in hidden)
     return HeldRequest.of(req.data.method, url, headers, req.raw_content or b"", secret)

@@ -31,15 +31,21 @@ from addons.mcp import MCP_RULES
 from proxy.errors import Refused, TaskgateError
 from proxy.gateway import Exchange
 from proxy.rules import Rule
-from proxy.secrets import COMPONENT, Redactor, SecretBroker, check_destination, set_query_param
+from proxy.secrets import (
+    COMPONENT,
+    Redactor,
+    SecretBroker,
+    check_destination,
+    replaced_params,
+    set_query_param,
+    strip_query_params,
+)
 from proxy.secrets.codings import StreamDecoder, TooLarge, Undecodable, codings, decode
-from proxy.secrets.placement import CREDENTIAL_PARAMS, strip_query_params
 
 # What an agent could authenticate with on its own: on a rule with a secret, only the
 # gateway's credential goes out (Proxy-Authorization is taken off for every call;
 # access_token is the bearer token's query form, RFC 6750 2.3).
 AGENT_CREDENTIALS = ("Authorization", "Proxy-Authorization", "Cookie")
-AGENT_CREDENTIAL_PARAMS = ("access_token",)
 CUT = "taskgate.stream_undecodable"
 INLINE_SCAN_BYTES = 256 * 1024  # a larger or coded buffered body is scanned off the loop
 INJECTED = "taskgate.secret_injected"
@@ -149,14 +155,14 @@ class Inject(GatewayAddon):
             return
         if flow.response or not flow.live:  # the agent went away while we waited
             return
-        place = broker.specs[rule.secret].inject.render(minted.value)
+        spec = broker.specs[rule.secret].inject
+        place = spec.render(minted.value)
         for name in AGENT_CREDENTIALS:
             req.headers.pop(name, None)
         # The agent's own credential parameters, however spelled (API_KEY, api%5Fkey,
         # Api-Key); a name with a control byte (api_key%00) is refused, not guessed at.
-        strip = (place.name, *CREDENTIAL_PARAMS) if place.query else AGENT_CREDENTIAL_PARAMS
         try:
-            req.data.path = strip_query_params(req.data.path, strip)
+            req.data.path = strip_query_params(req.data.path, replaced_params(spec))
         except ValueError as e:
             refuse_for(flow, Refused(f"{e}; the call was refused", rule.id))
             return

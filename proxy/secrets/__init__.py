@@ -17,7 +17,13 @@ from typing import TYPE_CHECKING
 
 from .binding import check_destination
 from .broker import SecretBroker
-from .placement import InjectSpec, Placement, set_query_param
+from .placement import (
+    InjectSpec,
+    Placement,
+    replaced_params,
+    set_query_param,
+    strip_query_params,
+)
 from .redact import Redactor
 from .seal import KEY_FILE
 from .spec import SecretSpec, parse_secret
@@ -36,7 +42,9 @@ __all__ = [
     "check_destination",
     "install",
     "parse_secret",
+    "replaced_params",
     "set_query_param",
+    "strip_query_params",
 ]
 
 if TYPE_CHECKING:  # the config imports this package; the gateway imports the config

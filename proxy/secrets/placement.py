@@ -87,6 +87,16 @@ def set_query_param(target: bytes, name: str, value: str | None) -> bytes:
 CREDENTIAL_PARAMS = ("access_token", "api_key", "apikey", "api_token", "auth_token", "token",
                      "client_secret", "password", "secret", "id_token", "refresh_token")
 _FOLD_DROP = str.maketrans("", "", "-_. \t")
+# On a rule whose secret goes in a header: the bearer token's query form (RFC 6750 2.3).
+HEADER_SECRET_PARAMS = ("access_token",)
+
+
+def replaced_params(inject: InjectSpec) -> tuple[str, ...]:
+    """Query parameters taken off an agent's call when ``inject``'s secret is added: the
+    inject addon strips them, and an approver is shown the call without them."""
+    if inject.kind == "query":
+        return (inject.name, *CREDENTIAL_PARAMS)
+    return HEADER_SECRET_PARAMS
 
 
 def query_name(raw: bytes) -> str:
