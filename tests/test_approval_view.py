@@ -75,7 +75,7 @@ def view_config(shared_files: dict[str, Path], up: Upstream) -> dict[str, Any]:
         {**plain, "id": "view", "paths": ["/view/**"]},
         {**plain, "id": "view-secret", "paths": ["/vsecret/**"], "secret": "api-key"},
         {**plain, "id": "view-query", "paths": ["/vquery/**"], "secret": "query-key"},
-        {"id": "view-tls", "host": "localhost", "port": up.https_port,
+        {"id": "view-tls", "host": "localhost", "allow_private": True, "port": up.https_port,
          "methods": ["POST"], "paths": ["/view/**"], "approval": "required"},
         {"id": "pay", "host": "127.0.0.1", "port": up.http_port, "scheme": "http",
          "paths": ["/mcp"], "mcp": {"tools": ["pay"]}, "approval": "required"},

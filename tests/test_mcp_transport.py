@@ -104,7 +104,7 @@ def gw(tmp_path_factory: pytest.TempPathFactory, shared_files: dict[str, Path],
          "methods": ["GET", "POST", "DELETE", "HEAD", "PUT", "PATCH", "OPTIONS"]},
         {"id": "echo-approve", **echo, "paths": ["/mcp-approve"], "approval": "required",
          "mcp": {"tools": ["add"], "methods": ["resources/*"]}},
-        {"id": "tls-echo", "host": "localhost", "port": upstream.https_port,
+        {"id": "tls-echo", "host": "localhost", "allow_private": True, "port": upstream.https_port,
          "paths": ["/mcp-echo"], "mcp": {"tools": ["add"]}},
         {"id": "sdk-add", "host": "127.0.0.1", "port": sdk.port, "scheme": "http",
          "paths": ["/mcp"], "mcp": {"tools": ["add"]}},
@@ -486,7 +486,8 @@ def test_argument_over_the_match_cap_refused(agent: httpx.Client, sdk: McpUpstre
 ])
 def test_task_with_a_pattern_re2_cannot_compile_is_422(gw: Gateway, upstream: Upstream,
                                                         pattern: str, why: str) -> None:
-    rule = {"id": "mcp-task", "host": "localhost", "port": upstream.https_port,
+    rule = {"id": "mcp-task", "host": "localhost", "allow_private": True,
+            "port": upstream.https_port,
             "paths": ["/mcp"], "mcp": {"tools": ["read_file"], "args": {
                 "limit": {"maximum": 10}, "path": {"pattern": pattern}}}}
     r = post_task(gw, [rule], up=upstream)

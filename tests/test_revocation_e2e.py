@@ -81,10 +81,12 @@ def world(tmp_path_factory: pytest.TempPathFactory, test_ca: trustme.CA,
                          **BACKOFF},
         },
         "workloads": {WORKLOAD: {"owner": "platform@acme.test", "ceiling": [
-            {"id": "gh", "host": "localhost", "port": github.https_port, "methods": ["GET"],
+            {"id": "gh", "host": "localhost", "allow_private": True,
+             "port": github.https_port, "methods": ["GET"],
              "paths": ["/repos/acme/**"], "secret": "github", "repositories": ["widgets"],
              "permissions": {"issues": "read"}},
-            {"id": "db", "host": "localhost", "port": api.https_port, "methods": ["GET"],
+            {"id": "db", "host": "localhost", "allow_private": True,
+             "port": api.https_port, "methods": ["GET"],
              "paths": ["/db/**"], "secret": "vault-db"},
         ]}},
     }
@@ -105,13 +107,14 @@ def kept(r: httpx.Response) -> httpx.Response:
 
 
 def gh_rule(w: World) -> dict[str, Any]:
-    return {"id": "gh-read", "host": "localhost", "port": w.github.https_port,
+    return {"id": "gh-read", "host": "localhost", "allow_private": True,
+            "port": w.github.https_port,
             "methods": ["GET"], "paths": ["/repos/acme/*/issues"], "secret": "github",
             "repositories": ["widgets"], "permissions": {"issues": "read"}}
 
 
 def db_rule(w: World) -> dict[str, Any]:
-    return {"id": "db-read", "host": "localhost", "port": w.api.https_port,
+    return {"id": "db-read", "host": "localhost", "allow_private": True, "port": w.api.https_port,
             "methods": ["GET"], "paths": ["/db/**"], "secret": "vault-db"}
 
 
