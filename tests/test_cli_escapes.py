@@ -282,13 +282,14 @@ async def test_the_cli_shows_the_refusal_escaped(tgw: Gateway, upstream: Upstrea
     assert_clean(out, err)
 
 
-@pytest.mark.parametrize("name", list(PAYLOADS))
-@pytest.mark.parametrize("field", ["by", "comment"])
+# A comment may span lines (printed escaped): a payload that is only a line break is
+# refused in `by` alone.
+@pytest.mark.parametrize(("field", "name"), [
+    *(("by", n) for n in PAYLOADS),
+    *(("comment", n) for n, p in PAYLOADS.items() if not p.replace("\n", "").isprintable())])
 async def test_approver_text_with_control_characters_is_refused(
         tgw: Gateway, field: str, name: str) -> None:
     p = PAYLOADS[name]
-    if field == "comment" and p.replace("\n", "").isprintable():
-        pytest.skip("a comment may span lines (shown escaped)")
     body = {"by": "carol", field: "x" + p}
     async with control(tgw) as ctl:
         r = await ctl.post("/v1/approvals/0123456789abcdef/approve", json=body)
