@@ -10,11 +10,11 @@ from typing import Any
 
 from mitmproxy import ctx, http
 
-from proxy.audit import redact_target
+from proxy.audit._log import redact_target
 from proxy.errors import TaskgateError, Unavailable, status_for
-from proxy.gateway import REQUEST_ID_HEADER, Exchange, Gateway, new_request_id, refusal_body
-from proxy.hosts import canonical_host
-from proxy.paths import split_target
+from proxy.gateway._core import REQUEST_ID_HEADER, Exchange, Gateway, new_request_id, refusal_body
+from proxy.policy._hosts import canonical_host
+from proxy.policy._paths import split_target
 
 log = logging.getLogger("taskgate")
 

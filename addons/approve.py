@@ -23,12 +23,12 @@ from mitmproxy import connection, http
 from addons._base import GatewayAddon, exchange, guarded, refuse, refuse_for
 from addons.authorize import RULE
 from addons.mcp import MCP_DECISION, tool_error
-from proxy.approvals import Approvals, HeldRequest, target_url
+from proxy.approvals._held import Approvals, HeldRequest, target_url
 from proxy.errors import PayloadTooLarge, Refused, TaskgateError
-from proxy.gateway import Gateway
-from proxy.identity import Caller
-from proxy.mcp_inspect import McpDecision, refused_after
-from proxy.rules import Rule
+from proxy.gateway._core import Gateway
+from proxy.identity._jwt import Caller
+from proxy.mcp._inspect import McpDecision, refused_after
+from proxy.policy._rules import Rule
 from proxy.secrets import COMPONENT as SECRETS
 from proxy.secrets import replaced_params, strip_query_params
 

@@ -10,7 +10,7 @@ from mitmproxy.proxy import server_hooks
 
 from addons._base import GatewayAddon, exchange, refuse, streams_response
 from proxy.errors import Unavailable
-from proxy.gateway import REQUEST_ID_HEADER, Exchange, Gateway
+from proxy.gateway._core import REQUEST_ID_HEADER, Exchange, Gateway
 from proxy.secrets.redact import scrub_upstream_text
 
 log = logging.getLogger("taskgate")

@@ -1,6 +1,6 @@
 """Resolve an allowed call's host once, judge every address, pin the connection to it.
 
-``requestheaders`` (after authorize): the core (:mod:`proxy.egress`) resolves the
+``requestheaders`` (after authorize): the core (:mod:`proxy.gateway._egress`) resolves the
 host and judges every address against the rule that allowed the call; a call is
 refused (403) if any address is private and the rule did not opt in. The address
 judged is pinned for the agent connection and that host:port.
@@ -22,11 +22,11 @@ from mitmproxy import connection, ctx, http
 from mitmproxy.proxy import server_hooks
 
 from addons._base import GatewayAddon, exchange, guarded, refuse
-from proxy.egress import EgressGuard, OwnAddresses, local_addresses
+from proxy.gateway._egress import EgressGuard, OwnAddresses, local_addresses
 from proxy.errors import Refused
-from proxy.gateway import Gateway
-from proxy.hosts import canonical_host
-from proxy.rules import Call, Rule
+from proxy.gateway._core import Gateway
+from proxy.policy._hosts import canonical_host
+from proxy.policy._rules import Call, Rule
 
 # Set by addons/authorize.py (which imports this module, so they are spelled here).
 RULE = "taskgate.rule"

@@ -12,9 +12,9 @@ HTTP/1 connection that writes the message (``proxy/layers/http/_http1.py``):
   ``Http1Server.send`` cannot write response trailers.
 
 :func:`install` wraps those three methods (idempotent): the request head gets the
-framing :func:`proxy.framing.h1_request_framing` chooses, a body that does not match
+framing :func:`proxy.gateway._framing.h1_request_framing` chooses, a body that does not match
 its Content-Length is never sent past it (the connection closes), and trailers pass
-as mitmproxy's trailer events, filtered by :func:`proxy.framing.trailer_fields`.
+as mitmproxy's trailer events, filtered by :func:`proxy.gateway._framing.trailer_fields`.
 The addon installs it when loaded and filters request trailers on every protocol.
 """
 
@@ -41,7 +41,7 @@ from mitmproxy.proxy.layers.http._events import (
 )
 
 from addons._base import GatewayAddon
-from proxy.framing import h1_request_framing, trailer_fields
+from proxy.gateway._framing import h1_request_framing, trailer_fields
 
 log = logging.getLogger("taskgate")
 

@@ -29,8 +29,8 @@ from addons._base import GatewayAddon, exchange, guarded, refuse, refuse_for, st
 from addons.authorize import RULE
 from addons.mcp import MCP_RULES
 from proxy.errors import Refused, TaskgateError
-from proxy.gateway import Exchange
-from proxy.rules import Rule
+from proxy.gateway._core import Exchange
+from proxy.policy._rules import Rule
 from proxy.secrets import (
     COMPONENT,
     Redactor,

@@ -47,8 +47,8 @@ from mitmproxy.proxy.layers.http import (
 )
 
 from addons._base import GatewayAddon
-from proxy.gateway import REQUEST_ID_HEADER, Gateway, new_request_id, refusal_body
-from proxy.limits import ConnectionLimits, client_key
+from proxy.gateway._core import REQUEST_ID_HEADER, Gateway, new_request_id, refusal_body
+from proxy.gateway._limits import ConnectionLimits, client_key
 
 log = logging.getLogger("taskgate")
 

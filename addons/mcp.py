@@ -2,11 +2,11 @@
 
 Runs after ``authorize``: when a rule that matched the call carries ``mcp``,
 the request body is held (within ``mcp.max_body_bytes``), read strictly and
-judged against every matching rule (``proxy.mcp_inspect``). A refused
+judged against every matching rule (``proxy.mcp._inspect``). A refused
 ``tools/call`` is answered with a JSON-RPC error (HTTP 200, the request's id);
 other refusals with 403/411/413. tools/list answers are filtered to the
-granted tools as they stream back (``proxy.mcp_filter``). Only what the MCP
-transport defines reaches the endpoint (``proxy.mcp_inspect.transport_refusal``):
+granted tools as they stream back (``proxy.mcp._filter``). Only what the MCP
+transport defines reaches the endpoint (``proxy.mcp._inspect.transport_refusal``):
 POST with a body, the event-stream GET, the session DELETE.
 """
 
@@ -17,9 +17,9 @@ from mitmproxy import http
 from addons._base import GatewayAddon, exchange, guarded, refuse_for
 from addons.authorize import CALL, RULE
 from proxy.errors import LengthRequired, PayloadTooLarge, Refused, TaskgateError
-from proxy.gateway import REQUEST_ID_HEADER
-from proxy.mcp_filter import JsonFilter, ReplaceFilter, SseFilter, error_message
-from proxy.mcp_inspect import (
+from proxy.gateway._core import REQUEST_ID_HEADER
+from proxy.mcp._filter import JsonFilter, ReplaceFilter, SseFilter, error_message
+from proxy.mcp._inspect import (
     SESSION_HEADER,
     McpDecision,
     inspect,

@@ -1,6 +1,6 @@
 """Benchmark MCP per-tool-call authorization.
 
-1. Decision cost: ``proxy.mcp_inspect.inspect`` on a tools/call with a ~100 KB
+1. Decision cost: ``proxy.mcp._inspect.inspect`` on a tools/call with a ~100 KB
    body (strict parse, duplicate/folding checks, constraints, arguments digest),
    for three body shapes, in-process.
 2. Throughput: MCP tools/call requests per second from concurrent keep-alive
@@ -34,8 +34,8 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from proxy.mcp_inspect import inspect  # noqa: E402
-from proxy.rules import parse_rule  # noqa: E402
+from proxy.mcp._inspect import inspect  # noqa: E402
+from proxy.policy._rules import parse_rule  # noqa: E402
 
 RULES = [
     parse_rule({"id": "docs", "host": "127.0.0.1", "paths": ["/mcp"],

@@ -44,14 +44,14 @@ import yaml
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from proxy.audit import AuditLog  # noqa: E402
-from proxy.config import Config, WorkloadConfig  # noqa: E402
-from proxy.gateway import Gateway, StandingPolicy  # noqa: E402
-from proxy.grants import TaskPolicy, TaskRegistry  # noqa: E402
-from proxy.identity import Caller, Identity  # noqa: E402
-from proxy.rules import Call, parse_rules  # noqa: E402
-from proxy.store import TaskRow, TaskStore  # noqa: E402
-from proxy.task_tokens import TaskKeys, TaskTokenIssuer  # noqa: E402
+from proxy.audit._log import AuditLog  # noqa: E402
+from proxy.config._model import Config, WorkloadConfig  # noqa: E402
+from proxy.gateway._core import Gateway, StandingPolicy  # noqa: E402
+from proxy.tasks._registry import TaskPolicy, TaskRegistry  # noqa: E402
+from proxy.identity._jwt import Caller, Identity  # noqa: E402
+from proxy.policy._rules import Call, parse_rules  # noqa: E402
+from proxy.store._store import TaskRow, TaskStore  # noqa: E402
+from proxy.identity._task_tokens import TaskKeys, TaskTokenIssuer  # noqa: E402
 
 WL = "spiffe://acme.dev/agent/triage"
 CEILING = [

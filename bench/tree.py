@@ -3,7 +3,7 @@
 A venv where taskgate is installed in editable mode from another checkout
 carries a meta-path finder that serves any ``proxy.*`` or ``addons.*`` module
 this tree lacks from that checkout. taskgate imports its optional feature
-modules by name (``proxy.control_tasks``, ``addons.mcp``, …), so a gateway
+modules by name (``proxy.control._tasks``, ``addons.mcp``, …), so a gateway
 started from this tree would silently run a mix of two trees. Dropping that
 finder before anything is imported keeps the benchmark on the code beside it.
 """

@@ -40,21 +40,21 @@ from addons.inject import Inject
 from addons.limits import Limits
 from addons.mcp import Mcp
 
-from . import approvals
-from .admin import admin_token
-from .audit import AuditLog, load_hmac_key
-from .config import Config, load_config
-from .control import ControlSite, ControlState, make_app
-from .errors import ConfigError
-from .gateway import REQUEST_ID_HEADER, Gateway, StandingPolicy, new_request_id, refusal_body
-from .grants import install_tasks
-from .identity import Identity, JwksKeys, TokenIssuer, WorkloadIssuer
-from .limits import AuthFailures
-from .metrics import install_metrics
-from .secrets import install as install_secrets
-from .signals import stop_signals
-from .store import AuditAnchor, store_path
-from .upstream import client_session, trust_bundle
+from proxy.approvals import _held as approvals
+from proxy.identity._admin import admin_token
+from proxy.audit._log import AuditLog, load_hmac_key
+from proxy.config._model import Config, load_config
+from proxy.control._app import ControlSite, ControlState, make_app
+from proxy.errors import ConfigError
+from proxy.gateway._core import REQUEST_ID_HEADER, Gateway, StandingPolicy, new_request_id, refusal_body
+from proxy.tasks._registry import install_tasks
+from proxy.identity._jwt import Identity, JwksKeys, TokenIssuer, WorkloadIssuer
+from proxy.gateway._limits import AuthFailures
+from proxy.gateway._metrics import install_metrics
+from proxy.secrets import install as install_secrets
+from proxy.gateway._signals import stop_signals
+from proxy.store._store import AuditAnchor, store_path
+from proxy.gateway._upstream import client_session, trust_bundle
 
 __all__ = ["build_gateway", "ensure_ca", "gateway_addons", "json_error_responses", "run",
            "serve", "settle_heap", "shared_gateway"]
@@ -142,7 +142,7 @@ def mitm_options(config: Config, bundle: str) -> dict[str, Any]:
         "upstream_cert": False,
         "validate_inbound_headers": True,
         # Inactivity of a whole connection: mitmproxy has no timeout for reading a
-        # request head (see proxy/limits.py); max_connections_per_client bounds those.
+        # request head (see proxy/gateway/_limits.py); max_connections_per_client bounds those.
         "tcp_timeout": config.idle_timeout_seconds,
     }
 
@@ -376,7 +376,7 @@ async def _close(runner: web.AppRunner, gateway: Gateway,
 
 
 def _version() -> str:
-    from . import __version__
+    from proxy import __version__
 
     return __version__
 

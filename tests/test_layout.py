@@ -16,8 +16,8 @@ CORE = sorted(f"proxy.{m.name}" for m in pkgutil.iter_modules(proxy.__path__)
 
 
 def test_core_modules_found() -> None:
-    for name in ("proxy.gateway", "proxy.identity", "proxy.rules", "proxy.audit",
-                 "proxy.config", "proxy.control", "proxy.cli"):
+    for name in ("proxy.gateway._core", "proxy.identity._jwt", "proxy.policy._rules", "proxy.audit._log",
+                 "proxy.config._model", "proxy.control._app", "proxy.cli._main"):
         assert name in CORE
 
 
@@ -56,11 +56,11 @@ STARTUP = {
                ["addons.limits", "addons.identify", "addons.authorize", "addons.egress",
                 "addons.mcp", "addons.approve", "addons.inject", "addons.audit",
                 "addons.framing"]),
-    "control": ("from proxy.control import load_plugins\nload_plugins()",
-                ["proxy.control_tasks", "proxy.control_audit", "proxy.control_approvals",
-                 "proxy.ui", "proxy.metrics"]),
-    "cli": ("from proxy.cli import build_parser\nbuild_parser()",
-            ["proxy.cli_tasks", "proxy.cli_audit", "proxy.cli_approvals", "proxy.demo"]),
+    "control": ("from proxy.control._app import load_plugins\nload_plugins()",
+                ["proxy.control._tasks", "proxy.control._audit", "proxy.control._approvals",
+                 "proxy.control._review", "proxy.gateway._metrics"]),
+    "cli": ("from proxy.cli._main import build_parser\nbuild_parser()",
+            ["proxy.cli._tasks", "proxy.cli._audit", "proxy.cli._approvals", "proxy.cli._demo"]),
 }
 
 

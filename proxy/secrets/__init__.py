@@ -48,7 +48,7 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:  # the config imports this package; the gateway imports the config
-    from proxy.gateway import Gateway
+    from proxy.gateway._core import Gateway
 
 COMPONENT = "secrets"
 

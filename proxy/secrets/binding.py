@@ -14,11 +14,11 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from proxy.errors import Refused
-from proxy.hosts import canonical_host
-from proxy.rules import Rule
+from proxy.policy._hosts import canonical_host
+from proxy.policy._rules import Rule
 
 if TYPE_CHECKING:  # the config imports this package; the gateway imports the config
-    from proxy.gateway import Tunnel
+    from proxy.gateway._core import Tunnel
 
 __all__ = ["check_destination"]
 
@@ -36,7 +36,7 @@ def check_destination(rule: Rule, *, scheme: str, host: str, port: int,
                       host_header: str | None, tunnel: Tunnel | None, sni: str | None,
                       authority: str = "") -> None:
     """Raise :class:`Refused` unless ``rule``'s secret may go to this destination."""
-    from proxy.gateway import _split_hostport
+    from proxy.gateway._core import _split_hostport
 
     secret = rule.secret
 

@@ -36,8 +36,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from proxy.errors import Refused
-from proxy.identity import Caller
-from proxy.rules import Rule
+from proxy.identity._jwt import Caller
+from proxy.policy._rules import Rule
 
 from .providers import Provider, make_provider
 from .redact import MIN_VALUE_BYTES, Redactor
@@ -72,7 +72,7 @@ class SecretBroker:
     def __init__(self, specs: Mapping[str, SecretSpec], session: Any, *,
                  clock: Any = time.time, store: Any = None, key_path: str | None = None,
                  audit: Any = None) -> None:
-        """``store`` (a :class:`~proxy.store.TaskStore`) keeps credentials to revoke
+        """``store`` (a :class:`~proxy.store._store.TaskStore`) keeps credentials to revoke
         across restarts, sealed with the key in ``key_path``; ``audit`` writes a
         record of each revocation outcome. Without them, revocations are retried
         in memory only."""

@@ -1,0 +1,200 @@
+"""``taskgate approvals list|show|approve|deny``: answer held calls from a terminal.
+
+What a call carries is shown in full — the URL with its query, the headers
+that will be forwarded, the body (up to a bound, with its size and SHA-256),
+the MCP tools and arguments — every value through :func:`proxy.safe_text.safe`,
+since the agent wrote all of it.
+
+Talks to the control plane of a running gateway: its address is
+``TASKGATE_CONTROL_URL`` or the config's ``listen.control``; the admin token is
+``TASKGATE_ADMIN_TOKEN`` or the config's ``admin_token_file``. Exit status: 0
+done, 1 the control plane refused (unknown id, already answered, bad input),
+2 it could not be asked (no token, unreachable).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import urllib.error
+import urllib.request
+from typing import Any
+
+import orjson
+
+from proxy.identity._admin import ENV_VAR as TOKEN_ENV
+from proxy.identity._admin import admin_token
+from proxy.cli._main import command, config_of
+from proxy.safe_text import safe, safe_json
+
+__all__ = ["ControlClient", "ControlError"]
+
+URL_ENV = "TASKGATE_CONTROL_URL"
+
+
+class ControlError(Exception):
+    """The control plane could not be asked (exit 2) or said no (exit 1)."""
+
+    def __init__(self, message: str, code: int) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class ControlClient:
+    """A few JSON calls to the control plane, never through an agent's HTTP_PROXY."""
+
+    def __init__(self, base_url: str, token: str, timeout: float = 10.0) -> None:
+        if not base_url.startswith(("http://", "https://")):
+            raise ControlError(f"{base_url!r} is not an http(s) URL of the control plane", 2)
+        self.base_url = base_url.rstrip("/")
+        self._token = token
+        self._timeout = timeout
+        self._opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> ControlClient:
+        config = config_of(args)
+        url = os.environ.get(URL_ENV)
+        if not url:
+            host, port = config.control_listen
+            host = "127.0.0.1" if host in ("0.0.0.0", "") else host  # noqa: S104
+            url = f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+        try:
+            token = admin_token(config.admin_token_file, create=False)
+        except OSError:
+            raise ControlError(f"no admin token: set {TOKEN_ENV} or create "
+                               f"{config.admin_token_file}", 2) from None
+        return cls(url, token)
+
+    def call(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
+        data = orjson.dumps(body) if body is not None else None
+        req = urllib.request.Request(  # noqa: S310 - scheme checked in __init__
+            self.base_url + path, data=data, method=method,
+            headers={"Authorization": f"Bearer {self._token}",
+                     "Content-Type": "application/json", "Accept": "application/json"})
+        try:
+            with self._opener.open(req, timeout=self._timeout) as resp:
+                return orjson.loads(resp.read())
+        except urllib.error.HTTPError as e:
+            raise ControlError(f"{e.code}: {_reason(e.read())}", 1) from None
+        except (urllib.error.URLError, OSError) as e:
+            why = getattr(e, "reason", e)
+            raise ControlError(f"cannot reach the control plane at {self.base_url}: {why}",
+                               2) from None
+
+
+def _reason(body: bytes) -> str:
+    try:
+        doc = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return body[:200].decode("utf-8", "replace")
+    if isinstance(doc, dict) and "reason" in doc:
+        field = f" (field {doc['field']!r})" if doc.get("field") else ""
+        return f"{doc['reason']}{field}"
+    return str(doc)[:200]
+
+
+def _setup(p: argparse.ArgumentParser) -> None:
+    sub = p.add_subparsers(dest="action", required=True, metavar="ACTION")
+    ls = sub.add_parser("list", help="calls waiting for approval, oldest first")
+    ls.add_argument("--json", action="store_true", help="print the control plane's JSON")
+    sh = sub.add_parser("show", help="one held call in full: URL, headers, body, tools")
+    sh.add_argument("id", help="the approval id (from `taskgate approvals list`)")
+    sh.add_argument("--json", action="store_true", help="print the control plane's JSON")
+    for verb, help_text in (("approve", "let one held call go to its upstream"),
+                            ("deny", "refuse one held call")):
+        a = sub.add_parser(verb, help=help_text, description=help_text)
+        a.add_argument("id", help="the approval id (from `taskgate approvals list`)")
+        a.add_argument("--by", required=True, metavar="NAME", help="who answers")
+        a.add_argument("--comment", help="why; a denial's comment is shown to the agent")
+    for action_parser in (ls, sh, *(sub.choices[v] for v in ("approve", "deny"))):
+        action_parser.add_argument("-c", "--config", metavar="FILE", default=argparse.SUPPRESS,
+                                   help="config file (for listen.control and admin_token_file)")
+
+
+@command("approvals", "list calls held for approval; show, approve or deny one", _setup)
+def _approvals(args: argparse.Namespace) -> int:
+    try:
+        client = ControlClient.from_args(args)
+        if args.action == "list":
+            doc = client.call("GET", "/v1/approvals")
+            if args.json:
+                print(safe_json(doc))
+            else:
+                _print_list(doc.get("approvals", []))
+            return 0
+        if args.action == "show":
+            doc = client.call("GET", f"/v1/approvals/{_quote(args.id)}")
+            if args.json:
+                print(safe_json(doc))
+            else:
+                _print_held(doc, full=True)
+            return 0
+        body: dict[str, Any] = {"by": args.by}
+        if args.comment is not None:
+            body["comment"] = args.comment
+        held = client.call("POST", f"/v1/approvals/{_quote(args.id)}/{args.action}", body)
+    except ControlError as e:
+        print(f"taskgate approvals: {safe(e)}", file=sys.stderr)
+        return e.code
+    verb = "approved" if args.action == "approve" else "denied"
+    print(safe(f"{verb} {held['id']} (request {held['request_id']}: {held['method']} "
+               f"{held['url']}) by {args.by}"))
+    request = held.get("request")
+    if isinstance(request, dict) and request.get("digest"):
+        print(safe(f"  digest:   {request['digest']}"))
+    return 0
+
+
+def _quote(value: str) -> str:
+    from urllib.parse import quote
+
+    return quote(value, safe="")
+
+
+def _print_list(items: list[dict[str, Any]]) -> None:
+    if not items:
+        print("no calls are waiting for approval")
+        return
+    for h in items:
+        _print_held(h, full=False)
+
+
+BODY_LINES = 40  # `list` shows the start of a body; `show` all the control plane sent
+
+
+def _print_held(h: dict[str, Any], *, full: bool) -> None:
+    """One held call; every value through :func:`safe` (the agent wrote the call)."""
+    state = h.get("state") or "waiting"
+    print(safe(f"{h['id']}  {state} {h['age_seconds']:.0f}s  until {h['expires_at']}"))
+    print(safe(f"  workload: {h['workload']}  owner: {h['owner'] or '-'}  "
+               f"task: {h['task'] or '-'}  purpose: {h['purpose'] or '-'}"))
+    print(safe(f"  call:     {h['method']} {h['url']}  (request {h['request_id']})"))
+    for c in h.get("calls") or []:
+        print(safe(f"  tool:     {c['name']} {orjson.dumps(c['arguments']).decode()}"))
+    tool = h.get("tool")
+    if not h.get("calls") and isinstance(tool, dict) and tool.get("method"):
+        print(safe(f"  rpc:      {tool['method']}"))  # an MCP method other than a tool
+    request = h.get("request")
+    if not isinstance(request, dict):
+        return
+    for name, value in request.get("headers") or []:
+        print(f"  header:   {safe(name)}: {safe(value)}")
+    if request.get("secret"):
+        print(safe(f"  secret:   {request['secret']} is added by the gateway after approval"))
+    body = request.get("body") or {}
+    if body.get("size"):
+        cut = " (shown in part)" if body.get("truncated") else ""
+        print(safe(f"  body:     {body['size']} bytes, {body.get('encoding')}{cut}, "
+                   f"sha256 {body.get('sha256')}"))
+        lines = str(body.get("shown") or "").split("\n")
+        limit = len(lines) if full else BODY_LINES
+        for line in lines[:limit]:
+            print(f"    | {safe(line)}")
+        if len(lines) > limit:
+            print(f"    | ... {len(lines) - limit} more lines "
+                  f"(taskgate approvals show {safe(h['id'])})")
+    else:
+        print("  body:     none")
+    print(safe(f"  digest:   {request.get('digest')}"))

@@ -1,0 +1,269 @@
+"""``taskgate task create|list|show|revoke|rotate-key``: task grants from the shell.
+
+The commands talk to a running gateway's control plane. Its address is
+``TASKGATE_CONTROL_URL`` or the config's ``listen.control``; the admin token is
+``TASKGATE_ADMIN_TOKEN`` or the config's ``admin_token_file``. Proxy variables
+in the environment are ignored for these calls (an agent's shell may well
+have ``HTTP_PROXY`` pointing at the gateway itself).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import sys
+import urllib.error
+import urllib.parse
+import urllib.request
+from typing import Any
+
+import orjson
+from ruamel.yaml import YAML
+from ruamel.yaml.error import YAMLError
+
+from proxy.identity._admin import ENV_VAR as ADMIN_ENV
+from proxy.identity._admin import admin_token
+from proxy.cli._main import command, config_of
+from proxy.safe_text import safe, safe_json
+
+__all__ = ["parse_ttl"]
+
+CONTROL_ENV = "TASKGATE_CONTROL_URL"
+_TTL = re.compile(r"^(?:(\d+)h)?(?:(\d+)m)?(?:(\d+)s)?$")
+
+
+class CliError(Exception):
+    """Something the user can fix; printed without a traceback (exit 1)."""
+
+
+def parse_ttl(text: str) -> int:
+    """``900``, ``90s``, ``15m``, ``1h30m`` → seconds."""
+    text = text.strip().lower()
+    if text.isdigit():
+        return int(text)
+    m = _TTL.match(text)
+    if not text or m is None:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a duration; use e.g. 900, 15m, 1h30m")
+    h, mi, s = (int(g) if g else 0 for g in m.groups())
+    return h * 3600 + mi * 60 + s
+
+
+def _human(seconds: float) -> str:
+    seconds = int(max(0, seconds))
+    h, rest = divmod(seconds, 3600)
+    m, s = divmod(rest, 60)
+    return "".join(f"{v}{u}" for v, u in ((h, "h"), (m, "m"), (s, "s")) if v) or "0s"
+
+
+# -- talking to the control plane ----------------------------------------------
+class Control:
+    def __init__(self, args: argparse.Namespace) -> None:
+        url = os.environ.get(CONTROL_ENV)
+        config = config_of(args)
+        if not url:
+            host, port = config.control_listen
+            host = "127.0.0.1" if host in ("0.0.0.0", "") else host  # noqa: S104
+            host = "[::1]" if host == "::" else (f"[{host}]" if ":" in host else host)
+            url = f"http://{host}:{port}"
+        self.url = url.rstrip("/")
+        if os.environ.get(ADMIN_ENV):
+            self.token = os.environ[ADMIN_ENV].strip()
+        else:
+            try:
+                self.token = admin_token(config.admin_token_file, create=False)
+            except FileNotFoundError:
+                raise CliError(f"no admin token: set {ADMIN_ENV}, or run where "
+                               f"{config.admin_token_file} is readable") from None
+        self._open = urllib.request.build_opener(urllib.request.ProxyHandler({})).open
+
+    def call(self, method: str, path: str, body: Any = None) -> Any:
+        data = orjson.dumps(body) if body is not None else None
+        req = urllib.request.Request(  # noqa: S310 - the URL is the control plane's
+            self.url + path, data=data, method=method,
+            headers={"Authorization": f"Bearer {self.token}",
+                     "Content-Type": "application/json", "Accept": "application/json"})
+        try:
+            with self._open(req, timeout=15) as resp:
+                return orjson.loads(resp.read())
+        except urllib.error.HTTPError as e:
+            raw = e.read()
+            try:
+                err = orjson.loads(raw)
+                reason = err.get("reason") or err.get("error") or raw.decode(errors="replace")
+                where = f" [{err['field']}]" if err.get("field") else ""
+            except (orjson.JSONDecodeError, AttributeError):
+                reason, where = raw.decode(errors="replace")[:300] or e.reason, ""
+            raise CliError(f"{e.code}: {reason}{where}") from None
+        except (urllib.error.URLError, OSError) as e:
+            why = getattr(e, "reason", e)
+            raise CliError(f"cannot reach the control plane at {self.url}: {why}") from None
+
+
+# -- subcommands ----------------------------------------------------------------
+def _load_rules(path: str) -> Any:
+    try:
+        with open(path, encoding="utf-8") as f:
+            doc = YAML(typ="safe", pure=True).load(f)
+    except OSError as e:
+        raise CliError(f"{path}: {e.strerror}") from None
+    except YAMLError as e:
+        raise CliError(f"{path}: invalid YAML: {e}") from None
+    if isinstance(doc, dict) and set(doc) == {"rules"}:
+        doc = doc["rules"]
+    if not isinstance(doc, list):
+        raise CliError(f"{path}: expected a list of rules (or a mapping with 'rules')")
+    return doc
+
+
+def _create(ctl: Control, args: argparse.Namespace) -> int:
+    body: dict[str, Any] = {"ttl_seconds": args.ttl, "rules": _load_rules(args.rules)}
+    if args.workload_token_file:
+        with open(args.workload_token_file, encoding="utf-8") as f:
+            body["workload_token"] = f.read().strip()
+    if args.workload:
+        body["workload"] = args.workload
+    for key in ("owner", "purpose", "max_calls"):
+        if getattr(args, key) is not None:
+            body[key] = getattr(args, key)
+    task = ctl.call("POST", "/v1/tasks", body)
+    if args.json:
+        print(safe_json(task))
+        return 0
+    budget = f"{task['max_calls']} calls" if task.get("max_calls") else "no call budget"
+    print(f"task      {safe(task['task_id'])}\n"
+          f"workload  {safe(task['workload'])}\n"
+          f"expires   {safe(task['expires_at'])} (in {_human(task['expires_in_seconds'])})\n"
+          f"budget    {safe(budget)}\n\n"
+          f"export HTTP_PROXY={safe(task['proxy_url'])}\n"
+          f"export HTTPS_PROXY={safe(task['proxy_url'])}")
+    return 0
+
+
+def _list(ctl: Control, args: argparse.Namespace) -> int:
+    query = "&".join(f"{k}={urllib.parse.quote(str(v), safe='')}" for k, v in
+                     (("workload", args.workload), ("status", args.status),
+                      ("limit", args.limit)) if v is not None)
+    out = ctl.call("GET", "/v1/tasks" + (f"?{query}" if query else ""))
+    if args.json:
+        print(safe_json(out))
+        return 0
+    print(f"{'TASK':32}  {'STATUS':8}  {'CALLS':>11}  {'EXPIRES':24}  WORKLOAD")
+    for t in out["tasks"]:
+        calls = f"{t['calls_used']}/{t['max_calls'] if t['max_calls'] else '-'}"
+        print(f"{safe(t['task_id']):32}  {safe(t['status']):8}  {safe(calls):>11}  "
+              f"{safe(t['expires_at']):24}  {safe(t['workload'])}")
+    if out["total"] > len(out["tasks"]):
+        print(f"({len(out['tasks'])} of {out['total']}; use --limit)")
+    return 0
+
+
+def _show_task(task: dict[str, Any], as_json: bool) -> None:
+    if as_json:
+        print(safe_json(task))
+        return
+    left = task["calls_left"] if task["calls_left"] is not None else "unlimited"
+    # Every value may have come from a request (purpose, owner, rules): one line each.
+    print(f"task      {safe(task['task_id'])}\n"
+          f"status    {safe(task['status'])}\n"
+          f"workload  {safe(task['workload'])}\n"
+          f"owner     {safe(task['owner'] or '-')}\n"
+          f"purpose   {safe(task['purpose'] or '-')}\n"
+          f"created   {safe(task['created_at'])}\n"
+          f"expires   {safe(task['expires_at'])}\n"
+          + (f"revoked   {safe(task['revoked_at'])}\n" if task["revoked_at"] else "")
+          + f"calls     {safe(task['calls_used'])} used, {safe(left)} left\n"
+          f"rules")
+    for rule in task["rules"]:
+        print(f"  - {safe_json(rule, indent=False)}")
+    _show_credentials(task.get("credentials"))
+
+
+def _show_credentials(creds: list[dict[str, Any]] | None) -> None:
+    """Minted credentials still live or pending revocation (a gateway without secrets,
+    or an older one, sends none)."""
+    if creds is None:
+        return
+    if not creds:
+        print("credentials  none live, none pending revocation")
+        return
+    print("credentials")
+    for c in creds:
+        state = "pending revocation" if c["state"] == "pending_revocation" else c["state"]
+        line = (f"  - {c['secret']} ({c['kind']}): {state}, expires "
+                f"{c['expires_at'] or 'never'}")
+        if c["attempts"]:
+            line += f", {c['attempts']} revocation attempts failed"
+        if c["last_error"]:
+            line += f", last error: {c['last_error']}"
+        if c["next_attempt_at"]:
+            line += f", next attempt {c['next_attempt_at']}"
+        print(safe(line))  # last_error may quote what an issuer answered
+
+
+def _show(ctl: Control, args: argparse.Namespace) -> int:
+    _show_task(ctl.call("GET", f"/v1/tasks/{urllib.parse.quote(args.id, safe='')}"),
+               args.json)
+    return 0
+
+
+def _revoke(ctl: Control, args: argparse.Namespace) -> int:
+    task = ctl.call("DELETE", f"/v1/tasks/{urllib.parse.quote(args.id, safe='')}")
+    if args.json:
+        print(safe_json(task))
+    else:
+        print(f"revoked {safe(task['task_id'])} at {safe(task['revoked_at'])} "
+              f"({safe(task['calls_used'])} calls used)")
+    return 0
+
+
+def _rotate(ctl: Control, args: argparse.Namespace) -> int:
+    out = ctl.call("POST", "/v1/task-keys/rotate")
+    print(f"new signing key {safe(out['current'])}; {len(out['keys']) - 1} older key(s) kept "
+          "until their tokens expire")
+    return 0
+
+
+_ACTIONS = {"create": _create, "list": _list, "show": _show, "revoke": _revoke,
+            "rotate-key": _rotate}
+
+
+def _setup(p: argparse.ArgumentParser) -> None:
+    sub = p.add_subparsers(dest="task_command", required=True, metavar="ACTION")
+
+    def action(name: str, help: str) -> argparse.ArgumentParser:
+        sp = sub.add_parser(name, help=help, description=help)
+        sp.add_argument("-c", "--config", metavar="FILE", default=argparse.SUPPRESS,
+                        help="config file (for the control-plane address and admin token)")
+        sp.add_argument("--json", action="store_true", help="print JSON")
+        return sp
+
+    c = action("create", "create a task grant and print its HTTP_PROXY line")
+    c.add_argument("--workload", help="workload id (or --workload-token-file)")
+    c.add_argument("--workload-token-file", metavar="FILE",
+                   help="a workload JWT from a trusted issuer, attesting the workload")
+    c.add_argument("--ttl", type=parse_ttl, default=900, help="lifetime: 900, 15m, 1h (15m)")
+    c.add_argument("--max-calls", dest="max_calls", type=int, help="call budget")
+    c.add_argument("--rules", required=True, metavar="FILE", help="YAML list of rules")
+    c.add_argument("--owner", help="who answers for this task (default: workload owner)")
+    c.add_argument("--purpose", help="why the task exists, for the audit trail")
+    ls = action("list", "list tasks, newest first")
+    ls.add_argument("--workload")
+    ls.add_argument("--status", choices=("active", "spent", "expired", "revoked"))
+    ls.add_argument("--limit", type=int)
+    for name, text in (("show", "show one task"), ("revoke", "revoke a task now")):
+        action(name, text).add_argument("id", help="task id")
+    action("rotate-key", "sign new task tokens with a new key")
+
+
+@command("task", "task grants: create, list, show, revoke, rotate-key", _setup)
+def _task(args: argparse.Namespace) -> int:
+    if args.task_command == "create" and not (args.workload or args.workload_token_file):
+        print("taskgate task create: give --workload or --workload-token-file", file=sys.stderr)
+        return 2
+    try:
+        return _ACTIONS[args.task_command](Control(args), args)
+    except CliError as e:
+        print(f"taskgate task {args.task_command}: {safe(e)}", file=sys.stderr)
+        return 1
+

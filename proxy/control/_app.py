@@ -1,0 +1,211 @@
+"""The control plane: an aiohttp app on its own listener.
+
+Open endpoints: ``/healthz`` (the process answers), ``/readyz`` (the proxy
+listens, the audit log takes writes, the task store and the expiry sweeper
+run). Everything under ``/v1/`` requires
+the admin bearer token, or the review page's session cookie (with its CSRF
+header on anything but GET/HEAD, see proxy/control/_session.py); later features add
+their routes through :data:`ROUTE_PLUGINS`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiohttp import web
+
+from proxy.gateway._core import Gateway, new_request_id
+
+__all__ = ["ControlSite", "ControlState", "GATEWAY", "ROUTE_PLUGINS", "SESSION_AUTH", "STATE",
+           "make_app"]
+
+log = logging.getLogger("taskgate")
+
+
+@dataclass(slots=True)
+class ControlState:
+    """What the control plane needs to know about the process it runs in."""
+
+    admin_token: str
+    proxy_listening: bool = False
+    proxy_address: str = ""
+    extras: dict[str, object] = field(default_factory=dict)
+
+
+GATEWAY = web.AppKey("gateway", Gateway)
+STATE = web.AppKey("state", ControlState)
+# The other way into /v1/: a browser session (proxy/control/_session.py). Returns None when the
+# request is authenticated by it, else the refusal to send.
+SessionAuth = Callable[[web.Request], web.StreamResponse | None]
+SESSION_AUTH: web.AppKey[SessionAuth] = web.AppKey("session_auth")
+
+# Each plugin adds routes (and cleanup_ctx entries) to the app: tasks, audit, ui…
+ROUTE_PLUGINS: list[Callable[[web.Application], None]] = []
+# Modules that append to ROUTE_PLUGINS when imported (one per feature). Each is
+# part of the product: one that fails to import stops the start (they import this
+# module, so they are imported when the app is made, not at the top).
+PLUGIN_MODULES = ("proxy.control._tasks", "proxy.control._audit", "proxy.control._approvals",
+                  "proxy.control._review", "proxy.gateway._metrics")
+
+
+def load_plugins() -> None:
+    import importlib
+
+    for mod in PLUGIN_MODULES:
+        importlib.import_module(mod)
+
+
+def json_error(status: int, error: str, reason: str, **extra: object) -> web.Response:
+    return web.json_response({"error": error, "reason": reason, **extra}, status=status)
+
+
+@web.middleware
+async def admin_auth(request: web.Request,
+                     handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+                     ) -> web.StreamResponse:
+    """Every /v1/ endpoint needs ``Authorization: Bearer <admin token>`` (constant-time),
+    or a review-page session."""
+    if request.path.startswith("/v1/"):
+        expected = request.app[STATE].admin_token.encode()
+        scheme, _, given = request.headers.get("Authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(),
+                                                                 expected):
+            session_auth = request.app.get(SESSION_AUTH)
+            refusal = session_auth(request) if session_auth is not None else json_error(
+                401, "unauthorized", "a valid admin bearer token is required")
+            if refusal is not None:
+                return refusal
+    return await handler(request)
+
+
+async def healthz(request: web.Request) -> web.Response:
+    return web.json_response({"status": "ok"})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    state = request.app[STATE]
+    gw = request.app[GATEWAY]
+    checks = {"proxy": state.proxy_listening, "audit": gw.audit.healthy}
+    tasks = gw.components.get("tasks")
+    if tasks is not None:  # the task store's thread and the expiry sweeper (proxy/tasks/_registry.py)
+        checks["store"] = bool(tasks.store.healthy and tasks.store.alive)
+        checks["sweeper"] = bool(tasks.sweeper_ok)
+    ok = all(checks.values())
+    return web.json_response({"status": "ready" if ok else "not ready", "checks": checks},
+                             status=200 if ok else 503)
+
+
+def make_app(gateway: Gateway, state: ControlState) -> web.Application:
+    app = web.Application(middlewares=[admin_auth], client_max_size=1024 * 1024)
+    app[GATEWAY] = gateway
+    app[STATE] = state
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    load_plugins()
+    for plugin in ROUTE_PLUGINS:
+        plugin(app)
+    return app
+
+
+# -- connection limits ------------------------------------------------------------------
+def _refusal_bytes(status: int, reason_phrase: str, error: str, reason: str) -> bytes:
+    body = json.dumps({"error": error, "reason": reason,
+                       "request_id": new_request_id()}).encode()
+    return (f"HTTP/1.1 {status} {reason_phrase}\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n").encode() + body
+
+
+class _Refuse(asyncio.Protocol):
+    """A connection past the cap: one JSON 503, then closed; nothing is read."""
+
+    def connection_made(self, transport: Any) -> None:
+        transport.write(_refusal_bytes(
+            503, "Service Unavailable", "unavailable",
+            "the control plane has too many connections open (control.max_connections)"))
+        transport.close()
+
+
+class _Counted(asyncio.Protocol):
+    """Wraps aiohttp's request handler: counts the connection, and closes it when no
+    request head arrived within the head timeout (aiohttp has no such clock of its own
+    for a client that trickles a head in; its keep-alive timeout is the idle bound)."""
+
+    def __init__(self, site: ControlSite, inner: Any) -> None:
+        self._site, self._inner = site, inner
+        self._timer: asyncio.TimerHandle | None = None
+        self._transport: Any = None
+
+    def connection_made(self, transport: Any) -> None:  # uvloop's is no asyncio.Transport
+        self._transport = transport
+        self._site.open += 1
+        self._timer = asyncio.get_running_loop().call_later(
+            self._site.header_timeout, self._head_late)
+        self._inner.connection_made(transport)
+
+    def _head_late(self) -> None:
+        self._timer = None
+        if getattr(self._inner, "_request_count", 1) == 0 and self._transport is not None:
+            self._transport.write(_refusal_bytes(
+                408, "Request Timeout", "request_timeout",
+                f"the request head did not arrive within {self._site.header_timeout:g} "
+                "seconds (control.header_timeout_seconds)"))
+            self._transport.abort()
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._site.open -= 1
+        self._inner.connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        self._inner.data_received(data)
+
+    def eof_received(self) -> bool | None:
+        return self._inner.eof_received()
+
+    def pause_writing(self) -> None:
+        self._inner.pause_writing()
+
+    def resume_writing(self) -> None:
+        self._inner.resume_writing()
+
+
+class ControlSite(web.TCPSite):
+    """The control plane's listener, with a budget of its own: at most ``max_connections``
+    open at once (more are answered 503 and closed as they open), a request head within
+    ``header_timeout`` seconds of connecting; the runner's ``keepalive_timeout`` closes a
+    connection idle between requests. Agents' connections are counted by the proxy."""
+
+    def __init__(self, runner: web.BaseRunner, host: str, port: int, *,
+                 max_connections: int, header_timeout: float) -> None:
+        super().__init__(runner, host, port)
+        self.max_connections, self.header_timeout = max_connections, header_timeout
+        self.open = 0
+        self.refused = 0
+
+    def _protocol(self) -> asyncio.Protocol:
+        server = self._runner.server
+        assert server is not None
+        if self.open >= self.max_connections:
+            self.refused += 1
+            if self.refused == 1 or self.refused % 1000 == 0:
+                log.warning("taskgate: control plane: %d connections refused: %d are open "
+                            "(control.max_connections)", self.refused, self.open)
+            return _Refuse()
+        return _Counted(self, server())
+
+    async def start(self) -> None:
+        await web.BaseSite.start(self)
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(
+            self._protocol, self._host, self._port, backlog=self._backlog,
+            reuse_address=self._reuse_address, reuse_port=self._reuse_port)
+        sockets = self._server.sockets
+        self._bound_port = sockets[0].getsockname()[1] if sockets else self._port

@@ -1,0 +1,133 @@
+"""Control plane for held calls: list them, approve or deny each one.
+
+    GET  /v1/approvals                 the calls waiting now, oldest first
+    GET  /v1/approvals/{id}            one call, waiting or recently ended
+    POST /v1/approvals/{id}/approve    {"by": "...", "comment": "..."}
+    POST /v1/approvals/{id}/deny       {"by": "...", "comment": "..."}
+
+Answering a call that has ended (answered, timed out, its task ended, its
+client gone) is 409; an id the gateway does not know is 404. The admin token
+guards all of it (``control.admin_auth``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+from proxy.approvals._held import Approvals, Held
+from proxy.control._app import GATEWAY, ROUTE_PLUGINS, json_error
+from proxy.errors import TaskgateError, status_for
+from proxy.safe_text import bad_char
+
+__all__ = ["parse_answer", "routes"]
+
+MAX_BY = 200
+MAX_COMMENT = 2000
+ANSWER_KEYS = ("by", "comment")
+
+
+class BadAnswer(ValueError):
+    """The body of an approve/deny request is not acceptable; names the field."""
+
+    def __init__(self, status: int, field: str | None, reason: str) -> None:
+        super().__init__(reason)
+        self.status, self.field, self.reason = status, field, reason
+
+
+def _has_control(text: str, allowed: str = "") -> bool:
+    """C0/C1 controls, DEL, bidi and zero-width characters (:func:`bad_char`)."""
+    return bad_char(text, allowed) is not None
+
+
+def parse_answer(body: bytes) -> tuple[str, str | None]:
+    """``(by, comment)`` from a JSON body, or :class:`BadAnswer` naming what is wrong."""
+    try:
+        doc = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        raise BadAnswer(400, None, 'the body must be JSON: {"by": "...", "comment": "..."}'
+                        ) from None
+    if not isinstance(doc, dict):
+        raise BadAnswer(400, None, 'the body must be a JSON object: {"by": "...", '
+                        '"comment": "..."}')
+    for key in doc:
+        if key not in ANSWER_KEYS:
+            raise BadAnswer(422, key, f"unknown field {key!r}; expected 'by' and 'comment'")
+    by = doc.get("by")
+    if not isinstance(by, str) or not by.strip():
+        raise BadAnswer(422, "by", "'by' must name who answers (a non-empty string)")
+    if len(by) > MAX_BY or _has_control(by):
+        raise BadAnswer(422, "by", f"'by' must be at most {MAX_BY} characters "
+                        "without control or invisible characters")
+    comment = doc.get("comment")
+    if comment is not None:
+        if not isinstance(comment, str):
+            raise BadAnswer(422, "comment", "'comment' must be a string (or left out)")
+        if len(comment) > MAX_COMMENT or _has_control(comment, "\n\t"):
+            raise BadAnswer(422, "comment", f"'comment' must be at most {MAX_COMMENT} "
+                            "characters without control or invisible characters other "
+                            "than newline and tab")
+        comment = comment or None
+    return by.strip(), comment
+
+
+def _approvals(request: web.Request) -> Approvals:
+    return request.app[GATEWAY].components["approvals"]
+
+
+def _error(exc: TaskgateError) -> web.Response:
+    status, error, reason = status_for(exc)
+    return json_error(status, error, reason)
+
+
+async def list_approvals(request: web.Request) -> web.Response:
+    return web.json_response({"approvals": [h.view() for h in _approvals(request).waiting()]},
+                             dumps=_dumps)
+
+
+async def show_approval(request: web.Request) -> web.Response:
+    try:
+        held = _approvals(request).get(request.match_info["id"])
+    except TaskgateError as e:
+        return _error(e)
+    return web.json_response(held.view(), dumps=_dumps)
+
+
+async def _answer(request: web.Request, verb: str) -> web.Response:
+    try:
+        by, comment = parse_answer(await request.read())
+    except BadAnswer as e:
+        extra: dict[str, Any] = {"field": e.field} if e.field else {}
+        return json_error(e.status, "invalid_request", e.reason, **extra)
+    approvals = _approvals(request)
+    hid = request.match_info["id"]
+    try:
+        held: Held = (approvals.approve if verb == "approve" else approvals.deny)(
+            hid, by, comment)
+    except TaskgateError as e:
+        return _error(e)
+    return web.json_response(held.view(), dumps=_dumps)
+
+
+async def approve(request: web.Request) -> web.Response:
+    return await _answer(request, "approve")
+
+
+async def deny(request: web.Request) -> web.Response:
+    return await _answer(request, "deny")
+
+
+def _dumps(obj: Any) -> str:
+    return orjson.dumps(obj).decode()
+
+
+def routes(app: web.Application) -> None:
+    app.router.add_get("/v1/approvals", list_approvals)
+    app.router.add_get("/v1/approvals/{id}", show_approval)
+    app.router.add_post("/v1/approvals/{id}/approve", approve)
+    app.router.add_post("/v1/approvals/{id}/deny", deny)
+
+
+ROUTE_PLUGINS.append(routes)

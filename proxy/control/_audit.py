@@ -1,0 +1,75 @@
+"""``GET /v1/audit``: the ``taskgate logs`` query on the control plane, paged.
+
+Query parameters: the filters of :class:`~proxy.audit._query.AuditFilter`
+(``task``, ``workload``, ``decision``, ``host``, ``tool``, ``since``,
+``until``), ``limit`` (1–1000, default 100), and one cursor: ``before=SEQ``
+(newest first, the default) or ``after=SEQ`` (oldest first: a live tail polls
+with the last ``seq`` it has). The answer::
+
+    {"records": [...], "next": "/v1/audit?...&before=123" | null, "last_seq": 456}
+
+The files are read in a worker thread, a few at a time, never on the loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from urllib.parse import urlencode
+
+from aiohttp import web
+
+from proxy.audit._query import FILTER_KEYS, AuditFilter, query
+from proxy.control._app import GATEWAY, ROUTE_PLUGINS, json_error
+
+__all__ = ["MAX_LIMIT", "audit_endpoint"]
+
+MAX_LIMIT = 1000
+DEFAULT_LIMIT = 100
+_PAGING = ("limit", "after", "before")
+READERS = web.AppKey("audit_readers", asyncio.Semaphore)
+
+
+def _int(name: str, text: str, lo: int, hi: int) -> int:
+    if not text.isdigit() or not lo <= int(text) <= hi:
+        raise ValueError(f"{name}: {text[:40]!r} is not a whole number from {lo} to {hi}")
+    return int(text)
+
+
+async def audit_endpoint(request: web.Request) -> web.Response:
+    params = request.rel_url.query
+    for key in params:
+        if key not in FILTER_KEYS and key not in _PAGING:
+            return json_error(400, "bad_request", f"unknown parameter {key[:40]!r}; "
+                              f"expected {', '.join(FILTER_KEYS + _PAGING)}")
+        if len(params.getall(key)) > 1:
+            return json_error(400, "bad_request", f"{key}: given more than once")
+    try:
+        flt = AuditFilter.parse({k: params.get(k) for k in FILTER_KEYS})
+        limit = _int("limit", params["limit"], 1, MAX_LIMIT) if "limit" in params \
+            else DEFAULT_LIMIT
+        after = _int("after", params["after"], 0, 1 << 62) if "after" in params else None
+        before = _int("before", params["before"], 1, 1 << 62) if "before" in params else None
+    except ValueError as e:
+        return json_error(400, "bad_request", str(e))
+    if after is not None and before is not None:
+        return json_error(400, "bad_request", "give after or before, not both")
+    gateway = request.app[GATEWAY]
+    async with request.app[READERS]:
+        page = await asyncio.to_thread(query, gateway.config.audit_path, flt, limit=limit,
+                                       after=after, before=before)
+    nxt = None
+    cursor = ({"after": page.next_after} if page.next_after is not None
+              else {"before": page.next_before} if page.next_before is not None else None)
+    if cursor is not None:
+        keep = {k: v for k, v in params.items() if k not in ("after", "before")}
+        nxt = f"/v1/audit?{urlencode({**keep, **cursor})}"
+    return web.json_response({"records": page.records, "next": nxt,
+                              "last_seq": gateway.audit.seq})
+
+
+def _routes(app: web.Application) -> None:
+    app[READERS] = asyncio.Semaphore(4)
+    app.router.add_get("/v1/audit", audit_endpoint)
+
+
+ROUTE_PLUGINS.append(_routes)

@@ -1,0 +1,320 @@
+"""The gateway core: everything the data plane asks, as plain calls.
+
+The mitmproxy addons are thin adapters around this object: they turn a flow
+into an :class:`Exchange` and core calls, and a core answer back into a
+response. Nothing here knows about mitmproxy, so every decision can be tested
+(and benchmarked) without a proxy in the way.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+
+from proxy.audit._log import AuditLog, new_record, redact_target, rfc3339
+from proxy.config._model import Config
+from proxy.errors import Refused
+from proxy.policy._hosts import canonical_host, default_port
+from proxy.identity._jwt import Caller, Identity
+from proxy.policy._paths import ambiguity, decode, split_target
+from proxy.policy._rules import Call, Decision, RuleSet
+
+__all__ = ["Exchange", "Gateway", "Policy", "StandingPolicy", "Tunnel", "refusal_body"]
+
+log = logging.getLogger(__name__)
+
+REQUEST_ID_HEADER = "X-Taskgate-Request-Id"
+
+
+def new_request_id() -> str:
+    return uuid.uuid4().hex
+
+
+def refusal_body(error: str, reason: str, request_id: str, **extra: Any) -> bytes:
+    """The JSON body of every refusal: machine-readable, and readable by an LLM."""
+    return orjson.dumps({"error": error, "reason": reason, "request_id": request_id, **extra})
+
+
+@dataclass(slots=True)
+class Tunnel:
+    """A CONNECT tunnel: who opened it, and where it may lead."""
+
+    caller: Caller
+    host: str
+    port: int
+
+
+@dataclass(slots=True)
+class Exchange:
+    """One call as the gateway handles it; becomes exactly one final audit record
+    (a call held for approval also gets a ``held`` record when the hold starts)."""
+
+    request_id: str
+    client: str | None
+    started: float = field(default_factory=time.monotonic)
+    ts: float = field(default_factory=time.time)
+    caller: Caller | None = None
+    method: str | None = None
+    scheme: str | None = None
+    host: str | None = None
+    port: int | None = None
+    upstream_ip: str | None = None  # the address checked and connected to (proxy/gateway/_egress.py)
+    path: str | None = None
+    tool: dict[str, Any] | None = None
+    decision: str | None = None
+    rule: str | None = None
+    reason: str | None = None
+    secret: str | None = None
+    approval: dict[str, Any] | None = None
+    status: int | None = None
+    bytes_in: int = 0
+    bytes_out: int = 0
+    audited: bool = False
+    counted: bool = False
+
+    def deny(self, reason: str, decision: str = "deny") -> None:
+        self.decision, self.reason = decision, reason
+
+    def record(self) -> dict[str, Any]:
+        caller = self.caller
+        return new_record(
+            ts=rfc3339(self.ts), request_id=self.request_id,
+            workload=caller.workload if caller else None,
+            task=caller.task if caller else None, owner=caller.owner if caller else None,
+            client=self.client, method=self.method, scheme=self.scheme, host=self.host,
+            port=self.port, upstream_ip=self.upstream_ip, path=self.path, tool=self.tool,
+            decision=self.decision or "error", rule=self.rule, reason=self.reason,
+            secret=self.secret, approval=self.approval, status=self.status,
+            bytes_in=self.bytes_in, bytes_out=self.bytes_out,
+            duration_ms=round((time.monotonic() - self.started) * 1000, 3),
+        )
+
+
+class Policy:
+    """Which rules hold for a caller at this moment. Task grants plug in here."""
+
+    def rules_for(self, caller: Caller) -> RuleSet:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def check(self, caller: Caller) -> None:
+        """Raise :class:`Refused` if the caller's grant ended (task expired, revoked, spent)."""
+
+    def check_live(self, caller: Caller) -> None:
+        """Like :meth:`check`, for a call already admitted (counted): only whether the
+        grant ended (expired, revoked) — a budget it used up itself does not refuse it."""
+        self.check(caller)
+
+    async def admit(self, caller: Caller, decision: Decision, request_id: str) -> Decision:
+        """An allowed call is about to go ahead: take it from the caller's budget (tasks)."""
+        return decision
+
+
+class StandingPolicy(Policy):
+    """Each workload's ``standing`` rules from the config; nothing for unknown workloads."""
+
+    def __init__(self, config: Config) -> None:
+        self._sets = {name: RuleSet(wl.standing) for name, wl in config.workloads.items()}
+        self._empty = RuleSet()
+
+    def rules_for(self, caller: Caller) -> RuleSet:
+        return self._sets.get(caller.workload, self._empty)
+
+
+class Gateway:
+    """Identity, policy and audit behind one object the addons share."""
+
+    def __init__(self, config: Config, identity: Identity, policy: Policy,
+                 audit: AuditLog) -> None:
+        self.config = config
+        self.identity = identity
+        self.policy = policy
+        self.audit = audit
+        self.tunnels: dict[str, Tunnel] = {}
+        self.in_flight = 0
+        self.idle = asyncio.Event()
+        self.idle.set()
+        self.on_record: list[Callable[[dict[str, Any]], None]] = []
+        self.http: Any = None  # the aiohttp session for the gateway's own upstream calls
+        # Called with a task id when a task ends (revoked, expired): secret providers
+        # revoke what they minted for it, approvals waiting on it are refused.
+        self.on_task_end: list[Callable[[str], Awaitable[None]]] = []
+        # Extension slots filled by features (task store, secret broker, approvals, metrics).
+        self.components: dict[str, Any] = {}
+
+    async def task_ended(self, task_id: str) -> None:
+        """Run every task-end hook; one failing hook never stops the others."""
+        for hook in list(self.on_task_end):
+            try:
+                await hook(task_id)
+            except Exception:  # noqa: BLE001
+                log.exception("task-end hook failed for task %s", task_id)
+
+    def begin(self, ex: Exchange) -> None:
+        """Count ``ex`` as in flight until its record is written (graceful shutdown waits)."""
+        if not ex.counted:
+            ex.counted = True
+            self.in_flight += 1
+            self.idle.clear()
+
+    async def drained(self, grace: float) -> bool:
+        """Wait until no call is in flight (or ``grace`` seconds); True if drained."""
+        try:
+            await asyncio.wait_for(self.idle.wait(), grace)
+        except TimeoutError:
+            return False
+        return True
+
+    # -- identity -------------------------------------------------------------
+    async def identify(self, proxy_authorization: str | None) -> Caller:
+        caller = await self.identity.identify(proxy_authorization)
+        self.policy.check(caller)
+        return caller
+
+    def recheck(self, caller: Caller, *, admitted: bool = False) -> None:
+        """Re-validate a tunnel's caller for one more call (expiry, revocation), or
+        (``admitted``) for a call already counted that waited, e.g. for approval."""
+        self.identity.check_fresh(caller)
+        if admitted:
+            self.policy.check_live(caller)
+        else:
+            self.policy.check(caller)
+
+    # -- requests -------------------------------------------------------------
+    def describe(self, ex: Exchange, method: str, scheme: str, host: str, port: int,
+                 raw_target: bytes) -> Call:
+        """Fill ``ex`` from the request line and return the :class:`Call` to judge.
+
+        Raises :class:`Refused` for a host or path with more than one reading.
+        """
+        ex.method, ex.scheme, ex.port = method, scheme, port
+        raw_path, raw_query = split_target(raw_target)
+        ex.path = redact_target(raw_path.decode("latin-1"), raw_query.decode("latin-1"))
+        try:
+            ex.host = canonical_host(host)
+        except ValueError:
+            ex.host = host[:255]
+            raise Refused("the request's host is not a valid host name") from None
+        why = ambiguity(raw_path)
+        if why is not None:
+            raise Refused(f"ambiguous path refused: {why}")
+        return Call(method, scheme, ex.host, port, decode(raw_path))
+
+    def check_host_header(self, call: Call, host_header: str | None,
+                          tunnel: Tunnel | None) -> None:
+        """The Host header must name the host the call goes to (no domain fronting)."""
+        if tunnel is not None and (call.host, call.port) != (tunnel.host, tunnel.port):
+            raise Refused("the request's target differs from the CONNECT target")
+        if host_header is not None and not _names_target(host_header, call):
+            raise Refused("the Host header does not match the "
+                          + ("CONNECT target" if tunnel else "request's target"))
+
+    def check_authority(self, call: Call, authority: str, tunnel: Tunnel) -> None:
+        """An absolute-form URL inside a tunnel must name the CONNECT target: passed
+        on, the upstream would take its host as the request's (domain fronting)."""
+        if (call.host, call.port) != (tunnel.host, tunnel.port) or not _names_target(
+                authority, call):
+            raise Refused("the request's URL names another host than the CONNECT target")
+
+    def check_sni(self, sni: str | None, tunnel: Tunnel) -> None:
+        """TLS SNI inside a tunnel must name the CONNECT target."""
+        if sni is None:
+            return
+        try:
+            same = canonical_host(sni) == tunnel.host
+        except ValueError:
+            same = False
+        if not same:
+            raise Refused("the TLS server name does not match the CONNECT target")
+
+    def authorize(self, caller: Caller, call: Call) -> Decision:
+        return self.policy.rules_for(caller).decide(call)
+
+    async def admit(self, ex: Exchange, decision: Decision) -> Decision:
+        """Count an allowed call against its grant; may turn it into a refusal."""
+        if ex.caller is None or not decision.allowed:
+            return decision
+        return await self.policy.admit(ex.caller, decision, ex.request_id)
+
+    def authorize_connect(self, caller: Caller, host: str, port: int) -> Decision:
+        """At CONNECT: does any rule of the caller name this endpoint at all?"""
+        try:
+            chost = canonical_host(host)
+        except ValueError:
+            return Decision(False, "the CONNECT target is not a valid host name")
+        if self.policy.rules_for(caller).names_endpoint(chost, port):
+            return Decision(True, "a rule names this endpoint")
+        return Decision(False, "no rule allows this host and port")
+
+    # -- audit ----------------------------------------------------------------
+    async def audit_exchange(self, ex: Exchange) -> None:
+        """Write ``ex``'s record once; raises :class:`~proxy.errors.Unavailable` on failure."""
+        if ex.audited:
+            return
+        ex.audited = True
+        if ex.counted:
+            ex.counted = False
+            self.in_flight -= 1
+            if self.in_flight == 0:
+                self.idle.set()
+        record = ex.record()
+        floods = self.components.get("auth_failures")  # proxy/gateway/_limits.py: 407 floods
+        if floods is not None and floods.absorb(record):
+            self._observe(record)  # counted (metrics) and summarized, not a line of its own
+            return
+        await self._write(record)
+
+    async def audit_interim(self, ex: Exchange, decision: str, reason: str,
+                            approval: dict[str, Any] | None = None) -> None:
+        """Write a record for ``ex`` that is not its last (``held``: waiting for approval).
+
+        ``ex`` stays open and in flight: its one final record is still written
+        by :meth:`audit_exchange`. Raises :class:`~proxy.errors.Unavailable` on failure.
+        """
+        record = ex.record()
+        record.update(decision=decision, reason=reason, approval=approval, status=None)
+        await self._write(record)
+
+    async def _write(self, record: dict[str, Any]) -> None:
+        await self.audit.write(record)
+        self._observe(record)
+
+    def _observe(self, record: dict[str, Any]) -> None:
+        for hook in self.on_record:
+            try:
+                hook(record)
+            except Exception:  # noqa: BLE001 - observers never affect the call
+                log.exception("audit observer failed")
+
+
+def _names_target(hostport: str, call: Call) -> bool:
+    """Does ``hostport`` (a Host header, a URL's authority) name ``call``'s host and port?"""
+    name, port = _split_hostport(hostport)
+    if port is None:
+        # No port means the scheme's default (RFC 9110 7.2), not "any port":
+        # 'Host: api' on a call to api:8443 names another authority.
+        port = default_port(call.scheme)
+    try:
+        return canonical_host(name) == call.host and port == call.port
+    except ValueError:
+        return False
+
+
+def _split_hostport(value: str) -> tuple[str, int | None]:
+    value = value.strip()
+    if value.startswith("["):
+        host, _, rest = value[1:].partition("]")
+        port = rest[1:] if rest.startswith(":") else ""
+    elif value.count(":") == 1:
+        host, _, port = value.partition(":")
+    else:
+        host, port = value, ""
+    if port:
+        return host, int(port) if port.isdigit() and len(port) <= 5 else -1
+    return host, None

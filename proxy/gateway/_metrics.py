@@ -1,0 +1,242 @@
+"""Prometheus metrics at ``/metrics`` on the control plane (open, like ``/healthz``).
+
+What is exported, and where it comes from:
+
+- ``taskgate_calls_total{decision,rule}`` and the
+  ``taskgate_call_duration_seconds{decision}`` histogram: every audit record,
+  through :attr:`Gateway.on_record`;
+- ``taskgate_secret_fetches_total{secret,result}``: the secret broker calls
+  :meth:`Metrics.secret_fetch`;
+- ``taskgate_secret_revocations_total{secret,outcome}`` (outcome: ``revoked``,
+  ``failed`` per failed attempt, ``expired``, ``abandoned``), the gauge
+  ``taskgate_secret_revocations_pending`` and
+  ``taskgate_secret_background_errors_total{job}`` (a broker job that failed and
+  was restarted): :meth:`Metrics.secret_revocation`,
+  :meth:`Metrics.secret_background_error`, ``track("secret_revocations_pending", …)``;
+- ``taskgate_active_tasks``, ``taskgate_pending_approvals``: gauges read at
+  scrape time from callbacks the tasks and approvals features register with
+  :meth:`Metrics.track` (without one, pending approvals are counted from
+  ``gateway.components["approvals"].waiting()`` when that exists, else 0);
+- ``taskgate_calls_in_flight``, ``taskgate_audit_write_errors_total``,
+  ``taskgate_audit_healthy``: read from the gateway and its audit log;
+- ``taskgate_background_failures_total{worker}``: failures of the background
+  threads and tasks (audit writer, audit head/anchor, task store, sweeper),
+  each logged and survived (proxy/batching.py :data:`FAILURES`).
+
+Other features reach the object as ``gateway.components["metrics"]``::
+
+    metrics = gateway.components.get("metrics")
+    if metrics is not None:
+        metrics.secret_fetch("github-read", ok=False)
+        metrics.track("active_tasks", store.count_active)        # () -> float
+        metrics.track("pending_approvals", lambda: len(waiting))
+
+Label sets are bounded: decisions are the audit log's fixed set, secrets the
+names in the config, rule ids the first :data:`MAX_RULE_LABELS` well-formed
+ones seen (then ``other``). No task id, path, host or token is ever a label.
+A callback that fails reads as NaN; it never breaks a scrape.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+import threading
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from aiohttp import web
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    disable_created_metrics,
+    generate_latest,
+)
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+
+from proxy.audit._log import DECISIONS
+from proxy.batching import FAILURES
+from proxy.control._app import GATEWAY, ROUTE_PLUGINS
+from proxy.gateway._core import Gateway
+
+__all__ = ["GAUGES", "MAX_RULE_LABELS", "Metrics", "install_metrics"]
+
+log = logging.getLogger(__name__)
+disable_created_metrics()  # no *_created series: they double the output and say nothing here
+
+MAX_RULE_LABELS = 200
+GAUGES = ("active_tasks", "pending_approvals", "secret_revocations_pending")
+REVOCATION_OUTCOMES = ("revoked", "failed", "expired", "abandoned")
+SECRET_JOBS = ("fetch", "revocation", "revocations", "load", "store")
+OTHER = "other"
+NONE = "none"
+_LABEL_OK = re.compile(r"[A-Za-z0-9_.:@-]{1,64}")
+# From a 1 ms allow to a call held five minutes for approval.
+BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+           30.0, 60.0, 300.0)
+
+
+class _Bounded:
+    """Label values admitted first come, up to a cap; the rest read ``other``."""
+
+    def __init__(self, cap: int, known: tuple[str, ...] = (), closed: bool = False) -> None:
+        self._values = set(known)
+        self._cap = cap
+        self._closed = closed
+        self._lock = threading.Lock()
+
+    def __call__(self, value: object) -> str:
+        if value is None or value == "":
+            return NONE
+        text = str(value)
+        if text in self._values:
+            return text
+        if self._closed or not _LABEL_OK.fullmatch(text):
+            return OTHER
+        with self._lock:
+            if len(self._values) >= self._cap:
+                return OTHER
+            self._values.add(text)
+        return text
+
+
+class _GatewayCollector:
+    """Values read from the gateway at scrape time."""
+
+    def __init__(self, gateway: Gateway) -> None:
+        self._gateway = gateway
+
+    def collect(self) -> Iterator[Metric]:
+        audit = self._gateway.audit
+        errors = CounterMetricFamily("taskgate_audit_write_errors",
+                                     "Audit records that could not be written (calls refused)")
+        errors.add_metric([], float(audit.write_errors))
+        yield errors
+        healthy = GaugeMetricFamily("taskgate_audit_healthy",
+                                    "1 if the last audit write succeeded")
+        healthy.add_metric([], 1.0 if audit.healthy else 0.0)
+        yield healthy
+        flight = GaugeMetricFamily("taskgate_calls_in_flight", "Calls not yet recorded")
+        flight.add_metric([], float(self._gateway.in_flight))
+        yield flight
+        failures = CounterMetricFamily("taskgate_background_failures",
+                                       "Failures of a background worker (logged, survived)",
+                                       labels=("worker",))
+        for worker, count in FAILURES.counts().items():
+            failures.add_metric([worker], float(count))
+        yield failures
+
+
+class Metrics:
+    """The gateway's metrics, in a registry of their own (one per gateway)."""
+
+    def __init__(self, gateway: Gateway) -> None:
+        self._gateway = gateway
+        self.registry = CollectorRegistry()
+        self._decision = _Bounded(0, DECISIONS, closed=True)
+        self._rule = _Bounded(MAX_RULE_LABELS)
+        self._secret = _Bounded(0, tuple(gateway.config.secrets), closed=True)
+        self.calls = Counter("taskgate_calls", "Calls by decision and matching rule",
+                             ("decision", "rule"), registry=self.registry)
+        self.duration = Histogram("taskgate_call_duration_seconds",
+                                  "Time from request to audit record, by decision",
+                                  ("decision",), buckets=BUCKETS, registry=self.registry)
+        self.secret_fetches = Counter("taskgate_secret_fetches",
+                                      "Secret fetches by secret name and result (ok, error)",
+                                      ("secret", "result"), registry=self.registry)
+        self._outcome = _Bounded(0, REVOCATION_OUTCOMES, closed=True)
+        self._job = _Bounded(0, SECRET_JOBS, closed=True)
+        self.secret_revocations = Counter(
+            "taskgate_secret_revocations",
+            "Revocations of minted credentials by secret name and outcome (revoked, failed "
+            "per failed attempt, expired, abandoned)", ("secret", "outcome"),
+            registry=self.registry)
+        self.secret_background_errors = Counter(
+            "taskgate_secret_background_errors",
+            "Secret broker jobs that failed unexpectedly (logged, then retried or restarted)",
+            ("job",), registry=self.registry)
+        self._callbacks: dict[str, Callable[[], float]] = {}
+        for name in GAUGES:
+            gauge = Gauge(f"taskgate_{name}", f"{name.replace('_', ' ').capitalize()} now",
+                          registry=self.registry)
+            gauge.set_function(self._reader(name))
+        self.registry.register(_GatewayCollector(gateway))
+
+    # -- the API other features call ------------------------------------------
+    def observe(self, record: dict[str, Any]) -> None:
+        """One audit record (a sync ``Gateway.on_record`` observer)."""
+        if record.get("decision") == "held":
+            return  # the interim record of a held call; its final record counts it once
+        decision = self._decision(record.get("decision"))
+        self.calls.labels(decision, self._rule(record.get("rule"))).inc()
+        ms = record.get("duration_ms")
+        if isinstance(ms, (int, float)) and ms >= 0:
+            self.duration.labels(decision).observe(ms / 1000.0)
+
+    def secret_fetch(self, name: str, ok: bool) -> None:
+        """Count one fetch of secret ``name`` (a configured name; others read ``other``)."""
+        self.secret_fetches.labels(self._secret(name), "ok" if ok else "error").inc()
+
+    def secret_revocation(self, name: str, outcome: str) -> None:
+        """Count one revocation outcome of a credential of secret ``name``."""
+        self.secret_revocations.labels(self._secret(name), self._outcome(outcome)).inc()
+
+    def secret_background_error(self, job: str) -> None:
+        """Count one unexpected failure of a secret broker job."""
+        self.secret_background_errors.labels(self._job(job)).inc()
+
+    def track(self, gauge: str, read: Callable[[], float]) -> None:
+        """Read gauge ``gauge`` (one of :data:`GAUGES`) from ``read()`` at scrape time."""
+        if gauge not in GAUGES:
+            raise ValueError(f"unknown gauge {gauge!r}; expected one of {', '.join(GAUGES)}")
+        self._callbacks[gauge] = read
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+    def _default(self, name: str) -> Callable[[], float]:
+        if name == "pending_approvals":
+            waiting = getattr(self._gateway.components.get("approvals"), "waiting", None)
+            if callable(waiting):
+                return lambda: len(waiting())
+        return lambda: 0.0
+
+    def _reader(self, name: str) -> Callable[[], float]:
+        def read() -> float:
+            fn = self._callbacks.get(name) or self._default(name)
+            try:
+                return float(fn())
+            except Exception:  # noqa: BLE001 - a scrape never fails on a feature's bug
+                log.exception("metrics callback for %s failed", name)
+                return math.nan
+
+        return read
+
+
+def install_metrics(gateway: Gateway) -> Metrics:
+    """Make the gateway's :class:`Metrics` (once) and feed it every audit record."""
+    metrics = gateway.components.get("metrics")
+    if not isinstance(metrics, Metrics):
+        metrics = Metrics(gateway)
+        gateway.components["metrics"] = metrics
+        gateway.on_record.append(metrics.observe)
+    return metrics
+
+
+async def metrics_endpoint(request: web.Request) -> web.Response:
+    metrics = install_metrics(request.app[GATEWAY])
+    resp = web.Response(body=metrics.render())
+    resp.headers["Content-Type"] = CONTENT_TYPE_LATEST
+    return resp
+
+
+def _routes(app: web.Application) -> None:
+    install_metrics(app[GATEWAY])
+    app.router.add_get("/metrics", metrics_endpoint)
+
+
+ROUTE_PLUGINS.append(_routes)

@@ -1,0 +1,437 @@
+"""Task grants at run time: the registry of tasks and the policy that enforces them.
+
+:class:`TaskRegistry` holds every stored task in memory, indexed by task id
+(and each task's rules by host, :class:`~proxy.policy._rules.RuleSet`), so a decision
+costs the same with ten tasks or a hundred thousand. Changes go to the
+:class:`~proxy.store._store.TaskStore` first and are awaited.
+
+Enforcement, on every call (also inside open tunnels and keep-alive
+connections, through ``Gateway.recheck``):
+
+* ``check`` — the task exists, is not revoked (→ 407 "task revoked") or
+  expired (→ 407 "task expired"), and has budget left (→ 403 "task budget
+  spent"). Revoked and expired tasks make their token a dead credential,
+  hence 407 like any revoked credential (SPEC, Identity).
+* ``admit`` — once a rule matched, take one call from the budget: check and
+  increment happen in one step on the event loop (so 50 parallel calls
+  against ``max_calls: 10`` let exactly 10 through), and the increment is
+  committed to the store before the call goes on. A call refused later in
+  the chain (an MCP tool not granted, an approval denied) is given back when
+  its audit record shows ``deny`` or ``rejected``; a call that was let through
+  and then failed upstream (``error``) stays counted.
+
+Standing rules do not apply to a task caller: a task token carries exactly
+its task's rules, so what an agent can do on a task is what the task says.
+Workload tokens (no task) keep their ``standing`` rules.
+
+Expiry is noticed by a sweeper (every :data:`SWEEP_SECONDS`) that runs
+``Gateway.task_ended`` once per task (also for tasks that ended while the
+gateway was down); ended tasks stay visible on the control plane for
+:data:`RETENTION_SECONDS`, then are purged from memory and the store.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import gc
+import heapq
+import logging
+import os
+import sys
+import time
+import uuid
+from typing import Any
+
+from proxy.batching import FAILURES
+from proxy.policy._ceiling import Breach, breach
+from proxy.config._model import Config
+from proxy.errors import InvalidCredential, Refused, TaskgateError, Unavailable
+from proxy.gateway._core import Gateway, StandingPolicy
+from proxy.policy._glob import Budget
+from proxy.identity._jwt import Caller
+from proxy.policy._rules import Decision, Rule, RuleSet
+from proxy.store._store import TaskRow, TaskStore
+from proxy.identity._task_tokens import TASK_ISSUER, TaskKeys, TaskTokenIssuer
+from proxy.tasks._model import RequestError, RuleSets, Task, TaskRequest, canonical_rules
+
+__all__ = ["TaskPolicy", "TaskRegistry", "install_tasks"]
+
+log = logging.getLogger(__name__)
+
+SWEEP_SECONDS = 1.0
+RETENTION_SECONDS = 3600.0
+ADMITTED_MAX_AGE = 3600.0
+ACTIVE_COUNT_SECONDS = 1.0  # /metrics is open to anyone: count the tasks at most this often
+CEILING_CHECK_STATES = 100_000  # automaton states one task request may cost
+_REFUND = ("deny", "rejected")
+
+
+class TaskRegistry:
+    """Every task, in memory and in the store; creation, revocation, budgets, expiry."""
+
+    def __init__(self, gateway: Gateway, store: TaskStore, keys: TaskKeys, *,
+                 retention: float = RETENTION_SECONDS) -> None:
+        self.gateway = gateway
+        self.config: Config = gateway.config
+        self.store = store
+        self.keys = keys
+        self.retention = retention
+        self.tasks: dict[str, Task] = {}
+        self.rulesets = RuleSets()
+        self._ends: list[tuple[float, str]] = []    # (expires_at, id): who ends next
+        self._purges: list[tuple[float, str]] = []  # (ended + retention, id)
+        self._kid_until: dict[str, float] = {}      # a key's last token expiry
+        self._admitted: dict[str, tuple[str, float]] = {}  # request id → (task, when)
+        self._background: set[asyncio.Task[Any]] = set()
+        self._sweeper: asyncio.Task[None] | None = None
+        self.sweep_failing = False  # the last sweep raised (supervision: /readyz, /metrics)
+        self._closing = False
+        self._active: tuple[float, float] | None = None  # (monotonic when, count)
+
+    # -- loading --------------------------------------------------------------
+    async def load(self) -> None:
+        """Read every stored task; tasks that ended unnoticed are ended on the next sweep."""
+        await self.store.start()
+        async for page in self.store.pages():
+            for row in page:
+                self._index(self._from_row(row))
+        for kid in self.keys.kids():
+            self._kid_until.setdefault(kid, 0.0)
+
+    def _from_row(self, row: TaskRow) -> Task:
+        key, rs = self.rulesets.acquire(row.rules)
+        owner = sys.intern(row.owner) if row.owner else None
+        return Task(row.id, sys.intern(row.workload), owner, row.purpose, row.created_at,
+                    row.expires_at, row.max_calls, key, rs, sys.intern(row.kid), row.used,
+                    row.revoked_at, row.ended)
+
+    def _index(self, task: Task) -> None:
+        self.tasks[task.id] = task
+        self._active = None
+        heapq.heappush(self._ends, (task.revoked_at or task.expires_at, task.id))
+        heapq.heappush(self._purges, (task.ended_at() + self.retention, task.id))
+        self._kid_until[task.kid] = max(self._kid_until.get(task.kid, 0.0), task.expires_at)
+
+    def get(self, task_id: str) -> Task | None:
+        return self.tasks.get(task_id)
+
+    def active_count(self) -> float:
+        """Tasks that can still make calls (read at /metrics scrape time). Counted again
+        at most once a second, or after a task was created or revoked: a scrape flood
+        must not walk every task each time."""
+        now = time.monotonic()
+        if self._active is None or now - self._active[0] >= ACTIVE_COUNT_SECONDS:
+            wall = time.time()
+            self._active = (now, float(sum(1 for t in self.tasks.values()
+                                           if t.state(wall) == "active")))
+        return self._active[1]
+
+    # -- creation and revocation ----------------------------------------------
+    async def workload_of(self, req: TaskRequest) -> str:
+        """The workload a request asks for: named, or attested by a trusted issuer's JWT."""
+        if req.workload is not None:
+            return req.workload
+        assert req.workload_token is not None
+        try:
+            caller = await self.gateway.identity.identify(f"Bearer {req.workload_token}")
+        except TaskgateError as e:
+            raise RequestError("workload_token", f"the workload token was not accepted: "
+                                                 f"{e.reason}", status=403,
+                               error="attestation_failed") from None
+        if caller.issuer == TASK_ISSUER:
+            raise RequestError("workload_token", "a task token cannot create tasks; use a "
+                                                 "workload token from a trusted issuer",
+                               status=403, error="attestation_failed")
+        return caller.workload
+
+    async def create(self, req: TaskRequest) -> tuple[Task, str]:
+        """Check the request against its workload's ceiling, store it, sign its token."""
+        workload = await self.workload_of(req)
+        wl = self.config.workloads.get(workload)
+        if wl is None:
+            raise RequestError("workload", f"unknown workload {workload!r}; it must be listed "
+                                           "under 'workloads' in the config")
+        # Containment is CPU work (automata over path globs): off the event loop, and
+        # bounded per request so a request of pathological globs is refused, not slow.
+        why = await asyncio.to_thread(_first_breach, req.rules, wl.ceiling)
+        if why is not None:
+            i, b = why
+            raise RequestError(f"rules[{i}].{b.key}", f"rule {b.rule!r}: {b.reason}",
+                               error="beyond_ceiling", rule=b.rule)
+        self._check_token_scopes(req.rules)
+        now = time.time()
+        rules_json = canonical_rules(req.rules)
+        task_id = uuid.uuid4().hex
+        key, rs = self.rulesets.acquire(rules_json)
+        task = Task(task_id, workload, req.owner or wl.owner, req.purpose, now,
+                    now + req.ttl_seconds, req.max_calls, key, rs, self.keys.current)
+        try:
+            await self.store.insert(task.row())
+        except BaseException:
+            self.rulesets.release(key)
+            raise
+        self._index(task)
+        token = self.keys.sign(task_id=task_id, workload=workload,
+                               expires_at=task.expires_at, now=now)
+        return task, token
+
+    def _check_token_scopes(self, rules: tuple[Rule, ...]) -> None:
+        """``repositories``/``permissions`` only where they limit a token: a github_app
+        secret. Elsewhere the provider would ignore them, and the task would look
+        narrower than the credential it gets (the config refuses the same)."""
+        for i, r in enumerate(rules):
+            spec = self.config.secrets.get(r.secret) if r.secret is not None else None
+            if spec is None or spec.provider == "github_app":
+                continue
+            if r.repositories or r.permissions is not None:
+                key = "repositories" if r.repositories else "permissions"
+                raise RequestError(f"rules[{i}].{key}",
+                                   f"rule {r.id!r}: repositories and permissions limit a "
+                                   f"github_app token; secret {r.secret!r} is "
+                                   f"{spec.provider}", rule=r.id)
+
+    async def revoke(self, task_id: str) -> Task | None:
+        """Revoke now (memory first, so the next call is refused), then persist and
+        run the task-end hooks. Idempotent."""
+        task = self.tasks.get(task_id)
+        if task is None:
+            return None
+        if task.revoked_at is None:
+            task.revoked_at = time.time()
+            self._active = None
+            heapq.heappush(self._purges, (task.ended_at() + self.retention, task.id))
+            self.gateway.identity.forget(lambda c: c.task == task_id)
+            await self.store.revoke(task_id, task.revoked_at)
+        await self._end([task])
+        return task
+
+    async def _end(self, tasks: list[Task]) -> None:
+        ending = [t for t in tasks if not t.ended]
+        for t in ending:
+            t.ended = True
+        # Together: a provider slow to revoke one task's token must not hold up the
+        # revocations of every task that ended after it.
+        await asyncio.gather(*(self.gateway.task_ended(t.id) for t in ending))
+        if ending:
+            await self.store.mark_ended(t.id for t in ending)
+
+    # -- enforcement ----------------------------------------------------------
+    def check(self, caller: Caller) -> None:
+        """Raise if the caller's task no longer grants anything."""
+        if caller.task is None:
+            return
+        task = self._live(caller)
+        if task.max_calls is not None and task.used >= task.max_calls:
+            raise Refused(self._spent(task))
+
+    def check_live(self, caller: Caller) -> None:
+        """Raise if the caller's task ended; its budget is not looked at (the call asking
+        was admitted already, and may have spent the last of it)."""
+        if caller.task is not None:
+            self._live(caller)
+
+    def _live(self, caller: Caller) -> Task:
+        task = self.tasks.get(caller.task or "")
+        if task is None or task.workload != caller.workload:
+            raise InvalidCredential("task unknown: it ended and was purged, or never existed")
+        if task.revoked_at is not None:
+            raise InvalidCredential("task revoked")
+        if time.time() >= task.expires_at:
+            raise InvalidCredential("task expired")
+        return task
+
+    @staticmethod
+    def _spent(task: Task) -> str:
+        return f"task budget spent: all {task.max_calls} calls used"
+
+    async def admit(self, caller: Caller, decision: Decision, request_id: str) -> Decision:
+        """Take one call from the task's budget for an allowed call (see module doc)."""
+        if caller.task is None or not decision.allowed:
+            return decision
+        task = self._live(caller)
+        if task.max_calls is not None and task.used >= task.max_calls:
+            return Decision(False, self._spent(task), decision.rule)
+        task.used += 1
+        try:
+            await self.store.add_used(task.id, 1)
+        except Exception:
+            task.used -= 1
+            log.exception("task store: counting a call of task %s failed", task.id)
+            raise Unavailable("the task store could not count the call; it was refused"
+                              ) from None
+        if task.revoked_at is not None or time.time() >= task.expires_at:
+            self._refund(task.id)  # ended while the count was being written
+            self._live(caller)
+        self._admitted[request_id] = (task.id, time.monotonic())
+        return decision
+
+    def on_record(self, record: dict[str, Any]) -> None:
+        """Audit observer: give back the call of an admitted request refused later.
+
+        A ``held`` record is not the call's last (approvals write it when the hold
+        starts): the final record, approved or rejected, still follows."""
+        if record.get("decision") == "held":
+            return
+        entry = self._admitted.pop(record.get("request_id") or "", None)
+        if entry is not None and record.get("decision") in _REFUND:
+            self._refund(entry[0])
+
+    def _refund(self, task_id: str) -> None:
+        task = self.tasks.get(task_id)
+        if task is not None and task.used > 0:
+            task.used -= 1
+            self._spawn(self.store.add_used(task_id, -1))
+
+    def _spawn(self, coro: Any) -> None:
+        t = asyncio.get_running_loop().create_task(coro)
+        self._background.add(t)
+        t.add_done_callback(self._settled)
+
+    def _settled(self, t: asyncio.Task[Any]) -> None:
+        self._background.discard(t)
+        if not t.cancelled() and t.exception() is not None:
+            log.error("task store: background write failed: %s", t.exception())
+
+    # -- expiry and purge -----------------------------------------------------
+    async def sweep(self, now: float | None = None) -> None:
+        """End tasks whose time is up, purge those ended long ago, forget old keys."""
+        now = time.time() if now is None else now
+        ended: list[Task] = []
+        while self._ends and self._ends[0][0] <= now:
+            _, tid = heapq.heappop(self._ends)
+            task = self.tasks.get(tid)
+            if task is not None and not task.ended and (
+                    task.revoked_at is not None or now >= task.expires_at):
+                ended.append(task)
+        if ended:
+            await self._end(ended)
+        gone: list[str] = []
+        while self._purges and self._purges[0][0] <= now:
+            _, tid = heapq.heappop(self._purges)
+            task = self.tasks.get(tid)
+            if task is not None and task.ended and task.ended_at() + self.retention <= now:
+                del self.tasks[tid]
+                self.rulesets.release(task.rules_json)
+                gone.append(tid)
+        if gone:
+            await self.store.delete(gone)
+        stale = time.monotonic() - ADMITTED_MAX_AGE
+        if self._admitted and next(iter(self._admitted.values()))[1] < stale:
+            for rid in [r for r, (_, t) in self._admitted.items() if t < stale]:
+                del self._admitted[rid]
+        due = {kid for kid, until in self._kid_until.items()
+               if until <= now and kid != self.keys.current}
+        if due:
+            gone = await asyncio.to_thread(self.keys.prune, lambda kid: kid not in due)
+            for kid in due:
+                del self._kid_until[kid]
+            if gone:
+                log.info("task keys: forgot retired keys %s (their tokens expired)", gone)
+
+    async def rotate_keys(self) -> str:
+        """A new signing key; the old one verifies until its last token expires."""
+        old = self.keys.current
+        kid = await asyncio.to_thread(self.keys.rotate, time.time())
+        self._kid_until.setdefault(old, 0.0)
+        return kid
+
+    async def _sweep_forever(self) -> None:
+        while True:
+            await asyncio.sleep(SWEEP_SECONDS)
+            try:
+                await self.sweep()
+            except Exception:  # noqa: BLE001 - the sweeper must keep running
+                FAILURES.add("sweeper")
+                self.sweep_failing = True
+                log.exception("task sweeper failed; retrying")
+            else:
+                self.sweep_failing = False
+
+    @property
+    def sweeper_ok(self) -> bool:
+        """The sweeper runs and its last sweep went through (``/readyz``)."""
+        running = self._sweeper is not None and not self._sweeper.done()
+        return running and not self.sweep_failing
+
+    def start_sweeper(self) -> None:
+        if self._sweeper is None:
+            self._sweeper = asyncio.get_running_loop().create_task(self._sweep_forever())
+            self._sweeper.add_done_callback(self._sweeper_ended)
+
+    def _sweeper_ended(self, task: asyncio.Task[None]) -> None:
+        """The sweeper never ends but at close: if it did, say so, count it, start anew."""
+        if self._closing or task is not self._sweeper:
+            return
+        FAILURES.add("sweeper")
+        error = None if task.cancelled() else task.exception()
+        log.error("the task sweeper stopped (%s); starting it again",
+                  "cancelled" if error is None else f"{type(error).__name__}: {error}")
+        self._sweeper = None
+        self.start_sweeper()
+
+    async def close(self) -> None:
+        self._closing = True
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._sweeper
+            self._sweeper = None
+        if self._background:
+            await asyncio.gather(*self._background, return_exceptions=True)
+        await self.store.close()
+
+
+def _first_breach(rules: tuple[Rule, ...], ceiling: tuple[Rule, ...]
+                  ) -> tuple[int, Breach] | None:
+    budget = Budget(CEILING_CHECK_STATES)
+    for i, rule in enumerate(rules):
+        why = breach(rule, ceiling, budget)
+        if why is not None:
+            return i, why
+    return None
+
+
+class TaskPolicy(StandingPolicy):
+    """A task caller gets its task's rules (and only those); others their standing rules."""
+
+    def __init__(self, config: Config, registry: TaskRegistry) -> None:
+        super().__init__(config)
+        self.registry = registry
+        self._none = RuleSet()
+
+    def rules_for(self, caller: Caller) -> RuleSet:
+        if caller.task is None:
+            return super().rules_for(caller)
+        task = self.registry.tasks.get(caller.task)
+        return task.ruleset if task is not None else self._none
+
+    def check(self, caller: Caller) -> None:
+        self.registry.check(caller)
+
+    def check_live(self, caller: Caller) -> None:
+        self.registry.check_live(caller)
+
+    async def admit(self, caller: Caller, decision: Decision, request_id: str) -> Decision:
+        return await self.registry.admit(caller, decision, request_id)
+
+
+async def install_tasks(gateway: Gateway) -> TaskRegistry:
+    """Open the task store and keys under home; make task tokens and grants count."""
+    home = gateway.config.home
+    keys = await asyncio.to_thread(TaskKeys.load_or_create, os.path.join(home, "task-keys.json"))
+    registry = TaskRegistry(gateway, TaskStore(os.path.join(home, "tasks.db")), keys)
+    await registry.load()
+    # What is loaded now lives as long as the process. Without this, a full cyclic GC
+    # walks every stored task: over a second of stalled event loop at 100k tasks.
+    gc.collect()
+    gc.freeze()
+    gateway.policy = TaskPolicy(gateway.config, registry)
+    gateway.identity.add_issuer(TaskTokenIssuer(keys, registry.get))
+    gateway.on_record.append(registry.on_record)
+    gateway.components["tasks"] = registry
+    metrics = gateway.components.get("metrics")
+    if metrics is not None:
+        metrics.track("active_tasks", registry.active_count)
+    registry.start_sweeper()
+    return registry

@@ -1,0 +1,284 @@
+"""The task registry in-process: budgets, refunds, expiry hooks, purge, restart."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+
+from proxy.audit._log import AuditLog
+from proxy.config._model import Config, WorkloadConfig
+from proxy.errors import InvalidCredential, Refused
+from proxy.gateway._core import Gateway, StandingPolicy
+from proxy.tasks._registry import TaskPolicy, TaskRegistry, install_tasks
+from proxy.identity._jwt import Caller, Identity
+from proxy.policy._rules import Call, parse_rules
+from proxy.store._store import TaskStore
+from proxy.identity._task_tokens import TaskKeys
+from proxy.tasks._model import RequestError, parse_task_request
+
+WL = "spiffe://acme.test/agent/unit"
+CEILING = [{"id": "api", "host": "api.test", "methods": ["GET", "POST"], "paths": ["/v1/**"]}]
+STANDING = [{"id": "always", "host": "status.test", "methods": ["GET"]}]
+
+
+def make_gateway(home: Path) -> Gateway:
+    config = Config(home=str(home), workloads={
+        WL: WorkloadConfig(owner="team@acme.test", ceiling=parse_rules(CEILING),
+                           standing=parse_rules(STANDING))})
+    return Gateway(config, Identity([]), StandingPolicy(config),
+                   AuditLog(str(home / "audit.jsonl")))
+
+
+async def open_registry(home: Path, gw: Gateway | None = None,
+                        retention: float = 3600) -> TaskRegistry:
+    gw = gw or make_gateway(home)
+    keys = TaskKeys.load_or_create(str(home / "task-keys.json"))
+    reg = TaskRegistry(gw, TaskStore(str(home / "tasks.db")), keys, retention=retention)
+    await reg.load()
+    return reg
+
+
+def request(**kw: Any) -> bytes:
+    body: dict[str, Any] = {"workload": WL, "ttl_seconds": 600,
+                            "rules": [{"id": "r", "host": "api.test", "methods": ["GET"],
+                                       "paths": ["/v1/x/**"]}]}
+    body.update(kw)
+    return orjson.dumps(body)
+
+
+def caller_of(task: Any) -> Caller:
+    return Caller(workload=task.workload, issuer="t", expires_at=task.expires_at, task=task.id,
+                  owner=task.owner)
+
+
+CALL = Call("GET", "https", "api.test", 443, "/v1/x/1")
+
+
+async def test_budget_is_atomic_under_concurrency(tmp_path: Path) -> None:
+    reg = await open_registry(tmp_path)
+    task, _ = await reg.create(parse_task_request(request(max_calls=10)))
+    caller = caller_of(task)
+    decision = task.ruleset.decide(CALL)
+    assert decision.allowed
+    results = await asyncio.gather(*(reg.admit(caller, decision, f"req{i}") for i in range(50)))
+    assert sum(d.allowed for d in results) == 10
+    refused = [d for d in results if not d.allowed]
+    assert all(d.reason == "task budget spent: all 10 calls used" for d in refused)
+    assert all(d.rule_id == "r" for d in refused)
+    with pytest.raises(Refused, match="budget spent"):
+        reg.check(caller)
+    await reg.close()
+    again = await open_registry(tmp_path)
+    assert again.tasks[task.id].used == 10
+    await again.close()
+
+
+async def test_refusals_later_in_the_chain_give_the_call_back(tmp_path: Path) -> None:
+    reg = await open_registry(tmp_path)
+    task, _ = await reg.create(parse_task_request(request(max_calls=2)))
+    caller = caller_of(task)
+    decision = task.ruleset.decide(CALL)
+    await reg.admit(caller, decision, "a")
+    await reg.admit(caller, decision, "b")
+    assert task.used == 2
+    reg.on_record({"request_id": "a", "decision": "deny"})      # e.g. an MCP tool refused
+    reg.on_record({"request_id": "b", "decision": "allow"})
+    reg.on_record({"request_id": "b", "decision": "deny"})      # only once per request
+    assert task.used == 1
+    await reg.close()  # waits for the refund to be written
+    again = await open_registry(tmp_path)
+    assert again.tasks[task.id].used == 1
+    await again.close()
+
+
+async def test_active_count_walks_the_tasks_at_most_once_a_second(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """/metrics is open: scraping it in a loop must not walk every task each time."""
+    import proxy.tasks._registry
+    from proxy.tasks._model import Task
+
+    reg = await open_registry(tmp_path)
+    tasks = [(await reg.create(parse_task_request(request())))[0] for _ in range(3)]
+    walked = 0
+    state = Task.state
+
+    def counted(self: Task, now: float) -> str:
+        nonlocal walked
+        walked += 1
+        return state(self, now)
+
+    monkeypatch.setattr(Task, "state", counted)
+    assert [reg.active_count() for _ in range(200)] == [3.0] * 200
+    assert walked == 3
+    await reg.revoke(tasks[0].id)  # a change the registry makes is seen at once
+    assert reg.active_count() == 2.0 and walked == 6
+    monkeypatch.setattr(proxy.tasks._registry, "ACTIVE_COUNT_SECONDS", 0.05)
+    tasks[1].expires_at = time.time()  # time-based changes: within the interval
+    assert reg.active_count() == 2.0
+    await asyncio.sleep(0.06)
+    assert reg.active_count() == 1.0
+    await reg.close()
+
+
+async def test_expiry_and_revocation_run_task_end_hooks_once(tmp_path: Path) -> None:
+    gw = make_gateway(tmp_path)
+    ended: list[str] = []
+
+    async def hook(task_id: str) -> None:
+        ended.append(task_id)
+
+    gw.on_task_end.append(hook)
+    reg = await open_registry(tmp_path, gw)
+    short, _ = await reg.create(parse_task_request(request(ttl_seconds=1)))
+    other, _ = await reg.create(parse_task_request(request()))
+    await reg.sweep()
+    assert ended == []
+    await reg.sweep(time.time() + 2)
+    assert ended == [short.id]
+    await asyncio.sleep(max(0.0, short.expires_at - time.time()) + 0.01)
+    with pytest.raises(InvalidCredential, match="task expired"):
+        reg.check(caller_of(short))
+    await reg.revoke(other.id)
+    await reg.revoke(other.id)
+    await reg.sweep(time.time() + 700)
+    assert ended == [short.id, other.id]
+    with pytest.raises(InvalidCredential, match="task revoked"):
+        reg.check(caller_of(other))
+    await reg.close()
+
+
+async def test_tasks_ending_together_run_their_hooks_together(tmp_path: Path) -> None:
+    """A slow task-end hook (a provider revoking a token) does not hold up the next
+    task's: revocations of tasks that end in one sweep overlap."""
+    gw = make_gateway(tmp_path)
+    running: list[int] = []
+    overlap = 0
+
+    async def slow_revoke(task_id: str) -> None:
+        nonlocal overlap
+        running.append(1)
+        overlap = max(overlap, len(running))
+        await asyncio.sleep(0.3)
+        running.pop()
+
+    gw.on_task_end.append(slow_revoke)
+    reg = await open_registry(tmp_path, gw)
+    for _ in range(5):
+        await reg.create(parse_task_request(request(ttl_seconds=1)))
+    started = time.monotonic()
+    await reg.sweep(time.time() + 5)
+    assert overlap == 5 and time.monotonic() - started < 1.0
+    await reg.close()
+
+
+async def test_tasks_ended_while_down_are_ended_after_start(tmp_path: Path) -> None:
+    reg = await open_registry(tmp_path)
+    task, _ = await reg.create(parse_task_request(request(ttl_seconds=1)))
+    await reg.close()
+    gw = make_gateway(tmp_path)
+    ended: list[str] = []
+
+    async def hook(task_id: str) -> None:
+        ended.append(task_id)
+
+    gw.on_task_end.append(hook)
+    reg = await open_registry(tmp_path, gw)
+    await reg.sweep(time.time() + 5)
+    assert ended == [task.id]
+    await reg.close()
+    reg = await open_registry(tmp_path, gw)
+    await reg.sweep(time.time() + 5)
+    assert ended == [task.id]  # persisted as ended: not again
+    await reg.close()
+
+
+async def test_purge_after_retention(tmp_path: Path) -> None:
+    reg = await open_registry(tmp_path, retention=10)
+    task, _ = await reg.create(parse_task_request(request(ttl_seconds=1)))
+    kept, _ = await reg.create(parse_task_request(request()))
+    assert len(reg.rulesets) == 1  # equal rules share one RuleSet
+    now = time.time()
+    await reg.sweep(now + 5)
+    assert task.id in reg.tasks
+    await reg.sweep(now + 12)
+    assert task.id not in reg.tasks and kept.id in reg.tasks
+    await reg.close()
+    again = await open_registry(tmp_path)
+    assert set(again.tasks) == {kept.id}
+    await again.close()
+
+
+async def test_ceiling_and_unknown_workload(tmp_path: Path) -> None:
+    reg = await open_registry(tmp_path)
+    with pytest.raises(RequestError) as e:
+        await reg.create(parse_task_request(request(rules=[
+            {"id": "wide", "host": "api.test", "methods": ["GET"], "paths": ["/**"]}])))
+    assert e.value.status == 422 and e.value.field == "rules[0].paths"
+    assert e.value.extra == {"rule": "wide"}
+    with pytest.raises(RequestError) as e:
+        await reg.create(parse_task_request(request(workload="spiffe://nobody")))
+    assert e.value.field == "workload"
+    assert reg.tasks == {}
+    await reg.close()
+
+
+async def test_policy_task_callers_get_only_task_rules(tmp_path: Path) -> None:
+    gw = make_gateway(tmp_path)
+    reg = await install_tasks(gw)
+    try:
+        assert isinstance(gw.policy, TaskPolicy)
+        task, _ = await reg.create(parse_task_request(request()))
+        status = Call("GET", "https", "status.test", 443, "/")
+        plain = Caller(workload=WL, issuer="i", expires_at=time.time() + 60)
+        assert gw.authorize(plain, status).allowed            # standing rule
+        assert not gw.authorize(plain, CALL).allowed          # task rules need the task
+        assert gw.authorize(caller_of(task), CALL).allowed
+        assert not gw.authorize(caller_of(task), status).allowed  # standing does not apply
+        ghost = Caller(workload=WL, issuer="t", expires_at=time.time() + 60, task="nope")
+        assert not gw.authorize(ghost, CALL).allowed
+        with pytest.raises(InvalidCredential, match="task unknown"):
+            gw.policy.check(ghost)
+    finally:
+        await reg.close()
+
+
+async def test_admit_refuses_a_task_revoked_meanwhile(tmp_path: Path) -> None:
+    reg = await open_registry(tmp_path)
+    task, _ = await reg.create(parse_task_request(request(max_calls=5)))
+    decision = task.ruleset.decide(CALL)
+    admit = asyncio.ensure_future(reg.admit(caller_of(task), decision, "x"))
+    await asyncio.sleep(0)  # the count is being written
+    await reg.revoke(task.id)
+    with pytest.raises(InvalidCredential, match="task revoked"):
+        await admit
+    assert task.used == 0
+    await reg.close()
+
+
+@pytest.mark.parametrize("rule", [
+    {"id": "plain", "host": "api.test", "port": 8443, "scheme": "https", "methods": ["GET"],
+     "paths": ["/v1/**"], "approval": "required"},
+    {"id": "tools", "host": "mcp.test", "paths": ["/mcp"], "approval": "required",
+     "mcp": {"tools": ["search"], "args": {"limit": {"maximum": 5}},
+             "methods": ["resources/*"]}},
+    {"id": "gh", "host": "api.github.com", "methods": ["POST"], "paths": ["/repos/**"],
+     "secret": "gh", "repositories": ["widgets"], "permissions": {"pull_requests": "write"}},
+])
+def test_a_stored_rule_comes_back_whole(rule: dict[str, Any]) -> None:
+    """What the registry enforces is what the task asked for: the MCP grant (judged by
+    the MCP inspector) and a secret's token scope survive the store's canonical form."""
+    from proxy.policy._mcp_grant import McpGrant
+    from proxy.tasks._model import RuleSets, canonical_rules
+
+    (asked,) = parse_rules([rule])
+    _, ruleset = RuleSets().acquire(canonical_rules((asked,)))
+    (loaded,) = ruleset.rules
+    assert loaded.to_dict() == asked.to_dict()
+    assert (loaded.mcp, loaded.repositories, loaded.permissions, loaded.approval) == (
+        asked.mcp, asked.repositories, asked.permissions, asked.approval)
+    assert loaded.mcp is None or isinstance(loaded.mcp, McpGrant)
