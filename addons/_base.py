@@ -10,11 +10,18 @@ from typing import Any
 
 from mitmproxy import ctx, http
 
-from proxy.audit._log import redact_target
+from addons._standalone import shared_services
+from proxy.audit import redact_target
 from proxy.errors import TaskgateError, Unavailable, status_for
-from proxy.gateway._core import REQUEST_ID_HEADER, Exchange, Gateway, new_request_id, refusal_body
-from proxy.policy._hosts import canonical_host
-from proxy.policy._paths import split_target
+from proxy.gateway import (
+    REQUEST_ID_HEADER,
+    Exchange,
+    Gateway,
+    Services,
+    new_request_id,
+    refusal_body,
+)
+from proxy.policy import canonical_host, split_target
 
 log = logging.getLogger("taskgate")
 
@@ -105,26 +112,30 @@ def streams_response(flow: http.HTTPFlow, threshold: int) -> bool:
 
 
 class GatewayAddon:
-    """Base of the taskgate addons: holds the shared :class:`Gateway`.
+    """Base of the taskgate addons: holds the gateway's :class:`Services`.
 
-    Inside ``taskgate run`` the gateway is handed in; under plain ``mitmdump -s``
-    it is built from the ``taskgate_config`` option when the proxy starts.
+    Inside ``taskgate run`` they are handed in; under plain ``mitmdump -s`` they
+    are built from the ``taskgate_config`` option when the proxy starts.
     """
 
-    def __init__(self, gateway: Gateway | None = None) -> None:
-        self._gateway = gateway
+    def __init__(self, services: Services | None = None) -> None:
+        self._services = services
 
     @property
-    def gateway(self) -> Gateway:
-        if self._gateway is None:
+    def services(self) -> Services:
+        if self._services is None:
             # Standalone (mitmdump -s): the proxy listens before `running` built the
             # gateway; a call in that window is refused (503), not crashed on.
             raise Unavailable("the gateway is still starting; the call was refused")
-        return self._gateway
+        return self._services
+
+    @property
+    def gateway(self) -> Gateway:
+        return self.services.gateway
 
     @property
     def started(self) -> bool:
-        return self._gateway is not None
+        return self._services is not None
 
     def __dir__(self) -> list[str]:
         # mitmproxy's command collection getattr()s every name dir() lists when a
@@ -140,7 +151,5 @@ class GatewayAddon:
                               "taskgate config file (standalone use with mitmdump -s)")
 
     async def running(self) -> None:
-        if self._gateway is None:
-            from proxy.server import shared_gateway
-
-            self._gateway = await shared_gateway(getattr(ctx.options, CONFIG_OPTION) or None)
+        if self._services is None:
+            self._services = await shared_services(getattr(ctx.options, CONFIG_OPTION) or None)

@@ -23,14 +23,12 @@ from mitmproxy import connection, http
 from addons._base import GatewayAddon, exchange, guarded, refuse, refuse_for
 from addons.authorize import RULE
 from addons.mcp import MCP_DECISION, tool_error
-from proxy.approvals._held import Approvals, HeldRequest, target_url
+from proxy.approvals import Approvals, HeldRequest, target_url
 from proxy.errors import PayloadTooLarge, Refused, TaskgateError
-from proxy.gateway._core import Gateway
-from proxy.identity._jwt import Caller
-from proxy.mcp._inspect import McpDecision, refused_after
-from proxy.policy._rules import Rule
-from proxy.secrets import COMPONENT as SECRETS
-from proxy.secrets import replaced_params, strip_query_params
+from proxy.identity import Caller
+from proxy.mcp import McpDecision, refused_after
+from proxy.policy import Rule
+from proxy.secrets import SecretBroker, replaced_params, strip_query_params
 
 INSPECT_BODY = "taskgate.inspect_body"
 HELD = "taskgate.held_request"  # (HeldRequest, hidden headers, replaced query parameters)
@@ -44,15 +42,15 @@ CHANGED = ("the call changed after it was approved (it is no longer byte for byt
            "the approver was shown); it was not forwarded")
 
 
-def replaced_by_secret(gateway: Gateway, rule: Rule) -> tuple[frozenset[bytes], tuple[str, ...]]:
+def replaced_by_secret(broker: SecretBroker, rule: Rule
+                       ) -> tuple[frozenset[bytes], tuple[str, ...]]:
     """Header names (lower case) and query parameters the gateway replaces when it
     adds ``rule``'s secret after the approval; none without a secret."""
     headers = set(HOP)
     params: list[str] = []
     if rule.secret is not None:
         headers.update(SECRET_REPLACES)
-        broker = gateway.components.get(SECRETS)
-        spec = broker.specs.get(rule.secret) if broker is not None else None
+        spec = broker.specs.get(rule.secret)
         if spec is not None:
             params.extend(replaced_params(spec.inject))
             if spec.inject.kind != "query":
@@ -78,7 +76,7 @@ class Approve(GatewayAddon):
 
     @property
     def approvals(self) -> Approvals:
-        return self.gateway.components["approvals"]
+        return self.services.approvals
 
     @guarded
     async def requestheaders(self, flow: http.HTTPFlow) -> None:
@@ -123,7 +121,7 @@ class Approve(GatewayAddon):
                      for name, args in decision.calls]
         gw = self.gateway
         ex.bytes_in = len(body)
-        hidden, params = replaced_by_secret(gw, rule)
+        hidden, params = replaced_by_secret(self.services.secrets, rule)
         shown = held_request(flow, hidden, params, rule.secret)
         held = self.approvals.new(
             request_id=ex.request_id, workload=caller.workload, task=caller.task,
@@ -165,7 +163,7 @@ class Approve(GatewayAddon):
             refuse(flow, 403, "forbidden", reason, decision="rejected")
 
     def client_disconnected(self, client: connection.Client) -> None:
-        if self._gateway is not None and "approvals" in self._gateway.components:
+        if self._services is not None:
             self.approvals.client_gone(client.id)
 
     def _ends_at(self, caller: Caller) -> float:
@@ -177,8 +175,7 @@ class Approve(GatewayAddon):
 
     def _purpose(self, task_id: str | None) -> str | None:
         """The task's purpose, so the approver knows what the agent was asked to do."""
-        tasks = self.gateway.components.get("tasks")
-        task = tasks.get(task_id) if tasks is not None and task_id is not None else None
+        task = self.services.tasks.get(task_id) if task_id is not None else None
         return task.purpose if task is not None else None
 
     @property

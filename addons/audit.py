@@ -10,7 +10,8 @@ from mitmproxy.proxy import server_hooks
 
 from addons._base import GatewayAddon, exchange, refuse, streams_response
 from proxy.errors import Unavailable
-from proxy.gateway._core import REQUEST_ID_HEADER, Exchange, Gateway
+from proxy.gateway import REQUEST_ID_HEADER, Exchange, Services
+from proxy.secrets import SecretBroker
 from proxy.secrets.redact import scrub_upstream_text
 
 log = logging.getLogger("taskgate")
@@ -62,10 +63,9 @@ def _request_counter(ex: Exchange) -> StreamFilter:
     return count
 
 
-def _scrubbed(gateway: Gateway, msg: str) -> str:
+def _scrubbed(broker: SecretBroker, msg: str) -> str:
     """mitmproxy's error text quotes what the upstream sent: drop the quotes, mask secrets."""
-    broker = gateway.components.get("secrets")
-    return scrub_upstream_text(msg, broker.redactor() if broker is not None else None)
+    return scrub_upstream_text(msg, broker.redactor())
 
 
 AUDIT_DOWN = "the audit log cannot be written; the call was refused before it was sent"
@@ -87,8 +87,8 @@ class Audit(GatewayAddon):
         refuse(flow, 503, "unavailable", AUDIT_DOWN, decision="error")
         return True
 
-    def __init__(self, gateway: Gateway | None = None) -> None:
-        super().__init__(gateway)
+    def __init__(self, services: Services | None = None) -> None:
+        super().__init__(services)
         # Upstreams a client's calls could not reach (connect or TLS failed), until the
         # error hook of the call records it: mitmproxy answers those with a 502.
         self._unreachable: dict[str, set[tuple[str, int]]] = {}
@@ -170,7 +170,7 @@ class Audit(GatewayAddon):
             # does after the last event): the call was allowed and answered.
             ex.reason = "the agent closed the connection before the stream ended"
         elif ex.decision in (None, "allow", "approved"):  # an approved call can still fail
-            ex.reason = _scrubbed(self.gateway, msg)
+            ex.reason = _scrubbed(self.services.secrets, msg)
             ex.decision = "error"
         if flow.response is not None and ex.status is None:
             ex.status = flow.response.status_code

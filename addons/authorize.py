@@ -10,8 +10,8 @@ from mitmproxy.net.http import url
 from addons._base import GatewayAddon, exchange, guarded, refuse, refuse_for
 from addons.egress import CALL, RULE, Egress
 from proxy.errors import Refused, TaskgateError
-from proxy.gateway._core import Tunnel
-from proxy.policy._hosts import canonical_host
+from proxy.gateway import Tunnel
+from proxy.policy import canonical_host
 
 __all__ = ["CALL", "RULE", "Authorize", "Egress"]  # CALL: the Call judged, for body judges
 

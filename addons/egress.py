@@ -22,11 +22,9 @@ from mitmproxy import connection, ctx, http
 from mitmproxy.proxy import server_hooks
 
 from addons._base import GatewayAddon, exchange, guarded, refuse
-from proxy.gateway._egress import EgressGuard, OwnAddresses, local_addresses
 from proxy.errors import Refused
-from proxy.gateway._core import Gateway
-from proxy.policy._hosts import canonical_host
-from proxy.policy._rules import Call, Rule
+from proxy.gateway import EgressGuard, OwnAddresses, Services, local_addresses
+from proxy.policy import Call, Rule, canonical_host
 
 # Set by addons/authorize.py (which imports this module, so they are spelled here).
 RULE = "taskgate.rule"
@@ -38,8 +36,8 @@ Endpoint = tuple[str, int]
 class Egress(GatewayAddon):
     """SSRF guard: every address a name resolves to is judged; the judged one is used."""
 
-    def __init__(self, gateway: Gateway | None = None) -> None:
-        super().__init__(gateway)
+    def __init__(self, services: Services | None = None) -> None:
+        super().__init__(services)
         self._guard: EgressGuard | None = None
         # agent connection id → {(canonical host, port): pinned ip}
         self._pins: dict[str, dict[Endpoint, str]] = {}

@@ -56,8 +56,8 @@ class Identify(GatewayAddon):
             refuse_for(flow, e)
 
     def client_disconnected(self, client: connection.Client) -> None:
-        if self._gateway is not None:
-            self._gateway.tunnels.pop(client.id, None)
+        if self._services is not None:
+            self._services.gateway.tunnels.pop(client.id, None)
 
 
 addons = [Identify()]

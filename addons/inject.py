@@ -29,10 +29,9 @@ from addons._base import GatewayAddon, exchange, guarded, refuse, refuse_for, st
 from addons.authorize import RULE
 from addons.mcp import MCP_RULES
 from proxy.errors import Refused, TaskgateError
-from proxy.gateway._core import Exchange
-from proxy.policy._rules import Rule
+from proxy.gateway import Exchange
+from proxy.policy import Rule
 from proxy.secrets import (
-    COMPONENT,
     Redactor,
     SecretBroker,
     check_destination,
@@ -91,8 +90,8 @@ class Inject(GatewayAddon):
     """Add the rule's secret to authorized calls; redact secrets from responses."""
 
     @property
-    def broker(self) -> SecretBroker | None:
-        return self.gateway.components.get(COMPONENT)
+    def broker(self) -> SecretBroker:
+        return self.services.secrets
 
     async def running(self) -> None:
         await super().running()

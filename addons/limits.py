@@ -47,8 +47,14 @@ from mitmproxy.proxy.layers.http import (
 )
 
 from addons._base import GatewayAddon
-from proxy.gateway._core import REQUEST_ID_HEADER, Gateway, new_request_id, refusal_body
-from proxy.gateway._limits import ConnectionLimits, client_key
+from proxy.gateway import (
+    REQUEST_ID_HEADER,
+    ConnectionLimits,
+    Services,
+    client_key,
+    new_request_id,
+    refusal_body,
+)
 
 log = logging.getLogger("taskgate")
 
@@ -62,8 +68,8 @@ class Limits(GatewayAddon):
     """client_connected: take a slot or close, start the head clock;
     http_connect/requestheaders: the head arrived; client_disconnected: give it back."""
 
-    def __init__(self, gateway: Gateway | None = None) -> None:
-        super().__init__(gateway)
+    def __init__(self, services: Services | None = None) -> None:
+        super().__init__(services)
         self._limits: ConnectionLimits | None = None
         self._holding: dict[str, str] = {}  # client connection id → its client key
         self._timers: dict[str, asyncio.TimerHandle] = {}  # client id → its close
@@ -75,12 +81,12 @@ class Limits(GatewayAddon):
     # -- settings (defaults until the gateway is known) -------------------------------
     @property
     def max_header_bytes(self) -> int:
-        return self._gateway.config.max_header_bytes if self._gateway else \
+        return self._services.config.max_header_bytes if self._services else \
             DEFAULT_MAX_HEADER_BYTES
 
     @property
     def header_timeout(self) -> float:
-        return float(self._gateway.config.header_timeout_seconds) if self._gateway else 30.0
+        return float(self._services.config.header_timeout_seconds) if self._services else 30.0
 
     # -- connections --------------------------------------------------------------
     def client_connected(self, client: connection.Client) -> None:

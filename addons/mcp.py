@@ -17,11 +17,14 @@ from mitmproxy import http
 from addons._base import GatewayAddon, exchange, guarded, refuse_for
 from addons.authorize import CALL, RULE
 from proxy.errors import LengthRequired, PayloadTooLarge, Refused, TaskgateError
-from proxy.gateway._core import REQUEST_ID_HEADER
-from proxy.mcp._filter import JsonFilter, ReplaceFilter, SseFilter, error_message
-from proxy.mcp._inspect import (
+from proxy.gateway import REQUEST_ID_HEADER
+from proxy.mcp import (
     SESSION_HEADER,
+    JsonFilter,
     McpDecision,
+    ReplaceFilter,
+    SseFilter,
+    error_message,
     inspect,
     rpc_refusal,
     transport_refusal,

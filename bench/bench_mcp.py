@@ -34,8 +34,8 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from proxy.mcp._inspect import inspect  # noqa: E402
-from proxy.policy._rules import parse_rule  # noqa: E402
+from proxy.mcp import inspect  # noqa: E402
+from proxy.policy import parse_rule  # noqa: E402
 
 RULES = [
     parse_rule({"id": "docs", "host": "127.0.0.1", "paths": ["/mcp"],

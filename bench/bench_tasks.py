@@ -44,14 +44,13 @@ import yaml
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from proxy.audit._log import AuditLog  # noqa: E402
-from proxy.config._model import Config, WorkloadConfig  # noqa: E402
-from proxy.gateway._core import Gateway, StandingPolicy  # noqa: E402
-from proxy.tasks._registry import TaskPolicy, TaskRegistry  # noqa: E402
-from proxy.identity._jwt import Caller, Identity  # noqa: E402
-from proxy.policy._rules import Call, parse_rules  # noqa: E402
-from proxy.store._store import TaskRow, TaskStore  # noqa: E402
-from proxy.identity._task_tokens import TaskKeys, TaskTokenIssuer  # noqa: E402
+from proxy.audit import AuditLog  # noqa: E402
+from proxy.config import Config, WorkloadConfig  # noqa: E402
+from proxy.gateway import Gateway  # noqa: E402
+from proxy.identity import Caller, Identity, TaskKeys, TaskTokenIssuer  # noqa: E402
+from proxy.policy import Call, parse_rules  # noqa: E402
+from proxy.store import TaskRow, TaskStore  # noqa: E402
+from proxy.tasks import TaskPolicy, TaskRegistry  # noqa: E402
 
 WL = "spiffe://acme.dev/agent/triage"
 CEILING = [
@@ -112,18 +111,17 @@ async def decision_cost(n: int, calls: int, tmp: Path) -> dict[str, Any]:
     keys = await fill_store(home, n, await asyncio.to_thread(prepare_home, home))
     config = Config(home=str(home), workloads={
         WL: WorkloadConfig(owner="platform@acme.dev", ceiling=parse_rules(CEILING))})
-    gw = Gateway(config, Identity([]), StandingPolicy(config),
-                 AuditLog(str(home / "audit.jsonl")))
+    identity = Identity([])
     gc.collect()
     rss0 = rss_mb()
     t0 = time.perf_counter()
-    reg = TaskRegistry(gw, TaskStore(str(home / "tasks.db")), keys)
+    reg = TaskRegistry(config, identity, TaskStore(str(home / "tasks.db")), keys)
     await reg.load()
     load_s = time.perf_counter() - t0
     gc.collect()
     rss_loaded = rss_mb() - rss0
     policy = TaskPolicy(config, reg)
-    gw.policy = policy
+    gw = Gateway(config, identity, policy, AuditLog(str(home / "audit.jsonl")))
     gw.identity.add_issuer(TaskTokenIssuer(keys, reg.get))
 
     tasks = list(reg.tasks.values())

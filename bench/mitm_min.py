@@ -20,9 +20,9 @@ from mitmproxy import options
 from mitmproxy.addons import disable_h2c, next_layer, proxyserver, tlsconfig
 from mitmproxy.master import Master
 
-from proxy.config._model import load_config
+from proxy.config import load_config
+from proxy.gateway import trust_bundle
 from proxy.server import ensure_ca, mitm_options, settle_heap
-from proxy.gateway._upstream import trust_bundle
 
 __all__ = ["main"]
 

@@ -1,0 +1,13 @@
+"""Calls held until a person answers: the registry of held calls and what an approver sees.
+"""
+
+from __future__ import annotations
+
+from proxy.approvals._held import Approvals, Held, HeldRequest, target_url
+
+__all__ = [
+    "Approvals",
+    "Held",
+    "HeldRequest",
+    "target_url",
+]

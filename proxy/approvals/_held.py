@@ -7,7 +7,7 @@ then. Exactly one answer ends a held call, whichever comes first:
 - an approver approves or denies it on the control plane (``approved``, ``denied``);
 - ``approval_timeout_seconds`` pass (``timeout``), or the caller's credential
   (a task's: the task) runs out first (``expired``);
-- its task ends — revoked or expired — (``task_ended``, via ``Gateway.on_task_end``;
+- its task ends — revoked or expired — (``task_ended``, a task-end hook of the task registry;
   the reason says which);
 - the agent's connection goes away (``client_disconnected``);
 - the gateway shuts down (``shutdown``).
@@ -36,20 +36,16 @@ import logging
 import secrets
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-import orjson
-
-from proxy.audit._log import rfc3339
+from proxy.audit import rfc3339
 from proxy.errors import Conflict, NotFound
-from proxy.policy._hosts import default_port
+from proxy.policy import default_port
 
-if TYPE_CHECKING:
-    from proxy.gateway._core import Gateway
-
-__all__ = ["Answer", "Approvals", "Held", "HeldRequest", "attach", "body_view",
-           "request_digest", "target_url", "tool_calls"]
+__all__ = ["Answer", "Approvals", "Held", "HeldRequest", "body_view",
+           "request_digest", "target_url"]
 
 log = logging.getLogger(__name__)
 
@@ -234,8 +230,10 @@ class Held:
 class Approvals:
     """The held calls of one gateway process, each ended exactly once."""
 
-    def __init__(self, timeout: float, *, remember: int = 4096) -> None:
+    def __init__(self, timeout: float, *, remember: int = 4096,
+                 clock: Callable[[], float] = time.time) -> None:
         self.timeout = timeout
+        self._clock = clock  # wall-clock time: deadlines (tests pass their own)
         self._waiting: dict[str, Held] = {}
         self._ended: OrderedDict[str, Held] = OrderedDict()
         self._remember = remember
@@ -254,7 +252,7 @@ class Approvals:
         held = Held(id=hid, request_id=request_id, workload=workload, task=task, owner=owner,
                     purpose=purpose, method=method, url=url, tool=tool, calls=calls or [],
                     client_id=client_id, expires_at=expires_at, request=request,
-                    log_url=log_url or url)
+                    log_url=log_url or url, created=self._clock())
         held.deadline = held.created + self.timeout
         if expires_at is not None and expires_at < held.deadline:
             held.deadline, held.runs_out = max(held.created, expires_at), "expired"
@@ -271,7 +269,7 @@ class Approvals:
         self._waiting[held.id] = held
         log.info("request %s held for approval %s: %s %s", held.request_id, held.id,
                  held.method, held.log_url)
-        held.timer = loop.call_later(max(0.0, held.deadline - time.time()), self._run_out,
+        held.timer = loop.call_later(max(0.0, held.deadline - self._clock()), self._run_out,
                                      held)
 
     async def wait(self, held: Held) -> Answer:
@@ -369,21 +367,6 @@ class Approvals:
             held.future.set_result(answer)
 
 
-def attach(gateway: Gateway) -> Approvals:
-    """Make the registry for ``gateway``: a component, and a task-end hook."""
-    approvals = Approvals(gateway.config.approval_timeout_seconds)
-    gateway.components["approvals"] = approvals
-
-    async def task_ended(task_id: str) -> None:
-        tasks = gateway.components.get("tasks")  # task grants, when in this build
-        task = tasks.get(task_id) if tasks is not None else None
-        how = task.state(time.time()) if task is not None else None
-        await approvals.task_ended(task_id, how if how in ("revoked", "expired") else None)
-
-    gateway.on_task_end.append(task_ended)
-    return approvals
-
-
 def target_url(scheme: str | None, host: str | None, port: int | None, path: str | None
                ) -> str:
     """The URL an approver is shown (``path`` already has its query values redacted)."""
@@ -394,23 +377,3 @@ def target_url(scheme: str | None, host: str | None, port: int | None, path: str
     return f"{scheme}://{netloc}{path or ''}"
 
 
-def tool_calls(body: bytes) -> list[dict[str, Any]]:
-    """The ``tools/call`` requests in a JSON-RPC body (one or a batch): name and arguments.
-
-    The approver must see what exactly they approve; anything that is not a
-    JSON-RPC tool call yields nothing.
-    """
-    if not body or body.lstrip()[:1] not in (b"{", b"["):
-        return []
-    try:
-        doc = orjson.loads(body)
-    except orjson.JSONDecodeError:
-        return []
-    items = doc if isinstance(doc, list) else [doc]
-    calls = []
-    for item in items:
-        if isinstance(item, dict) and item.get("method") == "tools/call":
-            params = item.get("params")
-            params = params if isinstance(params, dict) else {}
-            calls.append({"name": params.get("name"), "arguments": params.get("arguments")})
-    return calls

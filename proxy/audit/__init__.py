@@ -1,0 +1,39 @@
+"""The tamper-evident audit log: the writer and its head and anchor, one line reader,
+verification and queries.
+"""
+
+from __future__ import annotations
+
+from proxy.audit._anchor import AuditAnchor
+from proxy.audit._log import (
+    DECISIONS,
+    AuditLog,
+    load_hmac_key,
+    log_files,
+    new_record,
+    redact_target,
+    rfc3339,
+)
+from proxy.audit._query import FILTER_KEYS, AuditFilter, follow, query, records
+from proxy.audit._verify import AnchorState, Report, read_anchor, verify, verify_files
+
+__all__ = [
+    "AnchorState",
+    "AuditAnchor",
+    "AuditFilter",
+    "AuditLog",
+    "DECISIONS",
+    "FILTER_KEYS",
+    "Report",
+    "follow",
+    "load_hmac_key",
+    "log_files",
+    "new_record",
+    "query",
+    "read_anchor",
+    "records",
+    "redact_target",
+    "rfc3339",
+    "verify",
+    "verify_files",
+]

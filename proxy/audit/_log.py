@@ -21,7 +21,7 @@ checks it; ``proxy/audit/_query.py`` reads it.
 
 Head (``proxy/audit/_head.py``): after every batch the writer records the last
 seq and hash in ``<path>.head``, so records cut from the end are detected too,
-and the same in the state store (``AuditAnchor``, proxy/store/_store.py), where the
+and the same in the state store (``AuditAnchor``, proxy/audit/_anchor.py), where the
 log's own folder cannot roll it back.
 
 Values: every value is made encodable before it is chained (:func:`clean`, in
@@ -301,7 +301,7 @@ class AuditLog:
     """Append-only, hash-chained JSON-lines log with an asynchronous, awaited write.
 
     ``anchor``: where the chain's end is also kept, outside the log's folder (the
-    state store's :class:`~proxy.store._store.AuditAnchor`); ``None`` keeps only the head file.
+    state store's :class:`~proxy.audit._anchor.AuditAnchor`); ``None`` keeps only the head file.
     """
 
     def __init__(self, path: str, *, hmac_key: bytes | None = None, max_bytes: int = 0,

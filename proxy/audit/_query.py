@@ -20,7 +20,7 @@ from typing import Any
 import orjson
 
 from proxy.audit._log import DECISIONS, log_files, rfc3339, rotated_files
-from proxy.policy._hosts import canonical_host
+from proxy.policy import canonical_host
 
 __all__ = ["FILTER_KEYS", "AuditFilter", "Page", "follow", "parse_time", "query", "records"]
 

@@ -39,9 +39,9 @@ from typing import Any
 
 import orjson
 
-from proxy.audit._log import GENESIS, chain_hash, log_files, rotated_files
+from proxy.audit._anchor import AuditAnchor
 from proxy.audit._head import Head, check_mac, head_path, read_head
-from proxy.store._store import AuditAnchor
+from proxy.audit._log import GENESIS, chain_hash, log_files, rotated_files
 
 __all__ = ["AnchorState", "Damage", "Report", "read_anchor", "verify", "verify_files"]
 

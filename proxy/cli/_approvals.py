@@ -23,9 +23,9 @@ from typing import Any
 
 import orjson
 
-from proxy.identity._admin import ENV_VAR as TOKEN_ENV
-from proxy.identity._admin import admin_token
 from proxy.cli._main import command, config_of
+from proxy.identity import ENV_VAR as TOKEN_ENV
+from proxy.identity import admin_token
 from proxy.safe_text import safe, safe_json
 
 __all__ = ["ControlClient", "ControlError"]

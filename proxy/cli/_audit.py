@@ -14,13 +14,23 @@ from collections import deque
 from collections.abc import Iterable
 from typing import Any
 
-from proxy.audit._log import load_hmac_key, log_files
-from proxy.audit._query import FILTER_KEYS, AuditFilter, follow, records
-from proxy.audit._verify import AnchorState, Report, read_anchor, verify, verify_files
+from proxy.audit import (
+    FILTER_KEYS,
+    AnchorState,
+    AuditFilter,
+    Report,
+    follow,
+    load_hmac_key,
+    log_files,
+    read_anchor,
+    records,
+    verify,
+    verify_files,
+)
 from proxy.cli._main import command, config_of
-from proxy.policy._hosts import default_port
+from proxy.policy import default_port
 from proxy.safe_text import safe, safe_json
-from proxy.store._store import store_path
+from proxy.store import store_path
 
 __all__ = ["format_row", "main_logs", "main_verify"]
 

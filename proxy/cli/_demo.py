@@ -31,6 +31,6 @@ def _setup(p: argparse.ArgumentParser) -> None:
 @command("demo", "a self-contained tour: gateway, local API and MCP server, a scripted "
          "agent's allowed and refused calls", _setup)
 def main_demo(args: argparse.Namespace) -> int:
-    from proxy.demo._run import run
+    from proxy.demo import run
 
     return run(args.home, args.serve)

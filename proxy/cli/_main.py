@@ -11,7 +11,7 @@ import os
 import sys
 from collections.abc import Callable
 
-from proxy.config._model import Config, load_config
+from proxy.config import Config, load_config
 from proxy.errors import ConfigError
 
 __all__ = ["COMMANDS", "main"]

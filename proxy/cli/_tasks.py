@@ -22,9 +22,9 @@ import orjson
 from ruamel.yaml import YAML
 from ruamel.yaml.error import YAMLError
 
-from proxy.identity._admin import ENV_VAR as ADMIN_ENV
-from proxy.identity._admin import admin_token
 from proxy.cli._main import command, config_of
+from proxy.identity import ENV_VAR as ADMIN_ENV
+from proxy.identity import admin_token
 from proxy.safe_text import safe, safe_json
 
 __all__ = ["parse_ttl"]

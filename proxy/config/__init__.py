@@ -1,0 +1,12 @@
+"""The config file: its model and defaults, and the checks of every file it references.
+"""
+
+from __future__ import annotations
+
+from proxy.config._model import Config, WorkloadConfig, load_config
+
+__all__ = [
+    "Config",
+    "WorkloadConfig",
+    "load_config",
+]

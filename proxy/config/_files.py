@@ -14,6 +14,12 @@ import logging
 import ssl
 from collections.abc import Callable
 
+import orjson
+from cryptography.hazmat.primitives.asymmetric.rsa import RSAPrivateKey
+from cryptography.hazmat.primitives.serialization import load_pem_private_key
+
+from proxy.identity import JwksKeys
+
 __all__ = ["FILE_CHECKS", "check_ca_file", "check_hmac_key_file", "check_jwks_file",
            "check_rsa_private_key_file", "check_secret_file"]
 
@@ -36,10 +42,6 @@ def _read(path: str) -> bytes | str:
 
 def check_jwks_file(path: str) -> str | None:
     """A JSON Web Key Set with at least one signing key the gateway can use."""
-    import orjson
-
-    from proxy.identity._jwt import JwksKeys
-
     data = _read(path)
     if isinstance(data, str):
         return data
@@ -104,9 +106,6 @@ def check_secret_file(path: str) -> str | None:
 
 def check_rsa_private_key_file(path: str) -> str | None:
     """A PEM RSA private key without a password (a GitHub App's key)."""
-    from cryptography.hazmat.primitives.asymmetric.rsa import RSAPrivateKey
-    from cryptography.hazmat.primitives.serialization import load_pem_private_key
-
     problem = check_secret_file(path)
     if problem is not None:
         return problem

@@ -24,7 +24,7 @@ from ruamel.yaml.error import YAMLError
 
 from proxy.config import _files as config_files
 from proxy.errors import ConfigError
-from proxy.policy._rules import Rule, parse_rule
+from proxy.policy import Rule, parse_rule
 from proxy.secrets.spec import SecretSpec, parse_secret
 
 __all__ = ["Config", "IssuerConfig", "WorkloadConfig", "load_config", "parse_config"]

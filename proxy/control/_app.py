@@ -4,8 +4,8 @@ Open endpoints: ``/healthz`` (the process answers), ``/readyz`` (the proxy
 listens, the audit log takes writes, the task store and the expiry sweeper
 run). Everything under ``/v1/`` requires
 the admin bearer token, or the review page's session cookie (with its CSRF
-header on anything but GET/HEAD, see proxy/control/_session.py); later features add
-their routes through :data:`ROUTE_PLUGINS`.
+header on anything but GET/HEAD, see proxy/control/_session.py); the routes of
+each feature come from its module (tasks, approvals, audit, review page, metrics).
 """
 
 from __future__ import annotations
@@ -15,54 +15,17 @@ import hmac
 import json
 import logging
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
 from typing import Any
 
 from aiohttp import web
 
-from proxy.gateway._core import Gateway, new_request_id
+from proxy.control import _approvals, _audit, _metrics, _review, _tasks
+from proxy.control._keys import SERVICES, SESSION_AUTH, STATE, ControlState, json_error
+from proxy.gateway import Services, new_request_id
 
-__all__ = ["ControlSite", "ControlState", "GATEWAY", "ROUTE_PLUGINS", "SESSION_AUTH", "STATE",
-           "make_app"]
+__all__ = ["ControlSite", "make_app"]
 
 log = logging.getLogger("taskgate")
-
-
-@dataclass(slots=True)
-class ControlState:
-    """What the control plane needs to know about the process it runs in."""
-
-    admin_token: str
-    proxy_listening: bool = False
-    proxy_address: str = ""
-    extras: dict[str, object] = field(default_factory=dict)
-
-
-GATEWAY = web.AppKey("gateway", Gateway)
-STATE = web.AppKey("state", ControlState)
-# The other way into /v1/: a browser session (proxy/control/_session.py). Returns None when the
-# request is authenticated by it, else the refusal to send.
-SessionAuth = Callable[[web.Request], web.StreamResponse | None]
-SESSION_AUTH: web.AppKey[SessionAuth] = web.AppKey("session_auth")
-
-# Each plugin adds routes (and cleanup_ctx entries) to the app: tasks, audit, ui…
-ROUTE_PLUGINS: list[Callable[[web.Application], None]] = []
-# Modules that append to ROUTE_PLUGINS when imported (one per feature). Each is
-# part of the product: one that fails to import stops the start (they import this
-# module, so they are imported when the app is made, not at the top).
-PLUGIN_MODULES = ("proxy.control._tasks", "proxy.control._audit", "proxy.control._approvals",
-                  "proxy.control._review", "proxy.gateway._metrics")
-
-
-def load_plugins() -> None:
-    import importlib
-
-    for mod in PLUGIN_MODULES:
-        importlib.import_module(mod)
-
-
-def json_error(status: int, error: str, reason: str, **extra: object) -> web.Response:
-    return web.json_response({"error": error, "reason": reason, **extra}, status=status)
 
 
 @web.middleware
@@ -90,26 +53,28 @@ async def healthz(request: web.Request) -> web.Response:
 
 async def readyz(request: web.Request) -> web.Response:
     state = request.app[STATE]
-    gw = request.app[GATEWAY]
-    checks = {"proxy": state.proxy_listening, "audit": gw.audit.healthy}
-    tasks = gw.components.get("tasks")
-    if tasks is not None:  # the task store's thread and the expiry sweeper (proxy/tasks/_registry.py)
-        checks["store"] = bool(tasks.store.healthy and tasks.store.alive)
-        checks["sweeper"] = bool(tasks.sweeper_ok)
+    services = request.app[SERVICES]
+    tasks = services.tasks  # the task store's thread and the expiry sweeper
+    checks = {"proxy": state.proxy_listening, "audit": services.audit.healthy,
+              "store": bool(tasks.store.healthy and tasks.store.alive),
+              "sweeper": bool(tasks.sweeper_ok)}
     ok = all(checks.values())
     return web.json_response({"status": "ready" if ok else "not ready", "checks": checks},
                              status=200 if ok else 503)
 
 
-def make_app(gateway: Gateway, state: ControlState) -> web.Application:
+# Each feature's routes (and middlewares, response hooks), in this order.
+ROUTES = (_tasks.routes, _audit.routes, _approvals.routes, _review.routes, _metrics.routes)
+
+
+def make_app(services: Services, state: ControlState) -> web.Application:
     app = web.Application(middlewares=[admin_auth], client_max_size=1024 * 1024)
-    app[GATEWAY] = gateway
+    app[SERVICES] = services
     app[STATE] = state
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
-    load_plugins()
-    for plugin in ROUTE_PLUGINS:
-        plugin(app)
+    for add_routes in ROUTES:
+        add_routes(app)
     return app
 
 

@@ -17,8 +17,8 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from proxy.approvals._held import Approvals, Held
-from proxy.control._app import GATEWAY, ROUTE_PLUGINS, json_error
+from proxy.approvals import Approvals, Held
+from proxy.control._keys import SERVICES, json_error
 from proxy.errors import TaskgateError, status_for
 from proxy.safe_text import bad_char
 
@@ -74,7 +74,7 @@ def parse_answer(body: bytes) -> tuple[str, str | None]:
 
 
 def _approvals(request: web.Request) -> Approvals:
-    return request.app[GATEWAY].components["approvals"]
+    return request.app[SERVICES].approvals
 
 
 def _error(exc: TaskgateError) -> web.Response:
@@ -128,6 +128,3 @@ def routes(app: web.Application) -> None:
     app.router.add_get("/v1/approvals/{id}", show_approval)
     app.router.add_post("/v1/approvals/{id}/approve", approve)
     app.router.add_post("/v1/approvals/{id}/deny", deny)
-
-
-ROUTE_PLUGINS.append(routes)

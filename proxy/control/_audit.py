@@ -18,8 +18,8 @@ from urllib.parse import urlencode
 
 from aiohttp import web
 
-from proxy.audit._query import FILTER_KEYS, AuditFilter, query
-from proxy.control._app import GATEWAY, ROUTE_PLUGINS, json_error
+from proxy.audit import FILTER_KEYS, AuditFilter, query
+from proxy.control._keys import SERVICES, json_error
 
 __all__ = ["MAX_LIMIT", "audit_endpoint"]
 
@@ -53,7 +53,7 @@ async def audit_endpoint(request: web.Request) -> web.Response:
         return json_error(400, "bad_request", str(e))
     if after is not None and before is not None:
         return json_error(400, "bad_request", "give after or before, not both")
-    gateway = request.app[GATEWAY]
+    gateway = request.app[SERVICES].gateway
     async with request.app[READERS]:
         page = await asyncio.to_thread(query, gateway.config.audit_path, flt, limit=limit,
                                        after=after, before=before)
@@ -67,9 +67,6 @@ async def audit_endpoint(request: web.Request) -> web.Response:
                               "last_seq": gateway.audit.seq})
 
 
-def _routes(app: web.Application) -> None:
+def routes(app: web.Application) -> None:
     app[READERS] = asyncio.Semaphore(4)
     app.router.add_get("/v1/audit", audit_endpoint)
-
-
-ROUTE_PLUGINS.append(_routes)

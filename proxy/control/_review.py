@@ -21,9 +21,9 @@ from importlib import resources
 
 from aiohttp import web
 
-from proxy.control._app import ROUTE_PLUGINS, SESSION_AUTH, STATE
-from proxy.gateway._limits import FailureThrottle, client_key
+from proxy.control._keys import SESSION_AUTH, STATE
 from proxy.control._session import CSRF_HEADER, Sessions, same_origin
+from proxy.gateway import FailureThrottle, client_key
 
 __all__ = ["SECURITY_HEADERS", "SESSIONS"]
 
@@ -130,7 +130,7 @@ async def _security_headers(request: web.Request, response: web.StreamResponse) 
         response.headers.setdefault(name, value)
 
 
-def _routes(app: web.Application) -> None:
+def routes(app: web.Application) -> None:
     sessions = Sessions()
     app[SESSIONS] = sessions
     app[SESSION_AUTH] = sessions.authenticate
@@ -142,6 +142,3 @@ def _routes(app: web.Application) -> None:
     app.router.add_post("/ui/login", login)
     app.router.add_post("/ui/logout", logout)
     app.router.add_get("/ui/static/{name}", asset)
-
-
-ROUTE_PLUGINS.append(_routes)

@@ -25,14 +25,11 @@ from typing import Any
 
 from aiohttp import web
 
-from proxy.control._app import GATEWAY, ROUTE_PLUGINS, STATE, json_error
+from proxy.control._keys import SERVICES, STATE, json_error
 from proxy.errors import TaskgateError
-from proxy.tasks._registry import TaskRegistry
-from proxy.secrets import COMPONENT as SECRETS
-from proxy.secrets import SecretBroker
-from proxy.tasks._model import MAX_BODY_BYTES, RequestError, parse_task_request
+from proxy.tasks import MAX_BODY_BYTES, RequestError, TaskRegistry, parse_task_request
 
-__all__ = ["setup"]
+__all__ = ["routes"]
 
 log = logging.getLogger(__name__)
 
@@ -43,11 +40,7 @@ MAX_LIST = 1000
 
 
 def _registry(request: web.Request) -> TaskRegistry:
-    registry = request.app[GATEWAY].components.get("tasks")
-    if not isinstance(registry, TaskRegistry):
-        raise RequestError(None, "task grants are not enabled in this gateway", status=503,
-                           error="unavailable")
-    return registry
+    return request.app[SERVICES].tasks
 
 
 async def _read_body(request: web.Request) -> bytes:
@@ -73,7 +66,7 @@ def proxy_url(request: web.Request, task_id: str, token: str) -> str:
     state = request.app[STATE]
     address = state.proxy_address
     if not address:
-        host, port = request.app[GATEWAY].config.proxy_listen
+        host, port = request.app[SERVICES].config.proxy_listen
         address = f"{host}:{port}"
     host, _, port = address.rpartition(":")
     host = host.strip("[]")
@@ -128,8 +121,7 @@ async def list_tasks(request: web.Request) -> web.Response:
 
 
 def _with_credentials(request: web.Request, view: dict[str, Any]) -> dict[str, Any]:
-    broker = request.app[GATEWAY].components.get(SECRETS)
-    creds = broker.credentials(view["task_id"]) if isinstance(broker, SecretBroker) else []
+    creds = request.app[SERVICES].secrets.credentials(view["task_id"])
     return {**view, "credentials": creds}
 
 
@@ -182,7 +174,7 @@ async def json_errors(request: web.Request,
         return json_error(500, "internal_error", "the request failed; see the gateway log")
 
 
-def setup(app: web.Application) -> None:
+def routes(app: web.Application) -> None:
     app.middlewares.append(json_errors)
     app.router.add_post("/v1/tasks", create_task)
     app.router.add_get("/v1/tasks", list_tasks)
@@ -190,20 +182,3 @@ def setup(app: web.Application) -> None:
     app.router.add_delete("/v1/tasks/{task_id}", revoke_task)
     app.router.add_get("/v1/task-keys", task_keys)
     app.router.add_post("/v1/task-keys/rotate", rotate_task_keys)
-    app.on_cleanup.append(_close)
-
-
-async def _close(app: web.Application) -> None:
-    """The store closes with the control plane, after the proxy stopped and drained.
-
-    Minted credentials are revoked first, while the store (what is still pending
-    goes there) and the audit log (each outcome) are open."""
-    broker = app[GATEWAY].components.get(SECRETS)
-    if isinstance(broker, SecretBroker):
-        await broker.close()
-    registry = app[GATEWAY].components.get("tasks")
-    if isinstance(registry, TaskRegistry):
-        await registry.close()
-
-
-ROUTE_PLUGINS.append(setup)

@@ -34,7 +34,7 @@ import httpx
 from aiohttp import web
 from ruamel.yaml import YAML
 
-from proxy.audit._verify import Report, verify
+from proxy.audit import Report, verify
 from proxy.demo._tls import DemoTls, make_tls
 from proxy.demo._tour import APPROVER, OWNER, SECRET_NAME, WORKLOAD, Site, Tour
 from proxy.demo._upstream import ApiUpstream, McpUpstream

@@ -20,7 +20,7 @@ import httpx
 import orjson
 
 from proxy.demo._upstream import SESSION_HEADER, VERSION_HEADER, ApiUpstream, McpUpstream
-from proxy.gateway._core import REQUEST_ID_HEADER
+from proxy.gateway import REQUEST_ID_HEADER
 
 __all__ = ["APPROVER", "OWNER", "SECRET_NAME", "WORKLOAD", "AuditTail", "Site", "Step",
            "Tour"]

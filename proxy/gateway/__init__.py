@@ -1,0 +1,43 @@
+"""The data plane core: the gateway and its exchanges, egress (SSRF) and framing decisions,
+connection limits, metrics, upstream trust, signals, and the builder of every service.
+"""
+
+from __future__ import annotations
+
+from proxy.gateway._build import Services, build
+from proxy.gateway._core import (
+    REQUEST_ID_HEADER,
+    Exchange,
+    Gateway,
+    Tunnel,
+    new_request_id,
+    refusal_body,
+)
+from proxy.gateway._egress import EgressGuard, OwnAddresses, local_addresses
+from proxy.gateway._framing import h1_request_framing, trailer_fields
+from proxy.gateway._limits import ConnectionLimits, FailureThrottle, client_key
+from proxy.gateway._metrics import METRICS_CONTENT_TYPE
+from proxy.gateway._signals import stop_signals
+from proxy.gateway._upstream import trust_bundle
+
+__all__ = [
+    "ConnectionLimits",
+    "EgressGuard",
+    "Exchange",
+    "FailureThrottle",
+    "Gateway",
+    "METRICS_CONTENT_TYPE",
+    "OwnAddresses",
+    "REQUEST_ID_HEADER",
+    "Services",
+    "Tunnel",
+    "build",
+    "client_key",
+    "h1_request_framing",
+    "local_addresses",
+    "new_request_id",
+    "refusal_body",
+    "stop_signals",
+    "trailer_fields",
+    "trust_bundle",
+]

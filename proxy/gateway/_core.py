@@ -12,21 +12,30 @@ import asyncio
 import logging
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
 
-from proxy.audit._log import AuditLog, new_record, redact_target, rfc3339
-from proxy.config._model import Config
+from proxy.audit import AuditLog, new_record, redact_target, rfc3339
+from proxy.config import Config
 from proxy.errors import Refused
-from proxy.policy._hosts import canonical_host, default_port
-from proxy.identity._jwt import Caller, Identity
-from proxy.policy._paths import ambiguity, decode, split_target
-from proxy.policy._rules import Call, Decision, RuleSet
+from proxy.gateway._limits import AuthFailures
+from proxy.identity import Caller, Identity
+from proxy.policy import (
+    Call,
+    Decision,
+    ambiguity,
+    canonical_host,
+    decode,
+    default_port,
+    split_hostport,
+    split_target,
+)
+from proxy.tasks import Policy
 
-__all__ = ["Exchange", "Gateway", "Policy", "StandingPolicy", "Tunnel", "refusal_body"]
+__all__ = ["REQUEST_ID_HEADER", "Exchange", "Gateway", "Tunnel", "new_request_id", "refusal_body"]
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +74,7 @@ class Exchange:
     scheme: str | None = None
     host: str | None = None
     port: int | None = None
-    upstream_ip: str | None = None  # the address checked and connected to (proxy/gateway/_egress.py)
+    upstream_ip: str | None = None  # the address checked and connected to (_egress.py)
     path: str | None = None
     tool: dict[str, Any] | None = None
     decision: str | None = None
@@ -97,64 +106,22 @@ class Exchange:
         )
 
 
-class Policy:
-    """Which rules hold for a caller at this moment. Task grants plug in here."""
-
-    def rules_for(self, caller: Caller) -> RuleSet:  # pragma: no cover - interface
-        raise NotImplementedError
-
-    def check(self, caller: Caller) -> None:
-        """Raise :class:`Refused` if the caller's grant ended (task expired, revoked, spent)."""
-
-    def check_live(self, caller: Caller) -> None:
-        """Like :meth:`check`, for a call already admitted (counted): only whether the
-        grant ended (expired, revoked) — a budget it used up itself does not refuse it."""
-        self.check(caller)
-
-    async def admit(self, caller: Caller, decision: Decision, request_id: str) -> Decision:
-        """An allowed call is about to go ahead: take it from the caller's budget (tasks)."""
-        return decision
-
-
-class StandingPolicy(Policy):
-    """Each workload's ``standing`` rules from the config; nothing for unknown workloads."""
-
-    def __init__(self, config: Config) -> None:
-        self._sets = {name: RuleSet(wl.standing) for name, wl in config.workloads.items()}
-        self._empty = RuleSet()
-
-    def rules_for(self, caller: Caller) -> RuleSet:
-        return self._sets.get(caller.workload, self._empty)
-
-
 class Gateway:
     """Identity, policy and audit behind one object the addons share."""
 
     def __init__(self, config: Config, identity: Identity, policy: Policy,
-                 audit: AuditLog) -> None:
+                 audit: AuditLog, *, floods: AuthFailures | None = None) -> None:
         self.config = config
         self.identity = identity
         self.policy = policy
         self.audit = audit
+        self.floods = floods  # 407 floods: counted and summarized (proxy/gateway/_limits.py)
         self.tunnels: dict[str, Tunnel] = {}
         self.in_flight = 0
         self.idle = asyncio.Event()
         self.idle.set()
+        # Every written record, in order (metrics, the task registry's refunds).
         self.on_record: list[Callable[[dict[str, Any]], None]] = []
-        self.http: Any = None  # the aiohttp session for the gateway's own upstream calls
-        # Called with a task id when a task ends (revoked, expired): secret providers
-        # revoke what they minted for it, approvals waiting on it are refused.
-        self.on_task_end: list[Callable[[str], Awaitable[None]]] = []
-        # Extension slots filled by features (task store, secret broker, approvals, metrics).
-        self.components: dict[str, Any] = {}
-
-    async def task_ended(self, task_id: str) -> None:
-        """Run every task-end hook; one failing hook never stops the others."""
-        for hook in list(self.on_task_end):
-            try:
-                await hook(task_id)
-            except Exception:  # noqa: BLE001
-                log.exception("task-end hook failed for task %s", task_id)
 
     def begin(self, ex: Exchange) -> None:
         """Count ``ex`` as in flight until its record is written (graceful shutdown waits)."""
@@ -172,11 +139,6 @@ class Gateway:
         return True
 
     # -- identity -------------------------------------------------------------
-    async def identify(self, proxy_authorization: str | None) -> Caller:
-        caller = await self.identity.identify(proxy_authorization)
-        self.policy.check(caller)
-        return caller
-
     def recheck(self, caller: Caller, *, admitted: bool = False) -> None:
         """Re-validate a tunnel's caller for one more call (expiry, revocation), or
         (``admitted``) for a call already counted that waited, e.g. for approval."""
@@ -264,8 +226,7 @@ class Gateway:
             if self.in_flight == 0:
                 self.idle.set()
         record = ex.record()
-        floods = self.components.get("auth_failures")  # proxy/gateway/_limits.py: 407 floods
-        if floods is not None and floods.absorb(record):
+        if self.floods is not None and self.floods.absorb(record):
             self._observe(record)  # counted (metrics) and summarized, not a line of its own
             return
         await self._write(record)
@@ -295,7 +256,7 @@ class Gateway:
 
 def _names_target(hostport: str, call: Call) -> bool:
     """Does ``hostport`` (a Host header, a URL's authority) name ``call``'s host and port?"""
-    name, port = _split_hostport(hostport)
+    name, port = split_hostport(hostport)
     if port is None:
         # No port means the scheme's default (RFC 9110 7.2), not "any port":
         # 'Host: api' on a call to api:8443 names another authority.
@@ -304,17 +265,3 @@ def _names_target(hostport: str, call: Call) -> bool:
         return canonical_host(name) == call.host and port == call.port
     except ValueError:
         return False
-
-
-def _split_hostport(value: str) -> tuple[str, int | None]:
-    value = value.strip()
-    if value.startswith("["):
-        host, _, rest = value[1:].partition("]")
-        port = rest[1:] if rest.startswith(":") else ""
-    elif value.count(":") == 1:
-        host, _, port = value.partition(":")
-    else:
-        host, port = value, ""
-    if port:
-        return host, int(port) if port.isdigit() and len(port) <= 5 else -1
-    return host, None

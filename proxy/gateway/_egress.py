@@ -196,7 +196,7 @@ def local_addresses() -> frozenset[str]:
 def _interface_v4() -> set[str]:
     """Each interface's IPv4 address (Linux ``SIOCGIFADDR``); empty where unsupported."""
     found: set[str] = set()
-    try:
+    try:  # here, not at the top: fcntl exists on POSIX only (ImportError elsewhere)
         import fcntl
         import struct
 

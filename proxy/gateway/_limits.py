@@ -32,7 +32,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
-from proxy.audit._log import new_record, rfc3339
+from proxy.audit import new_record, rfc3339
 
 __all__ = ["AUTH_FAILURES_LOGGED", "AuthFailures", "ConnectionLimits", "FailureThrottle",
            "client_key"]

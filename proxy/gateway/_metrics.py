@@ -1,4 +1,4 @@
-"""Prometheus metrics at ``/metrics`` on the control plane (open, like ``/healthz``).
+"""Prometheus metrics, served at ``/metrics`` by the control plane (open, like ``/healthz``).
 
 What is exported, and where it comes from:
 
@@ -15,21 +15,17 @@ What is exported, and where it comes from:
   :meth:`Metrics.secret_background_error`, ``track("secret_revocations_pending", …)``;
 - ``taskgate_active_tasks``, ``taskgate_pending_approvals``: gauges read at
   scrape time from callbacks the tasks and approvals features register with
-  :meth:`Metrics.track` (without one, pending approvals are counted from
-  ``gateway.components["approvals"].waiting()`` when that exists, else 0);
+  :meth:`Metrics.track` (0 without one);
 - ``taskgate_calls_in_flight``, ``taskgate_audit_write_errors_total``,
   ``taskgate_audit_healthy``: read from the gateway and its audit log;
 - ``taskgate_background_failures_total{worker}``: failures of the background
   threads and tasks (audit writer, audit head/anchor, task store, sweeper),
   each logged and survived (proxy/batching.py :data:`FAILURES`).
 
-Other features reach the object as ``gateway.components["metrics"]``::
+The builder (proxy/gateway/_build.py) wires the features to it::
 
-    metrics = gateway.components.get("metrics")
-    if metrics is not None:
-        metrics.secret_fetch("github-read", ok=False)
-        metrics.track("active_tasks", store.count_active)        # () -> float
-        metrics.track("pending_approvals", lambda: len(waiting))
+    metrics.track("active_tasks", registry.active_count)        # () -> float
+    broker.on_fetch = metrics.secret_fetch
 
 Label sets are bounded: decisions are the audit log's fixed set, secrets the
 names in the config, rule ids the first :data:`MAX_RULE_LABELS` well-formed
@@ -46,7 +42,6 @@ import threading
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from aiohttp import web
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
     CollectorRegistry,
@@ -58,12 +53,13 @@ from prometheus_client import (
 )
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
-from proxy.audit._log import DECISIONS
+from proxy.audit import DECISIONS
 from proxy.batching import FAILURES
-from proxy.control._app import GATEWAY, ROUTE_PLUGINS
 from proxy.gateway._core import Gateway
 
-__all__ = ["GAUGES", "MAX_RULE_LABELS", "Metrics", "install_metrics"]
+__all__ = ["GAUGES", "METRICS_CONTENT_TYPE", "MAX_RULE_LABELS", "Metrics"]
+
+METRICS_CONTENT_TYPE = CONTENT_TYPE_LATEST
 
 log = logging.getLogger(__name__)
 disable_created_metrics()  # no *_created series: they double the output and say nothing here
@@ -129,6 +125,10 @@ class _GatewayCollector:
         for worker, count in FAILURES.counts().items():
             failures.add_metric([worker], float(count))
         yield failures
+
+
+def _zero() -> float:
+    return 0.0
 
 
 class Metrics:
@@ -198,16 +198,9 @@ class Metrics:
     def render(self) -> bytes:
         return generate_latest(self.registry)
 
-    def _default(self, name: str) -> Callable[[], float]:
-        if name == "pending_approvals":
-            waiting = getattr(self._gateway.components.get("approvals"), "waiting", None)
-            if callable(waiting):
-                return lambda: len(waiting())
-        return lambda: 0.0
-
     def _reader(self, name: str) -> Callable[[], float]:
         def read() -> float:
-            fn = self._callbacks.get(name) or self._default(name)
+            fn = self._callbacks.get(name, _zero)
             try:
                 return float(fn())
             except Exception:  # noqa: BLE001 - a scrape never fails on a feature's bug
@@ -215,28 +208,3 @@ class Metrics:
                 return math.nan
 
         return read
-
-
-def install_metrics(gateway: Gateway) -> Metrics:
-    """Make the gateway's :class:`Metrics` (once) and feed it every audit record."""
-    metrics = gateway.components.get("metrics")
-    if not isinstance(metrics, Metrics):
-        metrics = Metrics(gateway)
-        gateway.components["metrics"] = metrics
-        gateway.on_record.append(metrics.observe)
-    return metrics
-
-
-async def metrics_endpoint(request: web.Request) -> web.Response:
-    metrics = install_metrics(request.app[GATEWAY])
-    resp = web.Response(body=metrics.render())
-    resp.headers["Content-Type"] = CONTENT_TYPE_LATEST
-    return resp
-
-
-def _routes(app: web.Application) -> None:
-    install_metrics(app[GATEWAY])
-    app.router.add_get("/metrics", metrics_endpoint)
-
-
-ROUTE_PLUGINS.append(_routes)

@@ -12,7 +12,7 @@ import ssl
 import aiohttp
 import certifi
 
-from proxy.config._model import Config
+from proxy.config import Config
 
 __all__ = ["client_session", "trust_bundle"]
 

@@ -32,7 +32,7 @@ import orjson
 
 from proxy.errors import Refused
 from proxy.mcp._jsonrpc import check_message, dumps, loads_strict
-from proxy.policy._mcp_grant import fold
+from proxy.policy import fold
 
 __all__ = ["JsonFilter", "ReplaceFilter", "SseFilter", "error_message", "filter_message"]
 

@@ -36,8 +36,7 @@ import orjson
 
 from proxy.errors import Refused
 from proxy.mcp._jsonrpc import Message, canonical, decode_content, digest, parse_body
-from proxy.policy._mcp_grant import ALWAYS_ALLOWED, TOOL_NAME, McpGrant, fold, mcp_method
-from proxy.policy._rules import Rule
+from proxy.policy import ALWAYS_ALLOWED, TOOL_NAME, McpGrant, Rule, fold, mcp_method
 
 __all__ = ["INERT_METHODS", "TOOL_REFUSED", "McpDecision", "inspect", "refused_after",
            "rpc_refusal", "transport_refusal"]

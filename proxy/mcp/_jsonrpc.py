@@ -40,7 +40,7 @@ from typing import Any
 import orjson
 
 from proxy.errors import PayloadTooLarge, Refused
-from proxy.policy._mcp_grant import ExactFloat, fold
+from proxy.policy import ExactFloat, fold
 
 __all__ = ["Message", "canonical", "check_message", "decode_content", "digest", "dumps",
            "loads_strict", "parse_body"]

@@ -11,14 +11,20 @@ right where the value leaves.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from proxy.errors import Refused
-from proxy.policy._hosts import canonical_host
-from proxy.policy._rules import Rule
+from proxy.policy import Rule, canonical_host, split_hostport
 
-if TYPE_CHECKING:  # the config imports this package; the gateway imports the config
-    from proxy.gateway._core import Tunnel
+
+class Endpoint(Protocol):
+    """Where a CONNECT tunnel leads (the gateway's ``Tunnel``)."""
+
+    @property
+    def host(self) -> str: ...
+
+    @property
+    def port(self) -> int: ...
 
 __all__ = ["check_destination"]
 
@@ -33,11 +39,9 @@ def _same(name: str | None, host: str) -> bool:
 
 
 def check_destination(rule: Rule, *, scheme: str, host: str, port: int,
-                      host_header: str | None, tunnel: Tunnel | None, sni: str | None,
+                      host_header: str | None, tunnel: Endpoint | None, sni: str | None,
                       authority: str = "") -> None:
     """Raise :class:`Refused` unless ``rule``'s secret may go to this destination."""
-    from proxy.gateway._core import _split_hostport
-
     secret = rule.secret
 
     def refuse(why: str) -> Refused:
@@ -53,7 +57,7 @@ def check_destination(rule: Rule, *, scheme: str, host: str, port: int,
         raise refuse("the request does not go to the rule's host and port")
     for what, value in (("Host header", host_header), ("request's URL", authority or None)):
         if value is not None:
-            name, hport = _split_hostport(value)
+            name, hport = split_hostport(value)
             if not _same(name, chost) or (hport is not None and hport != port):
                 raise refuse(f"the {what} names another destination")
     if tunnel is None:

@@ -36,8 +36,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from proxy.errors import Refused
-from proxy.identity._jwt import Caller
-from proxy.policy._rules import Rule
+from proxy.identity import Caller
+from proxy.policy import Rule
 
 from .providers import Provider, make_provider
 from .redact import MIN_VALUE_BYTES, Redactor

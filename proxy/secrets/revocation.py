@@ -43,8 +43,8 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
 
-from proxy.audit._log import new_record, rfc3339
-from proxy.store._store import CredentialRow, TaskStore
+from proxy.audit import new_record, rfc3339
+from proxy.store import CredentialRow, TaskStore
 
 from .providers import Provider
 from .seal import Sealer

@@ -32,10 +32,8 @@ its callers), logged and counted (``taskgate_background_failures_total``); a
 thread that is gone anyway is noticed by the next caller, which gets a 503 at
 once while a new thread takes over.
 
-The audit chain's anchor (:class:`AuditAnchor`, table ``audit_anchor``): the
-audit writer keeps the last ``seq`` and ``hash`` of its chain here too, on its
-own connection, so that a log rolled back together with its ``.head`` file
-still shows records cut from its end (``taskgate audit verify``).
+The audit chain's anchor lives in this file too, in a table of its own on its own
+connection (proxy/audit/_anchor.py).
 """
 
 from __future__ import annotations
@@ -46,16 +44,14 @@ import logging
 import os
 import sqlite3
 import threading
-import time
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from dataclasses import astuple, dataclass
 from typing import Any
 
-from proxy.audit._head import Head
 from proxy.batching import FAILURES, WorkQueue
 from proxy.errors import Unavailable
 
-__all__ = ["STORE_FILE", "AuditAnchor", "CredentialRow", "TaskRow", "TaskStore", "store_path"]
+__all__ = ["STORE_FILE", "CredentialRow", "TaskRow", "TaskStore", "store_path"]
 
 log = logging.getLogger(__name__)
 
@@ -389,107 +385,6 @@ def _settle(batch: list[tuple[Op, asyncio.Future[Any], bool]], results: list[Any
 
 # -- the audit chain's anchor ------------------------------------------------------
 STORE_FILE = "tasks.db"
-_ANCHOR_SCHEMA = """
-CREATE TABLE IF NOT EXISTS audit_anchor (
-    id          INTEGER PRIMARY KEY CHECK (id = 1),
-    seq         INTEGER NOT NULL,
-    hash        TEXT NOT NULL,
-    mac         TEXT,
-    updated_at  REAL NOT NULL
-)
-"""
-_ADVANCE = """
-INSERT INTO audit_anchor (id, seq, hash, mac, updated_at) VALUES (1, ?, ?, ?, ?)
-ON CONFLICT (id) DO UPDATE SET seq = excluded.seq, hash = excluded.hash,
-    mac = excluded.mac, updated_at = excluded.updated_at
-WHERE ? OR excluded.seq >= audit_anchor.seq
-"""
-
-
 def store_path(home: str) -> str:
     """The state store's file under ``home``."""
     return os.path.join(home, STORE_FILE)
-
-
-class AuditAnchor:
-    """Where the audit chain ends, in the state store: one row that only moves forward.
-
-    Its own connection (callable from any one thread at a time: the audit writer
-    thread, or ``audit verify``), beside the task store's. ``readonly`` never
-    creates the file or the table (``audit verify``).
-    """
-
-    def __init__(self, path: str, *, readonly: bool = False) -> None:
-        self.path = path
-        self._readonly = readonly
-        self._conn: sqlite3.Connection | None = None
-        self._lock = threading.Lock()
-
-    def _connection(self) -> sqlite3.Connection | None:
-        if self._conn is not None:
-            return self._conn
-        if self._readonly:
-            if not os.path.exists(self.path):
-                return None
-            uri = f"file:{os.path.abspath(self.path)}?mode=ro"
-            conn = sqlite3.connect(uri, uri=True, isolation_level=None,
-                                   check_same_thread=False)
-            conn.execute("PRAGMA busy_timeout=2000")
-        else:
-            os.makedirs(os.path.dirname(os.path.abspath(self.path)), mode=0o700,
-                        exist_ok=True)
-            if not os.path.exists(self.path):
-                os.close(os.open(self.path, os.O_WRONLY | os.O_CREAT, 0o600))
-            conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
-            conn.execute("PRAGMA busy_timeout=2000")  # the audit writer waits no longer
-            conn.execute("PRAGMA journal_mode=WAL")
-            conn.execute("PRAGMA synchronous=NORMAL")
-            conn.execute(_ANCHOR_SCHEMA)
-        self._conn = conn
-        return conn
-
-    def read(self) -> tuple[Head, str | None] | None:
-        """The stored end and its MAC; ``None`` when there is none (no store, no row).
-
-        Raises ``ValueError`` when the row is not an anchor, ``sqlite3.Error`` when
-        the store cannot be read.
-        """
-        with self._lock:
-            conn = self._connection()
-            if conn is None:
-                return None
-            try:
-                row = conn.execute("SELECT seq, hash, mac FROM audit_anchor WHERE id = 1"
-                                   ).fetchone()
-            except sqlite3.OperationalError as e:
-                if "no such table" in str(e):
-                    return None
-                raise
-        if row is None:
-            return None
-        seq, digest, mac = row
-        if type(seq) is not int or seq < 0 or not isinstance(digest, str) or not (
-                mac is None or isinstance(mac, str)):
-            raise ValueError(f"{self.path}: the audit anchor is not a chain end")
-        return Head(seq, digest), mac
-
-    def advance(self, seq: int, digest: str, mac: str | None, *, sync: bool = False,
-                force: bool = False) -> None:
-        """Store the chain's end, unless a later one is stored (``force``: anyway);
-        ``sync``: flushed to the disk before this returns."""
-        with self._lock:
-            conn = self._connection()
-            assert conn is not None and not self._readonly
-            if sync:
-                conn.execute("PRAGMA synchronous=FULL")
-            try:
-                conn.execute(_ADVANCE, (seq, digest, mac, time.time(), int(force)))
-            finally:
-                if sync:
-                    conn.execute("PRAGMA synchronous=NORMAL")
-
-    def close(self) -> None:
-        with self._lock:
-            if self._conn is not None:
-                self._conn.close()
-                self._conn = None

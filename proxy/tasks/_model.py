@@ -30,15 +30,19 @@ from typing import Any
 
 import orjson
 
-from proxy.audit._log import rfc3339
-from proxy.policy._ceiling import check_mcp_shape
+from proxy.audit import rfc3339
 from proxy.errors import TaskgateError
-from proxy.policy._hosts import HostPattern
-from proxy.policy._mcp_grant import McpGrant
-from proxy.policy._paths import PathGlob
-from proxy.policy._rules import Rule, RuleSet, parse_rules
+from proxy.policy import (
+    HostPattern,
+    McpGrant,
+    PathGlob,
+    Rule,
+    RuleSet,
+    check_mcp_shape,
+    parse_rules,
+)
 from proxy.safe_text import bad_char
-from proxy.store._store import TaskRow
+from proxy.store import TaskRow
 
 __all__ = [
     "MAX_BODY_BYTES",

@@ -25,7 +25,7 @@ its task's rules, so what an agent can do on a task is what the task says.
 Workload tokens (no task) keep their ``standing`` rules.
 
 Expiry is noticed by a sweeper (every :data:`SWEEP_SECONDS`) that runs
-``Gateway.task_ended`` once per task (also for tasks that ended while the
+the task-end hooks (:attr:`TaskRegistry.on_end`) once per task (also for tasks that ended while the
 gateway was down); ended tasks stay visible on the control plane for
 :data:`RETENTION_SECONDS`, then are purged from memory and the store.
 """
@@ -41,21 +41,23 @@ import os
 import sys
 import time
 import uuid
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from proxy.batching import FAILURES
-from proxy.policy._ceiling import Breach, breach
-from proxy.config._model import Config
+from proxy.config import Config
 from proxy.errors import InvalidCredential, Refused, TaskgateError, Unavailable
-from proxy.gateway._core import Gateway, StandingPolicy
-from proxy.policy._glob import Budget
-from proxy.identity._jwt import Caller
-from proxy.policy._rules import Decision, Rule, RuleSet
-from proxy.store._store import TaskRow, TaskStore
-from proxy.identity._task_tokens import TASK_ISSUER, TaskKeys, TaskTokenIssuer
+from proxy.identity import TASK_ISSUER, Caller, Identity, TaskKeys, TaskTokenIssuer
+from proxy.policy import Breach, Budget, Decision, Rule, breach
+from proxy.store import TaskRow, TaskStore
 from proxy.tasks._model import RequestError, RuleSets, Task, TaskRequest, canonical_rules
 
-__all__ = ["TaskPolicy", "TaskRegistry", "install_tasks"]
+__all__ = ["Clock", "TaskEndHook", "TaskRegistry", "open_registry"]
+
+Clock = Callable[[], float]
+# Called with a task id when the task ends (revoked, expired): secret providers revoke
+# what they minted for it, approvals waiting on it are refused.
+TaskEndHook = Callable[[str], Awaitable[None]]
 
 log = logging.getLogger(__name__)
 
@@ -70,10 +72,12 @@ _REFUND = ("deny", "rejected")
 class TaskRegistry:
     """Every task, in memory and in the store; creation, revocation, budgets, expiry."""
 
-    def __init__(self, gateway: Gateway, store: TaskStore, keys: TaskKeys, *,
-                 retention: float = RETENTION_SECONDS) -> None:
-        self.gateway = gateway
-        self.config: Config = gateway.config
+    def __init__(self, config: Config, identity: Identity, store: TaskStore, keys: TaskKeys,
+                 *, retention: float = RETENTION_SECONDS, clock: Clock = time.time) -> None:
+        self.config = config
+        self.identity = identity
+        self.on_end: list[TaskEndHook] = []
+        self._clock = clock  # wall-clock time: expiry, revocation (tests pass their own)
         self.store = store
         self.keys = keys
         self.retention = retention
@@ -122,7 +126,7 @@ class TaskRegistry:
         must not walk every task each time."""
         now = time.monotonic()
         if self._active is None or now - self._active[0] >= ACTIVE_COUNT_SECONDS:
-            wall = time.time()
+            wall = self._clock()
             self._active = (now, float(sum(1 for t in self.tasks.values()
                                            if t.state(wall) == "active")))
         return self._active[1]
@@ -134,7 +138,7 @@ class TaskRegistry:
             return req.workload
         assert req.workload_token is not None
         try:
-            caller = await self.gateway.identity.identify(f"Bearer {req.workload_token}")
+            caller = await self.identity.identify(f"Bearer {req.workload_token}")
         except TaskgateError as e:
             raise RequestError("workload_token", f"the workload token was not accepted: "
                                                  f"{e.reason}", status=403,
@@ -160,7 +164,7 @@ class TaskRegistry:
             raise RequestError(f"rules[{i}].{b.key}", f"rule {b.rule!r}: {b.reason}",
                                error="beyond_ceiling", rule=b.rule)
         self._check_token_scopes(req.rules)
-        now = time.time()
+        now = self._clock()
         rules_json = canonical_rules(req.rules)
         task_id = uuid.uuid4().hex
         key, rs = self.rulesets.acquire(rules_json)
@@ -198,13 +202,21 @@ class TaskRegistry:
         if task is None:
             return None
         if task.revoked_at is None:
-            task.revoked_at = time.time()
+            task.revoked_at = self._clock()
             self._active = None
             heapq.heappush(self._purges, (task.ended_at() + self.retention, task.id))
-            self.gateway.identity.forget(lambda c: c.task == task_id)
+            self.identity.forget(lambda c: c.task == task_id)
             await self.store.revoke(task_id, task.revoked_at)
         await self._end([task])
         return task
+
+    async def notify_ended(self, task_id: str) -> None:
+        """Run every task-end hook; one failing hook never stops the others."""
+        for hook in list(self.on_end):
+            try:
+                await hook(task_id)
+            except Exception:  # noqa: BLE001
+                log.exception("task-end hook failed for task %s", task_id)
 
     async def _end(self, tasks: list[Task]) -> None:
         ending = [t for t in tasks if not t.ended]
@@ -212,7 +224,7 @@ class TaskRegistry:
             t.ended = True
         # Together: a provider slow to revoke one task's token must not hold up the
         # revocations of every task that ended after it.
-        await asyncio.gather(*(self.gateway.task_ended(t.id) for t in ending))
+        await asyncio.gather(*(self.notify_ended(t.id) for t in ending))
         if ending:
             await self.store.mark_ended(t.id for t in ending)
 
@@ -237,7 +249,7 @@ class TaskRegistry:
             raise InvalidCredential("task unknown: it ended and was purged, or never existed")
         if task.revoked_at is not None:
             raise InvalidCredential("task revoked")
-        if time.time() >= task.expires_at:
+        if self._clock() >= task.expires_at:
             raise InvalidCredential("task expired")
         return task
 
@@ -260,7 +272,7 @@ class TaskRegistry:
             log.exception("task store: counting a call of task %s failed", task.id)
             raise Unavailable("the task store could not count the call; it was refused"
                               ) from None
-        if task.revoked_at is not None or time.time() >= task.expires_at:
+        if task.revoked_at is not None or self._clock() >= task.expires_at:
             self._refund(task.id)  # ended while the count was being written
             self._live(caller)
         self._admitted[request_id] = (task.id, time.monotonic())
@@ -296,7 +308,7 @@ class TaskRegistry:
     # -- expiry and purge -----------------------------------------------------
     async def sweep(self, now: float | None = None) -> None:
         """End tasks whose time is up, purge those ended long ago, forget old keys."""
-        now = time.time() if now is None else now
+        now = self._clock() if now is None else now
         ended: list[Task] = []
         while self._ends and self._ends[0][0] <= now:
             _, tid = heapq.heappop(self._ends)
@@ -332,7 +344,7 @@ class TaskRegistry:
     async def rotate_keys(self) -> str:
         """A new signing key; the old one verifies until its last token expires."""
         old = self.keys.current
-        kid = await asyncio.to_thread(self.keys.rotate, time.time())
+        kid = await asyncio.to_thread(self.keys.rotate, self._clock())
         self._kid_until.setdefault(old, 0.0)
         return kid
 
@@ -392,46 +404,22 @@ def _first_breach(rules: tuple[Rule, ...], ceiling: tuple[Rule, ...]
     return None
 
 
-class TaskPolicy(StandingPolicy):
-    """A task caller gets its task's rules (and only those); others their standing rules."""
+async def open_registry(config: Config, identity: Identity) -> TaskRegistry:
+    """Open the task store and signing keys under home and load every stored task.
 
-    def __init__(self, config: Config, registry: TaskRegistry) -> None:
-        super().__init__(config)
-        self.registry = registry
-        self._none = RuleSet()
-
-    def rules_for(self, caller: Caller) -> RuleSet:
-        if caller.task is None:
-            return super().rules_for(caller)
-        task = self.registry.tasks.get(caller.task)
-        return task.ruleset if task is not None else self._none
-
-    def check(self, caller: Caller) -> None:
-        self.registry.check(caller)
-
-    def check_live(self, caller: Caller) -> None:
-        self.registry.check_live(caller)
-
-    async def admit(self, caller: Caller, decision: Decision, request_id: str) -> Decision:
-        return await self.registry.admit(caller, decision, request_id)
-
-
-async def install_tasks(gateway: Gateway) -> TaskRegistry:
-    """Open the task store and keys under home; make task tokens and grants count."""
-    home = gateway.config.home
+    Task tokens are not accepted until the builder adds the registry's issuer to
+    ``identity`` and its policy to the gateway (proxy/gateway/_build.py)."""
+    home = config.home
     keys = await asyncio.to_thread(TaskKeys.load_or_create, os.path.join(home, "task-keys.json"))
-    registry = TaskRegistry(gateway, TaskStore(os.path.join(home, "tasks.db")), keys)
+    registry = TaskRegistry(config, identity, TaskStore(os.path.join(home, "tasks.db")), keys)
     await registry.load()
     # What is loaded now lives as long as the process. Without this, a full cyclic GC
     # walks every stored task: over a second of stalled event loop at 100k tasks.
     gc.collect()
     gc.freeze()
-    gateway.policy = TaskPolicy(gateway.config, registry)
-    gateway.identity.add_issuer(TaskTokenIssuer(keys, registry.get))
-    gateway.on_record.append(registry.on_record)
-    gateway.components["tasks"] = registry
-    metrics = gateway.components.get("metrics")
-    if metrics is not None:
-        metrics.track("active_tasks", registry.active_count)
-    registry.start_sweeper()
     return registry
+
+
+def token_issuer(registry: TaskRegistry) -> TaskTokenIssuer:
+    """The issuer that accepts the registry's task tokens."""
+    return TaskTokenIssuer(registry.keys, registry.get)

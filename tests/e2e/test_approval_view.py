@@ -31,17 +31,16 @@ from mitmproxy.test import tflow
 from addons._base import exchange
 from addons.approve import HELD, Approve, ApprovedAsShown
 from addons.authorize import RULE
-from proxy.approvals._held import VIEW_BODY_BYTES, Approvals, attach, body_view, request_digest
-from proxy.audit._log import AuditLog
-from proxy.config._model import Config
-from proxy.gateway._core import Gateway as CoreGateway
-from proxy.gateway._core import StandingPolicy
-from proxy.identity._jwt import Caller, Identity
-from proxy.policy._rules import parse_rule
+from proxy.approvals import Approvals
+from proxy.approvals._held import VIEW_BODY_BYTES, body_view, request_digest
+from proxy.gateway import Services
+from proxy.identity import Caller
+from proxy.policy import parse_rule
 from tests.conftest import base_config
-from tests.support import Gateway, Upstream
+from tests.core import services
 from tests.e2e.test_approve import H2First, admin_token, control
 from tests.e2e.test_cli_approvals import clean_env, taskgate
+from tests.support import Gateway, Upstream
 
 SECRET = "sk-view-" + uuid.uuid4().hex  # the gateway's secret: never shown to an approver
 QUERY_SECRET = "qk-view-" + uuid.uuid4().hex
@@ -385,14 +384,9 @@ def test_framing_headers_are_not_part_of_the_digest() -> None:
 
 # -- a change after the approval is refused (the hook, on mitmproxy test flows) --------
 @pytest.fixture
-async def core(tmp_path: Path) -> AsyncIterator[CoreGateway]:
-    config = Config(approval_timeout_seconds=30)
-    audit = AuditLog(str(tmp_path / "audit.jsonl"))
-    await audit.start()
-    gateway = CoreGateway(config, Identity([], leeway=0), StandingPolicy(config), audit)
-    attach(gateway)
-    yield gateway
-    await audit.close()
+async def core(tmp_path: Path) -> AsyncIterator[Services]:
+    async with services(tmp_path, approval_timeout_seconds=30, leeway_seconds=0) as built:
+        yield built
 
 
 def flow_to_hold() -> http.HTTPFlow:
@@ -410,8 +404,8 @@ def flow_to_hold() -> http.HTTPFlow:
     return f
 
 
-async def approved(core: CoreGateway, f: http.HTTPFlow) -> None:
-    registry: Approvals = core.components["approvals"]
+async def approved(core: Services, f: http.HTTPFlow) -> None:
+    registry: Approvals = core.approvals
     task = asyncio.create_task(Approve(core).request(f))
     async with asyncio.timeout(5):
         while True:
@@ -457,7 +451,7 @@ def _one_byte(f: http.HTTPFlow) -> None:
 
 @pytest.mark.parametrize("change", [_body, _query, _method, _host, _header, _new_header,
                                     _dropped_header, _one_byte])
-async def test_a_change_after_the_approval_is_refused(core: CoreGateway, change: Any) -> None:
+async def test_a_change_after_the_approval_is_refused(core: Services, change: Any) -> None:
     f = flow_to_hold()
     await approved(core, f)
     change(f)  # an addon later in the chain, or a bug, touches the approved call
@@ -468,7 +462,7 @@ async def test_a_change_after_the_approval_is_refused(core: CoreGateway, change:
     assert exchange(f).decision == "error"
 
 
-async def test_the_unchanged_approved_call_goes_on(core: CoreGateway) -> None:
+async def test_the_unchanged_approved_call_goes_on(core: Services) -> None:
     f = flow_to_hold()
     await approved(core, f)
     f.request.headers["Content-Length"] = str(len(f.request.raw_content or b""))  # framing
@@ -478,7 +472,7 @@ async def test_the_unchanged_approved_call_goes_on(core: CoreGateway) -> None:
 
 
 async def test_only_the_secrets_placement_may_change_after_approval(
-        core: CoreGateway) -> None:
+        core: Services) -> None:
     """On a rule with a secret the inject addon replaces the credential headers and
     Accept-Encoding; nothing else."""
     f = flow_to_hold()

@@ -117,6 +117,6 @@ def test_407_flood_is_summarized_not_written_line_by_line(
     denied = sum(float(line.rsplit(" ", 1)[1]) for line in metrics.splitlines()
                  if line.startswith('taskgate_calls_total{decision="deny"'))
     assert denied >= flood + 1  # every refusal is still counted
-    from proxy.audit._verify import verify
+    from proxy.audit import verify
 
     assert verify(str(gw.audit_path)).ok

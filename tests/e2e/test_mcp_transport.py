@@ -29,11 +29,11 @@ import pytest
 import yaml
 
 from tests.conftest import ceiling_config
+from tests.e2e.test_approve import H2First
 from tests.mcp_fixtures import TOOL_REFUSED
 from tests.mcp_server import McpUpstream
 from tests.support import PYTHON, WORKLOAD, Gateway, Upstream, free_port, python_env
 from tests.tasks_support import admin, post_task
-from tests.e2e.test_approve import H2First
 
 REDOS = "([A-Za-z0-9]+ ?)*"
 INSPECT_ERROR = -32052

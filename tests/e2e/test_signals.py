@@ -11,7 +11,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from proxy.gateway._signals import stop_signals
+from proxy.gateway import stop_signals
 from tests.conftest import base_config
 from tests.support import Gateway, Keys, Upstream
 

@@ -26,11 +26,11 @@ from mcp.shared.exceptions import MCPError
 
 from proxy.mcp._inspect import TOOL_REFUSED
 from tests.conftest import ceiling_config
+from tests.e2e.test_approve import control, final_and_held, https, seen
+from tests.e2e.test_cli_approvals import clean_env, taskgate
 from tests.mcp_server import McpUpstream
 from tests.support import WORKLOAD, Gateway, Upstream
 from tests.tasks_support import create_task, show
-from tests.e2e.test_approve import control, final_and_held, https, seen
-from tests.e2e.test_cli_approvals import clean_env, taskgate
 from tests.unit.gateway.test_metrics import scrape, value
 
 PURPOSE = "open the fix PR for issue 42"

@@ -19,7 +19,7 @@ import httpx
 import pytest
 from playwright import sync_api as playwright_sync
 
-from proxy.audit._log import new_record, rfc3339
+from proxy.audit import new_record, rfc3339
 from tests.conftest import base_config
 from tests.support import REPO, WORKLOAD, Gateway, Keys, Upstream
 from tests.unit.audit.test_audit_query import T0, seed

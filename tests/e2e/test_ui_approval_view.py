@@ -16,8 +16,8 @@ from typing import Any
 
 import httpx
 
-from tests.support import Gateway, Keys, Upstream
 from tests.e2e.test_ui import XSS, Visit, browser, token_of, ugw, visit  # noqa: F401
+from tests.support import Gateway, Keys, Upstream
 
 
 def test_the_page_shows_the_held_request_as_text(visit: Visit, ugw: Gateway,  # noqa: F811

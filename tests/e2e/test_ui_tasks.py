@@ -13,9 +13,9 @@ from typing import Any
 
 import httpx
 
+from tests.e2e.test_ui import ARTIFACTS, Visit, browser, rows, token_of
 from tests.support import Gateway, Upstream
 from tests.tasks_support import client, create_task, http_rule, show
-from tests.e2e.test_ui import ARTIFACTS, Visit, browser, rows, token_of
 
 __all__ = ["browser"]  # the fixture, used by name
 

@@ -18,8 +18,8 @@ from typing import Any
 import aiohttp
 import orjson
 
-from proxy.identity._jwt import Caller
-from proxy.policy._rules import Rule
+from proxy.identity import Caller
+from proxy.policy import Rule
 from proxy.secrets.spec import SecretSpec
 from proxy.secrets.value import Minted, ProviderError, SecretValue
 

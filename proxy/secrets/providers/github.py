@@ -24,8 +24,8 @@ import jwt
 from cryptography.hazmat.primitives.asymmetric.rsa import RSAPrivateKey
 from cryptography.hazmat.primitives.serialization import load_pem_private_key
 
-from proxy.identity._jwt import Caller
-from proxy.policy._rules import Rule
+from proxy.identity import Caller
+from proxy.policy import Rule
 from proxy.secrets.spec import GitHubAppOptions
 from proxy.secrets.value import Minted, SecretValue
 

@@ -15,8 +15,8 @@ from collections.abc import Hashable
 from typing import Any
 from urllib.parse import quote_plus
 
-from proxy.identity._jwt import Caller
-from proxy.policy._rules import Rule
+from proxy.identity import Caller
+from proxy.policy import Rule
 from proxy.secrets.spec import OAuth2Options
 from proxy.secrets.value import Minted
 

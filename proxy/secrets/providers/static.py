@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 
-from proxy.policy._rules import Rule
+from proxy.policy import Rule
 from proxy.secrets.spec import EnvOptions, FileOptions
 from proxy.secrets.value import Minted
 

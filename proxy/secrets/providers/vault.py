@@ -17,8 +17,8 @@ from __future__ import annotations
 
 from collections.abc import Hashable
 
-from proxy.identity._jwt import Caller
-from proxy.policy._rules import Rule
+from proxy.identity import Caller
+from proxy.policy import Rule
 from proxy.secrets.spec import VaultOptions
 from proxy.secrets.value import Minted, SecretValue
 

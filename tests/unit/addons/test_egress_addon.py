@@ -12,8 +12,9 @@ from mitmproxy.proxy import server_hooks
 from mitmproxy.test import tflow
 
 from addons.egress import CALL, RULE, Egress
-from proxy.gateway._egress import EgressGuard, OwnAddresses, Resolver
-from proxy.policy._rules import Call, parse_rule
+from proxy.gateway import EgressGuard, OwnAddresses
+from proxy.gateway._egress import Resolver
+from proxy.policy import Call, parse_rule
 
 
 def dns(answers: dict[str, Sequence[str]]):  # noqa: ANN201

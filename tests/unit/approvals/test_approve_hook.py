@@ -22,14 +22,15 @@ from addons._base import exchange
 from addons.approve import Approve
 from addons.authorize import RULE
 from addons.mcp import MCP_DECISION
-from proxy.approvals._held import Approvals, attach
-from proxy.audit._log import AuditLog
-from proxy.config._model import Config
+from proxy.approvals import Approvals
+from proxy.config import Config
 from proxy.errors import Refused
-from proxy.gateway._core import Gateway, StandingPolicy
-from proxy.identity._jwt import Caller, Identity
-from proxy.mcp._inspect import McpDecision
-from proxy.policy._rules import parse_rule
+from proxy.gateway import Services
+from proxy.identity import Caller
+from proxy.mcp import McpDecision
+from proxy.policy import parse_rule
+from proxy.tasks._policy import StandingPolicy
+from tests.core import services
 
 
 class RevocablePolicy(StandingPolicy):
@@ -45,18 +46,14 @@ class RevocablePolicy(StandingPolicy):
 
 
 @pytest.fixture
-async def gw(tmp_path: Path) -> AsyncIterator[Gateway]:
-    config = Config(approval_timeout_seconds=30)
-    audit = AuditLog(str(tmp_path / "audit.jsonl"))
-    await audit.start()
-    gateway = Gateway(config, Identity([], leeway=0), RevocablePolicy(config), audit)
-    attach(gateway)
-    yield gateway
-    await audit.close()
+async def gw(tmp_path: Path) -> AsyncIterator[Services]:
+    async with services(tmp_path, approval_timeout_seconds=30, leeway_seconds=0) as built:
+        built.gateway.policy = RevocablePolicy(built.config)
+        yield built
 
 
-def approvals(gw: Gateway) -> Approvals:
-    return gw.components["approvals"]
+def approvals(gw: Services) -> Approvals:
+    return gw.approvals
 
 
 def held_flow(task: str | None = "task-1", expires_in: float = 600, body: bytes = b"{}",
@@ -76,7 +73,7 @@ def held_flow(task: str | None = "task-1", expires_in: float = 600, body: bytes 
     return f
 
 
-async def hold(gw: Gateway, f: http.HTTPFlow) -> asyncio.Task[None]:
+async def hold(gw: Services, f: http.HTTPFlow) -> asyncio.Task[None]:
     task = asyncio.create_task(Approve(gw).request(f))
     async with asyncio.timeout(5):
         while True:
@@ -90,7 +87,7 @@ def refusal(f: http.HTTPFlow) -> dict[str, Any]:
     return orjson.loads(f.response.content or b"")
 
 
-async def test_approved_call_goes_on(gw: Gateway) -> None:
+async def test_approved_call_goes_on(gw: Services) -> None:
     f = held_flow()
     task = await hold(gw, f)
     [h] = approvals(gw).waiting()
@@ -104,11 +101,11 @@ async def test_approved_call_goes_on(gw: Gateway) -> None:
     assert ex.approval["by"] == "alice"
 
 
-async def test_task_ended_while_held_refuses(gw: Gateway) -> None:
+async def test_task_ended_while_held_refuses(gw: Services) -> None:
     f, other = held_flow(), held_flow(task="task-2")
     task = await hold(gw, f)
     other_task = await hold(gw, other)
-    await gw.task_ended("task-1")
+    await gw.tasks.notify_ended("task-1")
     await asyncio.wait_for(task, 1)
     assert refusal(f)["reason"] == "the task ended while the call was held for approval"
     assert exchange(f).decision == "rejected"
@@ -118,17 +115,17 @@ async def test_task_ended_while_held_refuses(gw: Gateway) -> None:
     await other_task
 
 
-async def test_task_revoked_unnoticed_is_refused_after_approval(gw: Gateway) -> None:
+async def test_task_revoked_unnoticed_is_refused_after_approval(gw: Services) -> None:
     f = held_flow()
     task = await hold(gw, f)
-    gw.policy.revoked.add("task-1")  # type: ignore[attr-defined]
+    gw.gateway.policy.revoked.add("task-1")  # type: ignore[attr-defined]
     approvals(gw).approve(approvals(gw).waiting()[0].id, "alice")
     await task
     assert refusal(f)["reason"] == "approved by alice, but the task was revoked"
     assert exchange(f).decision == "rejected"
 
 
-async def test_credential_expiring_while_held_refuses(gw: Gateway) -> None:
+async def test_credential_expiring_while_held_refuses(gw: Services) -> None:
     f = held_flow(task=None, expires_in=0.3)  # a workload token
     task = await hold(gw, f)
     await asyncio.wait_for(task, 3)
@@ -136,7 +133,7 @@ async def test_credential_expiring_while_held_refuses(gw: Gateway) -> None:
                                     "held for approval")
 
 
-async def test_task_expiring_while_held_refuses_naming_the_task(gw: Gateway) -> None:
+async def test_task_expiring_while_held_refuses_naming_the_task(gw: Services) -> None:
     f = held_flow(expires_in=0.3)  # a task token ends with its task, no leeway
     task = await hold(gw, f)
     await asyncio.wait_for(task, 3)
@@ -144,7 +141,7 @@ async def test_task_expiring_while_held_refuses_naming_the_task(gw: Gateway) -> 
     assert exchange(f).approval["outcome"] == "expired"  # type: ignore[index]
 
 
-async def test_client_gone_kills_the_flow(gw: Gateway) -> None:
+async def test_client_gone_kills_the_flow(gw: Services) -> None:
     f = held_flow()
     task = await hold(gw, f)
     Approve(gw).client_disconnected(f.client_conn)
@@ -153,7 +150,7 @@ async def test_client_gone_kills_the_flow(gw: Gateway) -> None:
     assert exchange(f).decision == "rejected"
 
 
-async def test_mcp_call_without_a_tool_call_is_not_held(gw: Gateway) -> None:
+async def test_mcp_call_without_a_tool_call_is_not_held(gw: Services) -> None:
     f = held_flow(mcp=True, body=b'{"jsonrpc":"2.0","id":1,"method":"tools/list"}')
     f.metadata[MCP_DECISION] = McpDecision(True, "tools/list", calls=())
     await asyncio.wait_for(Approve(gw).request(f), 1)
@@ -161,7 +158,7 @@ async def test_mcp_call_without_a_tool_call_is_not_held(gw: Gateway) -> None:
     assert approvals(gw).waiting() == []
 
 
-async def test_mcp_call_is_held_as_the_mcp_addon_read_it(gw: Gateway) -> None:
+async def test_mcp_call_is_held_as_the_mcp_addon_read_it(gw: Services) -> None:
     # The approver sees the strictly parsed call, not a second reading of the body.
     f = held_flow(mcp=True, body=b"\x1f\x8b not json the approve addon could read")
     f.metadata[MCP_DECISION] = McpDecision(True, "ok", calls=(("search", b'{"q":"x"}'),))
@@ -172,14 +169,14 @@ async def test_mcp_call_is_held_as_the_mcp_addon_read_it(gw: Gateway) -> None:
     await task
 
 
-async def test_mcp_rule_without_an_inspected_body_is_refused(gw: Gateway) -> None:
+async def test_mcp_rule_without_an_inspected_body_is_refused(gw: Services) -> None:
     f = held_flow(mcp=True, body=b'{"jsonrpc":"2.0","id":1,"method":"tools/call"}')
     await asyncio.wait_for(Approve(gw).request(f), 1)
     assert f.response is not None and f.response.status_code == 403
     assert approvals(gw).waiting() == []
 
 
-async def test_hold_record_written_before_it_is_listed(gw: Gateway) -> None:
+async def test_hold_record_written_before_it_is_listed(gw: Services) -> None:
     f = held_flow()
     task = await hold(gw, f)
     lines = (await asyncio.to_thread(Path(gw.audit.path).read_bytes)).splitlines()
@@ -189,11 +186,9 @@ async def test_hold_record_written_before_it_is_listed(gw: Gateway) -> None:
 
 
 async def test_audit_failure_refuses_instead_of_holding(tmp_path: Path) -> None:
-    config = Config()
-    gateway = Gateway(config, Identity([]), StandingPolicy(config),
-                      AuditLog(str(tmp_path / "never-started.jsonl")))
-    attach(gateway)
-    f = held_flow()
-    await Approve(gateway).request(f)
-    assert f.response is not None and f.response.status_code == 503
-    assert approvals(gateway).waiting() == []
+    async with services(tmp_path) as gateway:
+        await gateway.audit.close()  # every write now fails
+        f = held_flow()
+        await Approve(gateway).request(f)
+        assert f.response is not None and f.response.status_code == 503
+        assert approvals(gateway).waiting() == []

@@ -15,16 +15,8 @@ from typing import Any
 import orjson
 import pytest
 
-from proxy.audit._log import (
-    FIELDS,
-    GENESIS,
-    AuditLog,
-    canonical,
-    chain_hash,
-    new_record,
-    redact_target,
-    rfc3339,
-)
+from proxy.audit import AuditLog, new_record, redact_target, rfc3339
+from proxy.audit._log import FIELDS, GENESIS, canonical, chain_hash
 from proxy.errors import Unavailable
 
 SPEC_FIELDS = {

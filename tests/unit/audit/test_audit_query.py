@@ -23,8 +23,8 @@ from typing import Any
 import httpx
 import pytest
 
-from proxy.audit._log import DECISIONS, AuditLog, log_files, new_record, rfc3339
-from proxy.cli._main import main
+from proxy.audit import DECISIONS, AuditLog, log_files, new_record, rfc3339
+from proxy.cli import main
 from tests.conftest import base_config
 from tests.support import REPO, WORKLOAD, Gateway, Keys, Upstream
 
@@ -334,7 +334,7 @@ def big_log(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.mark.parametrize("flt", [{}, {"task": "t-3"}, {"decision": "deny,error"}],
                          ids=["all", "task", "decision"])
 def test_cursors_on_a_big_rotated_log(big_log: Path, flt: dict[str, str]) -> None:
-    from proxy.audit._query import AuditFilter, query, records
+    from proxy.audit import AuditFilter, query, records
 
     f = AuditFilter.parse(flt)
     every = [r["seq"] for r in records(str(big_log), f)]

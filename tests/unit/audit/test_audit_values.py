@@ -20,9 +20,9 @@ from typing import Any
 import orjson
 import pytest
 
+from proxy.audit import AuditLog, new_record, rfc3339, verify
 from proxy.audit import _log as audit_mod
-from proxy.audit._log import FIELDS, MAX_DEPTH, TOO_DEEP, AuditLog, clean, new_record, rfc3339
-from proxy.audit._verify import verify
+from proxy.audit._log import FIELDS, MAX_DEPTH, TOO_DEEP, clean
 from proxy.batching import FAILURES
 from proxy.errors import Unavailable
 

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from proxy.config._model import Config, load_config, parse_config
+from proxy.config import Config, load_config
+from proxy.config._model import parse_config
 from proxy.errors import ConfigError
 from tests.support import PYTHON, python_env
 

@@ -20,13 +20,13 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
-from proxy.tasks import _registry as grants
-from proxy.audit._log import AuditLog, new_record
-from proxy.audit._verify import verify
+from proxy.audit import AuditAnchor, AuditLog, new_record, verify
 from proxy.batching import FAILURES, WORKERS, Failures, WorkQueue, consume
-from proxy.control._app import GATEWAY, STATE, ControlState, readyz
+from proxy.control._app import readyz
+from proxy.control._keys import SERVICES, STATE, ControlState
 from proxy.errors import Unavailable
-from proxy.store._store import AuditAnchor, TaskRow, TaskStore
+from proxy.store import TaskRow, TaskStore
+from proxy.tasks import _registry as grants
 from tests.unit.tasks.test_grants import open_registry
 
 
@@ -247,17 +247,14 @@ async def test_head_and_anchor_failures_are_counted_not_fatal(
     (True, (False, True), True, False),
     (True, (True, False), True, False),
     (True, (True, True), False, False),
-    (True, None, None, True),  # no task feature: the checks are the proxy and the log
 ])
-async def test_readyz_checks_every_worker(audit_ok: bool, store: tuple[bool, bool] | None,
-                                          sweeper: bool | None, ready: bool) -> None:
-    components: dict[str, Any] = {}
-    if store is not None:
-        components["tasks"] = SimpleNamespace(
-            store=SimpleNamespace(healthy=store[0], alive=store[1]), sweeper_ok=sweeper)
+async def test_readyz_checks_every_worker(audit_ok: bool, store: tuple[bool, bool],
+                                          sweeper: bool, ready: bool) -> None:
+    tasks = SimpleNamespace(store=SimpleNamespace(healthy=store[0], alive=store[1]),
+                            sweeper_ok=sweeper)
     app = web.Application()
-    app[GATEWAY] = SimpleNamespace(audit=SimpleNamespace(healthy=audit_ok),  # type: ignore
-                                   components=components)
+    app[SERVICES] = SimpleNamespace(audit=SimpleNamespace(healthy=audit_ok),  # type: ignore
+                                    tasks=tasks)
     app[STATE] = ControlState(admin_token="t", proxy_listening=True)
     app.router.add_get("/readyz", readyz)
     async with TestClient(TestServer(app)) as client:
@@ -265,7 +262,5 @@ async def test_readyz_checks_every_worker(audit_ok: bool, store: tuple[bool, boo
         body = await r.json()
     assert r.status == (200 if ready else 503)
     assert body["status"] == ("ready" if ready else "not ready")
-    expected = {"proxy": True, "audit": audit_ok}
-    if store is not None:
-        expected.update(store=all(store), sweeper=sweeper)
-    assert body["checks"] == expected
+    assert body["checks"] == {"proxy": True, "audit": audit_ok, "store": all(store),
+                              "sweeper": sweeper}

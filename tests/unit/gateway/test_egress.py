@@ -8,17 +8,8 @@ from collections.abc import Sequence
 
 import pytest
 
-from proxy.gateway._egress import (
-    NEVER,
-    PRIVATE,
-    PUBLIC,
-    EgressGuard,
-    OwnAddresses,
-    Resolver,
-    classify,
-    embedded_v4,
-    judge,
-)
+from proxy.gateway import EgressGuard, OwnAddresses
+from proxy.gateway._egress import NEVER, PRIVATE, PUBLIC, Resolver, classify, embedded_v4, judge
 
 # (address, class): every range of the deny set, and public neighbours of each.
 CLASSES = [
@@ -265,7 +256,7 @@ def test_guard_resolves_with_the_system_resolver() -> None:
 
 
 def test_the_hosts_own_addresses_are_found() -> None:
-    from proxy.gateway._egress import local_addresses
+    from proxy.gateway import local_addresses
 
     found = local_addresses()
     assert "127.0.0.1" in found  # the loopback interface's address (SIOCGIFADDR)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from proxy.gateway._framing import h1_request_framing, trailer_fields
+from proxy.gateway import h1_request_framing, trailer_fields
 
 H = [(b"host", b"api.test"), (b"x-a", b"1")]
 CL = (b"content-length", b"5")

@@ -1,4 +1,5 @@
-"""proxy/gateway/_limits.py in-process: per-client keys, connection slots, throttles, 407 summaries."""
+"""proxy/gateway/_limits.py in-process: per-client keys, connection slots, throttles,
+407 summaries."""
 
 from __future__ import annotations
 
@@ -7,8 +8,9 @@ from typing import Any
 
 import pytest
 
-from proxy.audit._log import new_record
-from proxy.gateway._limits import AuthFailures, ConnectionLimits, FailureThrottle, client_key
+from proxy.audit import new_record
+from proxy.gateway import ConnectionLimits, FailureThrottle, client_key
+from proxy.gateway._limits import AuthFailures
 
 
 @pytest.mark.parametrize(("address", "key"), [

@@ -11,12 +11,12 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from proxy.audit._log import AuditLog
-from proxy.config._model import Config
-from proxy.gateway._core import Gateway as CoreGateway
-from proxy.gateway._core import StandingPolicy
-from proxy.identity._jwt import Identity
+from proxy.audit import AuditLog
+from proxy.config import Config
+from proxy.gateway import Gateway as CoreGateway
 from proxy.gateway._metrics import MAX_RULE_LABELS, Metrics
+from proxy.identity import Identity
+from proxy.tasks._policy import StandingPolicy
 from tests.conftest import base_config
 from tests.support import Gateway, Keys, Upstream
 
@@ -141,11 +141,8 @@ def test_gauges_from_callbacks(tmp_path: Path) -> None:
     tasks.append(4)
     assert value(parsed(m), "taskgate_active_tasks") == 4
 
-    class Waiting:  # the approvals component's interface: waiting() -> list
-        def waiting(self) -> list[int]:
-            return [1, 2]
-
-    gateway.components["approvals"] = Waiting()
+    assert value(parsed(m), "taskgate_pending_approvals") == 0  # nothing tracked: 0
+    m.track("pending_approvals", lambda: 2)
     assert value(parsed(m), "taskgate_pending_approvals") == 2
 
     def broken() -> float:

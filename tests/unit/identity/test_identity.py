@@ -12,14 +12,8 @@ import jwt
 import pytest
 
 from proxy.errors import InvalidCredential, MissingCredential
-from proxy.identity._jwt import (
-    Caller,
-    Identity,
-    JwksKeys,
-    WorkloadIssuer,
-    algorithms_for,
-    token_from_proxy_authorization,
-)
+from proxy.identity import Caller, Identity, JwksKeys, WorkloadIssuer
+from proxy.identity._jwt import algorithms_for, token_from_proxy_authorization
 from tests.support import (
     AUDIENCE,
     ISSUER,

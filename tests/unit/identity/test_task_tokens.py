@@ -14,8 +14,8 @@ import jwt
 import pytest
 
 from proxy.errors import InvalidCredential
-from proxy.identity._jwt import Identity
-from proxy.identity._task_tokens import TASK_ISSUER, TaskKeys, TaskTokenIssuer, thumbprint
+from proxy.identity import TASK_ISSUER, Identity, TaskKeys, TaskTokenIssuer
+from proxy.identity._task_tokens import thumbprint
 from tests.support import Keys, unsigned_token
 
 

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from proxy.mcp._filter import JsonFilter, ReplaceFilter, SseFilter
+from proxy.mcp import JsonFilter, ReplaceFilter, SseFilter
 
 GRANTED = frozenset({"add", "search"})
 

@@ -9,15 +9,10 @@ import orjson
 import pytest
 
 from proxy.errors import Refused
+from proxy.mcp import inspect, refused_after, rpc_refusal, transport_refusal
+from proxy.mcp._inspect import TOOL_REFUSED
 from proxy.mcp._jsonrpc import digest
-from proxy.mcp._inspect import (
-    TOOL_REFUSED,
-    inspect,
-    refused_after,
-    rpc_refusal,
-    transport_refusal,
-)
-from proxy.policy._rules import parse_rule
+from proxy.policy import parse_rule
 
 RULES = [
     parse_rule({"id": "plain", "host": "mcp.test", "methods": ["POST"], "paths": ["/other"]}),

@@ -6,8 +6,7 @@ from typing import Any
 
 import pytest
 
-from proxy.policy._ceiling import breach, check_mcp_shape
-from proxy.policy._rules import parse_rule
+from proxy.policy import breach, check_mcp_shape, parse_rule
 
 
 def rule(**kw: Any) -> Any:

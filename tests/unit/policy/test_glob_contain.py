@@ -6,8 +6,8 @@ import random
 
 import pytest
 
+from proxy.policy import PathGlob
 from proxy.policy._glob import MAX_STATES, accepts, contains, counterexample
-from proxy.policy._paths import PathGlob
 
 # (ceiling globs, task globs, contained?)
 TABLE = [

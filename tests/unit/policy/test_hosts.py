@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from proxy.policy._hosts import HostPattern, canonical_host, default_port
+from proxy.policy import HostPattern, canonical_host, default_port
 
 
 @pytest.mark.parametrize(("host", "canonical"), [

@@ -10,8 +10,8 @@ import pytest
 from proxy.config._model import parse_config
 from proxy.errors import ConfigError
 from proxy.mcp._jsonrpc import loads_strict
-from proxy.policy._mcp_grant import ArgConstraint, McpGrant, exact, fold, json_equal
-from proxy.policy._rules import parse_rule
+from proxy.policy import McpGrant, fold, parse_rule
+from proxy.policy._mcp_grant import ArgConstraint, exact, json_equal
 
 # (mcp mapping, the key the error names, a part of the message)
 BAD_GRANTS: list[tuple[Any, str, str]] = [

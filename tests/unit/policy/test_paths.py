@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from proxy.policy._paths import PathGlob, ambiguity, decode, split_target
+from proxy.policy import PathGlob, ambiguity, decode, split_target
 
 # (raw path, the words the reason must contain). Every form some server reads
 # differently from another: dot segments, encoded separators, double encoding,

@@ -6,7 +6,8 @@ from typing import Any
 
 import pytest
 
-from proxy.policy._rules import DENY, Call, Decision, RuleSet, parse_rule, parse_rules
+from proxy.policy import Call, Decision, RuleSet, parse_rule, parse_rules
+from proxy.policy._rules import DENY
 
 RULES = parse_rules([
     {"id": "read-issues", "host": "api.github.com", "methods": ["GET"],

@@ -7,9 +7,9 @@ from typing import Any
 import pytest
 
 from proxy.errors import Refused
-from proxy.gateway._core import Tunnel
-from proxy.identity._jwt import Caller
-from proxy.policy._rules import parse_rule
+from proxy.gateway import Tunnel
+from proxy.identity import Caller
+from proxy.policy import parse_rule
 from proxy.secrets import check_destination
 
 CALLER = Caller("spiffe://w", "https://issuer.test", 0.0)

@@ -1,10 +1,9 @@
 """The secret broker and its providers, in process, against the HTTPS stand-ins.
 
-The gateway core is assembled as ``build_gateway`` does it (without
+The gateway's services are built as ``taskgate run`` builds them (without
 mitmproxy), with the gateway's own aiohttp session, so provider calls trust
-exactly the bundle with ``upstream.ca_file``; task end is driven through
-``gateway.task_ended`` — the hook the task store calls when a task is revoked
-or expires.
+exactly the bundle with ``upstream.ca_file``; task end is driven through the
+task registry's ``notify_ended`` — what it runs when a task is revoked or expires.
 """
 
 from __future__ import annotations
@@ -19,14 +18,12 @@ from typing import Any
 import pytest
 import trustme
 
-from proxy.audit._log import AuditLog
 from proxy.config._model import parse_config
 from proxy.errors import Refused
-from proxy.gateway._core import Gateway, StandingPolicy
-from proxy.identity._jwt import Caller, Identity
-from proxy.policy._rules import Rule, parse_rule
-from proxy.secrets import ProviderError, SecretBroker, install
-from proxy.gateway._upstream import client_session, trust_bundle
+from proxy.gateway import Services, build
+from proxy.identity import Caller
+from proxy.policy import Rule, parse_rule
+from proxy.secrets import ProviderError, SecretBroker
 from tests.standins import (
     GitHubServer,
     OAuthClient,
@@ -104,7 +101,7 @@ def _oauth(oauth: OAuthServer, client_id: str, **extra: Any) -> dict[str, Any]:
 @pytest.fixture
 async def gateway(tmp_path: Path, shared_files: dict[str, Path], oauth: OAuthServer,
                   github: GitHubServer, vault: VaultServer, app_key: tuple[Path, bytes],
-                  secret_files: dict[str, Path]) -> AsyncIterator[Gateway]:
+                  secret_files: dict[str, Path]) -> AsyncIterator[Services]:
     for cid, client in {"basic": OAuthClient(CLIENT_SECRET),
                         "post": OAuthClient(CLIENT_SECRET),
                         "slow": OAuthClient(CLIENT_SECRET, delay=0.3),
@@ -141,20 +138,12 @@ async def gateway(tmp_path: Path, shared_files: dict[str, Path], oauth: OAuthSer
             "env-unset": {"provider": "env", "var": "TASKGATE_TEST_SURELY_UNSET"},
         },
     }
-    config = parse_config(doc, "<test>")
-    session = client_session(config, trust_bundle(config))
-    audit = AuditLog(config.audit_path)
-    await audit.start()
-    gw = Gateway(config, Identity([]), StandingPolicy(config), audit)
-    gw.http = session
-    install(gw)
-    yield gw
-    await gw.audit.close()
-    await session.close()
+    async with build(parse_config(doc, "<test>")) as services:
+        yield services
 
 
-def broker(gw: Gateway) -> SecretBroker:
-    return gw.components["secrets"]
+def broker(gw: Services) -> SecretBroker:
+    return gw.secrets
 
 
 def caller(task: str | None = "task-1") -> Caller:
@@ -171,7 +160,7 @@ GH_RULE = {"repositories": ["widgets"], "permissions": {"issues": "read"}}
 
 # -- GitHub App ---------------------------------------------------------------
 async def test_github_token_is_minted_with_an_app_jwt_and_down_scoped(
-        gateway: Gateway, github: GitHubServer) -> None:
+        gateway: Services, github: GitHubServer) -> None:
     before = len(github.tokens)
     minted = await broker(gateway).token("github", caller(), rule("github", **GH_RULE))
     now = time.time()
@@ -190,7 +179,7 @@ async def test_github_token_is_minted_with_an_app_jwt_and_down_scoped(
 
 
 async def test_github_tokens_are_cached_per_task_and_scope(
-        gateway: Gateway, github: GitHubServer) -> None:
+        gateway: Services, github: GitHubServer) -> None:
     b, before = broker(gateway), len(github.tokens)
     first = await b.token("github", caller("t-a"), rule("github", **GH_RULE))
     again = await b.token("github", caller("t-a"), rule("github", **GH_RULE))
@@ -205,12 +194,12 @@ async def test_github_tokens_are_cached_per_task_and_scope(
 
 
 async def test_github_tokens_are_revoked_when_the_task_ends(
-        gateway: Gateway, github: GitHubServer) -> None:
+        gateway: Services, github: GitHubServer) -> None:
     b = broker(gateway)
     ended = await b.token("github", caller("t-end"), rule("github", **GH_RULE))
     ended2 = await b.token("github", caller("t-end"), rule("github"))
     kept = await b.token("github", caller("t-keep"), rule("github", **GH_RULE))
-    await gateway.task_ended("t-end")
+    await gateway.tasks.notify_ended("t-end")
     assert set(github.revocations) >= {ended.value.reveal(), ended2.value.reveal()}
     assert kept.value.reveal() not in github.revocations
     with pytest.raises(Refused):
@@ -219,13 +208,13 @@ async def test_github_tokens_are_revoked_when_the_task_ends(
 
 
 async def test_a_token_that_lands_after_its_task_ended_is_revoked(
-        gateway: Gateway, github: GitHubServer) -> None:
+        gateway: Services, github: GitHubServer) -> None:
     github.delay = 0.5
     try:
         pending = asyncio.create_task(
             broker(gateway).token("github", caller("t-race"), rule("github", **GH_RULE)))
         await asyncio.sleep(0.2)
-        await gateway.task_ended("t-race")
+        await gateway.tasks.notify_ended("t-race")
         with pytest.raises(Refused):
             await pending
     finally:
@@ -233,7 +222,7 @@ async def test_a_token_that_lands_after_its_task_ended_is_revoked(
     assert github.tokens[-1].token in github.revocations
 
 
-async def test_shutdown_revokes_every_live_token(gateway: Gateway, github: GitHubServer,
+async def test_shutdown_revokes_every_live_token(gateway: Services, github: GitHubServer,
                                                  vault: VaultServer) -> None:
     b = broker(gateway)
     gh = await b.token("github", caller(None), rule("github"))
@@ -244,7 +233,7 @@ async def test_shutdown_revokes_every_live_token(gateway: Gateway, github: GitHu
 
 
 # -- Vault --------------------------------------------------------------------
-async def test_vault_kv2_read_is_shared_by_every_caller(gateway: Gateway,
+async def test_vault_kv2_read_is_shared_by_every_caller(gateway: Services,
                                                         vault: VaultServer) -> None:
     b, before = broker(gateway), len(vault.requests)
     one = await b.token("vault-kv", caller("t-1"), rule("vault-kv"))
@@ -254,7 +243,7 @@ async def test_vault_kv2_read_is_shared_by_every_caller(gateway: Gateway,
 
 
 async def test_vault_dynamic_leases_are_revoked_when_the_task_ends(
-        gateway: Gateway, vault: VaultServer) -> None:
+        gateway: Services, vault: VaultServer) -> None:
     b = broker(gateway)
     ended = await b.token("vault-db", caller("v-end"), rule("vault-db"))
     kept = await b.token("vault-db", caller("v-keep"), rule("vault-db"))
@@ -262,13 +251,13 @@ async def test_vault_dynamic_leases_are_revoked_when_the_task_ends(
     lease = next(x for x in vault.leases if x.value == ended.value.reveal())
     assert ended.revoke == lease.lease_id and ended.reported
     assert ended.expires_at is not None and 3590 < ended.expires_at - time.time() <= 3600
-    await gateway.task_ended("v-end")
+    await gateway.tasks.notify_ended("v-end")
     assert lease.revoked and lease.lease_id in vault.revocations
     assert not next(x for x in vault.leases if x.value == kept.value.reveal()).revoked
 
 
 @pytest.mark.parametrize("secret", ["vault-short", "vault-crlf"])
-async def test_values_that_cannot_be_injected_are_refused(gateway: Gateway,
+async def test_values_that_cannot_be_injected_are_refused(gateway: Services,
                                                           secret: str) -> None:
     with pytest.raises(ProviderError) as e:
         await broker(gateway).token(secret, caller(), rule(secret))
@@ -277,7 +266,7 @@ async def test_values_that_cannot_be_injected_are_refused(gateway: Gateway,
 
 # -- OAuth 2.0 client credentials ---------------------------------------------
 async def test_oauth_client_secret_basic_with_scope_and_audience(
-        gateway: Gateway, oauth: OAuthServer) -> None:
+        gateway: Services, oauth: OAuthServer) -> None:
     minted = await broker(gateway).token("oauth-basic", caller(), rule("oauth-basic"))
     sent = [r for r in oauth.requests if r["client_id"] == "basic"][-1]
     assert sent == {**sent, "method": "basic", "grant_type": "client_credentials",
@@ -286,14 +275,14 @@ async def test_oauth_client_secret_basic_with_scope_and_audience(
     assert minted.lifetime == 3600 and minted.reported
 
 
-async def test_oauth_client_secret_post(gateway: Gateway, oauth: OAuthServer) -> None:
+async def test_oauth_client_secret_post(gateway: Services, oauth: OAuthServer) -> None:
     minted = await broker(gateway).token("oauth-post", caller(), rule("oauth-post"))
     sent = [r for r in oauth.requests if r["client_id"] == "post"][-1]
     assert sent["method"] == "post" and sent["scope"] is None
     assert minted.value.reveal() == oauth.tokens("post")[-1]
 
 
-async def test_oauth_token_is_shared_unless_per_task(gateway: Gateway) -> None:
+async def test_oauth_token_is_shared_unless_per_task(gateway: Services) -> None:
     b = broker(gateway)
     shared = {(await b.token("oauth-basic", caller(t), rule("oauth-basic"))).value
               for t in ("o-1", "o-2")}
@@ -302,7 +291,7 @@ async def test_oauth_token_is_shared_unless_per_task(gateway: Gateway) -> None:
     assert len(shared) == 1 and len(per_task) == 2
 
 
-async def test_fifty_waiting_calls_make_one_fetch(gateway: Gateway, oauth: OAuthServer) -> None:
+async def test_fifty_waiting_calls_make_one_fetch(gateway: Services, oauth: OAuthServer) -> None:
     before = oauth.fetches("slow")
     got = await asyncio.gather(*(broker(gateway).token("oauth-slow", caller(), rule("oauth-slow"))
                                  for _ in range(50)))
@@ -310,7 +299,7 @@ async def test_fifty_waiting_calls_make_one_fetch(gateway: Gateway, oauth: OAuth
     assert len({m.value for m in got}) == 1
 
 
-async def test_refresh_starts_before_expiry(gateway: Gateway, oauth: OAuthServer) -> None:
+async def test_refresh_starts_before_expiry(gateway: Services, oauth: OAuthServer) -> None:
     clock = Clock()
     b = SecretBroker(gateway.config.secrets, gateway.http, clock=clock)
     r = rule("oauth-hundred")
@@ -324,7 +313,7 @@ async def test_refresh_starts_before_expiry(gateway: Gateway, oauth: OAuthServer
 
 
 async def test_failed_refresh_uses_the_value_in_hand_but_never_an_expired_one(
-        gateway: Gateway, oauth: OAuthServer, caplog: pytest.LogCaptureFixture) -> None:
+        gateway: Services, oauth: OAuthServer, caplog: pytest.LogCaptureFixture) -> None:
     clock = Clock()
     b = SecretBroker(gateway.config.secrets, gateway.http, clock=clock)
     r = rule("oauth-hundred")
@@ -343,7 +332,7 @@ async def test_failed_refresh_uses_the_value_in_hand_but_never_an_expired_one(
 
 
 async def test_token_without_expires_in_gets_the_configured_lifetime(
-        gateway: Gateway, oauth: OAuthServer) -> None:
+        gateway: Services, oauth: OAuthServer) -> None:
     clock = Clock()
     b = SecretBroker(gateway.config.secrets, gateway.http, clock=clock)
     r = rule("oauth-no-expiry")
@@ -356,7 +345,7 @@ async def test_token_without_expires_in_gets_the_configured_lifetime(
 
 # -- failures -------------------------------------------------------------------
 async def test_provider_down_names_the_secret_not_a_value(
-        gateway: Gateway, caplog: pytest.LogCaptureFixture) -> None:
+        gateway: Services, caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.DEBUG)
     with pytest.raises(ProviderError) as e:
         await broker(gateway).token("oauth-down", caller(), rule("oauth-down"))
@@ -366,19 +355,19 @@ async def test_provider_down_names_the_secret_not_a_value(
     assert CLIENT_SECRET not in caplog.text
 
 
-async def test_missing_environment_variable_is_named(gateway: Gateway) -> None:
+async def test_missing_environment_variable_is_named(gateway: Services) -> None:
     with pytest.raises(ProviderError) as e:
         await broker(gateway).token("env-unset", caller(), rule("env-unset"))
     assert e.value.kind == "misconfigured" and "TASKGATE_TEST_SURELY_UNSET" in str(e.value)
 
 
-async def test_unknown_secret_fails_closed(gateway: Gateway) -> None:
+async def test_unknown_secret_fails_closed(gateway: Services) -> None:
     with pytest.raises(ProviderError):
         await broker(gateway).token("nope", caller(), rule("nope"))
 
 
 async def test_values_never_show_in_repr_or_logs(
-        gateway: Gateway, github: GitHubServer, caplog: pytest.LogCaptureFixture) -> None:
+        gateway: Services, github: GitHubServer, caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.DEBUG)
     minted = await broker(gateway).token("github", caller("t-repr"), rule("github"))
     value = minted.value.reveal()
@@ -388,11 +377,11 @@ async def test_values_never_show_in_repr_or_logs(
     assert all(value not in t for t in texts), texts
     assert "[secure]" in repr(minted)
     assert value not in caplog.text
-    await gateway.task_ended("t-repr")
+    await gateway.tasks.notify_ended("t-repr")
     assert value not in caplog.text
 
 
-async def test_providers_trust_only_the_gateways_bundle(gateway: Gateway) -> None:
+async def test_providers_trust_only_the_gateways_bundle(gateway: Services) -> None:
     """Without ``upstream.ca_file`` the stand-in's CA is not trusted: the call fails closed."""
     import aiohttp
 
@@ -403,7 +392,7 @@ async def test_providers_trust_only_the_gateways_bundle(gateway: Gateway) -> Non
     assert e.value.kind == "unreachable" and "TLS certificate is not trusted" in str(e.value)
 
 
-async def test_standing_tokens_are_not_shared_between_workloads(gateway: Gateway) -> None:
+async def test_standing_tokens_are_not_shared_between_workloads(gateway: Services) -> None:
     b = broker(gateway)
     mine = await b.token("github", caller(None), rule("github", **GH_RULE))
     again = await b.token("github", caller(None), rule("github", **GH_RULE))

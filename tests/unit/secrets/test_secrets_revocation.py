@@ -20,15 +20,16 @@ import orjson
 import pytest
 import trustme
 
-from proxy.audit._log import AuditLog
+from proxy.audit import AuditLog
 from proxy.config._model import parse_config
-from proxy.identity._jwt import Caller
-from proxy.policy._rules import Rule, parse_rule
+from proxy.gateway import trust_bundle
+from proxy.gateway._upstream import client_session
+from proxy.identity import Caller
+from proxy.policy import Rule, parse_rule
 from proxy.secrets import ProviderError, SecretBroker, SecretValue, parse_secret
 from proxy.secrets.revocation import backoff
 from proxy.secrets.seal import Sealer
-from proxy.store._store import TaskStore
-from proxy.gateway._upstream import client_session, trust_bundle
+from proxy.store import TaskStore
 from tests.standins import VaultServer, server_tls
 from tests.support import ISSUER, WORKLOAD
 

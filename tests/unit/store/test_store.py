@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from proxy.errors import Unavailable
-from proxy.store._store import TaskRow, TaskStore
+from proxy.store import TaskRow, TaskStore
 
 
 def row(task_id: str, **kw: object) -> TaskRow:

@@ -10,35 +10,31 @@ from typing import Any
 import orjson
 import pytest
 
-from proxy.audit._log import AuditLog
-from proxy.config._model import Config, WorkloadConfig
+from proxy.config import Config, WorkloadConfig
 from proxy.errors import InvalidCredential, Refused
-from proxy.gateway._core import Gateway, StandingPolicy
-from proxy.tasks._registry import TaskPolicy, TaskRegistry, install_tasks
-from proxy.identity._jwt import Caller, Identity
-from proxy.policy._rules import Call, parse_rules
-from proxy.store._store import TaskStore
-from proxy.identity._task_tokens import TaskKeys
-from proxy.tasks._model import RequestError, parse_task_request
+from proxy.gateway import build
+from proxy.identity import Caller, Identity, TaskKeys
+from proxy.policy import Call, parse_rules
+from proxy.store import TaskStore
+from proxy.tasks import RequestError, TaskPolicy, TaskRegistry, parse_task_request
 
 WL = "spiffe://acme.test/agent/unit"
 CEILING = [{"id": "api", "host": "api.test", "methods": ["GET", "POST"], "paths": ["/v1/**"]}]
 STANDING = [{"id": "always", "host": "status.test", "methods": ["GET"]}]
 
 
-def make_gateway(home: Path) -> Gateway:
-    config = Config(home=str(home), workloads={
+def make_config(home: Path) -> Config:
+    return Config(home=str(home), workloads={
         WL: WorkloadConfig(owner="team@acme.test", ceiling=parse_rules(CEILING),
                            standing=parse_rules(STANDING))})
-    return Gateway(config, Identity([]), StandingPolicy(config),
-                   AuditLog(str(home / "audit.jsonl")))
 
 
-async def open_registry(home: Path, gw: Gateway | None = None,
+async def open_registry(home: Path, hooks: tuple[Any, ...] = (),
                         retention: float = 3600) -> TaskRegistry:
-    gw = gw or make_gateway(home)
     keys = TaskKeys.load_or_create(str(home / "task-keys.json"))
-    reg = TaskRegistry(gw, TaskStore(str(home / "tasks.db")), keys, retention=retention)
+    reg = TaskRegistry(make_config(home), Identity([]), TaskStore(str(home / "tasks.db")), keys,
+                       retention=retention)
+    reg.on_end.extend(hooks)
     await reg.load()
     return reg
 
@@ -126,14 +122,12 @@ async def test_active_count_walks_the_tasks_at_most_once_a_second(
 
 
 async def test_expiry_and_revocation_run_task_end_hooks_once(tmp_path: Path) -> None:
-    gw = make_gateway(tmp_path)
     ended: list[str] = []
 
     async def hook(task_id: str) -> None:
         ended.append(task_id)
 
-    gw.on_task_end.append(hook)
-    reg = await open_registry(tmp_path, gw)
+    reg = await open_registry(tmp_path, (hook,))
     short, _ = await reg.create(parse_task_request(request(ttl_seconds=1)))
     other, _ = await reg.create(parse_task_request(request()))
     await reg.sweep()
@@ -155,7 +149,6 @@ async def test_expiry_and_revocation_run_task_end_hooks_once(tmp_path: Path) -> 
 async def test_tasks_ending_together_run_their_hooks_together(tmp_path: Path) -> None:
     """A slow task-end hook (a provider revoking a token) does not hold up the next
     task's: revocations of tasks that end in one sweep overlap."""
-    gw = make_gateway(tmp_path)
     running: list[int] = []
     overlap = 0
 
@@ -166,8 +159,7 @@ async def test_tasks_ending_together_run_their_hooks_together(tmp_path: Path) ->
         await asyncio.sleep(0.3)
         running.pop()
 
-    gw.on_task_end.append(slow_revoke)
-    reg = await open_registry(tmp_path, gw)
+    reg = await open_registry(tmp_path, (slow_revoke,))
     for _ in range(5):
         await reg.create(parse_task_request(request(ttl_seconds=1)))
     started = time.monotonic()
@@ -180,18 +172,16 @@ async def test_tasks_ended_while_down_are_ended_after_start(tmp_path: Path) -> N
     reg = await open_registry(tmp_path)
     task, _ = await reg.create(parse_task_request(request(ttl_seconds=1)))
     await reg.close()
-    gw = make_gateway(tmp_path)
     ended: list[str] = []
 
     async def hook(task_id: str) -> None:
         ended.append(task_id)
 
-    gw.on_task_end.append(hook)
-    reg = await open_registry(tmp_path, gw)
+    reg = await open_registry(tmp_path, (hook,))
     await reg.sweep(time.time() + 5)
     assert ended == [task.id]
     await reg.close()
-    reg = await open_registry(tmp_path, gw)
+    reg = await open_registry(tmp_path, (hook,))
     await reg.sweep(time.time() + 5)
     assert ended == [task.id]  # persisted as ended: not again
     await reg.close()
@@ -228,9 +218,8 @@ async def test_ceiling_and_unknown_workload(tmp_path: Path) -> None:
 
 
 async def test_policy_task_callers_get_only_task_rules(tmp_path: Path) -> None:
-    gw = make_gateway(tmp_path)
-    reg = await install_tasks(gw)
-    try:
+    async with build(make_config(tmp_path)) as services:
+        gw, reg = services.gateway, services.tasks
         assert isinstance(gw.policy, TaskPolicy)
         task, _ = await reg.create(parse_task_request(request()))
         status = Call("GET", "https", "status.test", 443, "/")
@@ -243,8 +232,6 @@ async def test_policy_task_callers_get_only_task_rules(tmp_path: Path) -> None:
         assert not gw.authorize(ghost, CALL).allowed
         with pytest.raises(InvalidCredential, match="task unknown"):
             gw.policy.check(ghost)
-    finally:
-        await reg.close()
 
 
 async def test_admit_refuses_a_task_revoked_meanwhile(tmp_path: Path) -> None:
@@ -272,7 +259,7 @@ async def test_admit_refuses_a_task_revoked_meanwhile(tmp_path: Path) -> None:
 def test_a_stored_rule_comes_back_whole(rule: dict[str, Any]) -> None:
     """What the registry enforces is what the task asked for: the MCP grant (judged by
     the MCP inspector) and a secret's token scope survive the store's canonical form."""
-    from proxy.policy._mcp_grant import McpGrant
+    from proxy.policy import McpGrant
     from proxy.tasks._model import RuleSets, canonical_rules
 
     (asked,) = parse_rules([rule])

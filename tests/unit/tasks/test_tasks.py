@@ -6,8 +6,8 @@ from typing import Any
 
 import pytest
 
-from proxy.policy._mcp_grant import McpGrant
-from proxy.policy._rules import RULE_KEYS, parse_rules
+from proxy.policy import McpGrant, parse_rules
+from proxy.policy._rules import RULE_KEYS
 from proxy.tasks._model import RuleSets, canonical_rules
 
 RULES: list[dict[str, Any]] = [

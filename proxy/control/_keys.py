@@ -1,0 +1,33 @@
+"""What the control plane's handlers share: the app's typed keys and the JSON error shape."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from aiohttp import web
+
+from proxy.gateway import Services
+
+__all__ = ["SERVICES", "SESSION_AUTH", "STATE", "ControlState", "SessionAuth", "json_error"]
+
+
+@dataclass(slots=True)
+class ControlState:
+    """What the control plane needs to know about the process it runs in."""
+
+    admin_token: str
+    proxy_listening: bool = False
+    proxy_address: str = ""
+    extras: dict[str, object] = field(default_factory=dict)
+
+
+SERVICES = web.AppKey("services", Services)
+STATE = web.AppKey("state", ControlState)
+# The other way into /v1/: a browser session (proxy/control/_session.py). Returns None when the
+# request is authenticated by it, else the refusal to send.
+SessionAuth = Callable[[web.Request], web.StreamResponse | None]
+SESSION_AUTH: web.AppKey[SessionAuth] = web.AppKey("session_auth")
+
+def json_error(status: int, error: str, reason: str, **extra: object) -> web.Response:
+    return web.json_response({"error": error, "reason": reason, **extra}, status=status)
