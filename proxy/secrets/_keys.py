@@ -47,7 +47,8 @@ class Keys:
             raise self.fail(key, f"{value!r} is not true or false")
         return value
 
-    def one_of(self, key: builtins.str, choices: tuple[builtins.str, ...], default: builtins.str) -> builtins.str:
+    def one_of(self, key: builtins.str, choices: tuple[builtins.str, ...],
+               default: builtins.str) -> builtins.str:
         value = self.data.get(key, default)
         if value not in choices:
             raise self.fail(key, f"{value!r}: use one of {', '.join(choices)}")
