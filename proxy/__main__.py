@@ -1,5 +1,5 @@
 import sys
 
-from proxy.cli._main import main
+from proxy.cli import main
 
 sys.exit(main())
