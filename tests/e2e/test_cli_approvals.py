@@ -13,8 +13,8 @@ import orjson
 import pytest
 
 from proxy.safe_text import safe as _safe
-from tests.support import REPO, Gateway, Upstream, free_port
 from tests.e2e.test_approve import admin_token, agent, approval_config, control, held, https
+from tests.support import REPO, Gateway, Upstream, free_port
 
 
 @pytest.fixture(scope="module")

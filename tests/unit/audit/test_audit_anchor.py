@@ -21,8 +21,8 @@ from typing import Any
 
 import pytest
 
-from proxy.audit._log import AuditLog, log_files, new_record, rfc3339
 from proxy.audit._head import Head, head_mac, head_path, read_head, write_head
+from proxy.audit._log import AuditLog, log_files, new_record, rfc3339
 from proxy.audit._verify import read_anchor, verify
 from proxy.cli._main import main
 from proxy.store._store import STORE_FILE, AuditAnchor, store_path

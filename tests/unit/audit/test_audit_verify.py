@@ -20,8 +20,8 @@ from typing import Any
 import orjson
 import pytest
 
-from proxy.audit._log import AuditLog, chain_hash, log_files, new_record, rfc3339
 from proxy.audit._head import Head, head_path, read_head, write_head
+from proxy.audit._log import AuditLog, chain_hash, log_files, new_record, rfc3339
 from proxy.audit._verify import verify
 from proxy.cli._main import main
 from proxy.store._store import AuditAnchor, store_path

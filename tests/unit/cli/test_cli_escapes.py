@@ -33,14 +33,14 @@ import pytest
 import yaml
 from aiohttp import web
 
-from proxy.cli import _main as cli
 from proxy.audit._log import new_record, rfc3339
+from proxy.cli import _main as cli
 from proxy.safe_text import bad_char, safe, safe_json
-from tests.support import REPO, WORKLOAD, Gateway, Upstream, free_port
 from tests.e2e.test_approval_view import plain, raw_up, vgw, waiting_for  # noqa: F401
 from tests.e2e.test_approve import admin_token, control
-from tests.unit.audit.test_audit_query import T0, seed
 from tests.e2e.test_cli_approvals import clean_env, taskgate
+from tests.support import REPO, WORKLOAD, Gateway, Upstream, free_port
+from tests.unit.audit.test_audit_query import T0, seed
 
 FORGED = "status    active (approved by security)"
 PAYLOADS = {
