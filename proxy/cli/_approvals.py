@@ -17,11 +17,10 @@ from __future__ import annotations
 import argparse
 import sys
 from typing import Any
-from urllib.parse import quote
 
 import orjson
 
-from proxy.cli._client import ControlClient, ControlError
+from proxy.cli._client import ControlClient, ControlError, segment
 from proxy.cli._common import Command, config_of
 from proxy.safe_text import safe, safe_json
 
@@ -57,7 +56,7 @@ def _approvals(args: argparse.Namespace) -> int:
                 _print_list(doc.get("approvals", []))
             return 0
         if args.action == "show":
-            doc = client.call("GET", f"/v1/approvals/{_quote(args.id)}")
+            doc = client.call("GET", f"/v1/approvals/{segment(args.id)}")
             if args.json:
                 print(safe_json(doc))
             else:
@@ -66,7 +65,7 @@ def _approvals(args: argparse.Namespace) -> int:
         body: dict[str, Any] = {"by": args.by}
         if args.comment is not None:
             body["comment"] = args.comment
-        held = client.call("POST", f"/v1/approvals/{_quote(args.id)}/{args.action}", body)
+        held = client.call("POST", f"/v1/approvals/{segment(args.id)}/{args.action}", body)
     except ControlError as e:
         print(f"taskgate approvals: {safe(e)}", file=sys.stderr)
         return 1 if e.answered else 2
@@ -77,10 +76,6 @@ def _approvals(args: argparse.Namespace) -> int:
     if isinstance(request, dict) and request.get("digest"):
         print(safe(f"  digest:   {request['digest']}"))
     return 0
-
-
-def _quote(value: str) -> str:
-    return quote(value, safe="")
 
 
 def _print_list(items: list[dict[str, Any]]) -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import urllib.error
+import urllib.parse
 import urllib.request
 from typing import Any
 
@@ -21,7 +22,7 @@ from proxy.config._model import Config
 from proxy.identity._admin import ENV_VAR as TOKEN_ENV
 from proxy.identity._admin import admin_token
 
-__all__ = ["URL_ENV", "ControlClient", "ControlError", "control_url"]
+__all__ = ["URL_ENV", "ControlClient", "ControlError", "control_url", "segment"]
 
 URL_ENV = "TASKGATE_CONTROL_URL"
 _LOOPBACK = {"": "127.0.0.1", "0.0.0.0": "127.0.0.1", "::": "::1"}  # noqa: S104
@@ -40,6 +41,11 @@ def control_url(host: str, port: int) -> str:
     """The URL to dial for a control plane listening on ``host:port``."""
     host = _LOOPBACK.get(host, host)
     return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+
+def segment(value: str) -> str:
+    """``value`` as one path segment: an id a user typed may hold ``/``, ``?`` or ``#``."""
+    return urllib.parse.quote(value, safe="")
 
 
 class ControlClient:

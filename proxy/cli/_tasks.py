@@ -18,7 +18,7 @@ from typing import Any
 from ruamel.yaml import YAML
 from ruamel.yaml.error import YAMLError
 
-from proxy.cli._client import ControlClient, ControlError
+from proxy.cli._client import ControlClient, ControlError, segment
 from proxy.cli._common import Command, config_of
 from proxy.safe_text import safe, safe_json
 
@@ -152,13 +152,13 @@ def _show_credentials(creds: list[dict[str, Any]] | None) -> None:
 
 
 def _show(ctl: ControlClient, args: argparse.Namespace) -> int:
-    _show_task(ctl.call("GET", f"/v1/tasks/{urllib.parse.quote(args.id, safe='')}"),
+    _show_task(ctl.call("GET", f"/v1/tasks/{segment(args.id)}"),
                args.json)
     return 0
 
 
 def _revoke(ctl: ControlClient, args: argparse.Namespace) -> int:
-    task = ctl.call("DELETE", f"/v1/tasks/{urllib.parse.quote(args.id, safe='')}")
+    task = ctl.call("DELETE", f"/v1/tasks/{segment(args.id)}")
     if args.json:
         print(safe_json(task))
     else:

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from aiohttp import web
 
-from proxy.cli._client import URL_ENV, ControlClient, ControlError, control_url
+from proxy.cli._client import URL_ENV, ControlClient, ControlError, control_url, segment
 from proxy.config._model import Config
 from proxy.identity._admin import ENV_VAR as TOKEN_ENV
 
@@ -177,3 +177,18 @@ async def test_unreachable_is_not_an_answer() -> None:
     with pytest.raises(ControlError, match="cannot reach the control plane at ") as e:
         await asyncio.to_thread(client.call, "GET", "/v1/tasks")
     assert not e.value.answered
+
+
+@pytest.mark.parametrize(("value", "quoted"), [
+    ("abc123", "abc123"),
+    ("../v1/tasks", "..%2Fv1%2Ftasks"),
+    ("x?all=1#y", "x%3Fall%3D1%23y"),
+    ("a b%", "a%20b%25"),
+])
+async def test_an_id_stays_one_path_segment(v4: tuple[Plane, int], value: str,
+                                            quoted: str) -> None:
+    assert segment(value) == quoted
+    _, port = v4
+    client = ControlClient(f"http://127.0.0.1:{port}", "t")
+    answer = await asyncio.to_thread(client.call, "GET", f"/v1/tasks/{segment(value)}")
+    assert answer["path"] == f"/v1/tasks/{value}"  # the server decodes it back, whole
