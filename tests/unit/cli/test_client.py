@@ -48,7 +48,7 @@ async def _serve(host: str) -> AsyncIterator[tuple[Plane, int]]:
     await runner.setup()
     site = web.TCPSite(runner, host, 0)
     await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    port = runner.addresses[0][1]
     try:
         yield plane, port
     finally:
