@@ -153,9 +153,12 @@ class Authorize(GatewayAddon):
 def tunnel_of(client: connection.Client) -> Tunnel | None:
     """The tunnel ``client`` opened, as the loaded :class:`Authorize` allowed it; None
     outside a tunnel, or with no Authorize loaded (then every call needs its own
-    credential: fail closed)."""
-    owner = ctx.master.addons.get(Authorize.name)
-    return owner.tunnel(client) if isinstance(owner, Authorize) else None
+    credential: fail closed).
+
+    Found by name, not by class: under ``mitmdump -s addons/authorize.py`` the loaded
+    addon's class comes from the script, a module of its own."""
+    owner: Authorize | None = ctx.master.addons.get(Authorize.name)
+    return owner.tunnel(client) if owner is not None else None
 
 
 # Standalone (mitmdump -s addons/authorize.py): never authorize without the SSRF guard.
