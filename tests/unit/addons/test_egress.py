@@ -68,7 +68,7 @@ def test_a_wildcard_name_is_judged_by_every_address(answers: list[str], opt_in: 
         assert set(body) >= {"error", "reason", "request_id"}
         assert "allow_private: true" in body["reason"]
         return
-    assert f.response is None
+    assert f.response is None and exchange(f).upstream_ip == answers[0]
     # mitmproxy opens the connection to the name; the hook pins it to the judged ip
     server = connection.Server(address=("x.good.test", 443), sni="x.good.test")
     a.server_connect(hook(server, f.client_conn))
