@@ -39,6 +39,8 @@ OTHER_WORKLOAD = "spiffe://acme.test/agent/unruled"
 RULES: list[dict[str, Any]] = [
     {"id": "read", "host": "api.example", "methods": ["GET"], "paths": ["/allowed/**"]},
     {"id": "mcp", "host": "mcp.example", "paths": ["/mcp"], "mcp": {"tools": ["search"]}},
+    {"id": "mcp-approve", "host": "mcp.example", "paths": ["/pay"],
+     "mcp": {"tools": ["pay"]}, "approval": "required"},
     {"id": "approve", "host": "api.example", "methods": ["POST"], "paths": ["/approve/**"],
      "approval": "required"},
     {"id": "secret", "host": "api.example", "methods": ["GET"], "paths": ["/secret/**"],
