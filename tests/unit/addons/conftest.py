@@ -116,10 +116,13 @@ def connect(host: str, port: int = 443, token: str | None = None) -> http.HTTPFl
 
 def respond(f: http.HTTPFlow, status: int = 200, content: bytes = b"{}",
             **headers: str) -> http.Response:
-    """Give ``f`` an upstream answer (buffered: with its length)."""
-    f.response = http.Response.make(status, content, {
+    """Give ``f`` an upstream answer, ``content`` as it came on the wire (buffered: with
+    its length)."""
+    f.response = http.Response.make(status, b"", {
         "Content-Type": "application/json",
         **{name.replace("_", "-"): value for name, value in headers.items()}})
+    f.response.raw_content = content
+    f.response.headers["content-length"] = str(len(content))
     return f.response
 
 
