@@ -124,7 +124,9 @@ class Inject(GatewayAddon):
         if not deferred or flow.response or not flow.live:
             return
         rule = ex.allowed_by  # for MCP: the rule that allowed this tool call
-        if rule is None or rule.secret is None:
+        if rule is None:  # deferred only on a rule: fail closed, never guess
+            raise Refused("the call was not authorized; its secret was not added")
+        if rule.secret is None:
             return
         if ex.decision not in AUTHORIZED or flow.request.stream:
             refuse_for(flow, Refused("the call was not authorized; its secret was not added",
