@@ -1,4 +1,10 @@
-"""What every taskgate addon shares: the flow's exchange, refusals, fail-closed hooks."""
+"""What every taskgate addon shares: the flow's exchange, refusals, fail-closed hooks,
+and the header lists more than one addon acts on.
+
+A call's state travels along the chain as its :class:`~proxy.gateway.Exchange`, the
+one thing kept on the flow (:func:`exchange`); an addon reads what an earlier one
+left there as typed fields, never another addon's constants.
+"""
 
 from __future__ import annotations
 
@@ -21,12 +27,25 @@ from proxy.gateway import (
     new_request_id,
     refusal_body,
 )
+from proxy.mcp import McpDecision, rpc_refusal
 from proxy.policy import canonical_host, split_target
 
 log = logging.getLogger("taskgate")
 
-EXCHANGE = "taskgate.exchange"
+EXCHANGE = "taskgate.exchange"  # the one flow.metadata key of taskgate
 CONFIG_OPTION = "taskgate_config"
+
+# The proxy credential and its companion: taken off every call (identify), never
+# forwarded, never shown to an approver (approve).
+HOP_HEADERS = ("Proxy-Authorization", "Proxy-Connection")
+# What an agent could authenticate with on its own: on a rule with a secret, only the
+# gateway's credential goes out (inject drops these; the ``access_token`` query
+# parameter, the bearer token's query form (RFC 6750 2.3), goes with the secret's).
+AGENT_CREDENTIALS = ("Authorization", "Proxy-Authorization", "Cookie")
+# Every header a rule's secret replaces besides its own place (inject): the agent's
+# credentials, and Accept-Encoding (set to identity, so an answer can be scanned for
+# echoes of the value). An approver is not shown them (approve).
+SECRET_REPLACES = (*AGENT_CREDENTIALS, "Accept-Encoding")
 
 Hook = Callable[[Any, http.HTTPFlow], Awaitable[None]]
 
@@ -67,6 +86,19 @@ def refuse(flow: http.HTTPFlow, status: int, error: str, reason: str,
         {"Content-Type": "application/json", REQUEST_ID_HEADER: ex.request_id,
          **(headers or {})},
     )
+
+
+def tool_error(flow: http.HTTPFlow, decision: McpDecision, verdict: str = "deny") -> None:
+    """Answer a refused tools/call the MCP way: JSON-RPC errors with the requests' ids,
+    so the agent's client reports a tool error, not a broken transport (mcp, and
+    approve for a held tool call that does not go ahead)."""
+    ex = exchange(flow)
+    ex.deny(decision.reason, verdict)
+    ex.status = 200
+    flow.request.stream = False
+    flow.response = http.Response.make(
+        200, rpc_refusal(decision, ex.request_id),
+        {"Content-Type": "application/json", REQUEST_ID_HEADER: ex.request_id})
 
 
 def refuse_for(flow: http.HTTPFlow, exc: BaseException) -> None:

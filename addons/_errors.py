@@ -15,7 +15,7 @@ from mitmproxy.proxy.layers.http import _http1, _http2, _http_h2
 
 from proxy.gateway import REQUEST_ID_HEADER, new_request_id, refusal_body
 
-__all__ = ["error_body", "json_error_responses"]
+__all__ = ["error_body", "h1_refusal", "json_error_responses"]
 
 _ERROR_CODES = {400: ("bad_request", "malformed request"),
                 413: ("payload_too_large", "request body too large"),
@@ -27,22 +27,30 @@ _h2_error_id: list[str] = []  # the id send_headers put on an h2 error, for its 
 def error_body(status: int, message: str, request_id: str) -> bytes:
     """taskgate's JSON refusal for an error mitmproxy answers itself. Its message loses
     what it quotes (a request line, an upstream's header: bytes that may hold a secret)."""
+    return refusal_body(*_error_reason(status, message), request_id)
+
+
+def _error_reason(status: int, message: str) -> tuple[str, str]:
     error, what = _ERROR_CODES.get(status, ("error", "the call failed"))
     detail = "".join(c if c.isprintable() else " " for c in _QUOTED.sub("[...]", message))
-    reason = f"{what}: {detail.strip()[:300]}" if detail.strip() else what
-    return refusal_body(error, reason, request_id)
+    return error, (f"{what}: {detail.strip()[:300]}" if detail.strip() else what)
 
 
-def _error_response(status_code: int, message: str = "") -> bytes:
-    """Replaces ``mitmproxy.proxy.layers.http._http1.make_error_response`` (HTML, no id).
-
-    A fresh request id: mitmproxy makes this response where the flow (and the id of
-    its audit record) is out of reach."""
+def h1_refusal(status: int, error: str, reason: str) -> bytes:
+    """A whole HTTP/1 refusal, for where the gateway writes to the connection itself
+    (mitmproxy's own errors, the limits addon's 408 and 431): the JSON body with a
+    fresh request id (no flow, no audit record to share one with), then the
+    connection closes."""
     request_id = new_request_id()
-    resp = http.Response.make(status_code, error_body(status_code, message, request_id),
+    resp = http.Response.make(status, refusal_body(error, reason, request_id),
                               {"Content-Type": "application/json", "Connection": "close",
                                REQUEST_ID_HEADER: request_id})
     return bytes(http1.assemble_response(resp))
+
+
+def _error_response(status_code: int, message: str = "") -> bytes:
+    """Replaces ``mitmproxy.proxy.layers.http._http1.make_error_response`` (HTML, no id)."""
+    return h1_refusal(status_code, *_error_reason(status_code, message))
 
 
 def json_error_responses() -> None:

@@ -20,24 +20,34 @@ from typing import Any
 import orjson
 from mitmproxy import connection, http
 
-from addons._base import GatewayAddon, exchange, guarded, refuse, refuse_for
-from addons.authorize import RULE
-from addons.mcp import MCP_DECISION, tool_error
+from addons._base import (
+    HOP_HEADERS,
+    SECRET_REPLACES,
+    GatewayAddon,
+    exchange,
+    guarded,
+    refuse,
+    refuse_for,
+    tool_error,
+)
 from proxy.approvals import Approvals, HeldRequest, target_url
 from proxy.errors import PayloadTooLarge, Refused, TaskgateError
+from proxy.gateway import ApprovedAs
 from proxy.identity import Caller
 from proxy.mcp import McpDecision, refused_after
 from proxy.policy import Rule
 from proxy.secrets import SecretBroker, replaced_params, strip_query_params
 
-INSPECT_BODY = "taskgate.inspect_body"
-HELD = "taskgate.held_request"  # (HeldRequest, hidden headers, replaced query parameters)
+
+def _lower(names: tuple[str, ...]) -> frozenset[bytes]:
+    return frozenset(name.lower().encode("latin-1") for name in names)
+
 
 # Never shown, never forwarded: the proxy credential (the identify addon takes it off).
-HOP = (b"proxy-authorization", b"proxy-connection")
+HOP = _lower(HOP_HEADERS)
 # On a rule with a secret the inject addon drops the agent's own credentials and sets
-# these (proxy/addons/inject.py): not what the agent's call carries upstream.
-SECRET_REPLACES = (b"authorization", b"cookie", b"accept-encoding")
+# Accept-Encoding: not what the agent's call carries upstream.
+SECRET_HEADERS = _lower(SECRET_REPLACES)
 CHANGED = ("the call changed after it was approved (it is no longer byte for byte what "
            "the approver was shown); it was not forwarded")
 
@@ -49,7 +59,7 @@ def replaced_by_secret(broker: SecretBroker, rule: Rule
     headers = set(HOP)
     params: list[str] = []
     if rule.secret is not None:
-        headers.update(SECRET_REPLACES)
+        headers.update(SECRET_HEADERS)
         spec = broker.specs.get(rule.secret)
         if spec is not None:
             params.extend(replaced_params(spec.inject))
@@ -82,10 +92,11 @@ class Approve(GatewayAddon):
     async def requestheaders(self, flow: http.HTTPFlow) -> None:
         if flow.response or not flow.live:
             return
-        rule = flow.metadata.get(RULE)
+        ex = exchange(flow)
+        rule = ex.allowed_by
         if rule is None or not rule.approval:
             return
-        flow.metadata[INSPECT_BODY] = True
+        ex.buffer_body = True
         length = flow.request.headers.get("content-length")
         if length is not None and length.isdigit() and int(length) > self._cap:
             refuse_for(flow, self._too_large())
@@ -94,10 +105,10 @@ class Approve(GatewayAddon):
     async def request(self, flow: http.HTTPFlow) -> None:
         if flow.response or not flow.live:
             return
-        rule = flow.metadata.get(RULE)
+        ex = exchange(flow)
+        rule = ex.allowed_by
         if rule is None or not rule.approval:
             return
-        ex = exchange(flow)
         caller = ex.caller
         body = flow.request.raw_content
         if caller is None:
@@ -112,8 +123,8 @@ class Approve(GatewayAddon):
         if rule.mcp is not None:
             # What the approver sees is what the MCP addon judged (strictly parsed,
             # Content-Encoding decoded) — never a second, more lenient reading.
-            decision = flow.metadata.get(MCP_DECISION)
-            if not isinstance(decision, McpDecision):
+            decision = ex.mcp_decision
+            if decision is None:
                 raise Refused("the MCP body was not inspected; it cannot be held for approval")
             if not (decision.acts or decision.calls):
                 return  # initialize, tools/list, notifications: nothing runs, nothing to approve
@@ -150,7 +161,7 @@ class Approve(GatewayAddon):
         if held_request(flow, hidden, params, rule.secret).digest != shown.digest:
             refuse(flow, 500, "changed_after_approval", CHANGED, decision="error")
             return
-        flow.metadata[HELD] = (shown, hidden, params)
+        ex.approved_as = ApprovedAs(shown, hidden, params)
         ex.decision, ex.reason = "approved", answer.reason
 
     @staticmethod
@@ -193,11 +204,11 @@ class ApprovedAsShown(GatewayAddon):
 
     @guarded
     async def request(self, flow: http.HTTPFlow) -> None:
-        held = flow.metadata.get(HELD)
-        if held is None or flow.response or not flow.live:
+        approved = exchange(flow).approved_as
+        if approved is None or flow.response or not flow.live:
             return
-        shown, hidden, params = held
-        if flow.request.stream or held_request(flow, hidden, params,
+        shown = approved.shown
+        if flow.request.stream or held_request(flow, approved.hidden, approved.params,
                                                shown.secret).digest != shown.digest:
             refuse(flow, 500, "changed_after_approval", CHANGED, decision="error")
 

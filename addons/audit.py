@@ -105,8 +105,9 @@ class Audit(GatewayAddon):
             or not req.http_version.startswith("HTTP/1"))
         large = unknown or (length is not None and length.isdigit()
                             and int(length) > self.gateway.config.stream_threshold_bytes)
-        if large and not flow.metadata.get("taskgate.inspect_body"):
-            req.stream = _request_counter(exchange(flow))
+        ex = exchange(flow)
+        if large and not ex.buffer_body:
+            req.stream = _request_counter(ex)
 
     def request(self, flow: http.HTTPFlow) -> None:
         """The last look before the call leaves (after any hold for approval); a streamed

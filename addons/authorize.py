@@ -3,17 +3,19 @@
 from __future__ import annotations
 
 import re
+import weakref
+from collections.abc import MutableMapping
 
-from mitmproxy import http
+from mitmproxy import connection, ctx, http
 from mitmproxy.net.http import url
 
 from addons._base import GatewayAddon, exchange, guarded, refuse, refuse_for
-from addons.egress import CALL, RULE, Egress
+from addons.egress import Egress
 from proxy.errors import Refused, TaskgateError
-from proxy.gateway import Tunnel
+from proxy.gateway import Services, Tunnel
 from proxy.policy import canonical_host
 
-__all__ = ["CALL", "RULE", "Authorize", "Egress"]  # CALL: the Call judged, for body judges
+__all__ = ["Authorize", "Egress", "tunnel_of"]
 
 
 # Control characters a header value must not carry (HTAB is whitespace, allowed).
@@ -57,7 +59,20 @@ def _upgrade(req: http.Request) -> bool:
 
 
 class Authorize(GatewayAddon):
-    """CONNECT: refuse tunnels to endpoints no rule names. Requests: match the rules."""
+    """CONNECT: refuse tunnels to endpoints no rule names, remember the ones allowed.
+    Requests: match the rules."""
+
+    name = "authorize"  # how the other addons find it in mitmproxy's addon manager
+
+    def __init__(self, services: Services | None = None) -> None:
+        super().__init__(services)
+        # The tunnel each agent connection opened, keyed by the connection itself (as
+        # mitmproxy's proxyauth keeps its logins): gone with the connection.
+        self._tunnels: MutableMapping[connection.Client, Tunnel] = weakref.WeakKeyDictionary()
+
+    def tunnel(self, client: connection.Client) -> Tunnel | None:
+        """The CONNECT tunnel ``client`` opened and this addon allowed, if any."""
+        return self._tunnels.get(client)
 
     @guarded
     async def http_connect(self, flow: http.HTTPFlow) -> None:
@@ -71,8 +86,13 @@ class Authorize(GatewayAddon):
         if not decision.allowed:
             refuse(flow, 403, "forbidden", decision.reason)
             return
-        self.gateway.tunnels[flow.client_conn.id] = Tunnel(
+        self._tunnels[flow.client_conn] = Tunnel(
             ex.caller, canonical_host(flow.request.host), flow.request.port)
+
+    def client_disconnected(self, client: connection.Client) -> None:
+        # At once, not when the connection object is collected: a flow still running
+        # (held for approval) finds no tunnel for a connection that is gone.
+        self._tunnels.pop(client, None)
 
     @guarded
     async def request(self, flow: http.HTTPFlow) -> None:
@@ -98,7 +118,7 @@ class Authorize(GatewayAddon):
         if why is not None:
             refuse(flow, 400, "bad_request", why)
             return
-        tunnel = gw.tunnels.get(flow.client_conn.id)
+        tunnel = ex.tunnel = self._tunnels.get(flow.client_conn)
         try:
             call = gw.describe(ex, req.method, req.scheme, req.host, req.port, req.data.path)
             gw.check_host_header(call, req.host_header, tunnel)
@@ -127,8 +147,18 @@ class Authorize(GatewayAddon):
             return
         ex.decision, ex.reason = "allow", decision.reason
         _forward_canonical(req, call.host)
-        flow.metadata[RULE] = decision.rule
-        flow.metadata[CALL] = call
+        ex.allowed_by, ex.call = decision.rule, call
+
+
+def tunnel_of(client: connection.Client) -> Tunnel | None:
+    """The tunnel ``client`` opened, as the loaded :class:`Authorize` allowed it; None
+    outside a tunnel, or with no Authorize loaded (then every call needs its own
+    credential: fail closed).
+
+    Found by name, not by class: under ``mitmdump -s addons/authorize.py`` the loaded
+    addon's class comes from the script, a module of its own."""
+    owner: Authorize | None = ctx.master.addons.get(Authorize.name)
+    return owner.tunnel(client) if owner is not None else None
 
 
 # Standalone (mitmdump -s addons/authorize.py): never authorize without the SSRF guard.

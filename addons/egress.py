@@ -24,11 +24,7 @@ from mitmproxy.proxy import server_hooks
 from addons._base import GatewayAddon, exchange, guarded, refuse
 from proxy.errors import Refused
 from proxy.gateway import EgressGuard, OwnAddresses, Services, local_addresses
-from proxy.policy import Call, Rule, canonical_host
-
-# Set by addons/authorize.py (which imports this module, so they are spelled here).
-RULE = "taskgate.rule"
-CALL = "taskgate.call"
+from proxy.policy import canonical_host
 
 Endpoint = tuple[str, int]
 
@@ -64,8 +60,9 @@ class Egress(GatewayAddon):
     async def requestheaders(self, flow: http.HTTPFlow) -> None:
         if flow.response or not flow.live:
             return
-        rule, call = flow.metadata.get(RULE), flow.metadata.get(CALL)
-        if not isinstance(rule, Rule) or not isinstance(call, Call):
+        ex = exchange(flow)
+        rule, call = ex.allowed_by, ex.call
+        if rule is None or call is None:
             raise Refused("the call was not authorized")  # never reached past authorize
         pins = self._pins.setdefault(flow.client_conn.id, {})
         key = (call.host, call.port)
@@ -75,7 +72,7 @@ class Egress(GatewayAddon):
             refuse(flow, 403, "forbidden", verdict.reason)
             return
         pins.setdefault(key, verdict.ip)
-        exchange(flow).upstream_ip = verdict.ip
+        ex.upstream_ip = verdict.ip
 
     def server_connect(self, data: server_hooks.ServerConnectionHookData) -> None:
         server = data.server

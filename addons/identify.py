@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-from mitmproxy import connection, http
+from mitmproxy import http
 
-from addons._base import GatewayAddon, exchange, guarded, refuse_for
+from addons._base import HOP_HEADERS, GatewayAddon, exchange, guarded, refuse_for
+from addons.authorize import tunnel_of
 from proxy.errors import InvalidCredential, TaskgateError
-
-HOP_HEADERS = ("Proxy-Authorization", "Proxy-Connection")
 
 
 def _credential(flow: http.HTTPFlow) -> str | None:
@@ -21,7 +20,7 @@ def _credential(flow: http.HTTPFlow) -> str | None:
 
 
 class Identify(GatewayAddon):
-    """CONNECT: verify the token, remember the caller for the tunnel.
+    """CONNECT: verify the token (authorize remembers the caller with the tunnel).
     Requests: the tunnel's caller (re-checked), or the request's own token."""
 
     @guarded
@@ -43,7 +42,7 @@ class Identify(GatewayAddon):
             return
         ex = exchange(flow)
         self.gateway.begin(ex)
-        tunnel = self.gateway.tunnels.get(flow.client_conn.id)
+        tunnel = tunnel_of(flow.client_conn)
         try:
             credential = _credential(flow)
             if tunnel is not None:
@@ -54,10 +53,6 @@ class Identify(GatewayAddon):
                 self.gateway.policy.check(ex.caller)
         except TaskgateError as e:
             refuse_for(flow, e)
-
-    def client_disconnected(self, client: connection.Client) -> None:
-        if self._services is not None:
-            self._services.gateway.tunnels.pop(client.id, None)
 
 
 addons = [Identify()]

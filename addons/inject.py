@@ -25,9 +25,15 @@ from collections.abc import Callable, Iterable
 
 from mitmproxy import http
 
-from addons._base import GatewayAddon, exchange, guarded, refuse, refuse_for, streams_response
-from addons.authorize import RULE
-from addons.mcp import MCP_RULES
+from addons._base import (
+    AGENT_CREDENTIALS,
+    GatewayAddon,
+    exchange,
+    guarded,
+    refuse,
+    refuse_for,
+    streams_response,
+)
 from proxy.errors import Refused, TaskgateError
 from proxy.gateway import Exchange
 from proxy.policy import Rule
@@ -41,15 +47,7 @@ from proxy.secrets import (
 )
 from proxy.secrets.codings import StreamDecoder, TooLarge, Undecodable, codings, decode
 
-# What an agent could authenticate with on its own: on a rule with a secret, only the
-# gateway's credential goes out (Proxy-Authorization is taken off for every call;
-# access_token is the bearer token's query form, RFC 6750 2.3).
-AGENT_CREDENTIALS = ("Authorization", "Proxy-Authorization", "Cookie")
-CUT = "taskgate.stream_undecodable"
 INLINE_SCAN_BYTES = 256 * 1024  # a larger or coded buffered body is scanned off the loop
-INJECTED = "taskgate.secret_injected"
-DEFERRED = "taskgate.secret_after_approval"
-REDACTOR = "taskgate.redactor"
 AUTHORIZED = ("allow", "approved")
 
 StreamFilter = Callable[[bytes], bytes | Iterable[bytes]]
@@ -96,8 +94,6 @@ class Inject(GatewayAddon):
     async def running(self) -> None:
         await super().running()
         broker = self.broker
-        if broker is None:
-            return
         for logger in (logging.getLogger(), logging.getLogger("mitmproxy")):
             for handler in logger.handlers:
                 if not any(isinstance(f, _MaskSecrets) for f in handler.filters):
@@ -107,28 +103,29 @@ class Inject(GatewayAddon):
     async def requestheaders(self, flow: http.HTTPFlow) -> None:
         if flow.response or not flow.live:
             return
-        rule: Rule | None = flow.metadata.get(RULE)
-        mcp_rules = flow.metadata.get(MCP_RULES)
-        if rule is None or (rule.secret is None and not mcp_rules):
-            return
         ex = exchange(flow)
+        rule = ex.allowed_by
+        if rule is None or (rule.secret is None and not ex.mcp_rules):
+            return
         if ex.decision not in AUTHORIZED:
             return
-        if mcp_rules or (rule.approval and ex.decision != "approved"):
+        if ex.mcp_rules or (rule.approval and ex.decision != "approved"):
             # The rule that decides an MCP call (its tool) and a person's yes are
             # both known only in `request` hooks that run before ours: keep the
             # body whole so the headers can still change then.
-            flow.metadata[DEFERRED] = True
-            flow.metadata["taskgate.inspect_body"] = True
+            ex.secret_deferred = ex.buffer_body = True
             return
         await self._inject(flow, ex, rule)
 
     @guarded
     async def request(self, flow: http.HTTPFlow) -> None:
-        if not flow.metadata.pop(DEFERRED, False) or flow.response or not flow.live:
-            return
         ex = exchange(flow)
-        rule: Rule = flow.metadata[RULE]  # for MCP: the rule that allowed this tool call
+        deferred, ex.secret_deferred = ex.secret_deferred, False
+        if not deferred or flow.response or not flow.live:
+            return
+        rule = ex.allowed_by  # for MCP: the rule that allowed this tool call
+        if rule is None:  # deferred only on a rule: fail closed, never guess
+            raise Refused("the call was not authorized; its secret was not added")
         if rule.secret is None:
             return
         if ex.decision not in AUTHORIZED or flow.request.stream:
@@ -142,12 +139,9 @@ class Inject(GatewayAddon):
         assert rule.secret is not None and ex.caller is not None
         ex.secret = rule.secret
         try:
-            if broker is None:
-                raise Refused("secrets are not configured in this gateway", rule.id)
             check_destination(rule, scheme=req.scheme, host=req.host, port=req.port,
                               host_header=req.host_header, authority=req.authority,
-                              tunnel=self.gateway.tunnels.get(flow.client_conn.id),
-                              sni=flow.client_conn.sni)
+                              tunnel=ex.tunnel, sni=flow.client_conn.sni)
             minted = await broker.token(rule.secret, ex.caller, rule)
         except TaskgateError as e:
             refuse_for(flow, e)
@@ -173,17 +167,17 @@ class Inject(GatewayAddon):
         # Only identity bodies can be scanned for echoes of the value.
         req.headers["Accept-Encoding"] = "identity"
         ex.secret = broker.label(minted)
-        flow.metadata[INJECTED] = True
+        ex.secret_injected = True
 
     # -- responses --------------------------------------------------------------
     @guarded
     async def responseheaders(self, flow: http.HTTPFlow) -> None:
         resp = flow.response
-        broker = self.broker
-        redactor = broker.redactor() if broker is not None and resp is not None else None
+        redactor = self.broker.redactor() if resp is not None else None
         if resp is None or redactor is None:
             return
-        flow.metadata[REDACTOR] = redactor
+        ex = exchange(flow)
+        ex.redactor = redactor
         _redact_headers(resp.headers, redactor)
         resp.reason = redactor.redact(resp.data.reason).decode("latin-1")
         if resp.stream:
@@ -196,8 +190,8 @@ class Inject(GatewayAddon):
             steps = codings(resp.headers.get("content-encoding"),
                             resp.headers.get("transfer-encoding"))
         except Undecodable:
-            if flow.metadata.get(INJECTED):
-                exchange(flow).deny("the upstream sent a stream in a coding that cannot be "
+            if ex.secret_injected:
+                ex.deny("the upstream sent a stream in a coding that cannot be "
                                     "scanned for secret echoes; the call was cut", "error")
                 flow.kill()
             return  # not carrying a secret: passed on as it came
@@ -211,19 +205,21 @@ class Inject(GatewayAddon):
             resp.headers["transfer-encoding"] = "chunked"
         else:
             resp.headers.pop("transfer-encoding", None)
-        resp.stream = _decoding(StreamDecoder(steps), redactor.stream(), flow)
+        resp.stream = _decoding(StreamDecoder(steps), redactor.stream(), ex)
 
     @guarded
     async def response(self, flow: http.HTTPFlow) -> None:
         resp = flow.response
-        redactor: Redactor | None = flow.metadata.get(REDACTOR)
+        ex = exchange(flow)
+        redactor = ex.redactor
         if resp is None or redactor is None:
             return
         if resp.trailers:  # streamed or not, they go out after this hook
             _redact_headers(resp.trailers, redactor)
         if resp.stream:
-            if flow.metadata.pop(CUT, False):
-                exchange(flow).deny("the upstream's stream could not be decoded to scan it "
+            if ex.stream_undecodable:
+                ex.stream_undecodable = False
+                ex.deny("the upstream's stream could not be decoded to scan it "
                                     "for secret echoes; the call was cut", "error")
                 flow.kill()
             return
@@ -238,7 +234,7 @@ class Inject(GatewayAddon):
             else:
                 out = _scan(raw, steps, redactor)
         except Undecodable as e:
-            if flow.metadata.get(INJECTED):
+            if ex.secret_injected:
                 why = ("is too large decoded to scan it" if isinstance(e, TooLarge)
                        else "could not be decoded to scan it")
                 refuse(flow, 502, "secret_unredactable",
@@ -263,7 +259,7 @@ def _scan(raw: bytes, steps: list[str], redactor: Redactor) -> bytes | None:
 
 
 def _decoding(decoder: StreamDecoder, redact: Callable[[bytes], list[bytes]],
-              flow: http.HTTPFlow) -> Callable[[bytes], list[bytes]]:
+              ex: Exchange) -> Callable[[bytes], list[bytes]]:
     """A stream filter that decodes, then redacts. Past a decoding error nothing more
     goes out (not even the redactor's held tail: it may be most of a value) and the
     ``response`` hook cuts the call."""
@@ -280,7 +276,7 @@ def _decoding(decoder: StreamDecoder, redact: Callable[[bytes], list[bytes]],
             data = decoder.feed(chunk)
         except Undecodable:
             failed = True
-            flow.metadata[CUT] = True
+            ex.stream_undecodable = True
             return []
         return redact(data) if data else []
 

@@ -35,7 +35,6 @@ from collections.abc import Generator
 from typing import Any
 
 from mitmproxy import connection, ctx, http
-from mitmproxy.net.http import http1
 from mitmproxy.proxy import commands, events
 from mitmproxy.proxy.layers.http import (
     ErrorCode,
@@ -47,14 +46,8 @@ from mitmproxy.proxy.layers.http import (
 )
 
 from addons._base import GatewayAddon
-from proxy.gateway import (
-    REQUEST_ID_HEADER,
-    ConnectionLimits,
-    Services,
-    client_key,
-    new_request_id,
-    refusal_body,
-)
+from addons._errors import h1_refusal
+from proxy.gateway import ConnectionLimits, Services, client_key
 
 log = logging.getLogger("taskgate")
 
@@ -156,7 +149,7 @@ class Limits(GatewayAddon):
             return
         if why.startswith("its request head") and not client.tls and io.writer is not None:
             with contextlib.suppress(Exception):  # plain HTTP/1 only: it can read a 408
-                io.writer.write(_refusal(408, "request_timeout",
+                io.writer.write(h1_refusal(408, "request_timeout",
                                          f"the request head did not arrive within "
                                          f"{self.header_timeout:g} seconds "
                                          "(proxy.header_timeout_seconds)"))
@@ -170,14 +163,6 @@ def _connection_handler(client_id: str) -> Any:
         ps = ctx.master.addons.get("proxyserver")
         return ps.connections.get(client_id) if ps is not None else None
     return None
-
-
-def _refusal(status: int, error: str, reason: str) -> bytes:
-    request_id = new_request_id()
-    resp = http.Response.make(status, refusal_body(error, reason, request_id),
-                              {"Content-Type": "application/json", "Connection": "close",
-                               REQUEST_ID_HEADER: request_id})
-    return bytes(http1.assemble_response(resp))
 
 
 # -- mitmproxy patches ---------------------------------------------------------------
@@ -209,7 +194,7 @@ def _patch_read_headers() -> None:
                 end = _HEAD_END.search(data)
                 if end is None or end.start() > cap:
                     self.buf = _http1.ReceiveBuffer()
-                    yield commands.SendData(self.conn, _refusal(
+                    yield commands.SendData(self.conn, h1_refusal(
                         431, "request_header_fields_too_large",
                         f"the request head is larger than {cap} bytes "
                         "(proxy.max_header_bytes)"))

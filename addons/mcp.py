@@ -14,25 +14,18 @@ from __future__ import annotations
 
 from mitmproxy import http
 
-from addons._base import GatewayAddon, exchange, guarded, refuse_for
-from addons.authorize import CALL, RULE
+from addons._base import GatewayAddon, exchange, guarded, refuse_for, tool_error
 from proxy.errors import LengthRequired, PayloadTooLarge, Refused, TaskgateError
-from proxy.gateway import REQUEST_ID_HEADER
 from proxy.mcp import (
     SESSION_HEADER,
     JsonFilter,
-    McpDecision,
     ReplaceFilter,
     SseFilter,
     error_message,
     inspect,
-    rpc_refusal,
     transport_refusal,
 )
 
-INSPECT_BODY = "taskgate.inspect_body"
-MCP_RULES = "taskgate.mcp_rules"
-MCP_DECISION = "taskgate.mcp"
 # A tools/list answer may be larger than a request; bound what one event may hold.
 MIN_RESPONSE_CAP = 4 << 20
 
@@ -45,15 +38,14 @@ class Mcp(GatewayAddon):
         if flow.response or not flow.live:
             return
         ex = exchange(flow)
-        call = flow.metadata.get(CALL)
-        if flow.metadata.get(RULE) is None or call is None or ex.caller is None:
+        call = ex.call
+        if ex.allowed_by is None or call is None or ex.caller is None:
             return
-        rules = [r for r in self.gateway.policy.rules_for(ex.caller).matching(call)
-                 if r.mcp is not None]
+        rules = tuple(r for r in self.gateway.policy.rules_for(ex.caller).matching(call)
+                      if r.mcp is not None)
         if not rules:
             return
-        flow.metadata[MCP_RULES] = rules
-        flow.metadata[INSPECT_BODY] = True
+        ex.mcp_rules, ex.buffer_body = rules, True
         try:
             self._check_transport(flow)
             self._check_length(flow)
@@ -92,10 +84,10 @@ class Mcp(GatewayAddon):
 
     @guarded
     async def request(self, flow: http.HTTPFlow) -> None:
-        rules = flow.metadata.get(MCP_RULES)
+        ex = exchange(flow)
+        rules = ex.mcp_rules
         if not rules or flow.response or not flow.live:
             return
-        ex = exchange(flow)
         req = flow.request
         try:
             if req.raw_content is None:
@@ -107,30 +99,26 @@ class Mcp(GatewayAddon):
             ex.rule = None
             refuse_for(flow, e)
             return
-        ex.tool = decision.tool
-        flow.metadata[MCP_DECISION] = decision
+        ex.tool, ex.mcp_decision = decision.tool, decision
         if not decision.allowed:
             ex.rule = None
             if decision.tool_error:
-                self._tool_error(flow, decision)
+                tool_error(flow, decision)
             else:
                 refuse_for(flow, Refused(decision.reason))
             return
         assert decision.rule is not None
-        flow.metadata[RULE] = decision.rule  # the rule that allowed it answers for it
+        ex.allowed_by = decision.rule  # the rule that allowed the tool answers for it
         ex.rule, ex.decision, ex.reason = decision.rule.id, "allow", decision.reason
         if decision.lists_tools or req.method == "GET":
             req.headers["accept-encoding"] = "identity"  # filter what we can read
 
-    def _tool_error(self, flow: http.HTTPFlow, decision: McpDecision) -> None:
-        tool_error(flow, decision)
-
     @guarded
     async def responseheaders(self, flow: http.HTTPFlow) -> None:
         """Filter tools/list answers (fail closed: an error here kills the flow)."""
-        decision = flow.metadata.get(MCP_DECISION)
+        decision = exchange(flow).mcp_decision
         resp = flow.response
-        if resp is None or not isinstance(decision, McpDecision) or not decision.allowed:
+        if resp is None or decision is None or not decision.allowed:
             return
         if not 200 <= resp.status_code < 300 or flow.request.method == "HEAD":
             return
@@ -153,18 +141,6 @@ class Mcp(GatewayAddon):
         if flow.request.http_version.startswith("HTTP/1") and \
                 flow.request.http_version != "HTTP/1.0":
             resp.headers["transfer-encoding"] = "chunked"
-
-
-def tool_error(flow: http.HTTPFlow, decision: McpDecision, verdict: str = "deny") -> None:
-    """Answer a refused tools/call the MCP way: JSON-RPC errors with the requests' ids,
-    so the agent's client reports a tool error, not a broken transport."""
-    ex = exchange(flow)
-    ex.deny(decision.reason, verdict)
-    ex.status = 200
-    flow.request.stream = False
-    flow.response = http.Response.make(
-        200, rpc_refusal(decision, ex.request_id),
-        {"Content-Type": "application/json", REQUEST_ID_HEADER: ex.request_id})
 
 
 addons = [Mcp()]

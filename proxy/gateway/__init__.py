@@ -5,15 +5,9 @@ connection limits, metrics, upstream trust, signals, and the builder of every se
 from __future__ import annotations
 
 from proxy.gateway._build import Services, build
-from proxy.gateway._core import (
-    REQUEST_ID_HEADER,
-    Exchange,
-    Gateway,
-    Tunnel,
-    new_request_id,
-    refusal_body,
-)
+from proxy.gateway._core import REQUEST_ID_HEADER, Gateway, new_request_id, refusal_body
 from proxy.gateway._egress import EgressGuard, OwnAddresses, local_addresses
+from proxy.gateway._exchange import ApprovedAs, Exchange, Tunnel
 from proxy.gateway._framing import h1_request_framing, trailer_fields
 from proxy.gateway._limits import ConnectionLimits, FailureThrottle, client_key
 from proxy.gateway._metrics import METRICS_CONTENT_TYPE
@@ -21,6 +15,7 @@ from proxy.gateway._signals import stop_signals
 from proxy.gateway._upstream import trust_bundle
 
 __all__ = [
+    "ApprovedAs",
     "ConnectionLimits",
     "EgressGuard",
     "Exchange",

@@ -10,17 +10,16 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
 
-from proxy.audit import AuditLog, new_record, redact_target, rfc3339
+from proxy.audit import AuditLog, redact_target
 from proxy.config import Config
 from proxy.errors import Refused
+from proxy.gateway._exchange import Exchange, Tunnel
 from proxy.gateway._limits import AuthFailures
 from proxy.identity import Caller, Identity
 from proxy.policy import (
@@ -35,7 +34,7 @@ from proxy.policy import (
 )
 from proxy.tasks import Policy
 
-__all__ = ["REQUEST_ID_HEADER", "Exchange", "Gateway", "Tunnel", "new_request_id", "refusal_body"]
+__all__ = ["REQUEST_ID_HEADER", "Gateway", "new_request_id", "refusal_body"]
 
 log = logging.getLogger(__name__)
 
@@ -51,61 +50,6 @@ def refusal_body(error: str, reason: str, request_id: str, **extra: Any) -> byte
     return orjson.dumps({"error": error, "reason": reason, "request_id": request_id, **extra})
 
 
-@dataclass(slots=True)
-class Tunnel:
-    """A CONNECT tunnel: who opened it, and where it may lead."""
-
-    caller: Caller
-    host: str
-    port: int
-
-
-@dataclass(slots=True)
-class Exchange:
-    """One call as the gateway handles it; becomes exactly one final audit record
-    (a call held for approval also gets a ``held`` record when the hold starts)."""
-
-    request_id: str
-    client: str | None
-    started: float = field(default_factory=time.monotonic)
-    ts: float = field(default_factory=time.time)
-    caller: Caller | None = None
-    method: str | None = None
-    scheme: str | None = None
-    host: str | None = None
-    port: int | None = None
-    upstream_ip: str | None = None  # the address checked and connected to (_egress.py)
-    path: str | None = None
-    tool: dict[str, Any] | None = None
-    decision: str | None = None
-    rule: str | None = None
-    reason: str | None = None
-    secret: str | None = None
-    approval: dict[str, Any] | None = None
-    status: int | None = None
-    bytes_in: int = 0
-    bytes_out: int = 0
-    audited: bool = False
-    counted: bool = False
-
-    def deny(self, reason: str, decision: str = "deny") -> None:
-        self.decision, self.reason = decision, reason
-
-    def record(self) -> dict[str, Any]:
-        caller = self.caller
-        return new_record(
-            ts=rfc3339(self.ts), request_id=self.request_id,
-            workload=caller.workload if caller else None,
-            task=caller.task if caller else None, owner=caller.owner if caller else None,
-            client=self.client, method=self.method, scheme=self.scheme, host=self.host,
-            port=self.port, upstream_ip=self.upstream_ip, path=self.path, tool=self.tool,
-            decision=self.decision or "error", rule=self.rule, reason=self.reason,
-            secret=self.secret, approval=self.approval, status=self.status,
-            bytes_in=self.bytes_in, bytes_out=self.bytes_out,
-            duration_ms=round((time.monotonic() - self.started) * 1000, 3),
-        )
-
-
 class Gateway:
     """Identity, policy and audit behind one object the addons share."""
 
@@ -116,7 +60,6 @@ class Gateway:
         self.policy = policy
         self.audit = audit
         self.floods = floods  # 407 floods: counted and summarized (proxy/gateway/_limits.py)
-        self.tunnels: dict[str, Tunnel] = {}
         self.in_flight = 0
         self.idle = asyncio.Event()
         self.idle.set()

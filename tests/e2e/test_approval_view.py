@@ -29,8 +29,7 @@ from mitmproxy import http
 from mitmproxy.test import tflow
 
 from addons._base import exchange
-from addons.approve import HELD, Approve, ApprovedAsShown
-from addons.authorize import RULE
+from addons.approve import Approve, ApprovedAsShown
 from proxy.approvals import Approvals
 from proxy.approvals._held import VIEW_BODY_BYTES, body_view, request_digest
 from proxy.gateway import Services
@@ -399,8 +398,8 @@ def flow_to_hold() -> http.HTTPFlow:
     ex.caller = Caller(workload="spiffe://acme.test/agent", issuer="https://issuer.test",
                        expires_at=time.time() + 600, task=None, owner="ops@acme.test")
     ex.decision, ex.rule = "allow", "pay"
-    f.metadata[RULE] = parse_rule({"id": "pay", "host": "api.example", "methods": ["POST"],
-                                   "approval": "required"})
+    ex.allowed_by = parse_rule({"id": "pay", "host": "api.example", "methods": ["POST"],
+                                "approval": "required"})
     return f
 
 
@@ -414,7 +413,8 @@ async def approved(core: Services, f: http.HTTPFlow) -> None:
             await asyncio.sleep(0.005)
     registry.approve(registry.waiting()[0].id, "alice")
     await asyncio.wait_for(task, 5)
-    assert f.response is None and exchange(f).decision == "approved" and HELD in f.metadata
+    assert f.response is None and exchange(f).decision == "approved"
+    assert exchange(f).approved_as is not None
 
 
 def _body(f: http.HTTPFlow) -> None:
@@ -468,7 +468,9 @@ async def test_the_unchanged_approved_call_goes_on(core: Services) -> None:
     f.request.headers["Content-Length"] = str(len(f.request.raw_content or b""))  # framing
     await ApprovedAsShown(core).request(f)
     assert f.response is None and exchange(f).decision == "approved"
-    assert exchange(f).approval["digest"] == f.metadata[HELD][0].digest  # type: ignore[index]
+    approved_as = exchange(f).approved_as
+    assert approved_as is not None
+    assert exchange(f).approval["digest"] == approved_as.shown.digest  # type: ignore[index]
 
 
 async def test_only_the_secrets_placement_may_change_after_approval(
@@ -476,8 +478,9 @@ async def test_only_the_secrets_placement_may_change_after_approval(
     """On a rule with a secret the inject addon replaces the credential headers and
     Accept-Encoding; nothing else."""
     f = flow_to_hold()
-    f.metadata[RULE] = parse_rule({"id": "pay", "host": "api.example", "methods": ["POST"],
-                                   "approval": "required", "secret": "pay-key"})
+    exchange(f).allowed_by = parse_rule({"id": "pay", "host": "api.example",
+                                         "methods": ["POST"], "approval": "required",
+                                         "secret": "pay-key"})
     f.request.headers["Authorization"] = "Bearer agent-own"
     await approved(core, f)
     f.request.headers["Authorization"] = "Bearer the-secret"

@@ -20,8 +20,6 @@ from mitmproxy.test import tflow
 
 from addons._base import exchange
 from addons.approve import Approve
-from addons.authorize import RULE
-from addons.mcp import MCP_DECISION
 from proxy.approvals import Approvals
 from proxy.config import Config
 from proxy.errors import Refused
@@ -69,7 +67,7 @@ def held_flow(task: str | None = "task-1", expires_in: float = 600, body: bytes 
     rule: dict[str, Any] = {"id": "open-pr", "host": "api.example", "approval": "required",
                             "paths": ["/repos/**"]}
     rule.update({"mcp": {"tools": ["pay"]}} if mcp else {"methods": ["POST"]})
-    f.metadata[RULE] = parse_rule(rule)
+    ex.allowed_by = parse_rule(rule)
     return f
 
 
@@ -152,7 +150,7 @@ async def test_client_gone_kills_the_flow(gw: Services) -> None:
 
 async def test_mcp_call_without_a_tool_call_is_not_held(gw: Services) -> None:
     f = held_flow(mcp=True, body=b'{"jsonrpc":"2.0","id":1,"method":"tools/list"}')
-    f.metadata[MCP_DECISION] = McpDecision(True, "tools/list", calls=())
+    exchange(f).mcp_decision = McpDecision(True, "tools/list", calls=())
     await asyncio.wait_for(Approve(gw).request(f), 1)
     assert f.response is None and exchange(f).decision == "allow"
     assert approvals(gw).waiting() == []
@@ -161,7 +159,7 @@ async def test_mcp_call_without_a_tool_call_is_not_held(gw: Services) -> None:
 async def test_mcp_call_is_held_as_the_mcp_addon_read_it(gw: Services) -> None:
     # The approver sees the strictly parsed call, not a second reading of the body.
     f = held_flow(mcp=True, body=b"\x1f\x8b not json the approve addon could read")
-    f.metadata[MCP_DECISION] = McpDecision(True, "ok", calls=(("search", b'{"q":"x"}'),))
+    exchange(f).mcp_decision = McpDecision(True, "ok", calls=(("search", b'{"q":"x"}'),))
     task = await hold(gw, f)
     [held] = approvals(gw).waiting()
     assert held.calls == [{"name": "search", "arguments": {"q": "x"}}]

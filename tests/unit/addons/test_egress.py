@@ -11,7 +11,8 @@ from mitmproxy import connection
 from mitmproxy.proxy import server_hooks
 from mitmproxy.test import tflow
 
-from addons.egress import CALL, RULE, Egress
+from addons._base import exchange
+from addons.egress import Egress
 from proxy.gateway import EgressGuard, OwnAddresses
 from proxy.gateway._egress import Resolver
 from proxy.policy import Call, parse_rule
@@ -34,9 +35,10 @@ def addon(answers: dict[str, Sequence[str]]) -> Egress:
 def flow_for(host: str, port: int = 443, **rule: object):  # noqa: ANN201
     f = tflow.tflow()
     f.request.host, f.request.port, f.request.scheme = host, port, "https"
-    f.metadata[RULE] = parse_rule({"id": "r", "host": "*.good.test", "methods": ["GET"],
-                                   **rule})
-    f.metadata[CALL] = Call("GET", "https", host, port, "/")
+    ex = exchange(f)
+    ex.allowed_by = parse_rule({"id": "r", "host": "*.good.test", "methods": ["GET"],
+                                **rule})
+    ex.call = Call("GET", "https", host, port, "/")
     return f
 
 
@@ -66,7 +68,7 @@ def test_a_wildcard_name_is_judged_by_every_address(answers: list[str], opt_in: 
         assert set(body) >= {"error", "reason", "request_id"}
         assert "allow_private: true" in body["reason"]
         return
-    assert f.response is None
+    assert f.response is None and exchange(f).upstream_ip == answers[0]
     # mitmproxy opens the connection to the name; the hook pins it to the judged ip
     server = connection.Server(address=("x.good.test", 443), sni="x.good.test")
     a.server_connect(hook(server, f.client_conn))
