@@ -172,7 +172,9 @@ def install() -> None:
     if getattr(_http1, "_taskgate_framing", False):
         return
     _http1.make_body_reader = _make_body_reader(_http1.make_body_reader)
-    _http1.Http1Connection.read_body = _read_body(_http1.Http1Connection.read_body)
-    _http1.Http1Client.send = _client_send(_http1.Http1Client.send)
-    _http1.Http1Server.send = _server_send(_http1.Http1Server.send)
-    _http1._taskgate_framing = True
+    # Patching methods of mitmproxy's classes is the point here (see the docstring).
+    _http1.Http1Connection.read_body = _read_body(  # type: ignore[method-assign]
+        _http1.Http1Connection.read_body)
+    _http1.Http1Client.send = _client_send(_http1.Http1Client.send)  # type: ignore[method-assign]
+    _http1.Http1Server.send = _server_send(_http1.Http1Server.send)  # type: ignore[method-assign]
+    _http1._taskgate_framing = True  # type: ignore[attr-defined]

@@ -127,8 +127,10 @@ class Audit(GatewayAddon):
             return  # buffered: `response` writes the record before anything is sent
         if not self.gateway.audit.healthy:  # streamed, it would reach the agent unrecorded
             refuse(flow, 503, "unavailable", AUDIT_DOWN, decision="error")
-            body = flow.response.raw_content or b""
-            flow.response.stream = _Withheld(body)
+            refusal = flow.response
+            assert refusal is not None  # refuse() set it
+            body = refusal.raw_content or b""
+            refusal.stream = _Withheld(body)
             ex.bytes_out = len(body)
             return
         resp.stream = _counter(ex, resp.stream if callable(resp.stream) else None)
@@ -189,9 +191,10 @@ class Audit(GatewayAddon):
         self._upstream_failed(data.client, data.server)
 
     def tls_failed_server(self, data: tls.TlsData) -> None:
-        self._upstream_failed(data.context.client, data.conn)
+        if isinstance(data.conn, connection.Server):  # the upstream side's handshake
+            self._upstream_failed(data.context.client, data.conn)
 
-    def _upstream_failed(self, client: connection.Client, server: connection.Connection
+    def _upstream_failed(self, client: connection.Client, server: connection.Server
                          ) -> None:
         if server.address is not None:
             host, port = server.address[0], server.address[1]
