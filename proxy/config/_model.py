@@ -25,7 +25,7 @@ from ruamel.yaml.error import YAMLError
 from proxy.config import _files as config_files
 from proxy.errors import ConfigError, InvalidField
 from proxy.policy import Rule, parse_rule
-from proxy.secrets.spec import SecretSpec, parse_secret
+from proxy.secrets.spec import SecretSpec, check_token_scope, parse_secret
 
 __all__ = ["Config", "IssuerConfig", "WorkloadConfig", "load_config", "parse_config"]
 
@@ -321,12 +321,10 @@ def parse_config(doc: Any, source: str = "<config>") -> Config:
                     raise _child(w, v or {}, wl_name).fail(
                         f"{kind} rule {r.id!r} names secret {r.secret!r}, "
                         f"which is not defined under 'secrets'")
-                if (r.repositories or r.permissions is not None) and r.secret is not None \
-                        and secrets[r.secret].provider != "github_app":
-                    raise _child(w, v or {}, wl_name).fail(
-                        f"{kind} rule {r.id!r} limits repositories/permissions, which only a "
-                        f"github_app secret can do; {r.secret!r} is "
-                        f"{secrets[r.secret].provider}")
+                try:
+                    check_token_scope(r, secrets)
+                except InvalidField as e:
+                    raise _child(w, v or {}, wl_name).fail(f"{kind} {e.reason}") from None
 
     w, v = sub("approval_timeout_seconds")
     if v is not None:
