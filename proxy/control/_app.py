@@ -6,6 +6,8 @@ run). Everything under ``/v1/`` requires
 the admin bearer token, or the review page's session cookie (with its CSRF
 header on anything but GET/HEAD, see proxy/control/_session.py); the routes of
 each feature come from its module (tasks, approvals, audit, review page, metrics).
+Every error is JSON with a reason and a request id (proxy/control/_errors.py): handlers
+raise, one middleware answers.
 """
 
 from __future__ import annotations
@@ -20,7 +22,8 @@ from typing import Any
 from aiohttp import web
 
 from proxy.control import _approvals, _audit, _metrics, _review, _tasks
-from proxy.control._keys import SERVICES, SESSION_AUTH, STATE, ControlState, json_error
+from proxy.control._errors import json_error, json_errors
+from proxy.control._keys import SERVICES, SESSION_AUTH, STATE, ControlState
 from proxy.gateway import Services, new_request_id
 
 __all__ = ["ControlSite", "make_app"]
@@ -68,7 +71,8 @@ ROUTES = (_tasks.routes, _audit.routes, _approvals.routes, _review.routes, _metr
 
 
 def make_app(services: Services, state: ControlState) -> web.Application:
-    app = web.Application(middlewares=[admin_auth], client_max_size=1024 * 1024)
+    # The error middleware is outermost: it also answers for what admin_auth raises.
+    app = web.Application(middlewares=[json_errors, admin_auth], client_max_size=1024 * 1024)
     app[SERVICES] = services
     app[STATE] = state
     app.router.add_get("/healthz", healthz)
