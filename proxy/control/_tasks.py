@@ -63,8 +63,8 @@ def proxy_url(request: web.Request, task_id: str, token: str) -> str:
     state = request.app[STATE]
     address = state.proxy_address
     if not address:
-        host, port = request.app[SERVICES].config.proxy_listen
-        address = f"{host}:{port}"
+        listen_host, listen_port = request.app[SERVICES].config.proxy_listen
+        address = f"{listen_host}:{listen_port}"
     host, _, port = address.rpartition(":")
     host = host.strip("[]")
     if host in ("", "0.0.0.0", "::"):
@@ -105,7 +105,8 @@ async def list_tasks(request: web.Request) -> web.Response:
         raise InvalidField("limit", f"limit must be a number from 1 to {MAX_LIST}", status=400)
     limit = int(raw_limit)
     now = time.time()
-    out, total = [], 0
+    out: list[dict[str, Any]] = []
+    total = 0
     for task in reversed(registry.tasks.values()):
         if workload is not None and task.workload != workload:
             continue

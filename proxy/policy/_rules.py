@@ -242,7 +242,7 @@ def parse_rule(data: Any) -> Rule:
           "a rule without 'mcp' must list its methods, e.g. ['GET']")
     paths_in = data.get("paths")
     _want(paths_in is None or (isinstance(paths_in, Sequence)
-                               and not isinstance(paths_in, str) and paths_in),
+                               and not isinstance(paths_in, str) and bool(paths_in)),
           ("paths",), "paths must be a non-empty list of globs such as ['/v1/**']")
     paths = []
     for i, p in enumerate(paths_in or ()):
@@ -255,7 +255,7 @@ def parse_rule(data: Any) -> Rule:
     if mcp is not None and not methods:
         methods = frozenset({"POST", "GET", "DELETE"})  # streamable HTTP uses these
     secret = data.get("secret")
-    _want(secret is None or (isinstance(secret, str) and secret), ("secret",),
+    _want(secret is None or (isinstance(secret, str) and bool(secret)), ("secret",),
           "secret must name an entry under 'secrets'")
     approval = data.get("approval")
     _want(approval in (None, "required", "none"), ("approval",),
@@ -285,7 +285,7 @@ def _token_scope(data: Mapping[str, Any]) -> tuple[tuple[str, ...], dict[str, st
         _want(isinstance(name, str) and bool(_REPO.match(name)), ("repositories", i),
               f"{name!r} is not a repository name (without the owner, e.g. 'widgets')")
     perms = data.get("permissions")
-    _want(perms is None or (isinstance(perms, Mapping) and perms), ("permissions",),
+    _want(perms is None or (isinstance(perms, Mapping) and bool(perms)), ("permissions",),
           "permissions must map a permission to a level, e.g. {issues: read}")
     for name, level in (perms or {}).items():
         _want(isinstance(name, str) and bool(_PERMISSION.match(name)),
