@@ -24,7 +24,7 @@ from aiohttp import web
 from proxy.control import _approvals, _audit, _metrics, _review, _tasks
 from proxy.control._errors import json_error, json_errors
 from proxy.control._keys import SERVICES, SESSION_AUTH, STATE, ControlState
-from proxy.gateway import Services, new_request_id
+from proxy.gateway import REQUEST_ID_HEADER, Services, new_request_id
 
 __all__ = ["ControlSite", "make_app"]
 
@@ -84,9 +84,12 @@ def make_app(services: Services, state: ControlState) -> web.Application:
 
 # -- connection limits ------------------------------------------------------------------
 def _refusal_bytes(status: int, reason_phrase: str, error: str, reason: str) -> bytes:
-    body = json.dumps({"error": error, "reason": reason,
-                       "request_id": new_request_id()}).encode()
+    """A refusal written before aiohttp sees the connection; the same shape as
+    :func:`~proxy.control._errors.json_error`'s."""
+    request_id = new_request_id()
+    body = json.dumps({"error": error, "reason": reason, "request_id": request_id}).encode()
     return (f"HTTP/1.1 {status} {reason_phrase}\r\nContent-Type: application/json\r\n"
+            f"{REQUEST_ID_HEADER}: {request_id}\r\n"
             f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n").encode() + body
 
 

@@ -4,6 +4,7 @@ request id, whatever the handler raised."""
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -12,7 +13,7 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer, make_mocked_request
 
-from proxy.control._app import admin_auth
+from proxy.control._app import _refusal_bytes, admin_auth
 from proxy.control._errors import INTERNAL_REASON, json_error, json_errors
 from proxy.control._keys import STATE, ControlState
 from proxy.control._session import CSRF_HEADER, Sessions
@@ -224,3 +225,18 @@ def test_session_refusals_carry_a_request_id(method: str, with_session: bool, st
     assert refusal.headers[REQUEST_ID_HEADER] in refusal.text
     if status == 403:
         assert CSRF_HEADER in refusal.text
+
+
+# -- refusals written before aiohttp sees the connection -----------------------------
+@pytest.mark.parametrize(("status", "phrase", "error"), [
+    (503, "Service Unavailable", "unavailable"), (408, "Request Timeout", "request_timeout"),
+])
+def test_connection_refusals_have_the_same_shape(status: int, phrase: str, error: str) -> None:
+    head, _, raw = _refusal_bytes(status, phrase, error, "why").partition(b"\r\n\r\n")
+    lines = head.decode().split("\r\n")
+    assert lines[0] == f"HTTP/1.1 {status} {phrase}"
+    headers = dict(line.split(": ", 1) for line in lines[1:])
+    body = json.loads(raw)
+    assert headers[REQUEST_ID_HEADER] == body.pop("request_id")
+    assert body == {"error": error, "reason": "why"}
+    assert int(headers["Content-Length"]) == len(raw)
