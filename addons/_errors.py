@@ -66,9 +66,9 @@ def json_error_responses() -> None:
                        (REQUEST_ID_HEADER.lower().encode(), request_id.encode())]
         send_headers(self, stream_id, headers, *args, **kw)
 
-    def body_of_errors(status: int, message: str) -> bytes:
+    def body_of_errors(status_code: int, message: str) -> bytes:
         request_id = _h2_error_id.pop() if _h2_error_id else new_request_id()
-        return error_body(status, message, request_id)
+        return error_body(status_code, message, request_id)
 
     conn.send_headers = headers_of_errors  # type: ignore[method-assign]
     conn._taskgate_errors = True  # type: ignore[attr-defined]

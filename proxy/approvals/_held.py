@@ -214,6 +214,7 @@ class Held:
 
     def audit_value(self) -> dict[str, Any]:
         """The record's ``approval`` field: waiting (the hold record) or how it ended."""
+        out: dict[str, Any]
         if self.answer is None:
             out = {"id": self.id, "outcome": "waiting",
                    "expires_at": rfc3339(self.deadline) if self.deadline else None}

@@ -15,6 +15,7 @@ from proxy.audit._log import (
     rfc3339,
 )
 from proxy.audit._query import FILTER_KEYS, AuditFilter, follow, query, records
+from proxy.audit._reader import BadLine, read_record
 from proxy.audit._verify import AnchorState, Report, read_anchor, verify, verify_files
 
 __all__ = [
@@ -22,6 +23,7 @@ __all__ = [
     "AuditAnchor",
     "AuditFilter",
     "AuditLog",
+    "BadLine",
     "DECISIONS",
     "FILTER_KEYS",
     "Report",
@@ -31,6 +33,7 @@ __all__ = [
     "new_record",
     "query",
     "read_anchor",
+    "read_record",
     "records",
     "redact_target",
     "rfc3339",

@@ -60,6 +60,7 @@ from typing import Any, Protocol
 import orjson
 
 from proxy.audit._head import Head, check_mac, head_mac, head_path, read_head, write_head
+from proxy.audit._reader import BadLine, read_record
 from proxy.batching import FAILURES, WorkQueue, consume
 from proxy.errors import Unavailable
 
@@ -276,10 +277,10 @@ def _read_tail(path: str) -> tuple[int, str, bool]:
             complete = lines[:-1] if pos == 0 else lines[1:-1]
             for line in reversed(complete):
                 try:
-                    rec = orjson.loads(line)
-                    return int(rec["seq"]), str(rec["hash"]), ends_clean
-                except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
-                    continue
+                    rec = read_record(line)
+                except BadLine:
+                    continue  # torn or damaged: the chain goes on from the last record
+                return rec["seq"], rec["hash"], ends_clean
             if pos == 0:
                 return 0, GENESIS, ends_clean
             pos = max(0, pos - block)
@@ -580,7 +581,8 @@ class AuditLog:
         self._ok = False
         self.write_errors += len(batch)
         assert self._loop is not None
-        self._loop.call_soon_threadsafe(self._settle, batch, [_write_failed() for _ in batch])
+        failed: list[BaseException | None] = [_write_failed() for _ in batch]
+        self._loop.call_soon_threadsafe(self._settle, batch, failed)
 
     @staticmethod
     def _settle(batch: list[tuple[dict[str, Any], asyncio.Future[None]]],

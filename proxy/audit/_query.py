@@ -20,6 +20,7 @@ from typing import Any
 import orjson
 
 from proxy.audit._log import DECISIONS, log_files, rfc3339, rotated_files
+from proxy.audit._reader import BadLine, read_record
 from proxy.policy import canonical_host
 
 __all__ = ["FILTER_KEYS", "AuditFilter", "Page", "follow", "parse_time", "query", "records"]
@@ -128,11 +129,12 @@ class AuditFilter:
 
 
 def _parse_line(line: bytes) -> dict[str, Any] | None:
+    """The record, or ``None`` for a line that is not one: skipped here (see the
+    module docstring); ``audit verify`` is where it counts as damage."""
     try:
-        rec = orjson.loads(line)
-    except orjson.JSONDecodeError:
+        return read_record(line)
+    except BadLine:
         return None
-    return rec if isinstance(rec, dict) and type(rec.get("seq")) is int else None
 
 
 def _scan(path: str, offset: int = 0, expect: tuple[int, int] | None = None

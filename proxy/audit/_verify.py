@@ -37,11 +37,10 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-import orjson
-
 from proxy.audit._anchor import AuditAnchor
 from proxy.audit._head import Head, check_mac, head_path, read_head
 from proxy.audit._log import GENESIS, chain_hash, log_files, rotated_files
+from proxy.audit._reader import BadLine, read_record
 
 __all__ = ["AnchorState", "Damage", "Report", "read_anchor", "verify", "verify_files"]
 
@@ -150,14 +149,12 @@ def _lines(files: list[str], start: tuple[int, int] = (0, 0)) -> Iterator[_Line]
 
 
 def _parse(raw: bytes) -> dict[str, Any] | None:
+    """The record, or ``None`` for a line that is not one: the caller decides whether
+    it is a torn write or damage, from what follows it."""
     try:
-        rec = orjson.loads(raw)
-    except orjson.JSONDecodeError:
+        return read_record(raw)
+    except BadLine:
         return None
-    if (not isinstance(rec, dict) or type(rec.get("seq")) is not int
-            or not isinstance(rec.get("prev"), str) or not isinstance(rec.get("hash"), str)):
-        return None
-    return rec
 
 
 def _find_seq(files: list[str], start: tuple[int, int], seq: int) -> _Line | None:

@@ -5,94 +5,26 @@ that will be forwarded, the body (up to a bound, with its size and SHA-256),
 the MCP tools and arguments — every value through :func:`proxy.safe_text.safe`,
 since the agent wrote all of it.
 
-Talks to the control plane of a running gateway: its address is
-``TASKGATE_CONTROL_URL`` or the config's ``listen.control``; the admin token is
-``TASKGATE_ADMIN_TOKEN`` or the config's ``admin_token_file``. Exit status: 0
-done, 1 the control plane refused (unknown id, already answered, bad input),
-2 it could not be asked (no token, unreachable).
+Talks to the control plane of a running gateway through
+:class:`~proxy.cli._client.ControlClient` (its address and admin token come
+from the environment or the config). Exit status: 0 done, 1 the control plane
+refused (unknown id, already answered, bad input), 2 it could not be asked
+(no token, unreachable, not an http(s) URL).
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 import sys
-import urllib.error
-import urllib.request
 from typing import Any
 
 import orjson
 
-from proxy.cli._main import command, config_of
-from proxy.identity import ENV_VAR as TOKEN_ENV
-from proxy.identity import admin_token
+from proxy.cli._client import ControlClient, ControlError, segment
+from proxy.cli._common import Command, config_of
 from proxy.safe_text import safe, safe_json
 
-__all__ = ["ControlClient", "ControlError"]
-
-URL_ENV = "TASKGATE_CONTROL_URL"
-
-
-class ControlError(Exception):
-    """The control plane could not be asked (exit 2) or said no (exit 1)."""
-
-    def __init__(self, message: str, code: int) -> None:
-        super().__init__(message)
-        self.code = code
-
-
-class ControlClient:
-    """A few JSON calls to the control plane, never through an agent's HTTP_PROXY."""
-
-    def __init__(self, base_url: str, token: str, timeout: float = 10.0) -> None:
-        if not base_url.startswith(("http://", "https://")):
-            raise ControlError(f"{base_url!r} is not an http(s) URL of the control plane", 2)
-        self.base_url = base_url.rstrip("/")
-        self._token = token
-        self._timeout = timeout
-        self._opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-
-    @classmethod
-    def from_args(cls, args: argparse.Namespace) -> ControlClient:
-        config = config_of(args)
-        url = os.environ.get(URL_ENV)
-        if not url:
-            host, port = config.control_listen
-            host = "127.0.0.1" if host in ("0.0.0.0", "") else host  # noqa: S104
-            url = f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
-        try:
-            token = admin_token(config.admin_token_file, create=False)
-        except OSError:
-            raise ControlError(f"no admin token: set {TOKEN_ENV} or create "
-                               f"{config.admin_token_file}", 2) from None
-        return cls(url, token)
-
-    def call(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
-        data = orjson.dumps(body) if body is not None else None
-        req = urllib.request.Request(  # noqa: S310 - scheme checked in __init__
-            self.base_url + path, data=data, method=method,
-            headers={"Authorization": f"Bearer {self._token}",
-                     "Content-Type": "application/json", "Accept": "application/json"})
-        try:
-            with self._opener.open(req, timeout=self._timeout) as resp:
-                return orjson.loads(resp.read())
-        except urllib.error.HTTPError as e:
-            raise ControlError(f"{e.code}: {_reason(e.read())}", 1) from None
-        except (urllib.error.URLError, OSError) as e:
-            why = getattr(e, "reason", e)
-            raise ControlError(f"cannot reach the control plane at {self.base_url}: {why}",
-                               2) from None
-
-
-def _reason(body: bytes) -> str:
-    try:
-        doc = orjson.loads(body)
-    except orjson.JSONDecodeError:
-        return body[:200].decode("utf-8", "replace")
-    if isinstance(doc, dict) and "reason" in doc:
-        field = f" (field {doc['field']!r})" if doc.get("field") else ""
-        return f"{doc['reason']}{field}"
-    return str(doc)[:200]
+__all__ = ["APPROVALS"]
 
 
 def _setup(p: argparse.ArgumentParser) -> None:
@@ -113,10 +45,9 @@ def _setup(p: argparse.ArgumentParser) -> None:
                                    help="config file (for listen.control and admin_token_file)")
 
 
-@command("approvals", "list calls held for approval; show, approve or deny one", _setup)
 def _approvals(args: argparse.Namespace) -> int:
     try:
-        client = ControlClient.from_args(args)
+        client = ControlClient.from_config(config_of(args))
         if args.action == "list":
             doc = client.call("GET", "/v1/approvals")
             if args.json:
@@ -125,7 +56,7 @@ def _approvals(args: argparse.Namespace) -> int:
                 _print_list(doc.get("approvals", []))
             return 0
         if args.action == "show":
-            doc = client.call("GET", f"/v1/approvals/{_quote(args.id)}")
+            doc = client.call("GET", f"/v1/approvals/{segment(args.id)}")
             if args.json:
                 print(safe_json(doc))
             else:
@@ -134,10 +65,10 @@ def _approvals(args: argparse.Namespace) -> int:
         body: dict[str, Any] = {"by": args.by}
         if args.comment is not None:
             body["comment"] = args.comment
-        held = client.call("POST", f"/v1/approvals/{_quote(args.id)}/{args.action}", body)
+        held = client.call("POST", f"/v1/approvals/{segment(args.id)}/{args.action}", body)
     except ControlError as e:
         print(f"taskgate approvals: {safe(e)}", file=sys.stderr)
-        return e.code
+        return 1 if e.answered else 2
     verb = "approved" if args.action == "approve" else "denied"
     print(safe(f"{verb} {held['id']} (request {held['request_id']}: {held['method']} "
                f"{held['url']}) by {args.by}"))
@@ -145,12 +76,6 @@ def _approvals(args: argparse.Namespace) -> int:
     if isinstance(request, dict) and request.get("digest"):
         print(safe(f"  digest:   {request['digest']}"))
     return 0
-
-
-def _quote(value: str) -> str:
-    from urllib.parse import quote
-
-    return quote(value, safe="")
 
 
 def _print_list(items: list[dict[str, Any]]) -> None:
@@ -198,3 +123,7 @@ def _print_held(h: dict[str, Any], *, full: bool) -> None:
     else:
         print("  body:     none")
     print(safe(f"  digest:   {request.get('digest')}"))
+
+
+APPROVALS = Command("approvals", "list calls held for approval; show, approve or deny one",
+                    _approvals, _setup)

@@ -27,12 +27,12 @@ from proxy.audit import (
     verify,
     verify_files,
 )
-from proxy.cli._main import command, config_of
+from proxy.cli._common import Command, config_of
 from proxy.policy import default_port
 from proxy.safe_text import safe, safe_json
 from proxy.store import store_path
 
-__all__ = ["format_row", "main_logs", "main_verify"]
+__all__ = ["AUDIT", "LOGS", "format_row", "main_logs", "main_verify"]
 
 _COLUMNS = (("TIME", 19), ("DECISION", 8), ("ST", 3), ("WORKLOAD", 30), ("TASK", 12),
             ("CALL", 56), ("TOOL", 16), ("RULE", 16), ("REASON", 0))
@@ -104,7 +104,6 @@ def _emit(recs: Iterable[dict[str, Any]], as_json: bool) -> None:
     out.flush()
 
 
-@command("logs", "show audit records (works while the gateway is down)", _logs_setup)
 def main_logs(args: argparse.Namespace) -> int:
     config = config_of(args)
     try:
@@ -162,8 +161,6 @@ def _chain_order(files: list[str]) -> list[str]:
     return sorted(files, key=key)
 
 
-@command("audit", "audit log tools: `audit verify [FILE...]` checks the hash chain",
-         _verify_setup)
 def main_verify(args: argparse.Namespace) -> int:
     config = config_of(args)
     try:
@@ -251,3 +248,9 @@ def _summary(report: Report, *, partial: bool, explicit: bool) -> str:
         lines.append(f"  warning: {w}")
     # A damage report may quote the log (its records came from agents): one line each.
     return "\n".join(safe(line) for line in lines)
+
+
+LOGS = Command("logs", "show audit records (works while the gateway is down)", main_logs,
+               _logs_setup)
+AUDIT = Command("audit", "audit log tools: `audit verify [FILE...]` checks the hash chain",
+                main_verify, _verify_setup)

@@ -1,7 +1,8 @@
 """taskgate: the egress gateway for AI agents (command line).
 
-Subcommands register themselves in :data:`COMMANDS` (name → (help, setup,
-handler)); later features add theirs from their own modules.
+The subcommands are the ordered table :data:`COMMANDS`: each module exports its
+:class:`~proxy.cli._common.Command` and knows nothing of this one, so imports
+run one way (``_main`` → subcommand modules → ``_common``, ``_client``).
 """
 
 from __future__ import annotations
@@ -9,41 +10,29 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from collections.abc import Callable
 
-from proxy.config import Config, load_config
+from proxy import __version__
+from proxy.cli._approvals import APPROVALS
+from proxy.cli._audit import AUDIT, LOGS
+from proxy.cli._common import Command, config_of
+from proxy.cli._demo import DEMO
+from proxy.cli._tasks import TASK
+from proxy.config import load_config
 from proxy.errors import ConfigError
 
-__all__ = ["COMMANDS", "main"]
-
-Handler = Callable[[argparse.Namespace], int]
-Setup = Callable[[argparse.ArgumentParser], None]
-COMMANDS: dict[str, tuple[str, Setup, Handler]] = {}
+__all__ = ["COMMANDS", "build_parser", "main"]
 
 
-def command(name: str, help: str, setup: Setup | None = None
-            ) -> Callable[[Handler], Handler]:
-    def register(fn: Handler) -> Handler:
-        COMMANDS[name] = (help, setup or (lambda p: None), fn)
-        return fn
-
-    return register
-
-
-def config_of(args: argparse.Namespace) -> Config:
-    return load_config(getattr(args, "config", None))
-
-
-@command("run", "start the gateway (embedded defaults without a config)")
 def _run(args: argparse.Namespace) -> int:
+    # Imported here for start-up cost: the server pulls in mitmproxy (~0.3 s, doubling
+    # what every other subcommand takes to start).
     from proxy.server import run
 
     return run(config_of(args))
 
 
-@command("ca", "print the CA certificate agents must trust, and how to trust it")
 def _ca(args: argparse.Namespace) -> int:
-    from proxy.server import ensure_ca
+    from proxy.server import ensure_ca  # start-up cost, as in _run
 
     config = config_of(args)
     path = os.path.abspath(ensure_ca(config))
@@ -58,7 +47,6 @@ def _check_setup(p: argparse.ArgumentParser) -> None:
     p.add_argument("file", help="the config file to validate")
 
 
-@command("check-config", "validate a config file offline", _check_setup)
 def _check(args: argparse.Namespace) -> int:
     config = load_config(args.file)
     rules = sum(len(w.standing) + len(w.ceiling) for w in config.workloads.values())
@@ -67,31 +55,31 @@ def _check(args: argparse.Namespace) -> int:
     return 0
 
 
-def _load_plugins() -> None:
-    """Import the modules whose subcommands register themselves (they import this
-    module, so not at the top); one that fails to import is an error, not a gap."""
-    from proxy.cli import _approvals, _audit, _demo, _tasks  # noqa: F401
+#: Every subcommand, in the order ``taskgate --help`` lists them.
+COMMANDS: tuple[Command, ...] = (
+    Command("run", "start the gateway (embedded defaults without a config)", _run),
+    Command("ca", "print the CA certificate agents must trust, and how to trust it", _ca),
+    Command("check-config", "validate a config file offline", _check, _check_setup),
+    APPROVALS,
+    LOGS,
+    AUDIT,
+    DEMO,
+    TASK,
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    _load_plugins()
     parser = argparse.ArgumentParser(prog="taskgate", description=__doc__.splitlines()[0])
-    parser.add_argument("--version", action="version", version=_version())
+    parser.add_argument("--version", action="version", version=f"taskgate {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for name, (help_text, setup, handler) in COMMANDS.items():
-        p = sub.add_parser(name, help=help_text, description=help_text)
+    for cmd in COMMANDS:
+        p = sub.add_parser(cmd.name, help=cmd.help, description=cmd.help)
         p.add_argument("-c", "--config", metavar="FILE",
                        help="config file (default: ./taskgate.yaml if present, "
                             "else the embedded defaults)")
-        setup(p)
-        p.set_defaults(handler=handler)
+        cmd.setup(p)
+        p.set_defaults(handler=cmd.handler)
     return parser
-
-
-def _version() -> str:
-    from proxy import __version__
-
-    return f"taskgate {__version__}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -103,7 +91,3 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
-
-
-if __name__ == "__main__":
-    sys.exit(main())

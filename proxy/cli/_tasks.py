@@ -1,40 +1,34 @@
 """``taskgate task create|list|show|revoke|rotate-key``: task grants from the shell.
 
-The commands talk to a running gateway's control plane. Its address is
-``TASKGATE_CONTROL_URL`` or the config's ``listen.control``; the admin token is
-``TASKGATE_ADMIN_TOKEN`` or the config's ``admin_token_file``. Proxy variables
-in the environment are ignored for these calls (an agent's shell may well
-have ``HTTP_PROXY`` pointing at the gateway itself).
+The commands talk to a running gateway's control plane through
+:class:`~proxy.cli._client.ControlClient` (its address and admin token come
+from the environment or the config). Exit status: 0 done, 1 anything went
+wrong (the control plane refused or could not be asked, a bad rules file),
+2 a usage error.
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 import re
 import sys
-import urllib.error
 import urllib.parse
-import urllib.request
 from typing import Any
 
-import orjson
 from ruamel.yaml import YAML
 from ruamel.yaml.error import YAMLError
 
-from proxy.cli._main import command, config_of
-from proxy.identity import ENV_VAR as ADMIN_ENV
-from proxy.identity import admin_token
+from proxy.cli._client import ControlClient, ControlError, segment
+from proxy.cli._common import Command, config_of
 from proxy.safe_text import safe, safe_json
 
-__all__ = ["parse_ttl"]
+__all__ = ["TASK", "parse_ttl"]
 
-CONTROL_ENV = "TASKGATE_CONTROL_URL"
 _TTL = re.compile(r"^(?:(\d+)h)?(?:(\d+)m)?(?:(\d+)s)?$")
 
 
 class CliError(Exception):
-    """Something the user can fix; printed without a traceback (exit 1)."""
+    """Something the user can fix in what they gave; printed without a traceback (exit 1)."""
 
 
 def parse_ttl(text: str) -> int:
@@ -56,50 +50,6 @@ def _human(seconds: float) -> str:
     return "".join(f"{v}{u}" for v, u in ((h, "h"), (m, "m"), (s, "s")) if v) or "0s"
 
 
-# -- talking to the control plane ----------------------------------------------
-class Control:
-    def __init__(self, args: argparse.Namespace) -> None:
-        url = os.environ.get(CONTROL_ENV)
-        config = config_of(args)
-        if not url:
-            host, port = config.control_listen
-            host = "127.0.0.1" if host in ("0.0.0.0", "") else host  # noqa: S104
-            host = "[::1]" if host == "::" else (f"[{host}]" if ":" in host else host)
-            url = f"http://{host}:{port}"
-        self.url = url.rstrip("/")
-        if os.environ.get(ADMIN_ENV):
-            self.token = os.environ[ADMIN_ENV].strip()
-        else:
-            try:
-                self.token = admin_token(config.admin_token_file, create=False)
-            except FileNotFoundError:
-                raise CliError(f"no admin token: set {ADMIN_ENV}, or run where "
-                               f"{config.admin_token_file} is readable") from None
-        self._open = urllib.request.build_opener(urllib.request.ProxyHandler({})).open
-
-    def call(self, method: str, path: str, body: Any = None) -> Any:
-        data = orjson.dumps(body) if body is not None else None
-        req = urllib.request.Request(  # noqa: S310 - the URL is the control plane's
-            self.url + path, data=data, method=method,
-            headers={"Authorization": f"Bearer {self.token}",
-                     "Content-Type": "application/json", "Accept": "application/json"})
-        try:
-            with self._open(req, timeout=15) as resp:
-                return orjson.loads(resp.read())
-        except urllib.error.HTTPError as e:
-            raw = e.read()
-            try:
-                err = orjson.loads(raw)
-                reason = err.get("reason") or err.get("error") or raw.decode(errors="replace")
-                where = f" [{err['field']}]" if err.get("field") else ""
-            except (orjson.JSONDecodeError, AttributeError):
-                reason, where = raw.decode(errors="replace")[:300] or e.reason, ""
-            raise CliError(f"{e.code}: {reason}{where}") from None
-        except (urllib.error.URLError, OSError) as e:
-            why = getattr(e, "reason", e)
-            raise CliError(f"cannot reach the control plane at {self.url}: {why}") from None
-
-
 # -- subcommands ----------------------------------------------------------------
 def _load_rules(path: str) -> Any:
     try:
@@ -116,7 +66,7 @@ def _load_rules(path: str) -> Any:
     return doc
 
 
-def _create(ctl: Control, args: argparse.Namespace) -> int:
+def _create(ctl: ControlClient, args: argparse.Namespace) -> int:
     body: dict[str, Any] = {"ttl_seconds": args.ttl, "rules": _load_rules(args.rules)}
     if args.workload_token_file:
         with open(args.workload_token_file, encoding="utf-8") as f:
@@ -140,7 +90,7 @@ def _create(ctl: Control, args: argparse.Namespace) -> int:
     return 0
 
 
-def _list(ctl: Control, args: argparse.Namespace) -> int:
+def _list(ctl: ControlClient, args: argparse.Namespace) -> int:
     query = "&".join(f"{k}={urllib.parse.quote(str(v), safe='')}" for k, v in
                      (("workload", args.workload), ("status", args.status),
                       ("limit", args.limit)) if v is not None)
@@ -201,14 +151,14 @@ def _show_credentials(creds: list[dict[str, Any]] | None) -> None:
         print(safe(line))  # last_error may quote what an issuer answered
 
 
-def _show(ctl: Control, args: argparse.Namespace) -> int:
-    _show_task(ctl.call("GET", f"/v1/tasks/{urllib.parse.quote(args.id, safe='')}"),
+def _show(ctl: ControlClient, args: argparse.Namespace) -> int:
+    _show_task(ctl.call("GET", f"/v1/tasks/{segment(args.id)}"),
                args.json)
     return 0
 
 
-def _revoke(ctl: Control, args: argparse.Namespace) -> int:
-    task = ctl.call("DELETE", f"/v1/tasks/{urllib.parse.quote(args.id, safe='')}")
+def _revoke(ctl: ControlClient, args: argparse.Namespace) -> int:
+    task = ctl.call("DELETE", f"/v1/tasks/{segment(args.id)}")
     if args.json:
         print(safe_json(task))
     else:
@@ -217,7 +167,7 @@ def _revoke(ctl: Control, args: argparse.Namespace) -> int:
     return 0
 
 
-def _rotate(ctl: Control, args: argparse.Namespace) -> int:
+def _rotate(ctl: ControlClient, args: argparse.Namespace) -> int:
     out = ctl.call("POST", "/v1/task-keys/rotate")
     print(f"new signing key {safe(out['current'])}; {len(out['keys']) - 1} older key(s) kept "
           "until their tokens expire")
@@ -256,14 +206,15 @@ def _setup(p: argparse.ArgumentParser) -> None:
     action("rotate-key", "sign new task tokens with a new key")
 
 
-@command("task", "task grants: create, list, show, revoke, rotate-key", _setup)
 def _task(args: argparse.Namespace) -> int:
     if args.task_command == "create" and not (args.workload or args.workload_token_file):
         print("taskgate task create: give --workload or --workload-token-file", file=sys.stderr)
         return 2
     try:
-        return _ACTIONS[args.task_command](Control(args), args)
-    except CliError as e:
+        return _ACTIONS[args.task_command](ControlClient.from_config(config_of(args)), args)
+    except (CliError, ControlError) as e:  # unreachable or refused alike: exit 1
         print(f"taskgate task {args.task_command}: {safe(e)}", file=sys.stderr)
         return 1
 
+
+TASK = Command("task", "task grants: create, list, show, revoke, rotate-key", _task, _setup)

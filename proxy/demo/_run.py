@@ -139,7 +139,7 @@ class _GatewayProcess:
         env = {k: v for k, v in os.environ.items()
                if k not in PROXY_VARS and k not in ("TASKGATE_ADMIN_TOKEN", SECRET_ENV)}
         env[SECRET_VAR] = self.secret
-        root = str(Path(__file__).resolve().parent.parent)  # where this `proxy` package is
+        root = str(Path(__file__).resolve().parents[2])  # where this `proxy` package is
         if root not in (*site.getsitepackages(), site.getusersitepackages()):
             env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
         return env

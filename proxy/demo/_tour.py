@@ -19,6 +19,7 @@ from typing import Any, TextIO
 import httpx
 import orjson
 
+from proxy.audit import BadLine, read_record
 from proxy.demo._upstream import SESSION_HEADER, VERSION_HEADER, ApiUpstream, McpUpstream
 from proxy.gateway import REQUEST_ID_HEADER
 
@@ -93,8 +94,11 @@ class AuditTail:
         *lines, self._partial = (self._partial + data).split(b"\n")
         for line in lines:
             if line.strip():
-                rec = orjson.loads(line)
-                self.by_id.setdefault(rec.get("request_id"), []).append(rec)
+                try:
+                    rec = read_record(line)
+                except BadLine:  # the verdict at the end reports damage; the tour goes on
+                    continue
+                self.by_id.setdefault(rec.get("request_id") or "", []).append(rec)
 
     async def records(self, request_id: str | None) -> list[dict[str, Any]]:
         """The call's records (a held call has two), waiting up to 2 s for the last."""

@@ -303,5 +303,5 @@ class McpUpstream:
         why = _schema_error(tool.schema, args)
         if why is not None:  # an input error is a tool execution error (isError)
             return {"content": [{"type": "text", "text": why}], "isError": True}
-        self.ran[name] += 1
+        self.ran[str(name)] += 1
         return tool.run(args)

@@ -125,8 +125,8 @@ def classify(ip: str | IPAddress) -> tuple[str, str]:
                 return kind, label
         return PUBLIC, "public"
     worst = (PUBLIC, "public")
-    for net, kind, label in _V6:
-        if addr in net:
+    for net6, kind, label in _V6:
+        if addr in net6:
             worst = (kind, label)
             break
     for v4 in embedded_v4(addr):

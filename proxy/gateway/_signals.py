@@ -27,17 +27,17 @@ _HARMLESS = frozenset(getattr(signal, name) for name in (
     "SIGINFO") if hasattr(signal, name))
 
 
-def stop_signals() -> list[signal.Signals]:
+def stop_signals() -> list[int]:
     """Every signal another process can send that would end the gateway by default:
     each stops it the way SIGTERM does (stop listening, drain, flush the audit log).
     SIGHUP, SIGINT, SIGTERM, SIGQUIT, SIGUSR1/2, SIGALRM, SIGVTALRM, SIGPROF, SIGIO,
     SIGPWR, SIGXCPU (the soft CPU limit: the hard one is SIGKILL), the real-time ones."""
-    found = []
+    found: list[int] = []
     for num in sorted(signal.valid_signals()):
         if num in _NOT_STOP or num in _HARMLESS:
             continue
         try:
             found.append(signal.Signals(num))
         except ValueError:  # a real-time signal without a name
-            found.append(num)  # type: ignore[arg-type]
+            found.append(num)
     return found

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import builtins  # the method Keys.str shadows the type name inside the class
 import os
 import re
 from collections.abc import Mapping
@@ -32,7 +33,7 @@ class Keys:
             raise self.fail(key, f"{value!r} is not a non-empty string")
         return str(value)
 
-    def number(self, key: str, default: float, lo: float, hi: float) -> float:
+    def number(self, key: builtins.str, default: float, lo: float, hi: float) -> float:
         value = self.data.get(key)
         if value is None:
             return default
@@ -40,31 +41,32 @@ class Keys:
             raise self.fail(key, f"{value!r} is not a number between {lo:g} and {hi:g}")
         return float(value)
 
-    def flag(self, key: str) -> bool:
+    def flag(self, key: builtins.str) -> bool:
         value = self.data.get(key, False)
         if not isinstance(value, bool):
             raise self.fail(key, f"{value!r} is not true or false")
         return value
 
-    def one_of(self, key: str, choices: tuple[str, ...], default: str) -> str:
+    def one_of(self, key: builtins.str, choices: tuple[builtins.str, ...],
+               default: builtins.str) -> builtins.str:
         value = self.data.get(key, default)
         if value not in choices:
             raise self.fail(key, f"{value!r}: use one of {', '.join(choices)}")
         return value
 
-    def env_var(self, key: str, *, required: bool = False) -> str | None:
+    def env_var(self, key: builtins.str, *, required: bool = False) -> builtins.str | None:
         value = self.str(key, required=required)
         if value is not None and not _ENV_VAR.match(value):
             raise self.fail(key, f"{value!r} is not an environment variable name")
         return value
 
-    def file(self, key: str, *, required: bool = False) -> str | None:
+    def file(self, key: builtins.str, *, required: bool = False) -> builtins.str | None:
         value = self.str(key, required=required)
         if value is not None and not os.path.isfile(value):
             raise self.fail(key, f"{value!r} does not exist")
         return value
 
-    def url(self, key: str, default: str | None = None) -> str:
+    def url(self, key: builtins.str, default: builtins.str | None = None) -> builtins.str:
         value = self.str(key, default, required=default is None)
         assert value is not None
         value = value.rstrip("/")

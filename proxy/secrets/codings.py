@@ -18,7 +18,7 @@ import brotli
 try:  # what mitmproxy decodes zstd with, on Python < 3.14
     from compression import zstd  # type: ignore[import-not-found]
 except ImportError:  # pragma: no cover - depends on the Python version
-    from backports import zstd  # type: ignore[import-not-found,no-redef]
+    from backports import zstd
 
 __all__ = ["MAX_CODINGS", "MAX_DECODED_BYTES", "StreamDecoder", "TooLarge", "Undecodable",
            "codings", "decode"]

@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import sqlite3
@@ -197,7 +198,8 @@ class TaskStore:
         """Every stored task, oldest first, a page at a time (a small peak at start-up)."""
         after = 0
         while True:
-            page = await self._submit(lambda c, after=after: _page(c, after, size))
+            page: list[tuple[int, TaskRow]] = await self._submit(
+                functools.partial(_page, after=after, size=size))
             if not page:
                 return
             after = page[-1][0]
@@ -224,7 +226,8 @@ class TaskStore:
 
     async def load_credentials(self) -> list[CredentialRow]:
         return await self._submit(lambda c: [
-            CredentialRow(*r[:10], bytes(r[10])) for r in c.execute(
+            CredentialRow(*r[:10], bytes(r[10]))  # type: ignore[call-arg]  # 10 + handle
+            for r in c.execute(
                 f"SELECT {_CREDENTIAL_COLUMNS} FROM secret_credentials "  # noqa: S608
                 "ORDER BY issued_at")])
 

@@ -169,6 +169,28 @@ async def test_torn_last_line(tmp_path: Path, caplog: pytest.LogCaptureFixture) 
     assert raw[5] == b"" and len(raw) == 6
 
 
+@pytest.mark.parametrize("damaged", [
+    b'{"seq": "4", "prev": "x", "hash": "y"}',  # the one reader's rules (proxy/audit/_reader.py)
+    b'{"seq": 4.0, "prev": "x", "hash": "y"}',
+    b'{"seq": 4, "prev": "x"}',
+    b'{"seq": 4, "prev": "x", "hash": 7}',
+    b'[4, "x", "y"]',
+])
+async def test_chain_goes_on_from_the_last_record_not_a_damaged_line(
+        tmp_path: Path, damaged: bytes) -> None:
+    path = tmp_path / "audit.jsonl"
+    log = AuditLog(str(path))
+    await log.start()
+    await write_n(log, 3)
+    await log.close()
+    last = lines(path)[-1]
+    path.write_bytes(path.read_bytes() + damaged + b"\n")
+    log = AuditLog(str(path))
+    await log.start()
+    assert (log.seq, log.last_hash) == (3, last["hash"])
+    await log.close()
+
+
 async def test_tail_found_past_a_long_last_record(tmp_path: Path) -> None:
     """The tail is read backwards in blocks; a record longer than one block still counts."""
     path = tmp_path / "audit.jsonl"

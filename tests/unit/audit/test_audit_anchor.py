@@ -24,8 +24,7 @@ import pytest
 from proxy.audit import AuditAnchor, AuditLog, log_files, new_record, read_anchor, rfc3339, verify
 from proxy.audit._head import Head, head_mac, head_path, read_head, write_head
 from proxy.cli import main
-from proxy.store import store_path
-from proxy.store._store import STORE_FILE
+from proxy.store._store import STORE_FILE, store_path
 from tests.support import PYTHON, Gateway, python_env
 
 KEY = b"the-anchor-test-key"

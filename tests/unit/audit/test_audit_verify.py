@@ -20,9 +20,9 @@ from typing import Any
 import orjson
 import pytest
 
-from proxy.audit import AuditAnchor, AuditLog, log_files, new_record, rfc3339, verify
+from proxy.audit import AuditAnchor, verify
 from proxy.audit._head import Head, head_path, read_head, write_head
-from proxy.audit._log import chain_hash
+from proxy.audit._log import AuditLog, chain_hash, log_files, new_record, rfc3339
 from proxy.cli import main
 from proxy.store import store_path
 from tests.support import REPO
