@@ -2,6 +2,7 @@
 
     TaskgateError
     ├── ConfigError            the config file is wrong (names file, line, key)
+    ├── InvalidField           → 422: a request or rule is wrong; carries the field path
     ├── AuthError              → 407: the caller could not be identified
     │   ├── MissingCredential      no Proxy-Authorization at all
     │   └── InvalidCredential      malformed, expired, wrongly signed, unknown issuer
@@ -18,11 +19,16 @@ Anything else escaping a decision is a bug; the edge maps it to 500 and denies.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import Any
+
 __all__ = [
     "AuthError",
     "ConfigError",
     "Conflict",
+    "FieldPath",
     "InvalidCredential",
+    "InvalidField",
     "LengthRequired",
     "MissingCredential",
     "NotFound",
@@ -31,6 +37,8 @@ __all__ = [
     "TaskgateError",
     "Unavailable",
     "UpstreamSecretError",
+    "as_path",
+    "format_path",
     "status_for",
 ]
 
@@ -50,6 +58,70 @@ class ConfigError(TaskgateError):
     """The configuration is invalid; the message names where and how to fix it."""
 
     error = "config_error"
+
+
+# Where a value sits in a document: keys and list indexes, outermost first.
+FieldPath = tuple[str | int, ...]
+
+
+def as_path(where: FieldPath | str | None) -> FieldPath:
+    """A path from a tuple, or from text a caller has already spelled (one part)."""
+    return () if where is None else (where,) if isinstance(where, str) else tuple(where)
+
+
+def format_path(path: Sequence[str | int]) -> str:
+    """``("rules", 2, "paths", 0)`` → ``rules[2].paths[0]``: the spelling every error uses.
+
+    A leading string is kept as written, so a caller may pass a path it has already
+    spelled (the config's ``workloads["spiffe://…"].ceiling[0]``)."""
+    out = ""
+    for part in path:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += f".{part}" if out else part
+    return out
+
+
+class InvalidField(TaskgateError, ValueError):
+    """A value is wrong, and ``path`` says where (→ 422 ``invalid_request`` by default).
+
+    Parsers raise it with a path relative to what they parse (``("paths", 0)`` for a
+    rule); a caller that knows where that thing sits prefixes its own part with
+    :meth:`at` instead of taking the message apart. ``str()`` is the located sentence
+    (``rules[2].paths[0]: …``); ``reason`` is the sentence alone; ``extra`` goes into
+    the JSON body next to ``error``/``reason``/``field``. It is a ``ValueError`` too,
+    as the parsers' errors were.
+    """
+
+    status = 422
+    error = "invalid_request"
+
+    def __init__(self, path: FieldPath | str | None, reason: str, *, status: int = 422,
+                 error: str = "invalid_request", **extra: Any) -> None:
+        super().__init__(reason)
+        self.path = as_path(path)
+        self.status, self.error, self.extra = status, error, extra
+
+    @property
+    def field(self) -> str | None:
+        """The path as text, or ``None`` when the whole request is to blame."""
+        return format_path(self.path) or None
+
+    def at(self, *prefix: str | int) -> InvalidField:
+        """The same error, located inside ``prefix`` (e.g. ``at("rules", 2)``)."""
+        return InvalidField((*prefix, *self.path), self.reason, status=self.status,
+                            error=self.error, **self.extra)
+
+    def body(self) -> dict[str, Any]:
+        """The JSON answer: ``error``, ``reason``, ``field`` (when known), ``extra``."""
+        out: dict[str, Any] = {"error": self.error, "reason": self.reason}
+        if self.field is not None:
+            out["field"] = self.field
+        return {**out, **self.extra}
+
+    def __str__(self) -> str:
+        return f"{self.field}: {self.reason}" if self.field else self.reason
 
 
 class AuthError(TaskgateError):

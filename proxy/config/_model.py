@@ -23,9 +23,9 @@ from ruamel.yaml import YAML
 from ruamel.yaml.error import YAMLError
 
 from proxy.config import _files as config_files
-from proxy.errors import ConfigError
+from proxy.errors import ConfigError, InvalidField
 from proxy.policy import Rule, parse_rule
-from proxy.secrets.spec import SecretSpec, parse_secret
+from proxy.secrets.spec import SecretSpec, check_token_scope, parse_secret
 
 __all__ = ["Config", "IssuerConfig", "WorkloadConfig", "load_config", "parse_config"]
 
@@ -190,13 +190,13 @@ def _rules(where: _Where, node: Any) -> tuple[Rule, ...]:
     for i, item in enumerate(node):
         w = _child(where, node, i)
         try:
-            rule = parse_rule(item, w.path)
-        except ValueError as e:
-            msg = str(e)
-            key = msg[len(w.path):].lstrip(".").split(":")[0].split(".")[0].split("[")[0]
+            rule = parse_rule(item)
+        except InvalidField as e:
+            # The line of the rule's key to blame (the rule's own line for the rule).
+            key = e.path[0] if e.path else None
             line = _line(item, key) if isinstance(item, Mapping) and key in item else None
             line = line if line is not None else w.line
-            raise ConfigError(f"{w.source}:{(line or 0) + 1}: {msg}") from None
+            raise ConfigError(f"{w.source}:{(line or 0) + 1}: {e.at(w.path)}") from None
         if any(r.id == rule.id for r in rules):
             raise _child(w, item, "id").fail(f"duplicate rule id {rule.id!r}")
         rules.append(rule)
@@ -321,12 +321,10 @@ def parse_config(doc: Any, source: str = "<config>") -> Config:
                     raise _child(w, v or {}, wl_name).fail(
                         f"{kind} rule {r.id!r} names secret {r.secret!r}, "
                         f"which is not defined under 'secrets'")
-                if (r.repositories or r.permissions is not None) and r.secret is not None \
-                        and secrets[r.secret].provider != "github_app":
-                    raise _child(w, v or {}, wl_name).fail(
-                        f"{kind} rule {r.id!r} limits repositories/permissions, which only a "
-                        f"github_app secret can do; {r.secret!r} is "
-                        f"{secrets[r.secret].provider}")
+                try:
+                    check_token_scope(r, secrets)
+                except InvalidField as e:
+                    raise _child(w, v or {}, wl_name).fail(f"{kind} {e.reason}") from None
 
     w, v = sub("approval_timeout_seconds")
     if v is not None:

@@ -6,6 +6,8 @@ run). Everything under ``/v1/`` requires
 the admin bearer token, or the review page's session cookie (with its CSRF
 header on anything but GET/HEAD, see proxy/control/_session.py); the routes of
 each feature come from its module (tasks, approvals, audit, review page, metrics).
+Every error is JSON with a reason and a request id (proxy/control/_errors.py): handlers
+raise, one middleware answers.
 """
 
 from __future__ import annotations
@@ -20,8 +22,9 @@ from typing import Any
 from aiohttp import web
 
 from proxy.control import _approvals, _audit, _metrics, _review, _tasks
-from proxy.control._keys import SERVICES, SESSION_AUTH, STATE, ControlState, json_error
-from proxy.gateway import Services, new_request_id
+from proxy.control._errors import json_error, json_errors
+from proxy.control._keys import SERVICES, SESSION_AUTH, STATE, ControlState
+from proxy.gateway import REQUEST_ID_HEADER, Services, new_request_id
 
 __all__ = ["ControlSite", "make_app"]
 
@@ -68,7 +71,8 @@ ROUTES = (_tasks.routes, _audit.routes, _approvals.routes, _review.routes, _metr
 
 
 def make_app(services: Services, state: ControlState) -> web.Application:
-    app = web.Application(middlewares=[admin_auth], client_max_size=1024 * 1024)
+    # The error middleware is outermost: it also answers for what admin_auth raises.
+    app = web.Application(middlewares=[json_errors, admin_auth], client_max_size=1024 * 1024)
     app[SERVICES] = services
     app[STATE] = state
     app.router.add_get("/healthz", healthz)
@@ -80,9 +84,12 @@ def make_app(services: Services, state: ControlState) -> web.Application:
 
 # -- connection limits ------------------------------------------------------------------
 def _refusal_bytes(status: int, reason_phrase: str, error: str, reason: str) -> bytes:
-    body = json.dumps({"error": error, "reason": reason,
-                       "request_id": new_request_id()}).encode()
+    """A refusal written before aiohttp sees the connection; the same shape as
+    :func:`~proxy.control._errors.json_error`'s."""
+    request_id = new_request_id()
+    body = json.dumps({"error": error, "reason": reason, "request_id": request_id}).encode()
     return (f"HTTP/1.1 {status} {reason_phrase}\r\nContent-Type: application/json\r\n"
+            f"{REQUEST_ID_HEADER}: {request_id}\r\n"
             f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n").encode() + body
 
 

@@ -7,7 +7,8 @@
 
 Answering a call that has ended (answered, timed out, its task ended, its
 client gone) is 409; an id the gateway does not know is 404. The admin token
-guards all of it (``control.admin_auth``).
+guards all of it (``control.admin_auth``); handlers raise, and the control plane's
+error middleware (proxy/control/_errors.py) answers.
 """
 
 from __future__ import annotations
@@ -18,23 +19,19 @@ import orjson
 from aiohttp import web
 
 from proxy.approvals import Approvals, Held
-from proxy.control._keys import SERVICES, json_error
-from proxy.errors import TaskgateError, status_for
+from proxy.control._keys import SERVICES
+from proxy.errors import InvalidField
 from proxy.safe_text import bad_char
 
-__all__ = ["parse_answer", "routes"]
+__all__ = ["BadAnswer", "parse_answer", "routes"]
 
 MAX_BY = 200
 MAX_COMMENT = 2000
 ANSWER_KEYS = ("by", "comment")
 
 
-class BadAnswer(ValueError):
-    """The body of an approve/deny request is not acceptable; names the field."""
-
-    def __init__(self, status: int, field: str | None, reason: str) -> None:
-        super().__init__(reason)
-        self.status, self.field, self.reason = status, field, reason
+# The body of an approve/deny request is not acceptable: a field error naming the field.
+BadAnswer = InvalidField
 
 
 def _has_control(text: str, allowed: str = "") -> bool:
@@ -43,32 +40,33 @@ def _has_control(text: str, allowed: str = "") -> bool:
 
 
 def parse_answer(body: bytes) -> tuple[str, str | None]:
-    """``(by, comment)`` from a JSON body, or :class:`BadAnswer` naming what is wrong."""
+    """``(by, comment)`` from a JSON body, or :class:`~proxy.errors.InvalidField` naming
+    what is wrong (400 for a body that is not a JSON object, else 422)."""
     try:
         doc = orjson.loads(body)
     except orjson.JSONDecodeError:
-        raise BadAnswer(400, None, 'the body must be JSON: {"by": "...", "comment": "..."}'
-                        ) from None
+        raise InvalidField(None, 'the body must be JSON: {"by": "...", "comment": "..."}',
+                           status=400) from None
     if not isinstance(doc, dict):
-        raise BadAnswer(400, None, 'the body must be a JSON object: {"by": "...", '
-                        '"comment": "..."}')
+        raise InvalidField(None, 'the body must be a JSON object: {"by": "...", '
+                           '"comment": "..."}', status=400)
     for key in doc:
         if key not in ANSWER_KEYS:
-            raise BadAnswer(422, key, f"unknown field {key!r}; expected 'by' and 'comment'")
+            raise InvalidField(key, f"unknown field {key!r}; expected 'by' and 'comment'")
     by = doc.get("by")
     if not isinstance(by, str) or not by.strip():
-        raise BadAnswer(422, "by", "'by' must name who answers (a non-empty string)")
+        raise InvalidField("by", "'by' must name who answers (a non-empty string)")
     if len(by) > MAX_BY or _has_control(by):
-        raise BadAnswer(422, "by", f"'by' must be at most {MAX_BY} characters "
-                        "without control or invisible characters")
+        raise InvalidField("by", f"'by' must be at most {MAX_BY} characters "
+                           "without control or invisible characters")
     comment = doc.get("comment")
     if comment is not None:
         if not isinstance(comment, str):
-            raise BadAnswer(422, "comment", "'comment' must be a string (or left out)")
+            raise InvalidField("comment", "'comment' must be a string (or left out)")
         if len(comment) > MAX_COMMENT or _has_control(comment, "\n\t"):
-            raise BadAnswer(422, "comment", f"'comment' must be at most {MAX_COMMENT} "
-                            "characters without control or invisible characters other "
-                            "than newline and tab")
+            raise InvalidField("comment", f"'comment' must be at most {MAX_COMMENT} "
+                               "characters without control or invisible characters other "
+                               "than newline and tab")
         comment = comment or None
     return by.strip(), comment
 
@@ -77,37 +75,21 @@ def _approvals(request: web.Request) -> Approvals:
     return request.app[SERVICES].approvals
 
 
-def _error(exc: TaskgateError) -> web.Response:
-    status, error, reason = status_for(exc)
-    return json_error(status, error, reason)
-
-
 async def list_approvals(request: web.Request) -> web.Response:
     return web.json_response({"approvals": [h.view() for h in _approvals(request).waiting()]},
                              dumps=_dumps)
 
 
 async def show_approval(request: web.Request) -> web.Response:
-    try:
-        held = _approvals(request).get(request.match_info["id"])
-    except TaskgateError as e:
-        return _error(e)
+    held = _approvals(request).get(request.match_info["id"])
     return web.json_response(held.view(), dumps=_dumps)
 
 
 async def _answer(request: web.Request, verb: str) -> web.Response:
-    try:
-        by, comment = parse_answer(await request.read())
-    except BadAnswer as e:
-        extra: dict[str, Any] = {"field": e.field} if e.field else {}
-        return json_error(e.status, "invalid_request", e.reason, **extra)
+    by, comment = parse_answer(await request.read())
     approvals = _approvals(request)
     hid = request.match_info["id"]
-    try:
-        held: Held = (approvals.approve if verb == "approve" else approvals.deny)(
-            hid, by, comment)
-    except TaskgateError as e:
-        return _error(e)
+    held: Held = (approvals.approve if verb == "approve" else approvals.deny)(hid, by, comment)
     return web.json_response(held.view(), dumps=_dumps)
 
 

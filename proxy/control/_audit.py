@@ -19,7 +19,8 @@ from urllib.parse import urlencode
 from aiohttp import web
 
 from proxy.audit import FILTER_KEYS, AuditFilter, query
-from proxy.control._keys import SERVICES, json_error
+from proxy.control._keys import SERVICES
+from proxy.errors import InvalidField
 
 __all__ = ["MAX_LIMIT", "audit_endpoint"]
 
@@ -29,9 +30,14 @@ _PAGING = ("limit", "after", "before")
 READERS = web.AppKey("audit_readers", asyncio.Semaphore)
 
 
+def _bad(reason: str) -> InvalidField:
+    """A bad query (400 ``bad_request``); the reason names the parameter."""
+    return InvalidField(None, reason, status=400, error="bad_request")
+
+
 def _int(name: str, text: str, lo: int, hi: int) -> int:
     if not text.isdigit() or not lo <= int(text) <= hi:
-        raise ValueError(f"{name}: {text[:40]!r} is not a whole number from {lo} to {hi}")
+        raise _bad(f"{name}: {text[:40]!r} is not a whole number from {lo} to {hi}")
     return int(text)
 
 
@@ -39,20 +45,20 @@ async def audit_endpoint(request: web.Request) -> web.Response:
     params = request.rel_url.query
     for key in params:
         if key not in FILTER_KEYS and key not in _PAGING:
-            return json_error(400, "bad_request", f"unknown parameter {key[:40]!r}; "
-                              f"expected {', '.join(FILTER_KEYS + _PAGING)}")
+            raise _bad(f"unknown parameter {key[:40]!r}; expected "
+                       f"{', '.join(FILTER_KEYS + _PAGING)}")
         if len(params.getall(key)) > 1:
-            return json_error(400, "bad_request", f"{key}: given more than once")
+            raise _bad(f"{key}: given more than once")
     try:
         flt = AuditFilter.parse({k: params.get(k) for k in FILTER_KEYS})
-        limit = _int("limit", params["limit"], 1, MAX_LIMIT) if "limit" in params \
-            else DEFAULT_LIMIT
-        after = _int("after", params["after"], 0, 1 << 62) if "after" in params else None
-        before = _int("before", params["before"], 1, 1 << 62) if "before" in params else None
-    except ValueError as e:
-        return json_error(400, "bad_request", str(e))
+    except ValueError as e:  # its text names the parameter
+        raise _bad(str(e)) from None
+    limit = _int("limit", params["limit"], 1, MAX_LIMIT) if "limit" in params \
+        else DEFAULT_LIMIT
+    after = _int("after", params["after"], 0, 1 << 62) if "after" in params else None
+    before = _int("before", params["before"], 1, 1 << 62) if "before" in params else None
     if after is not None and before is not None:
-        return json_error(400, "bad_request", "give after or before, not both")
+        raise _bad("give after or before, not both")
     gateway = request.app[SERVICES].gateway
     async with request.app[READERS]:
         page = await asyncio.to_thread(query, gateway.config.audit_path, flt, limit=limit,

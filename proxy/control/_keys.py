@@ -1,4 +1,4 @@
-"""What the control plane's handlers share: the app's typed keys and the JSON error shape."""
+"""What the control plane's handlers share: the app's typed keys (errors: _errors.py)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from aiohttp import web
 
 from proxy.gateway import Services
 
-__all__ = ["SERVICES", "SESSION_AUTH", "STATE", "ControlState", "SessionAuth", "json_error"]
+__all__ = ["SERVICES", "SESSION_AUTH", "STATE", "ControlState", "SessionAuth"]
 
 
 @dataclass(slots=True)
@@ -28,6 +28,3 @@ STATE = web.AppKey("state", ControlState)
 # request is authenticated by it, else the refusal to send.
 SessionAuth = Callable[[web.Request], web.StreamResponse | None]
 SESSION_AUTH: web.AppKey[SessionAuth] = web.AppKey("session_auth")
-
-def json_error(status: int, error: str, reason: str, **extra: object) -> web.Response:
-    return web.json_response({"error": error, "reason": reason, **extra}, status=status)

@@ -21,6 +21,7 @@ from importlib import resources
 
 from aiohttp import web
 
+from proxy.control._errors import json_error
 from proxy.control._keys import SESSION_AUTH, STATE
 from proxy.control._session import CSRF_HEADER, Sessions, same_origin
 from proxy.gateway import FailureThrottle, client_key
@@ -106,9 +107,8 @@ async def logout(request: web.Request) -> web.Response:
         given = request.headers.get(CSRF_HEADER, "")
         if not same_origin(request) or not hmac.compare_digest(given.encode(),
                                                                session.csrf.encode()):
-            return web.json_response({"error": "forbidden",
-                                      "reason": f"sign-out needs the page's {CSRF_HEADER} "
-                                                "header"}, status=403)
+            return json_error(403, "forbidden", f"sign-out needs the page's {CSRF_HEADER} "
+                                                "header")
         sessions.drop(request)
     resp = web.json_response({"signed_out": True})
     sessions.clear_cookie(resp, request)

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 from aiohttp import web
 
-from proxy.control._keys import json_error
+from proxy.control._errors import json_error
 
 __all__ = ["COOKIE", "CSRF_HEADER", "Session", "Sessions"]
 

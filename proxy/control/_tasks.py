@@ -10,28 +10,25 @@ kind, state, expiry, attempts, last error; never a value). ``GET /v1/task-keys``
 publishes the public keys (JWKS); ``POST /v1/task-keys/rotate`` starts signing
 with a new key.
 
-Every error on these routes is JSON (``error``, ``reason``, ``field`` when a
-field is to blame), including unknown routes and methods; a bug while
-handling a request is logged and answered with a fixed 500 body.
+Handlers raise :class:`~proxy.errors.InvalidField` (``field`` names what is to
+blame) or another :class:`~proxy.errors.TaskgateError`; the control plane's one
+error middleware (proxy/control/_errors.py) answers JSON with the request id,
+for unknown routes and methods too, and a fixed 500 body for a bug.
 """
 
 from __future__ import annotations
 
-import logging
 import re
 import time
-from collections.abc import Awaitable, Callable
 from typing import Any
 
 from aiohttp import web
 
-from proxy.control._keys import SERVICES, STATE, json_error
-from proxy.errors import TaskgateError
-from proxy.tasks import MAX_BODY_BYTES, RequestError, TaskRegistry, parse_task_request
+from proxy.control._keys import SERVICES, STATE
+from proxy.errors import InvalidField
+from proxy.tasks import MAX_BODY_BYTES, TaskRegistry, parse_task_request
 
 __all__ = ["routes"]
-
-log = logging.getLogger(__name__)
 
 _TASK_ID = re.compile(r"^[0-9a-f]{32}$")
 _STATES = ("active", "spent", "expired", "revoked")
@@ -45,7 +42,7 @@ def _registry(request: web.Request) -> TaskRegistry:
 
 async def _read_body(request: web.Request) -> bytes:
     """The body, refusing (413) beyond :data:`MAX_BODY_BYTES` without reading it all."""
-    too_big = RequestError(None, f"the body exceeds {MAX_BODY_BYTES} bytes", status=413,
+    too_big = InvalidField(None, f"the body exceeds {MAX_BODY_BYTES} bytes", status=413,
                            error="payload_too_large")
     if request.content_length is not None and request.content_length > MAX_BODY_BYTES:
         raise too_big
@@ -66,8 +63,8 @@ def proxy_url(request: web.Request, task_id: str, token: str) -> str:
     state = request.app[STATE]
     address = state.proxy_address
     if not address:
-        host, port = request.app[SERVICES].config.proxy_listen
-        address = f"{host}:{port}"
+        listen_host, listen_port = request.app[SERVICES].config.proxy_listen
+        address = f"{listen_host}:{listen_port}"
     host, _, port = address.rpartition(":")
     host = host.strip("[]")
     if host in ("", "0.0.0.0", "::"):
@@ -80,7 +77,7 @@ def proxy_url(request: web.Request, task_id: str, token: str) -> str:
 def _task_id(request: web.Request) -> str:
     task_id = request.match_info["task_id"]
     if not _TASK_ID.match(task_id):
-        raise RequestError("task_id", "no such task", status=404, error="not_found")
+        raise InvalidField("task_id", "no such task", status=404, error="not_found")
     return task_id
 
 
@@ -97,18 +94,19 @@ async def list_tasks(request: web.Request) -> web.Response:
     registry = _registry(request)
     for name in request.query:
         if name not in _LIST_PARAMS:
-            raise RequestError(name, f"unknown query parameter; use {', '.join(_LIST_PARAMS)}",
+            raise InvalidField(name, f"unknown query parameter; use {', '.join(_LIST_PARAMS)}",
                                status=400)
     workload = request.query.get("workload")
     status = request.query.get("status")
     if status is not None and status not in _STATES:
-        raise RequestError("status", f"status must be one of {', '.join(_STATES)}", status=400)
+        raise InvalidField("status", f"status must be one of {', '.join(_STATES)}", status=400)
     raw_limit = request.query.get("limit", "100")
     if not raw_limit.isdigit() or not 1 <= int(raw_limit) <= MAX_LIST:
-        raise RequestError("limit", f"limit must be a number from 1 to {MAX_LIST}", status=400)
+        raise InvalidField("limit", f"limit must be a number from 1 to {MAX_LIST}", status=400)
     limit = int(raw_limit)
     now = time.time()
-    out, total = [], 0
+    out: list[dict[str, Any]] = []
+    total = 0
     for task in reversed(registry.tasks.values()):
         if workload is not None and task.workload != workload:
             continue
@@ -128,14 +126,14 @@ def _with_credentials(request: web.Request, view: dict[str, Any]) -> dict[str, A
 async def show_task(request: web.Request) -> web.Response:
     task = _registry(request).get(_task_id(request))
     if task is None:
-        raise RequestError("task_id", "no such task", status=404, error="not_found")
+        raise InvalidField("task_id", "no such task", status=404, error="not_found")
     return web.json_response(_with_credentials(request, task.view()))
 
 
 async def revoke_task(request: web.Request) -> web.Response:
     task = await _registry(request).revoke(_task_id(request))
     if task is None:
-        raise RequestError("task_id", "no such task", status=404, error="not_found")
+        raise InvalidField("task_id", "no such task", status=404, error="not_found")
     return web.json_response(_with_credentials(request, task.view()))
 
 
@@ -149,33 +147,7 @@ async def rotate_task_keys(request: web.Request) -> web.Response:
     return web.json_response({"current": kid, **registry.keys.jwks()})
 
 
-_PREFIXES = ("/v1/tasks", "/v1/task-keys")
-
-
-@web.middleware
-async def json_errors(request: web.Request,
-                      handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
-                      ) -> web.StreamResponse:
-    """Every answer on the task routes is JSON, whatever went wrong."""
-    if not request.path.startswith(_PREFIXES):
-        return await handler(request)
-    try:
-        return await handler(request)
-    except RequestError as e:
-        return web.json_response(e.body(), status=e.status)
-    except TaskgateError as e:
-        return json_error(e.status, e.error, e.reason)
-    except web.HTTPException as e:
-        if e.status < 400:
-            raise
-        return json_error(e.status, "http_error", e.reason)
-    except Exception:  # noqa: BLE001 - a bug must not answer with its traceback
-        log.exception("control plane: %s %s failed", request.method, request.path)
-        return json_error(500, "internal_error", "the request failed; see the gateway log")
-
-
 def routes(app: web.Application) -> None:
-    app.middlewares.append(json_errors)
     app.router.add_post("/v1/tasks", create_task)
     app.router.add_get("/v1/tasks", list_tasks)
     app.router.add_get("/v1/tasks/{task_id}", show_task)

@@ -49,6 +49,7 @@ from typing import Any
 
 import orjson
 
+from proxy.errors import FieldPath, InvalidField, as_path
 from proxy.policy._glob import Budget, counterexample
 from proxy.policy._hosts import HostPattern, default_port
 from proxy.policy._rules import Rule
@@ -270,38 +271,40 @@ def breach(rule: Rule, ceiling: Sequence[Rule], budget: Budget | None = None
     return Breach(rule.id, aspect, f"{reason} (closest ceiling rule: {cid!r})")
 
 
-def check_mcp_shape(mcp: Any, where: str) -> None:
-    """Validate a task rule's ``mcp`` section; ``ValueError`` names the key."""
+def check_mcp_shape(mcp: Any, where: FieldPath | str = ("mcp",)) -> None:
+    """Validate a task rule's ``mcp`` section; :class:`InvalidField` names the key."""
+    where = as_path(where)
     if not isinstance(mcp, Mapping):
-        raise ValueError(f"{where}: mcp must be a mapping")
+        raise InvalidField(where, "mcp must be a mapping")
     tools = mcp.get("tools")
     if tools is not None and (not isinstance(tools, list) or not all(
             isinstance(t, str) and 0 < len(t) <= 256 for t in tools) or len(tools) > 256):
-        raise ValueError(f"{where}.tools: tools must be a list of tool names")
+        raise InvalidField((*where, "tools"), "tools must be a list of tool names")
     args = mcp.get("args")
     if args is None:
         return
     if not isinstance(args, Mapping) or len(args) > 256:
-        raise ValueError(f"{where}.args: args must map argument names to constraints")
+        raise InvalidField((*where, "args"), "args must map argument names to constraints")
     for name, cons in args.items():
-        at = f"{where}.args.{name}"
+        at = (*where, "args", name)
         if not isinstance(cons, Mapping):
-            raise ValueError(f"{at}: a constraint must be a mapping such as {{'maximum': 50}}")
+            raise InvalidField(at, "a constraint must be a mapping such as {'maximum': 50}")
         for key, value in cons.items():
             if key not in ARG_CONSTRAINTS:
-                raise ValueError(f"{at}.{key}: unknown constraint; use one of "
-                                 f"{', '.join(ARG_CONSTRAINTS)}")
+                raise InvalidField((*at, key), "unknown constraint; use one of "
+                                   f"{', '.join(ARG_CONSTRAINTS)}")
             if key == "enum" and not (isinstance(value, list) and value):
-                raise ValueError(f"{at}.enum: enum must be a non-empty list")
+                raise InvalidField((*at, "enum"), "enum must be a non-empty list")
             if key == "pattern":
                 if not isinstance(value, str) or len(value) > 1024:
-                    raise ValueError(f"{at}.pattern: pattern must be a string (at most 1024)")
+                    raise InvalidField((*at, "pattern"),
+                                       "pattern must be a string (at most 1024)")
                 try:
                     re.compile(value)
                 except re.error as e:
-                    raise ValueError(f"{at}.pattern: not a valid regular expression: {e}"
-                                     ) from None
+                    raise InvalidField((*at, "pattern"),
+                                       f"not a valid regular expression: {e}") from None
             if key in ("maximum", "minimum") and not _number(value):
-                raise ValueError(f"{at}.{key}: {key} must be a number")
+                raise InvalidField((*at, key), f"{key} must be a number")
             if key == "maxLength" and not (type(value) is int and value >= 0):
-                raise ValueError(f"{at}.maxLength: maxLength must be a whole number >= 0")
+                raise InvalidField((*at, "maxLength"), "maxLength must be a whole number >= 0")

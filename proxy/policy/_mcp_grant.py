@@ -42,6 +42,8 @@ from typing import Any
 
 import re2
 
+from proxy.errors import FieldPath, InvalidField, as_path
+
 __all__ = [
     "ALWAYS_ALLOWED",
     "ArgConstraint",
@@ -133,7 +135,7 @@ def json_equal(a: Any, b: Any) -> bool:
     return False
 
 
-def _plain_json(v: Any, where: str) -> Any:
+def _plain_json(v: Any, where: FieldPath) -> Any:
     """A config value as a plain JSON value (YAML may hand us its own mapping types)."""
     if v is None or isinstance(v, (bool, str)):
         return v
@@ -143,7 +145,7 @@ def _plain_json(v: Any, where: str) -> Any:
         return {str(k): _plain_json(x, where) for k, x in v.items()}
     if isinstance(v, Sequence):
         return [_plain_json(x, where) for x in v]
-    raise ValueError(f"{where}: {v!r} is not a JSON value")
+    raise InvalidField(where, f"{v!r} is not a JSON value")
 
 
 _UNSET: Any = object()
@@ -187,47 +189,49 @@ class ArgConstraint:
     _max: Decimal | None = field(default=None, repr=False, compare=False)
 
     @classmethod
-    def parse(cls, data: Any, where: str) -> ArgConstraint:
+    def parse(cls, data: Any, where: FieldPath | str = ()) -> ArgConstraint:
+        """Validate one argument's constraints; :class:`InvalidField` under ``where``."""
+        where = as_path(where)
         if not isinstance(data, Mapping) or not data:
-            raise ValueError(f"{where}: a constraint is a mapping with one or more of "
-                             f"{', '.join(CONSTRAINT_KEYS)}, e.g. {{maximum: 50}}")
+            raise InvalidField(where, "a constraint is a mapping with one or more of "
+                               f"{', '.join(CONSTRAINT_KEYS)}, e.g. {{maximum: 50}}")
         kw: dict[str, Any] = {}
         for key, v in data.items():
-            w = f"{where}.{key}"
+            w = (*where, key)
             if key not in CONSTRAINT_KEYS:
-                raise ValueError(f"{w}: unknown constraint; use {', '.join(CONSTRAINT_KEYS)}")
+                raise InvalidField(w, f"unknown constraint; use {', '.join(CONSTRAINT_KEYS)}")
             if key == "const":
                 kw["const"] = _plain_json(v, w)
             elif key == "enum":
                 if isinstance(v, (str, Mapping)) or not isinstance(v, Sequence) or not v:
-                    raise ValueError(f"{w}: enum must be a non-empty list of values")
+                    raise InvalidField(w, "enum must be a non-empty list of values")
                 kw["enum"] = tuple(_plain_json(x, w) for x in v)
             elif key == "pattern":
                 if not isinstance(v, str) or not 0 < len(v) <= MAX_PATTERN_CHARS:
-                    raise ValueError(f"{w}: pattern must be a regular expression of "
-                                     f"1-{MAX_PATTERN_CHARS} characters")
+                    raise InvalidField(w, "pattern must be a regular expression of "
+                                       f"1-{MAX_PATTERN_CHARS} characters")
                 try:
                     kw["_regex"] = compile_pattern(v)
                 except ValueError as e:
-                    raise ValueError(f"{w}: {v[:64]!r} is not a valid regular expression: "
-                                     f"{e}") from None
+                    raise InvalidField(w, f"{v[:64]!r} is not a valid regular expression: "
+                                       f"{e}") from None
                 kw["pattern"] = v
             elif key in ("minimum", "maximum"):
                 if not _is_number(v) or not math.isfinite(v):
-                    raise ValueError(f"{w}: {v!r} is not a number")
+                    raise InvalidField(w, f"{v!r} is not a number")
                 kw[key] = v
                 kw["_min" if key == "minimum" else "_max"] = exact(v)
             else:
                 if type(v) is not int or v < 0:
-                    raise ValueError(f"{w}: maxLength must be a whole number ≥ 0")
+                    raise InvalidField(w, "maxLength must be a whole number ≥ 0")
                 kw["max_length"] = v
         c = cls(**kw)
         if c._min is not None and c._max is not None and c._min > c._max:
-            raise ValueError(f"{where}: minimum {c.minimum} is above maximum {c.maximum}")
+            raise InvalidField(where, f"minimum {c.minimum} is above maximum {c.maximum}")
         if (c.minimum is not None or c.maximum is not None) and (
                 c.pattern is not None or c.max_length is not None):
-            raise ValueError(f"{where}: minimum/maximum want a number but pattern/maxLength "
-                             "want a string; no value can satisfy both")
+            raise InvalidField(where, "minimum/maximum want a number but pattern/maxLength "
+                               "want a string; no value can satisfy both")
         return c
 
     def why_not(self, value: Any) -> str | None:
@@ -287,44 +291,45 @@ class McpGrant:
     _folded_args: Mapping[str, str] = field(default_factory=dict, repr=False, compare=False)
 
     @classmethod
-    def parse(cls, data: Any, where: str = "mcp") -> McpGrant:
-        """Validate a rule's ``mcp`` mapping; errors name the key and the fix."""
+    def parse(cls, data: Any, where: FieldPath | str = ("mcp",)) -> McpGrant:
+        """Validate a rule's ``mcp`` mapping; :class:`InvalidField` names the key (under
+        ``where``) and the fix."""
+        where = as_path(where)
         if not isinstance(data, Mapping):
-            raise ValueError(f"{where}: mcp must be a mapping with keys {', '.join(GRANT_KEYS)}")
+            raise InvalidField(where, f"mcp must be a mapping with keys {', '.join(GRANT_KEYS)}")
         for key in data:
             if key not in GRANT_KEYS:
-                raise ValueError(f"{where}.{key}: unknown key; mcp has "
-                                 f"{', '.join(GRANT_KEYS)}")
+                raise InvalidField((*where, key), f"unknown key; mcp has {', '.join(GRANT_KEYS)}")
         tools_in = data.get("tools", [])
         if isinstance(tools_in, (str, Mapping)) or not isinstance(tools_in, Sequence):
-            raise ValueError(f"{where}.tools: tools must be a list of tool names")
+            raise InvalidField((*where, "tools"), "tools must be a list of tool names")
         for i, t in enumerate(tools_in):
             if not isinstance(t, str) or TOOL_NAME.fullmatch(t) is None:
-                raise ValueError(f"{where}.tools[{i}]: {t!r} is not a tool name "
-                                 "(1-128 of A-Z a-z 0-9 _ . -)")
+                raise InvalidField((*where, "tools", i), f"{t!r} is not a tool name "
+                                   "(1-128 of A-Z a-z 0-9 _ . -)")
         args_in = data.get("args", {})
         if not isinstance(args_in, Mapping):
-            raise ValueError(f"{where}.args: args must map argument names to constraints")
+            raise InvalidField((*where, "args"), "args must map argument names to constraints")
         args = {}
         for name, c in args_in.items():
             if not isinstance(name, str) or not name:
-                raise ValueError(f"{where}.args: {name!r} is not an argument name")
-            args[name] = ArgConstraint.parse(c, f"{where}.args.{name}")
+                raise InvalidField((*where, "args"), f"{name!r} is not an argument name")
+            args[name] = ArgConstraint.parse(c, (*where, "args", name))
         folded = {fold(n): n for n in args}
         if len(folded) != len(args):
-            raise ValueError(f"{where}.args: two argument names differ only by case or "
-                             "Unicode folding; name each argument once")
+            raise InvalidField((*where, "args"), "two argument names differ only by case or "
+                               "Unicode folding; name each argument once")
         methods_in = data.get("methods", [])
         if isinstance(methods_in, (str, Mapping)) or not isinstance(methods_in, Sequence):
-            raise ValueError(f"{where}.methods: methods must be a list such as "
-                             "['resources/read', 'prompts/*']")
+            raise InvalidField((*where, "methods"), "methods must be a list such as "
+                               "['resources/read', 'prompts/*']")
         for i, m in enumerate(methods_in):
-            w = f"{where}.methods[{i}]"
+            w = (*where, "methods", i)
             base = m[:-2] if isinstance(m, str) and m.endswith("/*") else m
             if not isinstance(base, str) or _METHOD_NAME.fullmatch(base) is None:
-                raise ValueError(f"{w}: {m!r} is not a JSON-RPC method name or 'family/*'")
+                raise InvalidField(w, f"{m!r} is not a JSON-RPC method name or 'family/*'")
             if fold(base) in ("tools", "tools/call"):
-                raise ValueError(f"{w}: grant tool calls with mcp.tools, not mcp.methods")
+                raise InvalidField(w, "grant tool calls with mcp.tools, not mcp.methods")
         return cls(frozenset(tools_in), args, tuple(methods_in), folded)
 
     def allows_method(self, method: str) -> bool:

@@ -14,6 +14,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from proxy.errors import FieldPath, InvalidField
 from proxy.policy._hosts import HostPattern, default_port
 from proxy.policy._mcp_grant import McpGrant
 from proxy.policy._paths import PathGlob
@@ -202,66 +203,69 @@ def is_ip(host: str) -> bool:
     return True
 
 
-def _want(cond: bool, where: str, msg: str) -> None:
+def _want(cond: bool, path: FieldPath, msg: str) -> None:
     if not cond:
-        raise ValueError(f"{where}: {msg}")
+        raise InvalidField(path, msg)
 
 
-def parse_rule(data: Any, where: str = "rule") -> Rule:
-    """Validate plain data into a :class:`Rule`; errors name the key and the fix."""
-    _want(isinstance(data, Mapping), where, "a rule must be a mapping")
+def parse_rule(data: Any) -> Rule:
+    """Validate plain data into a :class:`Rule`; errors name the key and the fix.
+
+    Raises :class:`~proxy.errors.InvalidField` with a path relative to the rule
+    (``("paths", 0)``); the caller prefixes where the rule sits (``rules[2]``,
+    ``workloads["…"].ceiling[0]``)."""
+    _want(isinstance(data, Mapping), (), "a rule must be a mapping")
     for key in data:
-        _want(key in RULE_KEYS, f"{where}.{key}",
-              f"unknown key; a rule has {', '.join(RULE_KEYS)}")
+        _want(key in RULE_KEYS, (key,), f"unknown key; a rule has {', '.join(RULE_KEYS)}")
     rid = data.get("id")
-    _want(isinstance(rid, str) and 0 < len(rid) <= 128, f"{where}.id",
+    _want(isinstance(rid, str) and 0 < len(rid) <= 128, ("id",),
           "every rule needs an id (a string of 1-128 characters)")
     try:
         host = HostPattern.parse(data.get("host", ""))
     except ValueError as e:
-        raise ValueError(f"{where}.host: {e}") from None
+        raise InvalidField(("host",), str(e)) from None
     port = data.get("port")
-    _want(port is None or (type(port) is int and 0 < port < 65536), f"{where}.port",
+    _want(port is None or (type(port) is int and 0 < port < 65536), ("port",),
           f"{port!r} is not a port (1-65535)")
     scheme = data.get("scheme")
-    _want(scheme in (None, "http", "https"), f"{where}.scheme",
+    _want(scheme in (None, "http", "https"), ("scheme",),
           f"{scheme!r} is not a scheme; use 'https' or 'http'")
     methods_in = data.get("methods")
     mcp = data.get("mcp")
     _want(methods_in is None or (isinstance(methods_in, Sequence)
                                  and not isinstance(methods_in, str)),
-          f"{where}.methods", "methods must be a list such as ['GET']")
+          ("methods",), "methods must be a list such as ['GET']")
     methods = frozenset(str(m).upper() for m in (methods_in or ()))
     for m in methods:
-        _want(m in METHODS, f"{where}.methods", f"{m!r} is not an HTTP method")
-    _want(bool(methods) or mcp is not None, f"{where}.methods",
+        _want(m in METHODS, ("methods",), f"{m!r} is not an HTTP method")
+    _want(bool(methods) or mcp is not None, ("methods",),
           "a rule without 'mcp' must list its methods, e.g. ['GET']")
     paths_in = data.get("paths")
     _want(paths_in is None or (isinstance(paths_in, Sequence)
-                               and not isinstance(paths_in, str) and paths_in),
-          f"{where}.paths", "paths must be a non-empty list of globs such as ['/v1/**']")
+                               and not isinstance(paths_in, str) and bool(paths_in)),
+          ("paths",), "paths must be a non-empty list of globs such as ['/v1/**']")
     paths = []
     for i, p in enumerate(paths_in or ()):
         try:
             paths.append(PathGlob.parse(p))
         except ValueError as e:
-            raise ValueError(f"{where}.paths[{i}]: {e}") from None
-    _want(mcp is None or isinstance(mcp, Mapping), f"{where}.mcp", "mcp must be a mapping")
-    grant = McpGrant.parse(mcp, f"{where}.mcp") if mcp is not None else None
+            raise InvalidField(("paths", i), str(e)) from None
+    _want(mcp is None or isinstance(mcp, Mapping), ("mcp",), "mcp must be a mapping")
+    grant = McpGrant.parse(mcp, ("mcp",)) if mcp is not None else None
     if mcp is not None and not methods:
         methods = frozenset({"POST", "GET", "DELETE"})  # streamable HTTP uses these
     secret = data.get("secret")
-    _want(secret is None or (isinstance(secret, str) and secret), f"{where}.secret",
+    _want(secret is None or (isinstance(secret, str) and bool(secret)), ("secret",),
           "secret must name an entry under 'secrets'")
     approval = data.get("approval")
-    _want(approval in (None, "required", "none"), f"{where}.approval",
+    _want(approval in (None, "required", "none"), ("approval",),
           f"{approval!r}: use 'required' or leave it out")
     allow_private = data.get("allow_private", False)
-    _want(type(allow_private) is bool, f"{where}.allow_private",
+    _want(type(allow_private) is bool, ("allow_private",),
           f"{allow_private!r}: use true (the rule may reach private addresses) or false")
-    repositories, permissions = _token_scope(data, where)
+    repositories, permissions = _token_scope(data)
     _want(secret is not None or not (repositories or permissions is not None),
-          f"{where}.repositories" if repositories else f"{where}.permissions",
+          ("repositories",) if repositories else ("permissions",),
           "repositories and permissions limit a secret's token; name the secret too")
     return Rule(
         id=rid, host=host, port=port, scheme=scheme, methods=methods, paths=tuple(paths),
@@ -271,34 +275,39 @@ def parse_rule(data: Any, where: str = "rule") -> Rule:
     )
 
 
-def _token_scope(data: Mapping[str, Any], where: str
-                 ) -> tuple[tuple[str, ...], dict[str, str] | None]:
+def _token_scope(data: Mapping[str, Any]) -> tuple[tuple[str, ...], dict[str, str] | None]:
     """``repositories`` (names in the app's installation) and ``permissions`` (name → level)."""
     repos = data.get("repositories")
     _want(repos is None or (isinstance(repos, Sequence) and not isinstance(repos, str)
                             and 0 < len(repos) <= 500),
-          f"{where}.repositories", "repositories must be a list of 1-500 repository names")
+          ("repositories",), "repositories must be a list of 1-500 repository names")
     for i, name in enumerate(repos or ()):
-        _want(isinstance(name, str) and bool(_REPO.match(name)), f"{where}.repositories[{i}]",
+        _want(isinstance(name, str) and bool(_REPO.match(name)), ("repositories", i),
               f"{name!r} is not a repository name (without the owner, e.g. 'widgets')")
     perms = data.get("permissions")
-    _want(perms is None or (isinstance(perms, Mapping) and perms), f"{where}.permissions",
+    _want(perms is None or (isinstance(perms, Mapping) and bool(perms)), ("permissions",),
           "permissions must map a permission to a level, e.g. {issues: read}")
     for name, level in (perms or {}).items():
         _want(isinstance(name, str) and bool(_PERMISSION.match(name)),
-              f"{where}.permissions", f"{name!r} is not a permission name such as 'contents'")
-        _want(level in PERMISSION_LEVELS, f"{where}.permissions.{name}",
+              ("permissions",), f"{name!r} is not a permission name such as 'contents'")
+        _want(level in PERMISSION_LEVELS, ("permissions", name),
               f"{level!r}: use one of {', '.join(PERMISSION_LEVELS)}")
     return (tuple(sorted(set(repos))) if repos else (),
             dict(perms) if perms is not None else None)
 
 
-def parse_rules(data: Any, where: str = "rules") -> tuple[Rule, ...]:
-    _want(isinstance(data, Sequence) and not isinstance(data, str), where,
+def parse_rules(data: Any) -> tuple[Rule, ...]:
+    """A list of rules with distinct ids; error paths start at the index (``(2, "id")``)."""
+    _want(isinstance(data, Sequence) and not isinstance(data, str), (),
           "rules must be a list")
-    rules = tuple(parse_rule(item, f"{where}[{i}]") for i, item in enumerate(data))
+    rules = []
+    for i, item in enumerate(data):
+        try:
+            rules.append(parse_rule(item))
+        except InvalidField as e:
+            raise e.at(i) from None
     seen: set[str] = set()
     for i, r in enumerate(rules):
-        _want(r.id not in seen, f"{where}[{i}].id", f"duplicate rule id {r.id!r}")
+        _want(r.id not in seen, (i, "id"), f"duplicate rule id {r.id!r}")
         seen.add(r.id)
-    return rules
+    return tuple(rules)

@@ -23,7 +23,7 @@ from .placement import (
 )
 from .redact import Redactor
 from .seal import KEY_FILE
-from .spec import SecretSpec, parse_secret
+from .spec import SecretSpec, check_token_scope, parse_secret
 from .value import Minted, ProviderError, SecretValue
 
 __all__ = [
@@ -37,6 +37,7 @@ __all__ = [
     "SecretSpec",
     "SecretValue",
     "check_destination",
+    "check_token_scope",
     "parse_secret",
     "replaced_params",
     "set_query_param",

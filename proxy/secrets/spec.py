@@ -27,6 +27,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from proxy.errors import InvalidField
+from proxy.policy import Rule
+
 from ._keys import Keys
 from .placement import InjectSpec, parse_inject
 
@@ -37,6 +40,7 @@ __all__ = [
     "OAuth2Options",
     "SecretSpec",
     "VaultOptions",
+    "check_token_scope",
     "parse_secret",
 ]
 
@@ -225,3 +229,20 @@ def parse_secret(name: str, data: Any, where: str = "") -> SecretSpec:
         timeout_seconds=k.number("timeout_seconds", 10.0, 0.1, 120),
         revoke_backoff_seconds=backoff, revoke_max_backoff_seconds=max_backoff,
     )
+
+
+def check_token_scope(rule: Rule, secrets: Mapping[str, SecretSpec]) -> None:
+    """``repositories``/``permissions`` only where they limit a token: a github_app secret.
+
+    Elsewhere the provider would ignore them, and the rule would look narrower than
+    the credential it gets. The one place this is checked, for the config's rules and
+    for a task's; :class:`InvalidField` with a path relative to the rule."""
+    if not (rule.repositories or rule.permissions is not None) or rule.secret is None:
+        return
+    spec = secrets.get(rule.secret)
+    if spec is None or spec.provider == "github_app":
+        return
+    raise InvalidField(("repositories",) if rule.repositories else ("permissions",),
+                       f"rule {rule.id!r} limits repositories/permissions, which only a "
+                       f"github_app secret can do; secret {rule.secret!r} is {spec.provider}",
+                       rule=rule.id)

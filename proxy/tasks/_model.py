@@ -9,9 +9,9 @@ one of the two), ``ttl_seconds`` (int, 1–:data:`MAX_TTL_SECONDS`), ``rules``
 ``owner`` (str; default: the workload's owner), ``purpose`` (str),
 ``max_calls`` (int ≥ 1; absent = no budget).
 
-Every mistake raises :class:`RequestError` carrying the status, an error code,
-the field (``rules[2].paths[0]``) and a sentence; nothing a client sends turns
-into a 500. Bodies over :data:`MAX_BODY_BYTES` get 413.
+Every mistake raises :class:`~proxy.errors.InvalidField` (``RequestError``)
+carrying the status, an error code, the field (``rules[2].paths[0]``) and a
+sentence; nothing a client sends turns into a 500. Bodies over :data:`MAX_BODY_BYTES` get 413.
 
 In memory, a task's rules are interned (:class:`RuleSets`): tasks with the
 same rules share one :class:`~proxy.policy._rules.RuleSet`, hosts are parsed once, and
@@ -31,7 +31,7 @@ from typing import Any
 import orjson
 
 from proxy.audit import rfc3339
-from proxy.errors import TaskgateError
+from proxy.errors import InvalidField
 from proxy.policy import (
     HostPattern,
     McpGrant,
@@ -63,22 +63,9 @@ MAX_TEXT = 1024
 FIELDS = ("workload", "workload_token", "owner", "purpose", "ttl_seconds", "max_calls", "rules")
 
 
-class RequestError(TaskgateError):
-    """A control-plane request is wrong; says which field and how (→ 4xx, never 500)."""
-
-    status = 422
-    error = "invalid_request"
-
-    def __init__(self, field: str | None, reason: str, *, status: int = 422,
-                 error: str = "invalid_request", **extra: Any) -> None:
-        super().__init__(reason)
-        self.field, self.status, self.error, self.extra = field, status, error, extra
-
-    def body(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"error": self.error, "reason": self.reason}
-        if self.field is not None:
-            out["field"] = self.field
-        return {**out, **self.extra}
+# A task request's mistakes are field errors (→ 422, or the status given); the name
+# stays for the callers that spell it so.
+RequestError = InvalidField
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,12 +86,12 @@ def _text(body: Mapping[str, Any], name: str, *, limit: int = MAX_TEXT) -> str |
     if value is None:
         return None
     if not isinstance(value, str):
-        raise RequestError(name, f"{name} must be a string, not {_type(value)}")
+        raise InvalidField(name, f"{name} must be a string, not {_type(value)}")
     if not value.strip() or len(value) > limit:
-        raise RequestError(name, f"{name} must be 1-{limit} characters")
+        raise InvalidField(name, f"{name} must be 1-{limit} characters")
     bad = bad_char(value)
     if bad is not None:  # it is printed on terminals and the review page
-        raise RequestError(name, f"{name} must not contain control, format or invisible "
+        raise InvalidField(name, f"{name} must not contain control, format or invisible "
                            f"characters (found U+{ord(bad):04X})")
     return value
 
@@ -114,9 +101,9 @@ def _int(body: Mapping[str, Any], name: str, lo: int, hi: int) -> int | None:
     if value is None:
         return None
     if type(value) is not int:
-        raise RequestError(name, f"{name} must be a whole number, not {_type(value)}")
+        raise InvalidField(name, f"{name} must be a whole number, not {_type(value)}")
     if not lo <= value <= hi:
-        raise RequestError(name, f"{name} must be between {lo} and {hi}")
+        raise InvalidField(name, f"{name} must be between {lo} and {hi}")
     return value
 
 
@@ -126,66 +113,60 @@ def _type(value: Any) -> str:
 
 
 def parse_task_request(raw: bytes) -> TaskRequest:
-    """Validate a request body; raises :class:`RequestError`."""
+    """Validate a request body; raises :class:`~proxy.errors.InvalidField`."""
     if len(raw) > MAX_BODY_BYTES:
-        raise RequestError(None, f"the body exceeds {MAX_BODY_BYTES} bytes", status=413,
+        raise InvalidField(None, f"the body exceeds {MAX_BODY_BYTES} bytes", status=413,
                            error="payload_too_large")
     try:
         body = orjson.loads(raw)
     except orjson.JSONDecodeError:
-        raise RequestError(None, "the body is not valid JSON", status=400,
+        raise InvalidField(None, "the body is not valid JSON", status=400,
                            error="invalid_json") from None
     if not isinstance(body, dict):
-        raise RequestError(None, "the body must be a JSON object", status=400,
+        raise InvalidField(None, "the body must be a JSON object", status=400,
                            error="invalid_json")
     for name in body:
         if name not in FIELDS:
-            raise RequestError(name, f"unknown field {name!r}; a task has "
+            raise InvalidField(name, f"unknown field {name!r}; a task has "
                                      f"{', '.join(FIELDS)}")
     workload = _text(body, "workload", limit=512)
     token = _text(body, "workload_token", limit=16 * 1024)
     if (workload is None) == (token is None):
-        raise RequestError("workload", "give exactly one of workload or workload_token")
+        raise InvalidField("workload", "give exactly one of workload or workload_token")
     ttl = _int(body, "ttl_seconds", 1, MAX_TTL_SECONDS)
     if ttl is None:
-        raise RequestError("ttl_seconds", "ttl_seconds is required (seconds until the task "
+        raise InvalidField("ttl_seconds", "ttl_seconds is required (seconds until the task "
                                           "expires)")
     rules_in = body.get("rules")
     if rules_in is None:
-        raise RequestError("rules", "rules is required: the list of rules the task needs")
+        raise InvalidField("rules", "rules is required: the list of rules the task needs")
     if not isinstance(rules_in, list):
-        raise RequestError("rules", f"rules must be a list, not {_type(rules_in)}")
+        raise InvalidField("rules", f"rules must be a list, not {_type(rules_in)}")
     if not 1 <= len(rules_in) <= MAX_RULES:
-        raise RequestError("rules", f"rules must hold 1-{MAX_RULES} rules")
+        raise InvalidField("rules", f"rules must hold 1-{MAX_RULES} rules")
     for i, r in enumerate(rules_in):
-        where = f"rules[{i}]"
         if isinstance(r, dict):
             paths = r.get("paths")
             if isinstance(paths, list) and (len(paths) > MAX_PATHS or any(
                     isinstance(p, str) and len(p) > 512 for p in paths)):
-                raise RequestError(f"{where}.paths", f"at most {MAX_PATHS} globs of at most "
-                                                     "512 characters")
+                raise InvalidField(("rules", i, "paths"), f"at most {MAX_PATHS} globs of at "
+                                                          "most 512 characters")
             if isinstance(r.get("host"), str) and len(r["host"]) > 255:
-                raise RequestError(f"{where}.host", "a host name has at most 255 characters")
+                raise InvalidField(("rules", i, "host"),
+                                   "a host name has at most 255 characters")
             if "mcp" in r:
-                _mcp_shape(r["mcp"], f"{where}.mcp")
+                try:
+                    check_mcp_shape(r["mcp"])
+                except InvalidField as e:
+                    raise e.at("rules", i) from None
     try:
-        rules = parse_rules(rules_in, "rules")
-    except (ValueError, TypeError) as e:
-        field, _, reason = str(e).partition(": ")
-        raise RequestError(field, reason or str(e)) from None
+        rules = parse_rules(rules_in)
+    except InvalidField as e:
+        raise e.at("rules") from None
     return TaskRequest(
         workload=workload, workload_token=token, owner=_text(body, "owner", limit=256),
         purpose=_text(body, "purpose"), ttl_seconds=ttl,
         max_calls=_int(body, "max_calls", 1, MAX_CALLS), rules=rules)
-
-
-def _mcp_shape(mcp: Any, where: str) -> None:
-    try:
-        check_mcp_shape(mcp, where)
-    except ValueError as e:
-        field, _, reason = str(e).partition(": ")
-        raise RequestError(field, reason) from None
 
 
 # -- the in-memory task ---------------------------------------------------------
@@ -285,7 +266,7 @@ def _rule(d: Mapping[str, Any]) -> Rule:
         id=sys.intern(d["id"]), host=_host(d["host"]), port=d.get("port"),
         scheme=d.get("scheme"), methods=_METHODS.setdefault(methods, frozenset(methods)),
         paths=tuple(LazyGlob(p, None) for p in d.get("paths", ())),  # type: ignore[arg-type]
-        mcp=McpGrant.parse(mcp, "mcp") if mcp is not None else None, secret=d.get("secret"),
+        mcp=McpGrant.parse(mcp) if mcp is not None else None, secret=d.get("secret"),
         approval=d.get("approval") == "required",
         repositories=tuple(d.get("repositories", ())),
         permissions=dict(permissions) if permissions is not None else None,

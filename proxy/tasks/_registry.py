@@ -49,6 +49,7 @@ from proxy.config import Config
 from proxy.errors import InvalidCredential, Refused, TaskgateError, Unavailable
 from proxy.identity import TASK_ISSUER, Caller, Identity, TaskKeys, TaskTokenIssuer
 from proxy.policy import Breach, Budget, Decision, Rule, breach
+from proxy.secrets import check_token_scope
 from proxy.store import TaskRow, TaskStore
 from proxy.tasks._model import RequestError, RuleSets, Task, TaskRequest, canonical_rules
 
@@ -183,17 +184,13 @@ class TaskRegistry:
     def _check_token_scopes(self, rules: tuple[Rule, ...]) -> None:
         """``repositories``/``permissions`` only where they limit a token: a github_app
         secret. Elsewhere the provider would ignore them, and the task would look
-        narrower than the credential it gets (the config refuses the same)."""
+        narrower than the credential it gets. The rule is proxy.secrets.check_token_scope
+        (the config runs it too)."""
         for i, r in enumerate(rules):
-            spec = self.config.secrets.get(r.secret) if r.secret is not None else None
-            if spec is None or spec.provider == "github_app":
-                continue
-            if r.repositories or r.permissions is not None:
-                key = "repositories" if r.repositories else "permissions"
-                raise RequestError(f"rules[{i}].{key}",
-                                   f"rule {r.id!r}: repositories and permissions limit a "
-                                   f"github_app token; secret {r.secret!r} is "
-                                   f"{spec.provider}", rule=r.id)
+            try:
+                check_token_scope(r, self.config.secrets)
+            except RequestError as e:
+                raise e.at("rules", i) from None
 
     async def revoke(self, task_id: str) -> Task | None:
         """Revoke now (memory first, so the next call is refused), then persist and

@@ -362,8 +362,10 @@ async def test_answering_twice_is_409_and_unknown_is_404(
         assert (await asyncio.wait_for(call, 10)).status_code == 200
     for r in (again, deny):
         assert r.status_code == 409
-        assert r.json() == {"error": "conflict", "reason":
-                            f"approval '{h['id']}' has already ended (approved by alice)"}
+        body = r.json()  # every control-plane refusal names its request id
+        assert body.pop("request_id") == r.headers["X-Taskgate-Request-Id"]
+        assert body == {"error": "conflict", "reason":
+                        f"approval '{h['id']}' has already ended (approved by alice)"}
     shown = (await ctl.get(f"/v1/approvals/{h['id']}")).json()
     assert shown["state"] == "approved" and shown["answer"]["by"] == "alice"
     for path in ("/v1/approvals/0123456789abcdef/approve", "/v1/approvals/nope/deny"):

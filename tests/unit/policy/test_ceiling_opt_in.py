@@ -70,7 +70,7 @@ def test_allow_private_is_a_boolean(data: dict[str, Any], ok: bool) -> None:
         assert r.private_ok is data["allow_private"]
         assert ("allow_private" in r.to_dict()) is data["allow_private"]
     else:
-        with pytest.raises(ValueError, match=r"rule\.allow_private: .*use true"):
+        with pytest.raises(ValueError, match=r"^allow_private: .*use true"):
             rule(host="db.good.test", **data)
 
 

@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from proxy.config._model import parse_config
-from proxy.errors import ConfigError
+from proxy.errors import ConfigError, InvalidField
 from proxy.mcp._jsonrpc import loads_strict
 from proxy.policy import McpGrant, fold, parse_rule
 from proxy.policy._mcp_grant import ArgConstraint, exact, json_equal
@@ -54,10 +54,11 @@ BAD_GRANTS: list[tuple[Any, str, str]] = [
 
 @pytest.mark.parametrize(("mcp", "key", "message"), BAD_GRANTS)
 def test_bad_grant_is_rejected_naming_the_key(mcp: Any, key: str, message: str) -> None:
-    with pytest.raises(ValueError) as e:
-        parse_rule({"id": "r", "host": "mcp.test", "mcp": mcp}, "rules[0]")
-    assert str(e.value).startswith(f"rules[0].{key}: "), str(e.value)
-    assert message in str(e.value)
+    with pytest.raises(InvalidField) as e:
+        parse_rule({"id": "r", "host": "mcp.test", "mcp": mcp})
+    located = str(e.value.at("rules", 0))
+    assert located.startswith(f"rules[0].{key}: "), located
+    assert message in located
 
 
 def test_config_error_names_file_line_and_key() -> None:
@@ -316,10 +317,11 @@ BAD_PATTERNS: list[tuple[str, str]] = [
 
 @pytest.mark.parametrize(("pattern", "why"), BAD_PATTERNS)
 def test_pattern_re2_cannot_compile_is_refused(pattern: str, why: str) -> None:
-    with pytest.raises(ValueError) as e:
+    with pytest.raises(InvalidField) as e:
         parse_rule({"id": "r", "host": "mcp.test",
-                    "mcp": {"tools": ["t"], "args": {"q": {"pattern": pattern}}}}, "rules[0]")
-    assert str(e.value).startswith("rules[0].mcp.args.q.pattern: "), str(e.value)
+                    "mcp": {"tools": ["t"], "args": {"q": {"pattern": pattern}}}})
+    assert e.value.path == ("mcp", "args", "q", "pattern")
+    assert str(e.value.at("rules", 0)).startswith("rules[0].mcp.args.q.pattern: ")
     assert why in str(e.value), str(e.value)
 
 

@@ -6,6 +6,7 @@ from typing import Any
 
 import pytest
 
+from proxy.errors import InvalidField
 from proxy.policy import Call, Decision, RuleSet, parse_rule, parse_rules
 from proxy.policy._rules import DENY
 
@@ -125,61 +126,71 @@ BASE: dict[str, Any] = {"id": "r1", "host": "a.com", "methods": ["GET"]}
 
 
 @pytest.mark.parametrize(("change", "key", "message"), [
-    ({"colour": "blue"}, "rule.colour", "unknown key"),
-    ({"id": None}, "rule.id", "every rule needs an id"),
-    ({"id": ""}, "rule.id", "every rule needs an id"),
-    ({"id": "x" * 129}, "rule.id", "every rule needs an id"),
-    ({"id": 7}, "rule.id", "every rule needs an id"),
-    ({"host": None}, "rule.host", "non-empty string"),
-    ({"host": "*foo.com"}, "rule.host", "use '*.foo.com'"),
-    ({"host": "ex ample.com"}, "rule.host", "not a valid host name"),
-    ({"port": 0}, "rule.port", "is not a port"),
-    ({"port": 65536}, "rule.port", "is not a port"),
-    ({"port": "443"}, "rule.port", "is not a port"),
-    ({"port": True}, "rule.port", "is not a port"),
-    ({"scheme": "ftp"}, "rule.scheme", "use 'https' or 'http'"),
-    ({"scheme": "HTTPS"}, "rule.scheme", "use 'https' or 'http'"),
-    ({"methods": "GET"}, "rule.methods", "must be a list"),
-    ({"methods": ["FETCH"]}, "rule.methods", "'FETCH' is not an HTTP method"),
-    ({"methods": []}, "rule.methods", "must list its methods"),
-    ({"methods": None}, "rule.methods", "must list its methods"),
-    ({"paths": "/a"}, "rule.paths", "non-empty list of globs"),
-    ({"paths": []}, "rule.paths", "non-empty list of globs"),
-    ({"paths": ["/ok", "nope"]}, "rule.paths[1]", "must start with '/'"),
-    ({"paths": ["/a/../b"]}, "rule.paths[0]", "dot segment"),
-    ({"mcp": ["tools"]}, "rule.mcp", "must be a mapping"),
-    ({"secret": ""}, "rule.secret", "must name an entry"),
-    ({"secret": 3}, "rule.secret", "must name an entry"),
-    ({"approval": "yes"}, "rule.approval", "use 'required'"),
-    ({"approval": True}, "rule.approval", "use 'required'"),
+    ({"colour": "blue"}, "colour", "unknown key"),
+    ({"id": None}, "id", "every rule needs an id"),
+    ({"id": ""}, "id", "every rule needs an id"),
+    ({"id": "x" * 129}, "id", "every rule needs an id"),
+    ({"id": 7}, "id", "every rule needs an id"),
+    ({"host": None}, "host", "non-empty string"),
+    ({"host": "*foo.com"}, "host", "use '*.foo.com'"),
+    ({"host": "ex ample.com"}, "host", "not a valid host name"),
+    ({"port": 0}, "port", "is not a port"),
+    ({"port": 65536}, "port", "is not a port"),
+    ({"port": "443"}, "port", "is not a port"),
+    ({"port": True}, "port", "is not a port"),
+    ({"scheme": "ftp"}, "scheme", "use 'https' or 'http'"),
+    ({"scheme": "HTTPS"}, "scheme", "use 'https' or 'http'"),
+    ({"methods": "GET"}, "methods", "must be a list"),
+    ({"methods": ["FETCH"]}, "methods", "'FETCH' is not an HTTP method"),
+    ({"methods": []}, "methods", "must list its methods"),
+    ({"methods": None}, "methods", "must list its methods"),
+    ({"paths": "/a"}, "paths", "non-empty list of globs"),
+    ({"paths": []}, "paths", "non-empty list of globs"),
+    ({"paths": ["/ok", "nope"]}, "paths[1]", "must start with '/'"),
+    ({"paths": ["/a/../b"]}, "paths[0]", "dot segment"),
+    ({"mcp": ["tools"]}, "mcp", "must be a mapping"),
+    ({"secret": ""}, "secret", "must name an entry"),
+    ({"secret": 3}, "secret", "must name an entry"),
+    ({"approval": "yes"}, "approval", "use 'required'"),
+    ({"approval": True}, "approval", "use 'required'"),
 ])
 def test_parse_rule_errors_name_the_key(change: dict[str, Any], key: str,
                                         message: str) -> None:
+    """The path is relative to the rule; a caller prefixes where the rule sits."""
     data = {**BASE, **change}
-    with pytest.raises(ValueError) as err:
+    with pytest.raises(InvalidField) as err:
         parse_rule(data)
     text = str(err.value)
     assert text.startswith(f"{key}: "), text
     assert message in text, text
+    assert message in err.value.reason and err.value.field == key
+    assert str(err.value.at("rules", 2)).startswith(f"rules[2].{key}: ")
+    assert isinstance(err.value, ValueError)  # as the parser's errors always were
 
 
 @pytest.mark.parametrize("data", [None, "rule", ["id", "r"], 3])
 def test_parse_rule_needs_a_mapping(data: Any) -> None:
-    with pytest.raises(ValueError, match="^rule: a rule must be a mapping"):
+    with pytest.raises(InvalidField, match="^a rule must be a mapping") as err:
         parse_rule(data)
+    assert err.value.path == () and err.value.field is None
+    assert str(err.value.at("rule")) == "rule: a rule must be a mapping"
 
 
 def test_parse_rules_names_the_index() -> None:
-    with pytest.raises(ValueError, match=r"^rules\[1\]\.host: "):
+    with pytest.raises(InvalidField, match=r"^\[1\]\.host: ") as err:
         parse_rules([BASE, {**BASE, "id": "r2", "host": "*foo.com"}])
+    assert err.value.path == (1, "host")
+    assert str(err.value.at("rules")).startswith("rules[1].host: ")
 
 
 def test_parse_rules_duplicate_id() -> None:
-    with pytest.raises(ValueError, match=r"^rules\[1\]\.id: duplicate rule id 'r1'"):
+    with pytest.raises(InvalidField) as err:
         parse_rules([BASE, {**BASE, "host": "b.com"}])
+    assert str(err.value.at("rules")) == "rules[1].id: duplicate rule id 'r1'"
 
 
 @pytest.mark.parametrize("data", [None, "x", {"id": "r"}])
 def test_parse_rules_needs_a_list(data: Any) -> None:
-    with pytest.raises(ValueError, match="^rules: rules must be a list"):
+    with pytest.raises(InvalidField) as err:
         parse_rules(data)
+    assert str(err.value.at("rules")) == "rules: rules must be a list"

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 from typing import Any
 
+import orjson
 import pytest
 
+from proxy.errors import InvalidField
 from proxy.policy import McpGrant, parse_rules
 from proxy.policy._rules import RULE_KEYS
-from proxy.tasks._model import RuleSets, canonical_rules
+from proxy.tasks._model import MAX_BODY_BYTES, RuleSets, canonical_rules, parse_task_request
 
 RULES: list[dict[str, Any]] = [
     {"id": "plain", "host": "api.test", "methods": ["GET"]},
@@ -41,3 +43,46 @@ def test_a_stored_rule_reads_back_as_granted(data: dict[str, Any]) -> None:
 def test_the_table_covers_every_rule_key() -> None:
     """A key rules gain must be added above, so its trip through storage is tested."""
     assert {k for r in RULES for k in r} == set(RULE_KEYS)
+
+
+# -- request validation: each mistake names its field ------------------------------------
+GOOD: dict[str, Any] = {"workload": "wl", "ttl_seconds": 60,
+                        "rules": [{"id": "r", "host": "api.test", "methods": ["GET"]}]}
+
+
+def _rule(**change: Any) -> dict[str, Any]:
+    return {**GOOD, "rules": [GOOD["rules"][0], {"id": "r2", "host": "b.test",
+                                                 "methods": ["GET"], **change}]}
+
+
+@pytest.mark.parametrize(("body", "status", "error", "field", "reason"), [
+    (b"{", 400, "invalid_json", None, "the body is not valid JSON"),
+    (b"[]", 400, "invalid_json", None, "the body must be a JSON object"),
+    (b"x" * (MAX_BODY_BYTES + 1), 413, "payload_too_large", None, "the body exceeds"),
+    ({**GOOD, "colour": "blue"}, 422, "invalid_request", "colour", "unknown field 'colour'"),
+    ({**GOOD, "ttl_seconds": 0}, 422, "invalid_request", "ttl_seconds", "between 1 and"),
+    ({**GOOD, "rules": "r"}, 422, "invalid_request", "rules", "rules must be a list"),
+    (_rule(paths=["nope"]), 422, "invalid_request", "rules[1].paths[0]", "must start with '/'"),
+    (_rule(paths=["/a"] * 33), 422, "invalid_request", "rules[1].paths", "at most 32 globs"),
+    (_rule(host="a" * 256), 422, "invalid_request", "rules[1].host", "at most 255"),
+    (_rule(host="*foo.com"), 422, "invalid_request", "rules[1].host", "use '*.foo.com'"),
+    (_rule(id="r"), 422, "invalid_request", "rules[1].id", "duplicate rule id 'r'"),
+    (_rule(mcp={"tools": "t"}), 422, "invalid_request", "rules[1].mcp.tools",
+     "tools must be a list of tool names"),
+    (_rule(mcp={"args": {"q": {"pattern": "("}}}), 422, "invalid_request",
+     "rules[1].mcp.args.q.pattern", "not a valid regular expression"),
+    (_rule(permissions={"issues": "execute"}), 422, "invalid_request",
+     "rules[1].permissions.issues", "use one of read, write, admin"),
+], ids=["json", "object", "size", "unknown", "ttl", "rules", "glob", "globs", "host-long",
+        "host", "duplicate", "mcp-shape", "mcp-pattern", "permission"])
+def test_request_errors_name_the_field(body: Any, status: int, error: str, field: str | None,
+                                       reason: str) -> None:
+    raw = body if isinstance(body, bytes) else orjson.dumps(body)
+    with pytest.raises(InvalidField) as e:
+        parse_task_request(raw)
+    assert (e.value.status, e.value.error, e.value.field) == (status, error, field)
+    assert reason in e.value.reason and not e.value.reason.startswith(f"{field}:")
+
+
+def test_a_good_request_parses() -> None:
+    assert [r.id for r in parse_task_request(orjson.dumps(GOOD)).rules] == ["r"]
