@@ -80,6 +80,22 @@ def dead_port() -> int:
     return int(s.getsockname()[1])
 
 
+class FakeClock:
+    """Wall-clock time that moves only when a test moves it: the services that judge
+    expiry take a ``clock=`` (TaskRegistry, Approvals, the secret broker), so a test
+    passes one of these and :meth:`advance`s past a deadline instead of sleeping."""
+
+    def __init__(self, now: float | None = None) -> None:
+        self.now = time.time() if now is None else now
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> float:
+        self.now += seconds
+        return self.now
+
+
 # -- keys and tokens ----------------------------------------------------------
 @dataclass
 class Keys:
