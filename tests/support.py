@@ -267,13 +267,15 @@ class Gateway:
 
     Unless the config says where to listen, the gateway binds port 0 for both
     listeners and :meth:`wait_ready` reads the ports it got from its start-up
-    banner: no port is picked here and then raced for (each start may get new ones).
+    banner: no port is picked here and then raced for. They are then written into
+    the config file (see :meth:`_keep_ports`).
     """
 
     def __init__(self, workdir: Path, config: dict[str, Any], env: dict[str, str] | None = None
                  ) -> None:
         self.dir = workdir
         config = dict(config)
+        self._any_ports = "listen" not in config
         config.setdefault("listen", {"proxy": "127.0.0.1:0", "control": "127.0.0.1:0"})
         self.proxy_port = _port_of(config["listen"].get("proxy", "127.0.0.1:8080"))
         self.control_port = _port_of(config["listen"].get("control", "127.0.0.1:8081"))
@@ -322,6 +324,15 @@ class Gateway:
             self.wait_ready()
         return self
 
+    def _keep_ports(self) -> None:
+        """Write the ports the gateway got into its config: ``taskgate task -c`` finds the
+        control plane there, and a restart listens where the first start did (as a real
+        gateway does: proxy URLs handed out before it still reach it)."""
+        self.config["listen"] = {"proxy": f"127.0.0.1:{self.proxy_port}",
+                                 "control": f"127.0.0.1:{self.control_port}"}
+        self.config_path.write_text(yaml.safe_dump(self.config, sort_keys=False))
+        self._any_ports = False
+
     def wait_ready(self, timeout: float = 45) -> None:
         """Wait for this start's banner (it names the bound ports), then for /readyz."""
         deadline = time.monotonic() + timeout
@@ -333,6 +344,8 @@ class Gateway:
                 proxy, control = banners[self._banners]
                 self._banners = len(banners)
                 self.proxy_port, self.control_port = int(proxy), int(control)
+                if self._any_ports:
+                    self._keep_ports()
                 break
             time.sleep(0.02)
         else:

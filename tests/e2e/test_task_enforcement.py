@@ -230,10 +230,7 @@ def test_restart_keeps_tasks_counters_and_revocations(tmp_path: Path,
         code = gw.stop(how)
     assert code == (0 if how == signal.SIGTERM else -signal.SIGKILL)
     before = gw
-    # Same folder, same ports: the ones the first run was given.
-    gw = Gateway(tmp_path, {**before.config, "listen": {
-        "proxy": f"127.0.0.1:{before.proxy_port}",
-        "control": f"127.0.0.1:{before.control_port}"}}).start()
+    gw = Gateway(tmp_path, before.config).start()  # same folder, same ports (its config)
     try:
         assert (gw.home / "task-keys.json").read_text() == keys_before
         state = show(gw, budget["task_id"])
