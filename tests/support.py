@@ -32,8 +32,8 @@ import httpx
 import jwt
 import yaml
 from aiohttp import web
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 
 REPO = Path(__file__).resolve().parent.parent
 ISSUER = "https://issuer.test"
@@ -150,8 +150,6 @@ def raw_signed_token(key: rsa.RSAPrivateKey, header: str, payload: str) -> str:
     """An RS256 JWT over header and payload JSON written by hand: duplicate members,
     strings where numbers belong, numbers no JSON encoder writes. Validly signed, so
     only the gateway's reading of the claims can refuse it."""
-    from cryptography.hazmat.primitives import hashes
-    from cryptography.hazmat.primitives.asymmetric import padding
 
     def b64(text: str) -> str:
         return base64.urlsafe_b64encode(text.encode()).rstrip(b"=").decode()
