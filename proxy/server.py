@@ -169,9 +169,14 @@ async def _serve(services: Services, ca_cert: str, handled: list[int]) -> int:
         state.proxy_listening = True
         addrs = ps.listen_addrs()
         state.proxy_address = f"{addrs[0][0]}:{addrs[0][1]}" if addrs else ""
+        # The ports actually bound: with port 0 in listen.* the OS picks them, and the
+        # banner is how a caller (the tests, a supervisor) learns where to connect.
+        pport = addrs[0][1] if addrs else config.proxy_listen[1]
+        bound = runner.addresses
+        cport_bound = bound[0][1] if bound else cport
         print(f"taskgate {__version__} running\n"
-              f"  proxy:         http://{config.proxy_listen[0]}:{config.proxy_listen[1]}\n"
-              f"  control plane: http://{chost}:{cport}\n"
+              f"  proxy:         http://{config.proxy_listen[0]}:{pport}\n"
+              f"  control plane: http://{chost}:{cport_bound}\n"
               f"  CA cert:       {os.path.abspath(ca_cert)}\n"
               f"  admin token:   {os.path.abspath(token_path)}\n"
               f"  audit log:     {os.path.abspath(config.audit_path)}\n"

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+import ssl
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -25,8 +26,6 @@ def test_ca() -> trustme.CA:
 
 @pytest.fixture(scope="session")
 def upstream(test_ca: trustme.CA) -> Iterator[Upstream]:
-    import ssl
-
     cert = test_ca.issue_cert("localhost", "127.0.0.1", "::1")
     ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     cert.configure_cert(ctx)

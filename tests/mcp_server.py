@@ -15,8 +15,6 @@ from typing import Any
 import uvicorn
 from mcp.server.mcpserver import Context, MCPServer
 
-from tests.support import free_port
-
 
 class McpUpstream:
     """MCPServer + uvicorn in a thread; ``ran`` lists (tool, arguments) per execution."""
@@ -24,7 +22,7 @@ class McpUpstream:
     def __init__(self, *, json_response: bool, tls: ssl.SSLContext | None = None,
                  certfile: str | None = None, keyfile: str | None = None) -> None:
         self.ran: list[tuple[str, dict[str, Any]]] = []
-        self.port = free_port()
+        self.port = 0  # uvicorn binds port 0; start() reads back the port it got
         self.scheme = "https" if certfile else "http"
         self.host = "localhost" if certfile else "127.0.0.1"
         server = MCPServer("taskgate-test")
@@ -82,6 +80,7 @@ class McpUpstream:
             if time.monotonic() > deadline or not self._thread.is_alive():
                 raise RuntimeError("the MCP test server did not start")
             time.sleep(0.02)
+        self.port = int(self._server.servers[0].sockets[0].getsockname()[1])
         return self
 
     def stop(self) -> None:

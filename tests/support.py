@@ -7,12 +7,14 @@ and talk to it over loopback with real clients.
 from __future__ import annotations
 
 import asyncio
+import atexit
 import base64
 import contextlib
 import hashlib
 import hmac
 import json
 import os
+import re
 import signal
 import site
 import socket
@@ -30,8 +32,8 @@ import httpx
 import jwt
 import yaml
 from aiohttp import web
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 
 REPO = Path(__file__).resolve().parent.parent
 ISSUER = "https://issuer.test"
@@ -53,9 +55,45 @@ def python_env(**extra: str) -> dict[str, str]:
 
 
 def free_port() -> int:
+    """A port nothing listened on a moment ago. Racy as a port to listen on (another
+    process may take it before we bind), so a server of ours binds port 0 and reads
+    the port back instead; for "nothing listens here" use :func:`dead_port`. Left
+    for the one listener whose port a config must name before it starts."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+_HELD: list[socket.socket] = []  # the sockets behind dead_port(), open until the run ends
+atexit.register(lambda: [s.close() for s in _HELD])
+
+
+def dead_port() -> int:
+    """A loopback port where nothing listens, and nothing can until the run ends.
+
+    The port stays bound (by a socket that never listens: a connect is refused), so
+    no other process, nor a gateway of ours binding port 0, can take it meanwhile.
+    """
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    _HELD.append(s)
+    return int(s.getsockname()[1])
+
+
+class FakeClock:
+    """Wall-clock time that moves only when a test moves it: the services that judge
+    expiry take a ``clock=`` (TaskRegistry, Approvals, the secret broker), so a test
+    passes one of these and :meth:`advance`s past a deadline instead of sleeping."""
+
+    def __init__(self, now: float | None = None) -> None:
+        self.now = time.time() if now is None else now
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> float:
+        self.now += seconds
+        return self.now
 
 
 # -- keys and tokens ----------------------------------------------------------
@@ -112,8 +150,6 @@ def raw_signed_token(key: rsa.RSAPrivateKey, header: str, payload: str) -> str:
     """An RS256 JWT over header and payload JSON written by hand: duplicate members,
     strings where numbers belong, numbers no JSON encoder writes. Validly signed, so
     only the gateway's reading of the claims can refuse it."""
-    from cryptography.hazmat.primitives import hashes
-    from cryptography.hazmat.primitives.asymmetric import padding
 
     def b64(text: str) -> str:
         return base64.urlsafe_b64encode(text.encode()).rstrip(b"=").decode()
@@ -130,6 +166,13 @@ def claims(sub: str = WORKLOAD, *, aud: str = AUDIENCE, iss: str = ISSUER,
 
 
 # -- upstreams ----------------------------------------------------------------
+def bound_port(site: web.TCPSite) -> int:
+    """The port a started aiohttp site listens on (it was asked for port 0)."""
+    server = site._server  # aiohttp keeps the asyncio server private; no public accessor
+    assert isinstance(server, asyncio.Server)
+    return int(server.sockets[0].getsockname()[1])
+
+
 class Upstream:
     """aiohttp upstream on loopback (HTTP and HTTPS), in its own thread and loop.
 
@@ -139,8 +182,8 @@ class Upstream:
     def __init__(self, tls_ctx: Any = None) -> None:
         self.seen: list[dict[str, Any]] = []
         self.tls_ctx = tls_ctx
-        self.http_port = free_port()
-        self.https_port = free_port()
+        self.http_port = 0  # bound on port 0 by start(), read back from the socket
+        self.https_port = 0
         self._loop = asyncio.new_event_loop()
         self._ready = threading.Event()
         self._thread = threading.Thread(target=self._main, daemon=True)
@@ -183,12 +226,13 @@ class Upstream:
         asyncio.set_event_loop(self._loop)
         runner = web.AppRunner(self.app(), access_log=None)
         self._loop.run_until_complete(runner.setup())
-        sites = [web.TCPSite(runner, "127.0.0.1", self.http_port)]
+        http = web.TCPSite(runner, "127.0.0.1", 0)
+        self._loop.run_until_complete(http.start())
+        self.http_port = bound_port(http)
         if self.tls_ctx is not None:
-            sites.append(web.TCPSite(runner, "127.0.0.1", self.https_port,
-                                     ssl_context=self.tls_ctx))
-        for s in sites:
-            self._loop.run_until_complete(s.start())
+            https = web.TCPSite(runner, "127.0.0.1", 0, ssl_context=self.tls_ctx)
+            self._loop.run_until_complete(https.start())
+            self.https_port = bound_port(https)
         self._runner = runner
         self._ready.set()
         self._loop.run_forever()
@@ -196,7 +240,8 @@ class Upstream:
 
     def start(self) -> Upstream:
         self._thread.start()
-        self._ready.wait(10)
+        if not self._ready.wait(10):
+            raise RuntimeError("the upstream did not start")
         return self
 
     def stop(self) -> None:
@@ -206,17 +251,33 @@ class Upstream:
 
 
 # -- the gateway --------------------------------------------------------------
+# The addresses in ``taskgate run``'s start-up banner (proxy/server.py), the bound ports.
+BANNER = re.compile(r"^  proxy: +http://\S+:(\d+)\n  control plane: +http://\S+:(\d+)$",
+                    re.MULTILINE)
+
+
+def _port_of(hostport: str) -> int:
+    return int(hostport.rpartition(":")[2])
+
+
 class Gateway:
-    """``python -m proxy run -c taskgate.yaml`` in a temp folder, on free ports."""
+    """``python -m proxy run -c taskgate.yaml`` in a temp folder.
+
+    Unless the config says where to listen, the gateway binds port 0 for both
+    listeners and :meth:`wait_ready` reads the ports it got from its start-up
+    banner: no port is picked here and then raced for. They are then written into
+    the config file (see :meth:`_keep_ports`).
+    """
 
     def __init__(self, workdir: Path, config: dict[str, Any], env: dict[str, str] | None = None
                  ) -> None:
         self.dir = workdir
-        self.proxy_port = free_port()
-        self.control_port = free_port()
         config = dict(config)
-        config.setdefault("listen", {"proxy": f"127.0.0.1:{self.proxy_port}",
-                                     "control": f"127.0.0.1:{self.control_port}"})
+        self._any_ports = "listen" not in config
+        config.setdefault("listen", {"proxy": "127.0.0.1:0", "control": "127.0.0.1:0"})
+        self.proxy_port = _port_of(config["listen"].get("proxy", "127.0.0.1:8080"))
+        self.control_port = _port_of(config["listen"].get("control", "127.0.0.1:8081"))
+        self._banners = 0  # start-up banners read so far from the (appended) log
         self.config = config
         self.config_path = workdir / "taskgate.yaml"
         self.config_path.write_text(yaml.safe_dump(config, sort_keys=False))
@@ -261,15 +322,37 @@ class Gateway:
             self.wait_ready()
         return self
 
+    def _keep_ports(self) -> None:
+        """Write the ports the gateway got into its config: ``taskgate task -c`` finds the
+        control plane there, and a restart listens where the first start did (as a real
+        gateway does: proxy URLs handed out before it still reach it)."""
+        self.config["listen"] = {"proxy": f"127.0.0.1:{self.proxy_port}",
+                                 "control": f"127.0.0.1:{self.control_port}"}
+        self.config_path.write_text(yaml.safe_dump(self.config, sort_keys=False))
+        self._any_ports = False
+
     def wait_ready(self, timeout: float = 45) -> None:
+        """Wait for this start's banner (it names the bound ports), then for /readyz."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc is not None and self.proc.poll() is not None:
                 raise RuntimeError(f"gateway exited {self.proc.returncode}:\n{self.output()}")
+            banners = BANNER.findall(self.output())
+            if len(banners) > self._banners:
+                proxy, control = banners[self._banners]
+                self._banners = len(banners)
+                self.proxy_port, self.control_port = int(proxy), int(control)
+                if self._any_ports:
+                    self._keep_ports()
+                break
+            time.sleep(0.02)
+        else:
+            raise RuntimeError(f"gateway printed no start-up banner:\n{self.output()}")
+        while time.monotonic() < deadline:
             with contextlib.suppress(httpx.HTTPError):
                 if httpx.get(f"{self.control_url}/readyz", timeout=1).status_code == 200:
                     return
-            time.sleep(0.05)
+            time.sleep(0.02)
         raise RuntimeError(f"gateway not ready:\n{self.output()}")
 
     def output(self) -> str:

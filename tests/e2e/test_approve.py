@@ -21,7 +21,7 @@ from h2.connection import H2Connection
 from h2.errors import ErrorCodes
 
 from tests.conftest import base_config
-from tests.support import Gateway, Keys, Upstream, free_port
+from tests.support import Gateway, Keys, Upstream, dead_port
 
 CAP = 4096  # mcp.max_body_bytes: the most a held call may buffer
 
@@ -43,7 +43,7 @@ def approval_config(shared_files: dict[str, Path], upstream: Upstream, **extra: 
     return cfg
 
 
-DEAD_PORT = free_port()
+DEAD_PORT = dead_port()
 
 
 @pytest.fixture(scope="module")

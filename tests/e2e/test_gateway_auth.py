@@ -7,6 +7,8 @@ CONNECT (the tunnel is never opened), with a record and nothing upstream.
 from __future__ import annotations
 
 import base64
+import socket
+import time
 from collections.abc import Callable
 
 import jwt
@@ -22,7 +24,7 @@ from tests.support import (
     raw_signed_token,
     unsigned_token,
 )
-from tests.wire import Reply, request_bytes, send
+from tests.wire import Reply, read_reply, request_bytes, send
 
 
 def _b64(raw: bytes) -> str:
@@ -41,10 +43,6 @@ def plain_call(gateway: Gateway, upstream: Upstream, authorization: str | None,
 
 def connect_call(gateway: Gateway, upstream: Upstream, authorization: str | None,
                  extra: bytes = b"") -> Reply:
-    import socket
-
-    from tests.wire import read_reply
-
     target = f"localhost:{upstream.https_port}"
     head = f"CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n".encode()
     if authorization is not None:
@@ -140,7 +138,7 @@ def _raw(keys: Keys, exp: str | None = None, extra: str = "") -> str:
 
 BAD_TOKENS: dict[str, tuple[Callable[[Keys], str], str]] = {
     "expired": (lambda k: k.token(ttl=-120), "token has expired"),
-    "not yet valid": (lambda k: k.token(nbf=__import__("time").time() + 600), "not valid yet"),
+    "not yet valid": (lambda k: k.token(nbf=time.time() + 600), "not valid yet"),
     "wrong audience": (lambda k: k.token(aud="another-gateway"),
                        "audience does not name this gateway"),
     "wrong issuer": (lambda k: k.token(iss="https://evil.test"), "issuer is not trusted"),

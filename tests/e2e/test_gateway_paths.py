@@ -20,7 +20,7 @@ import pytest
 
 from tests.conftest import base_config
 from tests.e2e import TcpSink, assert_refusal, curl, healthy
-from tests.support import WORKLOAD, Gateway, Upstream, free_port
+from tests.support import WORKLOAD, Gateway, Upstream, dead_port
 from tests.wire import Tunnel, h2_request, request_bytes, send
 
 
@@ -33,7 +33,7 @@ def sink() -> Iterator[TcpSink]:
 
 @pytest.fixture(scope="module")
 def closed_port() -> int:
-    return free_port()
+    return dead_port()
 
 
 @pytest.fixture(scope="module")

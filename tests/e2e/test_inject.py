@@ -31,7 +31,7 @@ from tests.standins import (
     server_tls,
     spellings,
 )
-from tests.support import AUDIENCE, ISSUER, WORKLOAD, Gateway, Keys, free_port
+from tests.support import AUDIENCE, ISSUER, WORKLOAD, Gateway, Keys, dead_port
 from tests.wire import Tunnel, request_bytes
 
 ENV_VALUE = canary("env")
@@ -118,7 +118,7 @@ def world(tmp_path_factory: pytest.TempPathFactory, test_ca: trustme.CA,
             "oauth-slow": {**oauth_common, "client_id": "gw-slow"},
             "oauth-short": {**oauth_common, "client_id": "gw-short"},
             "oauth-down": {**oauth_common, "client_id": "gw",
-                           "token_url": f"https://127.0.0.1:{free_port()}/token"},
+                           "token_url": f"https://127.0.0.1:{dead_port()}/token"},
             "github": {"provider": "github_app", "app_id": APP_ID,
                        "installation_id": INSTALLATION,
                        "private_key_file": str(outside / "app.pem"),

@@ -32,7 +32,7 @@ from tests.conftest import ceiling_config
 from tests.e2e.test_approve import H2First
 from tests.mcp_fixtures import TOOL_REFUSED
 from tests.mcp_server import McpUpstream
-from tests.support import PYTHON, WORKLOAD, Gateway, Upstream, free_port, python_env
+from tests.support import PYTHON, WORKLOAD, Gateway, Upstream, python_env
 from tests.tasks_support import admin, post_task
 
 REDOS = "([A-Za-z0-9]+ ?)*"
@@ -46,7 +46,6 @@ class Crafted:
 
     def __init__(self) -> None:
         self.answers: dict[int, bytes] = {}
-        self.port = free_port()
         crafted = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -65,7 +64,8 @@ class Crafted:
             def log_message(self, *args: Any) -> None:
                 pass
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.port = self.server.server_address[1]
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
 
     def start(self) -> Crafted:

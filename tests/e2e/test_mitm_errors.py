@@ -18,7 +18,7 @@ import pytest
 
 from tests.conftest import base_config
 from tests.e2e import CLEAN_ENV
-from tests.support import Gateway, Keys, Upstream, free_port
+from tests.support import Gateway, Keys, Upstream, dead_port
 from tests.wire import Reply, Tunnel, request_bytes, send
 
 CANARY = "c4nary-v4lue-in-the-request-line"
@@ -26,7 +26,7 @@ CANARY = "c4nary-v4lue-in-the-request-line"
 
 @pytest.fixture(scope="module")
 def closed_port() -> int:
-    return free_port()  # nothing listens there
+    return dead_port()  # nothing listens there
 
 
 @pytest.fixture(scope="module")

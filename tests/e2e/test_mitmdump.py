@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
 import shutil
-import socket
 import ssl
 import subprocess
 import sys
@@ -20,13 +20,14 @@ import yaml
 
 from tests.conftest import base_config
 from tests.e2e import assert_refusal
-from tests.support import REPO, Upstream, free_port, python_env
+from tests.support import REPO, Upstream, python_env
 from tests.wire import request_bytes, send
 
 # Beside this Python first (the venv's own mitmdump, which README's test command never
 # puts on PATH), then PATH: as bench/run.py finds it.
 MITMDUMP = (shutil.which("mitmdump", path=str(Path(sys.executable).parent))
             or shutil.which("mitmdump"))
+LISTENING = re.compile(r"proxy listening at 127\.0\.0\.1:(\d+)")
 
 
 @dataclass
@@ -65,8 +66,7 @@ def mitmdump(tmp_path_factory: pytest.TempPathFactory, shared_files: dict[str, P
     cfg = base_config(shared_files, upstream)
     cfg["audit"] = {"path": str(d / "audit.jsonl")}
     (d / "taskgate.yaml").write_text(yaml.safe_dump(cfg))
-    port = free_port()
-    cmd = [MITMDUMP, "--listen-host", "127.0.0.1", "--listen-port", str(port),
+    cmd = [MITMDUMP, "--listen-host", "127.0.0.1", "--listen-port", "0",
            "--set", f"confdir={d / 'confdir'}",
            "--set", f"ssl_verify_upstream_trusted_ca={shared_files['upstream_ca']}"]
     for name in ("identify", "authorize", "audit"):
@@ -75,14 +75,16 @@ def mitmdump(tmp_path_factory: pytest.TempPathFactory, shared_files: dict[str, P
     with open(d / "out.txt", "wb") as out:
         proc = subprocess.Popen(cmd, cwd=d, env=python_env(PYTHONUNBUFFERED="1"),
                                 stdout=out, stderr=subprocess.STDOUT)
-    md = Mitmdump(proc, port, d, d / "audit.jsonl", [])
+    md = Mitmdump(proc, 0, d, d / "audit.jsonl", [])
     deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
+    while time.monotonic() < deadline:  # it binds port 0 and says which port it got
         assert proc.poll() is None, md.output()
-        with contextlib.suppress(OSError):
-            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+        if bound := LISTENING.search(md.output()):
+            md.port = port = int(bound[1])
             break
-        time.sleep(0.1)
+        time.sleep(0.05)
+    else:
+        raise AssertionError(f"mitmdump never listened:\n{md.output()}")
     # The proxy listens before the addons' `running` builds the gateway: calls in
     # that window must be refused cleanly. Ask until the gateway itself answers.
     while time.monotonic() < deadline:

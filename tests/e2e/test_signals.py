@@ -40,7 +40,7 @@ def test_signal_mid_call_drains_and_audits(tmp_path: Path, shared_files: dict[st
     def call() -> None:
         try:
             with gw.client(keys.token()) as c:
-                r = c.get(f"http://127.0.0.1:{upstream.http_port}/slow?s=1.5",
+                r = c.get(f"http://127.0.0.1:{upstream.http_port}/slow?s=0.6",
                           timeout=20)
                 result.update(status=r.status_code, id=r.headers.get("x-taskgate-request-id"))
         except httpx.HTTPError as e:
@@ -55,6 +55,7 @@ def test_signal_mid_call_drains_and_audits(tmp_path: Path, shared_files: dict[st
     assert len(upstream.seen) > seen
     assert gw.proc is not None
     gw.proc.send_signal(getattr(signal, name))
+    assert t.is_alive()  # the signal came while the call was in flight (0.6 s upstream)
     t.join(30)
     code = gw.proc.wait(30)  # it exits by itself
     gw.stop()

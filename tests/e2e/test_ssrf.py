@@ -21,7 +21,7 @@ import pytest
 
 from tests.conftest import base_config
 from tests.e2e import assert_refusal
-from tests.support import WORKLOAD, Gateway, Keys, Upstream
+from tests.support import WORKLOAD, Gateway, Keys, Upstream, free_port
 from tests.tasks_support import admin
 from tests.wire import Tunnel, h2_request, request_bytes, send
 
@@ -106,14 +106,14 @@ def ssrf_config(shared_files: dict[str, Path], up: Upstream, control_port: int,
 @pytest.fixture(scope="module")
 def gw(tmp_path_factory: pytest.TempPathFactory, shared_files: dict[str, Path],
        upstream: Upstream, keepalive: KeepAlive) -> Iterator[Gateway]:
-    from tests.support import free_port
-
+    # A rule names the control plane's port, so it is chosen before the gateway starts
+    # (the one listener not on port 0: if another process takes it first, the start
+    # fails loudly with "control plane cannot listen on").
     control = free_port()
     cfg = ssrf_config(shared_files, upstream, control, keepalive.server_address[1])
-    cfg["listen"] = {"proxy": f"127.0.0.1:{free_port()}", "control": f"127.0.0.1:{control}"}
+    cfg["listen"] = {"proxy": "127.0.0.1:0", "control": f"127.0.0.1:{control}"}
     g = Gateway(tmp_path_factory.mktemp("gw-ssrf"), cfg,
                 env={"TASKGATE_SSRF_SECRET": "sk-ssrf-canary-0042"})
-    g.proxy_port, g.control_port = int(cfg["listen"]["proxy"].rsplit(":", 1)[1]), control
     g.env.pop("TASKGATE_ADMIN_TOKEN", None)
     g.start()
     yield g

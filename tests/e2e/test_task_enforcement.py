@@ -230,9 +230,7 @@ def test_restart_keeps_tasks_counters_and_revocations(tmp_path: Path,
         code = gw.stop(how)
     assert code == (0 if how == signal.SIGTERM else -signal.SIGKILL)
     before = gw
-    gw = Gateway(tmp_path, before.config)  # same folder, same ports
-    gw.proxy_port, gw.control_port = before.proxy_port, before.control_port
-    gw.start()
+    gw = Gateway(tmp_path, before.config).start()  # same folder, same ports (its config)
     try:
         assert (gw.home / "task-keys.json").read_text() == keys_before
         state = show(gw, budget["task_id"])

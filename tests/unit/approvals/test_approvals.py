@@ -75,6 +75,9 @@ async def test_unknown_id_is_not_found() -> None:
     assert status_for(NotFound("x"))[0] == 404
 
 
+# The two tests below wait for real: a hold runs out on an asyncio timer
+# (loop.call_later, the loop's monotonic time), which a fake wall clock cannot fire,
+# and they assert the wait it measured. So the deadlines are 50 ms.
 async def test_timeout_refuses_and_then_answers_conflict() -> None:
     ap = Approvals(0.05)
     held = held_call(ap)

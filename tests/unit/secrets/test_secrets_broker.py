@@ -33,7 +33,7 @@ from tests.standins import (
     rsa_key_pem,
     server_tls,
 )
-from tests.support import ISSUER, WORKLOAD, free_port
+from tests.support import ISSUER, WORKLOAD, dead_port
 
 APP_ID, INSTALLATION = "4242", "77"
 CLIENT_SECRET = canary("clientsecret")
@@ -125,7 +125,7 @@ async def gateway(tmp_path: Path, shared_files: dict[str, Path], oauth: OAuthSer
             "oauth-no-expiry": _oauth(oauth, "no-expiry", client_secret_file=cs,
                                       default_ttl_seconds=30),
             "oauth-down": {**_oauth(oauth, "basic", client_secret_file=cs),
-                           "token_url": f"https://127.0.0.1:{free_port()}/token",
+                           "token_url": f"https://127.0.0.1:{dead_port()}/token",
                            "timeout_seconds": 2},
             "github": {"provider": "github_app", "app_id": int(APP_ID),
                        "installation_id": INSTALLATION, "private_key_file": str(app_key[0]),

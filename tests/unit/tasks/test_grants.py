@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,7 @@ from proxy.identity import Caller, Identity, TaskKeys
 from proxy.policy import Call, parse_rules
 from proxy.store import TaskStore
 from proxy.tasks import RequestError, TaskPolicy, TaskRegistry, parse_task_request
+from tests.support import FakeClock
 
 WL = "spiffe://acme.test/agent/unit"
 CEILING = [{"id": "api", "host": "api.test", "methods": ["GET", "POST"], "paths": ["/v1/**"]}]
@@ -30,10 +32,11 @@ def make_config(home: Path) -> Config:
 
 
 async def open_registry(home: Path, hooks: tuple[Any, ...] = (),
-                        retention: float = 3600) -> TaskRegistry:
+                        retention: float = 3600,
+                        clock: Callable[[], float] = time.time) -> TaskRegistry:
     keys = TaskKeys.load_or_create(str(home / "task-keys.json"))
     reg = TaskRegistry(make_config(home), Identity([]), TaskStore(str(home / "tasks.db")), keys,
-                       retention=retention)
+                       retention=retention, clock=clock)
     reg.on_end.extend(hooks)
     await reg.load()
     return reg
@@ -127,19 +130,20 @@ async def test_expiry_and_revocation_run_task_end_hooks_once(tmp_path: Path) -> 
     async def hook(task_id: str) -> None:
         ended.append(task_id)
 
-    reg = await open_registry(tmp_path, (hook,))
+    clock = FakeClock()
+    reg = await open_registry(tmp_path, (hook,), clock=clock)
     short, _ = await reg.create(parse_task_request(request(ttl_seconds=1)))
     other, _ = await reg.create(parse_task_request(request()))
     await reg.sweep()
     assert ended == []
-    await reg.sweep(time.time() + 2)
+    await reg.sweep(clock() + 2)
     assert ended == [short.id]
-    await asyncio.sleep(max(0.0, short.expires_at - time.time()) + 0.01)
+    clock.advance(1.01)  # just past its expiry: no sleeping for it
     with pytest.raises(InvalidCredential, match="task expired"):
         reg.check(caller_of(short))
     await reg.revoke(other.id)
     await reg.revoke(other.id)
-    await reg.sweep(time.time() + 700)
+    await reg.sweep(clock() + 700)
     assert ended == [short.id, other.id]
     with pytest.raises(InvalidCredential, match="task revoked"):
         reg.check(caller_of(other))
