@@ -4,14 +4,13 @@ and the policy that says which rules hold for a caller.
 
 from __future__ import annotations
 
-from proxy.tasks._model import MAX_BODY_BYTES, RequestError, parse_task_request
+from proxy.tasks._model import MAX_BODY_BYTES, parse_task_request
 from proxy.tasks._policy import Policy, TaskPolicy
 from proxy.tasks._registry import TaskRegistry, open_registry, token_issuer
 
 __all__ = [
     "MAX_BODY_BYTES",
     "Policy",
-    "RequestError",
     "TaskPolicy",
     "TaskRegistry",
     "open_registry",

@@ -17,7 +17,8 @@ from proxy.gateway import build
 from proxy.identity import Caller, Identity, TaskKeys
 from proxy.policy import Call, parse_rules
 from proxy.store import TaskStore
-from proxy.tasks import RequestError, TaskPolicy, TaskRegistry, parse_task_request
+from proxy.tasks import TaskPolicy, TaskRegistry, parse_task_request
+from proxy.tasks._model import RequestError
 from tests.support import FakeClock
 
 WL = "spiffe://acme.test/agent/unit"
