@@ -23,15 +23,11 @@ from proxy.control._keys import SERVICES
 from proxy.errors import InvalidField
 from proxy.safe_text import bad_char
 
-__all__ = ["BadAnswer", "parse_answer", "routes"]
+__all__ = ["parse_answer", "routes"]
 
 MAX_BY = 200
 MAX_COMMENT = 2000
 ANSWER_KEYS = ("by", "comment")
-
-
-# The body of an approve/deny request is not acceptable: a field error naming the field.
-BadAnswer = InvalidField
 
 
 def _has_control(text: str, allowed: str = "") -> bool:

@@ -9,7 +9,7 @@ one of the two), ``ttl_seconds`` (int, 1–:data:`MAX_TTL_SECONDS`), ``rules``
 ``owner`` (str; default: the workload's owner), ``purpose`` (str),
 ``max_calls`` (int ≥ 1; absent = no budget).
 
-Every mistake raises :class:`~proxy.errors.InvalidField` (``RequestError``)
+Every mistake raises :class:`~proxy.errors.InvalidField`
 carrying the status, an error code, the field (``rules[2].paths[0]``) and a
 sentence; nothing a client sends turns into a 500. Bodies over :data:`MAX_BODY_BYTES` get 413.
 
@@ -47,7 +47,6 @@ from proxy.store import TaskRow
 __all__ = [
     "MAX_BODY_BYTES",
     "MAX_TTL_SECONDS",
-    "RequestError",
     "RuleSets",
     "Task",
     "TaskRequest",
@@ -61,11 +60,6 @@ MAX_RULES = 64
 MAX_PATHS = 32
 MAX_TEXT = 1024
 FIELDS = ("workload", "workload_token", "owner", "purpose", "ttl_seconds", "max_calls", "rules")
-
-
-# A task request's mistakes are field errors (→ 422, or the status given); the name
-# stays for the callers that spell it so.
-RequestError = InvalidField
 
 
 @dataclass(frozen=True, slots=True)

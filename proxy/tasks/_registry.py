@@ -46,12 +46,12 @@ from typing import Any
 
 from proxy.batching import FAILURES
 from proxy.config import Config
-from proxy.errors import InvalidCredential, Refused, TaskgateError, Unavailable
+from proxy.errors import InvalidCredential, InvalidField, Refused, TaskgateError, Unavailable
 from proxy.identity import TASK_ISSUER, Caller, Identity, TaskKeys, TaskTokenIssuer
 from proxy.policy import Breach, Budget, Decision, Rule, breach
 from proxy.secrets import check_token_scope
 from proxy.store import TaskRow, TaskStore
-from proxy.tasks._model import RequestError, RuleSets, Task, TaskRequest, canonical_rules
+from proxy.tasks._model import RuleSets, Task, TaskRequest, canonical_rules
 
 __all__ = ["Clock", "TaskEndHook", "TaskRegistry", "open_registry"]
 
@@ -141,11 +141,11 @@ class TaskRegistry:
         try:
             caller = await self.identity.identify(f"Bearer {req.workload_token}")
         except TaskgateError as e:
-            raise RequestError("workload_token", f"the workload token was not accepted: "
+            raise InvalidField("workload_token", f"the workload token was not accepted: "
                                                  f"{e.reason}", status=403,
                                error="attestation_failed") from None
         if caller.issuer == TASK_ISSUER:
-            raise RequestError("workload_token", "a task token cannot create tasks; use a "
+            raise InvalidField("workload_token", "a task token cannot create tasks; use a "
                                                  "workload token from a trusted issuer",
                                status=403, error="attestation_failed")
         return caller.workload
@@ -155,14 +155,14 @@ class TaskRegistry:
         workload = await self.workload_of(req)
         wl = self.config.workloads.get(workload)
         if wl is None:
-            raise RequestError("workload", f"unknown workload {workload!r}; it must be listed "
+            raise InvalidField("workload", f"unknown workload {workload!r}; it must be listed "
                                            "under 'workloads' in the config")
         # Containment is CPU work (automata over path globs): off the event loop, and
         # bounded per request so a request of pathological globs is refused, not slow.
         why = await asyncio.to_thread(_first_breach, req.rules, wl.ceiling)
         if why is not None:
             i, b = why
-            raise RequestError(f"rules[{i}].{b.key}", f"rule {b.rule!r}: {b.reason}",
+            raise InvalidField(("rules", i, b.key), f"rule {b.rule!r}: {b.reason}",
                                error="beyond_ceiling", rule=b.rule)
         self._check_token_scopes(req.rules)
         now = self._clock()
@@ -189,7 +189,7 @@ class TaskRegistry:
         for i, r in enumerate(rules):
             try:
                 check_token_scope(r, self.config.secrets)
-            except RequestError as e:
+            except InvalidField as e:
                 raise e.at("rules", i) from None
 
     async def revoke(self, task_id: str) -> Task | None:

@@ -11,8 +11,8 @@ import pytest
 
 from proxy.approvals import Approvals, Held, target_url
 from proxy.config import Config
-from proxy.control._approvals import BadAnswer, parse_answer
-from proxy.errors import Conflict, NotFound, status_for
+from proxy.control._approvals import parse_answer
+from proxy.errors import Conflict, InvalidField, NotFound, status_for
 from tests.core import services
 
 
@@ -193,7 +193,7 @@ def test_target_url(parts: tuple[Any, ...], url: str) -> None:
     (b'{"by": "alice", "approved": true}', 422, "approved"),
 ])
 def test_parse_answer_rejects(body: bytes, status: int, field: str | None) -> None:
-    with pytest.raises(BadAnswer) as info:
+    with pytest.raises(InvalidField) as info:
         parse_answer(body)
     assert (info.value.status, info.value.field) == (status, field)
 

@@ -12,13 +12,12 @@ import orjson
 import pytest
 
 from proxy.config import Config, WorkloadConfig
-from proxy.errors import InvalidCredential, Refused
+from proxy.errors import InvalidCredential, InvalidField, Refused
 from proxy.gateway import build
 from proxy.identity import Caller, Identity, TaskKeys
 from proxy.policy import Call, parse_rules
 from proxy.store import TaskStore
 from proxy.tasks import TaskPolicy, TaskRegistry, parse_task_request
-from proxy.tasks._model import RequestError
 from tests.support import FakeClock
 
 WL = "spiffe://acme.test/agent/unit"
@@ -210,12 +209,12 @@ async def test_purge_after_retention(tmp_path: Path) -> None:
 
 async def test_ceiling_and_unknown_workload(tmp_path: Path) -> None:
     reg = await open_registry(tmp_path)
-    with pytest.raises(RequestError) as e:
+    with pytest.raises(InvalidField) as e:
         await reg.create(parse_task_request(request(rules=[
             {"id": "wide", "host": "api.test", "methods": ["GET"], "paths": ["/**"]}])))
     assert e.value.status == 422 and e.value.field == "rules[0].paths"
     assert e.value.extra == {"rule": "wide"}
-    with pytest.raises(RequestError) as e:
+    with pytest.raises(InvalidField) as e:
         await reg.create(parse_task_request(request(workload="spiffe://nobody")))
     assert e.value.field == "workload"
     assert reg.tasks == {}
