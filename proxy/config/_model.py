@@ -15,9 +15,11 @@ Relative paths are read from the directory the gateway runs in.
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import urlsplit
 
 from ruamel.yaml import YAML
 from ruamel.yaml.error import YAMLError
@@ -80,6 +82,14 @@ class Config:
     control_max_connections: int = 256  # control-plane connections open at once
     control_header_timeout_seconds: int = 10  # … to send a request head
     control_idle_timeout_seconds: int = 60  # … kept open with no request (keep-alive)
+    # Where task-scoped state lives: "sqlite" (embedded, one process) or "redis" (shared
+    # by workers and replicas; the URL, its password file and the key prefix below).
+    state_backend: str = "sqlite"
+    redis_url: str | None = None
+    redis_password_file: str | None = None
+    redis_key_prefix: str = "taskgate:"
+    workers: int = 1  # proxy processes on this host sharing listen.proxy (SO_REUSEPORT)
+    replica_id: str | None = None  # in every audit record; None: hostname-pid at start
 
     @property
     def ca_dir(self) -> str:
@@ -204,7 +214,10 @@ def _rules(where: _Where, node: Any) -> tuple[Rule, ...]:
 
 
 _TOP = ("version", "listen", "home", "admin_token_file", "upstream", "audit", "identity",
-        "workloads", "secrets", "approval_timeout_seconds", "proxy", "mcp", "control")
+        "workloads", "secrets", "approval_timeout_seconds", "proxy", "mcp", "control", "state",
+        "replica_id")
+STATE_BACKENDS = ("sqlite", "redis")
+MAX_WORKERS = 64
 
 
 def parse_config(doc: Any, source: str = "<config>") -> Config:
@@ -333,7 +346,7 @@ def parse_config(doc: Any, source: str = "<config>") -> Config:
     w, v = sub("proxy")
     px = _mapping(w, v, ("shutdown_grace_seconds", "stream_threshold_bytes", "max_connections",
                          "max_connections_per_client", "idle_timeout_seconds",
-                         "max_header_bytes", "header_timeout_seconds"))
+                         "max_header_bytes", "header_timeout_seconds", "workers"))
     if "shutdown_grace_seconds" in px:
         kw["shutdown_grace_seconds"] = _number(_child(w, px, "shutdown_grace_seconds"),
                                                px["shutdown_grace_seconds"], 0, 600)
@@ -344,9 +357,11 @@ def parse_config(doc: Any, source: str = "<config>") -> Config:
                         ("max_connections_per_client", 1, 1 << 20),
                         ("idle_timeout_seconds", 1, 86400),
                         ("max_header_bytes", 1024, 1 << 20),
-                        ("header_timeout_seconds", 1, 3600)):
+                        ("header_timeout_seconds", 1, 3600),
+                        ("workers", 1, MAX_WORKERS)):
         if key in px:
             kw[key] = _int(_child(w, px, key), px[key], lo, hi)
+    workers_at = _child(w, px, "workers")
     w, v = sub("control")
     cp = _mapping(w, v, ("max_connections", "header_timeout_seconds", "idle_timeout_seconds"))
     for key, lo, hi in (("max_connections", 1, 1 << 16),
@@ -359,7 +374,59 @@ def parse_config(doc: Any, source: str = "<config>") -> Config:
     if "max_body_bytes" in mc:
         kw["max_inspect_bytes"] = _int(_child(w, mc, "max_body_bytes"),
                                        mc["max_body_bytes"], 1024, 64 << 20)
+    _state(sub("state"), kw)
+    w, v = sub("replica_id")
+    if v is not None:
+        rid = _str(w, v)
+        assert rid is not None
+        if not _REPLICA_ID.fullmatch(rid):
+            raise w.fail(f"{rid!r}: use letters, digits, '.', '_' and '-' (at most 64); it names "
+                         "the replica's audit files")
+        kw["replica_id"] = rid
+    if kw.get("workers", 1) > 1 and kw.get("state_backend", "sqlite") != "redis":
+        raise workers_at.fail(
+            f"{kw['workers']} workers need shared state: set state.backend: redis (with "
+            "state.redis_url), or proxy.workers: 1 for the embedded SQLite state")
     return Config(**kw)
+
+
+_REPLICA_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
+
+
+def _state(at: tuple[_Where, Any], kw: dict[str, Any]) -> None:
+    """``state:``: the backend, and for Redis where it is and how to log in."""
+    w, v = at
+    st = _mapping(w, v, ("backend", "redis_url", "redis_password_file", "key_prefix"))
+    backend = st.get("backend", "sqlite")
+    if backend not in STATE_BACKENDS:
+        raise _child(w, st, "backend").fail(
+            f"{backend!r} is not a state backend; use one of {', '.join(STATE_BACKENDS)}")
+    kw["state_backend"] = backend
+    if "key_prefix" in st:
+        prefix = _str(_child(w, st, "key_prefix"), st["key_prefix"])
+        assert prefix is not None
+        kw["redis_key_prefix"] = prefix
+    if st.get("redis_password_file") is not None:
+        pw = _child(w, st, "redis_password_file")
+        path = _str(pw, st["redis_password_file"])
+        assert path is not None
+        _file(pw, path, config_files.check_secret_file)
+        kw["redis_password_file"] = path
+    url = st.get("redis_url")
+    if url is None:
+        if backend == "redis":
+            raise w.fail("backend: redis needs redis_url, e.g. 'redis://127.0.0.1:6379/0'")
+        return
+    uw = _child(w, st, "redis_url")
+    text = _str(uw, url)
+    assert text is not None
+    parts = urlsplit(text)
+    if parts.scheme not in ("redis", "rediss") or not parts.hostname:
+        raise uw.fail(f"{text!r} is not a Redis URL; use redis://host:port/db (rediss:// for TLS)")
+    if parts.password:
+        raise uw.fail("the URL carries a password: put it in state.redis_password_file or "
+                      "TASKGATE_REDIS_PASSWORD, never in the config")
+    kw["redis_url"] = text
 
 
 def _secret_files(where: _Where, item: Mapping[str, Any]) -> None:
