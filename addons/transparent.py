@@ -76,27 +76,36 @@ class Transparent(GatewayAddon):
         ctx = nextlayer.context
         if not transparent(ctx.client) or not self.started:
             return
+        try:
+            why = self._refusal(nextlayer)
+        except Exception:  # noqa: BLE001 - mitmproxy would go on with its own choice
+            log.exception("taskgate: judging a transparent connection failed; closing it")
+            why = "the gateway failed while judging the connection; it was refused"
+        if why is None:
+            return
+        nextlayer.layer = _Closed(ctx)
+        await self._audit_closed(ctx.client, why)
+
+    def _refusal(self, nextlayer: layer.NextLayer) -> str | None:
+        """Why the connection is refused now; None to go on with mitmproxy's choice (or,
+        with ``nextlayer.layer`` cleared, to wait for more data)."""
+        ctx = nextlayer.context
         chosen = nextlayer.layer
-        first = not ctx.client.tls_established
-        if isinstance(chosen, (tls.ServerTLSLayer, tls.ClientTLSLayer)) and first:
+        if isinstance(chosen, (tls.ServerTLSLayer, tls.ClientTLSLayer)) \
+                and not ctx.client.tls_established:
             # TLS from an address no workload claims is refused before the handshake;
             # from a claimed one, the decrypted data decides next time round.
             peer = ctx.client.peername[0] if ctx.client.peername else None
             if self.identity.sources.workload_of(peer or "") is not None:
-                return
-            why = self._who_reason(peer)
-        elif isinstance(chosen, layers.HttpLayer) or chosen is None:
+                return None
+            return self._who_reason(peer)
+        if isinstance(chosen, layers.HttpLayer) or chosen is None:
             verdict = looks_like_http(nextlayer.data_client())
             if verdict is None:
                 nextlayer.layer = None  # wait for the request line
-                return
-            if verdict:
-                return
-            why = NOT_HTTP
-        else:  # raw TCP/UDP, DNS, QUIC…: nothing that is not HTTP passes
-            why = NOT_HTTP
-        nextlayer.layer = _Closed(ctx)
-        await self._audit_closed(ctx.client, why)
+                return None
+            return None if verdict else NOT_HTTP
+        return NOT_HTTP  # raw TCP/UDP, DNS, QUIC, TLS inside TLS: nothing but HTTP passes
 
     def _who_reason(self, peer: str | None) -> str:
         try:

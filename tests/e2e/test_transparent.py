@@ -348,14 +348,16 @@ def test_http_call_is_redirected_judged_and_audited(gateway: Gateway,
         "allow", "t-http", UPSTREAM, 200)
 
 
+@pytest.mark.parametrize("version", ["--http1.1", "--http2"])
 def test_https_call_is_intercepted_with_the_gateway_ca(gateway: Gateway,
-                                                       root_upstream: RootUpstream) -> None:
+                                                       root_upstream: RootUpstream,
+                                                       version: str) -> None:
     s = root_upstream.https_port
     # The agent trusts only the gateway's CA: the answer came through the interception.
-    r = agent_curl(f"https://up.test:{s}/allowed/tls", "--cacert", str(gateway.ca),
-                   "--resolve", f"up.test:{s}:{UPSTREAM}")
+    r = agent_curl(f"https://up.test:{s}/allowed/tls{version}", version, "--cacert",
+                   str(gateway.ca), "--resolve", f"up.test:{s}:{UPSTREAM}")
     assert r.status == 200, r
-    assert r.json()["path"] == "/allowed/tls"
+    assert r.json()["path"] == f"/allowed/tls{version}"
     rec = record_of(gateway, r)
     assert (rec["workload"], rec["client"], rec["scheme"], rec["host"], rec["port"]) == (
         WORKLOAD, AGENT, "https", "up.test", s)
