@@ -58,7 +58,9 @@ def mitm_options(config: Config, bundle: str) -> dict[str, Any]:
         # Redirected connections (nftables/iptables REDIRECT, SO_ORIGINAL_DST): who is
         # calling comes from the source address (addons/transparent.py).
         thost, tport = config.transparent_listen
-        modes.append(f"transparent@{thost}:{tport}")
+        # '::' listens for both families, as on Linux by default (asyncio alone would
+        # make it IPv6 only; mitmproxy's '' binds both on one port).
+        modes.append(f"transparent@{'' if thost == '::' else thost}:{tport}")
     return {
         "mode": modes,
         "listen_host": host,

@@ -44,6 +44,7 @@ DEPLOY = REPO / "deploy" / "transparent"
 NOT_HTTP = "only HTTP and HTTPS are accepted on the transparent listener"
 N = os.getpid() % 200 + 20
 NET, NET2 = f"10.77.{N}", f"10.78.{N}"  # the nftables link, the iptables-legacy link
+NET6 = f"fd77:{N:x}:"  # the nftables link's IPv6 network, NET6 + ":1" the root side
 NS = f"tg-agent-{os.getpid()}"
 HOST_IF, AGENT_IF = f"tgh{os.getpid()}", f"tga{os.getpid()}"
 HOST_IF2, AGENT_IF2 = f"tgi{os.getpid()}", f"tgb{os.getpid()}"
@@ -80,12 +81,15 @@ def sh(*cmd: str, check: bool = True, **env: str) -> subprocess.CompletedProcess
 
 
 # -- the network ---------------------------------------------------------------------------
-def _link(host_if: str, agent_if: str, net: str, *agent_hosts: int) -> None:
+def _link(host_if: str, agent_if: str, net: str, *agent_hosts: int, net6: str = "") -> None:
     sh("ip", "link", "add", host_if, "type", "veth", "peer", "name", agent_if, "netns", NS)
     sh("ip", "addr", "add", f"{net}.1/24", "dev", host_if)
-    sh("ip", "link", "set", host_if, "up")
     for host in agent_hosts:
         sh("ip", "-n", NS, "addr", "add", f"{net}.{host}/24", "dev", agent_if)
+    if net6:
+        sh("ip", "addr", "add", f"{net6}:1/64", "dev", host_if, "nodad")
+        sh("ip", "-n", NS, "addr", "add", f"{net6}:2/64", "dev", agent_if, "nodad")
+    sh("ip", "link", "set", host_if, "up")
     sh("ip", "-n", NS, "link", "set", agent_if, "up")
 
 
@@ -111,9 +115,10 @@ def network(gateway_port: int) -> Iterator[None]:
     try:
         sh("ip", "netns", "add", NS)
         sh("ip", "-n", NS, "link", "set", "lo", "up")
-        _link(HOST_IF, AGENT_IF, NET, 2, 3, 9)
+        _link(HOST_IF, AGENT_IF, NET, 2, 3, 9, net6=NET6)
         _link(HOST_IF2, AGENT_IF2, NET2, 2)
         sh("ip", "-n", NS, "route", "add", "default", "via", f"{NET}.1")
+        sh("ip", "-n", NS, "-6", "route", "add", "default", "via", f"{NET6}:1")
         # As deploy/transparent/README.md says: nftables on one link, iptables-legacy on
         # the other.
         sh("nft", "-D", f"agent_if={HOST_IF}", "-D", f"gateway_port={gateway_port}",
@@ -126,12 +131,21 @@ def network(gateway_port: int) -> Iterator[None]:
 
 
 # -- the upstream on the root side ------------------------------------------------------------
+def _dual_stack() -> socket.socket:
+    """A listening socket on every root-side address, IPv4 and IPv6, one port."""
+    sock = socket.socket(socket.AF_INET6)
+    sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+    sock.bind(("::", 0))
+    return sock
+
+
 class RootUpstream(Upstream):
     """The test upstream, listening on every root-side address; each request notes its peer."""
 
     async def echo(self, request: web.Request) -> web.Response:
-        self.seen.append({"path": request.raw_path, "peer": request.remote})
-        return web.json_response({"path": request.raw_path, "peer": request.remote,
+        peer = (request.remote or "").removeprefix("::ffff:")
+        self.seen.append({"path": request.raw_path, "peer": peer})
+        return web.json_response({"path": request.raw_path, "peer": peer,
                                   "host": request.headers.get("Host")})
 
     def _main(self) -> None:
@@ -140,8 +154,8 @@ class RootUpstream(Upstream):
         asyncio.set_event_loop(self._loop)
         runner = web.AppRunner(self.app(), access_log=None)
         self._loop.run_until_complete(runner.setup())
-        http = web.TCPSite(runner, "0.0.0.0", 0)  # noqa: S104 - the agent side must see it
-        https = web.TCPSite(runner, "0.0.0.0", 0, ssl_context=self.tls_ctx)  # noqa: S104
+        http = web.SockSite(runner, _dual_stack())
+        https = web.SockSite(runner, _dual_stack(), ssl_context=self.tls_ctx)
         self._loop.run_until_complete(http.start())
         self._loop.run_until_complete(https.start())
         self.http_port, self.https_port = bound_port(http), bound_port(https)
@@ -225,12 +239,12 @@ def gateway(network: None, tmp_path_factory: pytest.TempPathFactory,
     h, s = root_upstream.http_port, root_upstream.https_port
     config = {
         "listen": {"proxy": "127.0.0.1:0", "control": "127.0.0.1:0",
-                   "transparent": f"0.0.0.0:{gateway_port}"},
+                   "transparent": f"[::]:{gateway_port}"},  # both families
         "upstream": {"ca_file": str(shared_files["upstream_ca"])},
         "workloads": {
             WORKLOAD: {
                 "owner": "platform@acme.test",
-                "sources": [f"{AGENT}/32", f"{NET2}.0/24"],
+                "sources": [f"{AGENT}/32", f"{NET2}.0/24", f"{NET6}:2/128"],
                 "standing": [
                     _rule("t-http", "up.test", h, scheme="http"),
                     _rule("t-https", "up.test", s),
@@ -238,6 +252,7 @@ def gateway(network: None, tmp_path_factory: pytest.TempPathFactory,
                     _rule("t-front-http", "front.test", h, scheme="http"),
                     _rule("t-ip", UPSTREAM, h, scheme="http", paths=["/ip/**"]),
                     _rule("t-up2", "up2.test", h, scheme="http"),
+                    _rule("t-up6", "up6.test", h, scheme="http"),
                 ],
             },
             OTHER_WORKLOAD: {"owner": "other@acme.test", "sources": [f"{OTHER}/32"]},
@@ -245,7 +260,7 @@ def gateway(network: None, tmp_path_factory: pytest.TempPathFactory,
     }
     gw = NamedGateway(tmp_path_factory.mktemp("gw-transparent"), config)
     gw.hosts = (f"127.0.0.1 localhost\n{UPSTREAM} up.test\n{NET2}.1 up2.test\n"
-                f"{FRONT} front.test\n")
+                f"{FRONT} front.test\n{NET6}:1 up6.test\n")
     gw.start()
     yield gw
     gw.stop()
@@ -362,6 +377,18 @@ def test_https_call_is_intercepted_with_the_gateway_ca(gateway: Gateway,
     assert (rec["workload"], rec["client"], rec["scheme"], rec["host"], rec["port"]) == (
         WORKLOAD, AGENT, "https", "up.test", s)
     assert (rec["decision"], rec["rule"], rec["upstream_ip"]) == ("allow", "t-https", UPSTREAM)
+
+
+def test_ipv6_call_is_redirected_judged_and_audited(gateway: Gateway,
+                                                    root_upstream: RootUpstream) -> None:
+    h = root_upstream.http_port
+    r = agent_curl(f"http://up6.test:{h}/allowed/v6", "-6", "--resolve",
+                   f"up6.test:{h}:[{NET6}:1]", source=f"{NET6}:2")
+    assert r.status == 200, r
+    assert r.json()["peer"] != f"{NET6}:2"
+    rec = record_of(gateway, r)
+    assert (rec["workload"], rec["client"], rec["rule"], rec["upstream_ip"]) == (
+        WORKLOAD, f"{NET6}:2", "t-up6", f"{NET6}:1")
 
 
 def test_call_by_address_is_judged_by_the_address(gateway: Gateway,
@@ -485,7 +512,8 @@ def test_agent_cannot_reach_anything_around_the_gateway(gateway: Gateway,
             udp.recvfrom(16)
     # Every request the upstream ever saw came from the gateway, none from the agent.
     assert root_upstream.seen
-    assert not {x["peer"] for x in root_upstream.seen} & {AGENT, OTHER, STRANGER, f"{NET2}.2"}
+    agents = {AGENT, OTHER, STRANGER, f"{NET2}.2", f"{NET6}:2"}
+    assert not {x["peer"] for x in root_upstream.seen} & agents
 
 
 def test_iptables_legacy_rules_redirect_too(gateway: Gateway,
