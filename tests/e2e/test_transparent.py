@@ -48,6 +48,10 @@ NET6 = f"fd77:{N:x}:"  # the nftables link's IPv6 network, NET6 + ":1" the root 
 NS = f"tg-agent-{os.getpid()}"
 HOST_IF, AGENT_IF = f"tgh{os.getpid()}", f"tga{os.getpid()}"
 HOST_IF2, AGENT_IF2 = f"tgi{os.getpid()}", f"tgb{os.getpid()}"
+POD_NS, POD_NET = f"tg-pod-{os.getpid()}", f"10.79.{N}"  # a pod, the gateway its sidecar
+HOST_IF3, POD_IF = f"tgp{os.getpid()}", f"tgq{os.getpid()}"
+POD = f"{POD_NET}.2"
+AGENT_UID = "65534"  # the agent's user in the pod; the gateway's is root (gateway_uid=0)
 AGENT, OTHER, STRANGER = f"{NET}.2", f"{NET}.3", f"{NET}.9"  # workload, other, nobody
 UPSTREAM = f"{NET}.1"
 FRONT = "10.99.77.1"  # where front.test resolves for the gateway: not the upstream
@@ -81,16 +85,17 @@ def sh(*cmd: str, check: bool = True, **env: str) -> subprocess.CompletedProcess
 
 
 # -- the network ---------------------------------------------------------------------------
-def _link(host_if: str, agent_if: str, net: str, *agent_hosts: int, net6: str = "") -> None:
-    sh("ip", "link", "add", host_if, "type", "veth", "peer", "name", agent_if, "netns", NS)
+def _link(host_if: str, agent_if: str, net: str, *agent_hosts: int, net6: str = "",
+          ns: str = NS) -> None:
+    sh("ip", "link", "add", host_if, "type", "veth", "peer", "name", agent_if, "netns", ns)
     sh("ip", "addr", "add", f"{net}.1/24", "dev", host_if)
     for host in agent_hosts:
-        sh("ip", "-n", NS, "addr", "add", f"{net}.{host}/24", "dev", agent_if)
+        sh("ip", "-n", ns, "addr", "add", f"{net}.{host}/24", "dev", agent_if)
     if net6:
         sh("ip", "addr", "add", f"{net6}:1/64", "dev", host_if, "nodad")
-        sh("ip", "-n", NS, "addr", "add", f"{net6}:2/64", "dev", agent_if, "nodad")
+        sh("ip", "-n", ns, "addr", "add", f"{net6}:2/64", "dev", agent_if, "nodad")
     sh("ip", "link", "set", host_if, "up")
-    sh("ip", "-n", NS, "link", "set", agent_if, "up")
+    sh("ip", "-n", ns, "link", "set", agent_if, "up")
 
 
 def _teardown(gateway_port: int) -> None:
@@ -98,9 +103,10 @@ def _teardown(gateway_port: int) -> None:
     sh("nft", "delete", "table", "inet", "taskgate_transparent", check=False)
     sh(str(DEPLOY / "netns.iptables.sh"), "delete", check=False, AGENT_IF=HOST_IF2,
        GATEWAY_PORT=str(gateway_port))
-    for link in (HOST_IF, HOST_IF2):
+    for link in (HOST_IF, HOST_IF2, HOST_IF3):
         sh("ip", "link", "del", link, check=False)
-    sh("ip", "netns", "del", NS, check=False)
+    for ns in (NS, POD_NS):
+        sh("ip", "netns", "del", ns, check=False)
 
 
 @pytest.fixture(scope="module")
@@ -125,6 +131,15 @@ def network(gateway_port: int) -> Iterator[None]:
            "-f", str(DEPLOY / "netns.nft"))
         sh(str(DEPLOY / "netns.iptables.sh"), "add", AGENT_IF=HOST_IF2,
            GATEWAY_PORT=str(gateway_port))
+        # A pod: its own namespace, the gateway inside it as a sidecar; pod.nft is loaded
+        # in the pod's namespace (the init container's job), gateway_uid root.
+        sh("ip", "netns", "add", POD_NS)
+        sh("ip", "-n", POD_NS, "link", "set", "lo", "up")
+        _link(HOST_IF3, POD_IF, POD_NET, 2, ns=POD_NS)
+        sh("ip", "-n", POD_NS, "route", "add", "default", "via", f"{POD_NET}.1")
+        sh("ip", "netns", "exec", POD_NS, "nft", "-D", "gateway_uid=0", "-D",
+           f"gateway_port={gateway_port}", "-D", f"dns_server={POD_NET}.1",
+           "-f", str(DEPLOY / "pod.nft"))
         yield
     finally:
         _teardown(gateway_port)
@@ -208,18 +223,32 @@ def raw_server() -> Iterator[RawServer]:
 
 # -- the gateway ---------------------------------------------------------------------------------
 class NamedGateway(Gateway):
-    """The gateway with its own /etc/hosts (a private mount namespace): the names the
-    transparent checks resolve, without touching the machine's DNS."""
+    """The gateway with its own /etc/hosts and /etc/resolv.conf (a private mount
+    namespace): the names the transparent checks resolve, without the machine's DNS."""
 
     hosts = ""
+    netns: str | None = None  # run inside this network namespace (a pod's sidecar)
+    control_host = "127.0.0.1"
+
+    @property
+    def control_url(self) -> str:
+        return f"http://{self.control_host}:{self.control_port}"
+
+    def _keep_ports(self) -> None:
+        pass  # the config names where to listen; nothing restarts these gateways
 
     def start(self, wait: bool = True) -> Gateway:
-        hosts = self.dir / "hosts"
+        hosts, resolv = self.dir / "hosts", self.dir / "resolv.conf"
         hosts.write_text(self.hosts)
+        # No name server: a name not in the hosts file (or its AAAA) fails at once,
+        # instead of waiting for a server a pod's namespace cannot reach.
+        resolv.write_text("nameserver 127.0.0.1\noptions timeout:1 attempts:1\n")
         self._out = open(self.log, "ab")  # noqa: SIM115 - closed by stop()
+        inside = ["ip", "netns", "exec", self.netns] if self.netns else []
         self.proc = subprocess.Popen(
-            ["unshare", "--mount", "--propagation", "private", "sh", "-c",
-             'mount --bind "$0" /etc/hosts && exec "$@"', str(hosts),
+            [*inside, "unshare", "--mount", "--propagation", "private", "sh", "-c",
+             'mount --bind "$0" /etc/hosts && mount --bind "$1" /etc/resolv.conf && '
+             'shift && exec "$@"', str(hosts), str(resolv),
              *PYTHON, "-m", "proxy", "run", "-c", str(self.config_path)],
             cwd=self.dir, env=self.env, stdout=self._out, stderr=subprocess.STDOUT)
         if wait:
@@ -526,3 +555,63 @@ def test_iptables_legacy_rules_redirect_too(gateway: Gateway,
     assert (rec["workload"], rec["client"], rec["rule"], rec["upstream_ip"]) == (
         WORKLOAD, f"{NET2}.2", "t-up2", f"{NET2}.1")
     assert agent_socket(h, b"SSH-2.0-x\r\n", host=f"{NET2}.1", source=f"{NET2}.2") == b""
+
+
+# -- a pod: the gateway as a sidecar, deploy/transparent/pod.nft in the pod's namespace -----------
+@pytest.fixture(scope="module")
+def pod_gateway(network: None, tmp_path_factory: pytest.TempPathFactory,
+                shared_files: dict[str, Path], root_upstream: RootUpstream,
+                gateway_port: int) -> Iterator[Gateway]:
+    h = root_upstream.http_port
+    config = {
+        # As deploy/transparent/README.md says for a pod: the transparent listener on
+        # loopback; the control plane on the pod's address, where this test reaches it.
+        "listen": {"proxy": "127.0.0.1:0", "control": f"{POD}:0",
+                   "transparent": f"127.0.0.1:{gateway_port}"},
+        "upstream": {"ca_file": str(shared_files["upstream_ca"])},
+        "workloads": {WORKLOAD: {"sources": [f"{POD}/32"],
+                                 "standing": [_rule("p-http", "up.test", h, scheme="http")]}},
+    }
+    gw = NamedGateway(tmp_path_factory.mktemp("gw-pod"), config)
+    gw.hosts = f"127.0.0.1 localhost\n{POD_NET}.1 up.test\n"
+    gw.netns, gw.control_host = POD_NS, POD
+    gw.start()
+    yield gw
+    gw.stop()
+
+
+def pod_agent(*cmd: str) -> subprocess.CompletedProcess[str]:
+    """A command in the pod as the agent's user (not the gateway's), no proxy variables."""
+    return subprocess.run(["ip", "netns", "exec", POD_NS, "setpriv", "--reuid", AGENT_UID,
+                           "--regid", AGENT_UID, "--clear-groups", *AGENT_ENV, *cmd],
+                          capture_output=True, text=True, timeout=20)
+
+
+def test_pod_rules_redirect_the_agent_but_not_the_gateway(pod_gateway: Gateway,
+                                                          root_upstream: RootUpstream) -> None:
+    h = root_upstream.http_port
+    base = ["curl", "-sS", "--max-time", "10", "-D", "-", "--resolve",
+            f"up.test:{h}:{POD_NET}.1"]
+    out = pod_agent(*base, f"http://up.test:{h}/allowed/pod")
+    # Answered by the upstream through the gateway: the gateway's own call (root, the
+    # gateway's uid) was not redirected back to itself.
+    assert out.returncode == 0 and " 200 " in out.stdout.splitlines()[0], out
+    rid = next(line.split(":", 1)[1].strip() for line in out.stdout.splitlines()
+               if line.lower().startswith("x-taskgate-request-id:"))
+    [rec] = records(pod_gateway, request_id=rid)
+    assert (rec["workload"], rec["client"], rec["rule"], rec["upstream_ip"]) == (
+        WORKLOAD, POD, "p-http", f"{POD_NET}.1")
+    refused = pod_agent(*base, f"http://up.test:{h}/denied/pod")
+    assert " 403 " in refused.stdout.splitlines()[0], refused
+    assert not any(x["path"] == "/denied/pod" for x in root_upstream.seen)
+    # Not TCP: dropped on the way out of the pod (only DNS to the resolver passes).
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
+        udp.bind((f"{POD_NET}.1", 0))
+        udp.settimeout(1)
+        sent = pod_agent("python3", "-I", "-c",
+                         "import socket,sys; s=socket.socket(socket.AF_INET,socket.SOCK_DGRAM);"
+                         "s.sendto(b'x', (sys.argv[1], int(sys.argv[2])))",
+                         f"{POD_NET}.1", str(udp.getsockname()[1]))
+        assert "Operation not permitted" in sent.stderr, sent
+        with pytest.raises(TimeoutError):
+            udp.recvfrom(16)
