@@ -312,7 +312,7 @@ def parse_config(doc: Any, source: str = "<config>") -> Config:
             ceiling = _rules(_child(ww, m, "ceiling"), m.get("ceiling"))
             standing = _rules(_child(ww, m, "standing"), m.get("standing"))
             sources = _sources(_child(ww, m, "sources"), m.get("sources"))
-            workloads[str(name)] = WorkloadConfig(owner, ceiling, standing, sources)
+            workloads[str(name)] = WorkloadConfig(owner, ceiling, standing, sources=sources)
         _no_shared_sources(w, v, workloads)
     kw["workloads"] = workloads
 

@@ -74,7 +74,7 @@ class BoundTasks(Protocol):
     """The tasks a workload's agent can be at one address: the seam to the task registry.
 
     ``bind.client_cidrs`` on ``POST /v1/tasks`` (issue 14, token binding) fills it; the
-    registry's tasks are read through :class:`TaskBinds`."""
+    registry's in-memory tasks are read through :class:`TaskBinds`."""
 
     def bound_task(self, workload: str, client: IPAddress) -> Caller | None:
         """The live task of ``workload`` bound to ``client`` (narrowest bind, then newest)."""
@@ -90,8 +90,10 @@ class _TaskLike(Protocol):
 
 
 def _binds(task: Any) -> tuple[Network, ...]:
-    """A task's ``bind.client_cidrs`` as networks (none: the task is bound nowhere)."""
-    raw: Iterable[Any] = getattr(task, "client_cidrs", None) or ()
+    """A task's ``bind`` (``bind.client_cidrs`` of ``POST /v1/tasks``) as networks; none:
+    the task is bound nowhere. Read by name: the task registry's :class:`Task` carries
+    it once token binding is in (issue 14 §4); until then no task is bound."""
+    raw: Iterable[Any] = getattr(task, "bind", None) or ()
     nets: list[Network] = []
     for item in raw:
         try:

@@ -39,7 +39,7 @@ def config(triage: list[str], other: list[str]) -> Config:
 class FakeTask:
     id: str
     workload: str
-    client_cidrs: tuple[str, ...]
+    bind: tuple[str, ...]
     created_at: float = 0.0
     expires_at: float = 2000.0
     revoked_at: float | None = None
@@ -181,7 +181,7 @@ def test_looks_like_http(data: bytes, verdict: bool | None) -> None:
 
 def test_ip_network_of_a_task_bind_may_be_given_as_networks() -> None:
     task = FakeTask("t", TRIAGE, ())
-    task.client_cidrs = (ipaddress.ip_network("10.77.0.0/30"),)  # type: ignore[assignment]
+    task.bind = (ipaddress.ip_network("10.77.0.0/30"),)  # type: ignore[assignment]
     ident = SourceIdentity(config(["10.77.0.0/24"], []),
                            TaskBinds(lambda: [task], clock=lambda: 1000.0))
     assert ident.caller("10.77.0.2").task == "t"
