@@ -191,3 +191,13 @@ async def test_tls_from_an_unclaimed_address_is_closed(tsvc: Services) -> None:
     with taddons.context(transparent_addon(tsvc)):
         await transparent_addon(tsvc).next_layer(nl)
     assert isinstance(nl.layer, layers.ServerTLSLayer)
+
+
+async def test_tls_inside_tls_is_closed(tsvc: Services) -> None:
+    nl = next_layer(b"\x16\x03\x01\x00\x05", layers.ServerTLSLayer)
+    nl.context.client.tls_version = "TLSv1.3"
+    nl.context.client.timestamp_tls_setup = 1.0  # the outer handshake is done
+    assert nl.context.client.tls_established
+    with taddons.context(transparent_addon(tsvc)):
+        await transparent_addon(tsvc).next_layer(nl)
+    assert type(nl.layer).__name__ == "_Closed"
