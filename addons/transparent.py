@@ -56,6 +56,15 @@ class _Closed(layer.Layer):
             yield commands.CloseConnection(self.context.client)
 
 
+def _hello_sni(data: bytes) -> str | None:
+    """The server name in a TLS ClientHello not yet handshaken (for the record only)."""
+    try:
+        hello = tls.parse_client_hello(data)
+    except ValueError:
+        return None
+    return hello.sni if hello is not None else None
+
+
 class Transparent(GatewayAddon):
     """Identify a redirected connection by its source; hold its calls to where it was sent."""
 
@@ -84,7 +93,7 @@ class Transparent(GatewayAddon):
         if why is None:
             return
         nextlayer.layer = _Closed(ctx)
-        await self._audit_closed(ctx.client, why)
+        await self._audit_closed(ctx.client, why, _hello_sni(nextlayer.data_client()))
 
     def _refusal(self, nextlayer: layer.NextLayer) -> str | None:
         """Why the connection is refused now; None to go on with mitmproxy's choice (or,
@@ -114,7 +123,8 @@ class Transparent(GatewayAddon):
             return e.reason
         return NOT_HTTP
 
-    async def _audit_closed(self, client: connection.Client, reason: str) -> None:
+    async def _audit_closed(self, client: connection.Client, reason: str,
+                            sni: str | None) -> None:
         """One record for a connection refused before any HTTP request could answer."""
         peer = client.peername[0] if client.peername else None
         ex = Exchange(request_id=new_request_id(), client=peer)
@@ -123,7 +133,8 @@ class Transparent(GatewayAddon):
         except TaskgateError:
             pass  # unclaimed: recorded without a workload
         if client.sockname:  # the original destination (SO_ORIGINAL_DST)
-            ex.host, ex.port = client.sni or str(client.sockname[0]), int(client.sockname[1])
+            name = client.sni or sni or str(client.sockname[0])
+            ex.host, ex.port = name[:255], int(client.sockname[1])
         ex.scheme = "https" if client.tls_established else None
         ex.deny(reason)
         log.warning("taskgate: transparent connection from %s refused: %s", peer, reason)

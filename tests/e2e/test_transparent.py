@@ -469,6 +469,7 @@ def test_address_outside_sources_is_refused_over_tls(gateway: Gateway,
     found = records(gateway, client=STRANGER, port=s)
     assert len(found) == 1, found
     assert found[0]["workload"] is None and found[0]["decision"] == "deny"
+    assert found[0]["host"] == "up.test"  # the name the ClientHello asked for
     assert f"no workload claims the source address {STRANGER}" in found[0]["reason"]
 
 
