@@ -135,6 +135,7 @@ class SourceIdentity:
     """Who a transparent connection is, from its source address."""
 
     def __init__(self, config: Config, tasks: BoundTasks) -> None:
+        self.config = config  # the one it was built from (a reload swaps in another)
         self.sources = Sources(config.workloads)
         self._owners = {name: wl.owner for name, wl in config.workloads.items()}
         self._tasks = tasks

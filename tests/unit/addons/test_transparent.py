@@ -201,3 +201,12 @@ async def test_tls_inside_tls_is_closed(tsvc: Services) -> None:
     with taddons.context(transparent_addon(tsvc)):
         await transparent_addon(tsvc).next_layer(nl)
     assert type(nl.layer).__name__ == "_Closed"
+
+
+async def test_sources_follow_the_config_in_force(tsvc: Services) -> None:
+    addon = transparent_addon(tsvc)
+    assert addon.identity.sources.workload_of(STRANGER) is None
+    doc = {"workloads": {WORKLOAD: {"sources": [f"{STRANGER}/32"]}}}
+    tsvc.gateway.config = parse_config(doc)  # as a reload swaps it in
+    assert addon.identity.sources.workload_of(STRANGER) == WORKLOAD
+    assert addon.identity.sources.workload_of(AGENT) is None
