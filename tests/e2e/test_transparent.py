@@ -1,17 +1,22 @@
-"""Transparent mode against the real gateway, with an agent in its own network namespace.
+"""Transparent mode against the real gateway, with agents in their own network namespaces.
 
-The module builds the deployment deploy/transparent/ describes: a network namespace
-joined to the root namespace by a veth pair, the rules of deploy/transparent/netns.nft
-(and, for one agent interface, netns.iptables.sh) applied on the root side as the
-README says, the gateway in the root namespace with ``listen.transparent``. The agent
-(curl, python) runs inside the namespace with no proxy variables and calls an upstream
-on the root side's address: its calls are redirected, identified by source address,
-judged, audited; everything else is refused, and nothing reaches the upstream from the
-agent itself.
+The module builds the deployments deploy/transparent/ describes, applying its rules as
+its README says:
 
-Names: the gateway resolves ``up.test`` and ``front.test`` through its own /etc/hosts
+* a network namespace joined to the root namespace by veth pairs, the gateway in the
+  root namespace with ``listen.transparent``; deploy/transparent/netns.nft on one link
+  (IPv4 and IPv6), netns.iptables.sh (iptables-legacy) on the other;
+* a pod: a second namespace with the gateway inside as its sidecar (root, the
+  gateway's uid) and deploy/transparent/pod.nft loaded there; the agent another user.
+
+The agents (curl, python) run with no proxy variables and call an upstream on a
+root-side address: their calls are redirected, identified by source address, judged,
+audited; everything else is refused, and nothing reaches the upstream from an agent
+itself.
+
+Names: each gateway resolves ``up.test`` and ``front.test`` through its own /etc/hosts
 (a private mount namespace, ``unshare --mount``); the agent through curl's ``--resolve``.
-Everything the module creates (namespace, links, rules) is removed even on failure.
+Everything the module creates (namespaces, links, rules) is removed even on failure.
 """
 
 from __future__ import annotations
