@@ -25,6 +25,7 @@ from aiohttp import web
 from mitmproxy import certs, options
 from mitmproxy.addons import disable_h2c, next_layer, proxyserver, tlsconfig
 from mitmproxy.master import Master
+from mitmproxy.proxy import mode_specs
 
 from addons import default_addons, json_error_responses
 from proxy import __version__
@@ -52,11 +53,25 @@ def ensure_ca(config: Config) -> str:
 
 def mitm_options(config: Config, bundle: str) -> dict[str, Any]:
     host, port = config.proxy_listen
+    modes = [f"regular@{port}"]
+    if config.transparent_listen is not None:
+        # Redirected connections (nftables/iptables REDIRECT, SO_ORIGINAL_DST): who is
+        # calling comes from the source address (addons/transparent.py).
+        thost, tport = config.transparent_listen
+        # '::' listens for both families, as on Linux by default (asyncio alone would
+        # make it IPv6 only; mitmproxy's '' binds both on one port).
+        modes.append(f"transparent@{'' if thost == '::' else thost}:{tport}")
     return {
-        "mode": [f"regular@{port}"],
+        "mode": modes,
         "listen_host": host,
         "confdir": config.ca_dir,
+        # Nothing passes unread: no raw TCP/UDP relay for what is not HTTP, no host whose
+        # connections are ignored (passed through as raw TCP) by name or address.
         "rawtcp": False,
+        "tcp_hosts": [],
+        "udp_hosts": [],
+        "ignore_hosts": [],
+        "allow_hosts": [],
         # After an upgrade the connection carries frames no rule or record sees
         # (the authorize addon refuses upgrade requests too).
         "websocket": False,
@@ -174,9 +189,16 @@ async def _serve(services: Services, ca_cert: str, handled: list[int]) -> int:
         pport = addrs[0][1] if addrs else config.proxy_listen[1]
         bound = runner.addresses
         cport_bound = bound[0][1] if bound else cport
+        transparent = ""
+        if config.transparent_listen is not None:
+            tport = next((a[1] for s in ps.servers
+                          if isinstance(s.mode, mode_specs.TransparentMode)
+                          for a in s.listen_addrs), config.transparent_listen[1])
+            transparent = f"  transparent:   {config.transparent_listen[0]}:{tport}\n"
         print(f"taskgate {__version__} running\n"
               f"  proxy:         http://{config.proxy_listen[0]}:{pport}\n"
               f"  control plane: http://{chost}:{cport_bound}\n"
+              f"{transparent}"
               f"  CA cert:       {os.path.abspath(ca_cert)}\n"
               f"  admin token:   {os.path.abspath(token_path)}\n"
               f"  audit log:     {os.path.abspath(config.audit_path)}\n"
@@ -191,8 +213,10 @@ async def _serve(services: Services, ca_cert: str, handled: list[int]) -> int:
         readier.cancel()
         await runner.cleanup()  # the control plane first; the services close after it
     if master.bind_failed:
-        log.error("taskgate: the proxy could not listen on %s:%d",
-                  config.proxy_listen[0], config.proxy_listen[1])
+        also = config.transparent_listen
+        log.error("taskgate: the proxy could not listen on %s:%d%s",
+                  config.proxy_listen[0], config.proxy_listen[1],
+                  f" (or transparently on {also[0]}:{also[1]})" if also else "")
         return 2
     return 0
 

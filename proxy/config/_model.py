@@ -14,6 +14,7 @@ Relative paths are read from the directory the gateway runs in.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 from collections.abc import Callable, Mapping
@@ -29,10 +30,12 @@ from proxy.errors import ConfigError, InvalidField
 from proxy.policy import Rule, parse_rule
 from proxy.secrets.spec import SecretSpec, check_token_scope, parse_secret
 
-__all__ = ["Config", "IssuerConfig", "WorkloadConfig", "load_config", "parse_config"]
+__all__ = ["Config", "IssuerConfig", "Network", "WorkloadConfig", "load_config", "parse_config"]
 
 CONFIG_VERSION = 1
 DEFAULT_FILE = "taskgate.yaml"
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,6 +55,7 @@ class WorkloadConfig:
     owner: str | None = None
     ceiling: tuple[Rule, ...] = ()
     standing: tuple[Rule, ...] = ()
+    sources: tuple[Network, ...] = ()  # client addresses that are this workload (transparent)
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,6 +64,7 @@ class Config:
     version: int = CONFIG_VERSION
     proxy_listen: tuple[str, int] = ("127.0.0.1", 8080)
     control_listen: tuple[str, int] = ("127.0.0.1", 8081)
+    transparent_listen: tuple[str, int] | None = None  # mitmproxy's transparent mode, if set
     home: str = ".taskgate"
     admin_token_file: str = ".taskgate/admin-token"  # noqa: S105 - a path
     upstream_ca_file: str | None = None
@@ -234,11 +239,22 @@ def parse_config(doc: Any, source: str = "<config>") -> Config:
         raise w.fail(f"unsupported config version {v!r}; this gateway reads version 1")
 
     w, v = sub("listen")
-    listen = _mapping(w, v, ("proxy", "control"))
+    listen = _mapping(w, v, ("proxy", "control", "transparent"))
+    if listen.get("transparent") is not None:
+        kw["transparent_listen"] = _hostport(_child(w, listen, "transparent"),
+                                             listen["transparent"])
     if "proxy" in listen:
         kw["proxy_listen"] = _hostport(_child(w, listen, "proxy"), listen["proxy"])
     if "control" in listen:
         kw["control_listen"] = _hostport(_child(w, listen, "control"), listen["control"])
+    if "transparent_listen" in kw:
+        defaults = Config()
+        for other in ("proxy", "control"):
+            key = f"{other}_listen"
+            if kw["transparent_listen"] == kw.get(key, getattr(defaults, key)):
+                raise _child(w, listen, "transparent").fail(
+                    f"{listen['transparent']!r} is the {other} listener's address too; the "
+                    "transparent listener needs one of its own (another port)")
 
     w, v = sub("home")
     home = _str(w, v) if v is not None else ".taskgate"
@@ -304,11 +320,13 @@ def parse_config(doc: Any, source: str = "<config>") -> Config:
             raise w.fail("expected a mapping of workload id → settings")
         for name, item in v.items():
             ww = _child(w, v, str(name))
-            m = _mapping(ww, item, ("owner", "ceiling", "standing"))
+            m = _mapping(ww, item, ("owner", "ceiling", "standing", "sources"))
             owner = _str(_child(ww, m, "owner"), m.get("owner"), optional=True)
             ceiling = _rules(_child(ww, m, "ceiling"), m.get("ceiling"))
             standing = _rules(_child(ww, m, "standing"), m.get("standing"))
-            workloads[str(name)] = WorkloadConfig(owner, ceiling, standing)
+            sources = _sources(_child(ww, m, "sources"), m.get("sources"))
+            workloads[str(name)] = WorkloadConfig(owner, ceiling, standing, sources=sources)
+        _no_shared_sources(w, v, workloads)
     kw["workloads"] = workloads
 
     w, v = sub("secrets")
@@ -427,6 +445,49 @@ def _state(at: tuple[_Where, Any], kw: dict[str, Any]) -> None:
         raise uw.fail("the URL carries a password: put it in state.redis_password_file or "
                       "TASKGATE_REDIS_PASSWORD, never in the config")
     kw["redis_url"] = text
+
+
+def _sources(where: _Where, node: Any) -> tuple[Network, ...]:
+    """The client networks that are a workload in transparent mode (CIDRs, IPv4/IPv6)."""
+    if node is None:
+        return ()
+    if not isinstance(node, list):
+        raise where.fail("expected a list of client networks, e.g. ['10.77.0.0/24']")
+    nets: list[Network] = []
+    for i, item in enumerate(node):
+        w = _child(where, node, i)
+        if not isinstance(item, str) or not item:
+            raise w.fail(f"{item!r} is not a network; write a CIDR, e.g. '10.77.0.0/24'")
+        try:
+            net = ipaddress.ip_network(item.strip())
+        except ValueError:
+            try:
+                loose = ipaddress.ip_network(item.strip(), strict=False)
+            except ValueError:
+                raise w.fail(f"{item!r} is not a network; write a CIDR, e.g. "
+                             "'10.77.0.0/24' or 'fd77::/64'") from None
+            raise w.fail(f"{item!r} has host bits set; use {str(loose)!r}") from None
+        nets.append(net)
+    return tuple(nets)
+
+
+def _no_shared_sources(where: _Where, node: Mapping[str, Any],
+                       workloads: Mapping[str, WorkloadConfig]) -> None:
+    """A client address is one workload: a network of one workload that overlaps another
+    workload's would leave the longest prefix to decide who an agent is, silently."""
+    claimed: list[tuple[Network, str]] = []
+    for name, wl in workloads.items():
+        for i, net in enumerate(wl.sources):
+            for other, owner in claimed:
+                if owner != name and net.version == other.version and net.overlaps(other):
+                    ww = _child(where, node, name)
+                    item = node[name]
+                    sw = _child(ww, item, "sources") if isinstance(item, Mapping) else ww
+                    raw = item.get("sources") if isinstance(item, Mapping) else None
+                    at = _child(sw, raw, i) if isinstance(raw, list) else sw
+                    raise at.fail(f"{str(net)!r} overlaps {str(other)!r} of workload "
+                                  f"{owner!r}; a client address must name one workload")
+        claimed.extend((net, name) for net in wl.sources)
 
 
 def _secret_files(where: _Where, item: Mapping[str, Any]) -> None:

@@ -76,6 +76,8 @@ class Exchange:
     # -- passed along the addon chain (not recorded) ----------------------------------
     tunnel: Tunnel | None = None
     """The CONNECT tunnel the call came through (authorize), checked against its target."""
+    original_dst: str | None = None
+    """The address a transparent call was sent to (transparent): egress pins it."""
     call: Call | None = None
     """The call as judged: canonical host, decoded path (authorize)."""
     allowed_by: Rule | None = None
