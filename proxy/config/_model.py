@@ -50,6 +50,9 @@ class WorkloadConfig:
     owner: str | None = None
     ceiling: tuple[Rule, ...] = ()
     standing: tuple[Rule, ...] = ()
+    mode: str = "enforce"  # "report": calls the rules refuse go through, recorded would_deny
+    report_allowed: bool = False  # a task of this workload may ask for "mode": "report"
+    require_binding: bool = False  # a task of this workload must be bound ("bind")
 
 
 @dataclass(frozen=True, slots=True)
@@ -291,11 +294,12 @@ def parse_config(doc: Any, source: str = "<config>") -> Config:
             raise w.fail("expected a mapping of workload id → settings")
         for name, item in v.items():
             ww = _child(w, v, str(name))
-            m = _mapping(ww, item, ("owner", "ceiling", "standing"))
+            m = _mapping(ww, item, ("owner", "ceiling", "standing", *_DEPLOY_KEYS))
             owner = _str(_child(ww, m, "owner"), m.get("owner"), optional=True)
             ceiling = _rules(_child(ww, m, "ceiling"), m.get("ceiling"))
             standing = _rules(_child(ww, m, "standing"), m.get("standing"))
-            workloads[str(name)] = WorkloadConfig(owner, ceiling, standing)
+            workloads[str(name)] = WorkloadConfig(owner, ceiling, standing,
+                                                  **_deployment(ww, m))
     kw["workloads"] = workloads
 
     w, v = sub("secrets")
@@ -360,6 +364,27 @@ def parse_config(doc: Any, source: str = "<config>") -> Config:
         kw["max_inspect_bytes"] = _int(_child(w, mc, "max_body_bytes"),
                                        mc["max_body_bytes"], 1024, 64 << 20)
     return Config(**kw)
+
+
+_DEPLOY_KEYS = ("mode", "report_allowed", "require_binding")
+MODES = ("enforce", "report")
+
+
+def _deployment(where: _Where, m: Mapping[str, Any]) -> dict[str, Any]:
+    """A workload's rollout settings: its mode, and what its tasks may or must ask for."""
+    kw: dict[str, Any] = {}
+    if m.get("mode") is not None:
+        mode = m["mode"]
+        if mode not in MODES:
+            raise _child(where, m, "mode").fail(f"{mode!r} is not a mode; use enforce "
+                                                "(the default) or report")
+        kw["mode"] = mode
+    for key in ("report_allowed", "require_binding"):
+        if m.get(key) is not None:
+            if not isinstance(m[key], bool):
+                raise _child(where, m, key).fail(f"{m[key]!r} is not true or false")
+            kw[key] = m[key]
+    return kw
 
 
 def _secret_files(where: _Where, item: Mapping[str, Any]) -> None:

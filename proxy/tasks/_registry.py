@@ -51,7 +51,7 @@ from proxy.identity import TASK_ISSUER, Caller, Identity, TaskKeys, TaskTokenIss
 from proxy.policy import Breach, Budget, Decision, Rule, breach
 from proxy.secrets import check_token_scope
 from proxy.store import TaskRow, TaskStore
-from proxy.tasks._model import RuleSets, Task, TaskRequest, canonical_rules
+from proxy.tasks._model import RuleSets, Task, TaskRequest, canonical_rules, read_terms
 
 __all__ = ["Clock", "TaskEndHook", "TaskRegistry", "open_registry"]
 
@@ -107,9 +107,10 @@ class TaskRegistry:
     def _from_row(self, row: TaskRow) -> Task:
         key, rs = self.rulesets.acquire(row.rules)
         owner = sys.intern(row.owner) if row.owner else None
+        mode, bind = read_terms(row.terms)
         return Task(row.id, sys.intern(row.workload), owner, row.purpose, row.created_at,
                     row.expires_at, row.max_calls, key, rs, sys.intern(row.kid), row.used,
-                    row.revoked_at, row.ended)
+                    row.revoked_at, row.ended, mode, bind)
 
     def _index(self, task: Task) -> None:
         self.tasks[task.id] = task
@@ -157,6 +158,12 @@ class TaskRegistry:
         if wl is None:
             raise InvalidField("workload", f"unknown workload {workload!r}; it must be listed "
                                            "under 'workloads' in the config")
+        if req.mode == "report" and not wl.report_allowed:
+            raise InvalidField("mode", f"workload {workload!r} does not allow report-mode "
+                                       "tasks (report_allowed: true in its config)")
+        if wl.require_binding and not req.bind:
+            raise InvalidField("bind", f"workload {workload!r} requires its tasks to be bound "
+                                       "to where the agent runs: give bind.client_cidrs")
         # Containment is CPU work (automata over path globs): off the event loop, and
         # bounded per request so a request of pathological globs is refused, not slow.
         why = await asyncio.to_thread(_first_breach, req.rules, wl.ceiling)
@@ -170,7 +177,8 @@ class TaskRegistry:
         task_id = uuid.uuid4().hex
         key, rs = self.rulesets.acquire(rules_json)
         task = Task(task_id, workload, req.owner or wl.owner, req.purpose, now,
-                    now + req.ttl_seconds, req.max_calls, key, rs, self.keys.current)
+                    now + req.ttl_seconds, req.max_calls, key, rs, self.keys.current,
+                    mode=req.mode, bind=req.bind)
         try:
             await self.store.insert(task.row())
         except BaseException:
@@ -227,12 +235,44 @@ class TaskRegistry:
 
     # -- enforcement ----------------------------------------------------------
     def check(self, caller: Caller) -> None:
-        """Raise if the caller's task no longer grants anything."""
+        """Raise if the caller's task no longer grants anything (in report mode a spent
+        budget does not refuse: the call is recorded ``would_deny`` at ``admit``)."""
         if caller.task is None:
             return
         task = self._live(caller)
-        if task.max_calls is not None and task.used >= task.max_calls:
+        if task.max_calls is not None and task.used >= task.max_calls \
+                and not self._reports(task):
             raise Refused(self._spent(task))
+
+    def reporting(self, caller: Caller) -> bool:
+        """Is ``caller`` in report mode: its workload's ``mode: report``, or its task's?"""
+        wl = self.config.workloads.get(caller.workload)
+        if wl is not None and wl.mode == "report":
+            return True
+        task = self.tasks.get(caller.task) if caller.task is not None else None
+        return task is not None and task.mode == "report"
+
+    def _reports(self, task: Task) -> bool:
+        wl = self.config.workloads.get(task.workload)
+        return task.mode == "report" or (wl is not None and wl.mode == "report")
+
+    def check_client(self, caller: Caller, client: str | None) -> None:
+        """Raise (407) if the caller's task is bound to other client addresses."""
+        if caller.task is None:
+            return
+        task = self.tasks.get(caller.task)
+        if task is not None and not task.bound_to(client):
+            raise InvalidCredential(f"the task token is bound elsewhere: it is good only "
+                                    f"from {', '.join(str(n) for n in task.bind)}, not from "
+                                    f"{client or 'an unknown address'}")
+
+    def bound_to(self, address: str, workload: str) -> list[Task]:
+        """The live tasks of ``workload`` bound to ``address`` (transparent mode judges a
+        call from that address against their grants)."""
+        now = self._clock()
+        return [t for t in self.tasks.values()
+                if t.bind and t.workload == workload and t.revoked_at is None
+                and now < t.expires_at and t.bound_to(address)]
 
     def check_live(self, caller: Caller) -> None:
         """Raise if the caller's task ended; its budget is not looked at (the call asking
@@ -259,9 +299,10 @@ class TaskRegistry:
         if caller.task is None or not decision.allowed:
             return decision
         task = self._live(caller)
-        if task.max_calls is not None and task.used >= task.max_calls:
+        spent = task.max_calls is not None and task.used >= task.max_calls
+        if spent and not self._reports(task):
             return Decision(False, self._spent(task), decision.rule)
-        task.used += 1
+        task.used += 1  # in report mode past the budget too: counted, not enforced
         try:
             await self.store.add_used(task.id, 1)
         except Exception:
@@ -273,6 +314,8 @@ class TaskRegistry:
             self._refund(task.id)  # ended while the count was being written
             self._live(caller)
         self._admitted[request_id] = (task.id, time.monotonic())
+        if spent:  # report mode: the call goes ahead, recorded would_deny
+            return Decision(False, self._spent(task), decision.rule)
         return decision
 
     def on_record(self, record: dict[str, Any]) -> None:
