@@ -14,6 +14,8 @@ Relative paths are read from the directory the gateway runs in.
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -58,6 +60,7 @@ class WorkloadConfig:
 @dataclass(frozen=True, slots=True)
 class Config:
     source: str = "<embedded defaults>"
+    digest: str | None = None  # sha256 of the file read (reload records name old and new)
     version: int = CONFIG_VERSION
     proxy_listen: tuple[str, int] = ("127.0.0.1", 8080)
     control_listen: tuple[str, int] = ("127.0.0.1", 8081)
@@ -436,4 +439,5 @@ def load_config(path: str | None, *, exists: Callable[[str], bool] = os.path.isf
         where = f"{path}:{mark.line + 1}" if mark is not None else path
         problem = getattr(e, "problem", None) or str(e).splitlines()[0]
         raise ConfigError(f"{where}: invalid YAML: {problem}") from None
-    return parse_config(doc, path)
+    digest = hashlib.sha256(text.encode("utf-8")).hexdigest()
+    return dataclasses.replace(parse_config(doc, path), digest=digest)

@@ -41,7 +41,7 @@ import os
 import sys
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from proxy.batching import FAILURES
@@ -93,6 +93,11 @@ class TaskRegistry:
         self.sweep_failing = False  # the last sweep raised (supervision: /readyz, /metrics)
         self._closing = False
         self._active: tuple[float, float] | None = None  # (monotonic when, count)
+        self._creating = 0  # task creations under way (a config reload waits for them)
+        self._no_creation = asyncio.Event()
+        self._no_creation.set()
+        self._creation_open = asyncio.Event()
+        self._creation_open.set()
 
     # -- loading --------------------------------------------------------------
     async def load(self) -> None:
@@ -154,23 +159,20 @@ class TaskRegistry:
     async def create(self, req: TaskRequest) -> tuple[Task, str]:
         """Check the request against its workload's ceiling, store it, sign its token."""
         workload = await self.workload_of(req)
-        wl = self.config.workloads.get(workload)
-        if wl is None:
-            raise InvalidField("workload", f"unknown workload {workload!r}; it must be listed "
-                                           "under 'workloads' in the config")
-        if req.mode == "report" and not wl.report_allowed:
-            raise InvalidField("mode", f"workload {workload!r} does not allow report-mode "
-                                       "tasks (report_allowed: true in its config)")
-        if wl.require_binding and not req.bind:
-            raise InvalidField("bind", f"workload {workload!r} requires its tasks to be bound "
-                                       "to where the agent runs: give bind.client_cidrs")
-        # Containment is CPU work (automata over path globs): off the event loop, and
-        # bounded per request so a request of pathological globs is refused, not slow.
-        why = await asyncio.to_thread(_first_breach, req.rules, wl.ceiling)
-        if why is not None:
-            i, b = why
-            raise InvalidField(("rules", i, b.key), f"rule {b.rule!r}: {b.reason}",
-                               error="beyond_ceiling", rule=b.rule)
+        await self._creation_open.wait()  # a config reload is judging the tasks there are
+        self._creating += 1
+        self._no_creation.clear()
+        try:
+            return await self._create(req, workload)
+        finally:
+            self._creating -= 1
+            if self._creating == 0:
+                self._no_creation.set()
+
+    async def _create(self, req: TaskRequest, workload: str) -> tuple[Task, str]:
+        config = self.config
+        await self._check_request(req, workload, config)
+        wl = config.workloads[workload]
         self._check_token_scopes(req.rules)
         now = self._clock()
         rules_json = canonical_rules(req.rules)
@@ -189,6 +191,63 @@ class TaskRegistry:
                                expires_at=task.expires_at, now=now)
         return task, token
 
+    async def _check_request(self, req: TaskRequest, workload: str, config: Config) -> None:
+        """The request fits ``workload`` as ``config`` has it: mode, binding, ceiling."""
+        wl = config.workloads.get(workload)
+        if wl is None:
+            raise InvalidField("workload", f"unknown workload {workload!r}; it must be listed "
+                                           "under 'workloads' in the config")
+        if req.mode == "report" and not wl.report_allowed:
+            raise InvalidField("mode", f"workload {workload!r} does not allow report-mode "
+                                       "tasks (report_allowed: true in its config)")
+        if wl.require_binding and not req.bind:
+            raise InvalidField("bind", f"workload {workload!r} requires its tasks to be bound "
+                                       "to where the agent runs: give bind.client_cidrs")
+        # Containment is CPU work (automata over path globs): off the event loop, and
+        # bounded per request so a request of pathological globs is refused, not slow.
+        why = await asyncio.to_thread(_first_breach, req.rules, wl.ceiling)
+        if why is not None:
+            i, b = why
+            raise InvalidField(("rules", i, b.key), f"rule {b.rule!r}: {b.reason}",
+                               error="beyond_ceiling", rule=b.rule)
+
+    def beyond_ceiling(self, config: Config, tasks: list[Task]) -> list[tuple[Task, str]]:
+        """Which of ``tasks`` no longer fit their workload's ceiling in ``config`` (a
+        reload lowered it, or dropped the workload), and why. CPU work: run it off the
+        event loop on a list taken on it."""
+        out: list[tuple[Task, str]] = []
+        for task in tasks:
+            wl = config.workloads.get(task.workload)
+            if wl is None:
+                out.append((task, f"workload {task.workload!r} is no longer in the config"))
+                continue
+            old = self.config.workloads.get(task.workload)
+            if old is not None and old.ceiling == wl.ceiling:
+                continue
+            why = _first_breach(task.ruleset.rules, wl.ceiling)
+            if why is not None:
+                i, b = why
+                out.append((task, f"rules[{i}] {b.rule!r} no longer fits the ceiling of "
+                                  f"workload {task.workload!r}: {b.reason}"))
+        return out
+
+    @contextlib.asynccontextmanager
+    async def creation_paused(self) -> AsyncIterator[None]:
+        """No task is being created while inside (those under way are waited for):
+        a config reload judges the tasks there are against the new ceilings, swaps the
+        config, and no task checked against the old one is added behind its back."""
+        self._creation_open.clear()
+        try:
+            await self._no_creation.wait()
+            yield
+        finally:
+            self._creation_open.set()
+
+    def live(self) -> list[Task]:
+        """The tasks that can still make calls, now."""
+        now = self._clock()
+        return [t for t in self.tasks.values() if t.revoked_at is None and now < t.expires_at]
+
     def _check_token_scopes(self, rules: tuple[Rule, ...]) -> None:
         """``repositories``/``permissions`` only where they limit a token: a github_app
         secret. Elsewhere the provider would ignore them, and the task would look
@@ -206,14 +265,22 @@ class TaskRegistry:
         task = self.tasks.get(task_id)
         if task is None:
             return None
-        if task.revoked_at is None:
-            task.revoked_at = self._clock()
-            self._active = None
-            heapq.heappush(self._purges, (task.ended_at() + self.retention, task.id))
-            self.identity.forget(lambda c: c.task == task_id)
+        if self.revoke_now(task):
+            assert task.revoked_at is not None
             await self.store.revoke(task_id, task.revoked_at)
         await self._end([task])
         return task
+
+    def revoke_now(self, task: Task) -> bool:
+        """Revoke ``task`` in memory (its next call is refused); :meth:`revoke` persists
+        it and runs the task-end hooks. False if it was revoked already."""
+        if task.revoked_at is not None:
+            return False
+        task.revoked_at = self._clock()
+        self._active = None
+        heapq.heappush(self._purges, (task.ended_at() + self.retention, task.id))
+        self.identity.forget(lambda c: c.task == task.id)
+        return True
 
     async def notify_ended(self, task_id: str) -> None:
         """Run every task-end hook; one failing hook never stops the others."""
