@@ -157,7 +157,7 @@ async def _serve(services: Services, ca_cert: str, handled: list[int]) -> int:
         if held:
             log.info("taskgate: refused %d calls held for approval", held)
         await runner.shutdown()
-        if not await gateway.drained(config.shutdown_grace_seconds):
+        if not await gateway.drained(gateway.config.shutdown_grace_seconds):
             log.warning("taskgate: %d calls still in flight after the grace period",
                         gateway.in_flight)
         master.shutdown()
