@@ -8,6 +8,7 @@ import base64
 import http.client
 import json
 import socket
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -15,7 +16,7 @@ from typing import Any
 import pytest
 
 from tests.conftest import OTHER_WORKLOAD, ceiling_config
-from tests.support import Gateway, Upstream
+from tests.support import PYTHON, WORKLOAD, Gateway, Upstream
 from tests.tasks_support import create_task, http_rule, post_task
 
 BOUND = {"client_cidrs": ["127.0.0.2/32"]}
@@ -107,3 +108,22 @@ def test_bad_binding_names_the_field(bind_gateway: Gateway, upstream: Upstream,
     r = post_task(bind_gateway, [http_rule(upstream)], up=upstream, bind=bind)
     assert r.status_code == 422, r.text
     assert r.json()["field"] == field
+
+
+def test_cli_creates_a_bound_task(bind_gateway: Gateway, upstream: Upstream,
+                                  tmp_path: Path) -> None:
+    gw = bind_gateway
+    rules = tmp_path / "rules.yaml"
+    rules.write_text(json.dumps([http_rule(upstream)]))  # JSON is YAML
+    base = [*PYTHON, "-m", "proxy", "task", "create", "-c", str(gw.config_path),
+            "--workload", WORKLOAD, "--rules", str(rules)]
+    ok = subprocess.run([*base, "--bind", "127.0.0.2/32", "--bind", "10.77.0.0/24"],
+                        cwd=gw.dir, env=gw.env, capture_output=True, text=True, timeout=30)
+    assert ok.returncode == 0, ok.stderr
+    assert "bound to  127.0.0.2/32, 10.77.0.0/24" in ok.stdout
+    bad = subprocess.run([*base, "--bind", "127.0.0.2"], cwd=gw.dir, env=gw.env,
+                         capture_output=True, text=True, timeout=30)
+    assert bad.returncode == 1 and "[bind.client_cidrs[0]]" in bad.stderr
+    report = subprocess.run([*base, "--mode", "report"], cwd=gw.dir, env=gw.env,
+                            capture_output=True, text=True, timeout=30)
+    assert report.returncode == 1 and "[mode]" in report.stderr
