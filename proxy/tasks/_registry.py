@@ -94,6 +94,7 @@ class TaskRegistry:
         self._closing = False
         self._active: tuple[float, float] | None = None  # (monotonic when, count)
         self._creating = 0  # task creations under way (a config reload waits for them)
+        self._unpersisted: set[str] = set()  # revoked in memory, the store not yet told
         self._no_creation = asyncio.Event()
         self._no_creation.set()
         self._creation_open = asyncio.Event()
@@ -265,9 +266,11 @@ class TaskRegistry:
         task = self.tasks.get(task_id)
         if task is None:
             return None
-        if self.revoke_now(task):
+        self.revoke_now(task)
+        if task.id in self._unpersisted:  # revoked in memory, not yet in the store
             assert task.revoked_at is not None
             await self.store.revoke(task_id, task.revoked_at)
+            self._unpersisted.discard(task.id)
         await self._end([task])
         return task
 
@@ -277,6 +280,7 @@ class TaskRegistry:
         if task.revoked_at is not None:
             return False
         task.revoked_at = self._clock()
+        self._unpersisted.add(task.id)
         self._active = None
         heapq.heappush(self._purges, (task.ended_at() + self.retention, task.id))
         self.identity.forget(lambda c: c.task == task.id)

@@ -70,7 +70,9 @@ async def test_no_task_slips_past_a_lowered_ceiling(tmp_path: Path) -> None:
         assert made and refused, (made, refused)  # some before the reload, some after
         live = {t.id for t in tasks.live()}
         assert not live & set(made)  # each was revoked at the reload, or refused after it
-        assert set(result.revoked) <= set(made)
+        assert result.revoked and set(result.revoked) <= set(made)
+        stored = {row.id: row for row in await tasks.store.load()}
+        assert all(stored[i].revoked_at is not None for i in result.revoked)  # persisted
 
 
 @pytest.mark.parametrize("bad", ["workloads: [", "workloads:\n  x:\n    mode: loud\n"])
