@@ -16,7 +16,15 @@ import pytest
 
 from tests.conftest import OTHER_WORKLOAD, ceiling_config
 from tests.support import PYTHON, WORKLOAD, Gateway, Keys, Upstream
-from tests.tasks_support import admin, client, create_task, http_rule, post_task, show
+from tests.tasks_support import (
+    Tunnel,
+    admin,
+    client,
+    create_task,
+    http_rule,
+    post_task,
+    show,
+)
 
 WATCHED = "spiffe://acme.test/agent/watched"
 SECRET = "report-mode-secret-value-1234"
@@ -35,6 +43,8 @@ def report_gateway(tmp_path_factory: pytest.TempPathFactory, shared_files: dict[
             {"id": "watch-secret", **plain, "methods": ["GET"], "paths": ["/secret/**"],
              "secret": "demo-key"},
             {"id": "watch-mcp", **plain, "paths": ["/mcp-echo"], "mcp": {"tools": ["add"]}},
+            {"id": "watch-tls", "host": "localhost", "allow_private": True,
+             "port": upstream.https_port, "methods": ["GET"], "paths": ["/allowed/**"]},
         ]}
     gw = Gateway(tmp_path_factory.mktemp("gw-report"), cfg,
                  env={"TASKGATE_TEST_SECRET": SECRET}).start()
@@ -69,6 +79,30 @@ def test_refused_calls_go_through_as_would_deny(report_gateway: Gateway, upstrea
     assert no_method.status_code == 200 and no_method.json()["method"] == "DELETE"
     assert _record(gw, no_method)["reason"] == \
         "no rule for this host and path allows this method"
+
+
+def test_https_in_a_tunnel_and_the_ssrf_guard(report_gateway: Gateway, upstream: Upstream,
+                                              watched: str) -> None:
+    """Inside a tunnel too; but a would_deny call reaches a private address only where a
+    rule naming that host and port opts in: the SSRF guard is not in report mode."""
+    gw = report_gateway
+    named = Tunnel(gw, watched, "localhost", upstream.https_port)
+    try:
+        status, body = named.get("/not-granted/tls")
+    finally:
+        named.close()
+    assert status == 200 and body["path"] == "/not-granted/tls"
+    recs = [r for r in gw.audit() if r["path"] == "/not-granted/tls"]
+    assert [r["decision"] for r in recs] == ["would_deny"] and recs[0]["scheme"] == "https"
+    unnamed = Tunnel(gw, watched, "127.0.0.1", upstream.https_port)  # no rule names it
+    try:
+        status, body = unnamed.get("/anything/tls")
+    finally:
+        unnamed.close()
+    assert status == 403 and "private" in body["reason"]
+    rec = gw.records_for(body["request_id"])[0]
+    assert rec["decision"] == "deny"
+    assert not any(s["path"] == "/anything/tls" for s in upstream.seen)
 
 
 def test_identity_failures_stay_407(report_gateway: Gateway, upstream: Upstream,
