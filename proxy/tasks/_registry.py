@@ -20,6 +20,13 @@ connections, through ``Gateway.recheck``):
   its audit record shows ``deny`` or ``rejected``; a call that was let through
   and then failed upstream (``error``) stays counted.
 
+* ``check_client`` — a task bound to client networks (``bind``) refuses its token
+  from any other client address (→ 407 "the task token is bound elsewhere").
+
+In report mode (the workload's ``mode: report``, or the task's) a spent budget does
+not refuse: ``admit`` still counts the call and answers a refusal the gateway records
+``would_deny`` and lets through.
+
 Standing rules do not apply to a task caller: a task token carries exactly
 its task's rules, so what an agent can do on a task is what the task says.
 Workload tokens (no task) keep their ``standing`` rules.
