@@ -32,8 +32,8 @@ def _reload(args: argparse.Namespace) -> int:
     except ControlError as e:
         print(f"taskgate reload: {safe(str(e))}", file=sys.stderr)
         return 1
-    print(f"reloaded: config sha256:{safe(str(answer.get('old_digest')))[:16]} -> "
-          f"sha256:{safe(str(answer.get('new_digest')))[:16]}")
+    old, new = (safe(str(answer.get(k)))[:16] for k in ("old_digest", "new_digest"))
+    print(f"reloaded {safe(str(answer.get('config')))}: config sha256:{old} -> sha256:{new}")
     for key, label in (("restart_needed", "needs a restart to change"),
                        ("revoked_tasks", "tasks revoked (beyond the new ceilings)"),
                        ("secrets_refetched", "secrets fetched anew on next use")):

@@ -61,6 +61,7 @@ class ReloadResult:
     applied: bool
     old_digest: str | None
     new_digest: str | None
+    source: str = ""  # the file read
     error: str | None = None
     restart_needed: tuple[str, ...] = ()
     revoked: tuple[str, ...] = ()  # task ids
@@ -68,7 +69,7 @@ class ReloadResult:
     seconds: float = 0.0
 
     def view(self) -> dict[str, Any]:
-        return {"applied": self.applied, "old_digest": self.old_digest,
+        return {"applied": self.applied, "config": self.source, "old_digest": self.old_digest,
                 "new_digest": self.new_digest, "error": self.error,
                 "restart_needed": list(self.restart_needed),
                 "revoked_tasks": list(self.revoked),
@@ -111,7 +112,7 @@ async def _reload(services: Services, who: str, path: str | None) -> ReloadResul
                               "no config file to reload")
         loaded = await asyncio.to_thread(load_config, source)
     except ConfigError as e:
-        result = ReloadResult(False, old.digest, None, error=str(e),
+        result = ReloadResult(False, old.digest, None, source, error=str(e),
                               seconds=time.monotonic() - started)
         await _record(services, "error", f"config reload asked by {who}: refused, the "
                                          f"running config stays ({_short(old.digest)}): {e}",
@@ -131,7 +132,7 @@ async def _reload(services: Services, who: str, path: str | None) -> ReloadResul
         services.approvals.timeout = new.approval_timeout_seconds
         refetch = services.secrets.reconfigure(new.secrets)
         revoked = [(t, why) for t, why in offenders if tasks.revoke_now(t)]
-    result = ReloadResult(True, old.digest, new.digest, restart_needed=restart,
+    result = ReloadResult(True, old.digest, new.digest, source, restart_needed=restart,
                           revoked=tuple(t.id for t, _ in revoked),
                           secrets_refetched=tuple(refetch),
                           seconds=time.monotonic() - started)

@@ -156,7 +156,7 @@ def test_cli_reload(gw: Gateway, cfg: dict[str, Any]) -> None:
     ok = subprocess.run(cmd, cwd=gw.dir, env=gw.env, capture_output=True, text=True,
                         timeout=30)
     assert ok.returncode == 0, ok.stderr
-    assert ok.stdout.startswith("reloaded: config sha256:")
+    assert ok.stdout.startswith(f"reloaded {gw.config_path}: config sha256:")
     rec = reload_records(gw)[-1]
     assert rec["decision"] == "allow" and "asked by taskgate reload from 127.0.0.1" \
         in rec["reason"]
@@ -181,6 +181,7 @@ def test_next_call_in_an_open_tunnel_is_judged_on_new_rules(gw: Gateway, cfg: di
         assert r.status_code == 200, r.text
         view = r.json()
         assert view["applied"] and view["old_digest"] != view["new_digest"]
+        assert view["config"] == str(gw.config_path)
         assert view["restart_needed"] == [] and view["revoked_tasks"] == []
         assert view["secrets_refetched"] == []  # no secret spec changed
         status, body = tunnel.get("/allowed/after")  # the same tunnel, the same connection
