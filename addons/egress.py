@@ -64,12 +64,15 @@ class Egress(GatewayAddon):
             return
         ex = exchange(flow)
         rule, call = ex.allowed_by, ex.call
-        if rule is None or call is None:
+        if call is None or (rule is None and ex.decision != "would_deny"):
             raise Refused("the call was not authorized")  # never reached past authorize
+        # Report mode does not reach the SSRF guard: a would_deny call is judged as one
+        # a rule of the caller naming its endpoint would be, private addresses refused.
+        opt_in = rule.private_ok if rule is not None else self.gateway.private_ok(ex)
         pins = self._pins.setdefault(flow.client_conn.id, {})
         key = (call.host, call.port)
         # A transparent call goes where it was sent (its name was checked to lead there).
-        verdict = await self.guard.check(call.host, call.port, opt_in=rule.private_ok,
+        verdict = await self.guard.check(call.host, call.port, opt_in=opt_in,
                                          pinned=pins.get(key) or ex.original_dst)
         if not verdict.allowed or verdict.ip is None:
             refuse(flow, 403, "forbidden", verdict.reason)

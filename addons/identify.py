@@ -33,6 +33,7 @@ class Identify(GatewayAddon):
         try:
             # Identify, then check the grant: a refused caller is still named in the record.
             ex.caller = await self.gateway.identity.identify(_credential(flow))
+            self.gateway.check_client(ex.caller, ex.client)
             self.gateway.policy.check(ex.caller)
         except TaskgateError as e:
             refuse_for(flow, e)
@@ -57,6 +58,7 @@ class Identify(GatewayAddon):
                 self.gateway.recheck(tunnel.caller)
             else:
                 ex.caller = await self.gateway.identity.identify(credential)
+                self.gateway.check_client(ex.caller, ex.client)
                 self.gateway.policy.check(ex.caller)
         except TaskgateError as e:
             refuse_for(flow, e)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import gc
 import logging
 import os
@@ -31,7 +32,7 @@ from addons import default_addons, json_error_responses
 from proxy import __version__
 from proxy.config import Config
 from proxy.control import ControlSite, ControlState, make_app
-from proxy.gateway import Services, build, stop_signals
+from proxy.gateway import RELOAD_SIGNAL, Services, build, reload, stop_signals
 from proxy.identity import admin_token
 
 __all__ = ["ensure_ca", "mitm_options", "run", "serve", "settle_heap"]
@@ -158,6 +159,7 @@ async def _serve(services: Services, ca_cert: str, handled: list[int]) -> int:
 
     stopping = asyncio.Event()
     handled.extend(_handle_stop_signals(loop, stopping))
+    handled.extend(_handle_reload_signal(loop, services, stopping))
 
     async def on_stop() -> None:
         await stopping.wait()
@@ -170,7 +172,7 @@ async def _serve(services: Services, ca_cert: str, handled: list[int]) -> int:
         if held:
             log.info("taskgate: refused %d calls held for approval", held)
         await runner.shutdown()
-        if not await gateway.drained(config.shutdown_grace_seconds):
+        if not await gateway.drained(gateway.config.shutdown_grace_seconds):
             log.warning("taskgate: %d calls still in flight after the grace period",
                         gateway.in_flight)
         master.shutdown()
@@ -190,11 +192,19 @@ async def _serve(services: Services, ca_cert: str, handled: list[int]) -> int:
         bound = runner.addresses
         cport_bound = bound[0][1] if bound else cport
         transparent = ""
+        tport = None
         if config.transparent_listen is not None:
             tport = next((a[1] for s in ps.servers
                           if isinstance(s.mode, mode_specs.TransparentMode)
                           for a in s.listen_addrs), config.transparent_listen[1])
             transparent = f"  transparent:   {config.transparent_listen[0]}:{tport}\n"
+        # The running config names the ports bound: a reload of a file that names
+        # them (as written after a port-0 start) changes no listener.
+        gateway.config = dataclasses.replace(
+            gateway.config, proxy_listen=(config.proxy_listen[0], pport),
+            control_listen=(chost, cport_bound),
+            transparent_listen=(None if config.transparent_listen is None or tport is None
+                                else (config.transparent_listen[0], tport)))
         print(f"taskgate {__version__} running\n"
               f"  proxy:         http://{config.proxy_listen[0]}:{pport}\n"
               f"  control plane: http://{chost}:{cport_bound}\n"
@@ -240,6 +250,23 @@ def _handle_stop_signals(loop: asyncio.AbstractEventLoop, stopping: asyncio.Even
             continue
         handled.append(int(sig))
     return handled
+
+
+def _handle_reload_signal(loop: asyncio.AbstractEventLoop, services: Services,
+                          stopping: asyncio.Event) -> list[int]:
+    """SIGHUP reloads the config (proxy/gateway/_reload.py); not while stopping."""
+    running: set[asyncio.Task[Any]] = set()
+
+    def on_signal() -> None:
+        if stopping.is_set():
+            return
+        log.info("taskgate: SIGHUP received; reloading the config")
+        task = loop.create_task(reload(services, who="signal SIGHUP"))
+        running.add(task)
+        task.add_done_callback(running.discard)
+
+    loop.add_signal_handler(RELOAD_SIGNAL, on_signal)
+    return [int(RELOAD_SIGNAL)]
 
 
 def _file_budget(config: Config) -> None:

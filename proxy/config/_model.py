@@ -14,6 +14,8 @@ Relative paths are read from the directory the gateway runs in.
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import ipaddress
 import os
 import re
@@ -56,11 +58,15 @@ class WorkloadConfig:
     ceiling: tuple[Rule, ...] = ()
     standing: tuple[Rule, ...] = ()
     sources: tuple[Network, ...] = ()  # client addresses that are this workload (transparent)
+    mode: str = "enforce"  # "report": calls the rules refuse go through, recorded would_deny
+    report_allowed: bool = False  # a task of this workload may ask for "mode": "report"
+    require_binding: bool = False  # a task of this workload must be bound ("bind")
 
 
 @dataclass(frozen=True, slots=True)
 class Config:
     source: str = "<embedded defaults>"
+    digest: str | None = None  # sha256 of the file read (reload records name old and new)
     version: int = CONFIG_VERSION
     proxy_listen: tuple[str, int] = ("127.0.0.1", 8080)
     control_listen: tuple[str, int] = ("127.0.0.1", 8081)
@@ -320,12 +326,13 @@ def parse_config(doc: Any, source: str = "<config>") -> Config:
             raise w.fail("expected a mapping of workload id → settings")
         for name, item in v.items():
             ww = _child(w, v, str(name))
-            m = _mapping(ww, item, ("owner", "ceiling", "standing", "sources"))
+            m = _mapping(ww, item, ("owner", "ceiling", "standing", "sources", *_DEPLOY_KEYS))
             owner = _str(_child(ww, m, "owner"), m.get("owner"), optional=True)
             ceiling = _rules(_child(ww, m, "ceiling"), m.get("ceiling"))
             standing = _rules(_child(ww, m, "standing"), m.get("standing"))
             sources = _sources(_child(ww, m, "sources"), m.get("sources"))
-            workloads[str(name)] = WorkloadConfig(owner, ceiling, standing, sources=sources)
+            workloads[str(name)] = WorkloadConfig(owner, ceiling, standing, sources=sources,
+                                                  **_deployment(ww, m))
         _no_shared_sources(w, v, workloads)
     kw["workloads"] = workloads
 
@@ -488,6 +495,25 @@ def _no_shared_sources(where: _Where, node: Mapping[str, Any],
                     raise at.fail(f"{str(net)!r} overlaps {str(other)!r} of workload "
                                   f"{owner!r}; a client address must name one workload")
         claimed.extend((net, name) for net in wl.sources)
+_DEPLOY_KEYS = ("mode", "report_allowed", "require_binding")
+MODES = ("enforce", "report")
+
+
+def _deployment(where: _Where, m: Mapping[str, Any]) -> dict[str, Any]:
+    """A workload's rollout settings: its mode, and what its tasks may or must ask for."""
+    kw: dict[str, Any] = {}
+    if m.get("mode") is not None:
+        mode = m["mode"]
+        if mode not in MODES:
+            raise _child(where, m, "mode").fail(f"{mode!r} is not a mode; use enforce "
+                                                "(the default) or report")
+        kw["mode"] = mode
+    for key in ("report_allowed", "require_binding"):
+        if m.get(key) is not None:
+            if not isinstance(m[key], bool):
+                raise _child(where, m, key).fail(f"{m[key]!r} is not true or false")
+            kw[key] = m[key]
+    return kw
 
 
 def _secret_files(where: _Where, item: Mapping[str, Any]) -> None:
@@ -539,4 +565,5 @@ def load_config(path: str | None, *, exists: Callable[[str], bool] = os.path.isf
         where = f"{path}:{mark.line + 1}" if mark is not None else path
         problem = getattr(e, "problem", None) or str(e).splitlines()[0]
         raise ConfigError(f"{where}: invalid YAML: {problem}") from None
-    return parse_config(doc, path)
+    digest = hashlib.sha256(text.encode("utf-8")).hexdigest()
+    return dataclasses.replace(parse_config(doc, path), digest=digest)

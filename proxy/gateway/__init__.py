@@ -1,5 +1,6 @@
 """The data plane core: the gateway and its exchanges, egress (SSRF) and framing decisions,
-connection limits, metrics, upstream trust, signals, and the builder of every service.
+connection limits, metrics, upstream trust, signals, the builder of every service, and
+the hot reload of its config.
 """
 
 from __future__ import annotations
@@ -11,7 +12,8 @@ from proxy.gateway._exchange import ApprovedAs, Exchange, Tunnel
 from proxy.gateway._framing import h1_request_framing, trailer_fields
 from proxy.gateway._limits import ConnectionLimits, FailureThrottle, client_key
 from proxy.gateway._metrics import METRICS_CONTENT_TYPE
-from proxy.gateway._signals import stop_signals
+from proxy.gateway._reload import RESTART_KEYS, ReloadResult, reload
+from proxy.gateway._signals import RELOAD_SIGNAL, stop_signals
 from proxy.gateway._transparent import (
     TRANSPARENT_ISSUER,
     SourceIdentity,
@@ -31,8 +33,11 @@ __all__ = [
     "Gateway",
     "METRICS_CONTENT_TYPE",
     "OwnAddresses",
+    "RELOAD_SIGNAL",
     "REQUEST_ID_HEADER",
     "Resolver",
+    "RESTART_KEYS",
+    "ReloadResult",
     "Services",
     "SourceIdentity",
     "TRANSPARENT_ISSUER",
@@ -47,6 +52,7 @@ __all__ = [
     "new_request_id",
     "original_destination_reason",
     "refusal_body",
+    "reload",
     "stop_signals",
     "trailer_fields",
     "trust_bundle",
