@@ -6,7 +6,8 @@ identify (who is calling) → authorize (may it) → egress (where the name lead
 resolved address judged, the connection pinned to it) → mcp (which tool, which
 arguments) → approve (does a person have to say yes) → inject (which secret goes on
 the request) → approved-as-shown (the call is still what the approver saw) → audit
-(the record, the request id, streaming) → framing (mitmproxy's HTTP/1 framing
+(the record, the request id, streaming) → websocket (an allowed upgrade's frames, its
+record when it ends) → framing (mitmproxy's HTTP/1 framing
 patched when loaded). Each module is also loadable on its own with
 ``mitmdump -s addons/<name>.py --set taskgate_config=FILE`` (addons/_standalone.py).
 
@@ -27,12 +28,13 @@ from addons.identify import Identify
 from addons.inject import Inject
 from addons.limits import Limits
 from addons.mcp import Mcp
+from addons.websocket import WebSocket
 from proxy.gateway import Services
 
 __all__ = ["CHAIN", "default_addons", "json_error_responses"]
 
 CHAIN = (Limits, Identify, Authorize, Egress, Mcp, Approve, Inject, ApprovedAsShown, Audit,
-         Framing)
+         WebSocket, Framing)
 
 
 def default_addons(services: Services) -> list[Any]:

@@ -12,7 +12,7 @@ from mitmproxy.net.http import url
 from addons._base import GatewayAddon, exchange, guarded, refuse, refuse_for
 from addons.egress import Egress
 from proxy.errors import Refused, TaskgateError
-from proxy.gateway import Services, Tunnel
+from proxy.gateway import Services, SocketTotals, Tunnel, upgrade_decision, websocket_upgrade
 from proxy.policy import canonical_host
 
 __all__ = ["Authorize", "Egress", "tunnel_of"]
@@ -129,13 +129,19 @@ class Authorize(GatewayAddon):
                 gw.check_authority(call, req.authority, tunnel)
                 if not (req.is_http2 or req.is_http3):  # HTTP/2's :authority stays
                     req.authority = ""  # origin-form upstream
-            if _upgrade(req):
-                raise Refused("protocol upgrades (WebSocket, h2c) are not supported: "
-                              "every call must stay a plain HTTP request to be judged")
+            upgrade = _upgrade(req)
+            if upgrade and not websocket_upgrade(req.method, req.http_version,
+                                                 req.headers.get_all("Upgrade")):
+                raise Refused("protocol upgrades other than WebSocket (h2c, …) are not "
+                              "supported: every call must stay a plain HTTP request to be "
+                              "judged")
         except Refused as e:
             refuse_for(flow, e)
             return
         decision = gw.authorize(ex.caller, call)
+        if upgrade:  # a WebSocket: only on a rule that says websocket: true
+            decision = upgrade_decision(decision,
+                                        gw.policy.rules_for(ex.caller).matching(call))
         ex.rule = decision.rule_id
         try:
             decision = await gw.admit(ex, decision)  # budgets (task grants)
@@ -146,6 +152,8 @@ class Authorize(GatewayAddon):
             refuse(flow, 403, "forbidden", decision.reason)
             return
         ex.decision, ex.reason = "allow", decision.reason
+        if upgrade:
+            ex.websocket = SocketTotals()
         _forward_canonical(req, call.host)
         ex.allowed_by, ex.call = decision.rule, call
 

@@ -41,6 +41,8 @@ class Mcp(GatewayAddon):
         call = ex.call
         if ex.allowed_by is None or call is None or ex.caller is None:
             return
+        if ex.websocket is not None:
+            return  # an allowed WebSocket upgrade: its frames are judged (addons/websocket.py)
         rules = tuple(r for r in self.gateway.policy.rules_for(ex.caller).matching(call)
                       if r.mcp is not None)
         if not rules:

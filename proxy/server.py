@@ -57,9 +57,10 @@ def mitm_options(config: Config, bundle: str) -> dict[str, Any]:
         "listen_host": host,
         "confdir": config.ca_dir,
         "rawtcp": False,
-        # After an upgrade the connection carries frames no rule or record sees
-        # (the authorize addon refuses upgrade requests too).
-        "websocket": False,
+        # WebSocket upgrades pass only on rules with websocket: true (authorize); their
+        # frames are counted, judged and recorded (addons/websocket.py). Other upgrades
+        # are refused, and a 101 nobody asked for kills the call.
+        "websocket": True,
         "http3": False,
         "connection_strategy": "lazy",
         "ssl_insecure": False,

@@ -7,12 +7,24 @@ from __future__ import annotations
 from proxy.gateway._build import Services, build
 from proxy.gateway._core import REQUEST_ID_HEADER, Gateway, new_request_id, refusal_body
 from proxy.gateway._egress import EgressGuard, OwnAddresses, local_addresses
-from proxy.gateway._exchange import ApprovedAs, Exchange, Tunnel
+from proxy.gateway._exchange import ApprovedAs, Exchange, SocketTotals, Tunnel
 from proxy.gateway._framing import h1_request_framing, trailer_fields
 from proxy.gateway._limits import ConnectionLimits, FailureThrottle, client_key
 from proxy.gateway._metrics import METRICS_CONTENT_TYPE
 from proxy.gateway._signals import stop_signals
 from proxy.gateway._upstream import trust_bundle
+from proxy.gateway._websocket import (
+    POLICY_VIOLATION,
+    FrameVerdict,
+    OpenSockets,
+    answer_frame,
+    close_reason,
+    frame_refusal_exchange,
+    granted_tools,
+    judge_frame,
+    upgrade_decision,
+    websocket_upgrade,
+)
 
 __all__ = [
     "ApprovedAs",
@@ -20,19 +32,30 @@ __all__ = [
     "EgressGuard",
     "Exchange",
     "FailureThrottle",
+    "FrameVerdict",
     "Gateway",
     "METRICS_CONTENT_TYPE",
+    "OpenSockets",
     "OwnAddresses",
+    "POLICY_VIOLATION",
     "REQUEST_ID_HEADER",
     "Services",
+    "SocketTotals",
     "Tunnel",
+    "answer_frame",
     "build",
     "client_key",
+    "close_reason",
+    "frame_refusal_exchange",
+    "granted_tools",
     "h1_request_framing",
+    "judge_frame",
     "local_addresses",
     "new_request_id",
     "refusal_body",
     "stop_signals",
     "trailer_fields",
     "trust_bundle",
+    "upgrade_decision",
+    "websocket_upgrade",
 ]

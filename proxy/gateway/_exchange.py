@@ -19,7 +19,7 @@ from proxy.mcp import McpDecision
 from proxy.policy import Call, Rule
 from proxy.secrets import Redactor
 
-__all__ = ["ApprovedAs", "Exchange", "Tunnel"]
+__all__ = ["ApprovedAs", "Exchange", "SocketTotals", "Tunnel"]
 
 
 @dataclass(slots=True)
@@ -29,6 +29,40 @@ class Tunnel:
     caller: Caller
     host: str
     port: int
+
+
+@dataclass(slots=True)
+class SocketTotals:
+    """What went through one WebSocket (the ``websocket`` field of its audit record).
+
+    ``in`` is from the agent, ``out`` to it; bytes are message payloads as read
+    (decompressed). ``refused`` frames were not forwarded (MCP). ``closed_by`` is
+    ``agent``, ``upstream`` or ``gateway`` (the task ended: addons/websocket.py)."""
+
+    frames_in: int = 0
+    frames_out: int = 0
+    bytes_in: int = 0
+    bytes_out: int = 0
+    refused: int = 0
+    close_code: int | None = None
+    closed_by: str | None = None
+    socket: str | None = None
+    """On the record of a refused frame: the request id of its socket's record."""
+
+    def count(self, from_agent: bool, size: int) -> None:
+        if from_agent:
+            self.frames_in += 1
+            self.bytes_in += size
+        else:
+            self.frames_out += 1
+            self.bytes_out += size
+
+    def record(self) -> dict[str, Any]:
+        return {"frames_in": self.frames_in, "frames_out": self.frames_out,
+                "bytes_in": self.bytes_in, "bytes_out": self.bytes_out,
+                "refused": self.refused, "close_code": self.close_code,
+                "closed_by": self.closed_by,
+                **({"socket": self.socket} if self.socket else {})}
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,6 +104,8 @@ class Exchange:
     status: int | None = None
     bytes_in: int = 0
     bytes_out: int = 0
+    websocket: SocketTotals | None = None
+    """A WebSocket upgrade the gateway allowed (authorize), and what went through it."""
     audited: bool = False
     counted: bool = False
 
@@ -116,5 +152,6 @@ class Exchange:
             decision=self.decision or "error", rule=self.rule, reason=self.reason,
             secret=self.secret, approval=self.approval, status=self.status,
             bytes_in=self.bytes_in, bytes_out=self.bytes_out,
+            websocket=self.websocket.record() if self.websocket is not None else None,
             duration_ms=round((time.monotonic() - self.started) * 1000, 3),
         )

@@ -1,0 +1,266 @@
+"""WebSocket: frames of an allowed upgrade flow, counted, judged on MCP rules, closed when
+the task ends; the socket's one audit record is written when it ends.
+
+The upgrade request itself is judged by the chain like any call (authorize allows it
+only on a rule with ``websocket: true``; proxy/gateway/_websocket.py). Here:
+
+- ``responseheaders``: a 101 answer to a call that was not an allowed WebSocket
+  upgrade (an upstream switching protocols unasked) kills the call;
+- ``websocket_start``: the socket joins its task's open sockets, so the task's end
+  (revoked, expired: ``TaskRegistry.on_end``) closes it with 1008 and the reason;
+- ``websocket_message``: counts each message; on a rule with ``mcp`` judges each one
+  from the agent as a JSON-RPC body (a refused one is dropped, answered with a
+  JSON-RPC error frame, and recorded) and filters tools/list answers; masks echoes
+  of secrets in what the upstream sends;
+- ``websocket_end``: the record, with the totals and the close code.
+
+mitmproxy has no way to close a WebSocket from outside its layer: :func:`install`
+teaches the layer one injected message that closes both sides with a code.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Generator
+from typing import Any
+
+import wsproto.events
+from mitmproxy import ctx, http, websocket
+from mitmproxy.proxy import commands, events
+from mitmproxy.proxy.layers.websocket import (
+    WebsocketEndHook,
+    WebsocketLayer,
+    WebSocketMessageInjected,
+)
+from wsproto import ConnectionState
+from wsproto.frame_protocol import Opcode
+
+from addons._base import GatewayAddon, exchange
+from proxy.errors import TaskgateError, Unavailable
+from proxy.gateway import (
+    POLICY_VIOLATION,
+    OpenSockets,
+    Services,
+    answer_frame,
+    close_reason,
+    frame_refusal_exchange,
+    granted_tools,
+    judge_frame,
+)
+
+__all__ = ["WebSocket", "install"]
+
+log = logging.getLogger("taskgate")
+
+INTERNAL_ERROR = 1011  # RFC 6455 7.4.1: the gateway could not go on (a bug, the audit log)
+AUTHORIZED = ("allow", "approved")
+
+
+class WebSocket(GatewayAddon):
+    """The frames of allowed WebSocket upgrades (see the module docstring)."""
+
+    def __init__(self, services: Services | None = None) -> None:
+        super().__init__(services)
+        self._open = OpenSockets()  # task id → its open sockets (keyed by flow id)
+        self._flows: dict[str, http.HTTPFlow] = {}
+        self._watching = False  # on the task registry's end hooks
+        install()
+
+    def responseheaders(self, flow: http.HTTPFlow) -> None:
+        resp = flow.response
+        if resp is None or resp.status_code != 101 or not self.started:
+            return
+        ex = exchange(flow)
+        if ex.websocket is None or ex.decision not in AUTHORIZED:
+            # The agent sent no allowed upgrade, yet the upstream switched protocols:
+            # what follows would be frames no rule or record sees.
+            ex.deny("the upstream switched protocols on a call that was not an allowed "
+                    "WebSocket upgrade; the connection was closed", "error")
+            flow.kill()
+
+    async def websocket_start(self, flow: http.HTTPFlow) -> None:
+        ex = exchange(flow)
+        totals, caller = ex.websocket, ex.caller
+        if totals is None or caller is None or ex.call is None or not self.started:
+            _close(flow, INTERNAL_ERROR, "the WebSocket was not authorized")
+            return
+        self._watch()
+        self._flows[flow.id] = flow
+        if caller.task is not None:
+            self._open.add(caller.task, flow.id, lambda code, why: self.close(flow, code, why))
+        matching = self.gateway.policy.rules_for(caller).matching(ex.call)
+        ex.mcp_rules = tuple(r for r in matching if r.mcp is not None)
+        try:  # the task may have ended while the upgrade was answered
+            self.gateway.recheck(caller, admitted=True)
+        except TaskgateError as e:
+            self.close(flow, POLICY_VIOLATION, e.reason)
+
+    async def websocket_message(self, flow: http.HTTPFlow) -> None:
+        assert flow.websocket is not None
+        message = flow.websocket.messages[-1]
+        # mitmproxy keeps every message on the flow: a long-lived socket would grow
+        # without bound. The layer holds this one until it is sent.
+        flow.websocket.messages.clear()
+        ex = exchange(flow)
+        totals = ex.websocket
+        if totals is None or not self.started:
+            message.drop()
+            return
+        try:
+            await self._message(flow, message)
+        except Exception:  # noqa: BLE001 - fail closed: a frame not judged never passes
+            log.exception("taskgate: judging a WebSocket message failed; closing the socket")
+            message.drop()
+            self.close(flow, INTERNAL_ERROR, "the gateway could not judge a message")
+
+    async def _message(self, flow: http.HTTPFlow, message: websocket.WebSocketMessage
+                       ) -> None:
+        ex = exchange(flow)
+        totals = ex.websocket
+        assert totals is not None
+        if message.injected:  # the gateway's own answer to a refused frame
+            totals.count(False, len(message.content))
+            return
+        if not self.gateway.audit.healthy:
+            message.drop()
+            self.close(flow, INTERNAL_ERROR, "the audit log cannot be written")
+            return
+        rules = ex.mcp_rules
+        if message.from_client:
+            if rules:
+                verdict = judge_frame(rules, message.content if message.is_text else None,
+                                      self.gateway.config.max_inspect_bytes)
+                if not verdict.allowed:
+                    message.drop()
+                    totals.count(True, len(message.content))
+                    totals.refused += 1
+                    assert verdict.reply is not None
+                    _inject(flow, verdict.reply)
+                    try:
+                        await self.gateway.audit_exchange(
+                            frame_refusal_exchange(ex, verdict, len(message.content)))
+                    except Unavailable:
+                        self.close(flow, INTERNAL_ERROR, "the audit log cannot be written")
+                    return
+            totals.count(True, len(message.content))
+            return
+        content = message.content
+        if rules and message.is_text:
+            content = answer_frame(content, granted_tools(rules))
+        redactor = self.services.secrets.redactor()
+        if redactor is not None:
+            content = redactor.redact(content)
+        if content != message.content:
+            message.content = content
+        totals.count(False, len(content))
+
+    async def websocket_end(self, flow: http.HTTPFlow) -> None:
+        self._flows.pop(flow.id, None)
+        ex = exchange(flow)
+        totals = ex.websocket
+        if totals is None or flow.websocket is None or not self.started:
+            return
+        if ex.caller is not None and ex.caller.task is not None:
+            self._open.remove(ex.caller.task, flow.id)
+        totals.close_code = flow.websocket.close_code
+        if totals.closed_by is None:
+            totals.closed_by = "agent" if flow.websocket.closed_by_client else "upstream"
+        ex.bytes_in, ex.bytes_out = totals.bytes_in, totals.bytes_out
+        try:
+            await self.gateway.audit_exchange(ex)
+        except Unavailable:
+            log.error("audit write failed for the WebSocket %s", ex.request_id)
+
+    def close(self, flow: http.HTTPFlow, code: int, reason: str) -> None:
+        """Close ``flow``'s socket on both sides with ``code`` and ``reason`` (the record
+        says the gateway closed it, and why)."""
+        ex = exchange(flow)
+        if ex.websocket is not None and ex.websocket.closed_by is None:
+            ex.websocket.closed_by = "gateway"
+            ex.reason = f"{reason}: the gateway closed the WebSocket ({code})"
+        _close(flow, code, reason)
+
+    def _watch(self) -> None:
+        if not self._watching:
+            self._watching = True
+            self.services.tasks.on_end.append(self._task_ended)
+
+    async def _task_ended(self, task_id: str) -> None:
+        if not self._open.count(task_id):
+            return
+        task = self.services.tasks.get(task_id)
+        how = task.state(time.time()) if task is not None else None
+        self._open.task_ended(task_id, how if how in ("revoked", "expired") else None)
+
+    def done(self) -> None:
+        if self._watching and self._services is not None:
+            self._watching = False
+            try:
+                self.services.tasks.on_end.remove(self._task_ended)
+            except ValueError:
+                pass
+
+
+# -- talking to mitmproxy's WebSocket layer ---------------------------------------------
+class GatewayClose(websocket.WebSocketMessage):
+    """Injected into a socket's layer: close both sides with ``code`` and ``reason``."""
+
+    def __init__(self, code: int, reason: str) -> None:
+        super().__init__(Opcode.TEXT, False, b"")
+        self.code, self.reason = code, close_reason(reason)
+
+
+def _inject_event(flow: http.HTTPFlow, message: websocket.WebSocketMessage) -> None:
+    server = ctx.master.addons.get("proxyserver")
+    try:
+        server.inject_event(WebSocketMessageInjected(flow, message))
+    except ValueError:  # the connection is gone already
+        pass
+
+
+def _inject(flow: http.HTTPFlow, reply: bytes) -> None:
+    """Send ``reply`` to the agent as a text message (after the current one is handled)."""
+    _inject_event(flow, websocket.WebSocketMessage(Opcode.TEXT, False, reply))
+
+
+def _close(flow: http.HTTPFlow, code: int, reason: str) -> None:
+    _inject_event(flow, GatewayClose(code, reason))
+
+
+def install() -> None:
+    """Patch mitmproxy's WebSocket layer to act on :class:`GatewayClose`. Idempotent."""
+    if getattr(WebsocketLayer, "_taskgate_close", False):
+        return
+    WebsocketLayer._taskgate_close = True  # type: ignore[attr-defined]
+    original = WebsocketLayer.relay_messages
+
+    def relay_messages(self: Any, event: events.Event
+                       ) -> Generator[commands.Command, Any, None]:
+        if isinstance(event, WebSocketMessageInjected) and isinstance(event.message,
+                                                                      GatewayClose):
+            yield from _close_layer(self, event.message)
+            return
+        yield from original(self, event)
+
+    WebsocketLayer.relay_messages = relay_messages  # type: ignore[method-assign]
+
+
+def _close_layer(layer: Any, close: GatewayClose) -> Generator[commands.Command, Any, None]:
+    """What the layer does when a peer closes, done by the gateway: a close frame to
+    both sides, both connections closed, the end hook."""
+    flow: http.HTTPFlow = layer.flow
+    assert flow.websocket is not None
+    flow.websocket.timestamp_end = time.time()
+    flow.websocket.closed_by_client = False
+    flow.websocket.close_code, flow.websocket.close_reason = close.code, close.reason
+    for ws in (layer.client_ws, layer.server_ws):
+        if ws.state in (ConnectionState.OPEN, ConnectionState.REMOTE_CLOSING):
+            yield ws.send2(wsproto.events.CloseConnection(close.code, close.reason))
+        yield commands.CloseConnection(ws.conn)
+    yield WebsocketEndHook(flow)
+    flow.live = False
+    layer._handle_event = layer.done
+
+
+addons = [WebSocket()]

@@ -1,0 +1,272 @@
+"""WebSocket through the real gateway: the `websockets` client, an aiohttp upstream.
+
+Opt-in per rule (``websocket: true``): the upgrade is judged, authorized and gets its
+secret like any call; frames then flow, counted into the socket's one audit record
+when it ends; the task's end closes the socket (1008 and the reason); on a rule with
+``mcp`` each text frame is judged as a JSON-RPC body.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import ssl
+import time
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trustme
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed, InvalidStatus
+
+from tests.conftest import base_config
+from tests.support import WORKLOAD, Gateway, Keys
+from tests.tasks_support import create_task, post_task, revoke
+from tests.ws_upstream import WsUpstream
+
+SECRET = "ws-secret-value-8d1f"
+SCHEMES = ["ws", "wss"]
+
+
+@pytest.fixture(scope="module")
+def ws_up(test_ca: trustme.CA) -> Iterator[WsUpstream]:
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    test_ca.issue_cert("localhost", "127.0.0.1").configure_cert(ctx)
+    up = WsUpstream(ctx).start()
+    yield up
+    up.stop()
+
+
+def _endpoints(up: WsUpstream) -> dict[str, dict[str, Any]]:
+    """Where each scheme's sockets go: plain HTTP on 127.0.0.1, TLS on localhost."""
+    return {"ws": {"host": "127.0.0.1", "port": up.http_port, "scheme": "http"},
+            "wss": {"host": "localhost", "port": up.https_port, "scheme": "https",
+                    "allow_private": True}}
+
+
+@pytest.fixture(scope="module")
+def gw(tmp_path_factory: pytest.TempPathFactory, shared_files: dict[str, Path],
+       ws_up: WsUpstream) -> Iterator[Gateway]:
+    cfg = base_config(shared_files, ws_up)
+    ends = _endpoints(ws_up)
+    cfg["secrets"] = {"ws-key": {"provider": "env", "var": "TG_WS_KEY",
+                                 "inject": {"header": "Authorization",
+                                            "value": "Bearer {token}"}}}
+    wl = cfg["workloads"][WORKLOAD]
+    wl["standing"] = [
+        *({"id": f"{s}-echo", **ends[s], "methods": ["GET"], "paths": ["/ws/echo"],
+           "websocket": True, "secret": "ws-key"} for s in SCHEMES),
+        *({"id": f"{s}-plain", **ends[s], "methods": ["GET"], "paths": ["/ws/plain"]}
+          for s in SCHEMES),
+        {"id": "wss-mcp", **ends["wss"], "paths": ["/ws/mcp"], "websocket": True,
+         "mcp": {"tools": ["search_docs"]}},
+    ]
+    wl["ceiling"] = [*({"id": f"c-{s}", **ends[s], "methods": ["GET"], "paths": ["/ws/**"],
+                        "websocket": True} for s in SCHEMES),
+                     {"id": "c-http-only", **ends["wss"], "methods": ["GET"],
+                      "paths": ["/http-only/**"]}]
+    g = Gateway(tmp_path_factory.mktemp("ws"), cfg, env={"TG_WS_KEY": SECRET}).start()
+    yield g
+    g.stop()
+
+
+def _url(up: WsUpstream, scheme: str, path: str) -> str:
+    end = _endpoints(up)[scheme]
+    return f"{scheme}://{end['host']}:{end['port']}{path}"
+
+
+@asynccontextmanager
+async def socket(gw: Gateway, token: str, url: str, **kw: Any
+                 ) -> AsyncIterator[ClientConnection]:
+    tls = gw.ssl_context() if url.startswith("wss:") else None
+    async with connect(url, proxy=gw.proxy_url_with(token), ssl=tls, open_timeout=10,
+                       compression=None, **kw) as ws:
+        yield ws
+
+
+async def recv(ws: ClientConnection) -> str | bytes:
+    return await asyncio.wait_for(ws.recv(), 10)
+
+
+def socket_record(gw: Gateway, path: str, before: int) -> dict[str, Any]:
+    """The one record of the socket to ``path`` opened after ``before`` records."""
+    def find() -> list[dict[str, Any]]:
+        return [r for r in gw.audit()[before:] if r["path"] == path and r["status"] == 101]
+    deadline = time.monotonic() + 10  # written when the gateway saw the close
+    while not (found := find()) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    (rec,) = found
+    return rec
+
+
+# -- opt-in --------------------------------------------------------------------------
+@pytest.mark.parametrize("scheme", SCHEMES)
+async def test_an_upgrade_without_websocket_true_is_refused(gw: Gateway, ws_up: WsUpstream,
+                                                            keys: Keys, scheme: str) -> None:
+    before = len(ws_up.seen)
+    with pytest.raises(InvalidStatus) as e:
+        async with socket(gw, keys.token(), _url(ws_up, scheme, "/ws/plain")):
+            pass
+    resp = e.value.response
+    assert resp.status_code == 403
+    body = json.loads(resp.body)
+    assert "websocket: true" in body["reason"] and body["request_id"]
+    assert len(ws_up.seen) == before
+    (rec,) = gw.records_for(body["request_id"])
+    assert rec["decision"] == "deny" and rec["status"] == 403
+
+
+# -- the upgrade is a call: secret, totals, record ------------------------------------
+@pytest.mark.parametrize("scheme", SCHEMES)
+async def test_the_secret_goes_on_the_upgrade_and_its_echo_is_masked(
+        gw: Gateway, ws_up: WsUpstream, keys: Keys, scheme: str) -> None:
+    before = len(ws_up.seen)
+    async with socket(gw, keys.token(), _url(ws_up, scheme, "/ws/echo"),
+                      additional_headers={"Authorization": "Bearer agents-own"}) as ws:
+        await ws.send("auth?")
+        answer = await recv(ws)
+    (seen,) = ws_up.seen[before:]
+    assert seen["headers"]["Authorization"] == f"Bearer {SECRET}"
+    assert isinstance(answer, str) and answer.startswith("you sent Bearer ")
+    assert SECRET not in answer and "agents-own" not in answer
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+async def test_frames_flow_and_the_totals_are_recorded_when_it_ends(
+        gw: Gateway, ws_up: WsUpstream, keys: Keys, scheme: str) -> None:
+    before = len(gw.audit())
+    async with socket(gw, keys.token(), _url(ws_up, scheme, "/ws/echo")) as ws:
+        for text in ("one", "two", "three"):
+            await ws.send(text)
+            assert await recv(ws) == "echo:" + text
+        await ws.send(b"\x00\x01")
+        assert await recv(ws) == b"echo:\x00\x01"
+        assert not [r for r in gw.audit()[before:] if r["path"] == "/ws/echo"]  # still open
+    rec = socket_record(gw, "/ws/echo", before)
+    assert (rec["decision"], rec["rule"], rec["status"]) == ("allow", f"{scheme}-echo", 101)
+    assert rec["secret"] and SECRET not in json.dumps(rec)
+    assert rec["websocket"] == {"frames_in": 4, "frames_out": 4, "bytes_in": 13,
+                                "bytes_out": 13 + 4 * 5, "refused": 0, "close_code": 1000,
+                                "closed_by": "agent"}
+    assert (rec["bytes_in"], rec["bytes_out"]) == (13, 33)
+
+
+async def test_the_upstream_closing_is_recorded_with_its_code(gw: Gateway, ws_up: WsUpstream,
+                                                               keys: Keys) -> None:
+    before = len(gw.audit())
+    async with socket(gw, keys.token(), _url(ws_up, "wss", "/ws/echo")) as ws:
+        await ws.send("close")
+        with pytest.raises(ConnectionClosed) as e:
+            await recv(ws)
+    assert e.value.rcvd is not None and e.value.rcvd.code == 4000
+    rec = socket_record(gw, "/ws/echo", before)
+    assert rec["websocket"]["close_code"] == 4000
+    assert rec["websocket"]["closed_by"] == "upstream"
+
+
+# -- the task's end closes the socket -------------------------------------------------
+def _ws_task(gw: Gateway, ws_up: WsUpstream, **body: Any) -> dict[str, Any]:
+    rule = {"id": "t-ws", **_endpoints(ws_up)["wss"], "methods": ["GET"],
+            "paths": ["/ws/echo"], "websocket": True}
+    return create_task(gw, ws_up, [rule], **body)  # type: ignore[arg-type]
+
+
+async def _closed_by_gateway(ws: ClientConnection, within: float) -> ConnectionClosed:
+    with pytest.raises(ConnectionClosed) as e:
+        await asyncio.wait_for(ws.recv(), within)
+    return e.value
+
+
+async def test_revocation_closes_the_socket_with_1008(gw: Gateway, ws_up: WsUpstream) -> None:
+    task = _ws_task(gw, ws_up)
+    before = len(gw.audit())
+    async with socket(gw, task["token"], _url(ws_up, "wss", "/ws/echo")) as ws:
+        await ws.send("hello")
+        assert await recv(ws) == "echo:hello"
+        revoke(gw, task["task_id"])
+        closed = await _closed_by_gateway(ws, 5)
+    assert closed.rcvd is not None
+    assert (closed.rcvd.code, closed.rcvd.reason) == (1008, "task revoked")
+    rec = socket_record(gw, "/ws/echo", before)
+    assert rec["task"] == task["task_id"] and rec["decision"] == "allow"
+    assert rec["websocket"]["close_code"] == 1008
+    assert rec["websocket"]["closed_by"] == "gateway"
+    assert "task revoked" in rec["reason"]
+
+
+async def test_expiry_closes_the_socket_with_1008(gw: Gateway, ws_up: WsUpstream) -> None:
+    task = _ws_task(gw, ws_up, ttl_seconds=2)
+    async with socket(gw, task["token"], _url(ws_up, "wss", "/ws/echo")) as ws:
+        await ws.send("hello")
+        assert await recv(ws) == "echo:hello"
+        closed = await _closed_by_gateway(ws, 8)
+    assert closed.rcvd is not None
+    assert (closed.rcvd.code, closed.rcvd.reason) == (1008, "task expired")
+
+
+async def test_a_task_rule_cannot_open_websockets_its_ceiling_does_not(
+        gw: Gateway, ws_up: WsUpstream) -> None:
+    rule = {"id": "t-ws", **_endpoints(ws_up)["wss"], "methods": ["GET"],
+            "paths": ["/http-only/**"], "websocket": True}
+    r = post_task(gw, [rule], up=ws_up)
+    assert r.status_code == 422, r.text
+    assert "websocket: true" in r.json()["reason"]
+
+
+# -- MCP over a WebSocket ------------------------------------------------------------
+def _call(rpc_id: int, tool: str) -> str:
+    return json.dumps({"jsonrpc": "2.0", "id": rpc_id, "method": "tools/call",
+                       "params": {"name": tool, "arguments": {}}})
+
+
+async def test_an_mcp_frame_for_a_granted_tool_is_forwarded(gw: Gateway, ws_up: WsUpstream,
+                                                            keys: Keys) -> None:
+    async with socket(gw, keys.token(), _url(ws_up, "wss", "/ws/mcp")) as ws:
+        await ws.send(_call(1, "search_docs"))
+        answer = json.loads(await recv(ws))
+    assert answer["id"] == 1 and answer["result"]["content"][0]["text"] == "search_docs"
+
+
+async def test_an_mcp_frame_for_another_tool_is_refused_with_a_jsonrpc_error(
+        gw: Gateway, ws_up: WsUpstream, keys: Keys) -> None:
+    before, seen = len(gw.audit()), len(ws_up.messages)
+    async with socket(gw, keys.token(), _url(ws_up, "wss", "/ws/mcp")) as ws:
+        await ws.send(_call(7, "delete_everything"))
+        error = json.loads(await recv(ws))
+        await ws.send(_call(8, "search_docs"))  # the socket stays usable
+        assert json.loads(await recv(ws))["id"] == 8
+    assert error["id"] == 7 and error["error"]["code"] == -32051
+    assert "delete_everything" in error["error"]["message"]
+    assert [m for _, m in ws_up.messages[seen:]] == [_call(8, "search_docs")]
+    (rec,) = gw.records_for(error["error"]["data"]["request_id"])
+    assert rec["decision"] == "deny" and rec["tool"]["name"] == "delete_everything"
+    sock = socket_record(gw, "/ws/mcp", before)
+    assert rec["websocket"]["socket"] == sock["request_id"]
+    assert sock["websocket"]["refused"] == 1 and sock["websocket"]["frames_in"] == 2
+
+
+async def test_tools_list_answers_over_a_websocket_are_filtered(gw: Gateway, ws_up: WsUpstream,
+                                                                keys: Keys) -> None:
+    async with socket(gw, keys.token(), _url(ws_up, "wss", "/ws/mcp")) as ws:
+        await ws.send(json.dumps({"jsonrpc": "2.0", "id": 1, "method": "tools/list"}))
+        answer = json.loads(await recv(ws))
+    assert [t["name"] for t in answer["result"]["tools"]] == ["search_docs"]
+
+
+@pytest.mark.parametrize("frame", [b'{"jsonrpc": "2.0"}', "not json", '{"jsonrpc": "2.0", '
+                                   '"id": 1, "method": "tools/call", "id": 2}'],
+                         ids=["binary", "not-json", "duplicate-member"])
+async def test_an_mcp_frame_that_cannot_be_judged_is_refused(gw: Gateway, ws_up: WsUpstream,
+                                                             keys: Keys,
+                                                             frame: str | bytes) -> None:
+    seen = len(ws_up.messages)
+    async with socket(gw, keys.token(), _url(ws_up, "wss", "/ws/mcp")) as ws:
+        await ws.send(frame)
+        error = json.loads(await recv(ws))
+    assert error["error"]["code"] == -32051 and error["error"]["data"]["request_id"]
+    if isinstance(frame, bytes):
+        assert "binary frames" in error["error"]["data"]["reason"]
+    assert ws_up.messages[seen:] == []
