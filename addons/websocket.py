@@ -53,8 +53,13 @@ __all__ = ["WebSocket", "install"]
 
 log = logging.getLogger("taskgate")
 
-INTERNAL_ERROR = 1011  # RFC 6455 7.4.1: the gateway could not go on (a bug, the audit log)
+GOING_AWAY = 1001  # RFC 6455 7.4.1: the gateway is shutting down
+TOO_BIG = 1009  # … a message longer than proxy.websocket_max_message_bytes
+INTERNAL_ERROR = 1011  # … the gateway could not go on (a bug, the audit log)
 AUTHORIZED = ("allow", "approved")
+# The longest message the layer may hold (proxy.websocket_max_message_bytes): mitmproxy
+# reads a whole message before the hook sees it. Set from the config when a socket starts.
+_max_message = [16 * 1024 * 1024]
 
 
 class WebSocket(GatewayAddon):
@@ -86,6 +91,7 @@ class WebSocket(GatewayAddon):
             _close(flow, INTERNAL_ERROR, "the WebSocket was not authorized")
             return
         self._watch()
+        _max_message[0] = self.gateway.config.websocket_max_message_bytes
         self._flows[flow.id] = flow
         if caller.task is not None:
             self._open.add(caller.task, flow.id, lambda code, why: self.close(flow, code, why))
@@ -106,6 +112,11 @@ class WebSocket(GatewayAddon):
         totals = ex.websocket
         if totals is None or not self.started:
             message.drop()
+            return
+        if len(message.content) > _max_message[0] and not message.injected:
+            # Read whole in one go (a longer one still arriving is cut by install()).
+            message.drop()
+            self.close(flow, TOO_BIG, _too_big())
             return
         try:
             await self._message(flow, message)
@@ -128,6 +139,13 @@ class WebSocket(GatewayAddon):
             return
         rules = ex.mcp_rules
         if message.from_client:
+            try:  # the task's end closes its sockets; a token's expiry shows here
+                assert ex.caller is not None
+                self.gateway.recheck(ex.caller, admitted=True)
+            except TaskgateError as e:
+                message.drop()
+                self.close(flow, POLICY_VIOLATION, e.reason)
+                return
             if rules:
                 verdict = judge_frame(rules, message.content if message.is_text else None,
                                       self.gateway.config.max_inspect_bytes)
@@ -175,16 +193,18 @@ class WebSocket(GatewayAddon):
     def close(self, flow: http.HTTPFlow, code: int, reason: str) -> None:
         """Close ``flow``'s socket on both sides with ``code`` and ``reason`` (the record
         says the gateway closed it, and why)."""
-        ex = exchange(flow)
-        if ex.websocket is not None and ex.websocket.closed_by is None:
-            ex.websocket.closed_by = "gateway"
-            ex.reason = f"{reason}: the gateway closed the WebSocket ({code})"
+        _closed_by_gateway(flow, code, reason)
         _close(flow, code, reason)
 
     def _watch(self) -> None:
         if not self._watching:
             self._watching = True
             self.services.tasks.on_end.append(self._task_ended)
+            self.gateway.on_stop.append(self._going_away)
+
+    def _going_away(self) -> None:
+        for flow in list(self._flows.values()):
+            self.close(flow, GOING_AWAY, "the gateway is shutting down")
 
     async def _task_ended(self, task_id: str) -> None:
         if not self._open.count(task_id):
@@ -211,6 +231,18 @@ class GatewayClose(websocket.WebSocketMessage):
         self.code, self.reason = code, close_reason(reason)
 
 
+def _too_big() -> str:
+    return f"a message over {_max_message[0]} bytes (proxy.websocket_max_message_bytes)"
+
+
+def _closed_by_gateway(flow: http.HTTPFlow, code: int, reason: str) -> None:
+    """Say in the socket's record that the gateway closed it, and why (the first time)."""
+    ex = exchange(flow)
+    if ex.websocket is not None and ex.websocket.closed_by is None:
+        ex.websocket.closed_by = "gateway"
+        ex.reason = f"{reason}: the gateway closed the WebSocket ({code})"
+
+
 def _inject_event(flow: http.HTTPFlow, message: websocket.WebSocketMessage) -> None:
     server = ctx.master.addons.get("proxyserver")
     try:
@@ -229,7 +261,8 @@ def _close(flow: http.HTTPFlow, code: int, reason: str) -> None:
 
 
 def install() -> None:
-    """Patch mitmproxy's WebSocket layer to act on :class:`GatewayClose`. Idempotent."""
+    """Patch mitmproxy's WebSocket layer: act on :class:`GatewayClose`, and close a socket
+    whose next message grows past the cap while it is read. Idempotent."""
     if getattr(WebsocketLayer, "_taskgate_close", False):
         return
     WebsocketLayer._taskgate_close = True  # type: ignore[attr-defined]
@@ -242,6 +275,15 @@ def install() -> None:
             yield from _close_layer(self, event.message)
             return
         yield from original(self, event)
+        if self._handle_event != self.relay_messages:
+            return  # closed by this event
+        cap = _max_message[0]
+        for ws in (self.client_ws, self.server_ws):
+            if sum(map(len, ws.frame_buf)) > cap:
+                reason = _too_big()
+                _closed_by_gateway(self.flow, TOO_BIG, reason)
+                yield from _close_layer(self, GatewayClose(TOO_BIG, reason))
+                return
 
     WebsocketLayer.relay_messages = relay_messages  # type: ignore[method-assign]
 

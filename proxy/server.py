@@ -155,6 +155,7 @@ async def _serve(services: Services, ca_cert: str, handled: list[int]) -> int:
         held = services.approvals.close()
         if held:
             log.info("taskgate: refused %d calls held for approval", held)
+        gateway.stopping()
         await runner.shutdown()
         if not await gateway.drained(config.shutdown_grace_seconds):
             log.warning("taskgate: %d calls still in flight after the grace period",

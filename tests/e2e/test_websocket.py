@@ -9,8 +9,12 @@ when it ends; the task's end closes the socket (1008 and the reason); on a rule 
 from __future__ import annotations
 
 import asyncio
+import base64
+import contextlib
 import json
+import socket as sockets
 import ssl
+import threading
 import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
@@ -29,6 +33,45 @@ from tests.ws_upstream import WsUpstream
 
 SECRET = "ws-secret-value-8d1f"
 SCHEMES = ["ws", "wss"]
+MAX_MESSAGE = 4096  # proxy.websocket_max_message_bytes of the module's gateway
+
+
+class Switcher:
+    """A plain HTTP origin that answers every request with a switch to WebSocket, asked
+    for or not, then sends a text frame: what a colluding upstream would do."""
+
+    def __init__(self) -> None:
+        self._sock = sockets.create_server(("127.0.0.1", 0))
+        self.port = self._sock.getsockname()[1]
+        self.heads: list[bytes] = []
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        with contextlib.suppress(OSError):
+            while True:
+                conn, _ = self._sock.accept()
+                conn.settimeout(10)
+                data = b""
+                while b"\r\n\r\n" not in data and (chunk := conn.recv(4096)):
+                    data += chunk
+                self.heads.append(data)
+                conn.sendall(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
+                             b"Connection: Upgrade\r\n"
+                             b"Sec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n\r\n"
+                             b"\x81\x05hello")
+                with contextlib.suppress(OSError):
+                    conn.recv(4096)
+                conn.close()
+
+    def close(self) -> None:
+        self._sock.close()
+
+
+@pytest.fixture(scope="module")
+def switcher() -> Iterator[Switcher]:
+    srv = Switcher()
+    yield srv
+    srv.close()
 
 
 @pytest.fixture(scope="module")
@@ -49,8 +92,17 @@ def _endpoints(up: WsUpstream) -> dict[str, dict[str, Any]]:
 
 @pytest.fixture(scope="module")
 def gw(tmp_path_factory: pytest.TempPathFactory, shared_files: dict[str, Path],
-       ws_up: WsUpstream) -> Iterator[Gateway]:
+       ws_up: WsUpstream, switcher: Switcher) -> Iterator[Gateway]:
+    g = Gateway(tmp_path_factory.mktemp("ws"), ws_config(shared_files, ws_up, switcher),
+                env={"TG_WS_KEY": SECRET}).start()
+    yield g
+    g.stop()
+
+
+def ws_config(shared_files: dict[str, Path], ws_up: WsUpstream,
+              switcher: Switcher) -> dict[str, Any]:
     cfg = base_config(shared_files, ws_up)
+    cfg["proxy"]["websocket_max_message_bytes"] = MAX_MESSAGE
     ends = _endpoints(ws_up)
     cfg["secrets"] = {"ws-key": {"provider": "env", "var": "TG_WS_KEY",
                                  "inject": {"header": "Authorization",
@@ -63,14 +115,14 @@ def gw(tmp_path_factory: pytest.TempPathFactory, shared_files: dict[str, Path],
           for s in SCHEMES),
         {"id": "wss-mcp", **ends["wss"], "paths": ["/ws/mcp"], "websocket": True,
          "mcp": {"tools": ["search_docs"]}},
+        {"id": "switcher", "host": "127.0.0.1", "port": switcher.port, "scheme": "http",
+         "methods": ["GET"]},
     ]
     wl["ceiling"] = [*({"id": f"c-{s}", **ends[s], "methods": ["GET"], "paths": ["/ws/**"],
                         "websocket": True} for s in SCHEMES),
                      {"id": "c-http-only", **ends["wss"], "methods": ["GET"],
                       "paths": ["/http-only/**"]}]
-    g = Gateway(tmp_path_factory.mktemp("ws"), cfg, env={"TG_WS_KEY": SECRET}).start()
-    yield g
-    g.stop()
+    return cfg
 
 
 def _url(up: WsUpstream, scheme: str, path: str) -> str:
@@ -270,3 +322,88 @@ async def test_an_mcp_frame_that_cannot_be_judged_is_refused(gw: Gateway, ws_up:
     if isinstance(frame, bytes):
         assert "binary frames" in error["error"]["data"]["reason"]
     assert ws_up.messages[seen:] == []
+
+
+# -- what the gateway closes itself ---------------------------------------------------
+@pytest.mark.parametrize("scheme", SCHEMES)
+async def test_a_message_over_the_cap_closes_the_socket_with_1009(
+        gw: Gateway, ws_up: WsUpstream, keys: Keys, scheme: str) -> None:
+    before, seen = len(gw.audit()), len(ws_up.messages)
+    async with socket(gw, keys.token(), _url(ws_up, scheme, "/ws/echo")) as ws:
+        await ws.send("x" * (MAX_MESSAGE + 1))
+        closed = await _closed_by_gateway(ws, 5)
+    assert closed.rcvd is not None and closed.rcvd.code == 1009
+    assert "proxy.websocket_max_message_bytes" in closed.rcvd.reason
+    assert ws_up.messages[seen:] == []
+    rec = socket_record(gw, "/ws/echo", before)
+    assert rec["websocket"]["closed_by"] == "gateway" and rec["websocket"]["close_code"] == 1009
+
+
+async def test_a_fragmented_message_is_cut_while_it_grows_past_the_cap(
+        gw: Gateway, ws_up: WsUpstream, keys: Keys) -> None:
+    """The message never ends: the gateway closes the socket once what it holds of it
+    passes the cap, rather than wait for the last fragment."""
+    before, seen = len(gw.audit()), len(ws_up.messages)
+
+    async def endless() -> AsyncIterator[str]:
+        for _ in range(3):
+            yield "x" * (MAX_MESSAGE // 2)
+            await asyncio.sleep(0.2)
+        await asyncio.sleep(30)
+        yield "never"
+
+    async with socket(gw, keys.token(), _url(ws_up, "wss", "/ws/echo")) as ws:
+        sending = asyncio.create_task(ws.send(endless()))
+        closed = await _closed_by_gateway(ws, 5)
+        sending.cancel()
+        with contextlib.suppress(asyncio.CancelledError, ConnectionClosed):
+            await sending
+    assert closed.rcvd is not None and closed.rcvd.code == 1009
+    assert ws_up.messages[seen:] == []
+    rec = socket_record(gw, "/ws/echo", before)
+    assert rec["websocket"]["close_code"] == 1009
+
+
+def test_a_switch_to_websocket_nobody_asked_for_is_cut(gw: Gateway, switcher: Switcher,
+                                                       keys: Keys) -> None:
+    """No Upgrade header, but WebSocket's version header: a colluding upstream answers
+    101. The frames that would follow are never relayed."""
+    target = f"127.0.0.1:{switcher.port}"
+    auth = base64.b64encode(f"agent:{keys.token()}".encode()).decode()
+    head = (f"GET http://{target}/unasked HTTP/1.1\r\nHost: {target}\r\n"
+            f"Proxy-Authorization: Basic {auth}\r\nSec-WebSocket-Version: 13\r\n"
+            "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n").encode()
+    got = b""
+    with sockets.create_connection(("127.0.0.1", gw.proxy_port), timeout=10) as s:
+        s.sendall(head)
+        with contextlib.suppress(OSError):
+            while chunk := s.recv(4096):
+                got += chunk
+    assert switcher.heads and b"/unasked" in switcher.heads[-1]  # it did reach the upstream
+    assert not got.startswith(b"HTTP/1.1 101") and b"hello" not in got
+    recs = [r for r in gw.audit() if r["path"] == "/unasked"]
+    assert len(recs) == 1 and recs[0]["decision"] == "error"
+    assert "switched protocols" in recs[0]["reason"]
+
+
+async def test_stopping_the_gateway_closes_its_sockets_with_1001(
+        tmp_path: Path, shared_files: dict[str, Path], ws_up: WsUpstream,
+        switcher: Switcher, keys: Keys) -> None:
+    """Open sockets do not hold the shutdown for its whole grace period: they are closed
+    (1001) and recorded."""
+    g = Gateway(tmp_path, ws_config(shared_files, ws_up, switcher),
+                env={"TG_WS_KEY": SECRET}).start()
+    try:
+        async with socket(g, keys.token(), _url(ws_up, "wss", "/ws/echo")) as ws:
+            await ws.send("hello")
+            assert await recv(ws) == "echo:hello"
+            started = time.monotonic()
+            stopping = asyncio.create_task(asyncio.to_thread(g.stop))
+            closed = await _closed_by_gateway(ws, 8)
+            assert await stopping == 0
+    finally:
+        g.stop()
+    assert time.monotonic() - started < 8  # the grace period is 10 s
+    assert closed.rcvd is not None and closed.rcvd.code == 1001
+    rec = socket_record(g, "/ws/echo", 0)
+    assert rec["websocket"]["closed_by"] == "gateway" and rec["websocket"]["close_code"] == 1001
