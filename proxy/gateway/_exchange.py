@@ -121,6 +121,9 @@ class Exchange:
     buffer_body: bool = False
     """A later hook reads or changes the request body (mcp, approve, inject): it is
     held whole, never streamed upstream before that hook ran (audit)."""
+    held_cap: tuple[int, str] | None = None
+    """(bytes, why): the most a body held whole may be (mcp, approve). A body without a
+    length is held as it arrives; past this it is refused (413) at once (limits)."""
     mcp_rules: tuple[Rule, ...] = ()
     """The allowing rules with an ``mcp`` grant: the body is judged against them (mcp)."""
     mcp_decision: McpDecision | None = None
