@@ -10,8 +10,9 @@ only on a rule with ``websocket: true``; proxy/gateway/_websocket.py). Here:
   (revoked, expired: ``TaskRegistry.on_end``) closes it with 1008 and the reason;
 - ``websocket_message``: counts each message; on a rule with ``mcp`` judges each one
   from the agent as a JSON-RPC body (a refused one is dropped, answered with a
-  JSON-RPC error frame, and recorded) and filters tools/list answers; masks echoes
-  of secrets in what the upstream sends;
+  JSON-RPC error frame, and recorded; a tool call is a call of its own: the task's
+  budget, its own record) and filters tools/list answers; masks echoes of secrets in
+  what the upstream sends;
 - ``websocket_end``: the record, with the totals and the close code.
 
 mitmproxy has no way to close a WebSocket from outside its layer: :func:`install`
@@ -40,14 +41,18 @@ from addons._base import GatewayAddon, exchange
 from proxy.errors import TaskgateError, Unavailable
 from proxy.gateway import (
     POLICY_VIOLATION,
+    Exchange,
+    FrameVerdict,
     OpenSockets,
     Services,
     answer_frame,
     close_reason,
-    frame_refusal_exchange,
+    frame_exchange,
     granted_tools,
     judge_frame,
+    turned_down,
 )
+from proxy.policy import Decision
 
 __all__ = ["WebSocket", "install"]
 
@@ -146,22 +151,21 @@ class WebSocket(GatewayAddon):
                 message.drop()
                 self.close(flow, POLICY_VIOLATION, e.reason)
                 return
+            size = len(message.content)
+            totals.count(True, size)
             if rules:
                 verdict = judge_frame(rules, message.content if message.is_text else None,
                                       self.gateway.config.max_inspect_bytes)
+                if verdict.allowed and verdict.acts:  # a tool call: a call of its own
+                    verdict = await self._admit(ex, verdict, size)
                 if not verdict.allowed:
                     message.drop()
-                    totals.count(True, len(message.content))
                     totals.refused += 1
                     assert verdict.reply is not None
                     _inject(flow, verdict.reply)
-                    try:
-                        await self.gateway.audit_exchange(
-                            frame_refusal_exchange(ex, verdict, len(message.content)))
-                    except Unavailable:
-                        self.close(flow, INTERNAL_ERROR, "the audit log cannot be written")
-                    return
-            totals.count(True, len(message.content))
+                if (verdict.acts or not verdict.allowed) and not await self._record(
+                        flow, frame_exchange(ex, verdict, size)):
+                    message.drop()
             return
         content = message.content
         if rules and message.is_text:
@@ -172,6 +176,24 @@ class WebSocket(GatewayAddon):
         if content != message.content:
             message.content = content
         totals.count(False, len(content))
+
+    async def _admit(self, ex: Exchange, verdict: FrameVerdict, size: int) -> FrameVerdict:
+        """Take an acting message from the task's budget, or turn it down."""
+        try:
+            decision = await self.gateway.admit(frame_exchange(ex, verdict, size),
+                                                Decision(True, verdict.reason, verdict.rule))
+        except TaskgateError as e:
+            return turned_down(verdict, e.reason)
+        return verdict if decision.allowed else turned_down(verdict, decision.reason)
+
+    async def _record(self, flow: http.HTTPFlow, frame: Exchange) -> bool:
+        """Write a message's own record; if it cannot be, close the socket."""
+        try:
+            await self.gateway.audit_exchange(frame)
+        except Unavailable:
+            self.close(flow, INTERNAL_ERROR, "the audit log cannot be written")
+            return False
+        return True
 
     async def websocket_end(self, flow: http.HTTPFlow) -> None:
         self._flows.pop(flow.id, None)

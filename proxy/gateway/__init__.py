@@ -19,9 +19,10 @@ from proxy.gateway._websocket import (
     OpenSockets,
     answer_frame,
     close_reason,
-    frame_refusal_exchange,
+    frame_exchange,
     granted_tools,
     judge_frame,
+    turned_down,
     upgrade_decision,
     websocket_upgrade,
 )
@@ -46,7 +47,7 @@ __all__ = [
     "build",
     "client_key",
     "close_reason",
-    "frame_refusal_exchange",
+    "frame_exchange",
     "granted_tools",
     "h1_request_framing",
     "judge_frame",
@@ -56,6 +57,7 @@ __all__ = [
     "stop_signals",
     "trailer_fields",
     "trust_bundle",
+    "turned_down",
     "upgrade_decision",
     "websocket_upgrade",
 ]

@@ -12,12 +12,15 @@ with its :class:`SocketTotals`.
 On a rule with ``mcp`` every text frame from the agent is one JSON-RPC body, judged
 as strictly as an HTTP body (:func:`judge_frame`); a refused frame is not forwarded,
 the agent gets a JSON-RPC error frame instead. Binary frames cannot be judged there.
+A message that acts (a tool call) is a call of its own, as an MCP POST is: it takes
+one from the task's budget and gets its own record (:func:`frame_exchange`).
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Hashable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import orjson
@@ -25,7 +28,7 @@ import orjson
 from proxy.errors import TaskgateError
 from proxy.gateway._core import new_request_id
 from proxy.gateway._exchange import Exchange, SocketTotals
-from proxy.mcp import McpDecision, filter_message, inspect, rpc_refusal
+from proxy.mcp import McpDecision, filter_message, inspect, refused_after, rpc_refusal
 from proxy.policy import Decision, Rule
 
 __all__ = [
@@ -35,9 +38,10 @@ __all__ = [
     "OpenSockets",
     "answer_frame",
     "close_reason",
-    "frame_refusal_exchange",
+    "frame_exchange",
     "granted_tools",
     "judge_frame",
+    "turned_down",
     "upgrade_decision",
     "websocket_upgrade",
 ]
@@ -103,14 +107,19 @@ class OpenSockets:
 
 @dataclass(frozen=True, slots=True)
 class FrameVerdict:
-    """The verdict on one frame from the agent on an MCP rule. The zero value refuses."""
+    """The verdict on one message from the agent on an MCP rule. The zero value refuses.
+
+    Every verdict has its own ``request_id``: a refused message's record (and the one
+    its JSON-RPC error names), or an acting one's (:attr:`acts`)."""
 
     allowed: bool = False
     reason: str = "the frame was not judged"
     tool: dict[str, Any] | None = None
     reply: bytes | None = None  # the JSON-RPC error sent back in its place
-    request_id: str | None = None  # the refused frame's own record
-    granted_tools: frozenset[str] = frozenset()
+    request_id: str = ""
+    rule: Rule | None = None  # the rule that allowed it
+    acts: bool = False  # asks the server to act (a tool call): a call of its own
+    decision: McpDecision | None = field(default=None, repr=False)
 
 
 def _error_frame(reason: str, request_id: str, rpc_id: Any = None) -> bytes:
@@ -136,10 +145,21 @@ def judge_frame(rules: Sequence[Rule], payload: bytes | None, cap: int) -> Frame
         return FrameVerdict(False, e.reason, None, _error_frame(e.reason, request_id),
                             request_id)
     if decision.allowed:
-        return FrameVerdict(True, decision.reason, decision.tool,
-                            granted_tools=decision.granted_tools)
+        return FrameVerdict(True, decision.reason, decision.tool, None, request_id,
+                            decision.rule, decision.acts, decision)
     return FrameVerdict(False, decision.reason, decision.tool,
-                        _refusal(decision, request_id), request_id)
+                        _refusal(decision, request_id), request_id, decision=decision)
+
+
+def turned_down(verdict: FrameVerdict, reason: str) -> FrameVerdict:
+    """An allowed message refused after all (the task's budget is spent): each of its
+    requests answered with a JSON-RPC error saying why."""
+    decision = verdict.decision
+    refused = refused_after(decision, reason) if decision is not None else None
+    reply = (rpc_refusal(refused, verdict.request_id) if refused is not None
+             and refused.tool_error else _error_frame(reason, verdict.request_id))
+    return FrameVerdict(False, reason, verdict.tool, reply, verdict.request_id,
+                        decision=refused)
 
 
 def _refusal(decision: McpDecision, request_id: str) -> bytes:
@@ -148,14 +168,16 @@ def _refusal(decision: McpDecision, request_id: str) -> bytes:
     return _error_frame(decision.reason, request_id)
 
 
-def frame_refusal_exchange(ex: Exchange, verdict: FrameVerdict, size: int) -> Exchange:
-    """The record of a refused frame: the socket's call, with the frame's own request
-    id (the one its JSON-RPC error names), decision, reason and tool."""
-    assert verdict.request_id is not None
-    return replace(ex, request_id=verdict.request_id, decision="deny", reason=verdict.reason,
-                   tool=verdict.tool, status=None, bytes_in=size, bytes_out=0,
-                   audited=False, counted=False,
-                   websocket=SocketTotals(frames_in=1, bytes_in=size, refused=1,
+def frame_exchange(ex: Exchange, verdict: FrameVerdict, size: int) -> Exchange:
+    """The record of one judged message: the socket's call, with the message's own
+    request id, decision, rule, reason and tool (``websocket.socket``: the socket's)."""
+    return replace(ex, request_id=verdict.request_id, started=time.monotonic(),
+                   ts=time.time(), decision="allow" if verdict.allowed else "deny",
+                   rule=verdict.rule.id if verdict.allowed and verdict.rule else None,
+                   reason=verdict.reason, tool=verdict.tool, status=None, bytes_in=size,
+                   bytes_out=0, audited=False, counted=False,
+                   websocket=SocketTotals(frames_in=1, bytes_in=size,
+                                          refused=0 if verdict.allowed else 1,
                                           socket=ex.request_id))
 
 

@@ -274,12 +274,37 @@ def _call(rpc_id: int, tool: str) -> str:
                        "params": {"name": tool, "arguments": {}}})
 
 
-async def test_an_mcp_frame_for_a_granted_tool_is_forwarded(gw: Gateway, ws_up: WsUpstream,
-                                                            keys: Keys) -> None:
+async def test_an_mcp_frame_for_a_granted_tool_is_forwarded_and_recorded(
+        gw: Gateway, ws_up: WsUpstream, keys: Keys) -> None:
+    before = len(gw.audit())
     async with socket(gw, keys.token(), _url(ws_up, "wss", "/ws/mcp")) as ws:
         await ws.send(_call(1, "search_docs"))
         answer = json.loads(await recv(ws))
     assert answer["id"] == 1 and answer["result"]["content"][0]["text"] == "search_docs"
+    sock = socket_record(gw, "/ws/mcp", before)
+    (call,) = [r for r in gw.audit()[before:] if r["websocket"] and
+               r["websocket"].get("socket") == sock["request_id"]]
+    assert (call["decision"], call["rule"]) == ("allow", "wss-mcp")
+    assert call["tool"]["name"] == "search_docs" and call["request_id"] != sock["request_id"]
+
+
+async def test_each_tool_call_over_a_websocket_takes_one_from_the_task_budget(
+        gw: Gateway, ws_up: WsUpstream) -> None:
+    """The upgrade is one call, each tool call another: a socket is no way around
+    max_calls."""
+    rule = {"id": "t-mcp", **_endpoints(ws_up)["wss"], "methods": ["GET"],
+            "paths": ["/ws/mcp"], "websocket": True, "mcp": {"tools": ["search_docs"]}}
+    task = create_task(gw, ws_up, [rule], max_calls=3)
+    async with socket(gw, task["token"], _url(ws_up, "wss", "/ws/mcp")) as ws:
+        for i in (1, 2):
+            await ws.send(_call(i, "search_docs"))
+            assert "result" in json.loads(await recv(ws))
+        await ws.send(_call(3, "search_docs"))
+        spent = json.loads(await recv(ws))
+        await ws.send(json.dumps({"jsonrpc": "2.0", "id": 4, "method": "tools/list"}))
+        assert "result" in json.loads(await recv(ws))  # the lifecycle still flows
+    assert spent["id"] == 3 and spent["error"]["code"] == -32051
+    assert spent["error"]["data"]["reason"].startswith("task budget spent")
 
 
 async def test_an_mcp_frame_for_another_tool_is_refused_with_a_jsonrpc_error(

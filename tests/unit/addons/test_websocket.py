@@ -124,22 +124,25 @@ async def test_frames_are_counted_into_one_record_when_the_socket_ends(
     assert (rec["bytes_in"], rec["bytes_out"]) == (8, 10)
 
 
-async def test_an_mcp_frame_for_a_tool_not_granted_is_dropped_and_recorded(
-        svc: Services, agent_token: str) -> None:
+async def test_each_mcp_tool_call_frame_is_judged_and_recorded(svc: Services,
+                                                               agent_token: str) -> None:
     f, ws = await opened(svc, agent_token, "/mcp")
+    init = await message(ws, f, orjson.dumps({"jsonrpc": "2.0", "id": 0,
+                                              "method": "initialize", "params": {}}))
     ok = await message(ws, f, orjson.dumps({"jsonrpc": "2.0", "id": 1, "method": "tools/call",
                                             "params": {"name": "search", "arguments": {}}}))
     bad = await message(ws, f, orjson.dumps({"jsonrpc": "2.0", "id": 2, "method": "tools/call",
                                              "params": {"name": "pay", "arguments": {}}}))
     binary = await message(ws, f, b"{}", text=False)
-    assert not ok.dropped and bad.dropped and binary.dropped
-    refused = await records(svc)
-    assert [r["decision"] for r in refused] == ["deny", "deny"]
-    assert refused[0]["tool"]["name"] == "pay"
-    assert {r["websocket"]["socket"] for r in refused} == {exchange(f).request_id}
+    assert not init.dropped and not ok.dropped and bad.dropped and binary.dropped
+    frames = await records(svc)  # the tool calls and the refusals; not the lifecycle
+    assert [(r["decision"], r["rule"]) for r in frames] == [
+        ("allow", "socket-mcp"), ("deny", None), ("deny", None)]
+    assert [r["tool"]["name"] for r in frames[:2]] == ["search", "pay"]
+    assert {r["websocket"]["socket"] for r in frames} == {exchange(f).request_id}
     await end(ws, f)
     rec = (await records(svc))[-1]
-    assert rec["websocket"]["refused"] == 2 and rec["websocket"]["frames_in"] == 3
+    assert rec["websocket"]["refused"] == 2 and rec["websocket"]["frames_in"] == 4
 
 
 async def test_a_tools_list_answer_is_filtered(svc: Services, agent_token: str) -> None:

@@ -13,9 +13,10 @@ from proxy.gateway import (
     OpenSockets,
     answer_frame,
     close_reason,
-    frame_refusal_exchange,
+    frame_exchange,
     granted_tools,
     judge_frame,
+    turned_down,
     upgrade_decision,
     websocket_upgrade,
 )
@@ -81,10 +82,28 @@ def call(tool: str, rpc_id: int = 1) -> bytes:
                          "params": {"name": tool, "arguments": {}}})
 
 
-def test_a_frame_calling_a_granted_tool_is_allowed() -> None:
+def test_a_frame_calling_a_granted_tool_is_allowed_and_acts() -> None:
     verdict = judge_frame(MCP, call("search"), CAP)
     assert verdict.allowed and verdict.reply is None and verdict.tool is not None
-    assert verdict.tool["name"] == "search"
+    assert verdict.tool["name"] == "search" and verdict.acts and verdict.rule is MCP[0]
+
+
+@pytest.mark.parametrize("message", [
+    {"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {}},
+    {"jsonrpc": "2.0", "id": 1, "method": "tools/list"},
+    {"jsonrpc": "2.0", "method": "notifications/initialized"},
+])
+def test_lifecycle_frames_are_allowed_and_do_not_act(message: dict[str, Any]) -> None:
+    verdict = judge_frame(MCP, orjson.dumps(message), CAP)
+    assert verdict.allowed and not verdict.acts
+
+
+def test_an_allowed_frame_turned_down_answers_each_request() -> None:
+    verdict = turned_down(judge_frame(MCP, call("search", 4), CAP), "task budget spent")
+    assert not verdict.allowed and verdict.reply is not None
+    reply = orjson.loads(verdict.reply)
+    assert reply["id"] == 4 and reply["error"]["data"]["reason"] == "task budget spent"
+    assert reply["error"]["data"]["request_id"] == verdict.request_id
 
 
 def test_a_frame_calling_another_tool_gets_a_tool_error_with_its_id() -> None:
@@ -123,16 +142,20 @@ def test_tools_list_answers_keep_only_granted_tools() -> None:
     assert unreadable["error"]["code"] == -32052
 
 
-def test_a_refused_frame_gets_its_own_record() -> None:
+def test_a_judged_frame_gets_its_own_record() -> None:
     ex = Exchange(request_id="socket-id", client="127.0.0.1", method="GET", host="rt.example")
-    ex.decision, ex.status, ex.bytes_in = "allow", 101, 500
+    ex.decision, ex.status, ex.bytes_in, ex.rule = "allow", 101, 500, "socket"
     verdict = judge_frame(MCP, call("delete"), CAP)
-    rec = frame_refusal_exchange(ex, verdict, 42).record()
+    rec = frame_exchange(ex, verdict, 42).record()
     assert rec["request_id"] == verdict.request_id != "socket-id"
-    assert (rec["decision"], rec["status"], rec["bytes_in"]) == ("deny", None, 42)
+    assert (rec["decision"], rec["rule"], rec["status"], rec["bytes_in"]) == \
+        ("deny", None, None, 42)
     assert rec["tool"]["name"] == "delete" and rec["host"] == "rt.example"
     assert rec["websocket"]["socket"] == "socket-id" and rec["websocket"]["refused"] == 1
     assert ex.decision == "allow" and ex.request_id == "socket-id"  # the socket's untouched
+    allowed = frame_exchange(ex, judge_frame(MCP, call("search"), CAP), 40).record()
+    assert (allowed["decision"], allowed["rule"]) == ("allow", "m")
+    assert allowed["websocket"]["refused"] == 0
 
 
 def test_a_close_reason_fits_a_close_frame() -> None:
