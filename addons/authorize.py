@@ -89,6 +89,18 @@ class Authorize(GatewayAddon):
         self._tunnels[flow.client_conn] = Tunnel(
             ex.caller, canonical_host(flow.request.host), flow.request.port)
 
+    def response(self, flow: http.HTTPFlow) -> None:
+        """A switch of protocols goes through only if the WebSocket addon took the socket
+        on (it judges the frames, writes the record): loaded without it, fail closed."""
+        resp = flow.response
+        if resp is None or resp.status_code != 101 or not flow.live:
+            return
+        ex = exchange(flow)
+        if ex.websocket is None or not ex.websocket.watched:
+            ex.deny("the upstream switched protocols, and no WebSocket addon is loaded to "
+                    "judge and record what follows; the connection was closed", "error")
+            flow.kill()
+
     def client_disconnected(self, client: connection.Client) -> None:
         # At once, not when the connection object is collected: a flow still running
         # (held for approval) finds no tunnel for a connection that is gone.

@@ -88,6 +88,8 @@ class WebSocket(GatewayAddon):
             ex.deny("the upstream switched protocols on a call that was not an allowed "
                     "WebSocket upgrade; the connection was closed", "error")
             flow.kill()
+            return
+        ex.websocket.watched = True
 
     async def websocket_start(self, flow: http.HTTPFlow) -> None:
         ex = exchange(flow)

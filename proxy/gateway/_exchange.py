@@ -48,6 +48,9 @@ class SocketTotals:
     closed_by: str | None = None
     socket: str | None = None
     """On the record of a refused frame: the request id of its socket's record."""
+    watched: bool = False
+    """The WebSocket addon took the socket on (its 101 passed): it writes the record
+    when the socket ends, and judges its frames. Not recorded."""
 
     def count(self, from_agent: bool, size: int) -> None:
         if from_agent:

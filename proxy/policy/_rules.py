@@ -270,6 +270,9 @@ def parse_rule(data: Any) -> Rule:
     websocket = data.get("websocket", False)
     _want(type(websocket) is bool, ("websocket",),
           f"{websocket!r}: use true (the rule's calls may upgrade to a WebSocket) or false")
+    _want(not (websocket and grant is not None and approval == "required"), ("websocket",),
+          "the MCP messages of a WebSocket cannot be held for approval: an MCP rule with "
+          "approval: required cannot say websocket: true")
     repositories, permissions = _token_scope(data)
     _want(secret is not None or not (repositories or permissions is not None),
           ("repositories",) if repositories else ("permissions",),

@@ -107,6 +107,21 @@ async def test_a_101_to_a_call_that_asked_for_none_is_killed(svc: Services,
     assert exchange(f).decision == "error"
 
 
+async def test_a_101_goes_through_only_if_the_websocket_addon_took_it_on(
+        svc: Services, agent_token: str) -> None:
+    """Authorize loaded without this addon (mitmdump -s): the socket would go unjudged
+    and unrecorded, so the 101 is cut."""
+    f = await upgrade(svc, agent_token)
+    f.response = http.Response.make(101, b"", {"Upgrade": "websocket"})
+    with taddons.context(Authorize(svc)):
+        Authorize(svc).response(f)
+    assert f.error is not None and exchange(f).decision == "error"
+    taken = (await opened(svc, agent_token))[0]
+    with taddons.context(Authorize(svc)):
+        Authorize(svc).response(taken)
+    assert taken.error is None and exchange(taken).decision == "allow"
+
+
 async def test_frames_are_counted_into_one_record_when_the_socket_ends(
         svc: Services, agent_token: str) -> None:
     f, ws = await opened(svc, agent_token)

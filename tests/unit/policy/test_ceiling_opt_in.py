@@ -94,6 +94,15 @@ def test_websocket_is_a_boolean(value: Any, ok: bool) -> None:
             rule(host="rt.good.test", websocket=value)
 
 
+def test_mcp_messages_of_a_websocket_cannot_be_held_for_approval() -> None:
+    """Each message is judged as it passes; none can wait for a person: refused, never
+    let through unheld."""
+    with pytest.raises(ValueError, match=r"^websocket: .*cannot be held for approval"):
+        parse_rule({"id": "t", "host": "rt.good.test", "mcp": {"tools": ["a"]},
+                    "approval": "required", "websocket": True})
+    assert rule(host="rt.good.test", approval="required", websocket=True).websocket
+
+
 @pytest.mark.parametrize(("host", "ok"), [
     ("127.0.0.1", True), ("10.1.2.3", True), ("::1", True), ("localhost", False),
     ("*.good.test", False), ("api.good.test", False),
