@@ -143,11 +143,17 @@ async def recv(ws: ClientConnection) -> str | bytes:
     return await asyncio.wait_for(ws.recv(), 10)
 
 
-def socket_record(gw: Gateway, path: str, before: int) -> dict[str, Any]:
-    """The one record of the socket to ``path`` opened after ``before`` records."""
+def request_id(ws: ClientConnection) -> str:
+    """The socket's request id: on the 101, as on every answer."""
+    assert ws.response is not None
+    return ws.response.headers["X-Taskgate-Request-Id"]
+
+
+def socket_record(gw: Gateway, ws: ClientConnection) -> dict[str, Any]:
+    """The one record of socket ``ws`` (written once the gateway saw it close)."""
     def find() -> list[dict[str, Any]]:
-        return [r for r in gw.audit()[before:] if r["path"] == path and r["status"] == 101]
-    deadline = time.monotonic() + 10  # written when the gateway saw the close
+        return [r for r in gw.records_for(request_id(ws)) if r["status"] == 101]
+    deadline = time.monotonic() + 10
     while not (found := find()) and time.monotonic() < deadline:
         time.sleep(0.05)
     (rec,) = found
@@ -189,15 +195,14 @@ async def test_the_secret_goes_on_the_upgrade_and_its_echo_is_masked(
 @pytest.mark.parametrize("scheme", SCHEMES)
 async def test_frames_flow_and_the_totals_are_recorded_when_it_ends(
         gw: Gateway, ws_up: WsUpstream, keys: Keys, scheme: str) -> None:
-    before = len(gw.audit())
     async with socket(gw, keys.token(), _url(ws_up, scheme, "/ws/echo")) as ws:
         for text in ("one", "two", "three"):
             await ws.send(text)
             assert await recv(ws) == "echo:" + text
         await ws.send(b"\x00\x01")
         assert await recv(ws) == b"echo:\x00\x01"
-        assert not [r for r in gw.audit()[before:] if r["path"] == "/ws/echo"]  # still open
-    rec = socket_record(gw, "/ws/echo", before)
+        assert not gw.records_for(request_id(ws))  # still open: no record yet
+    rec = socket_record(gw, ws)
     assert (rec["decision"], rec["rule"], rec["status"]) == ("allow", f"{scheme}-echo", 101)
     assert rec["secret"] and SECRET not in json.dumps(rec)
     assert rec["websocket"] == {"frames_in": 4, "frames_out": 4, "bytes_in": 13,
@@ -208,13 +213,12 @@ async def test_frames_flow_and_the_totals_are_recorded_when_it_ends(
 
 async def test_the_upstream_closing_is_recorded_with_its_code(gw: Gateway, ws_up: WsUpstream,
                                                                keys: Keys) -> None:
-    before = len(gw.audit())
     async with socket(gw, keys.token(), _url(ws_up, "wss", "/ws/echo")) as ws:
         await ws.send("close")
         with pytest.raises(ConnectionClosed) as e:
             await recv(ws)
     assert e.value.rcvd is not None and e.value.rcvd.code == 4000
-    rec = socket_record(gw, "/ws/echo", before)
+    rec = socket_record(gw, ws)
     assert rec["websocket"]["close_code"] == 4000
     assert rec["websocket"]["closed_by"] == "upstream"
 
@@ -234,7 +238,6 @@ async def _closed_by_gateway(ws: ClientConnection, within: float) -> ConnectionC
 
 async def test_revocation_closes_the_socket_with_1008(gw: Gateway, ws_up: WsUpstream) -> None:
     task = _ws_task(gw, ws_up)
-    before = len(gw.audit())
     async with socket(gw, task["token"], _url(ws_up, "wss", "/ws/echo")) as ws:
         await ws.send("hello")
         assert await recv(ws) == "echo:hello"
@@ -242,7 +245,7 @@ async def test_revocation_closes_the_socket_with_1008(gw: Gateway, ws_up: WsUpst
         closed = await _closed_by_gateway(ws, 5)
     assert closed.rcvd is not None
     assert (closed.rcvd.code, closed.rcvd.reason) == (1008, "task revoked")
-    rec = socket_record(gw, "/ws/echo", before)
+    rec = socket_record(gw, ws)
     assert rec["task"] == task["task_id"] and rec["decision"] == "allow"
     assert rec["websocket"]["close_code"] == 1008
     assert rec["websocket"]["closed_by"] == "gateway"
@@ -281,9 +284,9 @@ async def test_an_mcp_frame_for_a_granted_tool_is_forwarded_and_recorded(
         await ws.send(_call(1, "search_docs"))
         answer = json.loads(await recv(ws))
     assert answer["id"] == 1 and answer["result"]["content"][0]["text"] == "search_docs"
-    sock = socket_record(gw, "/ws/mcp", before)
+    sock = socket_record(gw, ws)
     (call,) = [r for r in gw.audit()[before:] if r["websocket"] and
-               r["websocket"].get("socket") == sock["request_id"]]
+               r["websocket"].get("socket") == sock["request_id"]]  # by its socket
     assert (call["decision"], call["rule"]) == ("allow", "wss-mcp")
     assert call["tool"]["name"] == "search_docs" and call["request_id"] != sock["request_id"]
 
@@ -309,7 +312,7 @@ async def test_each_tool_call_over_a_websocket_takes_one_from_the_task_budget(
 
 async def test_an_mcp_frame_for_another_tool_is_refused_with_a_jsonrpc_error(
         gw: Gateway, ws_up: WsUpstream, keys: Keys) -> None:
-    before, seen = len(gw.audit()), len(ws_up.messages)
+    seen = len(ws_up.messages)
     async with socket(gw, keys.token(), _url(ws_up, "wss", "/ws/mcp")) as ws:
         await ws.send(_call(7, "delete_everything"))
         error = json.loads(await recv(ws))
@@ -320,7 +323,7 @@ async def test_an_mcp_frame_for_another_tool_is_refused_with_a_jsonrpc_error(
     assert [m for _, m in ws_up.messages[seen:]] == [_call(8, "search_docs")]
     (rec,) = gw.records_for(error["error"]["data"]["request_id"])
     assert rec["decision"] == "deny" and rec["tool"]["name"] == "delete_everything"
-    sock = socket_record(gw, "/ws/mcp", before)
+    sock = socket_record(gw, ws)
     assert rec["websocket"]["socket"] == sock["request_id"]
     assert sock["websocket"]["refused"] == 1 and sock["websocket"]["frames_in"] == 2
 
@@ -353,14 +356,14 @@ async def test_an_mcp_frame_that_cannot_be_judged_is_refused(gw: Gateway, ws_up:
 @pytest.mark.parametrize("scheme", SCHEMES)
 async def test_a_message_over_the_cap_closes_the_socket_with_1009(
         gw: Gateway, ws_up: WsUpstream, keys: Keys, scheme: str) -> None:
-    before, seen = len(gw.audit()), len(ws_up.messages)
+    seen = len(ws_up.messages)
     async with socket(gw, keys.token(), _url(ws_up, scheme, "/ws/echo")) as ws:
         await ws.send("x" * (MAX_MESSAGE + 1))
         closed = await _closed_by_gateway(ws, 5)
     assert closed.rcvd is not None and closed.rcvd.code == 1009
     assert "proxy.websocket_max_message_bytes" in closed.rcvd.reason
     assert ws_up.messages[seen:] == []
-    rec = socket_record(gw, "/ws/echo", before)
+    rec = socket_record(gw, ws)
     assert rec["websocket"]["closed_by"] == "gateway" and rec["websocket"]["close_code"] == 1009
 
 
@@ -368,7 +371,7 @@ async def test_a_fragmented_message_is_cut_while_it_grows_past_the_cap(
         gw: Gateway, ws_up: WsUpstream, keys: Keys) -> None:
     """The message never ends: the gateway closes the socket once what it holds of it
     passes the cap, rather than wait for the last fragment."""
-    before, seen = len(gw.audit()), len(ws_up.messages)
+    seen = len(ws_up.messages)
 
     async def endless() -> AsyncIterator[str]:
         for _ in range(3):
@@ -385,7 +388,7 @@ async def test_a_fragmented_message_is_cut_while_it_grows_past_the_cap(
             await sending
     assert closed.rcvd is not None and closed.rcvd.code == 1009
     assert ws_up.messages[seen:] == []
-    rec = socket_record(gw, "/ws/echo", before)
+    rec = socket_record(gw, ws)
     assert rec["websocket"]["close_code"] == 1009
 
 
@@ -430,5 +433,5 @@ async def test_stopping_the_gateway_closes_its_sockets_with_1001(
         g.stop()
     assert time.monotonic() - started < 8  # the grace period is 10 s
     assert closed.rcvd is not None and closed.rcvd.code == 1001
-    rec = socket_record(g, "/ws/echo", 0)
+    rec = socket_record(g, ws)
     assert rec["websocket"]["closed_by"] == "gateway" and rec["websocket"]["close_code"] == 1001
