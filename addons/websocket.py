@@ -15,28 +15,19 @@ only on a rule with ``websocket: true``; proxy/gateway/_websocket.py). Here:
   what the upstream sends;
 - ``websocket_end``: the record, with the totals and the close code.
 
-mitmproxy has no way to close a WebSocket from outside its layer: :func:`install`
-teaches the layer one injected message that closes both sides with a code.
+mitmproxy has no way to close a WebSocket from outside its layer, nor a cap on a
+message's length: addons/_ws_layer.py teaches the layer both.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
-from collections.abc import Generator
-from typing import Any
 
-import wsproto.events
-from mitmproxy import ctx, http, websocket
-from mitmproxy.proxy import commands, events
-from mitmproxy.proxy.layers.websocket import (
-    WebsocketEndHook,
-    WebsocketLayer,
-    WebSocketMessageInjected,
-)
-from wsproto import ConnectionState
-from wsproto.frame_protocol import Opcode
+from mitmproxy import http, websocket
 
+from addons import _ws_layer as layer
 from addons._base import GatewayAddon, exchange
 from proxy.errors import TaskgateError, Unavailable
 from proxy.gateway import (
@@ -46,7 +37,6 @@ from proxy.gateway import (
     OpenSockets,
     Services,
     answer_frame,
-    close_reason,
     frame_exchange,
     granted_tools,
     judge_frame,
@@ -54,17 +44,13 @@ from proxy.gateway import (
 )
 from proxy.policy import Decision
 
-__all__ = ["WebSocket", "install"]
+__all__ = ["WebSocket"]
 
 log = logging.getLogger("taskgate")
 
 GOING_AWAY = 1001  # RFC 6455 7.4.1: the gateway is shutting down
-TOO_BIG = 1009  # … a message longer than proxy.websocket_max_message_bytes
 INTERNAL_ERROR = 1011  # … the gateway could not go on (a bug, the audit log)
 AUTHORIZED = ("allow", "approved")
-# The longest message the layer may hold (proxy.websocket_max_message_bytes): mitmproxy
-# reads a whole message before the hook sees it. Set from the config when a socket starts.
-_max_message = [16 * 1024 * 1024]
 
 
 class WebSocket(GatewayAddon):
@@ -75,7 +61,7 @@ class WebSocket(GatewayAddon):
         self._open = OpenSockets()  # task id → its open sockets (keyed by flow id)
         self._flows: dict[str, http.HTTPFlow] = {}
         self._watching = False  # on the task registry's end hooks
-        install()
+        layer.install()
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:
         resp = flow.response
@@ -95,10 +81,10 @@ class WebSocket(GatewayAddon):
         ex = exchange(flow)
         totals, caller = ex.websocket, ex.caller
         if totals is None or caller is None or ex.call is None or not self.started:
-            _close(flow, INTERNAL_ERROR, "the WebSocket was not authorized")
+            layer.close(flow, INTERNAL_ERROR, "the WebSocket was not authorized")
             return
         self._watch()
-        _max_message[0] = self.gateway.config.websocket_max_message_bytes
+        layer.set_max_message(self.gateway.config.websocket_max_message_bytes)
         self._flows[flow.id] = flow
         if caller.task is not None:
             self._open.add(caller.task, flow.id, lambda code, why: self.close(flow, code, why))
@@ -120,10 +106,10 @@ class WebSocket(GatewayAddon):
         if totals is None or not self.started:
             message.drop()
             return
-        if len(message.content) > _max_message[0] and not message.injected:
-            # Read whole in one go (a longer one still arriving is cut by install()).
+        if len(message.content) > layer.max_message() and not message.injected:
+            # Read whole in one go (a longer one still arriving is cut by the layer).
             message.drop()
-            self.close(flow, TOO_BIG, _too_big())
+            self.close(flow, layer.TOO_BIG, layer.too_big())
             return
         try:
             await self._message(flow, message)
@@ -164,7 +150,7 @@ class WebSocket(GatewayAddon):
                     message.drop()
                     totals.refused += 1
                     assert verdict.reply is not None
-                    _inject(flow, verdict.reply)
+                    layer.send(flow, verdict.reply)
                 if (verdict.acts or not verdict.allowed) and not await self._record(
                         flow, frame_exchange(ex, verdict, size)):
                     message.drop()
@@ -217,8 +203,8 @@ class WebSocket(GatewayAddon):
     def close(self, flow: http.HTTPFlow, code: int, reason: str) -> None:
         """Close ``flow``'s socket on both sides with ``code`` and ``reason`` (the record
         says the gateway closed it, and why)."""
-        _closed_by_gateway(flow, code, reason)
-        _close(flow, code, reason)
+        layer.closed_by_gateway(flow, code, reason)
+        layer.close(flow, code, reason)
 
     def _watch(self) -> None:
         if not self._watching:
@@ -240,96 +226,10 @@ class WebSocket(GatewayAddon):
     def done(self) -> None:
         if self._watching and self._services is not None:
             self._watching = False
-            try:
+            with contextlib.suppress(ValueError):
                 self.services.tasks.on_end.remove(self._task_ended)
-            except ValueError:
-                pass
-
-
-# -- talking to mitmproxy's WebSocket layer ---------------------------------------------
-class GatewayClose(websocket.WebSocketMessage):
-    """Injected into a socket's layer: close both sides with ``code`` and ``reason``."""
-
-    def __init__(self, code: int, reason: str) -> None:
-        super().__init__(Opcode.TEXT, False, b"")
-        self.code, self.reason = code, close_reason(reason)
-
-
-def _too_big() -> str:
-    return f"a message over {_max_message[0]} bytes (proxy.websocket_max_message_bytes)"
-
-
-def _closed_by_gateway(flow: http.HTTPFlow, code: int, reason: str) -> None:
-    """Say in the socket's record that the gateway closed it, and why (the first time)."""
-    ex = exchange(flow)
-    if ex.websocket is not None and ex.websocket.closed_by is None:
-        ex.websocket.closed_by = "gateway"
-        ex.reason = f"{reason}: the gateway closed the WebSocket ({code})"
-
-
-def _inject_event(flow: http.HTTPFlow, message: websocket.WebSocketMessage) -> None:
-    server = ctx.master.addons.get("proxyserver")
-    if server is None:  # not inside a proxy (the addon's unit tests): nothing to send on
-        log.warning("taskgate: no proxy server to send a WebSocket message through")
-        return
-    try:
-        server.inject_event(WebSocketMessageInjected(flow, message))
-    except ValueError:  # the connection is gone already
-        pass
-
-
-def _inject(flow: http.HTTPFlow, reply: bytes) -> None:
-    """Send ``reply`` to the agent as a text message (after the current one is handled)."""
-    _inject_event(flow, websocket.WebSocketMessage(Opcode.TEXT, False, reply))
-
-
-def _close(flow: http.HTTPFlow, code: int, reason: str) -> None:
-    _inject_event(flow, GatewayClose(code, reason))
-
-
-def install() -> None:
-    """Patch mitmproxy's WebSocket layer: act on :class:`GatewayClose`, and close a socket
-    whose next message grows past the cap while it is read. Idempotent."""
-    if getattr(WebsocketLayer, "_taskgate_close", False):
-        return
-    WebsocketLayer._taskgate_close = True  # type: ignore[attr-defined]
-    original = WebsocketLayer.relay_messages
-
-    def relay_messages(self: Any, event: events.Event
-                       ) -> Generator[commands.Command, Any, None]:
-        if isinstance(event, WebSocketMessageInjected) and isinstance(event.message,
-                                                                      GatewayClose):
-            yield from _close_layer(self, event.message)
-            return
-        yield from original(self, event)
-        if self._handle_event != self.relay_messages:
-            return  # closed by this event
-        cap = _max_message[0]
-        for ws in (self.client_ws, self.server_ws):
-            if sum(map(len, ws.frame_buf)) > cap:
-                reason = _too_big()
-                _closed_by_gateway(self.flow, TOO_BIG, reason)
-                yield from _close_layer(self, GatewayClose(TOO_BIG, reason))
-                return
-
-    WebsocketLayer.relay_messages = relay_messages  # type: ignore[method-assign]
-
-
-def _close_layer(layer: Any, close: GatewayClose) -> Generator[commands.Command, Any, None]:
-    """What the layer does when a peer closes, done by the gateway: a close frame to
-    both sides, both connections closed, the end hook."""
-    flow: http.HTTPFlow = layer.flow
-    assert flow.websocket is not None
-    flow.websocket.timestamp_end = time.time()
-    flow.websocket.closed_by_client = False
-    flow.websocket.close_code, flow.websocket.close_reason = close.code, close.reason
-    for ws in (layer.client_ws, layer.server_ws):
-        if ws.state in (ConnectionState.OPEN, ConnectionState.REMOTE_CLOSING):
-            yield ws.send2(wsproto.events.CloseConnection(close.code, close.reason))
-        yield commands.CloseConnection(ws.conn)
-    yield WebsocketEndHook(flow)
-    flow.live = False
-    layer._handle_event = layer.done
+            with contextlib.suppress(ValueError):
+                self.gateway.on_stop.remove(self._going_away)
 
 
 addons = [WebSocket()]
