@@ -211,6 +211,7 @@ class WebSocket(GatewayAddon):
             self._watching = True
             self.services.tasks.on_end.append(self._task_ended)
             self.gateway.on_stop.append(self._going_away)
+            self.services.metrics.track("open_websockets", lambda: float(len(self._flows)))
 
     def _going_away(self) -> None:
         for flow in list(self._flows.values()):

@@ -12,6 +12,7 @@ import asyncio
 import base64
 import contextlib
 import json
+import re
 import socket as sockets
 import ssl
 import threading
@@ -21,6 +22,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 import trustme
 from websockets.asyncio.client import ClientConnection, connect
@@ -201,6 +203,9 @@ async def test_frames_flow_and_the_totals_are_recorded_when_it_ends(
             assert await recv(ws) == "echo:" + text
         await ws.send(b"\x00\x01")
         assert await recv(ws) == b"echo:\x00\x01"
+        async with httpx.AsyncClient(timeout=5) as control:
+            metrics = (await control.get(f"{gw.control_url}/metrics")).text
+        assert re.search(r"^taskgate_open_websockets [1-9]", metrics, re.MULTILINE), metrics
         assert not gw.records_for(request_id(ws))  # still open: no record yet
     rec = socket_record(gw, ws)
     assert (rec["decision"], rec["rule"], rec["status"]) == ("allow", f"{scheme}-echo", 101)
