@@ -103,8 +103,8 @@ class WebSocket(GatewayAddon):
         flow.websocket.messages.clear()
         ex = exchange(flow)
         totals = ex.websocket
-        if totals is None or not self.started:
-            message.drop()
+        if totals is None or not self.started or totals.closed_by == "gateway":
+            message.drop()  # unjudged, or arrived after the gateway's close was sent for
             return
         if len(message.content) > layer.max_message() and not message.injected:
             # Read whole in one go (a longer one still arriving is cut by the layer).

@@ -178,3 +178,16 @@ async def test_a_message_over_the_cap_closes_the_socket(svc: Services,
     ex = exchange(f)
     assert ex.websocket is not None and ex.websocket.closed_by == "gateway"
     assert ex.reason is not None and "websocket_max_message_bytes" in ex.reason
+
+
+async def test_nothing_passes_once_the_gateway_closed_the_socket(svc: Services,
+                                                                agent_token: str) -> None:
+    """The close is sent after the message being handled; what arrives meanwhile from
+    either side is dropped."""
+    f, ws = await opened(svc, agent_token)
+    ws.close(f, 1008, "task revoked")
+    late = [await message(ws, f, b"more"), await message(ws, f, b"late", from_client=False)]
+    assert all(m.dropped for m in late)
+    ex = exchange(f)
+    assert ex.websocket is not None and ex.websocket.frames_in == 0
+    assert ex.reason == "task revoked: the gateway closed the WebSocket (1008)"
