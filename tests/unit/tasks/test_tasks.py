@@ -75,8 +75,12 @@ def _rule(**change: Any) -> dict[str, Any]:
      "rules[1].mcp.args.q.pattern", "not a valid regular expression"),
     (_rule(permissions={"issues": "execute"}), 422, "invalid_request",
      "rules[1].permissions.issues", "use one of read, write, admin"),
+    (_rule(websocket="true"), 422, "invalid_request", "rules[1].websocket", "use true"),
+    (_rule(websocket=True, mcp={"tools": ["t"]}, approval="required"), 422,
+     "invalid_request", "rules[1].websocket", "cannot be held for approval"),
 ], ids=["json", "object", "size", "unknown", "ttl", "rules", "glob", "globs", "host-long",
-        "host", "duplicate", "mcp-shape", "mcp-pattern", "permission"])
+        "host", "duplicate", "mcp-shape", "mcp-pattern", "permission", "websocket",
+        "websocket-approval"])
 def test_request_errors_name_the_field(body: Any, status: int, error: str, field: str | None,
                                        reason: str) -> None:
     raw = body if isinstance(body, bytes) else orjson.dumps(body)
