@@ -73,9 +73,10 @@ def mitm_options(config: Config, bundle: str) -> dict[str, Any]:
         "udp_hosts": [],
         "ignore_hosts": [],
         "allow_hosts": [],
-        # After an upgrade the connection carries frames no rule or record sees
-        # (the authorize addon refuses upgrade requests too).
-        "websocket": False,
+        # WebSocket upgrades pass only on rules with websocket: true (authorize); their
+        # frames are counted, judged and recorded (addons/websocket.py). Other upgrades
+        # are refused, and a 101 nobody asked for kills the call.
+        "websocket": True,
         "http3": False,
         "connection_strategy": "lazy",
         "ssl_insecure": False,
@@ -171,6 +172,7 @@ async def _serve(services: Services, ca_cert: str, handled: list[int]) -> int:
         held = services.approvals.close()
         if held:
             log.info("taskgate: refused %d calls held for approval", held)
+        gateway.stopping()
         await runner.shutdown()
         if not await gateway.drained(gateway.config.shutdown_grace_seconds):
             log.warning("taskgate: %d calls still in flight after the grace period",

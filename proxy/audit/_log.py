@@ -83,7 +83,8 @@ log = logging.getLogger(__name__)
 FIELDS = (
     "ts", "seq", "request_id", "workload", "task", "owner", "client", "method",
     "scheme", "host", "port", "upstream_ip", "path", "tool", "decision", "rule", "reason",
-    "secret", "approval", "status", "bytes_in", "bytes_out", "duration_ms", "prev", "hash",
+    "secret", "approval", "status", "bytes_in", "bytes_out", "websocket", "duration_ms", "prev",
+    "hash",
 )
 DECISIONS = ("allow", "deny", "error", "approved", "rejected", "held", "would_deny")
 GENESIS = "0" * 64

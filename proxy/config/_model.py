@@ -89,6 +89,7 @@ class Config:
     max_connections_per_client: int = 256  # … from one client IP
     idle_timeout_seconds: int = 600  # a connection with no traffic either way is closed
     max_header_bytes: int = 64 * 1024  # an HTTP/1 request head longer than this: 431
+    websocket_max_message_bytes: int = 16 * 1024 * 1024  # a longer one closes the socket (1009)
     header_timeout_seconds: int = 30  # a request head not in by then: the connection closes
     control_max_connections: int = 256  # control-plane connections open at once
     control_header_timeout_seconds: int = 10  # … to send a request head
@@ -371,7 +372,8 @@ def parse_config(doc: Any, source: str = "<config>") -> Config:
     w, v = sub("proxy")
     px = _mapping(w, v, ("shutdown_grace_seconds", "stream_threshold_bytes", "max_connections",
                          "max_connections_per_client", "idle_timeout_seconds",
-                         "max_header_bytes", "header_timeout_seconds", "workers"))
+                         "max_header_bytes", "header_timeout_seconds", "workers",
+                         "websocket_max_message_bytes"))
     if "shutdown_grace_seconds" in px:
         kw["shutdown_grace_seconds"] = _number(_child(w, px, "shutdown_grace_seconds"),
                                                px["shutdown_grace_seconds"], 0, 600)
@@ -383,7 +385,8 @@ def parse_config(doc: Any, source: str = "<config>") -> Config:
                         ("idle_timeout_seconds", 1, 86400),
                         ("max_header_bytes", 1024, 1 << 20),
                         ("header_timeout_seconds", 1, 3600),
-                        ("workers", 1, MAX_WORKERS)):
+                        ("workers", 1, MAX_WORKERS),
+                        ("websocket_max_message_bytes", 1024, 1 << 30)):
         if key in px:
             kw[key] = _int(_child(w, px, key), px[key], lo, hi)
     workers_at = _child(w, px, "workers")

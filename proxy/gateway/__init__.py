@@ -8,7 +8,7 @@ from __future__ import annotations
 from proxy.gateway._build import Services, build
 from proxy.gateway._core import REQUEST_ID_HEADER, Gateway, new_request_id, refusal_body
 from proxy.gateway._egress import EgressGuard, OwnAddresses, Resolver, local_addresses
-from proxy.gateway._exchange import ApprovedAs, Exchange, Tunnel
+from proxy.gateway._exchange import ApprovedAs, Exchange, SocketTotals, Tunnel
 from proxy.gateway._framing import h1_request_framing, trailer_fields
 from proxy.gateway._limits import ConnectionLimits, FailureThrottle, client_key
 from proxy.gateway._metrics import METRICS_CONTENT_TYPE
@@ -23,6 +23,19 @@ from proxy.gateway._transparent import (
     original_destination_reason,
 )
 from proxy.gateway._upstream import trust_bundle
+from proxy.gateway._websocket import (
+    POLICY_VIOLATION,
+    FrameVerdict,
+    OpenSockets,
+    answer_frame,
+    close_reason,
+    frame_exchange,
+    granted_tools,
+    judge_frame,
+    turned_down,
+    upgrade_decision,
+    websocket_upgrade,
+)
 
 __all__ = [
     "ApprovedAs",
@@ -30,23 +43,32 @@ __all__ = [
     "EgressGuard",
     "Exchange",
     "FailureThrottle",
+    "FrameVerdict",
     "Gateway",
     "METRICS_CONTENT_TYPE",
+    "OpenSockets",
     "OwnAddresses",
+    "POLICY_VIOLATION",
     "RELOAD_SIGNAL",
     "REQUEST_ID_HEADER",
-    "Resolver",
     "RESTART_KEYS",
     "ReloadResult",
+    "Resolver",
     "Services",
+    "SocketTotals",
     "SourceIdentity",
     "TRANSPARENT_ISSUER",
     "TaskBinds",
     "Tunnel",
+    "answer_frame",
     "build",
     "client_key",
+    "close_reason",
     "destination_name",
+    "frame_exchange",
+    "granted_tools",
     "h1_request_framing",
+    "judge_frame",
     "local_addresses",
     "looks_like_http",
     "new_request_id",
@@ -56,4 +78,7 @@ __all__ = [
     "stop_signals",
     "trailer_fields",
     "trust_bundle",
+    "turned_down",
+    "upgrade_decision",
+    "websocket_upgrade",
 ]

@@ -65,6 +65,17 @@ class Gateway:
         self.idle.set()
         # Every written record, in order (metrics, the task registry's refunds).
         self.on_record: list[Callable[[dict[str, Any]], None]] = []
+        # Called once when the gateway stops taking calls: calls that would otherwise
+        # last the whole grace period (open WebSockets) end now and write their record.
+        self.on_stop: list[Callable[[], None]] = []
+
+    def stopping(self) -> None:
+        """The gateway takes no more calls: end the long-lived ones (:attr:`on_stop`)."""
+        for hook in self.on_stop:
+            try:
+                hook()
+            except Exception:  # noqa: BLE001 - one hook failing never stops the others
+                log.exception("stop hook failed")
 
     def begin(self, ex: Exchange) -> None:
         """Count ``ex`` as in flight until its record is written (graceful shutdown waits)."""

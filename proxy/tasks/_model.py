@@ -346,7 +346,7 @@ def _rule(d: Mapping[str, Any]) -> Rule:
         approval=d.get("approval") == "required",
         repositories=tuple(d.get("repositories", ())),
         permissions=dict(permissions) if permissions is not None else None,
-        allow_private=d.get("allow_private") is True)
+        allow_private=d.get("allow_private") is True, websocket=d.get("websocket") is True)
 
 
 class RuleSets:
