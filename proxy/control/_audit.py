@@ -6,7 +6,15 @@ Query parameters: the filters of :class:`~proxy.audit._query.AuditFilter`
 (newest first, the default) or ``after=SEQ`` (oldest first: a live tail polls
 with the last ``seq`` it has). The answer::
 
-    {"records": [...], "next": "/v1/audit?...&before=123" | null, "last_seq": 456}
+    {"records": [...], "next": "/v1/audit?...&before=123" | null, "last_seq": 456,
+     "replicas": ["gw-a/w1", "gw-a/w2"]}
+
+Every process writes its own log (proxy/audit/_replicas.py); this answers from the
+logs of this host — its own and its workers' — and ``replicas`` names the ones that
+had records (their ``replica`` field). With records in several logs, the newest
+``limit`` of all, merged by time, come back without a cursor (``seq`` counts within
+one log): ``replica=LABEL`` picks one log, and the cursors page through it. A
+replica on another host answers for its own logs.
 
 The files are read in a worker thread, a few at a time, never on the loop.
 """
@@ -18,7 +26,7 @@ from urllib.parse import urlencode
 
 from aiohttp import web
 
-from proxy.audit import FILTER_KEYS, AuditFilter, query
+from proxy.audit import FILTER_KEYS, AuditFilter, Page, host_logs, log_replica, merged, query
 from proxy.control._keys import SERVICES
 from proxy.errors import InvalidField
 
@@ -26,7 +34,7 @@ __all__ = ["MAX_LIMIT", "audit_endpoint"]
 
 MAX_LIMIT = 1000
 DEFAULT_LIMIT = 100
-_PAGING = ("limit", "after", "before")
+_PAGING = ("limit", "after", "before", "replica")
 READERS = web.AppKey("audit_readers", asyncio.Semaphore)
 
 
@@ -59,10 +67,11 @@ async def audit_endpoint(request: web.Request) -> web.Response:
     before = _int("before", params["before"], 1, 1 << 62) if "before" in params else None
     if after is not None and before is not None:
         raise _bad("give after or before, not both")
-    gateway = request.app[SERVICES].gateway
+    services = request.app[SERVICES]
     async with request.app[READERS]:
-        page = await asyncio.to_thread(query, gateway.config.audit_path, flt, limit=limit,
-                                       after=after, before=before)
+        page, replicas = await asyncio.to_thread(
+            _answer, services.audit.path, services.config.audit_path, flt, limit, after,
+            before, params.get("replica"))
     nxt = None
     cursor = ({"after": page.next_after} if page.next_after is not None
               else {"before": page.next_before} if page.next_before is not None else None)
@@ -70,7 +79,31 @@ async def audit_endpoint(request: web.Request) -> web.Response:
         keep = {k: v for k, v in params.items() if k not in ("after", "before")}
         nxt = f"/v1/audit?{urlencode({**keep, **cursor})}"
     return web.json_response({"records": page.records, "next": nxt,
-                              "last_seq": gateway.audit.seq})
+                              "last_seq": services.audit.seq, "replicas": replicas})
+
+
+def _answer(own: str, audit_path: str, flt: AuditFilter, limit: int, after: int | None,
+            before: int | None, replica: str | None) -> tuple[Page, list[str]]:
+    """The page, from the one log that has records (or ``replica``'s), or merged."""
+    logs = {log: log_replica(log) for log in dict.fromkeys([own, *host_logs(audit_path)])}
+    if replica is not None:
+        chosen = [log for log, label in logs.items() if label == replica]
+        if not chosen:
+            known = ", ".join(sorted(label for label in logs.values() if label)) or "none"
+            raise _bad(f"replica: {replica[:64]!r} has no log on this host (these do: {known})")
+        return query(chosen[0], flt, limit=limit, after=after, before=before), [replica]
+    written: dict[str, str | None] = {
+        log: label for log, label in logs.items() if label is not None} or {own: None}
+    if len(written) == 1:
+        log, label = next(iter(written.items()))
+        page = query(log, flt, limit=limit, after=after, before=before)
+        return page, [label] if label else []
+    if after is not None or before is not None:
+        raise _bad(f"after and before page one log; add replica=LABEL (one of "
+                   f"{', '.join(sorted(label for label in written.values() if label))})")
+    pages = [query(log, flt, limit=limit).records for log in written]
+    recs = list(merged((iter(p) for p in pages), newest_first=True))[:limit]
+    return Page(recs), sorted({r["replica"] for r in recs if isinstance(r.get("replica"), str)})
 
 
 def routes(app: web.Application) -> None:

@@ -1,0 +1,167 @@
+"""One audit log per process (proxy/audit/_replicas.py): names, the ``replica`` field,
+anchors that do not cross, and readers that merge several logs by time."""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+import yaml
+
+from proxy.audit import (
+    AuditAnchor,
+    AuditFilter,
+    AuditLog,
+    Replica,
+    anchor_log,
+    host_logs,
+    logs_in,
+    merged,
+    new_record,
+    rfc3339,
+)
+from proxy.cli import _main as cli
+from proxy.control._audit import _answer
+from proxy.errors import InvalidField
+from proxy.store import store_path
+
+T0 = 1_790_000_000.0
+
+
+@pytest.mark.parametrize(("replica", "path", "label", "log"), [
+    (Replica("h-1"), "/a/audit.jsonl", "h-1", "/a/audit.jsonl"),
+    (Replica("gw", named=True), "/a/audit.jsonl", "gw", "/a/audit-gw.jsonl"),
+    (Replica("h-1", 2), "/a/audit.jsonl", "h-1/w2", "/a/audit-w2.jsonl"),
+    (Replica("gw", 2, named=True), "/a/audit.jsonl", "gw/w2", "/a/audit-gw-w2.jsonl"),
+    (Replica("gw", 3, named=True), "/a/log", "gw/w3", "/a/log-gw-w3"),
+])
+def test_each_process_names_its_log(replica: Replica, path: str, label: str, log: str) -> None:
+    assert (replica.label, replica.log_path(path)) == (label, log)
+
+
+def test_a_replica_without_a_name_is_host_and_pid() -> None:
+    assert Replica.of(None).label == f"{socket.gethostname()}-{os.getpid()}"
+    assert Replica.of(None, 2, pid=7).label == f"{socket.gethostname()}-7/w2"
+    assert Replica.of("gw", 1) == Replica("gw", 1, named=True)
+
+
+def test_host_logs_are_the_processes_logs_not_their_parts(tmp_path: Path) -> None:
+    for name in ("audit.jsonl", "audit.jsonl.1", "audit.jsonl.head", "audit-w1.jsonl",
+                 "audit-w1.jsonl.1", "audit-w1.jsonl.head", "audit-gw-w2.jsonl",
+                 "other.jsonl", "audit-w1.jsonl.head.tmp"):
+        (tmp_path / name).write_text("")
+    base = str(tmp_path / "audit.jsonl")
+    assert [os.path.basename(p) for p in host_logs(base)] == [
+        "audit-gw-w2.jsonl", "audit-w1.jsonl", "audit.jsonl"]
+    assert [os.path.basename(p) for p in logs_in([str(tmp_path)])] == [
+        "audit-gw-w2.jsonl", "audit-w1.jsonl", "audit.jsonl", "other.jsonl"]
+
+
+async def _write(path: Path, replica: Replica, times: list[float], home: Path,
+                 base: Path) -> None:
+    log = AuditLog(str(path), replica=replica.label,
+                   anchor=AuditAnchor(store_path(str(home)), log=anchor_log(str(base), str(path))))
+    await log.start()
+    try:
+        for i, t in enumerate(times):
+            await log.write(new_record(ts=rfc3339(T0 + t), request_id=f"{replica.label}:{i}",
+                                       decision="allow"))
+    finally:
+        await log.close()
+
+
+def _lines(path: Path) -> list[dict[str, Any]]:
+    return [orjson.loads(x) for x in path.read_bytes().splitlines()]
+
+
+def _edit_first(path: Path) -> None:
+    lines = path.read_bytes().splitlines()
+    rec = orjson.loads(lines[0])
+    rec["decision"] = "deny"
+    path.write_bytes(b"\n".join([orjson.dumps(rec), *lines[1:]]) + b"\n")
+
+
+@pytest.fixture
+def two_workers(tmp_path: Path) -> tuple[Path, Path]:
+    """A home whose config names audit.jsonl, with the logs of workers 1 and 2."""
+    home = tmp_path / "home"
+    base = tmp_path / "logs" / "audit.jsonl"
+    cfg = tmp_path / "taskgate.yaml"
+    cfg.write_text(yaml.safe_dump({"home": str(home), "audit": {"path": str(base)}}))
+    return cfg, base
+
+
+async def test_workers_chain_their_own_logs_and_anchors(two_workers: tuple[Path, Path],
+                                                        tmp_path: Path) -> None:
+    """Each worker's records carry its label; its anchor row is its own, so a worker that
+    starts again after the other wrote more does not see records "removed"."""
+    cfg, base = two_workers
+    home = tmp_path / "home"
+    w1, w2 = Replica("gw", 1, named=True), Replica("gw", 2, named=True)
+    p1, p2 = Path(w1.log_path(str(base))), Path(w2.log_path(str(base)))
+    await _write(p1, w1, [0, 2], home, base)
+    await _write(p2, w2, [1, 3, 4, 5], home, base)
+    await _write(p1, w1, [6], home, base)  # goes on from its own seq 2, not w2's 4
+    assert [(r["replica"], r["seq"]) for r in _lines(p1)] == [("gw/w1", 1), ("gw/w1", 2),
+                                                               ("gw/w1", 3)]
+    assert {r["replica"] for r in _lines(p2)} == {"gw/w2"}
+    assert cli.main(["audit", "verify", "-c", str(cfg)]) == 0
+
+
+async def test_logs_merges_by_time_and_verify_checks_each_chain(
+        two_workers: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    cfg, base = two_workers
+    home = tmp_path / "home"
+    w1, w2 = Replica("h-9", 1), Replica("h-9", 2)
+    p1, p2 = Path(w1.log_path(str(base))), Path(w2.log_path(str(base)))
+    await _write(p1, w1, [0, 2, 4], home, base)
+    await _write(p2, w2, [1, 3], home, base)
+    capsys.readouterr()
+    want = ["h-9/w1:0", "h-9/w2:0", "h-9/w1:1", "h-9/w2:1", "h-9/w1:2"]
+    for args in (["-c", str(cfg)], [str(base.parent)], [str(p2), str(p1)]):
+        assert cli.main(["logs", "--json", *args]) == 0
+        out = capsys.readouterr().out
+        assert [orjson.loads(x)["request_id"] for x in out.splitlines()] == want, args
+    assert cli.main(["audit", "verify", "--json", str(base.parent)]) == 0
+    report = orjson.loads(capsys.readouterr().out)
+    assert report["ok"] and [r["records"] for r in report["logs"]] == [3, 2]
+    # One damaged log: named, and the other still reported intact.
+    _edit_first(p2)
+    for args in (["-c", str(cfg)], [str(base.parent)]):
+        assert cli.main(["audit", "verify", *args]) == 1
+        out = capsys.readouterr().out
+        assert out.startswith("DAMAGED: 2 audit logs")
+        assert f"== {p1}\nOK:" in out and f"== {p2}\nDAMAGED: edited" in out
+
+
+async def test_the_control_plane_says_whose_logs_it_read(two_workers: tuple[Path, Path],
+                                                         tmp_path: Path) -> None:
+    cfg, base = two_workers
+    home = tmp_path / "home"
+    own = Replica("h-9")
+    w1, w2 = Replica("h-9", 1), Replica("h-9", 2)
+    await _write(Path(w1.log_path(str(base))), w1, [0, 2], home, base)
+    await _write(Path(w2.log_path(str(base))), w2, [1], home, base)
+    flt = AuditFilter()
+    page, replicas = _answer(own.log_path(str(base)), str(base), flt, 10, None, None, None)
+    assert replicas == ["h-9/w1", "h-9/w2"]
+    assert [r["request_id"] for r in page.records] == ["h-9/w1:1", "h-9/w2:0", "h-9/w1:0"]
+    page, replicas = _answer(str(base), str(base), flt, 10, None, None, "h-9/w2")
+    assert replicas == ["h-9/w2"] and [r["request_id"] for r in page.records] == ["h-9/w2:0"]
+    with pytest.raises(InvalidField, match="after and before page one log; add replica="):
+        _answer(str(base), str(base), flt, 10, 0, None, None)
+    with pytest.raises(InvalidField, match="'h-9/w7' has no log on this host"):
+        _answer(str(base), str(base), flt, 10, None, None, "h-9/w7")
+
+
+def test_merged_orders_by_time() -> None:
+    a = [{"ts": "2026-01-01T00:00:00.000Z"}, {"ts": "2026-01-01T00:00:02.000Z"}]
+    b = [{"ts": "2026-01-01T00:00:01.000Z"}]
+    assert [r["ts"][17:19] for r in merged([iter(a), iter(b)])] == ["00", "01", "02"]
+    assert [r["ts"][17:19] for r in merged([iter(a[::-1]), iter(b)], newest_first=True)
+            ] == ["02", "01", "00"]
