@@ -10,7 +10,7 @@ from proxy.gateway._egress import EgressGuard, OwnAddresses, local_addresses
 from proxy.gateway._exchange import ApprovedAs, Exchange, Tunnel
 from proxy.gateway._framing import h1_request_framing, trailer_fields
 from proxy.gateway._limits import ConnectionLimits, FailureThrottle, client_key
-from proxy.gateway._metrics import METRICS_CONTENT_TYPE
+from proxy.gateway._metrics import METRICS_CONTENT_TYPE, merge_metrics
 from proxy.gateway._signals import stop_signals
 from proxy.gateway._upstream import trust_bundle
 
@@ -30,6 +30,7 @@ __all__ = [
     "client_key",
     "h1_request_framing",
     "local_addresses",
+    "merge_metrics",
     "new_request_id",
     "refusal_body",
     "stop_signals",
