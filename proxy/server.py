@@ -265,7 +265,13 @@ async def _serve(services: Services, ca_cert: str, handled: list[int],
         state.proxy_address = f"{addrs[0][0]}:{addrs[0][1]}" if addrs else ""
         pport = addrs[0][1] if addrs else config.proxy_listen[1]
         if worker is not None:
-            internal.append(await _start_worker_site(services, state, worker.index))
+            try:
+                internal.append(await _start_worker_site(services, state, worker.index))
+            except OSError as e:  # the supervisor would wait for it forever: stop instead
+                log.error("taskgate: worker %d cannot answer its supervisor on %s: %s",
+                          worker.index, worker_socket(config, worker.index), e)
+                stopping.set()
+                return
             log.info("taskgate: worker %d (pid %d) serving the proxy on port %d",
                      worker.index, os.getpid(), pport)
             await _orphaned(worker, stopping)

@@ -56,6 +56,7 @@ MAX_DELAY = 30.0
 STABLE_SECONDS = 30.0  # a worker that ran this long starts again without waiting
 KILL_AFTER_SECONDS = 15.0  # past the grace period, on stop
 READY_POLL_SECONDS = 0.25
+MAX_SOCKET_PATH = 107  # sun_path is 108 bytes on Linux, with its terminating NUL
 
 
 def backoff(failures: int) -> float:
@@ -280,5 +281,11 @@ def run(config: Config) -> int:
     if not os.path.isfile(config.source):
         log.error("taskgate: workers read the config file again; %s is not one",
                   config.source)
+        return 2
+    longest = os.path.abspath(worker_socket(config, config.workers))
+    if len(os.fsencode(longest)) > MAX_SOCKET_PATH:
+        log.error("taskgate: the workers' sockets under home (%s) would have paths longer "
+                  "than %d bytes, more than a Unix socket takes; use a shorter home",
+                  longest, MAX_SOCKET_PATH)
         return 2
     return uvloop.run(supervise(config))

@@ -66,6 +66,12 @@ def worker_pids(gw: Gateway) -> list[int]:
     return sorted(int(p) for p in children)
 
 
+def dead(pid: int) -> bool:
+    """Reaped by the supervisor: every thread of it has exited, its sockets are closed.
+    (A zombie leader is not enough: its other threads may still hold the listener.)"""
+    return not Path(f"/proc/{pid}").exists()
+
+
 def calls(gw: Gateway, token: str, upstream: Upstream, n: int) -> list[str]:
     """``n`` allowed calls, each on a new connection (so the kernel spreads them)."""
     ids = []
@@ -122,11 +128,26 @@ def test_the_control_plane_answers_from_every_workers_log(wgw: Gateway, token: s
     assert {"gw-a/w1", "gw-a/w2"} <= set(r.json()["replicas"])
 
 
+def test_sighup_goes_to_the_workers_and_the_gateway_keeps_serving(
+        wgw: Gateway, token: str, upstream: Upstream) -> None:
+    assert wgw.proc is not None
+    wgw.proc.send_signal(signal.SIGHUP)
+    wait_for(lambda: "SIGHUP received; forwarded to 2 workers" in wgw.output())
+    time.sleep(0.5)
+    assert wgw.proc.poll() is None
+    wait_for(lambda: len(worker_pids(wgw)) == 2
+             and httpx.get(f"{wgw.control_url}/readyz").status_code == 200)
+    calls(wgw, token, upstream, 10)
+
+
 def test_a_killed_worker_is_started_again(wgw: Gateway, token: str,
                                           upstream: Upstream) -> None:
     victim = worker_pids(wgw)[0]
     os.kill(victim, signal.SIGKILL)
-    # Calls keep succeeding: the other worker holds the port meanwhile.
+    # Once it is dead (its listener closed with it: what the kernel had queued for it
+    # was reset, as any kill -9 does), calls keep succeeding: the other worker holds the
+    # port while the supervisor starts a new one.
+    wait_for(lambda: dead(victim))
     calls(wgw, token, upstream, 10)
     wait_for(lambda: len(worker_pids(wgw)) == 2 and victim not in worker_pids(wgw))
     wait_for(lambda: httpx.get(f"{wgw.control_url}/readyz").status_code == 200)
@@ -172,3 +193,14 @@ def test_a_proxy_port_taken_by_another_program_fails_the_start(
         assert gw.proc.wait(30) == 2
         gw.stop()
     assert f"the proxy cannot listen on 127.0.0.1:{port}" in gw.output()
+
+
+def test_a_home_too_long_for_the_workers_sockets_fails_the_start(
+        tmp_path: Path, shared_files: dict[str, Path], upstream: Upstream,
+        redis: RedisServer) -> None:
+    cfg = workers_config(shared_files, upstream, redis, home="h" * 120)
+    gw = Gateway(tmp_path, cfg).start(wait=False)
+    assert gw.proc is not None
+    assert gw.proc.wait(30) == 2
+    gw.stop()
+    assert "more than a Unix socket takes; use a shorter home" in gw.output()
