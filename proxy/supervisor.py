@@ -96,6 +96,8 @@ class _Worker:
         while not stopping.is_set():
             started = time.monotonic()
             self.proc = await asyncio.create_subprocess_exec(*self.argv)
+            if stopping.is_set():  # the stop came while it was being started
+                self.signal(signal.SIGTERM)
             code = await self.proc.wait()
             self.ready = False
             self.exit_code = code

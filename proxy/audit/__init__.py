@@ -16,7 +16,18 @@ from proxy.audit._log import (
 )
 from proxy.audit._query import FILTER_KEYS, AuditFilter, Page, follow, query, records
 from proxy.audit._reader import BadLine, read_record
-from proxy.audit._replicas import Replica, anchor_log, host_logs, log_replica, logs_in, merged
+from proxy.audit._replicas import (
+    Cursor,
+    LogsPage,
+    Replica,
+    anchor_log,
+    host_logs,
+    log_replica,
+    log_tail,
+    logs_in,
+    merged,
+    query_logs,
+)
 from proxy.audit._verify import AnchorState, Report, read_anchor, verify, verify_files
 
 __all__ = [
@@ -25,8 +36,10 @@ __all__ = [
     "AuditFilter",
     "AuditLog",
     "BadLine",
+    "Cursor",
     "DECISIONS",
     "FILTER_KEYS",
+    "LogsPage",
     "Page",
     "Replica",
     "Report",
@@ -36,10 +49,12 @@ __all__ = [
     "load_hmac_key",
     "log_files",
     "log_replica",
+    "log_tail",
     "logs_in",
     "merged",
     "new_record",
     "query",
+    "query_logs",
     "read_anchor",
     "read_record",
     "records",

@@ -29,14 +29,16 @@ import heapq
 import os
 import re
 import socket
-from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 from proxy.audit._log import log_files
+from proxy.audit._query import AuditFilter, Page, query
 from proxy.audit._reader import BadLine, read_record
 
-__all__ = ["Replica", "anchor_log", "host_logs", "log_replica", "logs_in", "merged"]
+__all__ = ["Cursor", "LogsPage", "Replica", "anchor_log", "host_logs", "log_replica",
+           "log_tail", "logs_in", "merged", "query_logs"]
 
 _ROTATED = re.compile(r"(.+)\.([0-9]+)")
 
@@ -118,8 +120,9 @@ def logs_in(paths: Iterable[str]) -> list[str]:
     return out
 
 
-def log_replica(path: str) -> str | None:
-    """The ``replica`` of the newest record in the log at ``path`` (``None``: none)."""
+def log_tail(path: str) -> tuple[str | None, int]:
+    """The ``replica`` and ``seq`` of the newest record in the log at ``path``
+    (``(None, 0)``: none)."""
     for file in reversed(log_files(path)):
         try:
             with open(file, "rb") as f:
@@ -133,8 +136,13 @@ def log_replica(path: str) -> str | None:
             except BadLine:
                 continue
             rid = rec.get("replica")
-            return rid if isinstance(rid, str) else None
-    return None
+            return (rid if isinstance(rid, str) else None), rec["seq"]
+    return None, 0
+
+
+def log_replica(path: str) -> str | None:
+    """The ``replica`` of the newest record in the log at ``path`` (``None``: none)."""
+    return log_tail(path)[0]
 
 
 def _ts(rec: dict[str, Any]) -> str:
@@ -147,3 +155,83 @@ def merged(streams: Iterable[Iterator[dict[str, Any]]], *, newest_first: bool = 
     """Records of several logs (each in its own order) as one stream ordered by ``ts``
     (RFC 3339 UTC with milliseconds: text order is time order)."""
     return heapq.merge(*streams, key=_ts, reverse=newest_first)
+
+
+@dataclass(frozen=True, slots=True)
+class Cursor:
+    """Where paging stands in each of several logs: ``seq`` by the log's file name
+    (``audit-gw-w1.jsonl:12,audit-gw-w2.jsonl:40``); ``default`` for a log not named
+    (a plain number: the same ``seq`` in every log)."""
+
+    at: Mapping[str, int] = field(default_factory=dict)
+    default: int | None = None
+
+    @classmethod
+    def parse(cls, text: str, default: int | None) -> Cursor:
+        """A plain ``seq``, or ``name:seq`` pairs joined by commas; ``ValueError``."""
+        if text.isdigit():
+            return cls({}, int(text))
+        at: dict[str, int] = {}
+        for part in text.split(","):
+            name, sep, seq = part.rpartition(":")
+            if not sep or not name or not seq.isdigit() or name in at:
+                raise ValueError(f"{text[:80]!r} is not a cursor: a seq, or log:seq pairs "
+                                 "separated by commas")
+            at[name] = int(seq)
+        return cls(at, default)
+
+    def of(self, log: str) -> int | None:
+        return self.at.get(os.path.basename(log), self.default)
+
+    def __str__(self) -> str:
+        return ",".join(f"{name}:{seq}" for name, seq in sorted(self.at.items()))
+
+
+@dataclass(frozen=True, slots=True)
+class LogsPage:
+    """A page merged from several logs: ``next`` pages on (``None``: no more), ``tail``
+    is where a live tail goes on from (after the newest record returned, or the end of
+    every log for a newest-first page)."""
+
+    records: list[dict[str, Any]]
+    next: Cursor | None
+    tail: Cursor
+
+
+def query_logs(logs: list[str], flt: AuditFilter, *, limit: int = 100,
+               after: Cursor | None = None, before: Cursor | None = None) -> LogsPage:
+    """Matching records of several logs merged by time: with ``after`` the oldest ones
+    past each log's position, ascending; else the newest ones (below each log's
+    ``before`` position), newest first. Each log is read as :func:`query` reads one."""
+    names = [os.path.basename(log) for log in logs]
+    ascending = after is not None
+    pages: list[Page | None] = []
+    for log in logs:
+        if ascending:
+            assert after is not None
+            pages.append(query(log, flt, limit=limit, after=after.of(log) or 0))
+        else:
+            bound = before.of(log) if before is not None else None
+            pages.append(query(log, flt, limit=limit, before=bound)
+                         if bound is None or bound > 0 else None)
+    streams = [iter([(name, r) for r in page.records]) for name, page in
+               zip(names, pages, strict=True) if page is not None]
+    taken = list(heapq.merge(*streams, key=lambda nr: _ts(nr[1]), reverse=not ascending))
+    more = len(taken) > limit or any(
+        p is not None and (p.next_after is not None or p.next_before is not None)
+        for p in pages)
+    taken = taken[:limit]
+    where: dict[str, int] = {}
+    start = after if ascending else before
+    for log, name in zip(logs, names, strict=True):
+        pos = start.of(log) if start is not None else None
+        if pos is not None:
+            where[name] = pos
+    for name, rec in taken:  # ascending: the newest taken; descending: the oldest taken
+        where[name] = rec["seq"]
+    nxt = Cursor(dict(where), None if not ascending else 0) if more else None
+    if ascending:
+        tail = Cursor({**{n: 0 for n in names}, **where}, 0)
+    else:
+        tail = Cursor({os.path.basename(log): log_tail(log)[1] for log in logs}, 0)
+    return LogsPage([rec for _, rec in taken], nxt, tail)

@@ -126,6 +126,20 @@ def test_the_control_plane_answers_from_every_workers_log(wgw: Gateway, token: s
                   headers={"Authorization": f"Bearer {admin}"})
     assert r.status_code == 200, r.text
     assert {"gw-a/w1", "gw-a/w2"} <= set(r.json()["replicas"])
+    # The live tail (the review page's): from the cursor given, exactly the new calls.
+    tail = r.json()["tail"]
+    assert "audit-gw-a-w1.jsonl:" in tail and "audit-gw-a-w2.jsonl:" in tail
+    ids = set(calls(wgw, token, upstream, 6))
+
+    def new() -> list[dict[str, Any]]:
+        got = httpx.get(f"{wgw.control_url}/v1/audit", params={"after": tail},
+                        headers={"Authorization": f"Bearer {admin}"})
+        assert got.status_code == 200, got.text
+        return list(got.json()["records"])
+
+    recs = wait_for(lambda: (found := new()) and len(found) == 6 and found)
+    assert {r["request_id"] for r in recs} == ids
+    assert [r["ts"] for r in recs] == sorted(r["ts"] for r in recs)
 
 
 def test_sighup_goes_to_the_workers_and_the_gateway_keeps_serving(

@@ -16,6 +16,7 @@ from proxy.audit import (
     AuditAnchor,
     AuditFilter,
     AuditLog,
+    Cursor,
     Replica,
     anchor_log,
     host_logs,
@@ -25,7 +26,7 @@ from proxy.audit import (
     rfc3339,
 )
 from proxy.cli import _main as cli
-from proxy.control._audit import _answer
+from proxy.control._audit import answer
 from proxy.errors import InvalidField
 from proxy.store import store_path
 
@@ -139,24 +140,57 @@ async def test_logs_merges_by_time_and_verify_checks_each_chain(
         assert f"== {p1}\nOK:" in out and f"== {p2}\nDAMAGED: edited" in out
 
 
-async def test_the_control_plane_says_whose_logs_it_read(two_workers: tuple[Path, Path],
-                                                         tmp_path: Path) -> None:
+async def test_the_control_plane_says_whose_logs_it_read_and_pages_them_all(
+        two_workers: tuple[Path, Path], tmp_path: Path) -> None:
     cfg, base = two_workers
     home = tmp_path / "home"
     own = Replica("h-9")
     w1, w2 = Replica("h-9", 1), Replica("h-9", 2)
-    await _write(Path(w1.log_path(str(base))), w1, [0, 2], home, base)
-    await _write(Path(w2.log_path(str(base))), w2, [1], home, base)
+    p1, p2 = Path(w1.log_path(str(base))), Path(w2.log_path(str(base)))
+    await _write(p1, w1, [0, 2, 4, 6], home, base)
+    await _write(p2, w2, [1, 3, 5], home, base)
     flt = AuditFilter()
-    page, replicas = _answer(own.log_path(str(base)), str(base), flt, 10, None, None, None)
-    assert replicas == ["h-9/w1", "h-9/w2"]
-    assert [r["request_id"] for r in page.records] == ["h-9/w1:1", "h-9/w2:0", "h-9/w1:0"]
-    page, replicas = _answer(str(base), str(base), flt, 10, None, None, "h-9/w2")
-    assert replicas == ["h-9/w2"] and [r["request_id"] for r in page.records] == ["h-9/w2:0"]
-    with pytest.raises(InvalidField, match="after and before page one log; add replica="):
-        _answer(str(base), str(base), flt, 10, 0, None, None)
+    mine = own.log_path(str(base))
+    want = ["h-9/w1:0", "h-9/w2:0", "h-9/w1:1", "h-9/w2:1", "h-9/w1:2", "h-9/w2:2",
+            "h-9/w1:3"]
+
+    def ids(recs: list[dict[str, Any]]) -> list[str]:
+        return [str(r["request_id"]) for r in recs]
+
+    # Newest first, page by page: every record once, in time order, across both logs.
+    recs, cursor, tail, replicas = answer(mine, str(base), flt, 3, None, None, None)
+    assert replicas == ["h-9/w1", "h-9/w2"] and ids(recs) == want[::-1][:3]
+    assert tail == "audit-w1.jsonl:4,audit-w2.jsonl:3,audit.jsonl:0"  # its own: none yet
+    seen = ids(recs)
+    while cursor is not None:
+        recs, cursor, _, _ = answer(mine, str(base), flt, 3, None,
+                                    Cursor.parse(cursor["before"], None), None)
+        seen += ids(recs)
+    assert seen == want[::-1]
+    # Oldest first from 0 (a task's timeline), then the live tail from the cursor given.
+    recs, cursor, tail, _ = answer(mine, str(base), flt, 4, Cursor({}, 0), None, None)
+    assert ids(recs) == want[:4]
+    assert cursor == {"after": "audit-w1.jsonl:2,audit-w2.jsonl:2,audit.jsonl:0"}  # seqs
+    await _write(p2, w2, [7], home, base)
+    recs, cursor, tail, _ = answer(mine, str(base), flt, 10, Cursor.parse(tail, 0), None,
+                                   None)
+    # (the record just written is w2's seq 4; its request id counts from 0 again)
+    assert ids(recs) == [*want[4:], "h-9/w2:0"] and recs[-1]["seq"] == 4 and cursor is None
+    assert tail == "audit-w1.jsonl:4,audit-w2.jsonl:4,audit.jsonl:0"
+    recs, _, _, _ = answer(mine, str(base), flt, 10, Cursor.parse(tail, 0), None, None)
+    assert recs == []
+    # One replica's log: seq cursors, as with one log.
+    recs, cursor, tail, replicas = answer(mine, str(base), flt, 2, None, None, "h-9/w2")
+    assert replicas == ["h-9/w2"] and [r["seq"] for r in recs] == [4, 3]
+    assert cursor == {"before": "3"} and tail == "4"
     with pytest.raises(InvalidField, match="'h-9/w7' has no log on this host"):
-        _answer(str(base), str(base), flt, 10, None, None, "h-9/w7")
+        answer(mine, str(base), flt, 10, None, None, "h-9/w7")
+
+
+@pytest.mark.parametrize("text", ["a:1,a:2", "a", ":1", "a:x", "a:1,", "a:-1"])
+def test_a_cursor_that_is_not_one_is_refused(text: str) -> None:
+    with pytest.raises(ValueError, match="is not a cursor"):
+        Cursor.parse(text, 0)
 
 
 def test_merged_orders_by_time() -> None:
