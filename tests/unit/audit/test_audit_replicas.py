@@ -4,7 +4,10 @@ anchors that do not cross, and readers that merge several logs by time."""
 from __future__ import annotations
 
 import os
+import signal
 import socket
+import subprocess
+import time
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +32,8 @@ from proxy.cli import _main as cli
 from proxy.control._audit import answer
 from proxy.errors import InvalidField
 from proxy.store import store_path
+from tests.support import PYTHON, python_env
+from tests.unit.audit.test_audit_query import seed
 
 T0 = 1_790_000_000.0
 
@@ -199,3 +204,25 @@ def test_merged_orders_by_time() -> None:
     assert [r["ts"][17:19] for r in merged([iter(a), iter(b)])] == ["00", "01", "02"]
     assert [r["ts"][17:19] for r in merged([iter(a[::-1]), iter(b)], newest_first=True)
             ] == ["02", "01", "00"]
+
+
+def test_logs_follow_reads_every_log_in_a_folder(tmp_path: Path) -> None:
+    """``taskgate logs -f DIR``: records new in either log come out (one reader each)."""
+    a, b = tmp_path / "audit-w1.jsonl", tmp_path / "audit-w2.jsonl"
+    seed(a, [new_record(ts=rfc3339(T0), request_id="old-a", decision="allow")])
+    seed(b, [new_record(ts=rfc3339(T0), request_id="old-b", decision="allow")])
+    proc = subprocess.Popen(
+        [*PYTHON, "-m", "proxy", "logs", "--json", "--follow", str(tmp_path)],
+        cwd=tmp_path, env=python_env(PYTHONUNBUFFERED="1"), stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE)
+    try:
+        assert proc.stdout is not None
+        old = [orjson.loads(proc.stdout.readline())["request_id"] for _ in range(2)]
+        time.sleep(1.0)  # the readers are past what was there (they poll twice a second)
+        seed(b, [new_record(ts=rfc3339(T0 + 1), request_id="new-b", decision="allow")])
+        seed(a, [new_record(ts=rfc3339(T0 + 2), request_id="new-a", decision="allow")])
+        new = {orjson.loads(proc.stdout.readline())["request_id"] for _ in range(2)}
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=10)
+    assert sorted(old) == ["old-a", "old-b"] and new == {"new-a", "new-b"}
