@@ -38,6 +38,7 @@ import uvloop
 from bench.fixtures import machine_facts, make_files, taskgate_config
 from bench.load import Target, percentile, run_load
 from bench.procs import REPO, Proc, cpu_seconds, free_port, start_upstream
+from proxy.audit import host_logs, log_files
 
 PATH = "/bench/items/42"
 TARGET = 1.6
@@ -56,6 +57,19 @@ def tree_cpu(pid: int) -> float:
         except OSError:
             continue
     return total
+
+
+def audit_counts(audit_path: Path) -> dict[str, int]:
+    """'allow' records per process log (``replica`` label) of one gateway."""
+    counts: dict[str, int] = {}
+    for log in host_logs(str(audit_path)):
+        for file in log_files(log):
+            with open(file, "rb") as f:
+                for line in f:
+                    if b'"decision":"allow"' in line:
+                        label = json.loads(line).get("replica") or "?"
+                        counts[label] = counts.get(label, 0) + 1
+    return counts
 
 
 def uptime() -> str:
@@ -88,6 +102,8 @@ def main(argv: list[str] | None = None) -> int:
                                                      256, root)
     redis, redis_port = start_redis(root)
     gateways: dict[int, tuple[Proc, int, Path]] = {}
+    calls = {1: 0, 2: 0}
+    audits: dict[int, dict[str, int]] = {}
     results: dict[tuple[str, int], list[tuple[float, float, float, float]]] = {}
     errors = 0
     try:
@@ -129,6 +145,7 @@ def main(argv: list[str] | None = None) -> int:
                                                   cap=args.duration))
                         cpu = tree_cpu(proc.pid) - cpu0
                         done = res.requests + res.warmup_requests
+                        calls[workers] += done
                         errors += res.errors
                         if res.errors:
                             print(f"{scheme} workers={workers}: {res.errors} errors, "
@@ -140,6 +157,8 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         for proc, _, _ in gateways.values():
             proc.stop()
+        for workers in gateways:
+            audits[workers] = audit_counts(root / f"w{workers}" / "home" / "audit.jsonl")
         for child in (upstream, redis):
             child.terminate()
             child.wait(15)
@@ -160,8 +179,15 @@ def main(argv: list[str] | None = None) -> int:
         ratio = two / one if one else 0.0
         print(f"ratio 2 workers/1 worker {scheme:<5}: {ratio:.2f}x req/s "
               f"(target >= {TARGET}x)")
+    ok = True
+    for workers, counts in audits.items():
+        total = sum(counts.values())
+        ok = ok and total == calls[workers]
+        shares = ", ".join(f"{label}: {n}" for label, n in sorted(counts.items()))
+        print(f"audit workers={workers}: {total} 'allow' records for {calls[workers]} calls "
+              f"({shares}): {'OK' if total == calls[workers] else 'MISMATCH'}")
     print(f"errors: {errors}")
-    return 1 if errors else 0
+    return 1 if errors or not ok else 0
 
 
 if __name__ == "__main__":

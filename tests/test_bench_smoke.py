@@ -48,3 +48,6 @@ def test_bench_workers_smoke() -> None:
             assert row is not None and int(row.group(1)) > 0, out
         assert re.search(rf"^ratio 2 workers/1 worker {scheme}\s*: \d+\.\d+x", out, re.M), out
     assert re.search(r"^errors: 0$", out, re.M), out
+    for workers in (1, 2):  # every call audited, by the worker that served it
+        assert re.search(rf"^audit workers={workers}: (\d+) 'allow' records for \1 calls "
+                         r"\(.*\): OK$", out, re.M), out
