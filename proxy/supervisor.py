@@ -95,19 +95,25 @@ class _Worker:
     async def keep(self, stopping: asyncio.Event, restarts: Counter) -> None:
         while not stopping.is_set():
             started = time.monotonic()
-            self.proc = await asyncio.create_subprocess_exec(*self.argv)
-            if stopping.is_set():  # the stop came while it was being started
-                self.signal(signal.SIGTERM)
-            code = await self.proc.wait()
-            self.ready = False
-            self.exit_code = code
-            if stopping.is_set():
-                return
+            try:
+                self.proc = await asyncio.create_subprocess_exec(*self.argv)
+            except OSError as e:  # out of processes or descriptors: try again later
+                how = f"could not be started ({e.strerror or e})"
+                self.exit_code = -1
+            else:
+                if stopping.is_set():  # the stop came while it was being started
+                    self.signal(signal.SIGTERM)
+                code = await self.proc.wait()
+                self.ready = False
+                self.exit_code = code
+                if stopping.is_set():
+                    return
+                how = f"(pid {self.proc.pid}) exited with {_how(code)}"
             self.failures = 1 if time.monotonic() - started >= STABLE_SECONDS \
                 else self.failures + 1
             delay = backoff(self.failures)
-            log.error("taskgate: worker %d (pid %d) exited with %s; starting it again in "
-                      "%.1f s", self.index, self.proc.pid, _how(code), delay)
+            log.error("taskgate: worker %d %s; starting it again in %.1f s", self.index, how,
+                      delay)
             restarts.inc()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stopping.wait(), delay)
