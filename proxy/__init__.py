@@ -20,7 +20,9 @@ upward import or a cycle, including imports inside functions):
    (:func:`proxy.gateway.build`);
 9. ``control`` (the control plane), ``demo`` and, outside this package, ``addons``
    (thin mitmproxy adapters);
-10. ``server`` — the one module that touches mitmproxy's ``Master``;
+10. ``server`` — the one module that touches mitmproxy's ``Master``, and
+    ``supervisor`` — with ``proxy.workers`` > 1, the process that runs the control plane
+    and keeps the workers (each a ``server``) running;
 11. ``cli`` — the ``taskgate`` command (and ``__main__``).
 
 Nothing below ``server`` imports mitmproxy; ``addons`` import it and the core, never
@@ -40,6 +42,6 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("proxy.tasks", "proxy.approvals"),
     ("proxy.gateway",),
     ("proxy.control", "proxy.demo", "addons"),
-    ("proxy.server",),
+    ("proxy.server", "proxy.supervisor"),
     ("proxy.cli", "proxy.__main__"),
 )

@@ -11,7 +11,7 @@ from proxy.gateway._egress import EgressGuard, OwnAddresses, Resolver, local_add
 from proxy.gateway._exchange import ApprovedAs, Exchange, SocketTotals, Tunnel
 from proxy.gateway._framing import h1_request_framing, trailer_fields
 from proxy.gateway._limits import ConnectionLimits, FailureThrottle, client_key
-from proxy.gateway._metrics import METRICS_CONTENT_TYPE
+from proxy.gateway._metrics import METRICS_CONTENT_TYPE, merge_metrics
 from proxy.gateway._reload import RESTART_KEYS, ReloadResult, reload
 from proxy.gateway._signals import RELOAD_SIGNAL, stop_signals
 from proxy.gateway._transparent import (
@@ -71,6 +71,7 @@ __all__ = [
     "judge_frame",
     "local_addresses",
     "looks_like_http",
+    "merge_metrics",
     "new_request_id",
     "original_destination_reason",
     "refusal_body",

@@ -22,7 +22,7 @@ from typing import Any
 import aiohttp
 
 from proxy.approvals import Approvals
-from proxy.audit import AuditAnchor, AuditLog, load_hmac_key
+from proxy.audit import AuditAnchor, AuditLog, Replica, anchor_log, load_hmac_key
 from proxy.config import Config
 from proxy.errors import ConfigError
 from proxy.gateway._core import Gateway
@@ -42,6 +42,7 @@ class Services:
     """Everything one running gateway is made of; the addons and the control plane
     reach each service by name and type."""
 
+    replica: Replica  # who this process is in the audit records, and its log
     trust_bundle: str  # the CA file upstream certificates are checked against
     http: aiohttp.ClientSession  # the gateway's own upstream calls (JWKS, providers)
     audit: AuditLog
@@ -77,27 +78,35 @@ def _identity(config: Config, http: aiohttp.ClientSession) -> Identity:
     return Identity(issuers, leeway=config.leeway_seconds)
 
 
-async def _audit_log(config: Config) -> AuditLog:
+async def _audit_log(config: Config, replica: Replica) -> AuditLog:
     try:
         hmac_key = load_hmac_key(config.audit_hmac_key_file)
     except (OSError, ValueError) as e:
         raise ConfigError(f"audit.hmac_key_file: {e}") from None
-    audit = AuditLog(config.audit_path, hmac_key=hmac_key, max_bytes=config.audit_max_bytes,
-                     anchor=AuditAnchor(store_path(config.home)))  # beyond the log's folder
+    path = replica.log_path(config.audit_path)
+    anchor = AuditAnchor(store_path(config.home), log=anchor_log(config.audit_path, path))
+    audit = AuditLog(path, hmac_key=hmac_key, max_bytes=config.audit_max_bytes,
+                     anchor=anchor, replica=replica.label)  # anchor: beyond the log's folder
     await audit.start()
     return audit
 
 
 @contextlib.asynccontextmanager
-async def build(config: Config) -> AsyncIterator[Services]:
+async def build(config: Config, replica: Replica | None = None
+                ) -> AsyncIterator[Services]:
     """Build the gateway's services from ``config``; the audit log is open, the task
-    store loaded and the background workers running while the context is entered."""
+    store loaded and the background workers running while the context is entered.
+
+    ``replica``: who this process is (a worker says so); by default the one process
+    of ``config.replica_id`` (else ``<hostname>-<pid>``)."""
+    if replica is None:
+        replica = Replica.of(config.replica_id)
     async with contextlib.AsyncExitStack() as stack:
         bundle = trust_bundle(config)
         http = client_session(config, bundle)
         stack.push_async_callback(http.close)
 
-        audit = await _audit_log(config)
+        audit = await _audit_log(config, replica)
         stack.push_async_callback(audit.close)
         auth_failures = AuthFailures(audit.write)
         stack.push_async_callback(auth_failures.flush)  # 407s counted, not yet written
@@ -140,6 +149,6 @@ async def build(config: Config) -> AsyncIterator[Services]:
         stack.push_async_callback(secrets.close)  # minted tokens die with the process
 
         tasks.start_sweeper()
-        yield Services(trust_bundle=bundle, http=http, audit=audit,
+        yield Services(replica=replica, trust_bundle=bundle, http=http, audit=audit,
                        gateway=gateway, metrics=metrics, tasks=tasks, approvals=approvals,
                        secrets=secrets, auth_failures=auth_failures)

@@ -11,7 +11,7 @@ const REFUSED = new Set(["deny", "rejected", "error"]);
 const state = {
   filters: {},
   task: null,         // the task whose timeline is shown (oldest first), or null
-  lastSeq: null,      // the newest seq seen, for the live tail
+  lastSeq: null,      // where the live tail goes on from (the answer's tail cursor)
   older: null,        // the cursor for older calls
   tasks: [],
 };
@@ -302,8 +302,8 @@ async function loadCalls() {
   if (status !== 200) return;
   const recs = data.records;
   body.replaceChildren(...recs.map((r) => callRow(r, false)));
-  const seqs = recs.map((r) => r.seq);
-  state.lastSeq = Math.max(data.last_seq ?? 0, ...seqs, 0);
+  // Where the live tail goes on from: a seq, or one per log with workers (an opaque cursor).
+  state.lastSeq = data.tail ?? String(Math.max(data.last_seq ?? 0, ...recs.map((r) => r.seq), 0));
   state.older = state.task ? null : data.next;
   $("older").hidden = !state.older;
   $("calls-title").textContent = state.task ? `Calls of task ${state.task}` : "Calls";
@@ -331,8 +331,8 @@ async function tail() {
     for (const r of data.records) {
       if (state.task) body.append(callRow(r, true));
       else body.prepend(callRow(r, true));
-      state.lastSeq = Math.max(state.lastSeq, r.seq);
     }
+    if (data.tail) state.lastSeq = data.tail;
     next = data.next;
   }
 }

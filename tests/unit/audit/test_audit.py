@@ -20,7 +20,7 @@ from proxy.audit._log import FIELDS, GENESIS, canonical, chain_hash
 from proxy.errors import Unavailable
 
 SPEC_FIELDS = {
-    "ts", "seq", "request_id", "workload", "task", "owner", "client", "method", "scheme",
+    "ts", "seq", "replica", "request_id", "workload", "task", "owner", "client", "method", "scheme",
     "host", "port", "upstream_ip", "path", "tool", "decision", "rule", "reason", "secret",
     "approval",
     "status", "bytes_in", "bytes_out", "websocket", "duration_ms", "prev", "hash",
