@@ -17,17 +17,19 @@ from proxy.identity import Caller, Identity, TaskKeys
 from proxy.policy import parse_rules
 from proxy.store import TaskStore
 from proxy.tasks import TaskRegistry, parse_task_request
+from tests.support import FakeClock
 from tests.unit.tasks.test_grants import CEILING, WL, caller_of, request
 
 STRICT = "spiffe://acme.test/agent/strict"
 
 
-async def _registry(home: Path) -> TaskRegistry:
+async def _registry(home: Path, clock: FakeClock | None = None) -> TaskRegistry:
     config = Config(home=str(home), workloads={
         WL: WorkloadConfig(ceiling=parse_rules(CEILING)),
         STRICT: WorkloadConfig(ceiling=parse_rules(CEILING), require_binding=True)})
     keys = TaskKeys.load_or_create(str(home / "task-keys.json"))
-    reg = TaskRegistry(config, Identity([]), TaskStore(str(home / "tasks.db")), keys)
+    reg = TaskRegistry(config, Identity([]), TaskStore(str(home / "tasks.db")), keys,
+                       clock=clock or time.time)
     await reg.load()
     return reg
 
@@ -103,6 +105,17 @@ async def test_bound_to_lookup_and_restart(tmp_path: Path) -> None:
     assert {t.id for t in again.bound_to("10.77.0.5", WL)} == {here.id, wide.id}
     assert again.tasks[here.id].bind == here.bind
     await again.close()
+
+
+async def test_bound_to_leaves_out_expired_tasks(tmp_path: Path) -> None:
+    clock = FakeClock()
+    reg = await _registry(tmp_path, clock)
+    task, _ = await reg.create(parse_task_request(request(
+        bind={"client_cidrs": ["10.77.0.5/32"]})))
+    assert [t.id for t in reg.bound_to("10.77.0.5", WL)] == [task.id]
+    clock.advance(task.expires_at - clock.now)  # expired, not yet swept
+    assert reg.bound_to("10.77.0.5", WL) == []
+    await reg.close()
 
 
 def test_stored_terms_read_back() -> None:
