@@ -57,6 +57,7 @@ NET, NET2 = f"10.77.{N}", f"10.78.{N}"  # the nftables link, the iptables-legacy
 NET6 = f"fd77:{N:x}:"  # the nftables link's IPv6 network, NET6 + ":1" the root side
 NS = f"tg-agent-{os.getpid()}"
 HOST_IF, AGENT_IF = f"tgh{os.getpid()}", f"tga{os.getpid()}"
+NFT_TABLE = f"taskgate_transparent_{os.getpid()}"  # deploy's table, one per test run
 HOST_IF2, AGENT_IF2 = f"tgi{os.getpid()}", f"tgb{os.getpid()}"
 POD_NS, POD_NET = f"tg-pod-{os.getpid()}", f"10.79.{N}"  # a pod, the gateway its sidecar
 HOST_IF3, POD_IF = f"tgp{os.getpid()}", f"tgq{os.getpid()}"
@@ -111,9 +112,20 @@ def _link(host_if: str, agent_if: str, net: str, *agent_hosts: int, net6: str = 
     sh("ip", "-n", ns, "link", "set", agent_if, "up")
 
 
+def _netns_nft() -> Path:
+    """deploy/transparent/netns.nft with its table named for this process: the shipped
+    rules replace their one table on the host, and a second run of this module at the
+    same time (another checkout) would otherwise take this run's redirect away."""
+    rules = (DEPLOY / "netns.nft").read_text()
+    assert "table inet taskgate_transparent {" in rules, "netns.nft renamed its table"
+    out = Path(tempfile.gettempdir(), f"{NFT_TABLE}.nft")
+    out.write_text(rules.replace("taskgate_transparent", NFT_TABLE))
+    return out
+
+
 def _teardown(gateway_port: int) -> None:
     """Remove whatever of the module's network exists; never fails."""
-    sh("nft", "delete", "table", "inet", "taskgate_transparent", check=False)
+    sh("nft", "delete", "table", "inet", NFT_TABLE, check=False)
     sh(str(DEPLOY / "netns.iptables.sh"), "delete", check=False, AGENT_IF=HOST_IF2,
        GATEWAY_PORT=str(gateway_port))
     for link in (HOST_IF, HOST_IF2, HOST_IF3):
@@ -141,7 +153,7 @@ def network(gateway_port: int) -> Iterator[None]:
         # As deploy/transparent/README.md says: nftables on one link, iptables-legacy on
         # the other.
         sh("nft", "-D", f"agent_if={HOST_IF}", "-D", f"gateway_port={gateway_port}",
-           "-f", str(DEPLOY / "netns.nft"))
+           "-f", str(_netns_nft()))
         sh(str(DEPLOY / "netns.iptables.sh"), "add", AGENT_IF=HOST_IF2,
            GATEWAY_PORT=str(gateway_port))
         # A pod: its own namespace, the gateway inside it as a sidecar; pod.nft is loaded
@@ -299,6 +311,7 @@ def gateway(network: None, tmp_path_factory: pytest.TempPathFactory,
                 # What its tasks may be given: more than its standing rules.
                 "ceiling": [_rule("c-task", "up.test", h, scheme="http",
                                   paths=["/allowed/**", "/task/**"])],
+                "report_allowed": True,
             },
             OTHER_WORKLOAD: {"owner": "other@acme.test", "sources": [f"{OTHER}/32"]},
             REPORT_WORKLOAD: {"owner": "rollout@acme.test", "mode": "report",
@@ -583,9 +596,9 @@ def _task_rule(port: int) -> dict[str, Any]:
     return _rule("task-http", "up.test", port, scheme="http", paths=["/task/**"])
 
 
-def _bound_task(gw: Gateway, up: RootUpstream, address: str) -> dict[str, Any]:
+def _bound_task(gw: Gateway, up: RootUpstream, address: str, **body: Any) -> dict[str, Any]:
     return create_task(gw, up, [_task_rule(up.http_port)],
-                       bind={"client_cidrs": [f"{address}/32"]})
+                       bind={"client_cidrs": [f"{address}/32"]}, **body)
 
 
 def test_task_bound_to_the_agent_address_is_judged_on_its_grants(
@@ -627,6 +640,39 @@ def test_task_bound_to_the_agent_address_is_judged_on_its_grants(
     assert agent_curl(f"http://up.test:{h}/allowed/after", *resolve).status == 200
     assert not any(x["path"] in ("/task/before", "/task/after", "/task/stolen", "/task/v6")
                    for x in root_upstream.seen)
+
+
+def test_bound_task_with_its_budget_spent_refuses_until_it_ends(
+        gateway: Gateway, root_upstream: RootUpstream) -> None:
+    h = root_upstream.http_port
+    resolve = ("--resolve", f"up.test:{h}:{UPSTREAM}")
+    task = _bound_task(gateway, root_upstream, AGENT, max_calls=1)
+    try:
+        assert agent_curl(f"http://up.test:{h}/task/one", *resolve).status == 200
+        for path in ("/task/two", "/allowed/spent"):  # the task's still: no standing rules
+            r = agent_curl(f"http://up.test:{h}{path}", *resolve)
+            assert_refusal(r.status, r.headers, r.body, 403, "task budget spent")
+            rec = record_of(gateway, r)
+            assert (rec["task"], rec["decision"]) == (task["task_id"], "deny")
+    finally:
+        revoke(gateway, task["task_id"])
+    assert agent_curl(f"http://up.test:{h}/allowed/ended", *resolve).status == 200
+    assert not any(x["path"] in ("/task/two", "/allowed/spent") for x in root_upstream.seen)
+
+
+def test_bound_report_mode_task_lets_a_refused_transparent_call_through(
+        gateway: Gateway, root_upstream: RootUpstream) -> None:
+    h = root_upstream.http_port
+    task = _bound_task(gateway, root_upstream, AGENT, mode="report")
+    try:
+        r = agent_curl(f"http://up.test:{h}/denied/report-task", "--resolve",
+                       f"up.test:{h}:{UPSTREAM}")
+        assert r.status == 200, r
+        rec = record_of(gateway, r)
+        assert (rec["task"], rec["decision"], rec["rule"]) == (
+            task["task_id"], "would_deny", None)
+    finally:
+        revoke(gateway, task["task_id"])
 
 
 def _basic(task: dict[str, Any]) -> str:
