@@ -90,6 +90,8 @@ class TaskRegistry:
         self.keys = keys
         self.retention = retention
         self.tasks: dict[str, Task] = {}
+        # workload → its bound tasks by id: transparent mode looks here on every call.
+        self._bound: dict[str, dict[str, Task]] = {}
         self.rulesets = RuleSets()
         self._ends: list[tuple[float, str]] = []    # (expires_at, id): who ends next
         self._purges: list[tuple[float, str]] = []  # (ended + retention, id)
@@ -127,6 +129,8 @@ class TaskRegistry:
 
     def _index(self, task: Task) -> None:
         self.tasks[task.id] = task
+        if task.bind:
+            self._bound.setdefault(task.workload, {})[task.id] = task
         self._active = None
         heapq.heappush(self._ends, (task.revoked_at or task.expires_at, task.id))
         heapq.heappush(self._purges, (task.ended_at() + self.retention, task.id))
@@ -348,9 +352,8 @@ class TaskRegistry:
         """The live tasks of ``workload`` bound to ``address`` (transparent mode judges a
         call from that address against their grants)."""
         now = self._clock()
-        return [t for t in self.tasks.values()
-                if t.bind and t.workload == workload and t.revoked_at is None
-                and now < t.expires_at and t.bound_to(address)]
+        return [t for t in self._bound.get(workload, {}).values()
+                if t.revoked_at is None and now < t.expires_at and t.bound_to(address)]
 
     def check_live(self, caller: Caller) -> None:
         """Raise if the caller's task ended; its budget is not looked at (the call asking
@@ -442,6 +445,7 @@ class TaskRegistry:
             task = self.tasks.get(tid)
             if task is not None and task.ended and task.ended_at() + self.retention <= now:
                 del self.tasks[tid]
+                self._bound.get(task.workload, {}).pop(tid, None)
                 self.rulesets.release(task.rules_json)
                 gone.append(tid)
         if gone:

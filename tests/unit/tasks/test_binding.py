@@ -115,6 +115,9 @@ async def test_bound_to_leaves_out_expired_tasks(tmp_path: Path) -> None:
     assert [t.id for t in reg.bound_to("10.77.0.5", WL)] == [task.id]
     clock.advance(task.expires_at - clock.now)  # expired, not yet swept
     assert reg.bound_to("10.77.0.5", WL) == []
+    clock.advance(reg.retention + 1)
+    await reg.sweep()  # purged: out of the bound index too
+    assert task.id not in reg.tasks and not any(reg._bound.values())
     await reg.close()
 
 
