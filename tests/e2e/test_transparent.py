@@ -391,6 +391,44 @@ def agent_socket(port: int, payload: bytes, *, host: str = UPSTREAM, source: str
     return bytes(eval(out.stdout))  # noqa: S307 - repr() of bytes from our own script
 
 
+AGENT_SESSION = """
+import http.client, json, sys
+host, port, name, source = sys.argv[1:5]
+conn = http.client.HTTPConnection(host, int(port), timeout=10, source_address=(source, 0))
+socks = []
+for line in sys.stdin:
+    conn.request("GET", line.strip(), headers={"Host": f"{name}:{port}"})
+    resp = conn.getresponse()
+    resp.read()
+    if conn.sock not in socks:
+        socks.append(conn.sock)
+    print(json.dumps([resp.status, len(socks)]), flush=True)
+"""
+
+
+class AgentSession:
+    """One keep-alive HTTP connection from inside the namespace; each :meth:`get` is
+    the next request on it (and says how many connections have been used so far)."""
+
+    def __init__(self, host: str, port: int, name: str, source: str) -> None:
+        self.proc = subprocess.Popen(
+            ["ip", "netns", "exec", NS, *AGENT_ENV, sys.executable, "-I", "-c", AGENT_SESSION,
+             host, str(port), name, source],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+
+    def get(self, path: str) -> tuple[int, int]:
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        self.proc.stdin.write(path + "\n")
+        self.proc.stdin.flush()
+        status, connections = orjson.loads(self.proc.stdout.readline())
+        return int(status), int(connections)
+
+    def close(self) -> None:
+        if self.proc.stdin is not None:
+            self.proc.stdin.close()
+        self.proc.wait(10)
+
+
 def records(gw: Gateway, **match: Any) -> list[dict[str, Any]]:
     """The audit records with these field values (waiting briefly for the write)."""
     deadline = time.monotonic() + 5
@@ -762,6 +800,14 @@ def test_reload_of_sources_applies_to_the_next_transparent_connection(
         assert answer["applied"] is True
         assert answer["restart_needed"] == ["listen.transparent"]
         assert agent_curl(*plain, source=NEWCOMER).status == 200
+        # A connection open across a reload: its next request is judged on the new config.
+        session = AgentSession(UPSTREAM, h, "up.test", NEWCOMER)
+        try:
+            assert session.get("/allowed/kept-alive") == (200, 1)
+        finally:
+            _reload(gateway, gateway.config)
+        assert session.get("/allowed/kept-alive-after") == (403, 1)  # same connection
+        session.close()
     finally:
         _reload(gateway, gateway.config)
     r = agent_curl(*plain, source=NEWCOMER)
