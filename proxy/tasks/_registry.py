@@ -52,7 +52,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from proxy.batching import FAILURES
-from proxy.config import Config
+from proxy.config import Config, Network
 from proxy.errors import InvalidCredential, InvalidField, Refused, TaskgateError, Unavailable
 from proxy.identity import TASK_ISSUER, Caller, Identity, TaskKeys, TaskTokenIssuer
 from proxy.policy import Breach, Budget, Decision, Rule, breach
@@ -215,6 +215,7 @@ class TaskRegistry:
         if wl.require_binding and not req.bind:
             raise InvalidField("bind", f"workload {workload!r} requires its tasks to be bound "
                                        "to where the agent runs: give bind.client_cidrs")
+        _check_bind_sources(req.bind, workload, config)
         # Containment is CPU work (automata over path globs): off the event loop, and
         # bounded per request so a request of pathological globs is refused, not slow.
         why = await asyncio.to_thread(_first_breach, req.rules, wl.ceiling)
@@ -514,6 +515,22 @@ class TaskRegistry:
         if self._background:
             await asyncio.gather(*self._background, return_exceptions=True)
         await self.store.close()
+
+
+def _check_bind_sources(bind: tuple[Network, ...], workload: str, config: Config) -> None:
+    """A task binds to where its own workload's agent runs: an address another workload
+    claims in transparent mode (``sources``) is that workload's there, so the task would
+    never apply to it (and its token would work only where it can never be used)."""
+    for i, net in enumerate(bind):
+        for name, other in config.workloads.items():
+            if name == workload:
+                continue
+            for src in other.sources:
+                if net.version == src.version and net.overlaps(src):
+                    raise InvalidField(("bind", "client_cidrs", i),
+                                       f"{str(net)!r} overlaps {str(src)!r}, a source address "
+                                       f"of workload {name!r}: a task is bound where its own "
+                                       "workload's agent runs")
 
 
 def _first_breach(rules: tuple[Rule, ...], ceiling: tuple[Rule, ...]

@@ -48,7 +48,7 @@ from aiohttp import web
 from tests.conftest import OTHER_WORKLOAD
 from tests.e2e import assert_refusal
 from tests.support import PYTHON, REPO, WORKLOAD, Gateway, Upstream, bound_port, free_port
-from tests.tasks_support import admin, create_task, revoke
+from tests.tasks_support import admin, create_task, post_task, revoke
 
 DEPLOY = REPO / "deploy" / "transparent"
 NOT_HTTP = "only HTTP and HTTPS are accepted on the transparent listener"
@@ -678,6 +678,15 @@ def test_task_bound_to_the_agent_address_is_judged_on_its_grants(
     assert agent_curl(f"http://up.test:{h}/allowed/after", *resolve).status == 200
     assert not any(x["path"] in ("/task/before", "/task/after", "/task/stolen", "/task/v6")
                    for x in root_upstream.seen)
+
+
+def test_task_cannot_be_bound_to_another_workloads_address(
+        gateway: Gateway, root_upstream: RootUpstream) -> None:
+    r = post_task(gateway, [_task_rule(root_upstream.http_port)], up=root_upstream,
+                  bind={"client_cidrs": [f"{AGENT}/32", f"{OTHER}/32"]})
+    assert r.status_code == 422, r.text
+    assert r.json()["field"] == "bind.client_cidrs[1]"
+    assert f"a source address of workload {OTHER_WORKLOAD!r}" in r.json()["reason"]
 
 
 def test_bound_task_with_its_budget_spent_refuses_until_it_ends(
