@@ -12,7 +12,9 @@ its README says:
 The agents (curl, python) run with no proxy variables and call an upstream on a
 root-side address: their calls are redirected, identified by source address, judged,
 audited; everything else is refused, and nothing reaches the upstream from an agent
-itself.
+itself. Where transparent mode meets the rest of issue 14: a task bound to the agent's
+address (its grants, its budget, its token refused on the proxy listener elsewhere),
+report mode, and a reload of ``sources`` / ``listen.transparent``.
 
 Names: each gateway resolves ``up.test`` and ``front.test`` through its own /etc/hosts
 (a private mount namespace, ``unshare --mount``); the agent through curl's ``--resolve``.
