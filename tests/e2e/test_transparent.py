@@ -128,6 +128,7 @@ def _netns_nft() -> Path:
 def _teardown(gateway_port: int) -> None:
     """Remove whatever of the module's network exists; never fails."""
     sh("nft", "delete", "table", "inet", NFT_TABLE, check=False)
+    Path(tempfile.gettempdir(), f"{NFT_TABLE}.nft").unlink(missing_ok=True)
     sh(str(DEPLOY / "netns.iptables.sh"), "delete", check=False, AGENT_IF=HOST_IF2,
        GATEWAY_PORT=str(gateway_port))
     for link in (HOST_IF, HOST_IF2, HOST_IF3):
