@@ -9,9 +9,6 @@ run last in the module, in file order.
 from __future__ import annotations
 
 import asyncio
-import signal
-import subprocess
-import threading
 import time
 import uuid
 from collections.abc import Iterator
