@@ -21,7 +21,7 @@ from typing import Any
 
 import aiohttp
 
-from proxy.approvals import Approvals
+from proxy.approvals import Approvals, SharedApprovals
 from proxy.audit import AuditAnchor, AuditLog, load_hmac_key
 from proxy.config import Config
 from proxy.errors import ConfigError
@@ -123,7 +123,9 @@ async def build(config: Config) -> AsyncIterator[Services]:
         gateway.on_record.append(tasks.on_record)
         metrics.track("active_tasks", tasks.active_count)
 
-        approvals = Approvals(config.approval_timeout_seconds)
+        approvals = (SharedApprovals(config.approval_timeout_seconds, tasks.store)
+                     if isinstance(tasks, SharedTaskRegistry)
+                     else Approvals(config.approval_timeout_seconds))
         metrics.track("pending_approvals", lambda: len(approvals.waiting()))
 
         async def refuse_held(task_id: str) -> None:

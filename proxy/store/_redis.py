@@ -471,7 +471,7 @@ class RedisState:
         pipe = self.redis.pipeline(transaction=True)
         key = self.key("approval", hid)
         pipe.hset(key, mapping={"state": "waiting", "replica": self.replica,
-                                "view": orjson.dumps(view)})
+                                "created": repr(created), "view": orjson.dumps(view)})
         pipe.pexpire(key, int((ttl + 3600) * 1000))
         pipe.zadd(self.key("approvals"), {hid: created})
         await self._call(pipe.execute())
@@ -497,9 +497,17 @@ class RedisState:
             pipe.hgetall(self.key("approval", hid.decode()))
         found = await self._call(pipe.execute())
         gone = [hid for hid, h in zip(ids, found, strict=True) if not h]
-        if gone:  # expired holds of replicas that died
+        if gone:  # expired holds
             await self._call(self.redis.zrem(self.key("approvals"), *gone))
-        return [h for h in found if h and h.get(b"state") == b"waiting"]
+        held = [h for h in found if h and h.get(b"state") == b"waiting"]
+        owners = sorted({h.get(b"replica", b"").decode() for h in held})
+        pipe = self.redis.pipeline(transaction=False)
+        for owner in owners:
+            pipe.exists(self.key("replica", owner))
+        alive = {o for o, up in zip(owners, await self._call(pipe.execute()), strict=True)
+                 if up}
+        # A hold whose replica died can never be released: not listed (it expires).
+        return [h for h in held if h.get(b"replica", b"").decode() in alive]
 
     # -- review-page sessions -------------------------------------------------------------
     async def session_put(self, key: str, doc: bytes, ttl: float) -> None:

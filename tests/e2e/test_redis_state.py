@@ -154,3 +154,78 @@ def test_revocation_on_a_reaches_open_tunnel_on_b(pair: tuple[Gateway, Gateway],
     assert status == 407 and body["reason"] == "task revoked", body
     assert took < 1.0
     assert body["request_id"]
+
+
+def _approve_rule(up: Upstream) -> dict[str, Any]:
+    return {"id": "open-pr", "host": "localhost", "allow_private": True,
+            "port": up.https_port, "methods": ["POST"], "paths": ["/approve/**"],
+            "approval": "required"}
+
+
+async def _held_on(ctl: httpx.AsyncClient, task_id: str) -> dict[str, Any]:
+    async with asyncio.timeout(10):
+        while True:
+            r = await ctl.get("/v1/approvals")
+            assert r.status_code == 200, r.text
+            found = [h for h in r.json()["approvals"] if h["task"] == task_id]
+            if found:
+                return found[0]
+            await asyncio.sleep(0.05)
+
+
+def _control(gw: Gateway) -> httpx.AsyncClient:
+    return httpx.AsyncClient(base_url=gw.control_url, timeout=10, trust_env=False,
+                             headers=admin(gw))
+
+
+async def test_approval_held_on_a_is_answered_on_b(pair: tuple[Gateway, Gateway],
+                                                   upstream: Upstream) -> None:
+    a, b = pair
+    task = create_task(a, upstream, [_approve_rule(upstream)], max_calls=3)
+    m = uuid.uuid4().hex
+    url = f"https://localhost:{upstream.https_port}/approve/{m}"
+    async with (httpx.AsyncClient(proxy=task["proxy_url"], verify=a.ssl_context(), timeout=30,
+                                  trust_env=False) as agent,
+                _control(a) as on_a, _control(b) as on_b):
+        call = asyncio.create_task(agent.post(url, json={"title": "fix"}))
+        held = await _held_on(on_b, task["task_id"])  # held on A, listed on B
+        assert held["state"] == "waiting" and held["url"] == url
+        assert (await on_b.get(f"/v1/approvals/{held['id']}")).json()["state"] == "waiting"
+        await asyncio.sleep(0.2)
+        assert not call.done()
+        r = await on_b.post(f"/v1/approvals/{held['id']}/approve", json={"by": "carol"})
+        assert r.status_code == 200, r.text
+        resp = await asyncio.wait_for(call, 10)
+        assert resp.status_code == 200, resp.text
+        for ctl in (on_a, on_b):  # a second answer anywhere
+            r = await ctl.post(f"/v1/approvals/{held['id']}/deny", json={"by": "dave"})
+            assert r.status_code == 409, r.text
+            assert "approved by carol" in r.json()["reason"] and r.json()["request_id"]
+        assert all(h["id"] != held["id"]
+                   for h in (await on_b.get("/v1/approvals")).json()["approvals"])
+    final = a.records_for(resp.headers["x-taskgate-request-id"])[-1]
+    assert final["decision"] == "approved" and final["approval"]["by"] == "carol"
+
+
+async def test_held_call_denied_on_b_and_task_end_on_b_refuses_hold_on_a(
+        pair: tuple[Gateway, Gateway], upstream: Upstream) -> None:
+    a, b = pair
+    task = create_task(a, upstream, [_approve_rule(upstream)])
+    url = f"https://localhost:{upstream.https_port}/approve/{uuid.uuid4().hex}"
+    async with (httpx.AsyncClient(proxy=task["proxy_url"], verify=a.ssl_context(), timeout=30,
+                                  trust_env=False) as agent, _control(b) as on_b):
+        call = asyncio.create_task(agent.post(url, json={}))
+        held = await _held_on(on_b, task["task_id"])
+        r = await on_b.post(f"/v1/approvals/{held['id']}/deny", json={"by": "erin"})
+        assert r.status_code == 200 and r.json()["state"] == "denied", r.text
+        resp = await asyncio.wait_for(call, 10)
+        assert resp.status_code == 403 and "denied by erin" in resp.json()["reason"]
+        # A second call held on A; the task revoked on B refuses it on A at once.
+        call = asyncio.create_task(agent.post(url, json={}))
+        held = await _held_on(on_b, task["task_id"])
+        assert (await on_b.delete(f"/v1/tasks/{task['task_id']}")).status_code == 200
+        resp = await asyncio.wait_for(call, 5)
+        assert resp.status_code == 403, resp.text
+        assert resp.json()["reason"] == "the task was revoked while the call was held for approval"
+        r = await on_b.post(f"/v1/approvals/{held['id']}/approve", json={"by": "carol"})
+        assert r.status_code == 409, r.text
