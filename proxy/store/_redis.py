@@ -513,8 +513,10 @@ class RedisState:
     async def session_put(self, key: str, doc: bytes, ttl: float) -> None:
         await self._call(self.redis.set(self.key("session", key), doc, px=int(ttl * 1000)))
 
-    async def session_get(self, key: str) -> bytes | None:
-        doc: bytes | None = await self._call(self.redis.get(self.key("session", key)))
+    async def session_get(self, key: str, idle: float) -> bytes | None:
+        """The session, its idle clock restarted (``GETEX PX``)."""
+        doc: bytes | None = await self._call(self.redis.getex(self.key("session", key),
+                                                              px=int(idle * 1000)))
         return doc
 
     async def session_drop(self, key: str) -> None:

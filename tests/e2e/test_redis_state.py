@@ -9,6 +9,7 @@ run last in the module, in file order.
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 import uuid
 from collections.abc import Iterator
@@ -21,7 +22,7 @@ import pytest
 from tests.conftest import ceiling_config
 from tests.redis_support import RedisServer, redis_available
 from tests.support import Gateway, Upstream
-from tests.tasks_support import Tunnel, admin, client, create_task, revoke, show
+from tests.tasks_support import Tunnel, admin, admin_token, client, create_task, revoke, show
 
 pytestmark = pytest.mark.skipif(not redis_available(), reason="redis-server not installed")
 
@@ -229,3 +230,21 @@ async def test_held_call_denied_on_b_and_task_end_on_b_refuses_hold_on_a(
         assert resp.json()["reason"] == "the task was revoked while the call was held for approval"
         r = await on_b.post(f"/v1/approvals/{held['id']}/approve", json={"by": "carol"})
         assert r.status_code == 409, r.text
+
+
+def test_review_session_signed_in_on_a_works_on_b(pair: tuple[Gateway, Gateway]) -> None:
+    a, b = pair
+    r = httpx.post(f"{a.control_url}/ui/login", data={"token": admin_token(a)}, timeout=10)
+    assert r.status_code == 303, r.text
+    cookies = {"taskgate_session": r.cookies["taskgate_session"]}
+    page = httpx.get(f"{b.control_url}/ui", cookies=cookies, timeout=10)
+    csrf = re.search(r'name="csrf-token" content="([^"]+)"', page.text)
+    assert page.status_code == 200 and csrf is not None, page.text[:300]
+    assert httpx.get(f"{b.control_url}/v1/approvals", cookies=cookies,
+                     timeout=10).status_code == 200
+    r = httpx.post(f"{b.control_url}/ui/logout", cookies=cookies, timeout=10,
+                   headers={"X-CSRF-Token": csrf.group(1)})
+    assert r.status_code == 200, r.text
+    for gw in pair:  # signed out everywhere
+        r = httpx.get(f"{gw.control_url}/v1/approvals", cookies=cookies, timeout=10)
+        assert r.status_code == 401, r.text
