@@ -90,7 +90,12 @@ for _, k in ipairs(KEYS) do
 end
 return 1
 """
-# claim(cred, lease key, me, ttl): revoke only if no live replica leases it
+# revoke_lease(cred, lease, me, ttl): -1 gone (revoked elsewhere), 0 leased by another, 1 go
+_REVOKE_LEASE = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return -1 end
+if redis.call('SET', KEYS[2], ARGV[1], 'NX', 'PX', ARGV[2]) then return 1 end
+return 0
+"""
 _LEASE = """
 return redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) and 1 or 0
 """
@@ -167,6 +172,7 @@ class RedisState:
         self._revoke = self.redis.register_script(_REVOKE)
         self._set_if = self.redis.register_script(_SET_IF_EXISTS)
         self._lease = self.redis.register_script(_LEASE)
+        self._revoke_lease = self.redis.register_script(_REVOKE_LEASE)
         self._answer = self.redis.register_script(_ANSWER)
         # Set by the registry and approvals: events, a lost database, a (re)connection.
         self.listeners: list[Callable[[Event], None]] = []
@@ -224,7 +230,7 @@ class RedisState:
                 raise
             except Exception as e:  # noqa: BLE001 - the watcher must outlive any failure
                 if self._synced or self.connected.is_set():
-                    FAILURES.add("state")
+                    FAILURES.add("store")  # the state store: /metrics counts it so
                     log.error("shared state: Redis lost (%s: %s); calls that need state are "
                               "refused until it is back", type(e).__name__, e)
                 self._synced = False
@@ -460,6 +466,13 @@ class RedisState:
                                       s("state") or "live", int(s("attempts") or 0),
                                       s("last_error"), h.get(b"handle", b"")))
         return rows
+
+    async def revoke_lease(self, cred_id: str, ttl_ms: int) -> int:
+        """May this replica revoke ``cred_id`` now? 1 yes (leased for ``ttl_ms``), 0 another
+        replica is at it, -1 it is no longer stored (revoked elsewhere)."""
+        return int(await self._call(self._revoke_lease(
+            keys=[self.key("cred", cred_id), self.key("lease", "revoke", cred_id)],
+            args=[self.replica, ttl_ms])))
 
     async def lease(self, name: str, ttl_ms: int) -> bool:
         """Take the lease ``name`` for ``ttl_ms`` (SET NX PX): exactly one taker."""

@@ -227,6 +227,10 @@ class TaskStore:
         await self._submit(lambda c: _many(c, "DELETE FROM secret_credentials WHERE id = ?",
                                            rows), durable=True)
 
+    async def revoke_lease(self, cred_id: str, ttl_ms: int) -> int:
+        """One process holds its credentials alone: always its own to revoke."""
+        return 1
+
     async def load_credentials(self) -> list[CredentialRow]:
         return await self._submit(lambda c: [
             CredentialRow(*r[:10], bytes(r[10]))  # type: ignore[call-arg]  # 10 + handle

@@ -1,0 +1,182 @@
+"""The Redis state store against a real (private) redis-server: atomic budgets, events,
+freshness, a lost database, credential leases and approvals answered once."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+import pytest
+import redis as sync_redis
+
+from proxy.errors import Unavailable
+from proxy.store import EXPIRED, REVOKED, SPENT, UNKNOWN, CredentialRow, RedisState, TaskRow
+from tests.redis_support import RedisServer, redis_available
+
+pytestmark = pytest.mark.skipif(not redis_available(), reason="redis-server not installed")
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[RedisServer]:
+    s = RedisServer(persist=True)
+    s.start()
+    yield s
+    s.close()
+
+
+def row(task_id: str, **kw: object) -> TaskRow:
+    base: dict[str, object] = dict(id=task_id, workload="wl", owner="o", purpose=None,
+                                   created_at=time.time(), expires_at=time.time() + 300,
+                                   max_calls=10, rules=b'[{"id":"r"}]', kid="k1")
+    base.update(kw)
+    return TaskRow(**base)  # type: ignore[arg-type]
+
+
+async def _state(server: RedisServer, replica: str, prefix: str) -> RedisState:
+    state = RedisState(server.url, password=None, prefix=prefix, replica=replica)
+    await state.start()
+    assert state.healthy
+    return state
+
+
+@pytest.fixture
+async def pair(server: RedisServer, request: pytest.FixtureRequest
+               ) -> AsyncIterator[tuple[RedisState, RedisState]]:
+    prefix = f"t-{request.node.name[:40]}:"
+    a = await _state(server, "a", prefix)
+    b = await _state(server, "b", prefix)
+    yield a, b
+    await a.close()
+    await b.close()
+
+
+async def test_tasks_round_trip_and_page(pair: tuple[RedisState, RedisState]) -> None:
+    a, b = pair
+    await a.insert_many([row(f"t{i}", purpose="p" if i % 2 else None) for i in range(12)])
+    rows = [r async for page in b.pages(size=5) for r in page]
+    assert [r.id for r in rows] == [f"t{i}" for i in range(12)]
+    got = await b.get("t1")
+    assert got is not None and got.purpose == "p" and got.max_calls == 10 and got.used == 0
+    assert (await b.get("t0")).purpose is None  # type: ignore[union-attr]
+    assert await b.get("nope") is None
+    await a.delete(["t0", "t1"])
+    assert await b.get("t0") is None and len(await b.load()) == 10
+
+
+async def test_budget_is_exact_across_clients(pair: tuple[RedisState, RedisState]) -> None:
+    a, b = pair
+    await a.insert(row("budget", max_calls=10))
+    now = time.time()
+    results = await asyncio.gather(*((a if i % 2 else b).consume("budget", now)
+                                     for i in range(50)))
+    assert sorted(r for r in results if r > 0) == list(range(1, 11))
+    assert results.count(SPENT) == 40
+    await a.refund("budget")
+    assert await b.consume("budget", now) == 10
+    assert await b.consume("budget", now) == SPENT
+
+
+async def test_refund_never_below_zero_nor_recreates(pair: tuple[RedisState, RedisState]
+                                                     ) -> None:
+    a, _ = pair
+    await a.insert(row("r", max_calls=None))
+    await a.refund("r")
+    assert (await a.get("r")).used == 0  # type: ignore[union-attr]
+    await a.delete(["r"])
+    await a.refund("r")
+    await a.mark_ended(["r"])
+    assert await a.get("r") is None
+
+
+async def test_consume_refuses_unknown_revoked_expired(pair: tuple[RedisState, RedisState]
+                                                       ) -> None:
+    a, b = pair
+    now = time.time()
+    assert await a.consume("ghost", now) == UNKNOWN
+    await a.insert(row("old", expires_at=now - 1))
+    assert await a.consume("old", now) == EXPIRED
+    await a.insert(row("rev", max_calls=None))
+    assert await a.consume("rev", now) == 1
+    await b.revoke("rev", now)
+    assert await a.consume("rev", now) == REVOKED
+    with pytest.raises(LookupError):
+        await a.revoke("ghost", now)
+
+
+async def test_revocation_is_published_to_every_replica(pair: tuple[RedisState, RedisState]
+                                                        ) -> None:
+    a, b = pair
+    seen: list[dict[str, Any]] = []
+    b.listeners.append(seen.append)
+    await a.insert(row("pub"))
+    await a.revoke("pub", 42.0)
+    await a.revoke("pub", 43.0)  # once only
+    async with asyncio.timeout(1):
+        while not any(e["kind"] == "revoked" for e in seen):
+            await asyncio.sleep(0.01)
+    await asyncio.sleep(0.1)
+    assert [e for e in seen if e["kind"] == "revoked"] == [
+        {"kind": "revoked", "task": "pub", "at": 42.0}]
+    assert (await b.get("pub")).revoked_at == 42.0  # type: ignore[union-attr]
+
+
+async def test_credentials_taken_over_once_and_revoked_once(
+        server: RedisServer, pair: tuple[RedisState, RedisState]) -> None:
+    a, b = pair
+    cred = CredentialRow("c1", "gh", "github_installation_token", "t", "wl", time.time(),
+                         None, "live", 0, None, b"sealed")
+    await a.add_credential(cred)
+    assert await b.load_credentials() == []  # a is alive: a revokes its own
+    sync_redis.Redis.from_url(server.url).delete(a.key("replica", "a"))  # a "died"
+    taken = await b.load_credentials()
+    assert [(c.id, c.handle) for c in taken] == [("c1", b"sealed")]
+    assert await a.revoke_lease("c1", 30_000) in (0, 1)
+    assert await b.revoke_lease("c1", 30_000) == 0  # one turn at a time
+    await b.delete_credentials(["c1"])
+    assert await a.revoke_lease("c1", 30_000) == -1  # revoked elsewhere
+
+
+async def test_an_answer_wins_once(pair: tuple[RedisState, RedisState]) -> None:
+    a, b = pair
+    await a.hold("h1", time.time(), {"id": "h1", "held_at": "x"}, 30)
+    assert [h[b"replica"] for h in await b.waiting()] == [b"a"]
+    assert await b.answer("h1", {"outcome": "approved", "by": "carol"}) == 1
+    assert await a.answer("h1", {"outcome": "timeout"}) == -1
+    assert await a.answer("nope", {"outcome": "approved"}) == 0
+    assert await b.waiting() == []
+
+
+async def test_fresh_only_while_redis_answers_and_reset_when_emptied(server: RedisServer
+                                                                     ) -> None:
+    state = await _state(server, "solo", "t-fresh:")
+    resets: list[bool] = []
+
+    async def reset() -> None:
+        resets.append(True)
+
+    state.on_reset = reset
+    try:
+        await state.insert(row("keep"))
+        server.stop()
+        started = time.monotonic()
+        while state.healthy:
+            await asyncio.sleep(0.02)
+        assert time.monotonic() - started <= state.bound + 0.3
+        with pytest.raises(Unavailable):
+            state.fresh()
+        with pytest.raises(Unavailable):
+            await state.get("keep")
+        server.start()  # AOF: the data is back, no reset
+        async with asyncio.timeout(10):
+            while not state.healthy:
+                await asyncio.sleep(0.05)
+        assert await state.get("keep") is not None and resets == []
+        sync_redis.Redis.from_url(server.url).flushall()
+        async with asyncio.timeout(5):
+            while not resets:
+                await asyncio.sleep(0.05)
+        assert state.healthy and await state.get("keep") is None
+    finally:
+        await state.close()
