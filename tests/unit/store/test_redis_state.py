@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
 import pytest
@@ -24,6 +24,16 @@ def server() -> Iterator[RedisServer]:
     s.start()
     yield s
     s.close()
+
+
+async def until(condition: Callable[[], bool], timeout: float) -> float:
+    """Poll ``condition`` every 10 ms; the seconds it took (fails after ``timeout``)."""
+    started = time.monotonic()
+    for _ in range(int(timeout / 0.01)):
+        if condition():
+            return time.monotonic() - started
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"not within {timeout} s")
 
 
 def row(task_id: str, **kw: object) -> TaskRow:
@@ -113,9 +123,7 @@ async def test_revocation_is_published_to_every_replica(pair: tuple[RedisState, 
     await a.insert(row("pub"))
     await a.revoke("pub", 42.0)
     await a.revoke("pub", 43.0)  # once only
-    async with asyncio.timeout(1):
-        while not any(e["kind"] == "revoked" for e in seen):
-            await asyncio.sleep(0.01)
+    await until(lambda: any(e["kind"] == "revoked" for e in seen), 1.0)
     await asyncio.sleep(0.1)
     assert [e for e in seen if e["kind"] == "revoked"] == [
         {"kind": "revoked", "task": "pub", "at": 42.0}]
@@ -160,23 +168,16 @@ async def test_fresh_only_while_redis_answers_and_reset_when_emptied(server: Red
     try:
         await state.insert(row("keep"))
         server.stop()
-        started = time.monotonic()
-        while state.healthy:
-            await asyncio.sleep(0.02)
-        assert time.monotonic() - started <= state.bound + 0.3
+        assert await until(lambda: not state.healthy, 5.0) <= state.bound + 0.3
         with pytest.raises(Unavailable):
             state.fresh()
         with pytest.raises(Unavailable):
             await state.get("keep")
         server.start()  # AOF: the data is back, no reset
-        async with asyncio.timeout(10):
-            while not state.healthy:
-                await asyncio.sleep(0.05)
+        await until(lambda: state.healthy, 10.0)
         assert await state.get("keep") is not None and resets == []
         sync_redis.Redis.from_url(server.url).flushall()
-        async with asyncio.timeout(5):
-            while not resets:
-                await asyncio.sleep(0.05)
+        await until(lambda: bool(resets), 5.0)
         assert state.healthy and await state.get("keep") is None
     finally:
         await state.close()
