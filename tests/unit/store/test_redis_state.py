@@ -26,14 +26,14 @@ def server() -> Iterator[RedisServer]:
     s.close()
 
 
-async def until(condition: Callable[[], bool], timeout: float) -> float:
+async def until(condition: Callable[[], bool], within: float) -> float:
     """Poll ``condition`` every 10 ms; the seconds it took (fails after ``timeout``)."""
     started = time.monotonic()
-    for _ in range(int(timeout / 0.01)):
+    for _ in range(int(within / 0.01)):
         if condition():
             return time.monotonic() - started
         await asyncio.sleep(0.01)
-    raise AssertionError(f"not within {timeout} s")
+    raise AssertionError(f"not within {within} s")
 
 
 def row(task_id: str, **kw: object) -> TaskRow:
