@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import re
+import signal
+import subprocess
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -21,7 +24,7 @@ import pytest
 
 from tests.conftest import ceiling_config
 from tests.redis_support import RedisServer, redis_available
-from tests.support import Gateway, Upstream
+from tests.support import WORKLOAD, Gateway, Upstream
 from tests.tasks_support import Tunnel, admin, admin_token, client, create_task, revoke, show
 
 pytestmark = pytest.mark.skipif(not redis_available(), reason="redis-server not installed")
@@ -248,3 +251,89 @@ def test_review_session_signed_in_on_a_works_on_b(pair: tuple[Gateway, Gateway])
     for gw in pair:  # signed out everywhere
         r = httpx.get(f"{gw.control_url}/v1/approvals", cookies=cookies, timeout=10)
         assert r.status_code == 401, r.text
+
+
+# -- failures: these run last, in this order ---------------------------------------------
+def test_kill_9_of_a_mid_call_b_keeps_serving_nothing_twice(
+        pair: tuple[Gateway, Gateway], upstream: Upstream) -> None:
+    a, b = pair
+    task = create_task(b, upstream, max_calls=3)
+    tag = _tag()
+    result: list[Any] = []
+
+    def slow_call() -> None:
+        try:
+            with client(a, _on(a, task)) as c:
+                result.append(c.get(f"http://127.0.0.1:{upstream.http_port}/slow?s=3&tag={tag}"))
+        except httpx.HTTPError as e:
+            result.append(e)
+
+    caller = threading.Thread(target=slow_call)
+    caller.start()
+    _wait(lambda: _reached(upstream, tag) == 1)  # counted on A, at the upstream now
+    a.stop(signal.SIGKILL)
+    caller.join(10)
+    assert result and isinstance(result[0], httpx.HTTPError)  # the call died with A
+    with client(b, _on(b, task)) as c:
+        codes = [c.get(f"http://127.0.0.1:{upstream.http_port}/allowed/{tag}/{i}").status_code
+                 for i in range(4)]
+    assert codes == [200, 200, 403, 403]  # A's call stays counted: 3 in all, never more
+    assert _reached(upstream, tag) == 3
+    a.start()  # back for the tests below; it finds every task in Redis
+    with client(a, _on(a, task)) as c:
+        assert c.get(f"http://127.0.0.1:{upstream.http_port}/allowed/x").status_code == 403
+
+
+def test_redis_stopped_refuses_503_not_ready_then_recovers(
+        pair: tuple[Gateway, Gateway], upstream: Upstream, redis: RedisServer) -> None:
+    a, b = pair
+    task = create_task(a, upstream)
+    url = f"http://127.0.0.1:{upstream.http_port}/allowed/{_tag()}"
+    for gw in pair:
+        with client(gw, _on(gw, task)) as c:
+            assert c.get(url).status_code == 200
+    redis.stop()
+    try:
+        for gw in pair:
+            _wait(lambda gw=gw: _ready(gw).status_code == 503, 3)
+            ready = _ready(gw).json()
+            assert ready["status"] == "not ready" and ready["checks"]["store"] is False
+            with client(gw, _on(gw, task)) as c:
+                r = c.get(url)
+            assert r.status_code == 503, r.text
+            assert r.json()["error"] == "unavailable" and "Redis" in r.json()["reason"]
+            assert r.json()["request_id"]
+        r = httpx.post(f"{a.control_url}/v1/tasks", headers=admin(a), timeout=10,
+                       json={"workload": WORKLOAD, "ttl_seconds": 60,
+                             "rules": [{"id": "r", "host": "127.0.0.1",
+                                        "port": upstream.http_port, "scheme": "http",
+                                        "methods": ["GET"], "paths": ["/allowed/**"]}]})
+        assert r.status_code == 503 and r.json()["request_id"], r.text
+    finally:
+        redis.start()
+    for gw in pair:  # back without a restart: the same token works again
+        _wait(lambda gw=gw: _ready(gw).status_code == 200, 10)
+        with client(gw, _on(gw, task)) as c:
+            assert c.get(url).status_code == 200
+
+
+def test_redis_flushed_tasks_gone_407(pair: tuple[Gateway, Gateway], upstream: Upstream,
+                                      redis: RedisServer) -> None:
+    a, b = pair
+    task = create_task(a, upstream)
+    url = f"http://127.0.0.1:{upstream.http_port}/allowed/{_tag()}"
+    with client(b, _on(b, task)) as c:
+        assert c.get(url).status_code == 200
+    subprocess.run(["redis-cli", "-p", str(redis.port), "FLUSHALL"], check=True,
+                   capture_output=True)
+    deadline = time.monotonic() + 2.0
+    for gw in pair:
+        with client(gw, _on(gw, task)) as c:
+            r = c.get(url)
+            while r.status_code != 407 and time.monotonic() < deadline:
+                assert r.status_code in (200, 503), r.text  # never allowed once it is known
+                time.sleep(0.05)
+                r = c.get(url)
+        assert r.status_code == 407, r.text
+        assert r.json()["reason"].startswith("task unknown")
+    assert all(_ready(gw).status_code == 200 for gw in pair)
