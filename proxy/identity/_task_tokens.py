@@ -42,6 +42,7 @@ log = logging.getLogger(__name__)
 TASK_ISSUER = "urn:taskgate:tasks"
 TASK_AUDIENCE = "urn:taskgate:proxy"
 ALG = "EdDSA"
+KEY_RELOAD_SECONDS = 0.1
 
 
 def _b64(data: bytes) -> str:
@@ -200,14 +201,25 @@ class TaskTokenIssuer:
     issuer = TASK_ISSUER
 
     def __init__(self, keys: TaskKeys, lookup: Callable[[str], TaskLookup | None],
-                 fetch: Callable[[str], Awaitable[TaskLookup | None]] | None = None) -> None:
+                 fetch: Callable[[str], Awaitable[TaskLookup | None]] | None = None,
+                 reload_keys: Callable[[], Awaitable[None]] | None = None) -> None:
         self.keys = keys
         self._lookup = lookup
-        self._fetch = fetch  # shared state: a task another replica created, not yet here
+        # Shared state: a task another replica created, a key another replica rotated in,
+        # not yet here. Keys are re-read at most every KEY_RELOAD_SECONDS (unknown kids
+        # cost nothing more than that).
+        self._fetch = fetch
+        self._reload_keys = reload_keys
+        self._keys_reloaded = 0.0
 
     async def verify(self, token: str, header: Mapping[str, Any]) -> Caller:
         kid = header.get("kid")
         key = self.keys.public_key(kid) if isinstance(kid, str) else None
+        if (key is None and isinstance(kid, str) and self._reload_keys is not None
+                and time.monotonic() - self._keys_reloaded >= KEY_RELOAD_SECONDS):
+            self._keys_reloaded = time.monotonic()
+            await self._reload_keys()
+            key = self.keys.public_key(kid)
         if key is None:
             raise InvalidCredential("task token is signed with a key taskgate does not hold")
         if header.get("alg") != ALG:

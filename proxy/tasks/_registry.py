@@ -121,6 +121,10 @@ class TaskRegistry:
     def get(self, task_id: str) -> Task | None:
         return self.tasks.get(task_id)
 
+    async def current(self, task_id: str) -> Task | None:
+        """The task as it stands now, for the control plane (shared state: re-read)."""
+        return self.tasks.get(task_id)
+
     def active_count(self) -> float:
         """Tasks that can still make calls (read at /metrics scrape time). Counted again
         at most once a second, or after a task was created or revoked: a scrape flood

@@ -114,7 +114,7 @@ class SharedTaskRegistry(TaskRegistry):
         tid = event.get("task")
         if not isinstance(tid, str):
             if kind == "keys":
-                self._spawn(self._reload_keys())
+                self._spawn(self.reload_keys())
             return
         task = self.tasks.get(tid)
         if kind == "revoked" and task is not None and task.revoked_at is None:
@@ -125,7 +125,8 @@ class SharedTaskRegistry(TaskRegistry):
         elif kind == "created" and task is None:
             self._spawn(self.fetch(tid))
 
-    async def _reload_keys(self) -> None:
+    async def reload_keys(self) -> None:
+        """Take the keys in Redis (another replica rotated them)."""
         doc = await self.store.load_keys()
         if doc is not None:
             self.keys.adopt(doc)
@@ -146,6 +147,28 @@ class SharedTaskRegistry(TaskRegistry):
             task = self._from_row(row)
             self._index(task)
         return task
+
+    async def current(self, task_id: str) -> Task | None:
+        """Re-read the task: its count moves on every replica."""
+        self.store.fresh()
+        row = await self.store.get(task_id)
+        task = self.tasks.get(task_id)
+        if row is None:
+            return None
+        if task is None:
+            return await self.fetch(task_id)
+        task.used = row.used
+        if row.revoked_at is not None and task.revoked_at is None:
+            self._mark_revoked(task, row.revoked_at)
+            self._spawn(self._end([task]))
+        return task
+
+    async def revoke(self, task_id: str) -> Task | None:
+        """Revoke a task made on any replica (the event tells every other one)."""
+        if self.tasks.get(task_id) is None:
+            await self.fetch(task_id)
+        self.store.fresh()
+        return await super().revoke(task_id)
 
     # -- enforcement ------------------------------------------------------------------
     def _live(self, caller: Caller) -> Task:
@@ -214,4 +237,4 @@ async def open_shared_registry(config: Config, identity: Identity) -> SharedTask
 
 def shared_issuer(registry: SharedTaskRegistry) -> TaskTokenIssuer:
     """The issuer that accepts task tokens of every replica."""
-    return TaskTokenIssuer(registry.keys, registry.get, registry.fetch)
+    return TaskTokenIssuer(registry.keys, registry.get, registry.fetch, registry.reload_keys)

@@ -253,6 +253,22 @@ def test_review_session_signed_in_on_a_works_on_b(pair: tuple[Gateway, Gateway])
         assert r.status_code == 401, r.text
 
 
+def test_key_rotation_on_a_reaches_b(pair: tuple[Gateway, Gateway], upstream: Upstream
+                                     ) -> None:
+    a, b = pair
+    before = create_task(a, upstream)
+    r = httpx.post(f"{a.control_url}/v1/task-keys/rotate", headers=admin(a), timeout=10)
+    assert r.status_code == 200, r.text
+    kid = r.json()["current"]
+    after = create_task(a, upstream)  # signed with the new key, used on B at once
+    url = f"http://127.0.0.1:{upstream.http_port}/allowed/{_tag()}"
+    for task in (before, after):
+        with client(b, _on(b, task)) as c:
+            assert c.get(url).status_code == 200
+    _wait(lambda: kid in {k["kid"] for k in httpx.get(
+        f"{b.control_url}/v1/task-keys", headers=admin(b), timeout=5).json()["keys"]})
+
+
 # -- failures: these run last, in this order ---------------------------------------------
 def test_kill_9_of_a_mid_call_b_keeps_serving_nothing_twice(
         pair: tuple[Gateway, Gateway], upstream: Upstream) -> None:
