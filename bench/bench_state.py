@@ -47,7 +47,7 @@ def _call(i: int) -> Call:
 async def _registry(backend: str, n: int, home: Path, redis_url: str
                     ) -> tuple[TaskRegistry, list[str]]:
     """The loaded registry, and the task ids in the order of their rules' index."""
-    home.mkdir(parents=True, exist_ok=True)
+    await asyncio.to_thread(home.mkdir, parents=True, exist_ok=True)
     keys = TaskKeys.load_or_create(str(home / "task-keys.json"))
     config = Config(home=str(home), workloads={
         WL: WorkloadConfig(owner="platform@acme.dev", ceiling=parse_rules(CEILING))})
@@ -70,7 +70,13 @@ async def _registry(backend: str, n: int, home: Path, redis_url: str
                                  RedisState(redis_url, password=None, prefix=prefix,
                                             replica="bench"), keys)
     await reg.load()
+    for _ in range(1200):  # Redis: loading goes on after start() (the gateway is not ready)
+        if reg.store.healthy:
+            break
+        await asyncio.sleep(0.05)
     assert len(reg.tasks) == n, (backend, len(reg.tasks))
+    gc.collect()
+    gc.freeze()  # as the gateway does once loaded
     return reg, [r.id for r in rows]
 
 

@@ -38,6 +38,7 @@ import contextlib
 import logging
 import secrets
 import time
+from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from typing import Any
 
@@ -250,27 +251,28 @@ class RedisState:
         self._synced = True
         self.connected.set()
         log.info("shared state: Redis connected and resynced")
-        pong_due: float | None = None
+        # Each PONG vouches for what was published before its PING reached Redis (one
+        # connection delivers in order): the state is fresh as of when the PING was sent.
+        pings: deque[float] = deque()
         next_beat = time.monotonic()
         while True:
-            now = time.monotonic()
-            if now >= next_beat:
-                if pong_due is not None and now > pong_due:
-                    raise TimeoutError("no PONG on the subscription within the bound")
-                await asyncio.wait_for(pubsub.ping(), OP_TIMEOUT)
-                pong_due = now + self.bound
-                await self._check_epoch()
-                await self.redis.set(self.key("replica", self.replica), b"1",
-                                     px=REPLICA_TTL_MS)
-                next_beat = now + self.heartbeat
             msg = await pubsub.get_message(timeout=min(self.heartbeat, 0.1))
-            if msg is None:
+            while msg is not None:  # everything already here first (after a stalled loop)
+                if msg["type"] == "pong":
+                    self._last_ok = pings.popleft() if pings else self._last_ok
+                elif msg["type"] == "message":
+                    self._dispatch(msg["data"])
+                msg = await pubsub.get_message(timeout=0)
+            now = time.monotonic()
+            if now < next_beat:
                 continue
-            if msg["type"] == "pong":
-                pong_due = None
-                self._last_ok = time.monotonic()
-            elif msg["type"] == "message":
-                self._dispatch(msg["data"])
+            if pings and now > pings[0] + self.bound:
+                raise TimeoutError("no PONG on the subscription within the bound")
+            pings.append(now)
+            await asyncio.wait_for(pubsub.ping(), OP_TIMEOUT)
+            await self._check_epoch()
+            await self.redis.set(self.key("replica", self.replica), b"1", px=REPLICA_TTL_MS)
+            next_beat = now + self.heartbeat
 
     async def _check_epoch(self) -> None:
         key = self.key("epoch")
