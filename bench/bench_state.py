@@ -70,13 +70,13 @@ async def _registry(backend: str, n: int, home: Path, redis_url: str
                                  RedisState(redis_url, password=None, prefix=prefix,
                                             replica="bench"), keys)
     await reg.load()
-    for _ in range(1200):  # Redis: loading goes on after start() (the gateway is not ready)
-        if reg.store.healthy:
+    gc.collect()
+    gc.freeze()  # as the gateway does once loaded
+    for _ in range(1200):  # Redis: loading may go on after start(), and a loop stalled
+        if reg.store.healthy:  # by the collection waits for its next PONG (not ready)
             break
         await asyncio.sleep(0.05)
     assert len(reg.tasks) == n, (backend, len(reg.tasks))
-    gc.collect()
-    gc.freeze()  # as the gateway does once loaded
     return reg, [r.id for r in rows]
 
 
