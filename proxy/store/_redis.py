@@ -10,8 +10,9 @@ Key layout (every key under the configured ``key_prefix``, ``P`` below):
   ``P tasks`` — a sorted set of task ids by creation time (loading, listing).
 - ``P keys`` — the task-token signing keys (the JSON of ``task-keys.json``).
 - ``P cred:<id>`` — a hash per minted credential to revoke (handle sealed, as in
-  SQLite) and its owner replica; ``P creds`` — their ids; ``P lease:cred:<id>`` —
-  the lease (``SET NX PX``) of the replica revoking it; ``P replica:<id>`` — a
+  SQLite) and its owner replica; ``P creds`` — their ids; ``P lease:revoke:<id>`` —
+  the lease (``SET NX PX``) of the replica revoking it; ``P done:<id>`` — its
+  tombstone once revoked (or expired); ``P replica:<id>`` — a
   replica's heartbeat (``PX``), so a dead replica's credentials are taken over.
 - ``P approval:<id>`` — a held call (its view, state, owner replica, answer);
   ``P approvals`` — the waiting ones by hold time.
@@ -62,6 +63,7 @@ HEARTBEAT_SECONDS = 0.2  # how often the watcher confirms it
 OP_TIMEOUT = 0.5         # one Redis command; beyond it the call is refused (503)
 RECONNECT_SECONDS = 0.2
 REPLICA_TTL_MS = 5000    # a replica silent this long is dead: its credentials are taken over
+DONE_TTL_MS = 7 * 86_400_000  # a revoked credential's tombstone (beyond any token's life)
 
 # consume(task, now): 1.. = the new count; -1 unknown, -2 revoked, -3 expired, -4 spent
 UNKNOWN, REVOKED, EXPIRED, SPENT = -1, -2, -3, -4
@@ -91,9 +93,13 @@ for _, k in ipairs(KEYS) do
 end
 return 1
 """
-# revoke_lease(cred, lease, me, ttl): -1 gone (revoked elsewhere), 0 leased by another, 1 go
+# revoke_lease(cred, lease, done, me, ttl): -1 done elsewhere, 0 leased by another, 1 go.
+# "Done" is the tombstone the deletion leaves; a credential merely missing (the data was
+# lost) is revoked all the same.
 _REVOKE_LEASE = """
-if redis.call('EXISTS', KEYS[1]) == 0 then return -1 end
+if redis.call('EXISTS', KEYS[1]) == 0 and redis.call('EXISTS', KEYS[3]) == 1 then
+  return -1
+end
 if redis.call('SET', KEYS[2], ARGV[1], 'NX', 'PX', ARGV[2]) then return 1 end
 return 0
 """
@@ -436,6 +442,8 @@ class RedisState:
             pipe = self.redis.pipeline(transaction=True)
             pipe.delete(*(self.key("cred", c) for c in ids))
             pipe.srem(self.key("creds"), *ids)
+            for c in ids:  # the tombstone: no other replica revokes it again
+                pipe.set(self.key("done", c), b"1", px=DONE_TTL_MS)
             await self._call(pipe.execute())
 
     async def load_credentials(self) -> list[CredentialRow]:
@@ -473,7 +481,8 @@ class RedisState:
         """May this replica revoke ``cred_id`` now? 1 yes (leased for ``ttl_ms``), 0 another
         replica is at it, -1 it is no longer stored (revoked elsewhere)."""
         return int(await self._call(self._revoke_lease(
-            keys=[self.key("cred", cred_id), self.key("lease", "revoke", cred_id)],
+            keys=[self.key("cred", cred_id), self.key("lease", "revoke", cred_id),
+                  self.key("done", cred_id)],
             args=[self.replica, ttl_ms])))
 
     async def lease(self, name: str, ttl_ms: int) -> bool:

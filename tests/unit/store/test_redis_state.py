@@ -143,7 +143,10 @@ async def test_credentials_taken_over_once_and_revoked_once(
     assert await a.revoke_lease("c1", 30_000) in (0, 1)
     assert await b.revoke_lease("c1", 30_000) == 0  # one turn at a time
     await b.delete_credentials(["c1"])
-    assert await a.revoke_lease("c1", 30_000) == -1  # revoked elsewhere
+    assert await a.revoke_lease("c1", 30_000) == -1  # revoked elsewhere: its tombstone
+    # Lost from Redis (flushed) but held in memory: still revoked, once.
+    assert await a.revoke_lease("never-stored", 30_000) == 1
+    assert await b.revoke_lease("never-stored", 30_000) == 0
 
 
 async def test_an_answer_wins_once(pair: tuple[RedisState, RedisState]) -> None:
