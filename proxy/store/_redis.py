@@ -7,7 +7,10 @@ Key layout (every key under the configured ``key_prefix``, ``P`` below):
   persistence) and forgets every task it had: their tokens then get 407, never a call.
 - ``P task:<id>`` — a hash per task: ``workload owner purpose created_at expires_at
   max_calls rules kid used revoked_at ended`` (absent field = null);
-  ``P tasks`` — a sorted set of task ids by creation time (loading, listing).
+  ``P tasks`` — a sorted set of task ids by creation time (loading, listing);
+  ``P revoked`` — the revocation log: task ids scored by ``P revoked-seq``, the
+  number of the last revocation (a replica back from a lost connection reads only
+  what it missed).
 - ``P keys`` — the task-token signing keys (the JSON of ``task-keys.json``).
 - ``P cred:<id>`` — a hash per minted credential to revoke (handle sealed, as in
   SQLite) and its owner replica; ``P creds`` — their ids; ``P lease:revoke:<id>`` —
@@ -80,10 +83,14 @@ local u = redis.call('HGET', KEYS[1], 'used')
 if u and tonumber(u) > 0 then return redis.call('HINCRBY', KEYS[1], 'used', -1) end
 return -1
 """
+# revoke(task, channel, seq, log; at, id): numbered in the revocation log, published
 _REVOKE = """
 if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
 if redis.call('HSETNX', KEYS[1], 'revoked_at', ARGV[1]) == 1 then
-  redis.call('PUBLISH', KEYS[2], ARGV[2])
+  local seq = redis.call('INCR', KEYS[3])
+  redis.call('ZADD', KEYS[4], seq, ARGV[2])
+  redis.call('PUBLISH', KEYS[2], cjson.encode({kind='revoked', task=ARGV[2],
+                                               at=tonumber(ARGV[1]), seq=seq}))
 end
 return 1
 """
@@ -358,9 +365,9 @@ class RedisState:
             await self._call(self.redis.hincrby(self.key("task", task_id), "used", delta))
 
     async def revoke(self, task_id: str, at: float) -> None:
-        event = orjson.dumps({"kind": "revoked", "task": task_id, "at": at})
-        done = await self._call(self._revoke(keys=[self.key("task", task_id), self.channel],
-                                             args=[repr(at), event]))
+        done = await self._call(self._revoke(
+            keys=[self.key("task", task_id), self.channel, self.key("revoked-seq"),
+                  self.key("revoked")], args=[repr(at), task_id]))
         if not done:
             raise LookupError("no such task")
 
@@ -376,7 +383,19 @@ class RedisState:
         pipe = self.redis.pipeline(transaction=True)
         pipe.delete(*(self.key("task", t) for t in ids))
         pipe.zrem(self.key("tasks"), *ids)
+        pipe.zrem(self.key("revoked"), *ids)
         await self._call(pipe.execute())
+
+    async def revocation_seq(self) -> int:
+        """The number of the last revocation written (0: none yet)."""
+        return int(await self._call(self.redis.get(self.key("revoked-seq"))) or 0)
+
+    async def revoked_since(self, seq: int) -> list[tuple[str, int]]:
+        """``(task id, number)`` of every revocation numbered after ``seq``, in order: what
+        a replica missed while its subscription was down."""
+        found = await self._call(self.redis.zrangebyscore(self.key("revoked"), f"({seq}",
+                                                          "+inf", withscores=True))
+        return [(tid.decode(), int(score)) for tid, score in found]
 
     async def load(self) -> list[TaskRow]:
         return [row async for page in self.pages() for row in page]

@@ -51,18 +51,39 @@ class SharedTaskRegistry(TaskRegistry):
 
     store: RedisState
 
+    _loaded = False  # every task read once (then only missed revocations are)
+    _seq = 0  # the last revocation of the log seen
+
     async def load(self) -> None:
-        """Start watching Redis; the tasks are (re)loaded on every (re)connection."""
+        """Start watching Redis; the tasks are loaded on the first connection."""
         self.store.listeners.append(self._event)
         self.store.on_reset = self._reset
         self.store.on_resync.append(self._resync)
         await self.store.start()
 
     async def _resync(self) -> None:
-        """Bring the copy in line with Redis: keys, every task, what ended meanwhile."""
+        """Bring the copy in line with Redis: the keys, then every task (first time, or
+        after the database was emptied) or only the revocations missed meanwhile."""
         stored = await self.store.offer_keys(self.keys.doc())
         if stored != self.keys.doc():
             self.keys.adopt(stored)
+        for kid in self.keys.kids():
+            self._kid_until.setdefault(kid, 0.0)
+        if self._loaded:
+            missed = await self.store.revoked_since(self._seq)
+            ended = []
+            for tid, seq in missed:
+                self._seq = max(self._seq, seq)
+                task = self.tasks.get(tid)
+                row = await self.store.get(tid) if task is not None else None
+                if task is not None and row is not None and row.revoked_at is not None \
+                        and task.revoked_at is None:
+                    self._mark_revoked(task, row.revoked_at)
+                    ended.append(task)
+            if ended:
+                self._spawn(self._end(ended))
+            return
+        self._seq = await self.store.revocation_seq()  # before the pages: none is missed
         seen: set[str] = set()
         newly_ended: list[Task] = []
         async for page in self.store.pages():
@@ -76,16 +97,15 @@ class SharedTaskRegistry(TaskRegistry):
                 if row.revoked_at is not None and task.revoked_at is None:
                     self._mark_revoked(task, row.revoked_at)
                     newly_ended.append(task)
-        gone = [t for tid, t in self.tasks.items() if tid not in seen]
-        self._drop(gone)
-        for kid in self.keys.kids():
-            self._kid_until.setdefault(kid, 0.0)
+        self._drop([t for tid, t in self.tasks.items() if tid not in seen])
+        self._loaded = True
         if newly_ended:
             self._spawn(self._end(newly_ended))
 
     async def _reset(self) -> None:
         """The database was emptied: every task is unknown from now on (407)."""
         self._drop(list(self.tasks.values()))
+        self._loaded, self._seq = False, 0
 
     def _drop(self, tasks: list[Task]) -> None:
         """Forget tasks Redis no longer has; their held calls and credentials end."""
@@ -117,6 +137,8 @@ class SharedTaskRegistry(TaskRegistry):
                 self._spawn(self.reload_keys())
             return
         task = self.tasks.get(tid)
+        if kind == "revoked" and isinstance(event.get("seq"), int):
+            self._seq = max(self._seq, event["seq"])
         if kind == "revoked" and task is not None and task.revoked_at is None:
             at = event.get("at")
             self._mark_revoked(task, float(at) if isinstance(at, (int, float)) else

@@ -125,9 +125,15 @@ async def test_revocation_is_published_to_every_replica(pair: tuple[RedisState, 
     await a.revoke("pub", 43.0)  # once only
     await until(lambda: any(e["kind"] == "revoked" for e in seen), 1.0)
     await asyncio.sleep(0.1)
-    assert [e for e in seen if e["kind"] == "revoked"] == [
-        {"kind": "revoked", "task": "pub", "at": 42.0}]
+    [event] = [e for e in seen if e["kind"] == "revoked"]
+    assert (event["task"], event["at"]) == ("pub", 42)
     assert (await b.get("pub")).revoked_at == 42.0  # type: ignore[union-attr]
+    # ... and numbered in the revocation log, for a replica that missed the event
+    assert await b.revoked_since(event["seq"] - 1) == [("pub", event["seq"])]
+    assert await b.revoked_since(event["seq"]) == []
+    assert await b.revocation_seq() == event["seq"]
+    await a.delete(["pub"])
+    assert await b.revoked_since(0) == []
 
 
 async def test_credentials_taken_over_once_and_revoked_once(
