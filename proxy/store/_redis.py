@@ -94,6 +94,12 @@ if redis.call('HSETNX', KEYS[1], 'revoked_at', ARGV[1]) == 1 then
 end
 return 1
 """
+# page(task keys...): every hash in one reply (one command, not one per task: start-up)
+_PAGE = """
+local out = {}
+for i, k in ipairs(KEYS) do out[i] = redis.call('HGETALL', k) end
+return out
+"""
 _SET_IF_EXISTS = """
 for _, k in ipairs(KEYS) do
   if redis.call('EXISTS', k) == 1 then redis.call('HSET', k, ARGV[1], ARGV[2]) end
@@ -185,6 +191,7 @@ class RedisState:
         self._refund = self.redis.register_script(_REFUND)
         self._revoke = self.redis.register_script(_REVOKE)
         self._set_if = self.redis.register_script(_SET_IF_EXISTS)
+        self._page = self.redis.register_script(_PAGE)
         self._lease = self.redis.register_script(_LEASE)
         self._revoke_lease = self.redis.register_script(_REVOKE_LEASE)
         self._answer = self.redis.register_script(_ANSWER)
@@ -409,11 +416,10 @@ class RedisState:
             if not ids:
                 return
             start += len(ids)
-            pipe = self.redis.pipeline(transaction=False)
-            for tid in ids:
-                pipe.hgetall(self.key("task", tid.decode()))
-            hashes = await self._call(pipe.execute())
-            yield [_row(tid.decode(), h) for tid, h in zip(ids, hashes, strict=True) if h]
+            flat = await self._call(self._page(keys=[self.key("task", t.decode())
+                                                     for t in ids]))
+            yield [_row(tid.decode(), dict(zip(h[::2], h[1::2], strict=True)))
+                   for tid, h in zip(ids, flat, strict=True) if h]
 
     # -- signing keys -----------------------------------------------------------------
     async def load_keys(self) -> bytes | None:
