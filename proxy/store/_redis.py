@@ -15,8 +15,9 @@ Key layout (every key under the configured ``key_prefix``, ``P`` below):
 - ``P cred:<id>`` — a hash per minted credential to revoke (handle sealed, as in
   SQLite) and its owner replica; ``P creds`` — their ids; ``P lease:revoke:<id>`` —
   the lease (``SET NX PX``) of the replica revoking it; ``P done:<id>`` — its
-  tombstone once revoked (or expired); ``P replica:<id>`` — a
-  replica's heartbeat (``PX``), so a dead replica's credentials are taken over.
+  tombstone once revoked (or expired); ``P replica:<owner>`` — a process's heartbeat
+  (``PX``; owner: the replica id and a random part), so what a dead process minted
+  is taken over.
 - ``P approval:<id>`` — a held call (its view, state, owner replica, answer);
   ``P approvals`` — the waiting ones by hold time.
 - ``P session:<sha256>`` — review-page sessions (``PX`` = their idle limit).
@@ -180,6 +181,10 @@ class RedisState:
                  bound: float = BOUND_SECONDS, heartbeat: float = HEARTBEAT_SECONDS) -> None:
         self.prefix = prefix
         self.replica = replica
+        # This process in Redis (heartbeat, owner of credentials and held calls): the
+        # replica id and a random part, so two processes never pass for one (workers
+        # given one replica_id, a container restarted as pid 1 under the same hostname).
+        self.owner = f"{replica}.{secrets.token_hex(4)}"
         self.bound = bound
         self.heartbeat = heartbeat
         self.redis = aioredis.Redis.from_url(
@@ -291,7 +296,7 @@ class RedisState:
             pings.append(now)
             await asyncio.wait_for(pubsub.ping(), OP_TIMEOUT)
             await self._check_epoch()
-            await self.redis.set(self.key("replica", self.replica), b"1", px=REPLICA_TTL_MS)
+            await self.redis.set(self.key("replica", self.owner), b"1", px=REPLICA_TTL_MS)
             next_beat = now + self.heartbeat
 
     async def _check_epoch(self) -> None:
@@ -443,7 +448,7 @@ class RedisState:
                   "workload": row.workload, "issued_at": repr(row.issued_at),
                   "expires_at": None if row.expires_at is None else repr(row.expires_at),
                   "state": row.state, "attempts": row.attempts, "last_error": row.last_error,
-                  "handle": row.handle, "replica": self.replica}
+                  "handle": row.handle, "replica": self.owner}
         pipe = self.redis.pipeline(transaction=True)
         fields: dict[Any, bytes] = {k: _b(v) for k, v in values.items() if v is not None}
         pipe.hset(self.key("cred", row.id), mapping=fields)
@@ -472,8 +477,8 @@ class RedisState:
             await self._call(pipe.execute())
 
     async def load_credentials(self) -> list[CredentialRow]:
-        """The credentials no live replica holds: this replica's own from an earlier run
-        and those of replicas that died. Each is claimed (its ``replica`` set to this
+        """The credentials no live process holds (those of processes that died, this
+        replica's earlier runs included). Each is claimed (its ``replica`` set to this
         one) so that exactly one replica takes it over."""
         ids = sorted(c.decode() for c in await self._call(
             self.redis.smembers(self.key("creds"))))
@@ -483,12 +488,12 @@ class RedisState:
             if not h:
                 continue
             owner = h.get(b"replica", b"").decode()
-            if owner != self.replica and await self._call(
+            if owner != self.owner and await self._call(
                     self.redis.exists(self.key("replica", owner))):
                 continue  # a live replica revokes its own
             if not await self.lease(f"claim:{cid}", REPLICA_TTL_MS):
                 continue
-            await self._call(self.redis.hset(self.key("cred", cid), "replica", self.replica))
+            await self._call(self.redis.hset(self.key("cred", cid), "replica", self.owner))
 
             def s(n: str, h: dict[bytes, bytes] = h) -> str | None:
                 v = h.get(n.encode())
@@ -508,18 +513,18 @@ class RedisState:
         return int(await self._call(self._revoke_lease(
             keys=[self.key("cred", cred_id), self.key("lease", "revoke", cred_id),
                   self.key("done", cred_id)],
-            args=[self.replica, ttl_ms])))
+            args=[self.owner, ttl_ms])))
 
     async def lease(self, name: str, ttl_ms: int) -> bool:
         """Take the lease ``name`` for ``ttl_ms`` (SET NX PX): exactly one taker."""
         return bool(await self._call(self._lease(keys=[self.key("lease", name)],
-                                                 args=[self.replica, ttl_ms])))
+                                                 args=[self.owner, ttl_ms])))
 
     # -- approvals ----------------------------------------------------------------------
     async def hold(self, hid: str, created: float, view: dict[str, Any], ttl: float) -> None:
         pipe = self.redis.pipeline(transaction=True)
         key = self.key("approval", hid)
-        pipe.hset(key, mapping={"state": "waiting", "replica": self.replica,
+        pipe.hset(key, mapping={"state": "waiting", "replica": self.owner,
                                 "created": repr(created), "view": orjson.dumps(view)})
         pipe.pexpire(key, int((ttl + 3600) * 1000))
         pipe.zadd(self.key("approvals"), {hid: created})

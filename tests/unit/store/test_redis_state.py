@@ -143,7 +143,7 @@ async def test_credentials_taken_over_once_and_revoked_once(
                          None, "live", 0, None, b"sealed")
     await a.add_credential(cred)
     assert await b.load_credentials() == []  # a is alive: a revokes its own
-    sync_redis.Redis.from_url(server.url).delete(a.key("replica", "a"))  # a "died"
+    sync_redis.Redis.from_url(server.url).delete(a.key("replica", a.owner))  # a "died"
     taken = await b.load_credentials()
     assert [(c.id, c.handle) for c in taken] == [("c1", b"sealed")]
     assert await a.revoke_lease("c1", 30_000) in (0, 1)
@@ -158,7 +158,7 @@ async def test_credentials_taken_over_once_and_revoked_once(
 async def test_an_answer_wins_once(pair: tuple[RedisState, RedisState]) -> None:
     a, b = pair
     await a.hold("h1", time.time(), {"id": "h1", "held_at": "x"}, 30)
-    assert [h[b"replica"] for h in await b.waiting()] == [b"a"]
+    assert [h[b"replica"] for h in await b.waiting()] == [a.owner.encode()]
     assert await b.answer("h1", {"outcome": "approved", "by": "carol"}) == 1
     assert await a.answer("h1", {"outcome": "timeout"}) == -1
     assert await a.answer("nope", {"outcome": "approved"}) == 0
