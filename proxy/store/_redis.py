@@ -236,7 +236,7 @@ class RedisState:
         without Redis too — not ready, refusing calls that need state, until it comes."""
         self._watcher = asyncio.get_running_loop().create_task(self._watch())
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self.connected.wait(), 5.0)
+            await asyncio.wait_for(self.connected.wait(), 3.0)
 
     async def close(self) -> None:
         self._closing = True

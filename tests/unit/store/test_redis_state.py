@@ -4,16 +4,27 @@ freshness, a lost database, credential leases and approvals answered once."""
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 import redis as sync_redis
 
 from proxy.errors import Unavailable
-from proxy.store import EXPIRED, REVOKED, SPENT, UNKNOWN, CredentialRow, RedisState, TaskRow
-from tests.redis_support import RedisServer, redis_available
+from proxy.store import (
+    EXPIRED,
+    REVOKED,
+    SPENT,
+    UNKNOWN,
+    CredentialRow,
+    RedisState,
+    TaskRow,
+    redis_password,
+)
+from tests.redis_support import RedisServer, redis_available, redis_server
 
 pytestmark = pytest.mark.skipif(not redis_available(), reason="redis-server not installed")
 
@@ -190,3 +201,28 @@ async def test_fresh_only_while_redis_answers_and_reset_when_emptied(server: Red
         assert state.healthy and await state.get("keep") is None
     finally:
         await state.close()
+
+
+async def test_password_from_file_or_env_and_a_wrong_one_is_never_healthy(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    secret = "s3cret-" + os.urandom(6).hex()
+    pw_file = tmp_path / "redis-password"
+    pw_file.write_text(secret + "\n")
+    assert redis_password(str(pw_file), {"TASKGATE_REDIS_PASSWORD": "other"}) == secret
+    assert redis_password(None, {"TASKGATE_REDIS_PASSWORD": secret}) == secret
+    assert redis_password(None, {}) is None
+    with redis_server(password=secret) as guarded:
+        good = RedisState(guarded.url, password=secret, prefix="pw:", replica="r")
+        await good.start()
+        assert good.healthy
+        await good.close()
+        bad = RedisState(guarded.url, password="wrong", prefix="pw:", replica="r")
+        await bad.start()
+        try:
+            assert not bad.healthy
+            with pytest.raises(Unavailable) as e:
+                await bad.get("t")
+            assert "wrong" not in str(e.value)
+        finally:
+            await bad.close()
+    assert secret not in caplog.text and "wrong" not in caplog.text
