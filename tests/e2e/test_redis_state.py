@@ -235,6 +235,23 @@ async def test_held_call_denied_on_b_and_task_end_on_b_refuses_hold_on_a(
         assert r.status_code == 409, r.text
 
 
+async def test_a_hold_that_runs_out_on_a_is_409_on_b(pair: tuple[Gateway, Gateway],
+                                                     upstream: Upstream) -> None:
+    """The deadline (here: the task's expiry, before the approval timeout) is one more
+    answer decided in Redis: an approval on B afterwards is 409."""
+    a, b = pair
+    task = create_task(a, upstream, [_approve_rule(upstream)], ttl_seconds=2)
+    url = f"https://localhost:{upstream.https_port}/approve/{uuid.uuid4().hex}"
+    async with (httpx.AsyncClient(proxy=task["proxy_url"], verify=a.ssl_context(), timeout=30,
+                                  trust_env=False) as agent, _control(b) as on_b):
+        call = asyncio.create_task(agent.post(url, json={}))
+        held = await _held_on(on_b, task["task_id"])
+        resp = await asyncio.wait_for(call, 10)
+        assert resp.status_code == 403, resp.text
+        r = await on_b.post(f"/v1/approvals/{held['id']}/approve", json={"by": "carol"})
+        assert r.status_code == 409, r.text
+
+
 def test_review_session_signed_in_on_a_works_on_b(pair: tuple[Gateway, Gateway]) -> None:
     a, b = pair
     r = httpx.post(f"{a.control_url}/ui/login", data={"token": admin_token(a)}, timeout=10)
