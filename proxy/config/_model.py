@@ -14,6 +14,9 @@ Relative paths are read from the directory the gateway runs in.
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import ipaddress
 import os
 import re
 from collections.abc import Callable, Mapping
@@ -29,10 +32,12 @@ from proxy.errors import ConfigError, InvalidField
 from proxy.policy import Rule, parse_rule
 from proxy.secrets.spec import SecretSpec, check_token_scope, parse_secret
 
-__all__ = ["Config", "IssuerConfig", "WorkloadConfig", "load_config", "parse_config"]
+__all__ = ["Config", "IssuerConfig", "Network", "WorkloadConfig", "load_config", "parse_config"]
 
 CONFIG_VERSION = 1
 DEFAULT_FILE = "taskgate.yaml"
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,14 +57,20 @@ class WorkloadConfig:
     owner: str | None = None
     ceiling: tuple[Rule, ...] = ()
     standing: tuple[Rule, ...] = ()
+    sources: tuple[Network, ...] = ()  # client addresses that are this workload (transparent)
+    mode: str = "enforce"  # "report": calls the rules refuse go through, recorded would_deny
+    report_allowed: bool = False  # a task of this workload may ask for "mode": "report"
+    require_binding: bool = False  # a task of this workload must be bound ("bind")
 
 
 @dataclass(frozen=True, slots=True)
 class Config:
     source: str = "<embedded defaults>"
+    digest: str | None = None  # sha256 of the file read (reload records name old and new)
     version: int = CONFIG_VERSION
     proxy_listen: tuple[str, int] = ("127.0.0.1", 8080)
     control_listen: tuple[str, int] = ("127.0.0.1", 8081)
+    transparent_listen: tuple[str, int] | None = None  # mitmproxy's transparent mode, if set
     home: str = ".taskgate"
     admin_token_file: str = ".taskgate/admin-token"  # noqa: S105 - a path
     upstream_ca_file: str | None = None
@@ -234,11 +245,22 @@ def parse_config(doc: Any, source: str = "<config>") -> Config:
         raise w.fail(f"unsupported config version {v!r}; this gateway reads version 1")
 
     w, v = sub("listen")
-    listen = _mapping(w, v, ("proxy", "control"))
+    listen = _mapping(w, v, ("proxy", "control", "transparent"))
+    if listen.get("transparent") is not None:
+        kw["transparent_listen"] = _hostport(_child(w, listen, "transparent"),
+                                             listen["transparent"])
     if "proxy" in listen:
         kw["proxy_listen"] = _hostport(_child(w, listen, "proxy"), listen["proxy"])
     if "control" in listen:
         kw["control_listen"] = _hostport(_child(w, listen, "control"), listen["control"])
+    if "transparent_listen" in kw:
+        defaults = Config()
+        for other in ("proxy", "control"):
+            key = f"{other}_listen"
+            if kw["transparent_listen"] == kw.get(key, getattr(defaults, key)):
+                raise _child(w, listen, "transparent").fail(
+                    f"{listen['transparent']!r} is the {other} listener's address too; the "
+                    "transparent listener needs one of its own (another port)")
 
     w, v = sub("home")
     home = _str(w, v) if v is not None else ".taskgate"
@@ -304,11 +326,14 @@ def parse_config(doc: Any, source: str = "<config>") -> Config:
             raise w.fail("expected a mapping of workload id → settings")
         for name, item in v.items():
             ww = _child(w, v, str(name))
-            m = _mapping(ww, item, ("owner", "ceiling", "standing"))
+            m = _mapping(ww, item, ("owner", "ceiling", "standing", "sources", *_DEPLOY_KEYS))
             owner = _str(_child(ww, m, "owner"), m.get("owner"), optional=True)
             ceiling = _rules(_child(ww, m, "ceiling"), m.get("ceiling"))
             standing = _rules(_child(ww, m, "standing"), m.get("standing"))
-            workloads[str(name)] = WorkloadConfig(owner, ceiling, standing)
+            sources = _sources(_child(ww, m, "sources"), m.get("sources"))
+            workloads[str(name)] = WorkloadConfig(owner, ceiling, standing, sources=sources,
+                                                  **_deployment(ww, m))
+        _no_shared_sources(w, v, workloads)
     kw["workloads"] = workloads
 
     w, v = sub("secrets")
@@ -429,6 +454,68 @@ def _state(at: tuple[_Where, Any], kw: dict[str, Any]) -> None:
     kw["redis_url"] = text
 
 
+def _sources(where: _Where, node: Any) -> tuple[Network, ...]:
+    """The client networks that are a workload in transparent mode (CIDRs, IPv4/IPv6)."""
+    if node is None:
+        return ()
+    if not isinstance(node, list):
+        raise where.fail("expected a list of client networks, e.g. ['10.77.0.0/24']")
+    nets: list[Network] = []
+    for i, item in enumerate(node):
+        w = _child(where, node, i)
+        if not isinstance(item, str) or not item:
+            raise w.fail(f"{item!r} is not a network; write a CIDR, e.g. '10.77.0.0/24'")
+        try:
+            net = ipaddress.ip_network(item.strip())
+        except ValueError:
+            try:
+                loose = ipaddress.ip_network(item.strip(), strict=False)
+            except ValueError:
+                raise w.fail(f"{item!r} is not a network; write a CIDR, e.g. "
+                             "'10.77.0.0/24' or 'fd77::/64'") from None
+            raise w.fail(f"{item!r} has host bits set; use {str(loose)!r}") from None
+        nets.append(net)
+    return tuple(nets)
+
+
+def _no_shared_sources(where: _Where, node: Mapping[str, Any],
+                       workloads: Mapping[str, WorkloadConfig]) -> None:
+    """A client address is one workload: a network of one workload that overlaps another
+    workload's would leave the longest prefix to decide who an agent is, silently."""
+    claimed: list[tuple[Network, str]] = []
+    for name, wl in workloads.items():
+        for i, net in enumerate(wl.sources):
+            for other, owner in claimed:
+                if owner != name and net.version == other.version and net.overlaps(other):
+                    ww = _child(where, node, name)
+                    item = node[name]
+                    sw = _child(ww, item, "sources") if isinstance(item, Mapping) else ww
+                    raw = item.get("sources") if isinstance(item, Mapping) else None
+                    at = _child(sw, raw, i) if isinstance(raw, list) else sw
+                    raise at.fail(f"{str(net)!r} overlaps {str(other)!r} of workload "
+                                  f"{owner!r}; a client address must name one workload")
+        claimed.extend((net, name) for net in wl.sources)
+_DEPLOY_KEYS = ("mode", "report_allowed", "require_binding")
+MODES = ("enforce", "report")
+
+
+def _deployment(where: _Where, m: Mapping[str, Any]) -> dict[str, Any]:
+    """A workload's rollout settings: its mode, and what its tasks may or must ask for."""
+    kw: dict[str, Any] = {}
+    if m.get("mode") is not None:
+        mode = m["mode"]
+        if mode not in MODES:
+            raise _child(where, m, "mode").fail(f"{mode!r} is not a mode; use enforce "
+                                                "(the default) or report")
+        kw["mode"] = mode
+    for key in ("report_allowed", "require_binding"):
+        if m.get(key) is not None:
+            if not isinstance(m[key], bool):
+                raise _child(where, m, key).fail(f"{m[key]!r} is not true or false")
+            kw[key] = m[key]
+    return kw
+
+
 def _secret_files(where: _Where, item: Mapping[str, Any]) -> None:
     """Each file a secret provider names loads (the secret itself is never shown)."""
     for key, check in config_files.FILE_CHECKS.get(str(item.get("provider")), {}).items():
@@ -478,4 +565,5 @@ def load_config(path: str | None, *, exists: Callable[[str], bool] = os.path.isf
         where = f"{path}:{mark.line + 1}" if mark is not None else path
         problem = getattr(e, "problem", None) or str(e).splitlines()[0]
         raise ConfigError(f"{where}: invalid YAML: {problem}") from None
-    return parse_config(doc, path)
+    digest = hashlib.sha256(text.encode("utf-8")).hexdigest()
+    return dataclasses.replace(parse_config(doc, path), digest=digest)

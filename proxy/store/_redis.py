@@ -6,7 +6,8 @@ Key layout (every key under the configured ``key_prefix``, ``P`` below):
   finds it gone or changed knows the data was lost (a flush, a restart without
   persistence) and forgets every task it had: their tokens then get 407, never a call.
 - ``P task:<id>`` — a hash per task: ``workload owner purpose created_at expires_at
-  max_calls rules kid used revoked_at ended`` (absent field = null);
+  max_calls rules kid used revoked_at ended terms`` (absent field = null; ``terms``:
+  the task's mode and binding, JSON);
   ``P tasks`` — a sorted set of task ids by creation time (loading, listing);
   ``P revoked`` — the revocation log: task ids scored by ``P revoked-seq``, the
   number of the last revocation (a replica back from a lost connection reads only
@@ -131,10 +132,6 @@ redis.call('PUBLISH', KEYS[3], ARGV[2])
 return 1
 """
 
-_TASK_FIELDS = ("workload", "owner", "purpose", "created_at", "expires_at", "max_calls",
-                "rules", "kid", "used", "revoked_at", "ended")
-_CRED_FIELDS = ("secret", "kind", "task", "workload", "issued_at", "expires_at", "state",
-                "attempts", "last_error", "handle")
 
 Event = dict[str, Any]
 
@@ -169,7 +166,7 @@ def _row(task_id: str, h: dict[bytes, bytes]) -> TaskRow:
                    f("created_at") or 0.0, f("expires_at") or 0.0,
                    int(max_calls) if max_calls is not None else None, h.get(b"rules", b"[]"),
                    s("kid") or "", int(h.get(b"used", b"0")), f("revoked_at"),
-                   h.get(b"ended") == b"1")
+                   h.get(b"ended") == b"1", h.get(b"terms"))
 
 
 class RedisState:
@@ -343,7 +340,7 @@ class RedisState:
                   "created_at": repr(row.created_at), "expires_at": repr(row.expires_at),
                   "max_calls": row.max_calls, "rules": row.rules, "kid": row.kid,
                   "used": row.used, "revoked_at": None if row.revoked_at is None
-                  else repr(row.revoked_at), "ended": row.ended}
+                  else repr(row.revoked_at), "ended": row.ended, "terms": row.terms}
         return {k: _b(v) for k, v in values.items() if v is not None}
 
     async def insert(self, row: TaskRow) -> None:

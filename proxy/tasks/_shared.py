@@ -207,6 +207,12 @@ class SharedTaskRegistry(TaskRegistry):
         if used == SPENT:
             if task.max_calls is not None:
                 task.used = max(task.used, task.max_calls)
+            if not self._reports(task):
+                return Decision(False, self._spent(task), decision.rule)
+            # Report mode: counted past the budget too, and let through as would_deny.
+            await self.store.add_used(task.id, 1)
+            task.used += 1
+            self._admitted[request_id] = (task.id, time.monotonic())
             return Decision(False, self._spent(task), decision.rule)
         if used == REVOKED:
             if task.revoked_at is None:

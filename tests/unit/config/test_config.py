@@ -286,7 +286,7 @@ def test_check_config_cli(tmp_path: Path) -> None:
     bad = check_config("bad.yaml", cwd=tmp_path)
     assert bad.returncode == 2 and bad.stdout == ""
     assert bad.stderr.strip() == ("taskgate: bad.yaml:3: listen.bogus: unknown key 'bogus'; "
-                                  "expected one of proxy, control")
+                                  "expected one of proxy, control, transparent")
     assert "Traceback" not in bad.stderr
 
     missing = check_config("missing.yaml", cwd=tmp_path)
