@@ -82,6 +82,11 @@ async def test_tasks_round_trip_and_page(pair: tuple[RedisState, RedisState]) ->
     assert got is not None and got.purpose == "p" and got.max_calls == 10 and got.used == 0
     assert (await b.get("t0")).purpose is None  # type: ignore[union-attr]
     assert await b.get("nope") is None
+    terms = b'{"bind":["10.0.0.0/8"],"mode":"report"}'
+    await a.insert(row("termed", terms=terms))
+    assert (await b.get("termed")).terms == terms  # type: ignore[union-attr]
+    assert (await b.get("t1")).terms is None  # type: ignore[union-attr]
+    await a.delete(["termed"])
     await a.delete(["t0", "t1"])
     assert await b.get("t0") is None and len(await b.load()) == 10
 
