@@ -114,6 +114,16 @@ def test_forged_task_token_refused_on_both(pair: tuple[Gateway, Gateway], upstre
         assert r.status_code == 407, r.text
 
 
+def test_binding_made_on_a_holds_on_b(pair: tuple[Gateway, Gateway], upstream: Upstream
+                                      ) -> None:
+    """A task's terms (its binding) travel with it: bound elsewhere on B too."""
+    a, b = pair
+    task = create_task(a, upstream, bind={"client_cidrs": ["10.9.8.0/24"]})
+    with client(b, _on(b, task)) as c:
+        r = c.get(f"http://127.0.0.1:{upstream.http_port}/allowed/{_tag()}")
+    assert r.status_code == 407 and "bound elsewhere" in r.json()["reason"], r.text
+
+
 async def _spread(a: Gateway, b: Gateway, token: str, urls: list[str]) -> list[httpx.Response]:
     limits = httpx.Limits(max_connections=len(urls), max_keepalive_connections=0)
     clients = [httpx.AsyncClient(proxy=gw.proxy_url_with(token), limits=limits, timeout=30,
