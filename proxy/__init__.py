@@ -9,8 +9,9 @@ upward import or a cycle, including imports inside functions):
    ``batching`` (the supervised writer-thread queue under the audit log and the state
    store) — three leaf modules that everything below the commands shares;
 2. ``policy`` — hosts, paths, rules and decisions, the MCP grant model, ceilings;
-3. ``identity`` (workload JWTs, task tokens, admin token), ``store`` (the SQLite state
-   store), ``mcp`` (JSON-RPC on the wire);
+3. ``identity`` (workload JWTs, task tokens, admin token), ``store`` (the state
+   interface and its stores: SQLite, embedded; Redis, shared by replicas), ``mcp``
+   (JSON-RPC on the wire);
 4. ``audit`` — the tamper-evident log, its reader, verification and queries;
 5. ``secrets`` — the broker, its providers, redaction, destination binding;
 6. ``config`` — the config file and the files it names;

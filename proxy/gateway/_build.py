@@ -21,7 +21,7 @@ from typing import Any
 
 import aiohttp
 
-from proxy.approvals import Approvals
+from proxy.approvals import Approvals, SharedApprovals
 from proxy.audit import AuditAnchor, AuditLog, Replica, anchor_log, load_hmac_key
 from proxy.config import Config
 from proxy.errors import ConfigError
@@ -32,7 +32,15 @@ from proxy.gateway._upstream import client_session, trust_bundle
 from proxy.identity import Identity, JwksKeys, TokenIssuer, WorkloadIssuer
 from proxy.secrets import KEY_FILE, SecretBroker
 from proxy.store import store_path
-from proxy.tasks import TaskPolicy, TaskRegistry, open_registry, token_issuer
+from proxy.tasks import (
+    SharedTaskRegistry,
+    TaskPolicy,
+    TaskRegistry,
+    open_registry,
+    open_shared_registry,
+    shared_issuer,
+    token_issuer,
+)
 
 __all__ = ["Services", "build"]
 
@@ -112,9 +120,14 @@ async def build(config: Config, replica: Replica | None = None
         stack.push_async_callback(auth_failures.flush)  # 407s counted, not yet written
 
         identity = _identity(config, http)
-        tasks = await open_registry(config, identity)
+        tasks: TaskRegistry
+        if config.state_backend == "redis":  # shared by workers and replicas
+            tasks = await open_shared_registry(config, identity)
+        else:
+            tasks = await open_registry(config, identity)
         stack.push_async_callback(tasks.close)  # last counters to disk before the audit closes
-        identity.add_issuer(token_issuer(tasks))
+        identity.add_issuer(shared_issuer(tasks) if isinstance(tasks, SharedTaskRegistry)
+                            else token_issuer(tasks))
 
         gateway = Gateway(config, identity, TaskPolicy(config, tasks), audit,
                           floods=auth_failures)
@@ -123,7 +136,9 @@ async def build(config: Config, replica: Replica | None = None
         gateway.on_record.append(tasks.on_record)
         metrics.track("active_tasks", tasks.active_count)
 
-        approvals = Approvals(config.approval_timeout_seconds)
+        approvals = (SharedApprovals(config.approval_timeout_seconds, tasks.store)
+                     if isinstance(tasks, SharedTaskRegistry)
+                     else Approvals(config.approval_timeout_seconds))
         metrics.track("pending_approvals", lambda: len(approvals.waiting()))
 
         async def refuse_held(task_id: str) -> None:

@@ -24,8 +24,9 @@ was counted on disk; a restart can neither forget it nor count it twice. (A
 crash between commit and forwarding leaves a call counted that never went
 out: the budget errs on the side of less.)
 
-A shared store for several replicas is a later concern; this interface
-(:class:`TaskStore`) is what it would implement.
+Several replicas share their state through Redis instead
+(:class:`~proxy.store._redis.RedisState`); both implement
+:class:`~proxy.store._state.StateStore`.
 
 The store thread never dies silently: a batch that fails is refused (503 for
 its callers), logged and counted (``taskgate_background_failures_total``); a
@@ -140,6 +141,8 @@ class CredentialRow:
 class TaskStore:
     """Tasks in SQLite, every statement on the store's own thread."""
 
+    shared = False  # one process: the registry's own memory decides budgets
+
     def __init__(self, path: str) -> None:
         self.path = path
         self._queue: WorkQueue[tuple[Op, asyncio.Future[Any], bool]] = WorkQueue()
@@ -225,6 +228,10 @@ class TaskStore:
         rows = [(i,) for i in ids]
         await self._submit(lambda c: _many(c, "DELETE FROM secret_credentials WHERE id = ?",
                                            rows), durable=True)
+
+    async def revoke_lease(self, cred_id: str, ttl_ms: int) -> int:
+        """One process holds its credentials alone: always its own to revoke."""
+        return 1
 
     async def load_credentials(self) -> list[CredentialRow]:
         return await self._submit(lambda c: [

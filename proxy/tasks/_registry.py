@@ -57,7 +57,7 @@ from proxy.errors import InvalidCredential, InvalidField, Refused, TaskgateError
 from proxy.identity import TASK_ISSUER, Caller, Identity, TaskKeys, TaskTokenIssuer
 from proxy.policy import Breach, Budget, Decision, Rule, breach
 from proxy.secrets import check_token_scope
-from proxy.store import TaskRow, TaskStore
+from proxy.store import StateStore, TaskRow, TaskStore
 from proxy.tasks._model import RuleSets, Task, TaskRequest, canonical_rules, read_terms
 
 __all__ = ["Clock", "TaskEndHook", "TaskRegistry", "open_registry"]
@@ -80,7 +80,7 @@ _REFUND = ("deny", "rejected")
 class TaskRegistry:
     """Every task, in memory and in the store; creation, revocation, budgets, expiry."""
 
-    def __init__(self, config: Config, identity: Identity, store: TaskStore, keys: TaskKeys,
+    def __init__(self, config: Config, identity: Identity, store: StateStore, keys: TaskKeys,
                  *, retention: float = RETENTION_SECONDS, clock: Clock = time.time) -> None:
         self.config = config
         self.identity = identity
@@ -137,6 +137,10 @@ class TaskRegistry:
         self._kid_until[task.kid] = max(self._kid_until.get(task.kid, 0.0), task.expires_at)
 
     def get(self, task_id: str) -> Task | None:
+        return self.tasks.get(task_id)
+
+    async def current(self, task_id: str) -> Task | None:
+        """The task as it stands now, for the control plane (shared state: re-read)."""
         return self.tasks.get(task_id)
 
     def active_count(self) -> float:
