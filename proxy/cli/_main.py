@@ -17,6 +17,7 @@ from proxy.cli._audit import AUDIT, LOGS
 from proxy.cli._common import Command, config_of
 from proxy.cli._demo import DEMO
 from proxy.cli._tasks import TASK
+from proxy.cli._tools import TOOLS
 from proxy.config import load_config
 from proxy.errors import ConfigError
 
@@ -65,6 +66,7 @@ COMMANDS: tuple[Command, ...] = (
     AUDIT,
     DEMO,
     TASK,
+    TOOLS,
 )
 
 

@@ -11,6 +11,7 @@ from proxy.gateway._exchange import ApprovedAs, Exchange, Tunnel
 from proxy.gateway._framing import h1_request_framing, trailer_fields
 from proxy.gateway._limits import ConnectionLimits, FailureThrottle, client_key
 from proxy.gateway._metrics import METRICS_CONTENT_TYPE
+from proxy.gateway._pins import PinStore, ToolPins, pin_subject
 from proxy.gateway._signals import stop_signals
 from proxy.gateway._upstream import trust_bundle
 
@@ -23,14 +24,17 @@ __all__ = [
     "Gateway",
     "METRICS_CONTENT_TYPE",
     "OwnAddresses",
+    "PinStore",
     "REQUEST_ID_HEADER",
     "Services",
+    "ToolPins",
     "Tunnel",
     "build",
     "client_key",
     "h1_request_framing",
     "local_addresses",
     "new_request_id",
+    "pin_subject",
     "refusal_body",
     "stop_signals",
     "trailer_fields",

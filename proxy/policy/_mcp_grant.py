@@ -22,6 +22,10 @@ A constrained argument must be present: a call without it is refused, whatever
 the constraint (a server's default for a missing argument is not the gateway's
 to guess).
 
+``pin`` maps a granted tool to the digest its definition must have
+(``sha256:`` + 64 hex, see :func:`proxy.mcp._pins.tool_digest`): a tools/list
+answer that defines it otherwise drops it, and calls to it are refused.
+
 Constraints are JSON-Schema-like and strict: ``pattern`` is a full match;
 ``minimum``/``maximum`` need a number, ``pattern``/``maxLength`` a string; a
 constrained argument that is missing or of the wrong type fails. ``const`` and
@@ -71,7 +75,8 @@ __all__ = [
 
 TOOL_NAME = re.compile(r"[A-Za-z0-9_.-]{1,128}")
 _METHOD_NAME = re.compile(r"[A-Za-z0-9_.$-]+(?:/[A-Za-z0-9_.$-]+)*")
-GRANT_KEYS = ("tools", "args", "methods")
+GRANT_KEYS = ("tools", "args", "methods", "pin")
+PIN = re.compile(r"sha256:[0-9a-f]{64}")
 TOOL_KEYS = ("args",)
 CONSTRAINT_KEYS = ("const", "enum", "pattern", "minimum", "maximum", "maxLength")
 MAX_PATTERN_CHARS = 1024
@@ -300,6 +305,23 @@ def _check_tool_name(t: Any, where: FieldPath) -> None:
         raise InvalidField(where, f"{t!r} is not a tool name (1-128 of A-Z a-z 0-9 _ . -)")
 
 
+def _parse_pins(pins_in: Any, tools: frozenset[str], where: FieldPath) -> dict[str, str]:
+    """``mcp.pin``: granted tool → the digest its definition must have."""
+    if not isinstance(pins_in, Mapping):
+        raise InvalidField(where, 'pin must map tool names to digests, e.g. {search_docs: '
+                           '"sha256:…"}')
+    pins = {}
+    for tool, digest in pins_in.items():
+        w = (*where, tool if isinstance(tool, str) else repr(tool))
+        if tool not in tools:
+            raise InvalidField(w, f"{tool!r} is not among the rule's tools; pin a granted tool")
+        if not isinstance(digest, str) or PIN.fullmatch(digest) is None:
+            raise InvalidField(w, "a pin is 'sha256:' and 64 lower-case hex digits (the "
+                               "digest taskgate shows for the tool's definition)")
+        pins[tool] = digest
+    return pins
+
+
 def _parse_args(args_in: Any, where: FieldPath) -> dict[str, ArgConstraint]:
     """An ``args`` mapping: argument name → :class:`ArgConstraint`, no two names alike."""
     if not isinstance(args_in, Mapping):
@@ -324,6 +346,7 @@ class McpGrant:
     methods: tuple[str, ...] = ()
     # Constraints of one tool only (the mapping form of ``tools``), on top of ``args``.
     tool_args: Mapping[str, Mapping[str, ArgConstraint]] = field(default_factory=dict)
+    pins: Mapping[str, str] = field(default_factory=dict)  # tool → "sha256:…" (mcp.pin)
     _folded_args: Mapping[str, str] = field(default_factory=dict, repr=False, compare=False)
     _tool_folded: Mapping[str, Mapping[str, str]] = field(default_factory=dict, repr=False,
                                                           compare=False)
@@ -382,7 +405,8 @@ class McpGrant:
                 raise InvalidField(w, f"{m!r} is not a JSON-RPC method name or 'family/*'")
             if fold(base) in ("tools", "tools/call"):
                 raise InvalidField(w, "grant tool calls with mcp.tools, not mcp.methods")
-        return cls(frozenset(tools_in), args, tuple(methods_in), tool_args, folded,
+        pins = _parse_pins(data.get("pin", {}), frozenset(tools_in), (*where, "pin"))
+        return cls(frozenset(tools_in), args, tuple(methods_in), tool_args, pins, folded,
                    tool_folded)
 
     def allows_method(self, method: str) -> bool:
@@ -424,4 +448,6 @@ class McpGrant:
             out["args"] = {k: c.to_dict() for k, c in self.args.items()}
         if self.methods:
             out["methods"] = list(self.methods)
+        if self.pins:
+            out["pin"] = dict(sorted(self.pins.items()))
         return out

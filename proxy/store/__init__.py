@@ -1,13 +1,14 @@
 """The embedded state store (SQLite under home): tasks, their counters and revocations,
-credentials to revoke.
+credentials to revoke, MCP tool pins.
 """
 
 from __future__ import annotations
 
-from proxy.store._store import CredentialRow, TaskRow, TaskStore, store_path
+from proxy.store._store import CredentialRow, PinRow, TaskRow, TaskStore, store_path
 
 __all__ = [
     "CredentialRow",
+    "PinRow",
     "TaskRow",
     "TaskStore",
     "store_path",
