@@ -71,6 +71,14 @@ BAD_GRANTS: list[tuple[Any, str, str]] = [
      "mcp.tools.read.args", "differ only by case"),
     ({"args": {"path": {"maxLength": 9}}, "tools": {"read": {"args": {"Path": {"maxLength": 3}}}}},
      "mcp.tools.read.args", "differs only by case or Unicode folding from 'path'"),
+    # explicit tool pins
+    ({"tools": ["a"], "pin": ["a"]}, "mcp.pin", "pin must map tool names to digests"),
+    ({"tools": ["a"], "pin": {"b": "sha256:" + "0" * 64}}, "mcp.pin.b",
+     "not among the rule's tools"),
+    ({"tools": ["a"], "pin": {"a": "0" * 64}}, "mcp.pin.a", "'sha256:' and 64 lower-case hex"),
+    ({"tools": ["a"], "pin": {"a": "sha256:" + "A" * 64}}, "mcp.pin.a", "64 lower-case hex"),
+    ({"tools": ["a"], "pin": {"a": "sha256:" + "0" * 63}}, "mcp.pin.a", "64 lower-case hex"),
+    ({"tools": ["a"], "pin": {"a": None}}, "mcp.pin.a", "64 lower-case hex"),
 ]
 
 
@@ -468,3 +476,11 @@ def test_config_error_names_the_tool_argument() -> None:
     assert str(e.value).startswith(
         't.yaml:6: workloads["w"].standing[0].mcp.tools.read_file.args.path.pattern: '
         "'(' is not a valid regular expression")
+
+
+def test_pin_round_trips() -> None:
+    pin = "sha256:" + "ab" * 32
+    rule = parse_rule({"id": "r", "host": "mcp.test", "mcp": {"tools": ["a"], "pin": {"a": pin}}})
+    assert rule.mcp is not None and rule.mcp.pins == {"a": pin}
+    assert rule.to_dict()["mcp"]["pin"] == {"a": pin}
+    assert parse_rule(rule.to_dict()) == rule
