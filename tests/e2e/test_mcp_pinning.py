@@ -23,6 +23,7 @@ import pytest
 
 from proxy.mcp import tool_digest
 from tests.conftest import base_config
+from tests.e2e.test_ui import Visit, browser, token_of
 from tests.mcp_fixtures import TOOL_REFUSED, records
 from tests.support import PYTHON, PYTHONPATH, WORKLOAD, Gateway, Upstream
 from tests.tasks_support import admin
@@ -76,6 +77,7 @@ def server() -> Iterator[Server]:
 
 
 PINNED_ADD = tool_digest(ADD)
+__all__ = ["browser"]  # the review page's fixture, used by name
 
 
 @pytest.fixture(scope="module")
@@ -189,6 +191,8 @@ def test_rule_pin_holds_and_cannot_be_accepted(gw: Gateway, agent: httpx.Client,
                    headers=admin(gw), json={"by": "alice"})
     assert r.status_code == 409 and "change the rule's mcp.pin" in r.json()["reason"]
     server.tools[1] = dict(ADD)
+    assert "add" in listed(agent, server, "/mcp-rule")  # the pinned digest again: restored
+    assert not [c for c in changes(gw) if c["server"].endswith("/mcp-rule")]
 
 
 def test_accept_unknown_change_and_bad_body(gw: Gateway) -> None:
@@ -219,3 +223,24 @@ def test_cli_lists_and_accepts(gw: Gateway, agent: httpx.Client, server: Server)
     assert out.returncode == 0, out.stderr
     assert f"accepted {change_id}" in out.stdout
     assert "search" in listed(agent, server)
+
+
+def test_accept_from_the_review_page(browser: Any, gw: Gateway, agent: httpx.Client,
+                                     server: Server) -> None:
+    listed(agent, server)
+    server.tools[0] = {**SEARCH, "description": "Search, for the page."}
+    assert "search" not in listed(agent, server)
+    visit = Visit(browser, gw)
+    try:
+        page = visit.sign_in(token_of(gw))
+        change = page.wait_for_selector('[data-change]:has-text("search")')
+        assert "description changed since it was pinned" in change.inner_text()
+        page.click("[data-change] button.approve")
+        assert "Enter your name" in page.inner_text("#status")  # who accepts is required
+        page.fill("#approver", "erin")
+        page.click("[data-change] button.approve")
+        page.wait_for_selector('[data-change]:has-text("search")', state="detached")
+    finally:
+        visit.close()
+    assert "search" in listed(agent, server)
+    assert [r for r in records(gw, decision="allow") if "accepted by erin" in (r["reason"] or "")]
