@@ -139,6 +139,7 @@ async def build(config: Config) -> AsyncIterator[Services]:
 
         pins = ToolPins(store=tasks.store, audit=audit.write)
         await pins.load()
+        tasks.on_end.append(pins.task_ended)
         stack.push_async_callback(pins.close)  # changes seen are stored before the store closes
 
         tasks.start_sweeper()

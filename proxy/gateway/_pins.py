@@ -4,8 +4,9 @@ in the audit log.
 The tools/list filter calls :meth:`ToolPins.review` synchronously (it runs on the
 proxy's data path); what changed is then written behind it: the subject's pins to
 the state store (behind :class:`PinStore`, the small interface any store backend
-implements) and, for each change, an audit record. An admin accepts a change
-through :meth:`ToolPins.accept` (control API, CLI, review page).
+implements) and, for each change, an audit record. A task's pins go when it ends.
+An admin accepts a change through :meth:`ToolPins.accept` (control API, CLI, review
+page).
 
 Audit records (every field of the log, ``tool.method`` ``tools/list``):
 
@@ -43,6 +44,8 @@ class PinStore(Protocol):
     """Where pins live between runs (the task store, or another backend)."""
 
     async def save_pins(self, row: PinRow) -> None: ...
+
+    async def delete_pins(self, subject: str) -> None: ...
 
     async def load_pins(self) -> list[PinRow]: ...
 
@@ -92,6 +95,16 @@ class ToolPins:
     def refusal(self, workload: str, task: str | None, server: str, tool: str) -> str | None:
         """Why a call to ``tool`` is refused (its definition changed), or ``None``."""
         return self.book.refusal(pin_subject(workload, task), server, tool)
+
+    async def task_ended(self, task_id: str) -> None:
+        """A task's pins go with it (a task-end hook of the registry)."""
+        subject = pin_subject("", task_id)
+        if self.book.forget(subject) and self._store is not None:
+            try:
+                await self._store.delete_pins(subject)
+            except Exception as e:  # noqa: BLE001 - a row left behind is only space
+                log.error("tool pins of %s could not be deleted: %s", subject,
+                          type(e).__name__)
 
     # -- the admin -------------------------------------------------------------------
     def pending(self) -> list[Change]:

@@ -193,6 +193,15 @@ class PinBook:
         change = self._blocked.get((subject, server, tool))
         return change.reason if change is not None else None
 
+    def forget(self, subject: str) -> list[str]:
+        """Drop a subject's pins and changes (its task ended); the servers it had."""
+        servers = [server for (s, server) in self._pins if s == subject]
+        for server in servers:
+            del self._pins[(subject, server)]
+        for change in [c for c in self._changes.values() if c.subject == subject]:
+            self._lift(change, "forgotten")
+        return servers
+
     # -- the admin -----------------------------------------------------------------
     def pending(self) -> list[Change]:
         return sorted(self._changes.values(), key=lambda c: c.at)

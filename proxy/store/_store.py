@@ -264,6 +264,10 @@ class TaskStore:
             "INSERT OR REPLACE INTO tool_pins (subject, server, pins, changes, updated_at) "
             "VALUES (?,?,?,?,?)", astuple(row)), durable=True)
 
+    async def delete_pins(self, subject: str) -> None:
+        await self._submit(lambda c: c.execute("DELETE FROM tool_pins WHERE subject = ?",
+                                               (subject,)), durable=True)
+
     async def load_pins(self) -> list[PinRow]:
         return await self._submit(lambda c: [
             PinRow(r[0], r[1], bytes(r[2]), bytes(r[3]), r[4]) for r in c.execute(

@@ -72,3 +72,22 @@ async def test_accept_errors() -> None:
     await pins.close()
     with pytest.raises(Conflict, match="pinned by rule 'r'"):
         await pins.accept(pins.pending()[0].id, "alice")
+
+
+async def test_a_tasks_pins_go_when_it_ends(tmp_path: Path) -> None:
+    store = TaskStore(str(tmp_path / "tasks.db"))
+    await store.start()
+    pins = ToolPins(store)
+    pins.review(WHO, SERVER, {}, "r", "req")([SEARCH])
+    pins.review(WHO, SERVER, {}, "r", "req")([CHANGED])
+    standing = {**WHO, "task": None}
+    pins.review(standing, SERVER, {}, "r", "req")([SEARCH])
+    await pins.close()
+    await pins.task_ended("t1")
+    assert pins.refusal("spiffe://w", "t1", SERVER, "search") is None
+    assert pins.pending() == []
+    again = ToolPins(store)
+    await again.load()
+    assert again.book.pins("task:t1", SERVER) == {}
+    assert list(again.book.pins("workload:spiffe://w", SERVER)) == ["search"]  # not a task's
+    await store.close()
