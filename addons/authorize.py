@@ -83,9 +83,9 @@ class Authorize(GatewayAddon):
         if ex.caller is None:
             raise Refused("caller not identified")
         decision = self.gateway.authorize_connect(ex.caller, flow.request.host, flow.request.port)
-        if not decision.allowed:
+        if not decision.allowed and not self.gateway.reporting(ex.caller):
             refuse(flow, 403, "forbidden", decision.reason)
-            return
+            return  # report mode: the tunnel opens; each call in it is judged (would_deny)
         self._tunnels[flow.client_conn] = Tunnel(
             ex.caller, canonical_host(flow.request.host), flow.request.port)
 
@@ -135,12 +135,17 @@ class Authorize(GatewayAddon):
         except Refused as e:
             refuse_for(flow, e)
             return
-        decision = gw.authorize(ex.caller, call)
+        decision = gw.judge(ex, call)
         ex.rule = decision.rule_id
         try:
             decision = await gw.admit(ex, decision)  # budgets (task grants)
         except TaskgateError as e:
             refuse_for(flow, e)
+            return
+        if not decision.allowed and gw.reporting(ex.caller):
+            gw.report(ex, decision.reason)
+            _forward_canonical(req, call.host)
+            ex.call = call
             return
         if not decision.allowed:
             refuse(flow, 403, "forbidden", decision.reason)

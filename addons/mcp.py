@@ -50,8 +50,8 @@ class Mcp(GatewayAddon):
         call = ex.call
         if ex.allowed_by is None or call is None or ex.caller is None:
             return
-        rules = tuple(r for r in self.gateway.policy.rules_for(ex.caller).matching(call)
-                      if r.mcp is not None)
+        judged_on = ex.rules or self.gateway.policy.rules_for(ex.caller)
+        rules = tuple(r for r in judged_on.matching(call) if r.mcp is not None)
         if not rules:
             return
         ex.mcp_rules, ex.buffer_body = rules, True
@@ -109,6 +109,10 @@ class Mcp(GatewayAddon):
             refuse_for(flow, e)
             return
         ex.tool, ex.mcp_decision = decision.tool, decision
+        if not decision.allowed and self.gateway.reporting(ex.caller):
+            ex.rule = None
+            self.gateway.report(ex, decision.reason)  # the tool and its arguments' digest
+            return                                   # are in the record (ex.tool)
         if not decision.allowed:
             ex.rule = None
             if decision.tool_error:

@@ -16,6 +16,7 @@ from proxy.cli._approvals import APPROVALS
 from proxy.cli._audit import AUDIT, LOGS
 from proxy.cli._common import Command, config_of
 from proxy.cli._demo import DEMO
+from proxy.cli._reload import RELOAD
 from proxy.cli._tasks import TASK
 from proxy.cli._tools import TOOLS
 from proxy.config import load_config
@@ -61,6 +62,7 @@ COMMANDS: tuple[Command, ...] = (
     Command("run", "start the gateway (embedded defaults without a config)", _run),
     Command("ca", "print the CA certificate agents must trust, and how to trust it", _ca),
     Command("check-config", "validate a config file offline", _check, _check_setup),
+    RELOAD,
     APPROVALS,
     LOGS,
     AUDIT,

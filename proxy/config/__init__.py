@@ -3,10 +3,11 @@
 
 from __future__ import annotations
 
-from proxy.config._model import Config, WorkloadConfig, load_config
+from proxy.config._model import Config, Network, WorkloadConfig, load_config
 
 __all__ = [
     "Config",
+    "Network",
     "WorkloadConfig",
     "load_config",
 ]

@@ -1,18 +1,28 @@
 """The data plane core: the gateway and its exchanges, egress (SSRF) and framing decisions,
-connection limits, metrics, upstream trust, signals, and the builder of every service.
+connection limits, metrics, upstream trust, signals, the builder of every service, and
+the hot reload of its config.
 """
 
 from __future__ import annotations
 
 from proxy.gateway._build import Services, build
 from proxy.gateway._core import REQUEST_ID_HEADER, Gateway, new_request_id, refusal_body
-from proxy.gateway._egress import EgressGuard, OwnAddresses, local_addresses
+from proxy.gateway._egress import EgressGuard, OwnAddresses, Resolver, local_addresses
 from proxy.gateway._exchange import ApprovedAs, Exchange, Tunnel
 from proxy.gateway._framing import h1_request_framing, trailer_fields
 from proxy.gateway._limits import ConnectionLimits, FailureThrottle, client_key
 from proxy.gateway._metrics import METRICS_CONTENT_TYPE
 from proxy.gateway._pins import PinStore, ToolPins, pin_subject
-from proxy.gateway._signals import stop_signals
+from proxy.gateway._reload import RESTART_KEYS, ReloadResult, reload
+from proxy.gateway._signals import RELOAD_SIGNAL, stop_signals
+from proxy.gateway._transparent import (
+    TRANSPARENT_ISSUER,
+    SourceIdentity,
+    TaskBinds,
+    destination_name,
+    looks_like_http,
+    original_destination_reason,
+)
 from proxy.gateway._upstream import trust_bundle
 
 __all__ = [
@@ -25,17 +35,28 @@ __all__ = [
     "METRICS_CONTENT_TYPE",
     "OwnAddresses",
     "PinStore",
+    "RELOAD_SIGNAL",
     "REQUEST_ID_HEADER",
+    "Resolver",
+    "RESTART_KEYS",
+    "ReloadResult",
     "Services",
+    "SourceIdentity",
+    "TRANSPARENT_ISSUER",
+    "TaskBinds",
     "ToolPins",
     "Tunnel",
     "build",
     "client_key",
+    "destination_name",
     "h1_request_framing",
     "local_addresses",
+    "looks_like_http",
     "new_request_id",
+    "original_destination_reason",
     "pin_subject",
     "refusal_body",
+    "reload",
     "stop_signals",
     "trailer_fields",
     "trust_bundle",

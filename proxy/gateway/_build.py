@@ -43,7 +43,6 @@ class Services:
     """Everything one running gateway is made of; the addons and the control plane
     reach each service by name and type."""
 
-    config: Config
     trust_bundle: str  # the CA file upstream certificates are checked against
     http: aiohttp.ClientSession  # the gateway's own upstream calls (JWKS, providers)
     audit: AuditLog
@@ -54,6 +53,11 @@ class Services:
     secrets: SecretBroker
     auth_failures: AuthFailures
     pins: ToolPins  # MCP tool pins (rug-pull defence), kept in the task store
+
+    @property
+    def config(self) -> Config:
+        """The config in force: the gateway's, which a reload swaps (proxy/gateway/_reload.py)."""
+        return self.gateway.config
 
 
 def _identity(config: Config, http: aiohttp.ClientSession) -> Identity:
@@ -143,6 +147,6 @@ async def build(config: Config) -> AsyncIterator[Services]:
         stack.push_async_callback(pins.close)  # changes seen are stored before the store closes
 
         tasks.start_sweeper()
-        yield Services(config=config, trust_bundle=bundle, http=http, audit=audit,
+        yield Services(trust_bundle=bundle, http=http, audit=audit,
                        gateway=gateway, metrics=metrics, tasks=tasks, approvals=approvals,
                        secrets=secrets, auth_failures=auth_failures, pins=pins)

@@ -16,7 +16,7 @@ from proxy.approvals import HeldRequest
 from proxy.audit import new_record, rfc3339
 from proxy.identity import Caller
 from proxy.mcp import McpDecision
-from proxy.policy import Call, Rule
+from proxy.policy import Call, Rule, RuleSet
 from proxy.secrets import Redactor
 
 __all__ = ["ApprovedAs", "Exchange", "Tunnel"]
@@ -76,8 +76,13 @@ class Exchange:
     # -- passed along the addon chain (not recorded) ----------------------------------
     tunnel: Tunnel | None = None
     """The CONNECT tunnel the call came through (authorize), checked against its target."""
+    original_dst: str | None = None
+    """The address a transparent call was sent to (transparent): egress pins it."""
     call: Call | None = None
     """The call as judged: canonical host, decoded path (authorize)."""
+    rules: RuleSet | None = None
+    """The caller's rules the call was judged on (authorize): a config reload while it
+    is in flight leaves them as they were for this call (mcp)."""
     allowed_by: Rule | None = None
     """The rule that allowed the call (authorize); for MCP, the rule that allowed its
     tool (mcp). It answers for what follows: approval, secret. ``rule`` is its id in
