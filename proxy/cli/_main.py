@@ -18,6 +18,7 @@ from proxy.cli._common import Command, config_of
 from proxy.cli._demo import DEMO
 from proxy.cli._reload import RELOAD
 from proxy.cli._tasks import TASK
+from proxy.cli._tools import TOOLS
 from proxy.config import load_config
 from proxy.errors import ConfigError
 
@@ -81,6 +82,7 @@ COMMANDS: tuple[Command, ...] = (
     AUDIT,
     DEMO,
     TASK,
+    TOOLS,
 )
 
 

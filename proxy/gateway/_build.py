@@ -28,6 +28,7 @@ from proxy.errors import ConfigError
 from proxy.gateway._core import Gateway
 from proxy.gateway._limits import AuthFailures
 from proxy.gateway._metrics import Metrics
+from proxy.gateway._pins import ToolPins
 from proxy.gateway._upstream import client_session, trust_bundle
 from proxy.identity import Identity, JwksKeys, TokenIssuer, WorkloadIssuer
 from proxy.secrets import KEY_FILE, SecretBroker
@@ -60,6 +61,7 @@ class Services:
     approvals: Approvals
     secrets: SecretBroker
     auth_failures: AuthFailures
+    pins: ToolPins  # MCP tool pins (rug-pull defence), kept in the task store
 
     @property
     def config(self) -> Config:
@@ -163,7 +165,12 @@ async def build(config: Config, replica: Replica | None = None
         secrets.start()
         stack.push_async_callback(secrets.close)  # minted tokens die with the process
 
+        pins = ToolPins(store=tasks.store, audit=audit.write)
+        await pins.load()
+        tasks.on_end.append(pins.task_ended)
+        stack.push_async_callback(pins.close)  # changes seen are stored before the store closes
+
         tasks.start_sweeper()
         yield Services(replica=replica, trust_bundle=bundle, http=http, audit=audit,
                        gateway=gateway, metrics=metrics, tasks=tasks, approvals=approvals,
-                       secrets=secrets, auth_failures=auth_failures)
+                       secrets=secrets, auth_failures=auth_failures, pins=pins)

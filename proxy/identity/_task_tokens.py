@@ -244,4 +244,8 @@ class TaskTokenIssuer:
         if task.workload != claims["sub"] or task.kid != kid:
             raise InvalidCredential("task token does not match its task")
         return Caller(workload=task.workload, issuer=TASK_ISSUER, expires_at=task.expires_at,
-                      task=task.id, owner=task.owner)
+                      task=task.id, owner=task.owner, key=kid)
+
+    def holds(self, key: str | None) -> bool:
+        """Whether taskgate still holds the task key ``key`` (a pruned key verifies nothing)."""
+        return key is not None and self.keys.public_key(key) is not None

@@ -1,6 +1,7 @@
 """Task-scoped state: the interface (:class:`StateStore`), the embedded SQLite store
-under home (:class:`TaskStore`, the default) and the shared Redis one
-(:class:`RedisState`, for several workers and replicas).
+under home (:class:`TaskStore`, the default: tasks, their counters and revocations,
+credentials to revoke, MCP tool pins) and the shared Redis one (:class:`RedisState`,
+for several workers and replicas).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from proxy.store._redis import (
     redis_password,
 )
 from proxy.store._state import StateStore
-from proxy.store._store import CredentialRow, TaskRow, TaskStore, store_path
+from proxy.store._store import CredentialRow, PinRow, TaskRow, TaskStore, store_path
 
 __all__ = [
     "BOUND_SECONDS",
@@ -26,6 +27,7 @@ __all__ = [
     "CredentialRow",
     "RedisState",
     "StateStore",
+    "PinRow",
     "TaskRow",
     "TaskStore",
     "redis_password",

@@ -56,7 +56,7 @@ from redis.exceptions import RedisError
 
 from proxy.batching import FAILURES
 from proxy.errors import Unavailable
-from proxy.store._store import CredentialRow, TaskRow
+from proxy.store._store import CredentialRow, PinRow, TaskRow
 
 __all__ = ["BOUND_SECONDS", "EXPIRED", "REVOKED", "SPENT", "UNKNOWN", "RedisState",
            "redis_password"]
@@ -69,6 +69,7 @@ OP_TIMEOUT = 0.5         # one Redis command; beyond it the call is refused (503
 RECONNECT_SECONDS = 0.2
 REPLICA_TTL_MS = 5000    # a replica silent this long is dead: its credentials are taken over
 DONE_TTL_MS = 7 * 86_400_000  # a revoked credential's tombstone (beyond any token's life)
+_PIN_SEP = "\x1f"  # between subject and server in a pin field (in neither)
 
 # consume(task, now): 1.. = the new count; -1 unknown, -2 revoked, -3 expired, -4 spent
 UNKNOWN, REVOKED, EXPIRED, SPENT = -1, -2, -3, -4
@@ -559,6 +560,30 @@ class RedisState:
                  if up}
         # A hold whose replica died can never be released: not listed (it expires).
         return [h for h in held if h.get(b"replica", b"").decode() in alive]
+
+    # -- MCP tool pins ----------------------------------------------------------------
+    # One hash, field "<subject>\x1f<server>": read at start by each replica (a change
+    # seen or accepted on one reaches another at its next start, see docs/spec.md).
+    async def save_pins(self, row: PinRow) -> None:
+        doc = orjson.dumps({"pins": row.pins.decode(), "changes": row.changes.decode(),
+                            "updated_at": row.updated_at})
+        await self._call(self.redis.hset(self.key("pins"), _PIN_SEP.join((row.subject,
+                                                                          row.server)), doc))
+
+    async def delete_pins(self, subject: str) -> None:
+        fields = [f for f in await self._call(self.redis.hkeys(self.key("pins")))
+                  if f.decode().partition(_PIN_SEP)[0] == subject]
+        if fields:
+            await self._call(self.redis.hdel(self.key("pins"), *fields))
+
+    async def load_pins(self) -> list[PinRow]:
+        rows = []
+        for field, doc in (await self._call(self.redis.hgetall(self.key("pins")))).items():
+            subject, _, server = field.decode().partition(_PIN_SEP)
+            d = orjson.loads(doc)
+            rows.append(PinRow(subject, server, d["pins"].encode(), d["changes"].encode(),
+                               float(d["updated_at"])))
+        return rows
 
     # -- review-page sessions -------------------------------------------------------------
     async def session_put(self, key: str, doc: bytes, ttl: float) -> None:

@@ -15,7 +15,7 @@ from collections.abc import AsyncIterator, Iterable, Sequence
 from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:  # the rows are defined with the SQLite store (no cycle at run time)
-    from proxy.store._store import CredentialRow, TaskRow
+    from proxy.store._store import CredentialRow, PinRow, TaskRow
 
 __all__ = ["StateStore"]
 
@@ -58,3 +58,7 @@ class StateStore(Protocol):
     async def revoke_lease(self, cred_id: str, ttl_ms: int) -> int:
         """1: revoke it now; 0: another replica is revoking it; -1: revoked elsewhere."""
         ...
+
+    async def save_pins(self, row: PinRow) -> None: ...
+    async def delete_pins(self, subject: str) -> None: ...
+    async def load_pins(self) -> list[PinRow]: ...

@@ -53,7 +53,7 @@ from typing import Any
 from proxy.batching import FAILURES, WorkQueue
 from proxy.errors import Unavailable
 
-__all__ = ["STORE_FILE", "CredentialRow", "TaskRow", "TaskStore", "store_path"]
+__all__ = ["STORE_FILE", "CredentialRow", "PinRow", "TaskRow", "TaskStore", "store_path"]
 
 log = logging.getLogger(__name__)
 
@@ -99,6 +99,19 @@ CREATE TABLE IF NOT EXISTS secret_credentials (
 _CREDENTIAL_COLUMNS = ("id, secret, kind, task, workload, issued_at, expires_at, state, "
                        "attempts, last_error, handle")
 
+# MCP tool pins (proxy/mcp/_pins.py): per subject (a task, or a workload) and server,
+# the pinned definitions and the changes waiting for an admin, as JSON.
+_PINS_SCHEMA = """
+CREATE TABLE IF NOT EXISTS tool_pins (
+    subject     TEXT NOT NULL,
+    server      TEXT NOT NULL,
+    pins        BLOB NOT NULL,
+    changes     BLOB NOT NULL,
+    updated_at  REAL NOT NULL,
+    PRIMARY KEY (subject, server)
+)
+"""
+
 Op = Callable[[sqlite3.Connection], Any]
 
 
@@ -136,6 +149,18 @@ class CredentialRow:
     attempts: int
     last_error: str | None
     handle: bytes
+
+
+@dataclass(slots=True)
+class PinRow:
+    """The tool pins of one subject on one server (JSON, as proxy/gateway/_pins.py
+    writes them)."""
+
+    subject: str
+    server: str
+    pins: bytes
+    changes: bytes
+    updated_at: float
 
 
 class TaskStore:
@@ -240,6 +265,23 @@ class TaskStore:
                 f"SELECT {_CREDENTIAL_COLUMNS} FROM secret_credentials "  # noqa: S608
                 "ORDER BY issued_at")])
 
+    # -- MCP tool pins --------------------------------------------------------------
+    async def save_pins(self, row: PinRow) -> None:
+        """Replace the pins of ``row``'s subject and server; fsync'd (an admin's accept,
+        a detected change, must survive a crash)."""
+        await self._submit(lambda c: c.execute(
+            "INSERT OR REPLACE INTO tool_pins (subject, server, pins, changes, updated_at) "
+            "VALUES (?,?,?,?,?)", astuple(row)), durable=True)
+
+    async def delete_pins(self, subject: str) -> None:
+        await self._submit(lambda c: c.execute("DELETE FROM tool_pins WHERE subject = ?",
+                                               (subject,)), durable=True)
+
+    async def load_pins(self) -> list[PinRow]:
+        return await self._submit(lambda c: [
+            PinRow(r[0], r[1], bytes(r[2]), bytes(r[3]), r[4]) for r in c.execute(
+                "SELECT subject, server, pins, changes, updated_at FROM tool_pins")])
+
     # -- the thread -----------------------------------------------------------
     @property
     def alive(self) -> bool:
@@ -278,6 +320,7 @@ class TaskStore:
         if version == 1:  # a store from before task terms: the column is added, empty
             conn.execute("ALTER TABLE tasks ADD COLUMN terms BLOB")
         conn.execute(_CREDENTIALS_SCHEMA)
+        conn.execute(_PINS_SCHEMA)
         conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
         return conn
 

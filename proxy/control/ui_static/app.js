@@ -212,6 +212,48 @@ async function loadApprovals() {
   }));
 }
 
+// -- MCP tool changes (tool pinning) --------------------------------------------
+async function acceptChange(id) {
+  const by = $("approver").value.trim();
+  if (!by) {
+    setStatus("Enter your name (Approving as…) before accepting a tool change.", true);
+    $("approver").focus();
+    return;
+  }
+  localStorage.setItem("taskgate.approver", by);
+  const { status, data } = await api("POST", `/v1/tools/changes/${encodeURIComponent(id)}/accept`,
+                                     { by });
+  setStatus(status < 300 ? `Accepted tool change ${id}`
+                         : `accept ${id}: ${status} ${data && data.reason || ""}`, status >= 300);
+  await loadToolChanges();
+}
+
+async function loadToolChanges() {
+  const panel = $("tool-changes-body");
+  const { status, data } = await api("GET", "/v1/tools/changes");
+  if (status === 404) return notAvailable(panel, "Tool pinning");
+  if (status !== 200) {
+    panel.replaceChildren(el("span", { class: "error" }, `tool changes: ${status} ${data && data.reason || ""}`));
+    return;
+  }
+  const changes = listOf(data, "changes");
+  if (!changes.length) {
+    panel.replaceChildren(el("span", { class: "muted" }, "No tool has changed."));
+    return;
+  }
+  panel.replaceChildren(...changes.map((c) => el("div", { class: "approval", "data-change": c.id },
+    el("div", {},
+      el("strong", {}, visible(`${c.tool} · ${c.server}`)),
+      el("div", {}, visible(c.what)),
+      el("div", { class: "muted" }, visible(
+        `${c.subject} · seen ${fmtTime(c.at)} · now ${c.seen && c.seen.digest}` +
+        (c.pinned ? ` · pinned ${c.pinned.digest}` : ` · rule ${c.rule} pins ${c.rule_pin}`)))),
+    el("div", { class: "actions" },
+      c.acceptable
+        ? el("button", { class: "approve", type: "button", on: { click: () => acceptChange(c.id) } }, "Accept")
+        : el("span", { class: "muted" }, "pinned by a rule: change the rule")))));
+}
+
 // What will be forwarded, but for the gateway's secret: headers, the body (or its start),
 // its size and SHA-256, and the digest the record keeps with the approval.
 function heldRequest(r) {
@@ -358,7 +400,7 @@ function report(err) {
 }
 
 async function refreshPanels() {
-  await Promise.all([loadApprovals(), loadTasks()]);
+  await Promise.all([loadApprovals(), loadToolChanges(), loadTasks()]);
 }
 
 async function signOut() {

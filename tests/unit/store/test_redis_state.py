@@ -20,6 +20,7 @@ from proxy.store import (
     SPENT,
     UNKNOWN,
     CredentialRow,
+    PinRow,
     RedisState,
     TaskRow,
     redis_password,
@@ -231,3 +232,22 @@ async def test_password_from_file_or_env_and_a_wrong_one_is_never_healthy(
         finally:
             await bad.close()
     assert secret not in caplog.text and "wrong" not in caplog.text
+
+
+async def test_tool_pins_are_kept_per_subject_and_server(
+        pair: tuple[RedisState, RedisState]) -> None:
+    """MCP tool pins saved by one replica load on another; deleting a subject's pins
+    leaves every other subject's (even one whose name starts the same)."""
+    a, b = pair
+    pins, changes = b'{"search":"sha256:ab"}', b'[]'
+    await a.save_pins(PinRow("task:t1", "https://mcp.test/mcp", pins, changes, 1.5))
+    await a.save_pins(PinRow("task:t1", "https://other.test/mcp", pins, changes, 2.0))
+    await a.save_pins(PinRow("task:t10", "https://mcp.test/mcp", pins, b'[{"tool":"x"}]', 3.0))
+    got = {(r.subject, r.server): r for r in await b.load_pins()}
+    assert set(got) == {("task:t1", "https://mcp.test/mcp"), ("task:t1", "https://other.test/mcp"),
+                        ("task:t10", "https://mcp.test/mcp")}
+    assert got[("task:t10", "https://mcp.test/mcp")].changes == b'[{"tool":"x"}]'
+    assert got[("task:t1", "https://mcp.test/mcp")].updated_at == 1.5
+    await b.delete_pins("task:t1")
+    assert [(r.subject, r.server) for r in await a.load_pins()] == [
+        ("task:t10", "https://mcp.test/mcp")]
