@@ -75,7 +75,7 @@ class Authorize(GatewayAddon):
         return self._tunnels.get(client)
 
     @guarded
-    async def http_connect(self, flow: http.HTTPFlow) -> None:
+    def http_connect(self, flow: http.HTTPFlow) -> None:
         if flow.response or not flow.live:
             return
         ex = exchange(flow)
@@ -95,7 +95,7 @@ class Authorize(GatewayAddon):
         self._tunnels.pop(client, None)
 
     @guarded
-    async def request(self, flow: http.HTTPFlow) -> None:
+    def request(self, flow: http.HTTPFlow) -> None:
         """Trailers of a buffered request are forwarded too: same rule as headers."""
         if flow.response or not flow.live or flow.request.trailers is None:
             return

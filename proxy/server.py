@@ -26,7 +26,7 @@ from mitmproxy import certs, options
 from mitmproxy.addons import disable_h2c, next_layer, proxyserver, tlsconfig
 from mitmproxy.master import Master
 
-from addons import default_addons, json_error_responses
+from addons import HookTable, default_addons, json_error_responses
 from proxy import __version__
 from proxy.config import Config
 from proxy.control import ControlSite, ControlState, make_app
@@ -85,9 +85,14 @@ def settle_heap() -> None:
 
 
 class _GatewayMaster(Master):
-    """A Master that refuses to run when a listener failed to bind."""
+    """A Master that refuses to run when a listener failed to bind, and finds each
+    hook's handlers once (addons/_hooks.py)."""
 
     bind_failed = False
+
+    def __init__(self, opts: options.Options, event_loop: asyncio.AbstractEventLoop) -> None:
+        super().__init__(opts, event_loop=event_loop)
+        HookTable.install(self)
 
     async def running(self) -> None:
         ps = self.addons.get("proxyserver")
