@@ -7,7 +7,7 @@ resolved address judged, the connection pinned to it) → mcp (which tool, which
 arguments) → approve (does a person have to say yes) → inject (which secret goes on
 the request) → approved-as-shown (the call is still what the approver saw) → audit
 (the record, the request id, streaming) → framing (mitmproxy's HTTP/1 framing
-patched when loaded) → tls_memory (idle TLS connections hold no buffers). mitmproxy sees them as one addon, :class:`~addons._pipeline.Pipeline`,
+patched when loaded). mitmproxy sees them as one addon, :class:`~addons._pipeline.Pipeline`,
 which runs each hook's methods in that order without mitmproxy's per-addon cost. Each
 module is also loadable on its own with ``mitmdump -s addons/<name>.py
 --set taskgate_config=FILE`` (addons/_standalone.py).
@@ -31,13 +31,12 @@ from addons.identify import Identify
 from addons.inject import Inject
 from addons.limits import Limits
 from addons.mcp import Mcp
-from addons.tls_memory import TlsMemory
 from proxy.gateway import Services
 
 __all__ = ["CHAIN", "HookTable", "Pipeline", "default_addons", "json_error_responses"]
 
 CHAIN = (Limits, Identify, Authorize, Egress, Mcp, Approve, Inject, ApprovedAsShown, Audit,
-         Framing, TlsMemory)
+         Framing)
 
 
 def default_addons(services: Services) -> list[Any]:
