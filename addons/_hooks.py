@@ -101,6 +101,6 @@ class HookTable(AddonManager):
     async def handle_lifecycle(self, event: hooks.Hook) -> None:
         await self.trigger_event(event)
         if self.handlers("update"):
-            message = event.args()[0]
-            if isinstance(message, flow.Flow):
-                await self.trigger_event(hooks.UpdateHook([message]))
+            args = event.args()
+            if args and isinstance(args[0], flow.Flow):
+                await self.trigger_event(hooks.UpdateHook([args[0]]))
