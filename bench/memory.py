@@ -47,11 +47,15 @@ import uvloop
 from bench.fixtures import machine_facts, make_files, taskgate_config
 from bench.load import Client, Target
 from bench.procs import REPO, Proc, free_port, start_upstream
+from proxy.server import TRIM_SECONDS
 
 PATH = "/bench/items/42"
 CHUNK = 256 * 1024
 MB = 1 << 20
 UPSTREAM_KEEPALIVE = 1.0  # seconds the upstream keeps an idle connection
+# The held connections are measured once the upstream closed its side and the
+# gateway's heap trim (proxy.server.trim_heap) has run: their steady state.
+SETTLE_SECONDS = max(UPSTREAM_KEEPALIVE + 1.0, TRIM_SECONDS + 1.0)
 
 
 @dataclass(slots=True)
@@ -92,6 +96,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="RSS target with the idle connections open, MB (default 1024)")
     p.add_argument("--flat-mb", type=float, default=64,
                    help="how far RSS may rise during a transfer, MB (default 64)")
+    p.add_argument("--settle", type=float, default=SETTLE_SECONDS,
+                   help="seconds between opening the connections and measuring them "
+                        f"(default {SETTLE_SECONDS:g}: the upstream closed its side, the "
+                        "gateway trimmed its heap)")
     p.add_argument("--proxy", choices=("taskgate", "mitm-min"), default="taskgate",
                    help="measure taskgate (default) or its mitmproxy without its addons")
     p.add_argument("--keep", action="store_true", help="keep the temp folder (logs, audit)")
@@ -265,7 +273,7 @@ async def run(args: argparse.Namespace, root: Path, limit: int) -> int:
         clients, made, first = await hold_idle(target, args, proxy)
         calls += made
         error = error or first
-        await asyncio.sleep(UPSTREAM_KEEPALIVE + 1.0)  # the upstream closes its side
+        await asyncio.sleep(args.settle)
         held, fds = proxy.now(), open_fds(proc.pid)
         sample = clients[:: max(1, len(clients) // 100)]
         alive = await asyncio.gather(*(c.call() for c in sample), return_exceptions=True)

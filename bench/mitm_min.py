@@ -6,7 +6,8 @@ tlsconfig, disable_h2c, with :func:`proxy.server.mitm_options`, on uvloop, with 
 same hook table, addons/_hooks.py) but none of taskgate's addons. taskgate against
 this row is the cost of identity, rules and audit alone; against plain mitmdump, the
 cost of the whole product.
-Like taskgate, it settles its heap (:func:`proxy.server.settle_heap`) once running.
+Like taskgate, it settles its heap (:func:`proxy.server.settle_heap`) once running and
+trims it (:func:`proxy.server.trim_heap`).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from mitmproxy.master import Master
 from addons import HookTable
 from proxy.config import load_config
 from proxy.gateway import trust_bundle
-from proxy.server import ensure_ca, mitm_options, settle_heap
+from proxy.server import ensure_ca, mitm_options, settle_heap, trim_heap
 
 __all__ = ["main"]
 
@@ -49,7 +50,11 @@ async def serve(config_path: str, port: int, home: str) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, master.shutdown)
-    await master.run()
+    trimmer = asyncio.create_task(trim_heap())  # as taskgate does
+    try:
+        await master.run()
+    finally:
+        trimmer.cancel()
 
 
 def main(argv: list[str]) -> int:

@@ -58,7 +58,7 @@ def test_memory_bench_smoke() -> None:
     """Idle connections held and counted, streamed transfers measured, calls audited."""
     proc = subprocess.run(
         [sys.executable, str(REPO / "bench" / "memory.py"), "--connections", "40",
-         "--parallel", "8", "--transfer-bytes", str(16 << 20)],
+         "--parallel", "8", "--transfer-bytes", str(16 << 20), "--settle", "2"],
         capture_output=True, text=True, timeout=180, cwd=REPO)
     out = proc.stdout
     assert proc.returncode == 0, out + proc.stderr
