@@ -17,6 +17,7 @@ so the benchmark compares taskgate's addons on the same data plane.
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import types
 from collections.abc import Callable
@@ -28,6 +29,17 @@ from mitmproxy.addonmanager import AddonManager, cut_traceback, logger, traverse
 __all__ = ["HookTable"]
 
 Handlers = tuple[tuple[Callable[..., Any], ...], ...]  # per addon in the chain: its handlers
+_FIELDS: dict[type, tuple[str, ...]] = {}  # per hook class: its argument fields, in order
+
+
+def _args(event: hooks.Hook) -> list[Any]:
+    """``event.args()`` without ``dataclasses.fields`` on every event (mitmproxy's own
+    ``Hook.args`` is exactly the fields' values, in order)."""
+    names = _FIELDS.get(type(event))
+    if names is None:
+        fields = dataclasses.fields(event)  # type: ignore[arg-type]  # every Hook is a dataclass
+        names = _FIELDS[type(event)] = tuple(f.name for f in fields)
+    return [getattr(event, name) for name in names]
 
 
 class HookTable(AddonManager):
@@ -83,7 +95,7 @@ class HookTable(AddonManager):
         groups = self.handlers(event.name)
         if not groups:
             return
-        args = event.args()
+        args = _args(event)
         for funcs in groups:
             try:
                 for func in funcs:
@@ -101,6 +113,6 @@ class HookTable(AddonManager):
     async def handle_lifecycle(self, event: hooks.Hook) -> None:
         await self.trigger_event(event)
         if self.handlers("update"):
-            args = event.args()
+            args = _args(event)
             if args and isinstance(args[0], flow.Flow):
                 await self.trigger_event(hooks.UpdateHook([args[0]]))
