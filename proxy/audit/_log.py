@@ -335,11 +335,14 @@ class AuditLog:
         self._head_written = False  # by this process: then synced again on close
         self._head_at = 0.0  # monotonic time of the last head write
         self._head_due = False  # records were written since the last head write
+        self._ended: threading.Thread | None = None  # the writer thread that last ended
 
     # -- health -------------------------------------------------------------------
     @property
     def writer_alive(self) -> bool:
-        return self._thread is None or self._thread.is_alive() or self._queue.closing
+        # Asked on every call: the thread says when it ends (``_run``), cheaper than
+        # Thread.is_alive (a lock); the watchdog still asks the thread itself.
+        return self._thread is None or self._ended is not self._thread or self._queue.closing
 
     @property
     def stalled(self) -> bool:
@@ -507,6 +510,7 @@ class AuditLog:
             consume("audit", self._queue, self._write_batch, self._batch_failed,
                     idle=self._head_if_due)
         finally:  # the thread ends at close only: refuse its waiting calls now
+            self._ended = threading.current_thread()
             if not self._queue.closing and self._loop is not None:
                 FAILURES.add("audit")
                 log.error("the audit writer thread stopped; its waiting calls are refused")
