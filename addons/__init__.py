@@ -9,8 +9,10 @@ mcp (which tool, which arguments) → approve (does a person have to say yes) �
 (which secret goes on the request) → approved-as-shown (the call is still what the
 approver saw) → audit (the record, the request id, streaming) → websocket (an allowed
 upgrade's frames, its record when it ends) → framing (mitmproxy's HTTP/1 framing
-patched when loaded). Each module is also loadable on its own with
-``mitmdump -s addons/<name>.py --set taskgate_config=FILE`` (addons/_standalone.py).
+patched when loaded). mitmproxy sees them as one addon, :class:`~addons._pipeline.Pipeline`,
+which runs each hook's methods in that order without mitmproxy's per-addon cost. Each
+module is also loadable on its own with ``mitmdump -s addons/<name>.py
+--set taskgate_config=FILE`` (addons/_standalone.py).
 
 Every one is policy: plain imports, so a missing module stops the start, never a hook.
 """
@@ -20,6 +22,8 @@ from __future__ import annotations
 from typing import Any
 
 from addons._errors import json_error_responses
+from addons._hooks import HookTable
+from addons._pipeline import Pipeline
 from addons.approve import Approve, ApprovedAsShown
 from addons.audit import Audit
 from addons.authorize import Authorize
@@ -33,12 +37,13 @@ from addons.transparent import Transparent
 from addons.websocket import WebSocket
 from proxy.gateway import Services
 
-__all__ = ["CHAIN", "default_addons", "json_error_responses"]
+__all__ = ["CHAIN", "HookTable", "Pipeline", "default_addons", "json_error_responses"]
 
 CHAIN = (Limits, Transparent, Identify, Authorize, Egress, Mcp, Approve, Inject,
          ApprovedAsShown, Audit, WebSocket, Framing)
 
 
 def default_addons(services: Services) -> list[Any]:
-    """The taskgate addons, in chain order, sharing ``services``."""
-    return [addon(services) for addon in CHAIN]
+    """What ``taskgate run`` adds to mitmproxy: the concerns, in chain order, sharing
+    ``services``, as one :class:`Pipeline`."""
+    return [Pipeline([concern(services) for concern in CHAIN])]

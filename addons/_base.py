@@ -16,6 +16,7 @@ from typing import Any
 
 from mitmproxy import ctx, http
 
+from addons._pipeline import DONE
 from addons._standalone import shared_services
 from proxy.audit import redact_target
 from proxy.errors import TaskgateError, Unavailable, status_for
@@ -47,7 +48,8 @@ AGENT_CREDENTIALS = ("Authorization", "Proxy-Authorization", "Cookie")
 # echoes of the value). An approver is not shown them (approve).
 SECRET_REPLACES = (*AGENT_CREDENTIALS, "Accept-Encoding")
 
-Hook = Callable[[Any, http.HTTPFlow], Awaitable[None]]
+# A policy hook: plain, async, or plain returning an awaitable when it has to wait.
+Hook = Callable[[Any, http.HTTPFlow], Awaitable[None] | None]
 
 
 def exchange(flow: http.HTTPFlow) -> Exchange:
@@ -110,21 +112,37 @@ def refuse_for(flow: http.HTTPFlow, exc: BaseException) -> None:
 
 def guarded(hook: Hook) -> Hook:
     """Fail closed: mitmproxy logs an addon's exception and lets the flow go on,
-    so any exception in a policy hook ends here, in a refusal."""
+    so any exception in a policy hook ends here, in a refusal.
+
+    Works for ``async def`` hooks and for plain ones; a plain hook may return an
+    awaitable when it has to wait this time (its exceptions are caught the same),
+    so the usual call costs no coroutine: it returns :data:`DONE`, which the pipeline
+    skips and a test can still await (addons/_pipeline.py)."""
+
+    def fail(self: Any, flow: http.HTTPFlow, e: Exception) -> None:
+        if isinstance(e, TaskgateError):  # a refusal with a reason, not a bug
+            log.warning("taskgate: %s refused the call: %s", hook.__qualname__, e.reason)
+        else:
+            log.exception("taskgate: %s failed; refusing the call", hook.__qualname__)
+        if flow.live and not flow.response:
+            refuse_for(flow, e)
+        elif flow.live:
+            flow.kill()
+
+    async def waited(self: Any, flow: http.HTTPFlow, pending: Awaitable[None]) -> None:
+        try:
+            await pending
+        except Exception as e:  # noqa: BLE001 - the whole point: deny on anything
+            fail(self, flow, e)
 
     @functools.wraps(hook)
-    async def wrapper(self: Any, flow: http.HTTPFlow) -> None:
+    def wrapper(self: Any, flow: http.HTTPFlow) -> Awaitable[None]:
         try:
-            await hook(self, flow)
+            pending = hook(self, flow)
         except Exception as e:  # noqa: BLE001 - the whole point: deny on anything
-            if isinstance(e, TaskgateError):  # a refusal with a reason, not a bug
-                log.warning("taskgate: %s refused the call: %s", hook.__qualname__, e.reason)
-            else:
-                log.exception("taskgate: %s failed; refusing the call", hook.__qualname__)
-            if flow.live and not flow.response:
-                refuse_for(flow, e)
-            elif flow.live:
-                flow.kill()
+            fail(self, flow, e)
+            return DONE
+        return DONE if pending is None else waited(self, flow, pending)
 
     return wrapper
 

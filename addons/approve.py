@@ -89,7 +89,7 @@ class Approve(GatewayAddon):
         return self.services.approvals
 
     @guarded
-    async def requestheaders(self, flow: http.HTTPFlow) -> None:
+    def requestheaders(self, flow: http.HTTPFlow) -> None:
         if flow.response or not flow.live:
             return
         ex = exchange(flow)
@@ -206,7 +206,7 @@ class ApprovedAsShown(GatewayAddon):
     if it is still byte for byte what the approver was shown, the secret aside."""
 
     @guarded
-    async def request(self, flow: http.HTTPFlow) -> None:
+    def request(self, flow: http.HTTPFlow) -> None:
         approved = exchange(flow).approved_as
         if approved is None or flow.response or not flow.live:
             return

@@ -22,40 +22,46 @@ __all__ = ["Authorize", "Egress", "tunnel_of"]
 _CTL = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
 
 
-def _malformed(req: http.Request) -> str | None:
-    """Why the request cannot be forwarded as judged, or ``None``.
+def _scan(req: http.Request) -> tuple[str | None, bool]:
+    """Why the request cannot be forwarded as judged (or ``None``), and whether it asks
+    to leave HTTP: one pass over the header fields for both.
 
     The method is judged upper-cased (mitmproxy's ``request.method``) but would be
     sent as written; methods are case-sensitive (RFC 9110 9.1), so ``get`` is
     refused rather than silently turned into ``GET``. A header value with a control
-    character (NUL, CR, LF, …) is read differently by different servers."""
+    character (NUL, CR, LF, …) is read differently by different servers. An upgrade
+    (WebSocket, h2c, anything: an ``Upgrade`` field, or ``upgrade`` among the
+    ``Connection`` options) would leave the connection carrying frames no rule,
+    budget or audit record ever sees."""
     raw = req.data.method
     if raw != raw.upper():
         shown = raw.decode("ascii", "replace")[:16]
         return (f"method {shown!r} is not upper-case; methods are case-sensitive: send "
-                f"{shown.upper()!r}")
+                f"{shown.upper()!r}"), False
+    upgrade = False
     for name, value in req.headers.fields:
         if _CTL.search(value) or _CTL.search(name):
             shown = name.decode("ascii", "replace")[:64]
             return (f"header {shown!r} carries a control character; only visible "
-                    "characters, spaces and tabs are forwarded")
-    return None
+                    "characters, spaces and tabs are forwarded"), False
+        lname = name.lower()
+        if lname == b"upgrade" or (lname == b"connection" and any(
+                token.strip().lower() == b"upgrade" for token in value.split(b","))):
+            upgrade = True
+    return None, upgrade
 
 
 def _forward_canonical(req: http.Request, host: str) -> None:
     """Send the host as judged: the connection target, Host and :authority all name
-    the canonical host (``API.GOOD.TEST.`` goes out as ``api.good.test``)."""
-    req.data.host = host
-    if req.host_header is not None:
-        req.host_header = url.hostport(req.scheme, host, req.port)
-
-
-def _upgrade(req: http.Request) -> bool:
-    """Does the request ask to leave HTTP (WebSocket, h2c, anything)? After an upgrade
-    the connection carries frames no rule, budget or audit record ever sees."""
-    return "Upgrade" in req.headers or any(
-        token.strip().lower() == "upgrade"
-        for value in req.headers.get_all("Connection") for token in value.split(","))
+    the canonical host (``API.GOOD.TEST.`` goes out as ``api.good.test``). Written
+    only where it differs: mitmproxy's setters re-encode the header fields."""
+    if req.data.host != host:
+        req.data.host = host
+    current = req.host_header
+    if current is not None:
+        wanted = url.hostport(req.scheme, host, req.port)
+        if current != wanted:
+            req.host_header = wanted
 
 
 class Authorize(GatewayAddon):
@@ -75,7 +81,7 @@ class Authorize(GatewayAddon):
         return self._tunnels.get(client)
 
     @guarded
-    async def http_connect(self, flow: http.HTTPFlow) -> None:
+    def http_connect(self, flow: http.HTTPFlow) -> None:
         if flow.response or not flow.live:
             return
         ex = exchange(flow)
@@ -107,7 +113,7 @@ class Authorize(GatewayAddon):
         self._tunnels.pop(client, None)
 
     @guarded
-    async def request(self, flow: http.HTTPFlow) -> None:
+    def request(self, flow: http.HTTPFlow) -> None:
         """Trailers of a buffered request are forwarded too: same rule as headers."""
         if flow.response or not flow.live or flow.request.trailers is None:
             return
@@ -126,7 +132,7 @@ class Authorize(GatewayAddon):
             raise Refused("caller not identified")
         gw = self.gateway
         req = flow.request
-        why = _malformed(req)
+        why, upgrade = _scan(req)
         if why is not None:
             refuse(flow, 400, "bad_request", why)
             return
@@ -141,7 +147,6 @@ class Authorize(GatewayAddon):
                 gw.check_authority(call, req.authority, tunnel)
                 if not (req.is_http2 or req.is_http3):  # HTTP/2's :authority stays
                     req.authority = ""  # origin-form upstream
-            upgrade = _upgrade(req)
             if upgrade and not websocket_upgrade(req.method, req.http_version,
                                                  req.headers.get_all("Upgrade")):
                 raise Refused("protocol upgrades other than WebSocket (h2c, …) are not "

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 
 from mitmproxy import http
 
@@ -100,39 +100,39 @@ class Inject(GatewayAddon):
                     handler.addFilter(_MaskSecrets(broker))
 
     @guarded
-    async def requestheaders(self, flow: http.HTTPFlow) -> None:
+    def requestheaders(self, flow: http.HTTPFlow) -> Awaitable[None] | None:
         if flow.response or not flow.live:
-            return
+            return None
         ex = exchange(flow)
         rule = ex.allowed_by
         if rule is None or (rule.secret is None and not ex.mcp_rules):
-            return
+            return None
         if ex.decision not in AUTHORIZED:
-            return
+            return None
         if ex.mcp_rules or (rule.approval and ex.decision != "approved"):
             # The rule that decides an MCP call (its tool) and a person's yes are
             # both known only in `request` hooks that run before ours: keep the
             # body whole so the headers can still change then.
             ex.secret_deferred = ex.buffer_body = True
-            return
-        await self._inject(flow, ex, rule)
+            return None
+        return self._inject(flow, ex, rule)  # awaited only on a rule with a secret
 
     @guarded
-    async def request(self, flow: http.HTTPFlow) -> None:
+    def request(self, flow: http.HTTPFlow) -> Awaitable[None] | None:
         ex = exchange(flow)
         deferred, ex.secret_deferred = ex.secret_deferred, False
         if not deferred or flow.response or not flow.live or ex.decision == "would_deny":
-            return  # would_deny (report mode): no rule allows it, so no secret
+            return None  # would_deny (report mode): no rule allows it, so no secret
         rule = ex.allowed_by  # for MCP: the rule that allowed this tool call
         if rule is None:  # deferred only on a rule: fail closed, never guess
             raise Refused("the call was not authorized; its secret was not added")
         if rule.secret is None:
-            return
+            return None
         if ex.decision not in AUTHORIZED or flow.request.stream:
             refuse_for(flow, Refused("the call was not authorized; its secret was not added",
                                      rule.id))
-            return
-        await self._inject(flow, ex, rule)
+            return None
+        return self._inject(flow, ex, rule)
 
     async def _inject(self, flow: http.HTTPFlow, ex: Exchange, rule: Rule) -> None:
         broker, req = self.broker, flow.request
@@ -171,7 +171,7 @@ class Inject(GatewayAddon):
 
     # -- responses --------------------------------------------------------------
     @guarded
-    async def responseheaders(self, flow: http.HTTPFlow) -> None:
+    def responseheaders(self, flow: http.HTTPFlow) -> None:
         resp = flow.response
         redactor = self.broker.redactor() if resp is not None else None
         if resp is None or redactor is None:

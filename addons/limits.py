@@ -24,7 +24,12 @@ Runs before any credential is seen:
   refusal. Here the refusal goes out at once and the body is never read: an
   HTTP/1 connection is answered with ``Connection: close``, half-closed, and
   closed for good :data:`LINGER_SECONDS` later (bytes that arrive meanwhile are
-  dropped as they come); an HTTP/2 stream is reset after its answer.
+  dropped as they come); an HTTP/2 stream is reset after its answer;
+- what an idle agent connection keeps: mitmproxy's HTTP layer keeps the layers of
+  every upstream connection it opened for the agent connection's whole life, closed
+  or not — for TLS upstreams their OpenSSL state, about half of what an idle
+  tunnel held (bench/memory.py). Once an upstream connection is closed its layers
+  are dropped; a later call opens a new one, as it would anyway.
 """
 
 from __future__ import annotations
@@ -38,9 +43,11 @@ from collections.abc import Generator
 from typing import Any
 
 from mitmproxy import connection, ctx, http
-from mitmproxy.proxy import commands, events
+from mitmproxy.connection import ConnectionState
+from mitmproxy.proxy import commands, events, layer
 from mitmproxy.proxy.layers.http import (
     ErrorCode,
+    HttpLayer,
     HttpStream,
     RequestData,
     ResponseHeaders,
@@ -184,6 +191,7 @@ def install_patches(addon: Limits) -> None:
     _patch_read_headers()
     _patch_request_headers()
     _patch_consume_request_body()
+    _patch_forget_closed_servers()
 
 
 def _patch_read_headers() -> None:
@@ -257,6 +265,23 @@ def _patch_consume_request_body() -> None:
             yield from _refuse_unread(self)
 
     HttpStream.state_consume_request_body = state_consume_request_body  # type: ignore[method-assign]
+
+
+def _patch_forget_closed_servers() -> None:
+    original = HttpLayer._handle_event
+
+    def _handle_event(self: Any, event: events.Event) -> Generator[commands.Command, Any, None]:
+        yield from original(self, event)
+        if isinstance(event, events.ConnectionClosed):
+            # The layers have answered the close (the server handler marks the
+            # connection CLOSED as it runs their CloseConnection); nothing is routed
+            # to a closed connection again, and a new call opens a new one.
+            conn = event.connection
+            if (conn is not self.context.client and conn.state is ConnectionState.CLOSED
+                    and isinstance(self.connections.get(conn), layer.Layer)):
+                del self.connections[conn]
+
+    HttpLayer._handle_event = _handle_event  # type: ignore[method-assign]
 
 
 def _refuse_unread(stream: Any) -> Generator[commands.Command, Any, None]:

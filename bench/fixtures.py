@@ -67,11 +67,12 @@ def make_files(root: Path, token_ttl: float = 3600) -> Files:
 
 
 def taskgate_config(files: Files, proxy_port: int, control_port: int, http_port: int,
-                    https_port: int, path_glob: str) -> dict[str, Any]:
+                    https_port: int, path_glob: str, methods: tuple[str, ...] = ("GET",)
+                    ) -> dict[str, Any]:
     """A trusted issuer and one workload whose standing rules admit the bench upstream:
     every call goes through identity, rule matching and the audit log."""
     home = files.root / "taskgate-home"
-    rule = {"methods": ["GET"], "paths": [path_glob]}
+    rule = {"methods": list(methods), "paths": [path_glob]}
     return {
         "version": 1,
         "listen": {"proxy": f"127.0.0.1:{proxy_port}", "control": f"127.0.0.1:{control_port}"},

@@ -1,11 +1,12 @@
 """The load generator: lean HTTP/1.1 keep-alive clients on asyncio streams (uvloop).
 
-A general-purpose client (aiohttp, httpx) spends more CPU per request than a
-proxy worth measuring, and on a 2-core machine every cycle it burns is taken
-from the proxy. This one does only what the benchmark needs: N persistent
-connections — direct, absolute-form through a proxy, or CONNECT + TLS through a
-proxy — each sending one request at a time and reading a ``Content-Length`` or
-chunked response. Every non-200 answer or broken connection is counted as an
+A general-purpose client (aiohttp, httpx) spends more CPU per request than a proxy worth
+measuring, and on a 2-core machine every cycle it burns is taken from the proxy. This
+one does only what the benchmark needs: N persistent connections — direct, absolute-form
+through a proxy, or CONNECT + TLS through a proxy — each sending one request at a time
+and reading a ``Content-Length`` or chunked response; or, with ``Target.per_call``, a
+new connection (and CONNECT, and TLS handshake) for every call, as agents and CLIs that
+do not keep connections do. Every non-200 answer or broken connection is counted as an
 error, so a misconfigured run can never pass as a fast one.
 """
 
@@ -30,6 +31,7 @@ class Target:
     proxy: tuple[str, int] | None = None
     proxy_authorization: str | None = None
     tls: ssl.SSLContext | None = None  # trust for the origin's (or the proxy's minted) cert
+    per_call: bool = False  # a new connection (CONNECT, TLS handshake) for every call
 
     def request_bytes(self) -> bytes:
         """The request as written on an established connection, reused for every call."""
@@ -38,6 +40,8 @@ class Target:
         target = f"http://{authority}{self.path}" if absolute else self.path
         lines = [f"GET {target} HTTP/1.1", f"Host: {authority}", "Accept: */*",
                  "User-Agent: taskgate-bench"]
+        if self.per_call:
+            lines.append("Connection: close")
         if absolute and self.proxy_authorization:
             lines.append(f"Proxy-Authorization: {self.proxy_authorization}")
         return ("\r\n".join(lines) + "\r\n\r\n").encode()
@@ -78,7 +82,18 @@ class Client:
             await self.writer.start_tls(t.tls, server_hostname=t.host)
 
     async def call(self) -> None:
-        """Send one request and read its whole response."""
+        """Send one request and read its whole response (per call: on a new connection,
+        closed after it)."""
+        if not self.target.per_call:
+            await self._call()
+            return
+        try:
+            await self.connect()
+            await self._call()
+        finally:
+            await self.close()
+
+    async def _call(self) -> None:
         reader, writer = self.reader, self.writer
         assert reader is not None and writer is not None
         writer.write(self.request)
@@ -98,9 +113,10 @@ class Client:
 
     async def close(self) -> None:
         if self.writer is not None:
-            self.writer.close()
+            writer, self.reader, self.writer = self.writer, None, None
+            writer.close()
             try:
-                await asyncio.wait_for(self.writer.wait_closed(), 2)
+                await asyncio.wait_for(writer.wait_closed(), 2)
             except (OSError, TimeoutError, ssl.SSLError):
                 pass
 
@@ -171,7 +187,8 @@ async def run_load(target: Target, *, total: int, warmup: int, concurrency: int,
     result = LoadResult()
     try:
         try:
-            await asyncio.wait_for(asyncio.gather(*(c.connect() for c in clients)), 20)
+            if not target.per_call:  # per call: each call connects (and counts the time)
+                await asyncio.wait_for(asyncio.gather(*(c.connect() for c in clients)), 20)
         except (ClientError, OSError, TimeoutError, ssl.SSLError,
                 asyncio.IncompleteReadError) as e:
             result.errors = concurrency

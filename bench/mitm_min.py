@@ -2,10 +2,12 @@
 
 ``python -m bench.mitm_min CONFIG PORT HOME`` reads the taskgate config the benchmark
 wrote, and runs exactly what ``taskgate run`` embeds (proxyserver, next_layer,
-tlsconfig, disable_h2c, with :func:`proxy.server.mitm_options`, on uvloop) but
-none of taskgate's addons. taskgate against this row is the cost of identity,
-rules and audit alone; against plain mitmdump, the cost of the whole product.
-Like taskgate, it settles its heap (:func:`proxy.server.settle_heap`) once running.
+tlsconfig, disable_h2c, with :func:`proxy.server.mitm_options`, on uvloop, with the
+same hook table, addons/_hooks.py) but none of taskgate's addons. taskgate against
+this row is the cost of identity, rules and audit alone; against plain mitmdump, the
+cost of the whole product.
+Like taskgate, it settles its heap (:func:`proxy.server.settle_heap`) once running and
+trims it (:func:`proxy.server.trim_heap`).
 """
 
 from __future__ import annotations
@@ -20,9 +22,10 @@ from mitmproxy import options
 from mitmproxy.addons import disable_h2c, next_layer, proxyserver, tlsconfig
 from mitmproxy.master import Master
 
+from addons import HookTable
 from proxy.config import load_config
 from proxy.gateway import trust_bundle
-from proxy.server import ensure_ca, mitm_options, settle_heap
+from proxy.server import ensure_ca, mitm_options, settle_heap, trim_heap
 
 __all__ = ["main"]
 
@@ -40,13 +43,18 @@ async def serve(config_path: str, port: int, home: str) -> None:
     ensure_ca(config)
     opts = options.Options()
     master = Master(opts, event_loop=asyncio.get_running_loop())
+    HookTable.install(master)  # as taskgate's master does (addons/_hooks.py)
     master.addons.add(proxyserver.Proxyserver(), next_layer.NextLayer(),
                       tlsconfig.TlsConfig(), disable_h2c.DisableH2C(), Settle())
     opts.update(**mitm_options(config, trust_bundle(config)))
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, master.shutdown)
-    await master.run()
+    trimmer = asyncio.create_task(trim_heap())  # as taskgate does
+    try:
+        await master.run()
+    finally:
+        trimmer.cancel()
 
 
 def main(argv: list[str]) -> int:

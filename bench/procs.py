@@ -87,11 +87,14 @@ class Proc:
 
 
 def start_upstream(cert: Path, key: Path, body_bytes: int, log_dir: Path,
-                   timeout: float = 20) -> tuple[subprocess.Popen[bytes], int, int]:
+                   timeout: float = 20, keepalive: float | None = None
+                   ) -> tuple[subprocess.Popen[bytes], int, int]:
     """Start ``bench.upstream``; return it with its HTTP and HTTPS ports."""
     log = open(log_dir / "upstream.log", "wb")  # noqa: SIM115 - the child owns it
+    extra = [] if keepalive is None else [str(keepalive)]
     popen = subprocess.Popen([sys.executable, "-m", "bench.upstream", str(cert), str(key),
-                              str(body_bytes)], env=child_env(), stdout=subprocess.PIPE,
+                              str(body_bytes), *extra], env=child_env(),
+                             stdout=subprocess.PIPE,
                              stderr=log, stdin=subprocess.DEVNULL)
     log.close()
     assert popen.stdout is not None

@@ -60,18 +60,30 @@ class WorkQueue[T]:
             self._items.append(item)
             self._cond.notify()
 
+    def put_all(self, items: list[T]) -> None:
+        """Queue ``items`` with one wake-up of the consumer."""
+        with self._cond:
+            self._items.extend(items)
+            self._cond.notify()
+
     def close(self) -> None:
         """No more items; the consumer drains what is queued, then ``take`` gives None."""
         with self._cond:
             self.closing = True
             self._cond.notify()
 
-    def take(self) -> list[T] | None:
-        """Block until items wait (all of them), or ``None`` once closed and drained."""
+    def take(self, timeout: float | None = None) -> list[T] | None:
+        """Block until items wait (all of them), or ``None`` once closed and drained;
+        with ``timeout``, an empty list when nothing came in that many seconds."""
         with self._cond:
-            while not self._items and not self.closing:
-                self._cond.wait()
+            if timeout is None:
+                while not self._items and not self.closing:
+                    self._cond.wait()
+            elif not self._items and not self.closing:
+                self._cond.wait(timeout)
             batch, self._items = self._items, []
+            if not batch and not self.closing:
+                return []
         return batch or None
 
     def drain(self) -> list[T]:
@@ -86,14 +98,31 @@ class WorkQueue[T]:
 
 
 def consume[T](worker: str, queue: WorkQueue[T], handle: Callable[[list[T]], None],
-               failed: Callable[[list[T], BaseException], None]) -> None:
+               failed: Callable[[list[T], BaseException], None],
+               idle: Callable[[], float | None] | None = None) -> None:
     """A worker thread's loop: ``handle`` each batch until the queue is closed and drained.
 
     A batch whose ``handle`` raises is logged, counted, and given to ``failed``
     (which must settle its futures with an error); the loop goes on with the
     next batch. ``failed`` raising too is logged and counted, never fatal.
+    ``idle`` (work left over from the batches, such as the audit head) runs before
+    each wait and says how long the queue may stay quiet before it runs again
+    (``None``: until the next batch); its exceptions are logged and counted too.
     """
-    while (batch := queue.take()) is not None:
+    while True:
+        timeout = None
+        if idle is not None:
+            try:
+                timeout = idle()
+            except Exception:  # noqa: BLE001 - the worker outlives its own bugs
+                FAILURES.add(worker)
+                log.exception("background worker %s failed between batches; it goes on",
+                              worker)
+        batch = queue.take(timeout)
+        if batch is None:
+            return
+        if not batch:
+            continue
         try:
             handle(batch)
         except Exception as e:  # noqa: BLE001 - the worker outlives any one batch

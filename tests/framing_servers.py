@@ -2,7 +2,8 @@
 
 ``RawH1`` is an HTTP/1.1 server on a raw socket that parses request heads one after
 another exactly as a lenient origin would (no framing header: no body), records
-every head it parses, and can answer chunked with trailers. ``H2Upstream`` is an
+every head it parses, can answer chunked with trailers, and closes the connection
+after answering a target with ``close=1``. ``H2Upstream`` is an
 HTTP/2 server (h2 library) that records requests and echoes streams. ``H2Client``
 speaks HTTP/2 through a CONNECT tunnel of the gateway. Every wait is bounded.
 """
@@ -138,6 +139,8 @@ class RawH1:
                     conn.sendall(b"0\r\n\r\n")
                 else:
                     conn.sendall(self._answer(head))
+                if "close=1" in head.target:  # closes as an idle server would, unannounced
+                    return
 
     def _answer(self, head: Head) -> bytes:
         info = json.dumps({"method": head.method, "path": head.target,

@@ -51,3 +51,38 @@ def test_bench_workers_smoke() -> None:
     for workers in (1, 2):  # every call audited, by the worker that served it
         assert re.search(rf"^audit workers={workers}: (\d+) 'allow' records for \1 calls "
                          r"\(.*\): OK$", out, re.M), out
+def test_bench_smoke_connection_per_call() -> None:
+    """Every call its own CONNECT and TLS handshakes: the mode runs, counts and audits."""
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "bench" / "run.py"), "--requests", "20", "--warmup", "4",
+         "--concurrency", "2", "--rounds", "1", "--duration", "20", "--schemes", "https",
+         "--proxies", "mitmdump,taskgate", "--connection-per-call"],
+        capture_output=True, text=True, timeout=180, cwd=REPO)
+    out = proc.stdout
+    assert proc.returncode == 0, out + proc.stderr
+    assert "a new one per call (CONNECT + TLS for https)" in out, out
+    for via in ("direct", "mitmdump", "taskgate"):
+        row = re.search(ROW.format(scheme="https", via=via), out, re.M)
+        assert row is not None and int(row.group(1)) > 0, f"no https {via} row in:\n{out}"
+    assert re.search(r"^ratio taskgate/mitmdump\s+https: \d+\.\d+x req/s .*target >= 1\.0x",
+                     out, re.M), out
+    audit = re.search(r"^audit: +(\d+) records, (\d+) 'allow', for (\d+) calls .*: OK$",
+                      out, re.M)
+    assert audit is not None and int(audit.group(1)) == 20 + 4, out
+
+
+def test_memory_bench_smoke() -> None:
+    """Idle connections held and counted, streamed transfers measured, calls audited."""
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "bench" / "memory.py"), "--connections", "40",
+         "--parallel", "8", "--transfer-bytes", str(16 << 20), "--settle", "2"],
+        capture_output=True, text=True, timeout=180, cwd=REPO)
+    out = proc.stdout
+    assert proc.returncode == 0, out + proc.stderr
+    held = re.search(r"^idle +40 held: proxy RSS (\d+) MB .*; (\d+)/(\d+) sampled still answer: "
+                     r"target <= 1024 MB met$", out, re.M)
+    assert held is not None and held.group(2) == held.group(3), out
+    for kind in ("upload", "download"):
+        assert re.search(rf"^{kind} +16 MB in .*target \+<= 64 MB met$", out, re.M), out
+    assert re.search(r"^audit: +(\d+) 'allow' records for \1 calls through taskgate: OK$",
+                     out, re.M), out

@@ -19,10 +19,13 @@ therefore breaks the chain where the next file starts, and the whole set
 begins at ``seq`` 1 with ``prev`` :data:`GENESIS`. ``proxy/audit/_verify.py``
 checks it; ``proxy/audit/_query.py`` reads it.
 
-Head (``proxy/audit/_head.py``): after every batch the writer records the last
-seq and hash in ``<path>.head``, so records cut from the end are detected too,
-and the same in the state store (``AuditAnchor``, proxy/audit/_anchor.py), where the
-log's own folder cannot roll it back.
+Head (``proxy/audit/_head.py``): the writer records the last seq and hash in
+``<path>.head``, so records cut from the end are detected too, and the same in the
+state store (``AuditAnchor``, proxy/audit/_anchor.py), where the log's own folder
+cannot roll it back. Both trail the log by at most :data:`HEAD_LAG_SECONDS`: a
+batch written more than that after the last head write records it at once; a
+later one marks it due, and the writer records it when the lag is up, whether or
+not more records came (on close, always).
 
 Values: every value is made encodable before it is chained (:func:`clean`, in
 :func:`new_record` and again in the writer, for records changed after it). A
@@ -88,7 +91,7 @@ FIELDS = (
 )
 DECISIONS = ("allow", "deny", "error", "approved", "rejected", "held", "would_deny")
 GENESIS = "0" * 64
-HEAD_LAG_SECONDS = 0.1  # under load, how far the chain head may trail the log
+HEAD_LAG_SECONDS = 0.1  # how far the chain head (file and anchor) may trail the log
 REDACTED = "REDACTED"
 MAX_DEPTH = 32  # nesting a record keeps (orjson refuses past 254)
 TOO_DEEP = "[nested too deep; not recorded]"
@@ -318,6 +321,8 @@ class AuditLog:
         self._suspect = False  # a failed write may have left part of a batch behind
         self._fd: int | None = None
         self._queue: WorkQueue[tuple[dict[str, Any], asyncio.Future[None]]] = WorkQueue()
+        # Records of the current loop iteration, handed to the writer at its end.
+        self._pending: list[tuple[dict[str, Any], asyncio.Future[None]]] = []
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._watchdog: asyncio.Task[None] | None = None
@@ -331,11 +336,15 @@ class AuditLog:
         self._head_failed = False
         self._head_written = False  # by this process: then synced again on close
         self._head_at = 0.0  # monotonic time of the last head write
+        self._head_due = False  # records were written since the last head write
+        self._ended: threading.Thread | None = None  # the writer thread that last ended
 
     # -- health -------------------------------------------------------------------
     @property
     def writer_alive(self) -> bool:
-        return self._thread is None or self._thread.is_alive() or self._queue.closing
+        # Asked on every call: the thread says when it ends (``_run``), cheaper than
+        # Thread.is_alive (a lock); the watchdog still asks the thread itself.
+        return self._thread is None or self._ended is not self._thread or self._queue.closing
 
     @property
     def stalled(self) -> bool:
@@ -486,13 +495,24 @@ class AuditLog:
         if not self.writer_alive or self.stalled:
             raise Unavailable("the audit log is not answering; the call was refused")
         fut = self._loop.create_future()
-        self._queue.put((record, fut))
+        if not self._pending:
+            self._loop.call_soon(self._hand_over)
+        self._pending.append((record, fut))
         await fut
+
+    def _hand_over(self) -> None:
+        """The records of one loop iteration go to the writer together: one wake-up of
+        its thread per iteration, not one per record (each cost a thread switch)."""
+        batch, self._pending = self._pending, []
+        if batch:
+            self._queue.put_all(batch)
 
     def _run(self) -> None:
         try:
-            consume("audit", self._queue, self._write_batch, self._batch_failed)
+            consume("audit", self._queue, self._write_batch, self._batch_failed,
+                    idle=self._head_if_due)
         finally:  # the thread ends at close only: refuse its waiting calls now
+            self._ended = threading.current_thread()
             if not self._queue.closing and self._loop is not None:
                 FAILURES.add("audit")
                 log.error("the audit writer thread stopped; its waiting calls are refused")
@@ -570,13 +590,29 @@ class AuditLog:
         assert self._loop is not None
         self._loop.call_soon_threadsafe(self._settle, batch, results)
         if self._ok:  # after the callers were released: they wait on the log only
-            more = not self._queue.empty()
-            now = time.monotonic()
-            # Under load the next batch is already waiting: the head follows it, at
-            # least every HEAD_LAG_SECONDS (and on close), not after every batch.
-            if not more or now - self._head_at >= HEAD_LAG_SECONDS:
-                self._head_at = now
-                self._write_head()
+            self._head_due = True
+            # Rewriting the head file and the anchor after every batch cost more than
+            # the records (profile: bench/README.md): they follow within HEAD_LAG_SECONDS.
+            if time.monotonic() - self._head_at >= HEAD_LAG_SECONDS:
+                self._record_head()
+
+    def _record_head(self) -> None:
+        self._head_at, self._head_due = time.monotonic(), False
+        self._write_head()
+
+    def _head_if_due(self) -> float | None:
+        """Between batches: record the head once its lag is up; how long until then."""
+        if not self._head_due or not self._ok:
+            return None
+        left = HEAD_LAG_SECONDS - (time.monotonic() - self._head_at)
+        if left > 0:
+            return left
+        self._busy_since = time.monotonic()  # a hanging head write is a stall too
+        try:
+            self._record_head()
+        finally:
+            self._busy_since = None
+        return None
 
     def _batch_failed(self, batch: list[tuple[dict[str, Any], asyncio.Future[None]]],
                       error: BaseException) -> None:
@@ -631,13 +667,15 @@ class AuditLog:
             self._stall_reported = False
 
     def _fail_waiting(self, reason: str) -> None:
-        waiting = list(self._inflight or ()) + self._queue.drain()
+        waiting = list(self._inflight or ()) + self._queue.drain() + self._pending
+        self._pending = []
         for _, fut in waiting:
             if not fut.done():
                 fut.set_exception(Unavailable(reason))
 
     async def close(self) -> None:
         """Write what is queued, then close the file."""
+        self._hand_over()
         self._queue.close()
         if self._watchdog is not None:
             self._watchdog.cancel()

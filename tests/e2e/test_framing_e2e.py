@@ -506,3 +506,22 @@ def test_gateway_healthy_after(gw: Gateway, raw_tls: RawH1, tok: str) -> None:
     assert gw.proc is not None and gw.proc.poll() is None
     assert "Traceback" not in gw.output() and "NotImplementedError" not in gw.output()
     assert os.path.exists(gw.audit_path)
+
+
+def test_a_tunnel_outlives_the_upstream_connections_it_used(gw: Gateway, raw_tls: RawH1,
+                                                             tok: str) -> None:
+    """An upstream closes each connection after its answer: the gateway drops the closed
+    connection (its TLS state is not kept for the tunnel's life, addons/limits.py) and
+    the next call on the same tunnel opens a new one."""
+    s = _raw_tls(gw, raw_tls.port, tok, ["http/1.1"])
+    try:
+        for i in range(3):
+            s.sendall(f"GET /allowed/closing-{i}?close=1 HTTP/1.1\r\n"
+                      f"Host: 127.0.0.1:{raw_tls.port}\r\n\r\n".encode())
+            head, body, _ = _read_http1(s)
+            assert head.startswith(b"HTTP/1.1 200"), head
+            assert f"closing-{i}" in body.decode()
+            time.sleep(0.3)  # the upstream's close reaches the gateway before the next call
+    finally:
+        s.close()
+    assert len({h.conn for h in _heads_for(raw_tls, "/allowed/closing-")}) == 3
