@@ -5,7 +5,13 @@ connection limits, metrics, upstream trust, signals, and the builder of every se
 from __future__ import annotations
 
 from proxy.gateway._build import Services, build
-from proxy.gateway._core import REQUEST_ID_HEADER, Gateway, new_request_id, refusal_body
+from proxy.gateway._core import (
+    REQUEST_ID_HEADER,
+    Gateway,
+    new_request_id,
+    refusal_body,
+    refusal_message,
+)
 from proxy.gateway._egress import EgressGuard, OwnAddresses, local_addresses
 from proxy.gateway._exchange import ApprovedAs, Exchange, Tunnel
 from proxy.gateway._framing import h1_request_framing, trailer_fields
@@ -32,6 +38,7 @@ __all__ = [
     "local_addresses",
     "new_request_id",
     "refusal_body",
+    "refusal_message",
     "stop_signals",
     "trailer_fields",
     "trust_bundle",

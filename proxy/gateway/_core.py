@@ -34,7 +34,13 @@ from proxy.policy import (
 )
 from proxy.tasks import Policy
 
-__all__ = ["REQUEST_ID_HEADER", "Gateway", "new_request_id", "refusal_body"]
+__all__ = [
+    "REQUEST_ID_HEADER",
+    "Gateway",
+    "new_request_id",
+    "refusal_body",
+    "refusal_message",
+]
 
 log = logging.getLogger(__name__)
 
@@ -45,9 +51,27 @@ def new_request_id() -> str:
     return uuid.uuid4().hex
 
 
+REFUSAL_TYPE = "taskgate_refusal"
+
+
+def refusal_message(reason: str, request_id: str) -> str:
+    """The one sentence a client shows for a refusal: the reason and the request id,
+    so an agent (or its LLM) can adapt and a person can find the audit record."""
+    return f"taskgate: {reason} (request id {request_id})"
+
+
 def refusal_body(error: str, reason: str, request_id: str, **extra: Any) -> bytes:
-    """The JSON body of every refusal: machine-readable, and readable by an LLM."""
-    return orjson.dumps({"error": error, "reason": reason, "request_id": request_id, **extra})
+    """The JSON body of every data-plane refusal: machine-readable, and readable by an LLM.
+
+    ``error`` is an object in the shape the LLM SDKs read (OpenAI's and Anthropic's
+    ``{"error": {"type", "code", "message"}}``): the openai SDK puts only
+    ``error.message`` into its exception's text, so the message carries the reason and
+    the request id. ``reason`` and ``request_id`` stay at the top level too.
+    """
+    return orjson.dumps({
+        "error": {"type": REFUSAL_TYPE, "code": error,
+                  "message": refusal_message(reason, request_id), "request_id": request_id},
+        "reason": reason, "request_id": request_id, **extra})
 
 
 class Gateway:

@@ -58,7 +58,7 @@ TRANSPORTS = {"http": plain_call, "connect": connect_call}
 def check_407(gateway: Gateway, upstream: Upstream, reply: Reply, reason: str,
               seen_before: int) -> None:
     data = assert_refusal(reply.status, reply.headers, reply.body, 407, reason)
-    assert data["error"] == "proxy_authentication_required"
+    assert data["error"]["code"] == "proxy_authentication_required"
     assert len(upstream.seen) == seen_before
     (rec,) = gateway.records_for(data["request_id"])
     assert rec["status"] == 407 and rec["decision"] == "deny"

@@ -330,7 +330,7 @@ def test_provider_down_is_a_502_naming_the_secret(world: World) -> None:
     r = get(world, world.https("/down/echo"))
     assert r.status_code == 502, r.text
     body = r.json()
-    assert body["error"] == "secret_unavailable"
+    assert body["error"]["code"] == "secret_unavailable"
     assert body["reason"] == ("secret 'oauth-down' is unavailable: the provider could not be "
                               "reached")
     assert body["request_id"] == r.headers["x-taskgate-request-id"]

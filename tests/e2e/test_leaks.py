@@ -375,7 +375,7 @@ def test_buffered_bomb_on_an_injected_call_is_refused_quickly(world: World, bomb
     elapsed = time.monotonic() - t0
     th.join(30)
     body = assert_refusal(r.status_code, r.headers, r.content, 502, "too large")
-    assert body["error"] == "secret_unredactable"
+    assert body["error"]["code"] == "secret_unredactable"
     assert elapsed < 5, elapsed
     assert done["plain"] < 5, done
     assert _rss_kb(world.gw.proc.pid) < 600 * 1024  # never the decoded gigabyte

@@ -95,7 +95,8 @@ def test_407_flood_is_summarized_not_written_line_by_line(
         with gw.client(None) as c:
             for _ in range(flood):
                 r = c.get(url)
-                assert r.status_code == 407 and r.json()["error"] == "proxy_authentication_required"
+                assert r.status_code == 407
+                assert r.json()["error"]["code"] == "proxy_authentication_required"
                 assert r.json()["request_id"] == r.headers["x-taskgate-request-id"]
                 ids.append(r.headers["x-taskgate-request-id"])
         other = call_from(gw, "127.0.0.2", None, upstream)

@@ -138,5 +138,5 @@ def refusal(f: http.HTTPFlow, status: int, error: str | None = None) -> dict[str
     assert doc["reason"] and doc["reason"] == ex.reason
     assert ex.status == status and ex.decision in ("deny", "error", "rejected")
     if error is not None:
-        assert doc["error"] == error
+        assert doc["error"]["code"] == error
     return doc
