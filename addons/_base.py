@@ -24,6 +24,8 @@ from proxy.gateway import (
     Exchange,
     Gateway,
     Services,
+    grpc_refusal,
+    is_grpc,
     new_request_id,
     refusal_body,
 )
@@ -80,6 +82,13 @@ def refuse(flow: http.HTTPFlow, status: int, error: str, reason: str,
         with contextlib.suppress(ValueError):
             ex.host = canonical_host(ex.host)
     flow.request.stream = False
+    content_type = flow.request.headers.get("content-type")
+    if is_grpc(content_type):  # a gRPC client reads grpc-status, not HTTP's status
+        flow.response = http.Response.make(200, b"", {
+            "Content-Type": content_type or "application/grpc",
+            REQUEST_ID_HEADER: ex.request_id, **grpc_refusal(status, reason, ex.request_id),
+            **(headers or {})})
+        return
     flow.response = http.Response.make(
         status,
         refusal_body(error, reason, ex.request_id),

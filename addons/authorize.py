@@ -87,7 +87,7 @@ class Authorize(GatewayAddon):
             refuse(flow, 403, "forbidden", decision.reason)
             return
         self._tunnels[flow.client_conn] = Tunnel(
-            ex.caller, canonical_host(flow.request.host), flow.request.port)
+            ex.caller, canonical_host(flow.request.host), flow.request.port, ex.request_id)
 
     def client_disconnected(self, client: connection.Client) -> None:
         # At once, not when the connection object is collected: a flow still running

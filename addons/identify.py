@@ -42,7 +42,7 @@ class Identify(GatewayAddon):
             return
         ex = exchange(flow)
         self.gateway.begin(ex)
-        tunnel = tunnel_of(flow.client_conn)
+        tunnel = ex.tunnel = tunnel_of(flow.client_conn)  # its record names the CONNECT
         try:
             credential = _credential(flow)
             if tunnel is not None:

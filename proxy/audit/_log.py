@@ -81,7 +81,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 FIELDS = (
-    "ts", "seq", "request_id", "workload", "task", "owner", "client", "method",
+    "ts", "seq", "request_id", "connect_id", "workload", "task", "owner", "client", "method",
     "scheme", "host", "port", "upstream_ip", "path", "tool", "decision", "rule", "reason",
     "secret", "approval", "status", "bytes_in", "bytes_out", "duration_ms", "prev", "hash",
 )

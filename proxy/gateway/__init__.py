@@ -6,8 +6,11 @@ from __future__ import annotations
 
 from proxy.gateway._build import Services, build
 from proxy.gateway._core import (
+    GRPC_STATUS,
     REQUEST_ID_HEADER,
     Gateway,
+    grpc_refusal,
+    is_grpc,
     new_request_id,
     refusal_body,
     refusal_message,
@@ -26,6 +29,7 @@ __all__ = [
     "EgressGuard",
     "Exchange",
     "FailureThrottle",
+    "GRPC_STATUS",
     "Gateway",
     "METRICS_CONTENT_TYPE",
     "OwnAddresses",
@@ -34,7 +38,9 @@ __all__ = [
     "Tunnel",
     "build",
     "client_key",
+    "grpc_refusal",
     "h1_request_framing",
+    "is_grpc",
     "local_addresses",
     "new_request_id",
     "refusal_body",

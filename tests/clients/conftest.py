@@ -15,10 +15,12 @@ import os
 import ssl
 import time
 from collections.abc import Iterator
+from concurrent import futures
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import grpc
 import pytest
 import trustme
 from aiohttp import web
@@ -98,6 +100,23 @@ class ApiUpstream(Upstream):
             ("message_stop", {"type": "message_stop"})])
 
 
+def grpc_echo(cert: trustme.LeafCert) -> tuple[grpc.Server, int]:
+    """A gRPC server over TLS: ``/grpc.Echo/Say`` (allowed by the rules) answers with
+    what it got, ``/grpc.Echo/Forbidden`` (no rule) would too, were it reached."""
+    def echo(request: bytes, _context: grpc.ServicerContext) -> bytes:
+        return b"echo:" + request
+
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+    handler = grpc.unary_unary_rpc_method_handler(echo)
+    server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler(
+        "grpc.Echo", {"Say": handler, "Forbidden": handler})])
+    creds = grpc.ssl_server_credentials([(cert.private_key_pem.bytes(),
+                                          cert.cert_chain_pems[0].bytes())])
+    port = server.add_secure_port("127.0.0.1:0", creds)
+    server.start()
+    return server, port
+
+
 @dataclass
 class World:
     """What every client test uses: the gateway, the upstream, an agent's token."""
@@ -106,6 +125,7 @@ class World:
     upstream: ApiUpstream
     token: str
     upstream_ca: Path
+    grpc_port: int
 
     @property
     def origin(self) -> str:
@@ -147,19 +167,23 @@ def world(tmp_path_factory: pytest.TempPathFactory, shared_files: dict[str, Path
     ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     cert.configure_cert(ctx)
     up = ApiUpstream(ctx).start()
+    grpc_server, grpc_port = grpc_echo(cert)
     cfg = base_config(shared_files, up)
     cfg["workloads"][next(iter(cfg["workloads"]))]["standing"] = [
         {"id": "api", "host": "localhost", "allow_private": True, "port": up.https_port,
          "methods": ["GET", "POST", "HEAD"], "paths": ALLOWED_PATHS},
+        {"id": "grpc", "host": "localhost", "allow_private": True, "port": grpc_port,
+         "methods": ["POST"], "paths": ["/grpc.Echo/Say"]},
         {"id": "plain", "host": "127.0.0.1", "port": up.http_port, "scheme": "http",
          "methods": ["GET"], "paths": ["/allowed/**"]},
     ]
     gw = Gateway(tmp_path_factory.mktemp("clients-gw"), cfg).start()
     try:
-        yield World(gw, up, keys.token(ttl=3600), shared_files["upstream_ca"])
+        yield World(gw, up, keys.token(ttl=3600), shared_files["upstream_ca"], grpc_port)
     finally:
         gw.stop()
         up.stop()
+        grpc_server.stop(None)
 
 
 def incremental(stamps: list[float]) -> bool:

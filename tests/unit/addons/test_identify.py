@@ -119,3 +119,17 @@ async def test_without_authorize_loaded_every_call_shows_a_credential(
         inner.client_conn = tunnel.client_conn
         await identify.requestheaders(inner)
     refusal(inner, 407)
+
+
+async def test_a_grpc_call_without_a_credential_is_refused_unauthenticated(
+        svc: Services) -> None:
+    """A gRPC client reads grpc-status: 407 becomes UNAUTHENTICATED (16), in an HTTP 200."""
+    f = request("POST", "https://api.example/pkg.Svc/Call", content=b"\0\0\0\0\0",
+                Content_Type="application/grpc")
+    with taddons.context(Identify(svc), Authorize(svc)):
+        await Identify(svc).requestheaders(f)
+    assert f.response is not None and f.response.status_code == 200
+    assert f.response.headers["grpc-status"] == "16"
+    assert "no proxy credential" in f.response.headers["grpc-message"]
+    assert exchange(f).request_id in f.response.headers["grpc-message"]
+    assert f.response.content == b"" and exchange(f).decision == "deny"
