@@ -187,5 +187,7 @@ def world(tmp_path_factory: pytest.TempPathFactory, shared_files: dict[str, Path
 
 
 def incremental(stamps: list[float]) -> bool:
-    """Did the events arrive as sent (``GAP`` apart), not all at once at the end?"""
-    return len(stamps) >= 2 and stamps[-1] - stamps[0] >= GAP * (len(stamps) - 1) * 0.6
+    """Did the events arrive as sent (``GAP`` apart), not all at once at the end? A
+    buffered answer delivers them within milliseconds; a loaded machine may delay one
+    event onto the next, so one gap's worth of spread is the test."""
+    return len(stamps) >= 2 and stamps[-1] - stamps[0] >= GAP * 0.75
