@@ -110,11 +110,14 @@ def tool_error(flow: http.HTTPFlow, decision: McpDecision, verdict: str = "deny"
         {"Content-Type": "application/json", REQUEST_ID_HEADER: ex.request_id})
 
 
-def refuse_for(flow: http.HTTPFlow, exc: BaseException) -> None:
-    """Refuse with the status the core's exception tree maps ``exc`` to."""
+def refuse_for(flow: http.HTTPFlow, exc: BaseException, *, challenge: bool = False) -> None:
+    """Refuse with the status the core's exception tree maps ``exc`` to. A 407 to a
+    call that showed no credential at all (``challenge``) is recorded as
+    ``challenge``, not ``deny``: git and libcurl clients probe without one first."""
     status, error, reason = status_for(exc)
     headers = {"Proxy-Authenticate": 'Basic realm="taskgate"'} if status == 407 else None
-    refuse(flow, status, error, reason, headers)
+    refuse(flow, status, error, reason, headers,
+           decision="challenge" if challenge and status == 407 else "deny")
 
 
 def guarded(hook: Hook) -> Hook:

@@ -29,12 +29,13 @@ class Identify(GatewayAddon):
             return
         ex = exchange(flow)
         ex.method = "CONNECT"
+        shown = "Proxy-Authorization" in flow.request.headers  # else a 407 is a challenge
         try:
             # Identify, then check the grant: a refused caller is still named in the record.
             ex.caller = await self.gateway.identity.identify(_credential(flow))
             self.gateway.policy.check(ex.caller)
         except TaskgateError as e:
-            refuse_for(flow, e)
+            refuse_for(flow, e, challenge=not shown)
 
     @guarded
     async def requestheaders(self, flow: http.HTTPFlow) -> None:
@@ -43,6 +44,7 @@ class Identify(GatewayAddon):
         ex = exchange(flow)
         self.gateway.begin(ex)
         tunnel = ex.tunnel = tunnel_of(flow.client_conn)  # its record names the CONNECT
+        shown = "Proxy-Authorization" in flow.request.headers  # else a 407 is a challenge
         try:
             credential = _credential(flow)
             if tunnel is not None:
@@ -52,7 +54,7 @@ class Identify(GatewayAddon):
                 ex.caller = await self.gateway.identity.identify(credential)
                 self.gateway.policy.check(ex.caller)
         except TaskgateError as e:
-            refuse_for(flow, e)
+            refuse_for(flow, e, challenge=not shown and tunnel is None)
 
 
 addons = [Identify()]

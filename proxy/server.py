@@ -31,6 +31,7 @@ from proxy import __version__
 from proxy.config import Config
 from proxy.control import ControlSite, ControlState, make_app
 from proxy.gateway import Services, build, stop_signals
+from proxy.identity import ENV_VAR as ADMIN_TOKEN_VAR
 from proxy.identity import admin_token
 
 __all__ = ["ensure_ca", "mitm_options", "run", "serve", "settle_heap"]
@@ -174,11 +175,14 @@ async def _serve(services: Services, ca_cert: str, handled: list[int]) -> int:
         pport = addrs[0][1] if addrs else config.proxy_listen[1]
         bound = runner.addresses
         cport_bound = bound[0][1] if bound else cport
+        # With TASKGATE_ADMIN_TOKEN set no token file is made: say where it came from.
+        token_from = (f"from ${ADMIN_TOKEN_VAR}" if os.environ.get(ADMIN_TOKEN_VAR)
+                      else os.path.abspath(token_path))
         print(f"taskgate {__version__} running\n"
               f"  proxy:         http://{config.proxy_listen[0]}:{pport}\n"
               f"  control plane: http://{chost}:{cport_bound}\n"
               f"  CA cert:       {os.path.abspath(ca_cert)}\n"
-              f"  admin token:   {os.path.abspath(token_path)}\n"
+              f"  admin token:   {token_from}\n"
               f"  audit log:     {os.path.abspath(config.audit_path)}\n"
               f"  config:        {config.source}", flush=True)
 

@@ -85,7 +85,7 @@ FIELDS = (
     "scheme", "host", "port", "upstream_ip", "path", "tool", "decision", "rule", "reason",
     "secret", "approval", "status", "bytes_in", "bytes_out", "duration_ms", "prev", "hash",
 )
-DECISIONS = ("allow", "deny", "error", "approved", "rejected", "held")
+DECISIONS = ("allow", "deny", "error", "approved", "rejected", "held", "challenge")
 GENESIS = "0" * 64
 HEAD_LAG_SECONDS = 0.1  # under load, how far the chain head may trail the log
 REDACTED = "REDACTED"

@@ -82,7 +82,7 @@ def _header() -> str:
 def _logs_setup(p: argparse.ArgumentParser) -> None:
     p.add_argument("--task", help="only this task id")
     p.add_argument("--workload", help="only this workload id")
-    p.add_argument("--decision", help="allow, deny, error, approved, rejected, held "
+    p.add_argument("--decision", help="allow, deny, error, approved, rejected, held, challenge "
                                       "(comma-separated for several)")
     p.add_argument("--host", help="only calls to this host")
     p.add_argument("--tool", help="only MCP/JSON-RPC calls of this tool")
@@ -131,7 +131,8 @@ def main_logs(args: argparse.Namespace) -> int:
 
 
 def _verify_setup(parent: argparse.ArgumentParser) -> None:
-    sub = parent.add_subparsers(dest="action", required=True, metavar="ACTION")
+    sub = parent.add_subparsers(dest="action", required=True, metavar="ACTION",
+                                help="the audit log tool to run")
     p = sub.add_parser("verify", help="check the hash chain, across rotated files",
                        description="Check the audit log's hash chain. Exit 0 when intact, "
                                    "1 naming the first damage, 2 on a usage error.")

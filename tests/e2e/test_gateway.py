@@ -264,7 +264,7 @@ def test_connect_407_record_fields(gateway: Gateway, upstream: Upstream) -> None
     (rec,) = gateway.records_for(data["request_id"])
     assert (rec["method"], rec["scheme"], rec["host"], rec["port"], rec["path"]) == (
         "CONNECT", None, "localhost", upstream.https_port, None)
-    assert rec["decision"] == "deny" and rec["status"] == 407
+    assert rec["decision"] == "challenge" and rec["status"] == 407  # no credential shown
     assert rec["bytes_out"] == len(reply.body)
 
 
