@@ -38,15 +38,28 @@ GAP = 0.4  # seconds between two events: long enough to tell streaming from buff
 
 class ApiUpstream(Upstream):
     """The test upstream plus the two LLM APIs, each streaming ``EVENTS`` events
-    ``GAP`` seconds apart when asked to (``"stream": true``)."""
+    ``GAP`` seconds apart when asked to (``"stream": true``), and files under
+    ``files`` (a git repository served the "dumb" way, a pip simple index)."""
+
+    files: Path
 
     def app(self) -> web.Application:
         app = web.Application()
+        for top in ("repo.git", "simple", "packages"):
+            app.router.add_get(f"/{top}/{{tail:.*}}", self.file)
         app.router.add_post("/v1/chat/completions", self.openai)
         app.router.add_post("/v1/messages", self.anthropic)
         app.router.add_route("*", "/sse", self.sse)
         app.router.add_route("*", "/{tail:.*}", self.echo)
         return app
+
+    async def file(self, request: web.Request) -> web.StreamResponse:
+        path = (self.files / request.path.lstrip("/")).resolve()
+        if path.is_dir():
+            path = path / "index.html"
+        if not path.is_relative_to(self.files) or not path.is_file():
+            raise web.HTTPNotFound()
+        return web.FileResponse(path)
 
     async def _events(self, request: web.Request, events: list[tuple[str | None, Any]]
                       ) -> web.StreamResponse:
@@ -166,7 +179,9 @@ def world(tmp_path_factory: pytest.TempPathFactory, shared_files: dict[str, Path
     cert = test_ca.issue_cert("localhost", "127.0.0.1")
     ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     cert.configure_cert(ctx)
-    up = ApiUpstream(ctx).start()
+    up = ApiUpstream(ctx)
+    up.files = tmp_path_factory.mktemp("upstream-files").resolve()
+    up.start()
     grpc_server, grpc_port = grpc_echo(cert)
     cfg = base_config(shared_files, up)
     cfg["workloads"][next(iter(cfg["workloads"]))]["standing"] = [
