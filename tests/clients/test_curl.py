@@ -33,6 +33,19 @@ def test_curl_v_shows_the_connect_id_and_the_log_has_it(world: World) -> None:
         call_id]
 
 
+def test_a_tunnel_whose_tls_the_agent_refused_is_recorded_under_its_connect_id(
+        world: World) -> None:
+    """curl without taskgate's CA: no call is made, so the CONNECT's id (what curl -v
+    shows) gets a record that says the agent does not trust the gateway."""
+    env = world.env(CURL_CA_BUNDLE=str(world.upstream_ca))  # the upstream's CA, not ours
+    out = curl(world, "-v", f"{world.origin}/allowed/untrusted", env=env)
+    assert out.returncode != 0 and "200 Connection established" in out.stderr
+    (connect_id,) = ids_shown(out.stderr)
+    rec = world.record(connect_id)
+    assert (rec["decision"], rec["method"], rec["host"]) == ("error", "CONNECT", "localhost")
+    assert "does it trust taskgate's CA" in rec["reason"], rec
+
+
 def test_curl_plain_http_uses_lower_case_http_proxy(world: World) -> None:
     """Only ``http_proxy`` set: curl still goes through the gateway (the record)."""
     env = {k: v for k, v in world.env().items() if k != "HTTP_PROXY"}
