@@ -2,11 +2,13 @@
 
 :func:`default_addons` is the chain ``taskgate run`` loads, in the order hooks must
 run: limits (connections per client are counted before anything is read) →
-identify (who is calling) → authorize (may it) → egress (where the name leads: every
-resolved address judged, the connection pinned to it) → mcp (which tool, which
-arguments) → approve (does a person have to say yes) → inject (which secret goes on
-the request) → approved-as-shown (the call is still what the approver saw) → audit
-(the record, the request id, streaming) → framing (mitmproxy's HTTP/1 framing
+transparent (a redirected connection: only HTTP, known by its source address, held to
+its original destination) → identify (who is calling) → authorize (may it) → egress
+(where the name leads: every resolved address judged, the connection pinned to it) →
+mcp (which tool, which arguments) → approve (does a person have to say yes) → inject
+(which secret goes on the request) → approved-as-shown (the call is still what the
+approver saw) → audit (the record, the request id, streaming) → websocket (an allowed
+upgrade's frames, its record when it ends) → framing (mitmproxy's HTTP/1 framing
 patched when loaded). Each module is also loadable on its own with
 ``mitmdump -s addons/<name>.py --set taskgate_config=FILE`` (addons/_standalone.py).
 
@@ -27,12 +29,14 @@ from addons.identify import Identify
 from addons.inject import Inject
 from addons.limits import Limits
 from addons.mcp import Mcp
+from addons.transparent import Transparent
+from addons.websocket import WebSocket
 from proxy.gateway import Services
 
 __all__ = ["CHAIN", "default_addons", "json_error_responses"]
 
-CHAIN = (Limits, Identify, Authorize, Egress, Mcp, Approve, Inject, ApprovedAsShown, Audit,
-         Framing)
+CHAIN = (Limits, Transparent, Identify, Authorize, Egress, Mcp, Approve, Inject,
+         ApprovedAsShown, Audit, WebSocket, Framing)
 
 
 def default_addons(services: Services) -> list[Any]:

@@ -97,6 +97,9 @@ class Approve(GatewayAddon):
         if rule is None or not rule.approval:
             return
         ex.buffer_body = True
+        cap = self._cap
+        if ex.held_cap is None or ex.held_cap[0] > cap:
+            ex.held_cap = (cap, self._too_large().reason)
         length = flow.request.headers.get("content-length")
         if length is not None and length.isdigit() and int(length) > self._cap:
             refuse_for(flow, self._too_large())

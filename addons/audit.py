@@ -153,6 +153,8 @@ class Audit(GatewayAddon):
             ex.bytes_in = len(flow.request.raw_content or b"")
         if ex.decision is None:
             ex.deny("no decision was made; refused", "error")
+        if flow.websocket is not None and ex.websocket is not None and ex.websocket.watched:
+            return  # a WebSocket's one record is written when it ends (addons/websocket.py)
         await self._write(flow, ex)
 
     def http_connected(self, flow: http.HTTPFlow) -> None:

@@ -12,7 +12,7 @@ from mitmproxy.net.http import url
 from addons._base import GatewayAddon, exchange, guarded, refuse, refuse_for
 from addons.egress import Egress
 from proxy.errors import Refused, TaskgateError
-from proxy.gateway import Services, Tunnel
+from proxy.gateway import Services, SocketTotals, Tunnel, upgrade_decision, websocket_upgrade
 from proxy.policy import canonical_host
 
 __all__ = ["Authorize", "Egress", "tunnel_of"]
@@ -83,11 +83,23 @@ class Authorize(GatewayAddon):
         if ex.caller is None:
             raise Refused("caller not identified")
         decision = self.gateway.authorize_connect(ex.caller, flow.request.host, flow.request.port)
-        if not decision.allowed:
+        if not decision.allowed and not self.gateway.reporting(ex.caller):
             refuse(flow, 403, "forbidden", decision.reason)
-            return
+            return  # report mode: the tunnel opens; each call in it is judged (would_deny)
         self._tunnels[flow.client_conn] = Tunnel(
             ex.caller, canonical_host(flow.request.host), flow.request.port, ex.request_id)
+
+    def response(self, flow: http.HTTPFlow) -> None:
+        """A switch of protocols goes through only if the WebSocket addon took the socket
+        on (it judges the frames, writes the record): loaded without it, fail closed."""
+        resp = flow.response
+        if resp is None or resp.status_code != 101 or not flow.live:
+            return
+        ex = exchange(flow)
+        if ex.websocket is None or not ex.websocket.watched:
+            ex.deny("the upstream switched protocols, and no WebSocket addon is loaded to "
+                    "judge and record what follows; the connection was closed", "error")
+            flow.kill()
 
     def client_disconnected(self, client: connection.Client) -> None:
         # At once, not when the connection object is collected: a flow still running
@@ -129,23 +141,36 @@ class Authorize(GatewayAddon):
                 gw.check_authority(call, req.authority, tunnel)
                 if not (req.is_http2 or req.is_http3):  # HTTP/2's :authority stays
                     req.authority = ""  # origin-form upstream
-            if _upgrade(req):
-                raise Refused("protocol upgrades (WebSocket, h2c) are not supported: "
-                              "every call must stay a plain HTTP request to be judged")
+            upgrade = _upgrade(req)
+            if upgrade and not websocket_upgrade(req.method, req.http_version,
+                                                 req.headers.get_all("Upgrade")):
+                raise Refused("protocol upgrades other than WebSocket (h2c, …) are not "
+                              "supported: every call must stay a plain HTTP request to be "
+                              "judged")
         except Refused as e:
             refuse_for(flow, e)
             return
-        decision = gw.authorize(ex.caller, call)
+        decision = gw.judge(ex, call)
+        if upgrade:  # a WebSocket: only on a rule that says websocket: true
+            assert ex.rules is not None  # judge() kept the rules it judged by
+            decision = upgrade_decision(decision, ex.rules.matching(call))
         ex.rule = decision.rule_id
         try:
             decision = await gw.admit(ex, decision)  # budgets (task grants)
         except TaskgateError as e:
             refuse_for(flow, e)
             return
+        if not decision.allowed and gw.reporting(ex.caller):
+            gw.report(ex, decision.reason)
+            _forward_canonical(req, call.host)
+            ex.call = call
+            return
         if not decision.allowed:
             refuse(flow, 403, "forbidden", decision.reason)
             return
         ex.decision, ex.reason = "allow", decision.reason
+        if upgrade:
+            ex.websocket = SocketTotals()
         _forward_canonical(req, call.host)
         ex.allowed_by, ex.call = decision.rule, call
 

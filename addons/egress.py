@@ -44,8 +44,10 @@ class Egress(GatewayAddon):
     def guard(self) -> EgressGuard:
         if self._guard is None:
             config = self.gateway.config
-            own = OwnAddresses.of((config.proxy_listen, config.control_listen),
-                                  local_addresses())
+            listens = [config.proxy_listen, config.control_listen]
+            if config.transparent_listen is not None:
+                listens.append(config.transparent_listen)
+            own = OwnAddresses.of(listens, local_addresses())
             self._guard = EgressGuard(own)
         return self._guard
 
@@ -62,12 +64,16 @@ class Egress(GatewayAddon):
             return
         ex = exchange(flow)
         rule, call = ex.allowed_by, ex.call
-        if rule is None or call is None:
+        if call is None or (rule is None and ex.decision != "would_deny"):
             raise Refused("the call was not authorized")  # never reached past authorize
+        # Report mode does not reach the SSRF guard: a would_deny call is judged as one
+        # a rule of the caller naming its endpoint would be, private addresses refused.
+        opt_in = rule.private_ok if rule is not None else self.gateway.private_ok(ex)
         pins = self._pins.setdefault(flow.client_conn.id, {})
         key = (call.host, call.port)
-        verdict = await self.guard.check(call.host, call.port, opt_in=rule.private_ok,
-                                         pinned=pins.get(key))
+        # A transparent call goes where it was sent (its name was checked to lead there).
+        verdict = await self.guard.check(call.host, call.port, opt_in=opt_in,
+                                         pinned=pins.get(key) or ex.original_dst)
         if not verdict.allowed or verdict.ip is None:
             refuse(flow, 403, "forbidden", verdict.reason)
             return

@@ -6,7 +6,8 @@ from mitmproxy import http
 
 from addons._base import HOP_HEADERS, GatewayAddon, exchange, guarded, refuse_for
 from addons.authorize import tunnel_of
-from proxy.errors import InvalidCredential, TaskgateError
+from addons.transparent import transparent
+from proxy.errors import InvalidCredential, Refused, TaskgateError
 
 
 def _credential(flow: http.HTTPFlow) -> str | None:
@@ -33,9 +34,10 @@ class Identify(GatewayAddon):
         try:
             # Identify, then check the grant: a refused caller is still named in the record.
             ex.caller = await self.gateway.identity.identify(_credential(flow))
+            self.gateway.check_client(ex.caller, ex.client)
             self.gateway.policy.check(ex.caller)
         except TaskgateError as e:
-            refuse_for(flow, e, challenge=not shown)
+            refuse_for(flow, e, challenge=not shown and ex.caller is None)
 
     @guarded
     async def requestheaders(self, flow: http.HTTPFlow) -> None:
@@ -47,14 +49,21 @@ class Identify(GatewayAddon):
         shown = "Proxy-Authorization" in flow.request.headers  # else a 407 is a challenge
         try:
             credential = _credential(flow)
-            if tunnel is not None:
+            if transparent(flow.client_conn):
+                # Known by its source address (the transparent addon, before this one);
+                # a credential on the request names no one and is dropped.
+                if ex.caller is None:
+                    raise Refused("a transparent call is identified by its source address; "
+                                  "this one was not")
+            elif tunnel is not None:
                 ex.caller = tunnel.caller
                 self.gateway.recheck(tunnel.caller)
             else:
                 ex.caller = await self.gateway.identity.identify(credential)
+                self.gateway.check_client(ex.caller, ex.client)
                 self.gateway.policy.check(ex.caller)
         except TaskgateError as e:
-            refuse_for(flow, e, challenge=not shown and tunnel is None)
+            refuse_for(flow, e, challenge=not shown and ex.caller is None)
 
 
 addons = [Identify()]

@@ -121,8 +121,8 @@ class Inject(GatewayAddon):
     async def request(self, flow: http.HTTPFlow) -> None:
         ex = exchange(flow)
         deferred, ex.secret_deferred = ex.secret_deferred, False
-        if not deferred or flow.response or not flow.live:
-            return
+        if not deferred or flow.response or not flow.live or ex.decision == "would_deny":
+            return  # would_deny (report mode): no rule allows it, so no secret
         rule = ex.allowed_by  # for MCP: the rule that allowed this tool call
         if rule is None:  # deferred only on a rule: fail closed, never guess
             raise Refused("the call was not authorized; its secret was not added")

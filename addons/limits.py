@@ -16,6 +16,9 @@ Runs before any credential is seen:
   buffers an unterminated head without bound; past the cap the client gets a
   JSON 431 and the connection is closed (HTTP/2 heads are bounded by the h2
   library: 64 KiB decoded, 64 CONTINUATION frames);
+- a body held whole to be judged (MCP, approval) that arrives without a length
+  (chunked, HTTP/2): counted as it arrives; past its cap (``Exchange.held_cap``) the
+  call is refused (413) at once, the rest never read, as below;
 - a call refused in ``requestheaders`` (407, 403, …) while its body is still to
   come: mitmproxy would read the whole body into memory before sending the
   refusal. Here the refusal goes out at once and the body is never read: an
@@ -39,14 +42,16 @@ from mitmproxy.proxy import commands, events
 from mitmproxy.proxy.layers.http import (
     ErrorCode,
     HttpStream,
+    RequestData,
     ResponseHeaders,
     ResponseProtocolError,
     SendHttp,
     _http1,
 )
 
-from addons._base import GatewayAddon
+from addons._base import EXCHANGE, GatewayAddon, refuse_for
 from addons._errors import h1_refusal
+from proxy.errors import PayloadTooLarge
 from proxy.gateway import ConnectionLimits, Services, client_key
 
 log = logging.getLogger("taskgate")
@@ -178,6 +183,7 @@ def install_patches(addon: Limits) -> None:
     HttpStream._taskgate_limits = True  # type: ignore[attr-defined]
     _patch_read_headers()
     _patch_request_headers()
+    _patch_consume_request_body()
 
 
 def _patch_read_headers() -> None:
@@ -231,6 +237,26 @@ def _patch_request_headers() -> None:
             yield from _refuse_unread(self)
 
     HttpStream.state_wait_for_request_headers = state_wait_for_request_headers  # type: ignore[method-assign]
+
+
+def _patch_consume_request_body() -> None:
+    original = HttpStream.state_consume_request_body
+
+    def state_consume_request_body(self: Any, event: Any
+                                   ) -> Generator[commands.Command, Any, None]:
+        yield from original(self, event)
+        if not isinstance(event, RequestData) or \
+                self.client_state != self.state_consume_request_body:
+            return
+        ex = self.flow.metadata.get(EXCHANGE)
+        cap = ex.held_cap if ex is not None else None
+        if cap is not None and len(self.request_body_buf) > cap[0] and \
+                self.flow.response is None:
+            self.request_body_buf.clear()
+            refuse_for(self.flow, PayloadTooLarge(cap[1]))
+            yield from _refuse_unread(self)
+
+    HttpStream.state_consume_request_body = state_consume_request_body  # type: ignore[method-assign]
 
 
 def _refuse_unread(stream: Any) -> Generator[commands.Command, Any, None]:

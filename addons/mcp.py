@@ -4,7 +4,7 @@ Runs after ``authorize``: when a rule that matched the call carries ``mcp``,
 the request body is held (within ``mcp.max_body_bytes``), read strictly and
 judged against every matching rule (``proxy.mcp._inspect``). A refused
 ``tools/call`` is answered with a JSON-RPC error (HTTP 200, the request's id);
-other refusals with 403/411/413. tools/list answers are filtered to the
+other refusals with 403/413. tools/list answers are filtered to the
 granted tools as they stream back (``proxy.mcp._filter``). Only what the MCP
 transport defines reaches the endpoint (``proxy.mcp._inspect.transport_refusal``):
 POST with a body, the event-stream GET, the session DELETE.
@@ -15,7 +15,7 @@ from __future__ import annotations
 from mitmproxy import http
 
 from addons._base import GatewayAddon, exchange, guarded, refuse_for, tool_error
-from proxy.errors import LengthRequired, PayloadTooLarge, Refused, TaskgateError
+from proxy.errors import PayloadTooLarge, Refused, TaskgateError
 from proxy.mcp import (
     SESSION_HEADER,
     JsonFilter,
@@ -41,8 +41,10 @@ class Mcp(GatewayAddon):
         call = ex.call
         if ex.allowed_by is None or call is None or ex.caller is None:
             return
-        rules = tuple(r for r in self.gateway.policy.rules_for(ex.caller).matching(call)
-                      if r.mcp is not None)
+        if ex.websocket is not None:
+            return  # an allowed WebSocket upgrade: its frames are judged (addons/websocket.py)
+        judged_on = ex.rules or self.gateway.policy.rules_for(ex.caller)
+        rules = tuple(r for r in judged_on.matching(call) if r.mcp is not None)
         if not rules:
             return
         ex.mcp_rules, ex.buffer_body = rules, True
@@ -66,21 +68,20 @@ class Mcp(GatewayAddon):
             raise Refused(why)
 
     def _check_length(self, flow: http.HTTPFlow) -> None:
-        """Refuse early a body too large to hold, or one whose length is unknown."""
+        """Refuse early a body too large to hold; one whose length is unknown (chunked,
+        HTTP/2) is held as it arrives, within the same cap (``held_cap``: limits)."""
         req = flow.request
         if req.stream:
             raise Refused("an MCP request body cannot be streamed past inspection")
         cap = self.gateway.config.max_inspect_bytes
+        why = f"an MCP request body may be at most {cap} bytes"
+        exchange(flow).held_cap = (cap, why)
         length = req.headers.get_all("content-length")
         if length:
             if len(set(length)) != 1 or not length[0].isdigit():
                 raise Refused("the request's Content-Length is not one number")
             if int(length[0]) > cap:
-                raise PayloadTooLarge(f"an MCP request body may be at most {cap} bytes")
-        elif "transfer-encoding" in req.headers or (
-                not req.http_version.startswith("HTTP/1") and req.method == "POST"):
-            raise LengthRequired("an MCP request body needs a Content-Length (chunked bodies "
-                                 "cannot be inspected before they end)")
+                raise PayloadTooLarge(why)
 
     @guarded
     async def request(self, flow: http.HTTPFlow) -> None:
@@ -100,6 +101,10 @@ class Mcp(GatewayAddon):
             refuse_for(flow, e)
             return
         ex.tool, ex.mcp_decision = decision.tool, decision
+        if not decision.allowed and self.gateway.reporting(ex.caller):
+            ex.rule = None
+            self.gateway.report(ex, decision.reason)  # the tool and its arguments' digest
+            return                                   # are in the record (ex.tool)
         if not decision.allowed:
             ex.rule = None
             if decision.tool_error:

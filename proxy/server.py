@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import gc
 import logging
 import os
@@ -25,12 +26,13 @@ from aiohttp import web
 from mitmproxy import certs, options
 from mitmproxy.addons import disable_h2c, next_layer, proxyserver, tlsconfig
 from mitmproxy.master import Master
+from mitmproxy.proxy import mode_specs
 
 from addons import default_addons, json_error_responses
 from proxy import __version__
 from proxy.config import Config
 from proxy.control import ControlSite, ControlState, make_app
-from proxy.gateway import Services, build, stop_signals
+from proxy.gateway import RELOAD_SIGNAL, Services, build, reload, stop_signals
 from proxy.identity import ENV_VAR as ADMIN_TOKEN_VAR
 from proxy.identity import admin_token
 
@@ -53,14 +55,29 @@ def ensure_ca(config: Config) -> str:
 
 def mitm_options(config: Config, bundle: str) -> dict[str, Any]:
     host, port = config.proxy_listen
+    modes = [f"regular@{port}"]
+    if config.transparent_listen is not None:
+        # Redirected connections (nftables/iptables REDIRECT, SO_ORIGINAL_DST): who is
+        # calling comes from the source address (addons/transparent.py).
+        thost, tport = config.transparent_listen
+        # '::' listens for both families, as on Linux by default (asyncio alone would
+        # make it IPv6 only; mitmproxy's '' binds both on one port).
+        modes.append(f"transparent@{'' if thost == '::' else thost}:{tport}")
     return {
-        "mode": [f"regular@{port}"],
+        "mode": modes,
         "listen_host": host,
         "confdir": config.ca_dir,
+        # Nothing passes unread: no raw TCP/UDP relay for what is not HTTP, no host whose
+        # connections are ignored (passed through as raw TCP) by name or address.
         "rawtcp": False,
-        # After an upgrade the connection carries frames no rule or record sees
-        # (the authorize addon refuses upgrade requests too).
-        "websocket": False,
+        "tcp_hosts": [],
+        "udp_hosts": [],
+        "ignore_hosts": [],
+        "allow_hosts": [],
+        # WebSocket upgrades pass only on rules with websocket: true (authorize); their
+        # frames are counted, judged and recorded (addons/websocket.py). Other upgrades
+        # are refused, and a 101 nobody asked for kills the call.
+        "websocket": True,
         "http3": False,
         "connection_strategy": "lazy",
         "ssl_insecure": False,
@@ -144,6 +161,7 @@ async def _serve(services: Services, ca_cert: str, handled: list[int]) -> int:
 
     stopping = asyncio.Event()
     handled.extend(_handle_stop_signals(loop, stopping))
+    handled.extend(_handle_reload_signal(loop, services, stopping))
 
     async def on_stop() -> None:
         await stopping.wait()
@@ -155,8 +173,9 @@ async def _serve(services: Services, ca_cert: str, handled: list[int]) -> int:
         held = services.approvals.close()
         if held:
             log.info("taskgate: refused %d calls held for approval", held)
+        gateway.stopping()
         await runner.shutdown()
-        if not await gateway.drained(config.shutdown_grace_seconds):
+        if not await gateway.drained(gateway.config.shutdown_grace_seconds):
             log.warning("taskgate: %d calls still in flight after the grace period",
                         gateway.in_flight)
         master.shutdown()
@@ -175,12 +194,27 @@ async def _serve(services: Services, ca_cert: str, handled: list[int]) -> int:
         pport = addrs[0][1] if addrs else config.proxy_listen[1]
         bound = runner.addresses
         cport_bound = bound[0][1] if bound else cport
+        transparent = ""
+        tport = None
+        if config.transparent_listen is not None:
+            tport = next((a[1] for s in ps.servers
+                          if isinstance(s.mode, mode_specs.TransparentMode)
+                          for a in s.listen_addrs), config.transparent_listen[1])
+            transparent = f"  transparent:   {config.transparent_listen[0]}:{tport}\n"
+        # The running config names the ports bound: a reload of a file that names
+        # them (as written after a port-0 start) changes no listener.
+        gateway.config = dataclasses.replace(
+            gateway.config, proxy_listen=(config.proxy_listen[0], pport),
+            control_listen=(chost, cport_bound),
+            transparent_listen=(None if config.transparent_listen is None or tport is None
+                                else (config.transparent_listen[0], tport)))
         # With TASKGATE_ADMIN_TOKEN set no token file is made: say where it came from.
         token_from = (f"from ${ADMIN_TOKEN_VAR}" if os.environ.get(ADMIN_TOKEN_VAR)
                       else os.path.abspath(token_path))
         print(f"taskgate {__version__} running\n"
               f"  proxy:         http://{config.proxy_listen[0]}:{pport}\n"
               f"  control plane: http://{chost}:{cport_bound}\n"
+              f"{transparent}"
               f"  CA cert:       {os.path.abspath(ca_cert)}\n"
               f"  admin token:   {token_from}\n"
               f"  audit log:     {os.path.abspath(config.audit_path)}\n"
@@ -195,8 +229,10 @@ async def _serve(services: Services, ca_cert: str, handled: list[int]) -> int:
         readier.cancel()
         await runner.cleanup()  # the control plane first; the services close after it
     if master.bind_failed:
-        log.error("taskgate: the proxy could not listen on %s:%d",
-                  config.proxy_listen[0], config.proxy_listen[1])
+        also = config.transparent_listen
+        log.error("taskgate: the proxy could not listen on %s:%d%s",
+                  config.proxy_listen[0], config.proxy_listen[1],
+                  f" (or transparently on {also[0]}:{also[1]})" if also else "")
         return 2
     return 0
 
@@ -220,6 +256,23 @@ def _handle_stop_signals(loop: asyncio.AbstractEventLoop, stopping: asyncio.Even
             continue
         handled.append(int(sig))
     return handled
+
+
+def _handle_reload_signal(loop: asyncio.AbstractEventLoop, services: Services,
+                          stopping: asyncio.Event) -> list[int]:
+    """SIGHUP reloads the config (proxy/gateway/_reload.py); not while stopping."""
+    running: set[asyncio.Task[Any]] = set()
+
+    def on_signal() -> None:
+        if stopping.is_set():
+            return
+        log.info("taskgate: SIGHUP received; reloading the config")
+        task = loop.create_task(reload(services, who="signal SIGHUP"))
+        running.add(task)
+        task.add_done_callback(running.discard)
+
+    loop.add_signal_handler(RELOAD_SIGNAL, on_signal)
+    return [int(RELOAD_SIGNAL)]
 
 
 def _file_budget(config: Config) -> None:

@@ -83,9 +83,11 @@ log = logging.getLogger(__name__)
 FIELDS = (
     "ts", "seq", "request_id", "connect_id", "workload", "task", "owner", "client", "method",
     "scheme", "host", "port", "upstream_ip", "path", "tool", "decision", "rule", "reason",
-    "secret", "approval", "status", "bytes_in", "bytes_out", "duration_ms", "prev", "hash",
+    "secret", "approval", "status", "bytes_in", "bytes_out", "websocket", "duration_ms", "prev",
+    "hash",
 )
-DECISIONS = ("allow", "deny", "error", "approved", "rejected", "held", "challenge")
+DECISIONS = ("allow", "deny", "error", "approved", "rejected", "held", "would_deny",
+             "challenge")
 GENESIS = "0" * 64
 HEAD_LAG_SECONDS = 0.1  # under load, how far the chain head may trail the log
 REDACTED = "REDACTED"

@@ -82,8 +82,8 @@ def _header() -> str:
 def _logs_setup(p: argparse.ArgumentParser) -> None:
     p.add_argument("--task", help="only this task id")
     p.add_argument("--workload", help="only this workload id")
-    p.add_argument("--decision", help="allow, deny, error, approved, rejected, held, challenge "
-                                      "(comma-separated for several)")
+    p.add_argument("--decision", help="allow, deny, error, approved, rejected, held, "
+                                      "would_deny, challenge (comma-separated for several)")
     p.add_argument("--host", help="only calls to this host")
     p.add_argument("--tool", help="only MCP/JSON-RPC calls of this tool")
     p.add_argument("--since", help="from this time on: RFC 3339, or an age like 15m, 2h, 7d")

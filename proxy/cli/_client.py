@@ -72,13 +72,15 @@ class ControlClient:
                                answered=False) from None
         return cls(url, token)
 
-    def call(self, method: str, path: str, body: Any = None) -> Any:
+    def call(self, method: str, path: str, body: Any = None,
+             headers: dict[str, str] | None = None) -> Any:
         """The decoded JSON answer; :class:`ControlError` for anything else."""
         data = orjson.dumps(body) if body is not None else None
         req = urllib.request.Request(  # noqa: S310 - scheme checked in __init__
             self.base_url + path, data=data, method=method,
             headers={"Authorization": f"Bearer {self._token}",
-                     "Content-Type": "application/json", "Accept": "application/json"})
+                     "Content-Type": "application/json", "Accept": "application/json",
+                     **(headers or {})})
         try:
             with self._opener.open(req, timeout=self._timeout) as resp:
                 return orjson.loads(resp.read())

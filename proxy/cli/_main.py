@@ -18,6 +18,7 @@ from proxy.cli._approvals import APPROVALS
 from proxy.cli._audit import AUDIT, LOGS
 from proxy.cli._common import Command, config_of
 from proxy.cli._demo import DEMO
+from proxy.cli._reload import RELOAD
 from proxy.cli._setup import CA_VARS, combined_bundle
 from proxy.cli._tasks import TASK
 from proxy.config import DEFAULT_FILE, load_config
@@ -92,6 +93,7 @@ COMMANDS: tuple[Command, ...] = (
             _ca_setup),
     Command("check-config", "validate config files offline", _check, _check_setup,
             config_option=False),
+    RELOAD,
     APPROVALS,
     LOGS,
     AUDIT,

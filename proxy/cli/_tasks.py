@@ -74,23 +74,31 @@ def _create(ctl: ControlClient, args: argparse.Namespace) -> int:
             body["workload_token"] = f.read().strip()
     if args.workload:
         body["workload"] = args.workload
-    for key in ("owner", "purpose", "max_calls"):
+    for key in ("owner", "purpose", "max_calls", "mode"):
         if getattr(args, key) is not None:
             body[key] = getattr(args, key)
+    if args.bind:
+        body["bind"] = {"client_cidrs": args.bind}
     task = ctl.call("POST", "/v1/tasks", body)
     env = proxy_env(str(task["proxy_url"]))
     if args.json:  # for orchestrators: the task, and the environment to start the agent in
         print(safe_json({**task, "env": env}))
         return 0
     budget = f"{task['max_calls']} calls" if task.get("max_calls") else "no call budget"
-    print(f"task      {safe(task['task_id'])}\n"
-          f"workload  {safe(task['workload'])}\n"
-          f"expires   {safe(task['expires_at'])} (in {_human(task['expires_in_seconds'])})\n"
-          f"budget    {safe(budget)}\n\n"
-          "# The agent's environment: both spellings (curl reads only http_proxy for\n"
-          "# http:// URLs, grpcio only https_proxy), NO_PROXY empty (nothing goes around).\n"
-          "# Trust: `taskgate ca`. Node 20's fetch reads none of these: docs/clients.md.\n"
-          + export_block({name: safe(value) for name, value in env.items()}))
+    lines = [f"task      {safe(task['task_id'])}",
+             f"workload  {safe(task['workload'])}",
+             f"expires   {safe(task['expires_at'])} (in {_human(task['expires_in_seconds'])})",
+             f"budget    {safe(budget)}"]
+    if task.get("mode") == "report":
+        lines.append("mode      report (refusals recorded would_deny, not enforced)")
+    if task.get("bind"):
+        lines.append(f"bound to  {safe(', '.join(task['bind']['client_cidrs']))}")
+    lines += ["",
+              "# The agent's environment: both spellings (curl reads only http_proxy for",
+              "# http:// URLs, grpcio only https_proxy), NO_PROXY empty (nothing goes around).",
+              "# Trust: `taskgate ca`. Node 20's fetch reads none of these: docs/clients.md.",
+              export_block({name: safe(value) for name, value in env.items()})]
+    print("\n".join(lines))
     return 0
 
 
@@ -204,6 +212,11 @@ def _setup(p: argparse.ArgumentParser) -> None:
                         "Tasks from the shell)")
     c.add_argument("--owner", help="who answers for this task (default: workload owner)")
     c.add_argument("--purpose", help="why the task exists, for the audit trail")
+    c.add_argument("--mode", choices=("enforce", "report"),
+                   help="report: refusals are recorded would_deny, not enforced (where the "
+                        "workload has report_allowed)")
+    c.add_argument("--bind", action="append", metavar="CIDR",
+                   help="client network the token is good from (repeat for more)")
     ls = action("list", "list tasks, newest first")
     ls.add_argument("--workload", help="only this workload's tasks")
     ls.add_argument("--status", choices=("active", "spent", "expired", "revoked"),

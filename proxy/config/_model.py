@@ -14,10 +14,15 @@ Relative paths are read from the directory the gateway runs in.
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import ipaddress
 import os
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import urlsplit
 
 from ruamel.yaml import YAML
 from ruamel.yaml.error import YAMLError
@@ -27,10 +32,12 @@ from proxy.errors import ConfigError, InvalidField
 from proxy.policy import Rule, parse_rule
 from proxy.secrets.spec import SecretSpec, check_token_scope, parse_secret
 
-__all__ = ["Config", "IssuerConfig", "WorkloadConfig", "load_config", "parse_config"]
+__all__ = ["Config", "IssuerConfig", "Network", "WorkloadConfig", "load_config", "parse_config"]
 
 CONFIG_VERSION = 1
 DEFAULT_FILE = "taskgate.yaml"
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,14 +57,20 @@ class WorkloadConfig:
     owner: str | None = None
     ceiling: tuple[Rule, ...] = ()
     standing: tuple[Rule, ...] = ()
+    sources: tuple[Network, ...] = ()  # client addresses that are this workload (transparent)
+    mode: str = "enforce"  # "report": calls the rules refuse go through, recorded would_deny
+    report_allowed: bool = False  # a task of this workload may ask for "mode": "report"
+    require_binding: bool = False  # a task of this workload must be bound ("bind")
 
 
 @dataclass(frozen=True, slots=True)
 class Config:
     source: str = "<embedded defaults>"
+    digest: str | None = None  # sha256 of the file read (reload records name old and new)
     version: int = CONFIG_VERSION
     proxy_listen: tuple[str, int] = ("127.0.0.1", 8080)
     control_listen: tuple[str, int] = ("127.0.0.1", 8081)
+    transparent_listen: tuple[str, int] | None = None  # mitmproxy's transparent mode, if set
     home: str = ".taskgate"
     admin_token_file: str = ".taskgate/admin-token"  # noqa: S105 - a path
     upstream_ca_file: str | None = None
@@ -76,10 +89,19 @@ class Config:
     max_connections_per_client: int = 256  # … from one client IP
     idle_timeout_seconds: int = 600  # a connection with no traffic either way is closed
     max_header_bytes: int = 64 * 1024  # an HTTP/1 request head longer than this: 431
+    websocket_max_message_bytes: int = 16 * 1024 * 1024  # a longer one closes the socket (1009)
     header_timeout_seconds: int = 30  # a request head not in by then: the connection closes
     control_max_connections: int = 256  # control-plane connections open at once
     control_header_timeout_seconds: int = 10  # … to send a request head
     control_idle_timeout_seconds: int = 60  # … kept open with no request (keep-alive)
+    # Where task-scoped state lives: "sqlite" (embedded, one process) or "redis" (shared
+    # by workers and replicas; the URL, its password file and the key prefix below).
+    state_backend: str = "sqlite"
+    redis_url: str | None = None
+    redis_password_file: str | None = None
+    redis_key_prefix: str = "taskgate:"
+    workers: int = 1  # proxy processes on this host sharing listen.proxy (SO_REUSEPORT)
+    replica_id: str | None = None  # in every audit record; None: hostname-pid at start
 
     @property
     def ca_dir(self) -> str:
@@ -204,7 +226,10 @@ def _rules(where: _Where, node: Any) -> tuple[Rule, ...]:
 
 
 _TOP = ("version", "listen", "home", "admin_token_file", "upstream", "audit", "identity",
-        "workloads", "secrets", "approval_timeout_seconds", "proxy", "mcp", "control")
+        "workloads", "secrets", "approval_timeout_seconds", "proxy", "mcp", "control", "state",
+        "replica_id")
+STATE_BACKENDS = ("sqlite", "redis")
+MAX_WORKERS = 64
 
 
 def parse_config(doc: Any, source: str = "<config>") -> Config:
@@ -221,11 +246,22 @@ def parse_config(doc: Any, source: str = "<config>") -> Config:
         raise w.fail(f"unsupported config version {v!r}; this gateway reads version 1")
 
     w, v = sub("listen")
-    listen = _mapping(w, v, ("proxy", "control"))
+    listen = _mapping(w, v, ("proxy", "control", "transparent"))
+    if listen.get("transparent") is not None:
+        kw["transparent_listen"] = _hostport(_child(w, listen, "transparent"),
+                                             listen["transparent"])
     if "proxy" in listen:
         kw["proxy_listen"] = _hostport(_child(w, listen, "proxy"), listen["proxy"])
     if "control" in listen:
         kw["control_listen"] = _hostport(_child(w, listen, "control"), listen["control"])
+    if "transparent_listen" in kw:
+        defaults = Config()
+        for other in ("proxy", "control"):
+            key = f"{other}_listen"
+            if kw["transparent_listen"] == kw.get(key, getattr(defaults, key)):
+                raise _child(w, listen, "transparent").fail(
+                    f"{listen['transparent']!r} is the {other} listener's address too; the "
+                    "transparent listener needs one of its own (another port)")
 
     w, v = sub("home")
     home = _str(w, v) if v is not None else ".taskgate"
@@ -291,11 +327,14 @@ def parse_config(doc: Any, source: str = "<config>") -> Config:
             raise w.fail("expected a mapping of workload id → settings")
         for name, item in v.items():
             ww = _child(w, v, str(name))
-            m = _mapping(ww, item, ("owner", "ceiling", "standing"))
+            m = _mapping(ww, item, ("owner", "ceiling", "standing", "sources", *_DEPLOY_KEYS))
             owner = _str(_child(ww, m, "owner"), m.get("owner"), optional=True)
             ceiling = _rules(_child(ww, m, "ceiling"), m.get("ceiling"))
             standing = _rules(_child(ww, m, "standing"), m.get("standing"))
-            workloads[str(name)] = WorkloadConfig(owner, ceiling, standing)
+            sources = _sources(_child(ww, m, "sources"), m.get("sources"))
+            workloads[str(name)] = WorkloadConfig(owner, ceiling, standing, sources=sources,
+                                                  **_deployment(ww, m))
+        _no_shared_sources(w, v, workloads)
     kw["workloads"] = workloads
 
     w, v = sub("secrets")
@@ -333,7 +372,8 @@ def parse_config(doc: Any, source: str = "<config>") -> Config:
     w, v = sub("proxy")
     px = _mapping(w, v, ("shutdown_grace_seconds", "stream_threshold_bytes", "max_connections",
                          "max_connections_per_client", "idle_timeout_seconds",
-                         "max_header_bytes", "header_timeout_seconds"))
+                         "max_header_bytes", "header_timeout_seconds", "workers",
+                         "websocket_max_message_bytes"))
     if "shutdown_grace_seconds" in px:
         kw["shutdown_grace_seconds"] = _number(_child(w, px, "shutdown_grace_seconds"),
                                                px["shutdown_grace_seconds"], 0, 600)
@@ -344,9 +384,12 @@ def parse_config(doc: Any, source: str = "<config>") -> Config:
                         ("max_connections_per_client", 1, 1 << 20),
                         ("idle_timeout_seconds", 1, 86400),
                         ("max_header_bytes", 1024, 1 << 20),
-                        ("header_timeout_seconds", 1, 3600)):
+                        ("header_timeout_seconds", 1, 3600),
+                        ("workers", 1, MAX_WORKERS),
+                        ("websocket_max_message_bytes", 1024, 1 << 30)):
         if key in px:
             kw[key] = _int(_child(w, px, key), px[key], lo, hi)
+    workers_at = _child(w, px, "workers")
     w, v = sub("control")
     cp = _mapping(w, v, ("max_connections", "header_timeout_seconds", "idle_timeout_seconds"))
     for key, lo, hi in (("max_connections", 1, 1 << 16),
@@ -359,7 +402,121 @@ def parse_config(doc: Any, source: str = "<config>") -> Config:
     if "max_body_bytes" in mc:
         kw["max_inspect_bytes"] = _int(_child(w, mc, "max_body_bytes"),
                                        mc["max_body_bytes"], 1024, 64 << 20)
+    _state(sub("state"), kw)
+    w, v = sub("replica_id")
+    if v is not None:
+        rid = _str(w, v)
+        assert rid is not None
+        if not _REPLICA_ID.fullmatch(rid):
+            raise w.fail(f"{rid!r}: use letters, digits, '.', '_' and '-' (at most 64); it names "
+                         "the replica's audit files")
+        kw["replica_id"] = rid
+    if kw.get("workers", 1) > 1 and kw.get("state_backend", "sqlite") != "redis":
+        raise workers_at.fail(
+            f"{kw['workers']} workers need shared state: set state.backend: redis (with "
+            "state.redis_url), or proxy.workers: 1 for the embedded SQLite state")
     return Config(**kw)
+
+
+_REPLICA_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
+
+
+def _state(at: tuple[_Where, Any], kw: dict[str, Any]) -> None:
+    """``state:``: the backend, and for Redis where it is and how to log in."""
+    w, v = at
+    st = _mapping(w, v, ("backend", "redis_url", "redis_password_file", "key_prefix"))
+    backend = st.get("backend", "sqlite")
+    if backend not in STATE_BACKENDS:
+        raise _child(w, st, "backend").fail(
+            f"{backend!r} is not a state backend; use one of {', '.join(STATE_BACKENDS)}")
+    kw["state_backend"] = backend
+    if "key_prefix" in st:
+        prefix = _str(_child(w, st, "key_prefix"), st["key_prefix"])
+        assert prefix is not None
+        kw["redis_key_prefix"] = prefix
+    if st.get("redis_password_file") is not None:
+        pw = _child(w, st, "redis_password_file")
+        path = _str(pw, st["redis_password_file"])
+        assert path is not None
+        _file(pw, path, config_files.check_secret_file)
+        kw["redis_password_file"] = path
+    url = st.get("redis_url")
+    if url is None:
+        if backend == "redis":
+            raise w.fail("backend: redis needs redis_url, e.g. 'redis://127.0.0.1:6379/0'")
+        return
+    uw = _child(w, st, "redis_url")
+    text = _str(uw, url)
+    assert text is not None
+    parts = urlsplit(text)
+    if parts.scheme not in ("redis", "rediss") or not parts.hostname:
+        raise uw.fail(f"{text!r} is not a Redis URL; use redis://host:port/db (rediss:// for TLS)")
+    if parts.password:
+        raise uw.fail("the URL carries a password: put it in state.redis_password_file or "
+                      "TASKGATE_REDIS_PASSWORD, never in the config")
+    kw["redis_url"] = text
+
+
+def _sources(where: _Where, node: Any) -> tuple[Network, ...]:
+    """The client networks that are a workload in transparent mode (CIDRs, IPv4/IPv6)."""
+    if node is None:
+        return ()
+    if not isinstance(node, list):
+        raise where.fail("expected a list of client networks, e.g. ['10.77.0.0/24']")
+    nets: list[Network] = []
+    for i, item in enumerate(node):
+        w = _child(where, node, i)
+        if not isinstance(item, str) or not item:
+            raise w.fail(f"{item!r} is not a network; write a CIDR, e.g. '10.77.0.0/24'")
+        try:
+            net = ipaddress.ip_network(item.strip())
+        except ValueError:
+            try:
+                loose = ipaddress.ip_network(item.strip(), strict=False)
+            except ValueError:
+                raise w.fail(f"{item!r} is not a network; write a CIDR, e.g. "
+                             "'10.77.0.0/24' or 'fd77::/64'") from None
+            raise w.fail(f"{item!r} has host bits set; use {str(loose)!r}") from None
+        nets.append(net)
+    return tuple(nets)
+
+
+def _no_shared_sources(where: _Where, node: Mapping[str, Any],
+                       workloads: Mapping[str, WorkloadConfig]) -> None:
+    """A client address is one workload: a network of one workload that overlaps another
+    workload's would leave the longest prefix to decide who an agent is, silently."""
+    claimed: list[tuple[Network, str]] = []
+    for name, wl in workloads.items():
+        for i, net in enumerate(wl.sources):
+            for other, owner in claimed:
+                if owner != name and net.version == other.version and net.overlaps(other):
+                    ww = _child(where, node, name)
+                    item = node[name]
+                    sw = _child(ww, item, "sources") if isinstance(item, Mapping) else ww
+                    raw = item.get("sources") if isinstance(item, Mapping) else None
+                    at = _child(sw, raw, i) if isinstance(raw, list) else sw
+                    raise at.fail(f"{str(net)!r} overlaps {str(other)!r} of workload "
+                                  f"{owner!r}; a client address must name one workload")
+        claimed.extend((net, name) for net in wl.sources)
+_DEPLOY_KEYS = ("mode", "report_allowed", "require_binding")
+MODES = ("enforce", "report")
+
+
+def _deployment(where: _Where, m: Mapping[str, Any]) -> dict[str, Any]:
+    """A workload's rollout settings: its mode, and what its tasks may or must ask for."""
+    kw: dict[str, Any] = {}
+    if m.get("mode") is not None:
+        mode = m["mode"]
+        if mode not in MODES:
+            raise _child(where, m, "mode").fail(f"{mode!r} is not a mode; use enforce "
+                                                "(the default) or report")
+        kw["mode"] = mode
+    for key in ("report_allowed", "require_binding"):
+        if m.get(key) is not None:
+            if not isinstance(m[key], bool):
+                raise _child(where, m, key).fail(f"{m[key]!r} is not true or false")
+            kw[key] = m[key]
+    return kw
 
 
 def _secret_files(where: _Where, item: Mapping[str, Any]) -> None:
@@ -411,4 +568,5 @@ def load_config(path: str | None, *, exists: Callable[[str], bool] = os.path.isf
         where = f"{path}:{mark.line + 1}" if mark is not None else path
         problem = getattr(e, "problem", None) or str(e).splitlines()[0]
         raise ConfigError(f"{where}: invalid YAML: {problem}") from None
-    return parse_config(doc, path)
+    digest = hashlib.sha256(text.encode("utf-8")).hexdigest()
+    return dataclasses.replace(parse_config(doc, path), digest=digest)

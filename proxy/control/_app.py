@@ -21,7 +21,7 @@ from typing import Any
 
 from aiohttp import web
 
-from proxy.control import _approvals, _audit, _metrics, _review, _tasks
+from proxy.control import _approvals, _audit, _metrics, _reload, _review, _tasks
 from proxy.control._errors import json_error, json_errors
 from proxy.control._keys import SERVICES, SESSION_AUTH, STATE, ControlState
 from proxy.gateway import REQUEST_ID_HEADER, Services, new_request_id
@@ -67,7 +67,8 @@ async def readyz(request: web.Request) -> web.Response:
 
 
 # Each feature's routes (and middlewares, response hooks), in this order.
-ROUTES = (_tasks.routes, _audit.routes, _approvals.routes, _review.routes, _metrics.routes)
+ROUTES = (_tasks.routes, _audit.routes, _approvals.routes, _review.routes, _metrics.routes,
+          _reload.routes)
 
 
 def make_app(services: Services, state: ControlState) -> web.Application:

@@ -1,5 +1,6 @@
 """The data plane core: the gateway and its exchanges, egress (SSRF) and framing decisions,
-connection limits, metrics, upstream trust, signals, and the builder of every service.
+connection limits, metrics, upstream trust, signals, the builder of every service, and
+the hot reload of its config.
 """
 
 from __future__ import annotations
@@ -15,13 +16,35 @@ from proxy.gateway._core import (
     refusal_body,
     refusal_message,
 )
-from proxy.gateway._egress import EgressGuard, OwnAddresses, local_addresses
-from proxy.gateway._exchange import ApprovedAs, Exchange, Tunnel
+from proxy.gateway._egress import EgressGuard, OwnAddresses, Resolver, local_addresses
+from proxy.gateway._exchange import ApprovedAs, Exchange, SocketTotals, Tunnel
 from proxy.gateway._framing import h1_request_framing, trailer_fields
 from proxy.gateway._limits import ConnectionLimits, FailureThrottle, client_key
 from proxy.gateway._metrics import METRICS_CONTENT_TYPE
-from proxy.gateway._signals import stop_signals
+from proxy.gateway._reload import RESTART_KEYS, ReloadResult, reload
+from proxy.gateway._signals import RELOAD_SIGNAL, stop_signals
+from proxy.gateway._transparent import (
+    TRANSPARENT_ISSUER,
+    SourceIdentity,
+    TaskBinds,
+    destination_name,
+    looks_like_http,
+    original_destination_reason,
+)
 from proxy.gateway._upstream import trust_bundle
+from proxy.gateway._websocket import (
+    POLICY_VIOLATION,
+    FrameVerdict,
+    OpenSockets,
+    answer_frame,
+    close_reason,
+    frame_exchange,
+    granted_tools,
+    judge_frame,
+    turned_down,
+    upgrade_decision,
+    websocket_upgrade,
+)
 
 __all__ = [
     "ApprovedAs",
@@ -29,23 +52,46 @@ __all__ = [
     "EgressGuard",
     "Exchange",
     "FailureThrottle",
+    "FrameVerdict",
     "GRPC_STATUS",
     "Gateway",
     "METRICS_CONTENT_TYPE",
+    "OpenSockets",
     "OwnAddresses",
+    "POLICY_VIOLATION",
+    "RELOAD_SIGNAL",
     "REQUEST_ID_HEADER",
+    "RESTART_KEYS",
+    "ReloadResult",
+    "Resolver",
     "Services",
+    "SocketTotals",
+    "SourceIdentity",
+    "TRANSPARENT_ISSUER",
+    "TaskBinds",
     "Tunnel",
+    "answer_frame",
     "build",
     "client_key",
+    "close_reason",
+    "destination_name",
+    "frame_exchange",
+    "granted_tools",
     "grpc_refusal",
     "h1_request_framing",
     "is_grpc",
+    "judge_frame",
     "local_addresses",
+    "looks_like_http",
     "new_request_id",
+    "original_destination_reason",
     "refusal_body",
     "refusal_message",
+    "reload",
     "stop_signals",
     "trailer_fields",
     "trust_bundle",
+    "turned_down",
+    "upgrade_decision",
+    "websocket_upgrade",
 ]

@@ -42,7 +42,6 @@ class Services:
     """Everything one running gateway is made of; the addons and the control plane
     reach each service by name and type."""
 
-    config: Config
     trust_bundle: str  # the CA file upstream certificates are checked against
     http: aiohttp.ClientSession  # the gateway's own upstream calls (JWKS, providers)
     audit: AuditLog
@@ -52,6 +51,11 @@ class Services:
     approvals: Approvals
     secrets: SecretBroker
     auth_failures: AuthFailures
+
+    @property
+    def config(self) -> Config:
+        """The config in force: the gateway's, which a reload swaps (proxy/gateway/_reload.py)."""
+        return self.gateway.config
 
 
 def _identity(config: Config, http: aiohttp.ClientSession) -> Identity:
@@ -136,6 +140,6 @@ async def build(config: Config) -> AsyncIterator[Services]:
         stack.push_async_callback(secrets.close)  # minted tokens die with the process
 
         tasks.start_sweeper()
-        yield Services(config=config, trust_bundle=bundle, http=http, audit=audit,
+        yield Services(trust_bundle=bundle, http=http, audit=audit,
                        gateway=gateway, metrics=metrics, tasks=tasks, approvals=approvals,
                        secrets=secrets, auth_failures=auth_failures)

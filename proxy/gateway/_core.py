@@ -117,6 +117,17 @@ class Gateway:
         self.idle.set()
         # Every written record, in order (metrics, the task registry's refunds).
         self.on_record: list[Callable[[dict[str, Any]], None]] = []
+        # Called once when the gateway stops taking calls: calls that would otherwise
+        # last the whole grace period (open WebSockets) end now and write their record.
+        self.on_stop: list[Callable[[], None]] = []
+
+    def stopping(self) -> None:
+        """The gateway takes no more calls: end the long-lived ones (:attr:`on_stop`)."""
+        for hook in self.on_stop:
+            try:
+                hook()
+            except Exception:  # noqa: BLE001 - one hook failing never stops the others
+                log.exception("stop hook failed")
 
     def begin(self, ex: Exchange) -> None:
         """Count ``ex`` as in flight until its record is written (graceful shutdown waits)."""
@@ -142,6 +153,25 @@ class Gateway:
             self.policy.check_live(caller)
         else:
             self.policy.check(caller)
+
+    def check_client(self, caller: Caller, client: str | None) -> None:
+        """A task token bound to other client addresses is refused (407) from ``client``."""
+        self.policy.check_client(caller, client)
+
+    def reporting(self, caller: Caller | None) -> bool:
+        """Is the caller in report mode (its workload's or its task's)? A call the rules
+        refuse then goes through, recorded ``would_deny`` (:meth:`report`)."""
+        return caller is not None and self.policy.reporting(caller)
+
+    @staticmethod
+    def report(ex: Exchange, reason: str) -> None:
+        """Let a refused call of a report-mode caller through: recorded ``would_deny``
+        with the reason it would have been refused; no rule answers for it, so it gets
+        no secret, no approval, no MCP grant."""
+        ex.deny(reason, "would_deny")
+        ex.allowed_by = None
+        ex.mcp_rules = ()
+        ex.secret_deferred = False
 
     # -- requests -------------------------------------------------------------
     def describe(self, ex: Exchange, method: str, scheme: str, host: str, port: int,
@@ -192,6 +222,23 @@ class Gateway:
 
     def authorize(self, caller: Caller, call: Call) -> Decision:
         return self.policy.rules_for(caller).decide(call)
+
+    def judge(self, ex: Exchange, call: Call) -> Decision:
+        """Decide ``call`` on the caller's rules as they are now, and keep those rules
+        with the call: a reload while it is in flight does not change what the later
+        hooks (MCP) judge it by."""
+        assert ex.caller is not None
+        rules = ex.rules = self.policy.rules_for(ex.caller)
+        return rules.decide(call)
+
+    def private_ok(self, ex: Exchange) -> bool:
+        """For a call no rule allows (report mode): may it reach a private address?
+        Only if one of the caller's rules naming its host and port opts in."""
+        call = ex.call
+        if call is None or ex.rules is None:
+            return False
+        return any(r.private_ok and r.admits_endpoint(call.host, call.port)
+                   for r in ex.rules.candidates(call.host))
 
     async def admit(self, ex: Exchange, decision: Decision) -> Decision:
         """Count an allowed call against its grant; may turn it into a refusal."""

@@ -16,10 +16,10 @@ from proxy.approvals import HeldRequest
 from proxy.audit import new_record, rfc3339
 from proxy.identity import Caller
 from proxy.mcp import McpDecision
-from proxy.policy import Call, Rule
+from proxy.policy import Call, Rule, RuleSet
 from proxy.secrets import Redactor
 
-__all__ = ["ApprovedAs", "Exchange", "Tunnel"]
+__all__ = ["ApprovedAs", "Exchange", "SocketTotals", "Tunnel"]
 
 
 @dataclass(slots=True)
@@ -32,6 +32,43 @@ class Tunnel:
     connect_id: str | None = None
     """The CONNECT's request id (on its ``200 Connection established``): every call
     through the tunnel names it in its record, so what ``curl -v`` shows is found."""
+
+
+@dataclass(slots=True)
+class SocketTotals:
+    """What went through one WebSocket (the ``websocket`` field of its audit record).
+
+    ``in`` is from the agent, ``out`` to it; bytes are message payloads as read
+    (decompressed). ``refused`` frames were not forwarded (MCP). ``closed_by`` is
+    ``agent``, ``upstream`` or ``gateway`` (the task ended: addons/websocket.py)."""
+
+    frames_in: int = 0
+    frames_out: int = 0
+    bytes_in: int = 0
+    bytes_out: int = 0
+    refused: int = 0
+    close_code: int | None = None
+    closed_by: str | None = None
+    socket: str | None = None
+    """On the record of a refused frame: the request id of its socket's record."""
+    watched: bool = False
+    """The WebSocket addon took the socket on (its 101 passed): it writes the record
+    when the socket ends, and judges its frames. Not recorded."""
+
+    def count(self, from_agent: bool, size: int) -> None:
+        if from_agent:
+            self.frames_in += 1
+            self.bytes_in += size
+        else:
+            self.frames_out += 1
+            self.bytes_out += size
+
+    def record(self) -> dict[str, Any]:
+        return {"frames_in": self.frames_in, "frames_out": self.frames_out,
+                "bytes_in": self.bytes_in, "bytes_out": self.bytes_out,
+                "refused": self.refused, "close_code": self.close_code,
+                "closed_by": self.closed_by,
+                **({"socket": self.socket} if self.socket else {})}
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,14 +110,21 @@ class Exchange:
     status: int | None = None
     bytes_in: int = 0
     bytes_out: int = 0
+    websocket: SocketTotals | None = None
+    """A WebSocket upgrade the gateway allowed (authorize), and what went through it."""
     audited: bool = False
     counted: bool = False
 
     # -- passed along the addon chain (not recorded) ----------------------------------
     tunnel: Tunnel | None = None
     """The CONNECT tunnel the call came through (authorize), checked against its target."""
+    original_dst: str | None = None
+    """The address a transparent call was sent to (transparent): egress pins it."""
     call: Call | None = None
     """The call as judged: canonical host, decoded path (authorize)."""
+    rules: RuleSet | None = None
+    """The caller's rules the call was judged on (authorize): a config reload while it
+    is in flight leaves them as they were for this call (mcp)."""
     allowed_by: Rule | None = None
     """The rule that allowed the call (authorize); for MCP, the rule that allowed its
     tool (mcp). It answers for what follows: approval, secret. ``rule`` is its id in
@@ -88,6 +132,9 @@ class Exchange:
     buffer_body: bool = False
     """A later hook reads or changes the request body (mcp, approve, inject): it is
     held whole, never streamed upstream before that hook ran (audit)."""
+    held_cap: tuple[int, str] | None = None
+    """(bytes, why): the most a body held whole may be (mcp, approve). A body without a
+    length is held as it arrives; past this it is refused (413) at once (limits)."""
     mcp_rules: tuple[Rule, ...] = ()
     """The allowing rules with an ``mcp`` grant: the body is judged against them (mcp)."""
     mcp_decision: McpDecision | None = None
@@ -120,5 +167,6 @@ class Exchange:
             decision=self.decision or "error", rule=self.rule, reason=self.reason,
             secret=self.secret, approval=self.approval, status=self.status,
             bytes_in=self.bytes_in, bytes_out=self.bytes_out,
+            websocket=self.websocket.record() if self.websocket is not None else None,
             duration_ms=round((time.monotonic() - self.started) * 1000, 3),
         )

@@ -13,9 +13,9 @@ What is exported, and where it comes from:
   ``taskgate_secret_background_errors_total{job}`` (a broker job that failed and
   was restarted): :meth:`Metrics.secret_revocation`,
   :meth:`Metrics.secret_background_error`, ``track("secret_revocations_pending", …)``;
-- ``taskgate_active_tasks``, ``taskgate_pending_approvals``: gauges read at
-  scrape time from callbacks the tasks and approvals features register with
-  :meth:`Metrics.track` (0 without one);
+- ``taskgate_active_tasks``, ``taskgate_pending_approvals``,
+  ``taskgate_open_websockets``: gauges read at scrape time from callbacks the tasks,
+  approvals and WebSocket features register with :meth:`Metrics.track` (0 without one);
 - ``taskgate_calls_in_flight``, ``taskgate_audit_write_errors_total``,
   ``taskgate_audit_healthy``: read from the gateway and its audit log;
 - ``taskgate_background_failures_total{worker}``: failures of the background
@@ -65,7 +65,7 @@ log = logging.getLogger(__name__)
 disable_created_metrics()  # no *_created series: they double the output and say nothing here
 
 MAX_RULE_LABELS = 200
-GAUGES = ("active_tasks", "pending_approvals", "secret_revocations_pending")
+GAUGES = ("active_tasks", "pending_approvals", "secret_revocations_pending", "open_websockets")
 REVOCATION_OUTCOMES = ("revoked", "failed", "expired", "abandoned")
 SECRET_JOBS = ("fetch", "revocation", "revocations", "load", "store")
 OTHER = "other"

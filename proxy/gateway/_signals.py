@@ -1,6 +1,8 @@
-"""Which signals stop the gateway (proxy/server.py installs the handlers).
+"""Which signals stop the gateway, and the one that reloads its config (proxy/server.py
+installs the handlers).
 
-Every signal another process can send whose default action would end the process
+SIGHUP (:data:`RELOAD_SIGNAL`) reloads the config (proxy/gateway/_reload.py). Every
+other signal another process can send whose default action would end the process
 stops the gateway the way SIGTERM does: stop listening, refuse calls held for
 approval, let calls in flight finish within the grace period, flush the audit log,
 exit 0. None of them may kill it mid-call with no audit record.
@@ -10,7 +12,9 @@ from __future__ import annotations
 
 import signal
 
-__all__ = ["stop_signals"]
+__all__ = ["RELOAD_SIGNAL", "stop_signals"]
+
+RELOAD_SIGNAL = signal.SIGHUP  # the daemon convention: read the config again
 
 # Signals whose default action ends the process but that are not a request to stop:
 # the kernel's own faults (a handler cannot resume after them), those raised by the
@@ -30,11 +34,11 @@ _HARMLESS = frozenset(getattr(signal, name) for name in (
 def stop_signals() -> list[int]:
     """Every signal another process can send that would end the gateway by default:
     each stops it the way SIGTERM does (stop listening, drain, flush the audit log).
-    SIGHUP, SIGINT, SIGTERM, SIGQUIT, SIGUSR1/2, SIGALRM, SIGVTALRM, SIGPROF, SIGIO,
+    SIGINT, SIGTERM, SIGQUIT, SIGUSR1/2, SIGALRM, SIGVTALRM, SIGPROF, SIGIO,
     SIGPWR, SIGXCPU (the soft CPU limit: the hard one is SIGKILL), the real-time ones."""
     found: list[int] = []
     for num in sorted(signal.valid_signals()):
-        if num in _NOT_STOP or num in _HARMLESS:
+        if num in _NOT_STOP or num in _HARMLESS or num == RELOAD_SIGNAL:
             continue
         try:
             found.append(signal.Signals(num))

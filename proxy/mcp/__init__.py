@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from proxy.mcp._filter import JsonFilter, ReplaceFilter, SseFilter, error_message
+from proxy.mcp._filter import JsonFilter, ReplaceFilter, SseFilter, error_message, filter_message
 from proxy.mcp._inspect import (
     SESSION_HEADER,
     McpDecision,
@@ -20,6 +20,7 @@ __all__ = [
     "SESSION_HEADER",
     "SseFilter",
     "error_message",
+    "filter_message",
     "inspect",
     "refused_after",
     "rpc_refusal",

@@ -33,6 +33,7 @@ when all of these hold:
 * **approval** — if ``C`` requires approval, so does ``T``.
 * **allow_private** — ``T`` may opt in to private addresses only if ``C`` does
   (``allow_private: true``, or an IP address as its host; see :mod:`proxy.gateway._egress`).
+* **websocket** — ``T`` may let its calls upgrade to a WebSocket only if ``C`` does.
 
 The check asks for one ceiling rule containing the whole task rule; a task
 rule that only a combination of ceiling rules would cover is refused (split
@@ -57,7 +58,8 @@ from proxy.policy._rules import Rule
 __all__ = ["ARG_CONSTRAINTS", "Breach", "breach", "check_mcp_shape"]
 
 ARG_CONSTRAINTS = ("const", "enum", "pattern", "maximum", "minimum", "maxLength")
-_ORDER = ("host", "port", "methods", "paths", "mcp", "secret", "approval", "allow_private")
+_ORDER = ("host", "port", "methods", "paths", "mcp", "secret", "approval", "allow_private",
+          "websocket")
 
 
 @dataclass(frozen=True, slots=True)
@@ -209,6 +211,10 @@ def _against(rule: Rule, c: Rule, budget: Budget | None) -> tuple[str, str] | No
                                  "true) but the ceiling rule does not; a task may reach "
                                  "private addresses only where its ceiling says "
                                  "allow_private: true")
+    if rule.websocket and not c.websocket:
+        return "websocket", ("the rule lets calls upgrade to a WebSocket (websocket: true) "
+                             "but the ceiling rule does not; a task may open WebSockets "
+                             "only where its ceiling says websocket: true")
     return None
 
 

@@ -26,7 +26,7 @@ METHODS = frozenset(
 )
 RULE_KEYS = (
     "id", "host", "port", "scheme", "methods", "paths", "mcp", "secret", "approval",
-    "repositories", "permissions", "allow_private",
+    "repositories", "permissions", "allow_private", "websocket",
 )
 # A GitHub App token's down-scoping: repository names, permission → level.
 _REPO = re.compile(r"^[A-Za-z0-9_.-]{1,100}$")
@@ -63,6 +63,8 @@ class Rule:
     permissions: Mapping[str, str] | None = None
     # Names may resolve to loopback/private/link-local addresses (proxy/gateway/_egress.py).
     allow_private: bool = False
+    # A WebSocket upgrade may be asked for on this rule's calls (addons/websocket.py).
+    websocket: bool = False
 
     @property
     def private_ok(self) -> bool:
@@ -123,6 +125,8 @@ class Rule:
             out["permissions"] = dict(self.permissions)
         if self.allow_private:
             out["allow_private"] = True
+        if self.websocket:
+            out["websocket"] = True
         return out
 
 
@@ -263,6 +267,12 @@ def parse_rule(data: Any) -> Rule:
     allow_private = data.get("allow_private", False)
     _want(type(allow_private) is bool, ("allow_private",),
           f"{allow_private!r}: use true (the rule may reach private addresses) or false")
+    websocket = data.get("websocket", False)
+    _want(type(websocket) is bool, ("websocket",),
+          f"{websocket!r}: use true (the rule's calls may upgrade to a WebSocket) or false")
+    _want(not (websocket and grant is not None and approval == "required"), ("websocket",),
+          "the MCP messages of a WebSocket cannot be held for approval: an MCP rule with "
+          "approval: required cannot say websocket: true")
     repositories, permissions = _token_scope(data)
     _want(secret is not None or not (repositories or permissions is not None),
           ("repositories",) if repositories else ("permissions",),
@@ -271,7 +281,7 @@ def parse_rule(data: Any) -> Rule:
         id=rid, host=host, port=port, scheme=scheme, methods=methods, paths=tuple(paths),
         mcp=grant, secret=secret,
         approval=approval == "required", repositories=repositories, permissions=permissions,
-        allow_private=allow_private,
+        allow_private=allow_private, websocket=websocket,
     )
 
 

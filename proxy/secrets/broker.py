@@ -78,6 +78,7 @@ class SecretBroker:
         in memory only."""
         self.specs = dict(specs)
         self.clock = clock
+        self._session = session
         self._providers: dict[str, Provider] = {
             name: make_provider(spec, session, clock) for name, spec in self.specs.items()}
         self._slots: dict[Key, _Slot] = {}
@@ -101,7 +102,7 @@ class SecretBroker:
 
         Raises :class:`ProviderError` (→ 502) or :class:`Refused` if the task ended.
         """
-        provider = self._providers.get(name)
+        provider = self._providers.get(name) if name in self.specs else None
         if provider is None:
             raise ProviderError(name, "misconfigured", "no such secret is configured")
         task, scope = provider.scope(caller, rule)
@@ -178,6 +179,21 @@ class SecretBroker:
             slot.refreshing = None
             if self.on_fetch is not None:
                 self.on_fetch(key[0], ok)
+
+    def reconfigure(self, specs: Mapping[str, SecretSpec]) -> list[str]:
+        """Take the secret specs of a reloaded config; return the names whose spec
+        changed or is new. Their cached values are dropped, so the next call fetches
+        anew with the new spec; a removed secret is handed out no more (its provider
+        stays for credentials still to revoke)."""
+        changed = sorted(name for name, spec in specs.items() if self.specs.get(name) != spec)
+        gone = [name for name in self.specs if name not in specs]
+        for name in changed:
+            self._providers[name] = make_provider(specs[name], self._session, self.clock)
+        self.specs = dict(specs)
+        dropped = set(changed) | set(gone)
+        for key in [k for k in self._slots if k[0] in dropped]:
+            del self._slots[key]
+        return changed
 
     # -- task end and shutdown ------------------------------------------------
     async def task_ended(self, task_id: str) -> None:

@@ -56,7 +56,7 @@ __all__ = ["STORE_FILE", "CredentialRow", "TaskRow", "TaskStore", "store_path"]
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: the tasks' terms column (mode, binding)
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS tasks (
     id          TEXT PRIMARY KEY,
@@ -70,11 +70,12 @@ CREATE TABLE IF NOT EXISTS tasks (
     kid         TEXT NOT NULL,
     used        INTEGER NOT NULL DEFAULT 0,
     revoked_at  REAL,
-    ended       INTEGER NOT NULL DEFAULT 0
+    ended       INTEGER NOT NULL DEFAULT 0,
+    terms       BLOB
 )
 """
 _COLUMNS = ("id, workload, owner, purpose, created_at, expires_at, max_calls, rules, kid, "
-            "used, revoked_at, ended")
+            "used, revoked_at, ended, terms")
 # Credentials the secret broker minted and must revoke (proxy/secrets/revocation.py):
 # ``live`` while in use, ``pending`` once due for revocation; the row goes when the
 # revocation succeeded or the credential expired. ``handle`` (what revokes it: a lease
@@ -116,6 +117,7 @@ class TaskRow:
     used: int = 0
     revoked_at: float | None = None
     ended: bool = False
+    terms: bytes | None = None  # the task's mode and binding (JSON), None: enforced, unbound
 
 
 @dataclass(slots=True)
@@ -266,6 +268,8 @@ class TaskStore:
         if version > SCHEMA_VERSION:
             raise RuntimeError(f"{self.path}: written by a newer taskgate (schema {version})")
         conn.execute(_SCHEMA)
+        if version == 1:  # a store from before task terms: the column is added, empty
+            conn.execute("ALTER TABLE tasks ADD COLUMN terms BLOB")
         conn.execute(_CREDENTIALS_SCHEMA)
         conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
         return conn
@@ -357,7 +361,7 @@ class TaskStore:
 
 def _insert(conn: sqlite3.Connection, rows: list[tuple[Any, ...]]) -> None:
     conn.executemany(
-        f"INSERT INTO tasks ({_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)", rows)  # noqa: S608
+        f"INSERT INTO tasks ({_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)", rows)  # noqa: S608
 
 
 def _many(conn: sqlite3.Connection, sql: str, params: list[tuple[Any, ...]]) -> None:
@@ -373,7 +377,8 @@ def _page(conn: sqlite3.Connection, after: int, size: int) -> list[tuple[int, Ta
     rows = conn.execute(f"SELECT rowid, {_COLUMNS} FROM tasks WHERE rowid > ? "  # noqa: S608
                         "ORDER BY rowid LIMIT ?", (after, size))
     return [(r[0], TaskRow(r[1], r[2], r[3], r[4], r[5], r[6], r[7], bytes(r[8]), r[9], r[10],
-                           r[11], bool(r[12]))) for r in rows]
+                           r[11], bool(r[12]), bytes(r[13]) if r[13] is not None else None))
+            for r in rows]
 
 
 def _settle(batch: list[tuple[Op, asyncio.Future[Any], bool]], results: list[Any]) -> None:

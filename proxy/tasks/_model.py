@@ -7,7 +7,9 @@ the field):
 one of the two), ``ttl_seconds`` (int, 1–:data:`MAX_TTL_SECONDS`), ``rules``
 (a non-empty list of rules, at most :data:`MAX_RULES`), and optionally
 ``owner`` (str; default: the workload's owner), ``purpose`` (str),
-``max_calls`` (int ≥ 1; absent = no budget).
+``max_calls`` (int ≥ 1; absent = no budget), ``mode`` (``enforce``, the default, or
+``report``: only where the workload has ``report_allowed``), ``bind``
+(``{"client_cidrs": [...]}``: the client addresses the task's token is good from).
 
 Every mistake raises :class:`~proxy.errors.InvalidField`
 carrying the status, an error code, the field (``rules[2].paths[0]``) and a
@@ -22,6 +24,7 @@ small and load fast.
 from __future__ import annotations
 
 import functools
+import ipaddress
 import sys
 import time
 from collections.abc import Mapping
@@ -59,7 +62,10 @@ MAX_CALLS = 1_000_000_000
 MAX_RULES = 64
 MAX_PATHS = 32
 MAX_TEXT = 1024
-FIELDS = ("workload", "workload_token", "owner", "purpose", "ttl_seconds", "max_calls", "rules")
+FIELDS = ("workload", "workload_token", "owner", "purpose", "ttl_seconds", "max_calls", "rules",
+          "mode", "bind")
+MAX_BIND_CIDRS = 16
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,6 +79,8 @@ class TaskRequest:
     ttl_seconds: int
     max_calls: int | None
     rules: tuple[Rule, ...]
+    mode: str = "enforce"
+    bind: tuple[Network, ...] = ()  # empty: the token is good from anywhere
 
 
 def _text(body: Mapping[str, Any], name: str, *, limit: int = MAX_TEXT) -> str | None:
@@ -160,7 +168,57 @@ def parse_task_request(raw: bytes) -> TaskRequest:
     return TaskRequest(
         workload=workload, workload_token=token, owner=_text(body, "owner", limit=256),
         purpose=_text(body, "purpose"), ttl_seconds=ttl,
-        max_calls=_int(body, "max_calls", 1, MAX_CALLS), rules=rules)
+        max_calls=_int(body, "max_calls", 1, MAX_CALLS), rules=rules,
+        mode=_mode(body.get("mode")), bind=_bind(body.get("bind")))
+
+
+def _mode(value: Any) -> str:
+    if value is None:
+        return "enforce"
+    if value not in ("enforce", "report"):
+        raise InvalidField("mode", "mode must be 'enforce' (the default) or 'report'")
+    return str(value)
+
+
+def _bind(value: Any) -> tuple[Network, ...]:
+    """``{"client_cidrs": ["10.77.0.5/32", ...]}`` → the networks, checked strictly."""
+    if value is None:
+        return ()
+    if not isinstance(value, dict):
+        raise InvalidField("bind", f"bind must be an object with client_cidrs, not "
+                                   f"{_type(value)}")
+    for key in value:
+        if key != "client_cidrs":
+            raise InvalidField(("bind", key), f"unknown field {key!r}; bind has client_cidrs")
+    cidrs = value.get("client_cidrs")
+    if not isinstance(cidrs, list) or not 1 <= len(cidrs) <= MAX_BIND_CIDRS:
+        raise InvalidField(("bind", "client_cidrs"), f"client_cidrs must be a list of 1-"
+                                                      f"{MAX_BIND_CIDRS} CIDRs, e.g. "
+                                                      "['10.77.0.5/32']")
+    nets: list[Network] = []
+    for i, text in enumerate(cidrs):
+        where = ("bind", "client_cidrs", i)
+        if not isinstance(text, str) or "/" not in text or len(text) > 64:
+            raise InvalidField(where, "a CIDR with its prefix length, e.g. '10.77.0.5/32'")
+        try:
+            nets.append(ipaddress.ip_network(text, strict=True))
+        except ValueError as e:
+            raise InvalidField(where, f"{text[:64]!r} is not a network: {e}") from None
+    return tuple(nets)
+
+
+def terms(mode: str, bind: tuple[Network, ...]) -> bytes | None:
+    """The task's mode and binding as stored; None for an enforced, unbound task."""
+    if mode == "enforce" and not bind:
+        return None
+    return _json({"mode": mode, "bind": [str(n) for n in bind]})
+
+
+def read_terms(raw: bytes | None) -> tuple[str, tuple[Network, ...]]:
+    if not raw:
+        return "enforce", ()
+    d = orjson.loads(raw)
+    return d.get("mode", "enforce"), tuple(ipaddress.ip_network(n) for n in d.get("bind", ()))
 
 
 # -- the in-memory task ---------------------------------------------------------
@@ -181,6 +239,15 @@ class Task:
     used: int = 0
     revoked_at: float | None = None
     ended: bool = False
+    mode: str = "enforce"  # "report": refusals recorded as would_deny, not enforced
+    bind: tuple[Network, ...] = ()  # the client addresses its token is good from
+
+    def bound_to(self, address: str | None) -> bool:
+        """May the task's token be used from ``address``? Any address when unbound."""
+        if not self.bind:
+            return True
+        ip = client_ip(address)
+        return ip is not None and any(ip in net for net in self.bind)
 
     def state(self, now: float) -> str:
         """``revoked``, ``expired``, ``spent`` (budget used up) or ``active``."""
@@ -208,12 +275,27 @@ class Task:
             "calls_left": (max(0, self.max_calls - self.used)
                            if self.max_calls is not None else None),
             "rules": orjson.loads(self.rules_json),
+            "mode": self.mode,
+            "bind": {"client_cidrs": [str(n) for n in self.bind]} if self.bind else None,
         }
 
     def row(self) -> TaskRow:
         return TaskRow(self.id, self.workload, self.owner, self.purpose, self.created_at,
                        self.expires_at, self.max_calls, self.rules_json, self.kid, self.used,
-                       self.revoked_at, self.ended)
+                       self.revoked_at, self.ended, terms(self.mode, self.bind))
+
+
+def client_ip(address: str | None) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """A client's address as an IP (an IPv4-mapped IPv6 address as the IPv4 one)."""
+    if not address:
+        return None
+    try:
+        ip = ipaddress.ip_address(address.split("%", 1)[0])
+    except ValueError:
+        return None
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        return ip.ipv4_mapped
+    return ip
 
 
 def _json(value: Any) -> bytes:
@@ -264,7 +346,7 @@ def _rule(d: Mapping[str, Any]) -> Rule:
         approval=d.get("approval") == "required",
         repositories=tuple(d.get("repositories", ())),
         permissions=dict(permissions) if permissions is not None else None,
-        allow_private=d.get("allow_private") is True)
+        allow_private=d.get("allow_private") is True, websocket=d.get("websocket") is True)
 
 
 class RuleSets:

@@ -32,16 +32,31 @@ class Policy:
         """An allowed call is about to go ahead: take it from the caller's budget (tasks)."""
         return decision
 
+    def reporting(self, caller: Caller) -> bool:
+        """Report mode: a call the rules refuse goes through, recorded ``would_deny``."""
+        return False
+
+    def check_client(self, caller: Caller, client: str | None) -> None:
+        """Raise (407) if the caller's credential is bound to other client addresses."""
+
 
 class StandingPolicy(Policy):
     """Each workload's ``standing`` rules from the config; nothing for unknown workloads."""
 
     def __init__(self, config: Config) -> None:
-        self._sets = {name: RuleSet(wl.standing) for name, wl in config.workloads.items()}
         self._empty = RuleSet()
+        self.reconfigure(config)
+
+    def reconfigure(self, config: Config) -> None:
+        """Take the standing rules and modes of ``config`` (a reload), in one assignment."""
+        self._sets = {name: RuleSet(wl.standing) for name, wl in config.workloads.items()}
+        self._report = frozenset(n for n, wl in config.workloads.items() if wl.mode == "report")
 
     def rules_for(self, caller: Caller) -> RuleSet:
         return self._sets.get(caller.workload, self._empty)
+
+    def reporting(self, caller: Caller) -> bool:
+        return caller.workload in self._report
 
 
 
@@ -67,5 +82,11 @@ class TaskPolicy(StandingPolicy):
 
     async def admit(self, caller: Caller, decision: Decision, request_id: str) -> Decision:
         return await self.registry.admit(caller, decision, request_id)
+
+    def reporting(self, caller: Caller) -> bool:
+        return self.registry.reporting(caller)
+
+    def check_client(self, caller: Caller, client: str | None) -> None:
+        self.registry.check_client(caller, client)
 
 

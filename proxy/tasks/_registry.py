@@ -20,6 +20,13 @@ connections, through ``Gateway.recheck``):
   its audit record shows ``deny`` or ``rejected``; a call that was let through
   and then failed upstream (``error``) stays counted.
 
+* ``check_client`` — a task bound to client networks (``bind``) refuses its token
+  from any other client address (→ 407 "the task token is bound elsewhere").
+
+In report mode (the workload's ``mode: report``, or the task's) a spent budget does
+not refuse: ``admit`` still counts the call and answers a refusal the gateway records
+``would_deny`` and lets through.
+
 Standing rules do not apply to a task caller: a task token carries exactly
 its task's rules, so what an agent can do on a task is what the task says.
 Workload tokens (no task) keep their ``standing`` rules.
@@ -41,7 +48,7 @@ import os
 import sys
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from proxy.batching import FAILURES
@@ -51,7 +58,7 @@ from proxy.identity import TASK_ISSUER, Caller, Identity, TaskKeys, TaskTokenIss
 from proxy.policy import Breach, Budget, Decision, Rule, breach
 from proxy.secrets import check_token_scope
 from proxy.store import TaskRow, TaskStore
-from proxy.tasks._model import RuleSets, Task, TaskRequest, canonical_rules
+from proxy.tasks._model import RuleSets, Task, TaskRequest, canonical_rules, read_terms
 
 __all__ = ["Clock", "TaskEndHook", "TaskRegistry", "open_registry"]
 
@@ -93,6 +100,12 @@ class TaskRegistry:
         self.sweep_failing = False  # the last sweep raised (supervision: /readyz, /metrics)
         self._closing = False
         self._active: tuple[float, float] | None = None  # (monotonic when, count)
+        self._creating = 0  # task creations under way (a config reload waits for them)
+        self._unpersisted: set[str] = set()  # revoked in memory, the store not yet told
+        self._no_creation = asyncio.Event()
+        self._no_creation.set()
+        self._creation_open = asyncio.Event()
+        self._creation_open.set()
 
     # -- loading --------------------------------------------------------------
     async def load(self) -> None:
@@ -107,9 +120,10 @@ class TaskRegistry:
     def _from_row(self, row: TaskRow) -> Task:
         key, rs = self.rulesets.acquire(row.rules)
         owner = sys.intern(row.owner) if row.owner else None
+        mode, bind = read_terms(row.terms)
         return Task(row.id, sys.intern(row.workload), owner, row.purpose, row.created_at,
                     row.expires_at, row.max_calls, key, rs, sys.intern(row.kid), row.used,
-                    row.revoked_at, row.ended)
+                    row.revoked_at, row.ended, mode, bind)
 
     def _index(self, task: Task) -> None:
         self.tasks[task.id] = task
@@ -153,24 +167,28 @@ class TaskRegistry:
     async def create(self, req: TaskRequest) -> tuple[Task, str]:
         """Check the request against its workload's ceiling, store it, sign its token."""
         workload = await self.workload_of(req)
-        wl = self.config.workloads.get(workload)
-        if wl is None:
-            raise InvalidField("workload", f"unknown workload {workload!r}; it must be listed "
-                                           "under 'workloads' in the config")
-        # Containment is CPU work (automata over path globs): off the event loop, and
-        # bounded per request so a request of pathological globs is refused, not slow.
-        why = await asyncio.to_thread(_first_breach, req.rules, wl.ceiling)
-        if why is not None:
-            i, b = why
-            raise InvalidField(("rules", i, b.key), f"rule {b.rule!r}: {b.reason}",
-                               error="beyond_ceiling", rule=b.rule)
+        await self._creation_open.wait()  # a config reload is judging the tasks there are
+        self._creating += 1
+        self._no_creation.clear()
+        try:
+            return await self._create(req, workload)
+        finally:
+            self._creating -= 1
+            if self._creating == 0:
+                self._no_creation.set()
+
+    async def _create(self, req: TaskRequest, workload: str) -> tuple[Task, str]:
+        config = self.config
+        await self._check_request(req, workload, config)
+        wl = config.workloads[workload]
         self._check_token_scopes(req.rules)
         now = self._clock()
         rules_json = canonical_rules(req.rules)
         task_id = uuid.uuid4().hex
         key, rs = self.rulesets.acquire(rules_json)
         task = Task(task_id, workload, req.owner or wl.owner, req.purpose, now,
-                    now + req.ttl_seconds, req.max_calls, key, rs, self.keys.current)
+                    now + req.ttl_seconds, req.max_calls, key, rs, self.keys.current,
+                    mode=req.mode, bind=req.bind)
         try:
             await self.store.insert(task.row())
         except BaseException:
@@ -180,6 +198,63 @@ class TaskRegistry:
         token = self.keys.sign(task_id=task_id, workload=workload,
                                expires_at=task.expires_at, now=now)
         return task, token
+
+    async def _check_request(self, req: TaskRequest, workload: str, config: Config) -> None:
+        """The request fits ``workload`` as ``config`` has it: mode, binding, ceiling."""
+        wl = config.workloads.get(workload)
+        if wl is None:
+            raise InvalidField("workload", f"unknown workload {workload!r}; it must be listed "
+                                           "under 'workloads' in the config")
+        if req.mode == "report" and not wl.report_allowed:
+            raise InvalidField("mode", f"workload {workload!r} does not allow report-mode "
+                                       "tasks (report_allowed: true in its config)")
+        if wl.require_binding and not req.bind:
+            raise InvalidField("bind", f"workload {workload!r} requires its tasks to be bound "
+                                       "to where the agent runs: give bind.client_cidrs")
+        # Containment is CPU work (automata over path globs): off the event loop, and
+        # bounded per request so a request of pathological globs is refused, not slow.
+        why = await asyncio.to_thread(_first_breach, req.rules, wl.ceiling)
+        if why is not None:
+            i, b = why
+            raise InvalidField(("rules", i, b.key), f"rule {b.rule!r}: {b.reason}",
+                               error="beyond_ceiling", rule=b.rule)
+
+    def beyond_ceiling(self, config: Config, tasks: list[Task]) -> list[tuple[Task, str]]:
+        """Which of ``tasks`` no longer fit their workload's ceiling in ``config`` (a
+        reload lowered it, or dropped the workload), and why. CPU work: run it off the
+        event loop on a list taken on it."""
+        out: list[tuple[Task, str]] = []
+        for task in tasks:
+            wl = config.workloads.get(task.workload)
+            if wl is None:
+                out.append((task, f"workload {task.workload!r} is no longer in the config"))
+                continue
+            old = self.config.workloads.get(task.workload)
+            if old is not None and old.ceiling == wl.ceiling:
+                continue
+            why = _first_breach(task.ruleset.rules, wl.ceiling)
+            if why is not None:
+                i, b = why
+                out.append((task, f"rules[{i}] {b.rule!r} no longer fits the ceiling of "
+                                  f"workload {task.workload!r}: {b.reason}"))
+        return out
+
+    @contextlib.asynccontextmanager
+    async def creation_paused(self) -> AsyncIterator[None]:
+        """No task is being created while inside (those under way are waited for):
+        a config reload judges the tasks there are against the new ceilings, swaps the
+        config, and no task checked against the old one is added behind its back."""
+        self._creation_open.clear()
+        try:
+            await self._no_creation.wait()
+            yield
+        finally:
+            self._creation_open.set()
+
+    def live(self) -> list[Task]:
+        """The tasks that can still make calls, now."""
+        now = self._clock()
+        return [t for t in self.tasks.values() if t.revoked_at is None and now < t.expires_at]
 
     def _check_token_scopes(self, rules: tuple[Rule, ...]) -> None:
         """``repositories``/``permissions`` only where they limit a token: a github_app
@@ -198,14 +273,25 @@ class TaskRegistry:
         task = self.tasks.get(task_id)
         if task is None:
             return None
-        if task.revoked_at is None:
-            task.revoked_at = self._clock()
-            self._active = None
-            heapq.heappush(self._purges, (task.ended_at() + self.retention, task.id))
-            self.identity.forget(lambda c: c.task == task_id)
+        self.revoke_now(task)
+        if task.id in self._unpersisted:  # revoked in memory, not yet in the store
+            assert task.revoked_at is not None
             await self.store.revoke(task_id, task.revoked_at)
+            self._unpersisted.discard(task.id)
         await self._end([task])
         return task
+
+    def revoke_now(self, task: Task) -> bool:
+        """Revoke ``task`` in memory (its next call is refused); :meth:`revoke` persists
+        it and runs the task-end hooks. False if it was revoked already."""
+        if task.revoked_at is not None:
+            return False
+        task.revoked_at = self._clock()
+        self._unpersisted.add(task.id)
+        self._active = None
+        heapq.heappush(self._purges, (task.ended_at() + self.retention, task.id))
+        self.identity.forget(lambda c: c.task == task.id)
+        return True
 
     async def notify_ended(self, task_id: str) -> None:
         """Run every task-end hook; one failing hook never stops the others."""
@@ -227,12 +313,44 @@ class TaskRegistry:
 
     # -- enforcement ----------------------------------------------------------
     def check(self, caller: Caller) -> None:
-        """Raise if the caller's task no longer grants anything."""
+        """Raise if the caller's task no longer grants anything (in report mode a spent
+        budget does not refuse: the call is recorded ``would_deny`` at ``admit``)."""
         if caller.task is None:
             return
         task = self._live(caller)
-        if task.max_calls is not None and task.used >= task.max_calls:
+        if task.max_calls is not None and task.used >= task.max_calls \
+                and not self._reports(task):
             raise Refused(self._spent(task))
+
+    def reporting(self, caller: Caller) -> bool:
+        """Is ``caller`` in report mode: its workload's ``mode: report``, or its task's?"""
+        wl = self.config.workloads.get(caller.workload)
+        if wl is not None and wl.mode == "report":
+            return True
+        task = self.tasks.get(caller.task) if caller.task is not None else None
+        return task is not None and task.mode == "report"
+
+    def _reports(self, task: Task) -> bool:
+        wl = self.config.workloads.get(task.workload)
+        return task.mode == "report" or (wl is not None and wl.mode == "report")
+
+    def check_client(self, caller: Caller, client: str | None) -> None:
+        """Raise (407) if the caller's task is bound to other client addresses."""
+        if caller.task is None:
+            return
+        task = self.tasks.get(caller.task)
+        if task is not None and not task.bound_to(client):
+            raise InvalidCredential(f"the task token is bound elsewhere: it is good only "
+                                    f"from {', '.join(str(n) for n in task.bind)}, not from "
+                                    f"{client or 'an unknown address'}")
+
+    def bound_to(self, address: str, workload: str) -> list[Task]:
+        """The live tasks of ``workload`` bound to ``address`` (transparent mode judges a
+        call from that address against their grants)."""
+        now = self._clock()
+        return [t for t in self.tasks.values()
+                if t.bind and t.workload == workload and t.revoked_at is None
+                and now < t.expires_at and t.bound_to(address)]
 
     def check_live(self, caller: Caller) -> None:
         """Raise if the caller's task ended; its budget is not looked at (the call asking
@@ -259,9 +377,10 @@ class TaskRegistry:
         if caller.task is None or not decision.allowed:
             return decision
         task = self._live(caller)
-        if task.max_calls is not None and task.used >= task.max_calls:
+        spent = task.max_calls is not None and task.used >= task.max_calls
+        if spent and not self._reports(task):
             return Decision(False, self._spent(task), decision.rule)
-        task.used += 1
+        task.used += 1  # in report mode past the budget too: counted, not enforced
         try:
             await self.store.add_used(task.id, 1)
         except Exception:
@@ -273,6 +392,8 @@ class TaskRegistry:
             self._refund(task.id)  # ended while the count was being written
             self._live(caller)
         self._admitted[request_id] = (task.id, time.monotonic())
+        if spent:  # report mode: the call goes ahead, recorded would_deny
+            return Decision(False, self._spent(task), decision.rule)
         return decision
 
     def on_record(self, record: dict[str, Any]) -> None:

@@ -405,7 +405,8 @@ UPGRADES = {
 def test_upgrade_requests_refused(gateway: Gateway, upstream: Upstream, token: str,
                                   where: str, case: str) -> None:
     """After an upgrade a connection carries frames no rule, budget or record sees: an
-    upgrade is refused on a path a rule allows, and nothing reaches the upstream."""
+    upgrade is refused on a path a rule without ``websocket: true`` allows, and nothing
+    reaches the upstream."""
     before = len(upstream.seen)
     if where == "plain":
         authority = f"127.0.0.1:{upstream.http_port}"
@@ -417,8 +418,10 @@ def test_upgrade_requests_refused(gateway: Gateway, upstream: Upstream, token: s
             t.start_tls(gateway.ca, "localhost")
             reply = t.request(request_bytes("GET", "/allowed/ws", target, None,
                                             extra=UPGRADES[case]))
-    data = assert_refusal(reply.status, reply.headers, reply.body, 403,
-                          "upgrades (WebSocket, h2c) are not supported")
+    # A WebSocket needs a rule that opts in (websocket: true, tests/e2e/test_websocket.py).
+    why = ("allows this call but not a WebSocket upgrade" if case == "websocket"
+           else "protocol upgrades other than WebSocket (h2c, …) are not supported")
+    data = assert_refusal(reply.status, reply.headers, reply.body, 403, why)
     assert len(upstream.seen) == before
     (rec,) = gateway.records_for(data["request_id"])
     assert rec["decision"] == "deny" and rec["status"] == 403

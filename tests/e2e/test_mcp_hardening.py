@@ -18,6 +18,7 @@ import brotli
 import httpx
 import pytest
 
+from tests.framing_servers import H2Client
 from tests.mcp_fixtures import TOOL_REFUSED, mcp_gateway, mcp_servers, records
 from tests.mcp_server import McpUpstream
 from tests.support import Gateway, Upstream
@@ -270,15 +271,73 @@ def test_encoded_allowed_body_reaches_upstream(mcp_gateway: Gateway, upstream: U
     assert r.json()["headers"]["Content-Encoding"] == coding
 
 
-def test_chunked_body_needs_length(mcp_gateway: Gateway, upstream: Upstream, token: str) -> None:
-    """A chunked body cannot be held within the cap before it ends: 411, nothing forwarded."""
+def _unsized(gw: Gateway, upstream: Upstream, mcp_servers: dict[str, McpUpstream],
+             token: str, how: str, body: list[bytes]) -> tuple[int, Any, str | None, bool]:
+    """POST ``body`` with no length: chunked over HTTP/1.1 (the echo upstream), or over
+    HTTP/2 with no Content-Length (the TLS MCP server). The status, JSON answer, request
+    id, and whether all of ``body`` was sent before the answer came (HTTP/2)."""
+    if how == "http1-chunked":
+        with gw.client(token) as c:
+            r = c.post(f"http://127.0.0.1:{upstream.http_port}/mcp-echo", content=iter(body))
+        return r.status_code, r.json(), r.headers.get("x-taskgate-request-id"), True
+    up = mcp_servers["tls"]
+    with H2Client(gw.proxy_port, f"{up.host}:{up.port}", token, gw.ca,
+                  server_name=up.host) as c:
+        sid = c.start("POST", "/mcp", [("accept", "application/json, text/event-stream"),
+                                       ("content-type", "application/json")])
+        sent_all = False
+        for chunk in body:
+            c.data(sid, chunk)
+            c.pump(0.1)
+            if c.replies[sid].ended or c.replies[sid].reset:
+                break  # refused before the body ended
+        else:
+            sent_all = True
+            c.end(sid)
+        reply = c.wait(sid)
+    return reply.status, reply.json(), reply.request_id, sent_all
+
+
+INIT = enc(msg("initialize", {"protocolVersion": "2025-11-25", "capabilities": {},
+                              "clientInfo": {"name": "raw", "version": "1"}}))
+
+
+@pytest.mark.parametrize("how", ["http1-chunked", "http2"])
+def test_a_body_without_a_length_is_held_and_judged(
+        mcp_gateway: Gateway, upstream: Upstream, mcp_servers: dict[str, McpUpstream],
+        token: str, how: str) -> None:
+    """No length (chunked, HTTP/2): the body is held as it arrives, within the cap, then
+    judged like any other; what is allowed reaches the upstream whole."""
+    body = ADD if how == "http1-chunked" else INIT
+    status, answer, rid, _ = _unsized(mcp_gateway, upstream, mcp_servers, token, how,
+                                      [body[:10], body[10:]])
+    assert status == 200, answer
+    if how == "http1-chunked":
+        assert answer["body_len"] == len(ADD)
+    else:
+        assert answer["result"]["serverInfo"]
+    assert rid is not None
+    rec = mcp_gateway.records_for(rid)[0]
+    assert rec["decision"] == "allow" and rec["bytes_in"] == len(body)
+
+
+@pytest.mark.parametrize("how", ["http1-chunked", "http2"])
+def test_a_body_without_a_length_past_the_cap_is_refused_as_it_arrives(
+        mcp_gateway: Gateway, upstream: Upstream, mcp_servers: dict[str, McpUpstream],
+        token: str, how: str) -> None:
+    """Past mcp.max_body_bytes the call is refused (413) before the body ends: the rest
+    is never read, nothing is forwarded."""
+    chunks = [b"x" * 16384] * (CAP // 16384 + 8)
     before = len(upstream.seen)
-    with mcp_gateway.client(token) as c:
-        r = c.post(f"http://127.0.0.1:{upstream.http_port}/mcp-echo",
-                   content=iter([ADD[:10], ADD[10:]]))
-    assert r.status_code == 411, r.text
-    assert "Content-Length" in r.json()["reason"]
+    status, answer, _, sent_all = _unsized(mcp_gateway, upstream, mcp_servers, token, how,
+                                           chunks)
+    assert status == 413, answer
+    assert f"at most {CAP} bytes" in answer["reason"]
     assert len(upstream.seen) == before
+    if how == "http2":
+        assert not sent_all  # answered while the body was still coming
+    rec = mcp_gateway.records_for(answer["request_id"])[0]
+    assert rec["decision"] == "deny" and rec["status"] == 413
 
 
 def test_gateway_healthy_after_all(session: tuple[httpx.Client, McpUpstream, dict[str, str]],

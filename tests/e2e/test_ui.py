@@ -50,6 +50,10 @@ def task_records() -> list[dict[str, Any]]:
                    path="/repos/acme/other", status=403, reason=XSS, **common),
         new_record(ts=rfc3339(T0 + 60), request_id="s4", decision="allow", task="t-2",
                    path="/x", status=200, **{k: v for k, v in common.items() if k != "task"}),
+        new_record(ts=rfc3339(T0 + 70), request_id="s5", decision="would_deny", task="t-3",
+                   path="/repos/acme/secret-plans", status=200,
+                   reason="no rule for this host allows this path",
+                   **{k: v for k, v in common.items() if k != "task"}),
     ]
 
 
@@ -368,3 +372,17 @@ def pending(gw: Gateway) -> float:
     (family,) = [f for f in text_string_to_metric_families(text)
                  if f.name == "taskgate_pending_approvals"]
     return family.samples[0].value
+
+
+def test_report_mode_calls_are_shown_and_filtered(visit: Visit, ugw: Gateway) -> None:
+    """Report mode's would_deny records: their own filter, marked, not shown as refused."""
+    page = visit.sign_in(token_of(ugw))
+    page.wait_for_selector("#calls-body tr")
+    page.select_option("#filters select[name=decision]", "would_deny")
+    page.click("#filters button[type=submit]")
+    page.wait_for_function("() => [...document.querySelectorAll('#calls-body tr')]"
+                           ".every(r => r.dataset.decision === 'would_deny')")
+    (row,) = rows(page)
+    assert "would" in row["cls"].split() and "refused" not in row["cls"].split()
+    assert "/repos/acme/secret-plans" in row["text"]
+    assert "no rule for this host allows this path" in row["text"]

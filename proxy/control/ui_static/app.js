@@ -261,7 +261,8 @@ function reasonText(r) {
 
 function callRow(r, fresh) {
   const d = r.decision ?? "";
-  const cls = [`d-${d}`, REFUSED.has(d) ? "refused" : "", d === "held" ? "held" : "", fresh ? "fresh" : ""];
+  const cls = [`d-${d}`, REFUSED.has(d) ? "refused" : "", d === "held" ? "held" : "",
+               d === "would_deny" ? "would" : "", fresh ? "fresh" : ""];
   return el("tr", { class: cls.filter(Boolean).join(" "), "data-seq": String(r.seq),
                     "data-decision": d },
     el("td", {}, fmtTime(r.ts)),

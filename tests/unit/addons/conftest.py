@@ -47,6 +47,11 @@ RULES: list[dict[str, Any]] = [
      "secret": "key"},
     {"id": "secret-approve", "host": "api.example", "methods": ["POST"],
      "paths": ["/pay/**"], "secret": "key", "approval": "required"},
+    {"id": "socket", "host": "rt.example", "methods": ["GET"], "paths": ["/ws"],
+     "websocket": True},
+    {"id": "socket-mcp", "host": "rt.example", "paths": ["/mcp"], "websocket": True,
+     "mcp": {"tools": ["search"]}},
+    {"id": "no-socket", "host": "rt.example", "methods": ["GET"], "paths": ["/plain"]},
 ]
 
 

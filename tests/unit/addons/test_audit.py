@@ -23,7 +23,7 @@ from tests.unit.addons.conftest import SECRET, refusal, request, respond
 RECORD_FIELDS = {"ts", "request_id", "connect_id", "workload", "task", "owner", "client",
                  "method", "scheme", "host", "port", "upstream_ip", "path", "tool", "decision",
                  "rule", "reason", "secret", "approval", "status", "bytes_in", "bytes_out",
-                 "duration_ms"}
+                 "websocket", "duration_ms"}
 
 
 async def records(svc: Services) -> list[dict[str, Any]]:

@@ -95,11 +95,15 @@ async def test_a_body_too_large_to_hold_is_refused_early(svc: Services,
     refusal(f, 413, "payload_too_large")
 
 
-async def test_a_chunked_body_is_refused_for_want_of_a_length(svc: Services,
-                                                             agent_token: str) -> None:
+async def test_a_chunked_body_is_held_within_the_cap(svc: Services,
+                                                    agent_token: str) -> None:
+    """No length to refuse on early: held as it arrives, refused past the cap (limits)."""
     f = mcp_call(agent_token, None, Transfer_Encoding="chunked")
     await through(svc, f, body_hook=False)
-    refusal(f, 411)
+    assert f.response is None and not f.request.stream
+    ex = exchange(f)
+    assert ex.buffer_body and ex.held_cap is not None
+    assert ex.held_cap[0] == svc.config.max_inspect_bytes
 
 
 async def test_a_call_under_a_rule_without_mcp_is_not_held(svc: Services,

@@ -23,7 +23,7 @@ SPEC_FIELDS = {
     "ts", "seq", "request_id", "connect_id", "workload", "task", "owner", "client", "method",
     "scheme", "host", "port", "upstream_ip", "path", "tool", "decision", "rule", "reason", "secret",
     "approval",
-    "status", "bytes_in", "bytes_out", "duration_ms", "prev", "hash",
+    "status", "bytes_in", "bytes_out", "websocket", "duration_ms", "prev", "hash",
 }
 
 

@@ -163,6 +163,12 @@ BAD_VALUES = [
      'workloads["w"].ceiling[0].methods: a rule without \'mcp\' must list its methods'),
     ("workloads: {w: {standing: [{id: r, host: a.com, methods: [GET], port: 0}]}}",
      'workloads["w"].standing[0].port: 0 is not a port'),
+    ("workloads: {w: {standing: [{id: r, host: a.com, methods: [GET], websocket: yes}]}}",
+     'workloads["w"].standing[0].websocket: \'yes\': use true'),
+    ("workloads: {w: {ceiling: [{id: r, host: a.com, methods: [GET], websocket: 1}]}}",
+     'workloads["w"].ceiling[0].websocket: 1: use true'),
+    ("proxy: {websocket_max_message_bytes: 10}",
+     "proxy.websocket_max_message_bytes: 10 is not a number between 1024"),
     ("workloads: {w: {standing: [{id: r, host: a.com, methods: [GET], secret: gh}]}}",
      "rule 'r' names secret 'gh', which is not defined under 'secrets'"),
     ("secrets: [a]", "secrets: expected a mapping of secret name"),
@@ -175,6 +181,20 @@ BAD_VALUES = [
      "proxy.max_connections_per_client: 'many' is not a number"),
     ("proxy: {idle_timeout_seconds: 0}", "proxy.idle_timeout_seconds: 0 is not a number"),
     ("mcp: {max_body_bytes: 10}", "mcp.max_body_bytes: 10 is not a number between 1024"),
+    ("state: {backend: postgres}", "state.backend: 'postgres' is not a state backend; use one of"),
+    ("state: {backend: redis}", "state: backend: redis needs redis_url, e.g. 'redis://"),
+    ("state: {backend: redis, redis_url: 'http://r:6379'}",
+     "state.redis_url: 'http://r:6379' is not a Redis URL; use redis://host:port/db"),
+    ("state: {backend: redis, redis_url: 'redis://:hunter2@r:6379/0'}",
+     "state.redis_url: the URL carries a password: put it in state.redis_password_file"),
+    ("state: {backend: redis, redis_url: 'redis://r', redis_password_file: /no/pw}",
+     "state.redis_password_file: '/no/pw' does not exist"),
+    ("state: {backend: redis, redis_url: 'redis://r', db: 2}", "state.db: unknown key 'db'"),
+    ("proxy: {workers: 0}", "proxy.workers: 0 is not a number between 1 and 64"),
+    ("proxy: {workers: 2}",
+     "proxy.workers: 2 workers need shared state: set state.backend: redis (with "
+     "state.redis_url), or proxy.workers: 1"),
+    ("replica_id: 'a/b'", "replica_id: 'a/b': use letters, digits"),
     ("- a", "expected a mapping with keys version, listen"),
     ("just text", "expected a mapping with keys"),
 ]
@@ -185,6 +205,18 @@ def test_bad_value(tmp_path: Path, text: str, message: str) -> None:
     msg = load_error(tmp_path, text + "\n")
     assert msg.startswith(f"{tmp_path / 'taskgate.yaml'}:1: "), msg
     assert message in msg, msg
+
+
+def test_shared_state_and_workers() -> None:
+    """Workers and a replica id with the Redis backend; the password never in the URL."""
+    cfg = parse_config({"state": {"backend": "redis", "redis_url": "rediss://r.internal:6380/1",
+                                  "key_prefix": "gw1:"},
+                        "proxy": {"workers": 2}, "replica_id": "gw-a"})
+    assert (cfg.state_backend, cfg.redis_url, cfg.redis_key_prefix) == (
+        "redis", "rediss://r.internal:6380/1", "gw1:")
+    assert (cfg.workers, cfg.replica_id) == (2, "gw-a")
+    default = Config()
+    assert (default.state_backend, default.workers, default.replica_id) == ("sqlite", 1, None)
 
 
 def test_error_line_points_at_the_rule_key(tmp_path: Path) -> None:
@@ -260,7 +292,7 @@ def test_check_config_cli(tmp_path: Path) -> None:
     bad = check_config("bad.yaml", cwd=tmp_path)
     assert bad.returncode == 2 and bad.stdout == ""
     assert bad.stderr.strip() == ("taskgate: bad.yaml:3: listen.bogus: unknown key 'bogus'; "
-                                  "expected one of proxy, control")
+                                  "expected one of proxy, control, transparent")
     assert "Traceback" not in bad.stderr
 
     missing = check_config("missing.yaml", cwd=tmp_path)

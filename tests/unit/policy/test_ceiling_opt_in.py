@@ -1,4 +1,5 @@
-"""Ceilings bound two opt-ins: private addresses (allow_private) and cleartext secrets."""
+"""Ceilings bound three opt-ins: private addresses (allow_private), cleartext secrets and
+WebSocket upgrades (websocket)."""
 
 from __future__ import annotations
 
@@ -42,6 +43,11 @@ WILD = dict(host="*.good.test", secret="key")
     # an address as the host is its own opt-in, on both sides
     (dict(host="10.0.0.5", allow_private=True), dict(host="10.0.0.5"), None),
     (dict(host="10.0.0.5"), dict(host="10.0.0.5"), None),
+    # websocket: only where the ceiling opts in
+    (dict(API, websocket=True), dict(API), "websocket"),
+    (dict(API, websocket=True), dict(API, websocket=True), None),
+    (dict(API), dict(API, websocket=True), None),  # the task may leave it out
+    (dict(host="x.good.test", websocket=True), dict(WILD), "websocket"),
 ])
 def test_breach(task: dict[str, Any], ceiling: dict[str, Any], key: str | None) -> None:
     got = breach(rule(**task), [rule(id="c", **ceiling)])
@@ -52,6 +58,8 @@ def test_breach(task: dict[str, Any], ceiling: dict[str, Any], key: str | None) 
         assert "cleartext" in got.reason and "scheme: http" in got.reason
     if key == "allow_private":
         assert "allow_private: true" in got.reason
+    if key == "websocket":
+        assert "websocket: true" in got.reason
 
 
 def test_cleartext_is_allowed_by_one_of_several_ceiling_rules() -> None:
@@ -72,6 +80,27 @@ def test_allow_private_is_a_boolean(data: dict[str, Any], ok: bool) -> None:
     else:
         with pytest.raises(ValueError, match=r"^allow_private: .*use true"):
             rule(host="db.good.test", **data)
+
+
+@pytest.mark.parametrize(("value", "ok"), [
+    (True, True), (False, True), ("yes", False), (1, False), (None, False), ("true", False),
+])
+def test_websocket_is_a_boolean(value: Any, ok: bool) -> None:
+    if ok:
+        r = rule(host="rt.good.test", websocket=value)
+        assert r.websocket is value and ("websocket" in r.to_dict()) is value
+    else:
+        with pytest.raises(ValueError, match=r"^websocket: .*use true"):
+            rule(host="rt.good.test", websocket=value)
+
+
+def test_mcp_messages_of_a_websocket_cannot_be_held_for_approval() -> None:
+    """Each message is judged as it passes; none can wait for a person: refused, never
+    let through unheld."""
+    with pytest.raises(ValueError, match=r"^websocket: .*cannot be held for approval"):
+        parse_rule({"id": "t", "host": "rt.good.test", "mcp": {"tools": ["a"]},
+                    "approval": "required", "websocket": True})
+    assert rule(host="rt.good.test", approval="required", websocket=True).websocket
 
 
 @pytest.mark.parametrize(("host", "ok"), [

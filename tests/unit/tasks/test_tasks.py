@@ -15,6 +15,8 @@ from proxy.tasks._model import MAX_BODY_BYTES, RuleSets, canonical_rules, parse_
 RULES: list[dict[str, Any]] = [
     {"id": "plain", "host": "api.test", "methods": ["GET"]},
     {"id": "private", "host": "db.internal.test", "methods": ["GET"], "allow_private": True},
+    {"id": "socket", "host": "rt.api.test", "methods": ["GET"], "paths": ["/v1/realtime"],
+     "websocket": True},
     {"id": "full", "host": "*.api.test", "port": 8443, "scheme": "https",
      "methods": ["GET", "POST"], "paths": ["/v1/**", "/v2/*/x"], "secret": "s",
      "approval": "required"},
@@ -34,7 +36,7 @@ def test_a_stored_rule_reads_back_as_granted(data: dict[str, Any]) -> None:
     stored = ruleset.rules[0]
     assert stored.to_dict() == granted.to_dict()
     for name in ("id", "host", "port", "scheme", "methods", "mcp", "secret", "approval",
-                 "repositories", "permissions", "allow_private"):
+                 "repositories", "permissions", "allow_private", "websocket"):
         assert getattr(stored, name) == getattr(granted, name), name
     assert [p.text for p in stored.paths] == [p.text for p in granted.paths]
     assert stored.mcp is None or isinstance(stored.mcp, McpGrant)
@@ -73,8 +75,12 @@ def _rule(**change: Any) -> dict[str, Any]:
      "rules[1].mcp.args.q.pattern", "not a valid regular expression"),
     (_rule(permissions={"issues": "execute"}), 422, "invalid_request",
      "rules[1].permissions.issues", "use one of read, write, admin"),
+    (_rule(websocket="true"), 422, "invalid_request", "rules[1].websocket", "use true"),
+    (_rule(websocket=True, mcp={"tools": ["t"]}, approval="required"), 422,
+     "invalid_request", "rules[1].websocket", "cannot be held for approval"),
 ], ids=["json", "object", "size", "unknown", "ttl", "rules", "glob", "globs", "host-long",
-        "host", "duplicate", "mcp-shape", "mcp-pattern", "permission"])
+        "host", "duplicate", "mcp-shape", "mcp-pattern", "permission", "websocket",
+        "websocket-approval"])
 def test_request_errors_name_the_field(body: Any, status: int, error: str, field: str | None,
                                        reason: str) -> None:
     raw = body if isinstance(body, bytes) else orjson.dumps(body)
