@@ -255,8 +255,9 @@ def _unframed(flow: http.HTTPFlow) -> None:
     HTTP/2's own frames."""
     resp = flow.response
     assert resp is not None
-    if flow.request.method == "HEAD" or resp.status_code in (204, 304):
-        return  # no body: its length header describes what a GET would get
+    if flow.request.method == "HEAD" or resp.status_code < 200 or resp.status_code in (204,
+                                                                                       304):
+        return  # no body (a 101 hands the connection over): framing stays as it came
     resp.headers.pop("content-length", None)
     if resp.http_version.startswith("HTTP/1"):
         resp.headers["transfer-encoding"] = "chunked"
