@@ -8,6 +8,10 @@ other refusals with 403/413. tools/list answers are filtered to the
 granted tools as they stream back (``proxy.mcp._filter``). Only what the MCP
 transport defines reaches the endpoint (``proxy.mcp._inspect.transport_refusal``):
 POST with a body, the event-stream GET, the session DELETE.
+
+Tool pinning (``proxy.mcp._pins``, kept by ``proxy.gateway._pins``): the filter
+shows a tool only while its definition is the pinned one, and a call to a tool
+whose definition changed is refused with a JSON-RPC error naming the change.
 """
 
 from __future__ import annotations
@@ -16,15 +20,20 @@ from mitmproxy import http
 
 from addons._base import GatewayAddon, exchange, guarded, refuse_for, tool_error
 from proxy.errors import PayloadTooLarge, Refused, TaskgateError
+from proxy.gateway import Exchange
 from proxy.mcp import (
     SESSION_HEADER,
     JsonFilter,
+    McpDecision,
     ReplaceFilter,
+    Review,
     SseFilter,
     error_message,
     inspect,
+    refused_after,
     transport_refusal,
 )
+from proxy.policy import McpGrant
 
 # A tools/list answer may be larger than a request; bound what one event may hold.
 MIN_RESPONSE_CAP = 4 << 20
@@ -113,6 +122,12 @@ class Mcp(GatewayAddon):
                 refuse_for(flow, Refused(decision.reason))
             return
         assert decision.rule is not None
+        changed = self._changed_tool(ex, decision)
+        if changed is not None:
+            ex.rule = None
+            ex.mcp_decision = refused = refused_after(decision, changed)
+            tool_error(flow, refused)
+            return
         ex.allowed_by = decision.rule  # the rule that allowed the tool answers for it
         ex.rule, ex.decision, ex.reason = decision.rule.id, "allow", decision.reason
         if decision.lists_tools or req.method == "GET":
@@ -133,19 +148,53 @@ class Mcp(GatewayAddon):
             return
         cap = max(4 * self.gateway.config.max_inspect_bytes, MIN_RESPONSE_CAP)
         granted = decision.granted_tools
+        review = self._pin_review(exchange(flow))
         if resp.headers.get("content-encoding", "").strip().lower() not in ("", "identity"):
             resp.headers.pop("content-encoding")
             resp.headers["content-type"] = "application/json"
             resp.stream = ReplaceFilter(error_message(
                 "the server's answer is compressed and could not be inspected"))
         elif sse:
-            resp.stream = SseFilter(granted, cap, every=decision.lists_tools)
+            resp.stream = SseFilter(granted, cap, every=decision.lists_tools, review=review)
         else:
-            resp.stream = JsonFilter(granted, cap)
+            resp.stream = JsonFilter(granted, cap, review=review)
         resp.headers.pop("content-length", None)
         if flow.request.http_version.startswith("HTTP/1") and \
                 flow.request.http_version != "HTTP/1.0":
             resp.headers["transfer-encoding"] = "chunked"
+
+    # -- tool pinning ------------------------------------------------------------------
+    @staticmethod
+    def _server(ex: Exchange) -> str | None:
+        call = ex.call
+        if call is None:
+            return None
+        return f"{call.scheme}://{call.host}:{call.port}{call.path.split('?', 1)[0]}"
+
+    def _changed_tool(self, ex: Exchange, decision: McpDecision) -> str | None:
+        """Why a tool this body calls may not run (its definition changed), or None."""
+        server, caller = self._server(ex), ex.caller
+        if not decision.calls or server is None or caller is None:
+            return None
+        pins = self.services.pins
+        for name, _ in decision.calls:
+            why = pins.refusal(caller.workload, caller.task, server, name)
+            if why is not None:
+                return why
+        return None
+
+    def _pin_review(self, ex: Exchange) -> Review | None:
+        server, caller = self._server(ex), ex.caller
+        if server is None or caller is None:
+            return None
+        rule_pins: dict[str, str] = {}
+        for matching in ex.mcp_rules or ():
+            if isinstance(matching.mcp, McpGrant):
+                rule_pins.update(matching.mcp.pins)
+        rule = ex.mcp_decision.rule if ex.mcp_decision is not None else None
+        who = {"workload": caller.workload, "task": caller.task, "owner": caller.owner}
+        return self.services.pins.review(who, server, rule_pins, rule.id if rule else None,
+                                         ex.request_id)
 
 
 addons = [Mcp()]

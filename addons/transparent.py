@@ -78,8 +78,7 @@ class Transparent(GatewayAddon):
         """Built from the config in force, again when a reload swapped in another."""
         config = self.gateway.config
         if self._identity is None or self._identity.config is not config:
-            tasks = self.services.tasks
-            self._identity = SourceIdentity(config, TaskBinds(lambda: tasks.tasks.values()))
+            self._identity = SourceIdentity(config, TaskBinds(self.services.tasks))
         return self._identity
 
     async def next_layer(self, nextlayer: layer.NextLayer) -> None:

@@ -123,9 +123,17 @@ def wait_port(port: int, timeout: float = 20) -> None:
     raise RuntimeError(f"nothing listens on {port}")
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU of a process (all its threads) so far."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 async def load(url: str, proxy: str | None, seconds: float, clients: int,
-               body: bytes) -> tuple[float, float]:
-    """(calls per second, median latency ms) with ``clients`` keep-alive connections."""
+               body: bytes) -> tuple[float, float, int]:
+    """(calls per second, median latency ms, calls) with ``clients`` keep-alive
+    connections."""
     import aiohttp
 
     latencies: list[float] = []
@@ -148,7 +156,7 @@ async def load(url: str, proxy: str | None, seconds: float, clients: int,
         t0 = time.monotonic()
         await asyncio.gather(*(worker(session) for _ in range(clients)))
         elapsed = time.monotonic() - t0
-    return len(latencies) / elapsed, statistics.median(latencies) * 1e3
+    return len(latencies) / elapsed, statistics.median(latencies) * 1e3, len(latencies)
 
 
 async def worker_once(session: Any, url: str, proxy: str | None, body: bytes,
@@ -195,22 +203,32 @@ def bench_throughput(seconds: float, clients: int, rounds: int) -> None:
         small = json.dumps({"jsonrpc": "2.0", "id": 1, "method": "tools/call", "params": {
             "name": "search_docs", "arguments": {"query": "taskgate", "limit": 5}}}).encode()
         big = body_100k("1,250 small objects")
-        targets = (("direct (no proxy)", None, "/mcp"),
-                   ("plain mitmdump", f"http://127.0.0.1:{mitm_port}", "/mcp"),
-                   ("taskgate, plain rule", gw.proxy_url_with(token), "/plain"),
-                   ("taskgate, MCP rule", gw.proxy_url_with(token), "/mcp"))
+        targets = (("direct (no proxy)", None, "/mcp", None),
+                   ("plain mitmdump", f"http://127.0.0.1:{mitm_port}", "/mcp", procs[1].pid),
+                   ("taskgate, plain rule", gw.proxy_url_with(token), "/plain", gw.proc.pid),
+                   ("taskgate, MCP rule", gw.proxy_url_with(token), "/mcp", gw.proc.pid))
         for label, body in (("small tools/call", small), ("100 KB tools/call", big)):
-            print(f"  {label} ({len(body):,} B), best of {rounds} interleaved runs:")
+            print(f"  {label} ({len(body):,} B), best of {rounds} interleaved runs; proxy CPU "
+                  "per call (all threads, median of the runs):")
             runs: dict[str, list[tuple[float, float]]] = {t[0]: [] for t in targets}
+            cpu: dict[str, list[float]] = {t[0]: [] for t in targets}
             for _ in range(rounds):  # interleaved, so a busy moment hits every target
-                for name, proxy, path in targets:
-                    runs[name].append(asyncio.run(load(url.replace("/mcp", path), proxy,
-                                                       seconds, clients, body)))
+                for name, proxy, path, pid in targets:
+                    cpu0 = cpu_seconds(pid) if pid else 0.0
+                    rps, p50, calls = asyncio.run(load(url.replace("/mcp", path), proxy,
+                                                       seconds, clients, body))
+                    runs[name].append((rps, p50))
+                    if pid:  # the warm-up calls count too: one per client
+                        cpu[name].append((cpu_seconds(pid) - cpu0) / (calls + clients))
             base = max(runs["plain mitmdump"])[0]
-            for name, proxy, _ in targets:
+            base_cpu = statistics.median(cpu["plain mitmdump"])
+            for name, proxy, _, pid in targets:
                 rps, p50 = max(runs[name])
                 rel = f"  ({rps / base * 100:5.1f}% of mitmdump)" if proxy else ""
-                print(f"    {name:<22} {rps:8.0f} calls/s   median {p50:6.2f} ms{rel}")
+                per = statistics.median(cpu[name]) if pid else 0.0
+                cpu_txt = (f"   CPU {per * 1e6:5.0f} µs/call ({base_cpu / per:4.2f}× "
+                           "mitmdump's calls per CPU-second)") if pid else ""
+                print(f"    {name:<22} {rps:8.0f} calls/s   median {p50:6.2f} ms{rel}{cpu_txt}")
         records = sum(1 for _ in gw.audit_path.open())
         print(f"  taskgate wrote {records:,} audit records")
     finally:

@@ -119,6 +119,7 @@ async def decision_cost(n: int, calls: int, tmp: Path) -> dict[str, Any]:
     await reg.load()
     load_s = time.perf_counter() - t0
     gc.collect()
+    gc.freeze()  # as open_registry does after loading (proxy/tasks/_registry.py)
     rss_loaded = rss_mb() - rss0
     policy = TaskPolicy(config, reg)
     gw = Gateway(config, identity, policy, AuditLog(str(home / "audit.jsonl")))
@@ -201,6 +202,7 @@ async def decision_cost(n: int, calls: int, tmp: Path) -> dict[str, Any]:
     admit_rate = admits / (time.perf_counter() - t0)
     lat.sort()
     await reg.close()
+    gc.unfreeze()
     return {"n": n, "load_s": load_s, "rss_loaded": rss_loaded, "rss_warm": rss_warm,
             "first": first_s, "decide": decide_s, "identify_decide": ident_s,
             "verify": verify_s, "hot": hot_s,

@@ -9,8 +9,9 @@ upward import or a cycle, including imports inside functions):
    ``batching`` (the supervised writer-thread queue under the audit log and the state
    store) — three leaf modules that everything below the commands shares;
 2. ``policy`` — hosts, paths, rules and decisions, the MCP grant model, ceilings;
-3. ``identity`` (workload JWTs, task tokens, admin token), ``store`` (the SQLite state
-   store), ``mcp`` (JSON-RPC on the wire);
+3. ``identity`` (workload JWTs, task tokens, admin token), ``store`` (the state
+   interface and its stores: SQLite, embedded; Redis, shared by replicas), ``mcp``
+   (JSON-RPC on the wire);
 4. ``audit`` — the tamper-evident log, its reader, verification and queries;
 5. ``secrets`` — the broker, its providers, redaction, destination binding;
 6. ``config`` — the config file and the files it names;
@@ -20,7 +21,9 @@ upward import or a cycle, including imports inside functions):
    (:func:`proxy.gateway.build`);
 9. ``control`` (the control plane), ``demo`` and, outside this package, ``addons``
    (thin mitmproxy adapters);
-10. ``server`` — the one module that touches mitmproxy's ``Master``;
+10. ``server`` — the one module that touches mitmproxy's ``Master``, and
+    ``supervisor`` — with ``proxy.workers`` > 1, the process that runs the control plane
+    and keeps the workers (each a ``server``) running;
 11. ``cli`` — the ``taskgate`` command (and ``__main__``).
 
 Nothing below ``server`` imports mitmproxy; ``addons`` import it and the core, never
@@ -40,6 +43,6 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("proxy.tasks", "proxy.approvals"),
     ("proxy.gateway",),
     ("proxy.control", "proxy.demo", "addons"),
-    ("proxy.server",),
+    ("proxy.server", "proxy.supervisor"),
     ("proxy.cli", "proxy.__main__"),
 )

@@ -6,6 +6,12 @@ gateway needs (not ``DumpMaster``, whose error check ``sys.exit``s on an
 error log and would take the control plane down with it), and shuts both
 down in order on SIGTERM/SIGINT: stop listening, refuse calls held for
 approval, let calls in flight finish within the grace period, flush the audit log.
+
+With ``proxy.workers`` > 1 this runs in each worker process (``worker``: a
+:class:`Worker`), started by proxy/supervisor.py: no control plane (the
+supervisor runs the one), the proxy port shared with the other workers through
+``SO_REUSEPORT`` (:func:`share_proxy_port`), and ``/readyz`` and ``/metrics`` on a
+Unix socket in home for the supervisor to read.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ import logging
 import os
 import signal
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,19 +33,55 @@ from aiohttp import web
 from mitmproxy import certs, options
 from mitmproxy.addons import disable_h2c, next_layer, proxyserver, tlsconfig
 from mitmproxy.master import Master
-from mitmproxy.proxy import mode_specs
+from mitmproxy.proxy import mode_servers, mode_specs
 
 from addons import default_addons, json_error_responses
 from proxy import __version__
+from proxy.audit import Replica
 from proxy.config import Config
-from proxy.control import ControlSite, ControlState, make_app
+from proxy.control import ControlSite, ControlState, make_app, make_worker_app
 from proxy.gateway import RELOAD_SIGNAL, Services, build, reload, stop_signals
 from proxy.identity import ENV_VAR as ADMIN_TOKEN_VAR
 from proxy.identity import admin_token
 
-__all__ = ["ensure_ca", "mitm_options", "run", "serve", "settle_heap"]
+__all__ = ["Worker", "banner", "ensure_ca", "mitm_options", "run", "serve", "settle_heap",
+           "share_proxy_port", "start_control", "worker_socket"]
 
 log = logging.getLogger("taskgate")
+
+
+@dataclass(frozen=True, slots=True)
+class Worker:
+    """This process is worker ``index`` (1…N) of the supervisor ``supervisor_pid``,
+    serving the proxy on ``port`` (the one the supervisor reserved)."""
+
+    index: int
+    supervisor_pid: int
+    port: int
+
+
+def worker_socket(config: Config, index: int) -> str:
+    """Where worker ``index`` answers ``/readyz`` and ``/metrics`` (home is 0700)."""
+    return os.path.join(config.home, "run", f"w{index}.sock")
+
+
+def share_proxy_port() -> None:
+    """Make mitmproxy's regular- and transparent-mode listeners bind with
+    ``SO_REUSEPORT``, so the workers all listen on one port and the kernel spreads
+    connections over them.
+
+    mitmproxy creates the listener in ``AsyncioServerInstance.listen`` with
+    ``asyncio.start_server(handler, host, port)`` and has no option for the socket;
+    this replaces that one method, in worker processes only, by the same call with
+    ``reuse_port=True`` (a fresh socket each time mitmproxy starts the server, as
+    before). The port is never 0 here: the supervisor reserved it.
+    """
+    async def listen(self: Any, host: str, port: int) -> list[Any]:
+        return [await asyncio.start_server(self.handle_stream, host or None, port,
+                                           reuse_port=True)]
+
+    mode_servers.RegularInstance.listen = listen  # type: ignore[method-assign]
+    mode_servers.TransparentInstance.listen = listen  # type: ignore[method-assign]
 
 
 def ensure_ca(config: Config) -> str:
@@ -53,8 +96,9 @@ def ensure_ca(config: Config) -> str:
     return config.ca_cert_file
 
 
-def mitm_options(config: Config, bundle: str) -> dict[str, Any]:
-    host, port = config.proxy_listen
+def mitm_options(config: Config, bundle: str, port: int | None = None) -> dict[str, Any]:
+    host, listen_port = config.proxy_listen
+    port = listen_port if port is None else port
     modes = [f"regular@{port}"]
     if config.transparent_listen is not None:
         # Redirected connections (nftables/iptables REDIRECT, SO_ORIGINAL_DST): who is
@@ -116,15 +160,17 @@ class _GatewayMaster(Master):
         await super().running()
 
 
-async def serve(config: Config) -> int:
-    """Run the gateway until a stop signal; return the process exit code."""
+async def serve(config: Config, worker: Worker | None = None) -> int:
+    """Run the gateway (or one worker of it) until a stop signal; return the exit code."""
     loop = asyncio.get_running_loop()
     os.makedirs(config.home, mode=0o700, exist_ok=True)
     ca_cert = ensure_ca(config)
     handled: list[int] = []
+    replica = None if worker is None else Replica.of(config.replica_id, worker.index,
+                                                     pid=worker.supervisor_pid)
     try:
-        async with build(config) as services:
-            return await _serve(services, ca_cert, handled)
+        async with build(config, replica) as services:
+            return await _serve(services, ca_cert, handled, worker)
     finally:
         # The handlers stay until the services closed (the audit log flushed): a
         # second signal then must not kill the process mid-write.
@@ -132,16 +178,14 @@ async def serve(config: Config) -> int:
             loop.remove_signal_handler(sig)
 
 
-async def _serve(services: Services, ca_cert: str, handled: list[int]) -> int:
-    loop = asyncio.get_running_loop()
-    config, gateway = services.config, services.gateway
-    token_path = config.admin_token_file
-    state = ControlState(admin_token=admin_token(token_path))
+async def start_control(services: Services, state: ControlState) -> web.AppRunner | None:
+    """Start the control plane on ``listen.control``; ``None`` (logged) when it cannot
+    listen."""
+    config = services.config
     runner = web.AppRunner(make_app(services, state), access_log=None, handle_signals=False,
                            keepalive_timeout=config.control_idle_timeout_seconds)
     await runner.setup()
     chost, cport = config.control_listen
-    _file_budget(config)
     try:
         await ControlSite(runner, chost, cport,
                           max_connections=config.control_max_connections,
@@ -149,7 +193,64 @@ async def _serve(services: Services, ca_cert: str, handled: list[int]) -> int:
     except OSError as e:
         log.error("control plane cannot listen on %s:%d: %s", chost, cport, e.strerror)
         await runner.cleanup()
-        return 2
+        return None
+    return runner
+
+
+async def _start_worker_site(services: Services, state: ControlState, index: int
+                             ) -> web.AppRunner:
+    """A worker's ``/readyz`` and ``/metrics``, on its Unix socket, for the supervisor."""
+    path = worker_socket(services.config, index)
+    os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)  # left by a worker that was killed
+    runner = web.AppRunner(make_worker_app(services, state), access_log=None,
+                           handle_signals=False)
+    await runner.setup()
+    await web.UnixSite(runner, path).start()
+    return runner
+
+
+def banner(config: Config, ca_cert: str, proxy_port: int, control_port: int,
+           audit_log: str, workers: int = 1, transparent_port: int | None = None) -> str:
+    """The start-up banner: the ports actually bound (with port 0 in listen.* the OS
+    picks them, and the banner is how a caller — the tests, a supervisor — learns where
+    to connect)."""
+    return (f"taskgate {__version__} running\n"
+            f"  proxy:         http://{config.proxy_listen[0]}:{proxy_port}\n"
+            f"  control plane: http://{config.control_listen[0]}:{control_port}\n"
+            + (f"  transparent:   {config.transparent_listen[0]}:{transparent_port}\n"
+               if config.transparent_listen is not None and transparent_port is not None
+               else "")
+            + (f"  workers:       {workers}\n" if workers > 1 else "") +
+            f"  CA cert:       {os.path.abspath(ca_cert)}\n"
+            f"  admin token:   {_token_source(config)}\n"
+            f"  audit log:     {os.path.abspath(audit_log)}\n"
+            f"  config:        {config.source}")
+
+
+def _token_source(config: Config) -> str:
+    """Where the admin token comes from: with TASKGATE_ADMIN_TOKEN set no file is made."""
+    if os.environ.get(ADMIN_TOKEN_VAR):
+        return f"from ${ADMIN_TOKEN_VAR}"
+    return os.path.abspath(config.admin_token_file)
+
+
+async def _serve(services: Services, ca_cert: str, handled: list[int],
+                 worker: Worker | None = None) -> int:
+    loop = asyncio.get_running_loop()
+    config, gateway = services.config, services.gateway
+    # A worker has no /v1/ endpoints: the supervisor made the token, and holds it.
+    state = ControlState(admin_token=admin_token(config.admin_token_file)
+                         if worker is None else "")
+    _file_budget(config)
+    runner: web.AppRunner | None = None
+    if worker is None:
+        runner = await start_control(services, state)
+        if runner is None:
+            return 2
+    else:
+        share_proxy_port()
 
     json_error_responses()
     opts = options.Options()
@@ -157,24 +258,28 @@ async def _serve(services: Services, ca_cert: str, handled: list[int]) -> int:
     ps = proxyserver.Proxyserver()
     master.addons.add(ps, next_layer.NextLayer(), tlsconfig.TlsConfig(),
                       disable_h2c.DisableH2C(), *default_addons(services))
-    opts.update(**mitm_options(config, services.trust_bundle))
+    opts.update(**mitm_options(config, services.trust_bundle,
+                               None if worker is None else worker.port))
 
     stopping = asyncio.Event()
     handled.extend(_handle_stop_signals(loop, stopping))
     handled.extend(_handle_reload_signal(loop, services, stopping))
+    internal: list[web.AppRunner] = []  # a worker's site for the supervisor
 
     async def on_stop() -> None:
         await stopping.wait()
         state.proxy_listening = False
         log.info("taskgate: shutting down; closing listeners")
         await ps.servers.update([])
-        for site in list(runner.sites):  # runner.shutdown() alone leaves them listening
-            await site.stop()
+        if runner is not None:
+            for site in list(runner.sites):  # runner.shutdown() alone leaves them listening
+                await site.stop()
         held = services.approvals.close()
         if held:
             log.info("taskgate: refused %d calls held for approval", held)
         gateway.stopping()
-        await runner.shutdown()
+        if runner is not None:
+            await runner.shutdown()
         if not await gateway.drained(gateway.config.shutdown_grace_seconds):
             log.warning("taskgate: %d calls still in flight after the grace period",
                         gateway.in_flight)
@@ -189,36 +294,36 @@ async def _serve(services: Services, ca_cert: str, handled: list[int]) -> int:
         state.proxy_listening = True
         addrs = ps.listen_addrs()
         state.proxy_address = f"{addrs[0][0]}:{addrs[0][1]}" if addrs else ""
-        # The ports actually bound: with port 0 in listen.* the OS picks them, and the
-        # banner is how a caller (the tests, a supervisor) learns where to connect.
         pport = addrs[0][1] if addrs else config.proxy_listen[1]
+        if worker is not None:
+            try:
+                internal.append(await _start_worker_site(services, state, worker.index))
+            except OSError as e:  # the supervisor would wait for it forever: stop instead
+                log.error("taskgate: worker %d cannot answer its supervisor on %s: %s",
+                          worker.index, worker_socket(config, worker.index), e)
+                stopping.set()
+                return
+            log.info("taskgate: worker %d (pid %d) serving the proxy on port %d",
+                     worker.index, os.getpid(), pport)
+            await _orphaned(worker, stopping)
+            return
+        assert runner is not None
         bound = runner.addresses
-        cport_bound = bound[0][1] if bound else cport
-        transparent = ""
+        cport = bound[0][1] if bound else config.control_listen[1]
         tport = None
         if config.transparent_listen is not None:
             tport = next((a[1] for s in ps.servers
                           if isinstance(s.mode, mode_specs.TransparentMode)
                           for a in s.listen_addrs), config.transparent_listen[1])
-            transparent = f"  transparent:   {config.transparent_listen[0]}:{tport}\n"
         # The running config names the ports bound: a reload of a file that names
         # them (as written after a port-0 start) changes no listener.
         gateway.config = dataclasses.replace(
             gateway.config, proxy_listen=(config.proxy_listen[0], pport),
-            control_listen=(chost, cport_bound),
+            control_listen=(config.control_listen[0], cport),
             transparent_listen=(None if config.transparent_listen is None or tport is None
                                 else (config.transparent_listen[0], tport)))
-        # With TASKGATE_ADMIN_TOKEN set no token file is made: say where it came from.
-        token_from = (f"from ${ADMIN_TOKEN_VAR}" if os.environ.get(ADMIN_TOKEN_VAR)
-                      else os.path.abspath(token_path))
-        print(f"taskgate {__version__} running\n"
-              f"  proxy:         http://{config.proxy_listen[0]}:{pport}\n"
-              f"  control plane: http://{chost}:{cport_bound}\n"
-              f"{transparent}"
-              f"  CA cert:       {os.path.abspath(ca_cert)}\n"
-              f"  admin token:   {token_from}\n"
-              f"  audit log:     {os.path.abspath(config.audit_path)}\n"
-              f"  config:        {config.source}", flush=True)
+        print(banner(config, ca_cert, pport, cport, services.audit.path,
+                     transparent_port=tport), flush=True)
 
     stopper = asyncio.create_task(on_stop())
     readier = asyncio.create_task(on_ready())
@@ -227,7 +332,8 @@ async def _serve(services: Services, ca_cert: str, handled: list[int]) -> int:
     finally:
         stopper.cancel()
         readier.cancel()
-        await runner.cleanup()  # the control plane first; the services close after it
+        for r in [*internal, *([runner] if runner is not None else [])]:
+            await r.cleanup()  # the control plane first; the services close after it
     if master.bind_failed:
         also = config.transparent_listen
         log.error("taskgate: the proxy could not listen on %s:%d%s",
@@ -235,6 +341,17 @@ async def _serve(services: Services, ca_cert: str, handled: list[int]) -> int:
                   f" (or transparently on {also[0]}:{also[1]})" if also else "")
         return 2
     return 0
+
+
+async def _orphaned(worker: Worker, stopping: asyncio.Event) -> None:
+    """A worker whose supervisor is gone (killed with no chance to stop it) stops too."""
+    while not stopping.is_set():
+        if os.getppid() != worker.supervisor_pid:
+            log.error("taskgate: worker %d: the supervisor (pid %d) is gone; stopping",
+                      worker.index, worker.supervisor_pid)
+            stopping.set()
+            return
+        await asyncio.sleep(1.0)
 
 
 def _handle_stop_signals(loop: asyncio.AbstractEventLoop, stopping: asyncio.Event) -> list[int]:
@@ -296,9 +413,9 @@ def _file_budget(config: Config) -> None:
                     config.max_connections, config.control_max_connections)
 
 
-def run(config: Config) -> int:
-    """Entry point of ``taskgate run``."""
+def run(config: Config, worker: Worker | None = None) -> int:
+    """Entry point of ``taskgate run`` (and of each worker process)."""
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("mitmproxy").setLevel(logging.WARNING)
-    return uvloop.run(serve(config))
+    return uvloop.run(serve(config, worker))

@@ -28,9 +28,10 @@ def mcp_rules(up: McpUpstream) -> list[dict[str, Any]]:
     return [
         {"id": f"mcp-basic-{up.port}", **where, "mcp": {"tools": ["add", "notify"]}},
         {"id": f"mcp-search-{up.port}", **where,
-         "mcp": {"tools": ["search"], "methods": ["resources/*"],
-                 "args": {"limit": {"maximum": 50}, "query": {"maxLength": 40,
-                                                              "pattern": "[a-z ]+"}}}},
+         # per-tool constraints (limit) beside constraints on every tool (query)
+         "mcp": {"tools": {"search": {"args": {"limit": {"maximum": 50}}}},
+                 "methods": ["resources/*"],
+                 "args": {"query": {"maxLength": 40, "pattern": "[a-z ]+"}}}},
     ]
 
 

@@ -300,7 +300,11 @@ class Gateway:
 
     @property
     def audit_path(self) -> Path:
-        return self.dir / self.config.get("audit", {}).get("path", ".taskgate/audit.jsonl")
+        """This gateway's log: ``audit.path``, named after ``replica_id`` when the config
+        gives one (``audit-<id>.jsonl``, proxy/audit/_replicas.py; workers add ``-wN``)."""
+        path = self.dir / self.config.get("audit", {}).get("path", ".taskgate/audit.jsonl")
+        replica = self.config.get("replica_id")
+        return path if replica is None else path.with_name(f"{path.stem}-{replica}{path.suffix}")
 
     @property
     def proxy_url(self) -> str:

@@ -13,7 +13,8 @@ from proxy import LAYERS
 
 REPO = Path(__file__).resolve().parent.parent
 # Modules outside a package that are neither the wiring nor the leaves LAYERS names.
-TOP_LEVEL_ALLOWED = {"__init__", "__main__", "errors", "safe_text", "batching", "server"}
+TOP_LEVEL_ALLOWED = {"__init__", "__main__", "errors", "safe_text", "batching", "server",
+                     "supervisor"}
 
 
 @dataclass(frozen=True, slots=True)

@@ -290,6 +290,20 @@ class Approvals:
         reason = f"denied by {by}" + (f": {comment}" if comment else "")
         return self._answer(hid, Answer("denied", reason, by, comment))
 
+    async def listed(self) -> list[dict[str, Any]]:
+        """``GET /v1/approvals``: every waiting call as shown (shared: of every replica)."""
+        return [h.view() for h in self.waiting()]
+
+    async def shown(self, hid: str) -> dict[str, Any]:
+        """``GET /v1/approvals/{id}``: one call, waiting or recently ended."""
+        return self.get(hid).view()
+
+    async def answer(self, hid: str, verb: str, by: str, comment: str | None
+                     ) -> dict[str, Any]:
+        """Approve (``verb`` "approve") or deny; the call as shown after the answer."""
+        held = (self.approve if verb == "approve" else self.deny)(hid, by, comment)
+        return held.view()
+
     def waiting(self) -> list[Held]:
         """Calls waiting now, oldest first."""
         return sorted(self._waiting.values(), key=lambda h: h.created)
@@ -335,10 +349,13 @@ class Approvals:
     def _run_out(self, held: Held) -> None:
         """The deadline passed: the answer is made now, so its ``at`` (and the record's
         ``waited_ms``) say when the hold ended, not when it began."""
+        self._end(held, self._ran_out(held))
+
+    def _ran_out(self, held: Held) -> Answer:
         reason = self._reason(held.runs_out)
         if held.runs_out == "expired" and held.task is not None:
             reason = REASONS["task_expired"]
-        self._end(held, Answer(held.runs_out, reason))
+        return Answer(held.runs_out, reason)
 
     def _answer(self, hid: str, answer: Answer) -> Held:
         held = self._waiting.get(hid)

@@ -14,8 +14,20 @@ from proxy.audit._log import (
     redact_target,
     rfc3339,
 )
-from proxy.audit._query import FILTER_KEYS, AuditFilter, follow, query, records
+from proxy.audit._query import FILTER_KEYS, AuditFilter, Page, follow, query, records
 from proxy.audit._reader import BadLine, read_record
+from proxy.audit._replicas import (
+    Cursor,
+    LogsPage,
+    Replica,
+    anchor_log,
+    host_logs,
+    log_replica,
+    log_tail,
+    logs_in,
+    merged,
+    query_logs,
+)
 from proxy.audit._verify import AnchorState, Report, read_anchor, verify, verify_files
 
 __all__ = [
@@ -24,14 +36,25 @@ __all__ = [
     "AuditFilter",
     "AuditLog",
     "BadLine",
+    "Cursor",
     "DECISIONS",
     "FILTER_KEYS",
+    "LogsPage",
+    "Page",
+    "Replica",
     "Report",
+    "anchor_log",
     "follow",
+    "host_logs",
     "load_hmac_key",
     "log_files",
+    "log_replica",
+    "log_tail",
+    "logs_in",
+    "merged",
     "new_record",
     "query",
+    "query_logs",
     "read_anchor",
     "read_record",
     "records",

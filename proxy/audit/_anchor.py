@@ -1,4 +1,5 @@
-"""Where the audit chain ends, kept in the state store's file (table ``audit_anchor``).
+"""Where the audit chain ends, kept in the state store's file (table ``audit_anchor``;
+``audit_anchors``, one row per log, for the logs of named replicas and workers).
 
 The audit writer keeps the last ``seq`` and ``hash`` of its chain here too, on its
 own connection, so that a log rolled back together with its ``.head`` file still
@@ -31,6 +32,23 @@ ON CONFLICT (id) DO UPDATE SET seq = excluded.seq, hash = excluded.hash,
     mac = excluded.mac, updated_at = excluded.updated_at
 WHERE ? OR excluded.seq >= audit_anchor.seq
 """
+# One row per log, by the log's file name, for processes that are not the one unnamed
+# gateway (proxy/audit/_replicas.py): each chain has its own end.
+_ANCHORS_SCHEMA = """
+CREATE TABLE IF NOT EXISTS audit_anchors (
+    log         TEXT PRIMARY KEY,
+    seq         INTEGER NOT NULL,
+    hash        TEXT NOT NULL,
+    mac         TEXT,
+    updated_at  REAL NOT NULL
+)
+"""
+_ADVANCE_LOG = """
+INSERT INTO audit_anchors (log, seq, hash, mac, updated_at) VALUES (?, ?, ?, ?, ?)
+ON CONFLICT (log) DO UPDATE SET seq = excluded.seq, hash = excluded.hash,
+    mac = excluded.mac, updated_at = excluded.updated_at
+WHERE ? OR excluded.seq >= audit_anchors.seq
+"""
 
 
 
@@ -39,11 +57,13 @@ class AuditAnchor:
 
     Its own connection (callable from any one thread at a time: the audit writer
     thread, or ``audit verify``), beside the task store's. ``readonly`` never
-    creates the file or the table (``audit verify``).
+    creates the file or the table (``audit verify``). ``log``: the log's file name,
+    for a log of its own row (``None``: the one gateway's log, the single row).
     """
 
-    def __init__(self, path: str, *, readonly: bool = False) -> None:
+    def __init__(self, path: str, *, readonly: bool = False, log: str | None = None) -> None:
         self.path = path
+        self.log = log
         self._readonly = readonly
         self._conn: sqlite3.Connection | None = None
         self._lock = threading.Lock()
@@ -67,7 +87,7 @@ class AuditAnchor:
             conn.execute("PRAGMA busy_timeout=2000")  # the audit writer waits no longer
             conn.execute("PRAGMA journal_mode=WAL")
             conn.execute("PRAGMA synchronous=NORMAL")
-            conn.execute(_ANCHOR_SCHEMA)
+            conn.execute(_ANCHOR_SCHEMA if self.log is None else _ANCHORS_SCHEMA)
         self._conn = conn
         return conn
 
@@ -82,8 +102,10 @@ class AuditAnchor:
             if conn is None:
                 return None
             try:
-                row = conn.execute("SELECT seq, hash, mac FROM audit_anchor WHERE id = 1"
-                                   ).fetchone()
+                row = (conn.execute("SELECT seq, hash, mac FROM audit_anchor WHERE id = 1")
+                       if self.log is None else
+                       conn.execute("SELECT seq, hash, mac FROM audit_anchors WHERE log = ?",
+                                    (self.log,))).fetchone()
             except sqlite3.OperationalError as e:
                 if "no such table" in str(e):
                     return None
@@ -106,7 +128,11 @@ class AuditAnchor:
             if sync:
                 conn.execute("PRAGMA synchronous=FULL")
             try:
-                conn.execute(_ADVANCE, (seq, digest, mac, time.time(), int(force)))
+                if self.log is None:
+                    conn.execute(_ADVANCE, (seq, digest, mac, time.time(), int(force)))
+                else:
+                    conn.execute(_ADVANCE_LOG, (self.log, seq, digest, mac, time.time(),
+                                                int(force)))
             finally:
                 if sync:
                     conn.execute("PRAGMA synchronous=NORMAL")

@@ -81,7 +81,8 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 FIELDS = (
-    "ts", "seq", "request_id", "connect_id", "workload", "task", "owner", "client", "method",
+    "ts", "seq", "replica", "request_id", "connect_id", "workload", "task", "owner", "client",
+    "method",
     "scheme", "host", "port", "upstream_ip", "path", "tool", "decision", "rule", "reason",
     "secret", "approval", "status", "bytes_in", "bytes_out", "websocket", "duration_ms", "prev",
     "hash",
@@ -308,8 +309,9 @@ class AuditLog:
     """
 
     def __init__(self, path: str, *, hmac_key: bytes | None = None, max_bytes: int = 0,
-                 anchor: Anchor | None = None) -> None:
+                 anchor: Anchor | None = None, replica: str | None = None) -> None:
         self.path = path
+        self.replica = replica  # the ``replica`` of every record (proxy/audit/_replicas.py)
         self._key = hmac_key
         self.max_bytes = max_bytes
         self._anchor = anchor
@@ -508,6 +510,7 @@ class AuditLog:
         for key, value in list(record.items()):
             record[key] = clean(value)
         record["seq"], record["prev"] = seq, prev
+        record["replica"] = self.replica
         record.pop("hash", None)
         try:
             digest = record["hash"] = chain_hash(record, self._key)

@@ -54,9 +54,10 @@ class AnchorState:
     error: str | None = None
 
 
-def read_anchor(store: str, key: bytes | None) -> AnchorState:
-    """The anchor in the state store at ``store``, read-only (never creates the file)."""
-    anchor = AuditAnchor(store, readonly=True)
+def read_anchor(store: str, key: bytes | None, log: str | None = None) -> AnchorState:
+    """The anchor in the state store at ``store``, read-only (never creates the file);
+    ``log``: of that log's own row (:class:`~proxy.audit._anchor.AuditAnchor`)."""
+    anchor = AuditAnchor(store, readonly=True, log=log)
     try:
         found = anchor.read()
     except (sqlite3.Error, ValueError, OSError) as e:

@@ -1,27 +1,35 @@
 """``taskgate logs`` and ``taskgate audit verify``: read and check the audit log offline.
 
 Both read the files the config names (rotated ones too), so they work while
-the gateway is down.
+the gateway is down: by default every process's log on this host (the gateway's,
+its workers', proxy/audit/_replicas.py), or the files and folders given. ``logs``
+merges the records of several logs by time; ``verify`` checks each log's chain on
+its own.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import queue
 import re
 import sys
+import threading
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 from proxy.audit import (
     FILTER_KEYS,
-    AnchorState,
     AuditFilter,
     Report,
+    anchor_log,
     follow,
+    host_logs,
     load_hmac_key,
     log_files,
+    logs_in,
+    merged,
     read_anchor,
     records,
     verify,
@@ -80,6 +88,9 @@ def _header() -> str:
 
 
 def _logs_setup(p: argparse.ArgumentParser) -> None:
+    p.add_argument("paths", nargs="*", metavar="PATH",
+                   help="audit logs, or folders of them (*.jsonl); default: every "
+                        "process's log on this host, from the config")
     p.add_argument("--task", help="only this task id")
     p.add_argument("--workload", help="only this workload id")
     p.add_argument("--decision", help="allow, deny, error, approved, rejected, held, "
@@ -112,22 +123,48 @@ def main_logs(args: argparse.Namespace) -> int:
         print(f"taskgate logs: --{safe(e)}", file=sys.stderr)
         return 2
     path = config.audit_path
-    if not log_files(path) and not args.follow:
-        print(f"taskgate logs: no audit log at {path}", file=sys.stderr)
+    if args.paths:
+        missing = [p for p in args.paths if not os.path.exists(p)]
+        if missing:
+            print(f"taskgate logs: {safe(missing[0])}: no such file", file=sys.stderr)
+            return 2
+        logs = logs_in(args.paths)
+    else:
+        logs = host_logs(path) or [path]
+    if not any(log_files(log) for log in logs) and not args.follow:
+        print(f"taskgate logs: no audit log at {safe(', '.join(args.paths) or path)}",
+              file=sys.stderr)
         return 1
     try:
         if not args.json:
             print(_header(), flush=True)
-        found: Iterable[dict[str, Any]] = records(path, flt)
+        found: Iterable[dict[str, Any]] = merged(records(log, flt) for log in logs)
         if args.last is not None:
             found = deque(found, maxlen=max(args.last, 0))
         _emit(found, args.json)
         if args.follow:
-            for rec in follow(path, flt):
+            for rec in _follow_all(logs, flt):
                 _emit((rec,), args.json)
     except BrokenPipeError:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     return 0
+
+
+def _follow_all(logs: list[str], flt: AuditFilter) -> Iterator[dict[str, Any]]:
+    """New records of every log, as they come (one reader thread per extra log)."""
+    if len(logs) == 1:
+        yield from follow(logs[0], flt)
+        return
+    arrived: queue.Queue[dict[str, Any]] = queue.Queue()
+
+    def read(log: str) -> None:
+        for rec in follow(log, flt):
+            arrived.put(rec)
+
+    for log in logs:
+        threading.Thread(target=read, args=(log,), name="taskgate-follow", daemon=True).start()
+    while True:
+        yield arrived.get()
 
 
 def _verify_setup(parent: argparse.ArgumentParser) -> None:
@@ -138,8 +175,10 @@ def _verify_setup(parent: argparse.ArgumentParser) -> None:
                                    "1 naming the first damage, 2 on a usage error.")
     p.add_argument("-c", "--config", metavar="FILE", default=argparse.SUPPRESS,
                    help="config file (default: ./taskgate.yaml if present)")
-    p.add_argument("files", nargs="*", metavar="FILE",
-                   help="log files (default: the configured log and its rotated files)")
+    p.add_argument("files", nargs="*", metavar="PATH",
+                   help="log files (one log's rotated files, or several logs) or folders of "
+                        "logs (*.jsonl); default: every process's log on this host and "
+                        "its rotated files")
     p.add_argument("--hmac-key-file", metavar="FILE",
                    help="the chain key (default: audit.hmac_key_file from the config)")
     p.add_argument("--partial", action="store_true",
@@ -169,35 +208,61 @@ def main_verify(args: argparse.Namespace) -> int:
     except (OSError, ValueError) as e:
         print(f"taskgate audit verify: cannot read the HMAC key: {safe(e)}", file=sys.stderr)
         return 2
-    anchor: AnchorState | None = None
+    store = store_path(config.home)
+    ours = host_logs(config.audit_path)
+    reports: list[Report] = []
     if args.files:
-        missing = [f for f in args.files if not os.path.isfile(f)]
+        missing = [f for f in args.files if not os.path.exists(f)]
         if missing:
             print(f"taskgate audit verify: {safe(missing[0])}: no such file", file=sys.stderr)
             return 2
-        files = _chain_order(args.files)
-        if _same_file(files[-1], config.audit_path):  # the configured log: its anchor too
-            anchor = read_anchor(store_path(config.home), key)
-        report = verify_files(files, key=key, partial=args.partial,
-                              accept_torn=args.accept_torn, head_of=files[-1], anchor=anchor,
-                              accept_missing_head=args.accept_missing_head)
-    elif not log_files(config.audit_path):
-        anchor = read_anchor(store_path(config.home), key)
+        for files in _chains(args.files):
+            # One of this host's logs (the configured one or a worker's): its anchor too.
+            mine = next((log for log in ours if _same_file(files[-1], log)), None)
+            anchor = (read_anchor(store, key, anchor_log(config.audit_path, mine))
+                      if mine is not None else None)
+            reports.append(verify_files(files, key=key, partial=args.partial,
+                                        accept_torn=args.accept_torn, head_of=files[-1],
+                                        anchor=anchor,
+                                        accept_missing_head=args.accept_missing_head))
+    elif not ours or not any(log_files(log) for log in ours):
+        anchor = read_anchor(store, key)
         reached = (f", though the state store's anchor ({anchor.source}) says it reached "
                    f"seq {anchor.head.seq}" if anchor.head is not None else "")
         print(f"taskgate audit verify: no audit log at {config.audit_path}{reached}",
               file=sys.stderr)
         return 1
     else:
-        anchor = read_anchor(store_path(config.home), key)
-        report = verify(config.audit_path, key=key, partial=args.partial,
-                        accept_torn=args.accept_torn, anchor=anchor,
-                        accept_missing_head=args.accept_missing_head)
+        for log in ours:
+            anchor = read_anchor(store, key, anchor_log(config.audit_path, log))
+            reports.append(verify(log, key=key, partial=args.partial,
+                                  accept_torn=args.accept_torn, anchor=anchor,
+                                  accept_missing_head=args.accept_missing_head))
+    ok = all(r.ok for r in reports)
     if args.json:
-        print(safe_json(report.as_dict()))
+        print(safe_json(reports[0].as_dict() if len(reports) == 1 else
+                        {"ok": ok, "logs": [r.as_dict() for r in reports]}))
+    elif len(reports) == 1:
+        print(_summary(reports[0], partial=args.partial, explicit=bool(args.files)))
     else:
-        print(_summary(report, partial=args.partial, explicit=bool(args.files)))
-    return 0 if report.ok else 1
+        print(safe(f"{'OK' if ok else 'DAMAGED'}: {len(reports)} audit logs, each chain "
+                   f"checked on its own"))
+        for r in reports:
+            print(safe(f"\n== {r.files[-1] if r.files else '?'}"))
+            print(_summary(r, partial=args.partial, explicit=bool(args.files)))
+    return 0 if ok else 1
+
+
+def _chains(paths: list[str]) -> list[list[str]]:
+    """The logs the paths name, each as its files in chain order: given files of one
+    log (``x.1``, ``x``) stay together; a folder brings each of its logs whole."""
+    chains: dict[str, list[str]] = {}
+    for path in paths:
+        for log in logs_in([path]):
+            files = log_files(log) if os.path.isdir(path) else [log]
+            base = re.sub(r"\.\d+$", "", files[-1]) if files else log
+            chains.setdefault(base, []).extend(files)
+    return [_chain_order(files) for files in chains.values() if files]
 
 
 def _same_file(a: str, b: str) -> bool:

@@ -21,18 +21,32 @@ from proxy.cli._demo import DEMO
 from proxy.cli._reload import RELOAD
 from proxy.cli._setup import CA_VARS, combined_bundle
 from proxy.cli._tasks import TASK
+from proxy.cli._tools import TOOLS
 from proxy.config import DEFAULT_FILE, load_config
 from proxy.errors import ConfigError
 
 __all__ = ["COMMANDS", "build_parser", "main"]
 
 
+def _run_setup(p: argparse.ArgumentParser) -> None:
+    # Set by the supervisor (proxy/supervisor.py) on the workers it starts, not by people.
+    p.add_argument("--worker", metavar="N:PID:PORT", help=argparse.SUPPRESS)
+
+
 def _run(args: argparse.Namespace) -> int:
     # Imported here for start-up cost: the server pulls in mitmproxy (~0.3 s, doubling
     # what every other subcommand takes to start).
-    from proxy.server import run
+    from proxy.server import Worker, run
 
-    return run(config_of(args))
+    config = config_of(args)
+    if args.worker is not None:
+        index, pid, port = (int(x) for x in args.worker.split(":"))
+        return run(config, Worker(index, pid, port))
+    if config.workers > 1:
+        from proxy.supervisor import run as supervise  # start-up cost, as above
+
+        return supervise(config)
+    return run(config)
 
 
 def _ca_setup(p: argparse.ArgumentParser) -> None:
@@ -88,7 +102,8 @@ def _check(args: argparse.Namespace) -> int:
 
 #: Every subcommand, in the order ``taskgate --help`` lists them.
 COMMANDS: tuple[Command, ...] = (
-    Command("run", "start the gateway (embedded defaults without a config)", _run),
+    Command("run", "start the gateway (embedded defaults without a config)", _run,
+            _run_setup),
     Command("ca", "print the CA certificate agents must trust, and how to trust it", _ca,
             _ca_setup),
     Command("check-config", "validate config files offline", _check, _check_setup,
@@ -99,6 +114,7 @@ COMMANDS: tuple[Command, ...] = (
     AUDIT,
     DEMO,
     TASK,
+    TOOLS,
 )
 
 

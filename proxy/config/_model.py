@@ -415,6 +415,9 @@ def parse_config(doc: Any, source: str = "<config>") -> Config:
         raise workers_at.fail(
             f"{kw['workers']} workers need shared state: set state.backend: redis (with "
             "state.redis_url), or proxy.workers: 1 for the embedded SQLite state")
+    if kw.get("workers", 1) > 1 and kw.get("transparent_listen", (None, 1))[1] == 0:
+        raise workers_at.fail("workers share listen.transparent's port: name one (port 0 "
+                              "would give each worker its own)")
     return Config(**kw)
 
 

@@ -21,12 +21,12 @@ from typing import Any
 
 from aiohttp import web
 
-from proxy.control import _approvals, _audit, _metrics, _reload, _review, _tasks
+from proxy.control import _approvals, _audit, _metrics, _reload, _review, _tasks, _tools
 from proxy.control._errors import json_error, json_errors
 from proxy.control._keys import SERVICES, SESSION_AUTH, STATE, ControlState
 from proxy.gateway import REQUEST_ID_HEADER, Services, new_request_id
 
-__all__ = ["ControlSite", "make_app"]
+__all__ = ["ControlSite", "make_app", "make_worker_app"]
 
 log = logging.getLogger("taskgate")
 
@@ -67,8 +67,8 @@ async def readyz(request: web.Request) -> web.Response:
 
 
 # Each feature's routes (and middlewares, response hooks), in this order.
-ROUTES = (_tasks.routes, _audit.routes, _approvals.routes, _review.routes, _metrics.routes,
-          _reload.routes)
+ROUTES = (_tasks.routes, _audit.routes, _approvals.routes, _tools.routes, _review.routes,
+          _metrics.routes, _reload.routes)
 
 
 def make_app(services: Services, state: ControlState) -> web.Application:
@@ -80,6 +80,17 @@ def make_app(services: Services, state: ControlState) -> web.Application:
     app.router.add_get("/readyz", readyz)
     for add_routes in ROUTES:
         add_routes(app)
+    return app
+
+
+def make_worker_app(services: Services, state: ControlState) -> web.Application:
+    """What a worker process answers its supervisor, on a Unix socket in home (see
+    proxy/supervisor.py): ``/readyz`` and ``/metrics``, nothing under ``/v1/``."""
+    app = web.Application(middlewares=[json_errors], client_max_size=1024)
+    app[SERVICES] = services
+    app[STATE] = state
+    app.router.add_get("/readyz", readyz)
+    _metrics.routes(app)
     return app
 
 

@@ -18,7 +18,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from proxy.approvals import Approvals, Held
+from proxy.approvals import Approvals
 from proxy.control._keys import SERVICES
 from proxy.errors import InvalidField
 from proxy.safe_text import bad_char
@@ -72,21 +72,18 @@ def _approvals(request: web.Request) -> Approvals:
 
 
 async def list_approvals(request: web.Request) -> web.Response:
-    return web.json_response({"approvals": [h.view() for h in _approvals(request).waiting()]},
-                             dumps=_dumps)
+    return web.json_response({"approvals": await _approvals(request).listed()}, dumps=_dumps)
 
 
 async def show_approval(request: web.Request) -> web.Response:
-    held = _approvals(request).get(request.match_info["id"])
-    return web.json_response(held.view(), dumps=_dumps)
+    view = await _approvals(request).shown(request.match_info["id"])
+    return web.json_response(view, dumps=_dumps)
 
 
 async def _answer(request: web.Request, verb: str) -> web.Response:
     by, comment = parse_answer(await request.read())
-    approvals = _approvals(request)
-    hid = request.match_info["id"]
-    held: Held = (approvals.approve if verb == "approve" else approvals.deny)(hid, by, comment)
-    return web.json_response(held.view(), dumps=_dumps)
+    view = await _approvals(request).answer(request.match_info["id"], verb, by, comment)
+    return web.json_response(view, dumps=_dumps)
 
 
 async def approve(request: web.Request) -> web.Response:

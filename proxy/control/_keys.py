@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 from aiohttp import web
@@ -19,6 +19,10 @@ class ControlState:
     admin_token: str
     proxy_listening: bool = False
     proxy_address: str = ""
+    # With workers (proxy/supervisor.py): their /metrics texts, merged into this one's.
+    peer_metrics: Callable[[], Awaitable[list[bytes]]] | None = None
+    # With workers: after this process applied a reload, the workers reload too.
+    reloaded: Callable[[], None] | None = None
     extras: dict[str, object] = field(default_factory=dict)
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from proxy.control._keys import SERVICES
+from proxy.control._keys import SERVICES, STATE
 from proxy.errors import InvalidField
 from proxy.gateway import reload
 
@@ -28,6 +28,9 @@ async def reload_config(request: web.Request) -> web.Response:
     if not result.applied:
         raise InvalidField(None, result.error or "the config was refused", status=422,
                            error="invalid_config", old_digest=result.old_digest)
+    reloaded = request.app[STATE].reloaded
+    if reloaded is not None:
+        reloaded()  # the workers read the same file (proxy/supervisor.py)
     return web.json_response(result.view())
 
 

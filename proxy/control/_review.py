@@ -22,9 +22,10 @@ from importlib import resources
 from aiohttp import web
 
 from proxy.control._errors import json_error
-from proxy.control._keys import SESSION_AUTH, STATE
-from proxy.control._session import CSRF_HEADER, Sessions, same_origin
+from proxy.control._keys import SERVICES, SESSION_AUTH, STATE
+from proxy.control._session import CSRF_HEADER, Sessions, SharedSessions, same_origin
 from proxy.gateway import FailureThrottle, client_key
+from proxy.store import RedisState
 
 __all__ = ["SECURITY_HEADERS", "SESSIONS"]
 
@@ -131,7 +132,10 @@ async def _security_headers(request: web.Request, response: web.StreamResponse) 
 
 
 def routes(app: web.Application) -> None:
-    sessions = Sessions()
+    state = app[SERVICES].tasks.store
+    sessions = SharedSessions(state) if isinstance(state, RedisState) else Sessions()
+    if isinstance(sessions, SharedSessions):  # inside json_errors, before admin_auth
+        app.middlewares.insert(1, sessions.middleware)
     app[SESSIONS] = sessions
     app[SESSION_AUTH] = sessions.authenticate
     app[ASSETS] = _load_assets()

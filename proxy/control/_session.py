@@ -7,23 +7,32 @@ as ``X-CSRF-Token`` on every request that is not GET/HEAD. Sessions live in
 memory (a restart signs everyone out), expire after :data:`IDLE_SECONDS`
 without use or :data:`MAX_AGE_SECONDS` in all, and only a hash of the id is
 kept, so the table itself holds nothing a reader could replay.
+
+With shared state (Redis), :class:`SharedSessions` keeps them there too: a sign-in on
+one replica works on every replica, a sign-out ends the session everywhere, and Redis
+(``P session:<sha256 of the id>``, expiring after :data:`IDLE_SECONDS` unused) is the
+source of truth each request is checked against.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 import secrets
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import Any
 
+import orjson
 from aiohttp import web
 
 from proxy.control._errors import json_error
+from proxy.store import RedisState
 
-__all__ = ["COOKIE", "CSRF_HEADER", "Session", "Sessions"]
+__all__ = ["COOKIE", "CSRF_HEADER", "Session", "Sessions", "SharedSessions"]
 
 COOKIE = "taskgate_session"
 CSRF_HEADER = "X-CSRF-Token"
@@ -110,3 +119,56 @@ class Sessions:
     def clear_cookie(response: web.StreamResponse, request: web.Request) -> None:
         response.del_cookie(COOKIE, path="/", httponly=True, samesite="Strict",
                             secure=request.secure)
+
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+class SharedSessions(Sessions):
+    """Sessions kept in Redis as well; its :meth:`middleware` brings each request's
+    session into this replica's table (or drops it there) before anything reads it, and
+    writes what the request created or dropped before the response goes out."""
+
+    def __init__(self, state: RedisState, clock: Callable[[], float] = time.monotonic
+                 ) -> None:
+        super().__init__(clock)
+        self.state = state
+        self._writes: list[Awaitable[None]] = []
+
+    def create(self) -> tuple[str, Session]:
+        session_id, session = super().create()
+        doc = orjson.dumps({"csrf": session.csrf, "created": time.time()})
+        self._writes.append(self.state.session_put(_key(session_id), doc, IDLE_SECONDS))
+        return session_id, session
+
+    def drop(self, request: web.Request) -> None:
+        super().drop(request)
+        session_id = request.cookies.get(COOKIE)
+        if session_id:
+            self._writes.append(self.state.session_drop(_key(session_id)))
+
+    @web.middleware
+    async def middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        session_id = request.cookies.get(COOKIE)
+        if session_id and len(session_id) <= 128:
+            await self._sync(_key(session_id))
+        try:
+            return await handler(request)
+        finally:
+            writes, self._writes = self._writes, []
+            if writes:
+                await asyncio.gather(*writes)
+
+    async def _sync(self, key: str) -> None:
+        doc = await self.state.session_get(key, IDLE_SECONDS)
+        if doc is None:
+            self._by_key.pop(key, None)  # signed out (or expired) on some replica
+            return
+        if key in self._by_key:
+            return
+        d: dict[str, Any] = orjson.loads(doc)
+        now = self._clock()
+        created = now - max(0.0, time.time() - float(d.get("created", 0.0)))
+        self._by_key[key] = Session(csrf=str(d.get("csrf", "")), created=created, seen=now)
+        while len(self._by_key) > MAX_SESSIONS:
+            self._by_key.popitem(last=False)

@@ -124,7 +124,7 @@ def _with_credentials(request: web.Request, view: dict[str, Any]) -> dict[str, A
 
 
 async def show_task(request: web.Request) -> web.Response:
-    task = _registry(request).get(_task_id(request))
+    task = await _registry(request).current(_task_id(request))
     if task is None:
         raise InvalidField("task_id", "no such task", status=404, error="not_found")
     return web.json_response(_with_credentials(request, task.view()))

@@ -20,7 +20,8 @@ from proxy.gateway._egress import EgressGuard, OwnAddresses, Resolver, local_add
 from proxy.gateway._exchange import ApprovedAs, Exchange, SocketTotals, Tunnel
 from proxy.gateway._framing import h1_request_framing, trailer_fields
 from proxy.gateway._limits import ConnectionLimits, FailureThrottle, client_key
-from proxy.gateway._metrics import METRICS_CONTENT_TYPE
+from proxy.gateway._metrics import METRICS_CONTENT_TYPE, merge_metrics
+from proxy.gateway._pins import PinStore, ToolPins, pin_subject
 from proxy.gateway._reload import RESTART_KEYS, ReloadResult, reload
 from proxy.gateway._signals import RELOAD_SIGNAL, stop_signals
 from proxy.gateway._transparent import (
@@ -59,6 +60,7 @@ __all__ = [
     "OpenSockets",
     "OwnAddresses",
     "POLICY_VIOLATION",
+    "PinStore",
     "RELOAD_SIGNAL",
     "REQUEST_ID_HEADER",
     "RESTART_KEYS",
@@ -69,6 +71,7 @@ __all__ = [
     "SourceIdentity",
     "TRANSPARENT_ISSUER",
     "TaskBinds",
+    "ToolPins",
     "Tunnel",
     "answer_frame",
     "build",
@@ -83,8 +86,10 @@ __all__ = [
     "judge_frame",
     "local_addresses",
     "looks_like_http",
+    "merge_metrics",
     "new_request_id",
     "original_destination_reason",
+    "pin_subject",
     "refusal_body",
     "refusal_message",
     "reload",

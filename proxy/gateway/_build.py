@@ -21,18 +21,27 @@ from typing import Any
 
 import aiohttp
 
-from proxy.approvals import Approvals
-from proxy.audit import AuditAnchor, AuditLog, load_hmac_key
+from proxy.approvals import Approvals, SharedApprovals
+from proxy.audit import AuditAnchor, AuditLog, Replica, anchor_log, load_hmac_key
 from proxy.config import Config
 from proxy.errors import ConfigError
 from proxy.gateway._core import Gateway
 from proxy.gateway._limits import AuthFailures
 from proxy.gateway._metrics import Metrics
+from proxy.gateway._pins import ToolPins
 from proxy.gateway._upstream import client_session, trust_bundle
 from proxy.identity import Identity, JwksKeys, TokenIssuer, WorkloadIssuer
 from proxy.secrets import KEY_FILE, SecretBroker
 from proxy.store import store_path
-from proxy.tasks import TaskPolicy, TaskRegistry, open_registry, token_issuer
+from proxy.tasks import (
+    SharedTaskRegistry,
+    TaskPolicy,
+    TaskRegistry,
+    open_registry,
+    open_shared_registry,
+    shared_issuer,
+    token_issuer,
+)
 
 __all__ = ["Services", "build"]
 
@@ -42,6 +51,7 @@ class Services:
     """Everything one running gateway is made of; the addons and the control plane
     reach each service by name and type."""
 
+    replica: Replica  # who this process is in the audit records, and its log
     trust_bundle: str  # the CA file upstream certificates are checked against
     http: aiohttp.ClientSession  # the gateway's own upstream calls (JWKS, providers)
     audit: AuditLog
@@ -51,6 +61,7 @@ class Services:
     approvals: Approvals
     secrets: SecretBroker
     auth_failures: AuthFailures
+    pins: ToolPins  # MCP tool pins (rug-pull defence), kept in the task store
 
     @property
     def config(self) -> Config:
@@ -77,35 +88,48 @@ def _identity(config: Config, http: aiohttp.ClientSession) -> Identity:
     return Identity(issuers, leeway=config.leeway_seconds)
 
 
-async def _audit_log(config: Config) -> AuditLog:
+async def _audit_log(config: Config, replica: Replica) -> AuditLog:
     try:
         hmac_key = load_hmac_key(config.audit_hmac_key_file)
     except (OSError, ValueError) as e:
         raise ConfigError(f"audit.hmac_key_file: {e}") from None
-    audit = AuditLog(config.audit_path, hmac_key=hmac_key, max_bytes=config.audit_max_bytes,
-                     anchor=AuditAnchor(store_path(config.home)))  # beyond the log's folder
+    path = replica.log_path(config.audit_path)
+    anchor = AuditAnchor(store_path(config.home), log=anchor_log(config.audit_path, path))
+    audit = AuditLog(path, hmac_key=hmac_key, max_bytes=config.audit_max_bytes,
+                     anchor=anchor, replica=replica.label)  # anchor: beyond the log's folder
     await audit.start()
     return audit
 
 
 @contextlib.asynccontextmanager
-async def build(config: Config) -> AsyncIterator[Services]:
+async def build(config: Config, replica: Replica | None = None
+                ) -> AsyncIterator[Services]:
     """Build the gateway's services from ``config``; the audit log is open, the task
-    store loaded and the background workers running while the context is entered."""
+    store loaded and the background workers running while the context is entered.
+
+    ``replica``: who this process is (a worker says so); by default the one process
+    of ``config.replica_id`` (else ``<hostname>-<pid>``)."""
+    if replica is None:
+        replica = Replica.of(config.replica_id)
     async with contextlib.AsyncExitStack() as stack:
         bundle = trust_bundle(config)
         http = client_session(config, bundle)
         stack.push_async_callback(http.close)
 
-        audit = await _audit_log(config)
+        audit = await _audit_log(config, replica)
         stack.push_async_callback(audit.close)
         auth_failures = AuthFailures(audit.write)
         stack.push_async_callback(auth_failures.flush)  # 407s counted, not yet written
 
         identity = _identity(config, http)
-        tasks = await open_registry(config, identity)
+        tasks: TaskRegistry
+        if config.state_backend == "redis":  # shared by workers and replicas
+            tasks = await open_shared_registry(config, identity)
+        else:
+            tasks = await open_registry(config, identity)
         stack.push_async_callback(tasks.close)  # last counters to disk before the audit closes
-        identity.add_issuer(token_issuer(tasks))
+        identity.add_issuer(shared_issuer(tasks) if isinstance(tasks, SharedTaskRegistry)
+                            else token_issuer(tasks))
 
         gateway = Gateway(config, identity, TaskPolicy(config, tasks), audit,
                           floods=auth_failures)
@@ -114,7 +138,9 @@ async def build(config: Config) -> AsyncIterator[Services]:
         gateway.on_record.append(tasks.on_record)
         metrics.track("active_tasks", tasks.active_count)
 
-        approvals = Approvals(config.approval_timeout_seconds)
+        approvals = (SharedApprovals(config.approval_timeout_seconds, tasks.store)
+                     if isinstance(tasks, SharedTaskRegistry)
+                     else Approvals(config.approval_timeout_seconds))
         metrics.track("pending_approvals", lambda: len(approvals.waiting()))
 
         async def refuse_held(task_id: str) -> None:
@@ -139,7 +165,12 @@ async def build(config: Config) -> AsyncIterator[Services]:
         secrets.start()
         stack.push_async_callback(secrets.close)  # minted tokens die with the process
 
+        pins = ToolPins(store=tasks.store, audit=audit.write)
+        await pins.load()
+        tasks.on_end.append(pins.task_ended)
+        stack.push_async_callback(pins.close)  # changes seen are stored before the store closes
+
         tasks.start_sweeper()
-        yield Services(trust_bundle=bundle, http=http, audit=audit,
+        yield Services(replica=replica, trust_bundle=bundle, http=http, audit=audit,
                        gateway=gateway, metrics=metrics, tasks=tasks, approvals=approvals,
-                       secrets=secrets, auth_failures=auth_failures)
+                       secrets=secrets, auth_failures=auth_failures, pins=pins)

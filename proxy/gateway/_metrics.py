@@ -31,6 +31,13 @@ Label sets are bounded: decisions are the audit log's fixed set, secrets the
 names in the config, rule ids the first :data:`MAX_RULE_LABELS` well-formed
 ones seen (then ``other``). No task id, path, host or token is ever a label.
 A callback that fails reads as NaN; it never breaks a scrape.
+
+Workers (``proxy.workers`` > 1): each process keeps its own registry, and the
+control plane merges their texts at scrape time (:func:`merge_metrics`): counters
+and histograms add up, so do the gauges of one process's own load
+(``calls_in_flight``); the gauges read from shared state (:data:`SHARED_GAUGES`)
+take the highest value, ``audit_healthy`` the lowest (one worker that cannot write
+its log is an unhealthy gateway).
 """
 
 from __future__ import annotations
@@ -52,12 +59,13 @@ from prometheus_client import (
     generate_latest,
 )
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.parser import text_string_to_metric_families
 
 from proxy.audit import DECISIONS
 from proxy.batching import FAILURES
 from proxy.gateway._core import Gateway
 
-__all__ = ["GAUGES", "METRICS_CONTENT_TYPE", "MAX_RULE_LABELS", "Metrics"]
+__all__ = ["GAUGES", "METRICS_CONTENT_TYPE", "MAX_RULE_LABELS", "Metrics", "merge_metrics"]
 
 METRICS_CONTENT_TYPE = CONTENT_TYPE_LATEST
 
@@ -125,6 +133,57 @@ class _GatewayCollector:
         for worker, count in FAILURES.counts().items():
             failures.add_metric([worker], float(count))
         yield failures
+
+
+SHARED_GAUGES = frozenset(f"taskgate_{g}" for g in GAUGES)
+LOWEST_GAUGES = frozenset({"taskgate_audit_healthy"})
+
+
+class _Merged:
+    """A collector of metric families already built (for :func:`generate_latest`)."""
+
+    def __init__(self, families: list[Metric]) -> None:
+        self._families = families
+
+    def collect(self) -> Iterator[Metric]:
+        yield from self._families
+
+
+def merge_metrics(texts: list[bytes]) -> bytes:
+    """Several processes' ``/metrics`` texts as one (see the module docstring); a
+    text that does not parse is left out (logged), never a failed scrape."""
+    families: dict[str, Metric] = {}
+    values: dict[str, dict[tuple[str, tuple[tuple[str, str], ...]], float]] = {}
+    for text in texts:
+        try:
+            parsed = list(text_string_to_metric_families(text.decode()))
+        except (ValueError, UnicodeDecodeError) as e:
+            log.error("a worker's metrics could not be read: %s", e)
+            continue
+        for fam in parsed:
+            families.setdefault(fam.name, Metric(fam.name, fam.documentation, fam.type))
+            merged = values.setdefault(fam.name, {})
+            for sample in fam.samples:
+                key = (sample.name, tuple(sorted(sample.labels.items())))
+                merged[key] = _combine(fam.name, fam.type, merged.get(key), sample.value)
+    out = []
+    for name, fam in families.items():
+        for (sample_name, labels), value in values[name].items():
+            fam.add_sample(sample_name, dict(labels), value)
+        out.append(fam)
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(_Merged(out))
+    return generate_latest(registry)
+
+
+def _combine(family: str, kind: str, have: float | None, value: float) -> float:
+    if have is None:
+        return value
+    if kind == "gauge" and family in SHARED_GAUGES:
+        return max(have, value)
+    if kind == "gauge" and family in LOWEST_GAUGES:
+        return min(have, value)
+    return have + value
 
 
 def _zero() -> float:

@@ -78,10 +78,22 @@ class ReloadResult:
                 "seconds": round(self.seconds, 6)}
 
 
+# Listeners: the running config names the port bound, the file may say 0 (any port).
+_LISTENS = ("proxy_listen", "control_listen", "transparent_listen")
+
+
+def _differs(attr: str, running: Any, wanted: Any) -> bool:
+    """Does the file ask for another value than the one running? A listener the file
+    gives port 0 is satisfied by whatever port its host got at start."""
+    if attr in _LISTENS and running is not None and wanted is not None and wanted[1] == 0:
+        return bool(running[0] != wanted[0])
+    return bool(running != wanted)
+
+
 def _keep_running(old: Config, new: Config) -> tuple[Config, tuple[str, ...]]:
     """``new`` with every restart-only setting as it runs now; the keys that differed."""
     changed = tuple(key for attr, key in RESTART_KEYS.items()
-                    if getattr(old, attr) != getattr(new, attr))
+                    if _differs(attr, getattr(old, attr), getattr(new, attr)))
     kept = {attr: getattr(old, attr) for attr in RESTART_KEYS}
     return dataclasses.replace(new, **kept), changed
 

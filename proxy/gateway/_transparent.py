@@ -23,9 +23,8 @@ from __future__ import annotations
 import ipaddress
 import math
 import re
-import time
-from collections.abc import Callable, Iterable, Mapping
-from typing import Any, Protocol
+from collections.abc import Mapping, Sequence
+from typing import Protocol
 
 from proxy.config import Config, Network, WorkloadConfig
 from proxy.errors import Refused
@@ -74,57 +73,45 @@ class BoundTasks(Protocol):
     """The tasks a workload's agent can be at one address: the seam to the task registry.
 
     ``bind.client_cidrs`` on ``POST /v1/tasks`` (issue 14, token binding) fills it; the
-    registry's in-memory tasks are read through :class:`TaskBinds`."""
+    registry is read through :class:`TaskBinds`."""
 
     def bound_task(self, workload: str, client: IPAddress) -> Caller | None:
         """The live task of ``workload`` bound to ``client`` (narrowest bind, then newest)."""
 
 
-class _TaskLike(Protocol):
+class _BoundTask(Protocol):
     id: str
     workload: str
     owner: str | None
     created_at: float
     expires_at: float
-    revoked_at: float | None
+    bind: tuple[Network, ...]
 
 
-def _binds(task: Any) -> tuple[Network, ...]:
-    """A task's ``bind`` (``bind.client_cidrs`` of ``POST /v1/tasks``) as networks; none:
-    the task is bound nowhere. Read by name: the task registry's :class:`Task` carries
-    it once token binding is in (issue 14 §4); until then no task is bound."""
-    raw: Iterable[Any] = getattr(task, "bind", None) or ()
-    nets: list[Network] = []
-    for item in raw:
-        try:
-            nets.append(item if isinstance(item, (ipaddress.IPv4Network,
-                                                  ipaddress.IPv6Network))
-                        else ipaddress.ip_network(str(item), strict=False))
-        except ValueError:
-            continue  # validated at creation; a bad one binds nothing
-    return tuple(nets)
+class _Bindings(Protocol):
+    """The task registry as transparent mode reads it (``TaskRegistry.bound_to``)."""
+
+    def bound_to(self, address: str, workload: str) -> Sequence[_BoundTask]:
+        """The live tasks of ``workload`` bound to ``address``."""
 
 
 class TaskBinds:
-    """:class:`BoundTasks` over the task registry's in-memory tasks (``tasks()``)."""
+    """:class:`BoundTasks` over the task registry: which tasks are bound where (live,
+    of the workload, holding the address) is the registry's to say, the same answer its
+    token check gives; which of them the call is, is transparent mode's."""
 
-    def __init__(self, tasks: Callable[[], Iterable[_TaskLike]],
-                 clock: Callable[[], float] = time.time) -> None:
-        self._tasks = tasks
-        self._clock = clock
+    def __init__(self, registry: _Bindings) -> None:
+        self._registry = registry
 
     def bound_task(self, workload: str, client: IPAddress) -> Caller | None:
-        now = self._clock()
-        best: tuple[int, float, _TaskLike] | None = None
-        for task in self._tasks():
-            if task.workload != workload or task.revoked_at is not None \
-                    or now >= task.expires_at:
-                continue
-            for net in _binds(task):
-                if client.version == net.version and client in net:
-                    rank = (net.prefixlen, task.created_at)
-                    if best is None or rank > best[:2]:
-                        best = (*rank, task)
+        best: tuple[int, float, _BoundTask] | None = None
+        for task in self._registry.bound_to(str(client), workload):
+            width = max((net.prefixlen for net in task.bind
+                         if client.version == net.version and client in net), default=-1)
+            if width < 0:
+                continue  # the registry's answer, checked again: a bind must hold it
+            if best is None or (width, task.created_at) > best[:2]:
+                best = (width, task.created_at, task)
         if best is None:
             return None
         task = best[2]

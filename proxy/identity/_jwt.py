@@ -7,8 +7,14 @@ issuers. Which algorithms a key may verify follows from the key alone, never
 from the token's header, so ``alg: none`` and HS256-signed-with-the-public-key
 cannot pass.
 
-Verified tokens are cached by their exact text (same bytes, same verdict);
-expiry is re-checked on every use.
+Verified tokens are cached (:class:`TokenCache`) by the SHA-256 of their exact
+text (same bytes, same verdict; the cache holds no token). A cached verdict is
+re-checked on every use: past the token's ``exp`` (plus the leeway a fresh
+verification allows) it is dropped and refused; when the key that verified it
+is no longer published — removed or rotated out of the JWKS, or the JWKS is
+older than its ``max_age`` and must be fetched again — the token is verified
+afresh, which then fails or passes on the keys as they are now. Revoking a task
+drops its callers (:meth:`Identity.forget`).
 """
 
 from __future__ import annotations
@@ -16,13 +22,14 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import hashlib
 import json
 import logging
 import math
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import jwt
@@ -34,6 +41,7 @@ __all__ = [
     "Caller",
     "Identity",
     "JwksKeys",
+    "TokenCache",
     "TokenIssuer",
     "WorkloadIssuer",
     "check_token_structure",
@@ -62,6 +70,9 @@ class Caller:
     expires_at: float
     task: str | None = None
     owner: str | None = None
+    # The key that verified the token (a JWK fingerprint, or a task key's kid): a cached
+    # verdict stands only while its issuer still publishes this key.
+    key: str | None = field(default=None, compare=False, repr=False)
 
     def expired(self, now: float, leeway: float = 0.0) -> bool:
         return now >= self.expires_at + leeway
@@ -186,6 +197,21 @@ def check_token_structure(token: str) -> tuple[dict[str, Any], dict[str, Any]]:
     return header, claims
 
 
+def fingerprint(jwk: Mapping[str, Any]) -> str:
+    """A JWK's identity: the SHA-256 of its members (kid, alg and key material alike),
+    so a key republished under the same kid with other material is another key."""
+    return hashlib.sha256(orjson.dumps(jwk, option=orjson.OPT_SORT_KEYS)).hexdigest()
+
+
+@dataclass(frozen=True, slots=True)
+class _Key:
+    """One published key: what verifies, the algorithms it may verify, its fingerprint."""
+
+    jwk: jwt.PyJWK
+    algs: frozenset[str]
+    fingerprint: str
+
+
 class JwksKeys:
     """One issuer's keys by ``kid``: from a file, or a URL refetched on an unknown kid.
 
@@ -206,8 +232,9 @@ class JwksKeys:
         self.source = source
         self._clock = clock
         self._fetch = fetch
-        self._keys: dict[str, tuple[jwt.PyJWK, frozenset[str]]] = {}
-        self._unnamed: list[tuple[jwt.PyJWK, frozenset[str]]] = []
+        self._keys: dict[str, _Key] = {}
+        self._unnamed: list[_Key] = []
+        self._held: frozenset[str] = frozenset()
         self._fetched_at = 0.0
         self._min_refetch = min_refetch_seconds
         self._max_age = max_age_seconds
@@ -226,8 +253,8 @@ class JwksKeys:
         keys = data.get("keys") if isinstance(data, Mapping) else None
         if not isinstance(keys, list):
             raise ValueError(f"{self.source}: not a JWKS (no 'keys' list)")
-        named: dict[str, tuple[jwt.PyJWK, frozenset[str]]] = {}
-        unnamed: list[tuple[jwt.PyJWK, frozenset[str]]] = []
+        named: dict[str, _Key] = {}
+        unnamed: list[_Key] = []
         for i, k in enumerate(keys):
             if not isinstance(k, dict) or k.get("use", "sig") != "sig":
                 continue
@@ -240,11 +267,13 @@ class JwksKeys:
             if not algs:
                 log.warning("%s: key %d skipped: no asymmetric algorithm fits it", self.source, i)
                 continue
+            key = _Key(jwk, algs, fingerprint(k))
             if isinstance(k.get("kid"), str):
-                named[k["kid"]] = (jwk, algs)
+                named[k["kid"]] = key
             else:
-                unnamed.append((jwk, algs))
+                unnamed.append(key)
         self._keys, self._unnamed = named, unnamed
+        self._held = frozenset(k.fingerprint for k in (*named.values(), *unnamed))
         self._fetched_at = self._clock()
         self.generation += 1
 
@@ -265,7 +294,14 @@ class JwksKeys:
             self._inflight = None
             inflight.set_result(None)
 
-    async def lookup(self, kid: str | None) -> list[tuple[jwt.PyJWK, frozenset[str]]]:
+    def holds(self, key: str | None) -> bool:
+        """Whether the key with this fingerprint is published, as of a fetch within
+        ``max_age`` (a JWKS that must be fetched again vouches for nothing)."""
+        if self._fetch is not None and self._clock() - self._fetched_at > self._max_age:
+            return False
+        return key in self._held
+
+    async def lookup(self, kid: str | None) -> list[_Key]:
         """Keys that may have signed a token with this ``kid``."""
         now = self._clock()
         if self._fetch is not None and (
@@ -278,7 +314,7 @@ class JwksKeys:
             found = self._find(kid)
         return found
 
-    def _find(self, kid: str | None) -> list[tuple[jwt.PyJWK, frozenset[str]]]:
+    def _find(self, kid: str | None) -> list[_Key]:
         if kid is not None:
             hit = self._keys.get(kid)
             return [hit] if hit else []
@@ -291,6 +327,10 @@ class TokenIssuer(Protocol):
     issuer: str
 
     async def verify(self, token: str, header: Mapping[str, Any]) -> Caller: ...
+
+    def holds(self, key: str | None) -> bool:
+        """Whether the key that verified a cached caller (``Caller.key``) still counts."""
+        ...
 
 
 class WorkloadIssuer:
@@ -320,15 +360,17 @@ class WorkloadIssuer:
             raise InvalidCredential("token is signed with a key this issuer does not publish")
         alg = header.get("alg")
         claims: dict[str, Any] | None = None
-        for jwk, algs in candidates:
-            if alg not in algs:
+        verified_by: _Key | None = None
+        for candidate in candidates:
+            if alg not in candidate.algs:
                 continue
             try:
                 claims = jwt.decode(
-                    token, key=jwk.key, algorithms=[alg], audience=self.audience,
+                    token, key=candidate.jwk.key, algorithms=[alg], audience=self.audience,
                     issuer=self.issuer, leeway=self.leeway,
                     options={"require": ["exp", "iss", "sub", "aud"]},
                 )
+                verified_by = candidate
                 break
             except jwt.ExpiredSignatureError:
                 raise InvalidCredential("token has expired") from None
@@ -344,8 +386,8 @@ class WorkloadIssuer:
                 continue
             except jwt.InvalidTokenError:
                 raise InvalidCredential("token is malformed") from None
-        if claims is None:
-            if not any(alg in algs for _, algs in candidates):
+        if claims is None or verified_by is None:
+            if not any(alg in c.algs for c in candidates):
                 raise InvalidCredential(f"algorithm {alg!r} is not accepted for this key")
             raise InvalidCredential("token signature does not verify")
         sub = claims["sub"]
@@ -353,28 +395,72 @@ class WorkloadIssuer:
             raise InvalidCredential("token subject is not a workload id")
         return Caller(
             workload=sub, issuer=self.issuer, expires_at=float(claims["exp"]),
-            owner=self._owners.get(sub),
+            owner=self._owners.get(sub), key=verified_by.fingerprint,
         )
+
+    def holds(self, key: str | None) -> bool:
+        return self.keys.holds(key)
+
+
+# Measured (bench/bench_identity.py): ~270 bytes per cached token, so the default
+# takes ~26 MB and holds 1.7 h of 1,000 new tokens a minute. Past it, the least
+# recently used verdict is dropped and that token pays one verification again
+# (~70 µs for RS256, ~6% of a gateway call).
+DEFAULT_CACHE_SIZE = 100_000
+
+
+class TokenCache:
+    """Verified callers by the SHA-256 of their token, least recently used dropped first."""
+
+    def __init__(self, size: int = DEFAULT_CACHE_SIZE) -> None:
+        self.size = size
+        self._entries: OrderedDict[bytes, Caller] = OrderedDict()
+
+    @staticmethod
+    def key(token: str) -> bytes:
+        return hashlib.sha256(token.encode()).digest()
+
+    def get(self, key: bytes) -> Caller | None:
+        caller = self._entries.get(key)
+        if caller is not None:
+            self._entries.move_to_end(key)
+        return caller
+
+    def put(self, key: bytes, caller: Caller) -> None:
+        self._entries[key] = caller
+        if len(self._entries) > self.size:
+            self._entries.popitem(last=False)
+
+    def drop(self, key: bytes) -> None:
+        self._entries.pop(key, None)
+
+    def forget(self, predicate: Callable[[Caller], bool]) -> None:
+        for key in [k for k, c in self._entries.items() if predicate(c)]:
+            del self._entries[key]
+
+    def clear(self) -> None:
+        self._entries.clear()
+
+    def __len__(self) -> int:
+        return len(self._entries)
 
 
 class Identity:
     """Turns a ``Proxy-Authorization`` value into a :class:`Caller`, or raises AuthError."""
 
-    def __init__(self, issuers: list[TokenIssuer], *, cache_size: int = 200_000,
+    def __init__(self, issuers: list[TokenIssuer], *, cache_size: int = DEFAULT_CACHE_SIZE,
                  leeway: float = 30.0) -> None:
         self._issuers: dict[str, TokenIssuer] = {i.issuer: i for i in issuers}
-        self._cache: OrderedDict[str, Caller] = OrderedDict()
-        self._cache_size = cache_size
+        self.cache = TokenCache(cache_size)
         self.leeway = leeway
 
     def add_issuer(self, issuer: TokenIssuer) -> None:
         self._issuers[issuer.issuer] = issuer
-        self._cache.clear()
+        self.cache.clear()
 
     def forget(self, predicate: Callable[[Caller], bool]) -> None:
         """Drop cached verdicts for callers matching ``predicate`` (revocation, key change)."""
-        for token in [t for t, c in self._cache.items() if predicate(c)]:
-            del self._cache[token]
+        self.cache.forget(predicate)
 
     def check_fresh(self, caller: Caller) -> None:
         """Re-check a caller established earlier (a tunnel's) at the moment of a call."""
@@ -383,15 +469,18 @@ class Identity:
 
     async def identify(self, proxy_authorization: str | None) -> Caller:
         token = token_from_proxy_authorization(proxy_authorization)
-        cached = self._cache.get(token)
+        key = TokenCache.key(token)
+        cached = self.cache.get(key)
         if cached is not None:
-            self._cache.move_to_end(token)  # least recently used goes first
-            self.check_fresh(cached)
-            return cached
+            issuer = self._issuers.get(cached.issuer)
+            if cached.expired(time.time(), self.leeway):
+                self.cache.drop(key)
+                raise InvalidCredential("token has expired")
+            if issuer is not None and issuer.holds(cached.key):
+                return cached
+            self.cache.drop(key)  # its key was removed or rotated: verify afresh
         caller = await self._verify(token)
-        self._cache[token] = caller
-        if len(self._cache) > self._cache_size:
-            self._cache.popitem(last=False)
+        self.cache.put(key, caller)
         return caller
 
     async def _verify(self, token: str) -> Caller:

@@ -23,7 +23,7 @@ import logging
 import math
 import os
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -42,6 +42,7 @@ log = logging.getLogger(__name__)
 TASK_ISSUER = "urn:taskgate:tasks"
 TASK_AUDIENCE = "urn:taskgate:proxy"
 ALG = "EdDSA"
+KEY_RELOAD_SECONDS = 0.1
 
 
 def _b64(data: bytes) -> str:
@@ -93,6 +94,11 @@ class TaskKeys:
         if os.stat(path).st_mode & 0o077:
             log.warning("%s was readable by others; tightening it to 0600", path)
             os.chmod(path, 0o600)
+        return cls.from_doc(path, data)
+
+    @classmethod
+    def from_doc(cls, path: str, data: Any) -> TaskKeys:
+        """Keys from the parsed JSON of ``task-keys.json`` (or the shared state's copy)."""
         loaded = []
         for k in data["keys"]:
             public = Ed25519PublicKey.from_public_bytes(_unb64(k["public"]))
@@ -104,6 +110,11 @@ class TaskKeys:
             raise ValueError(f"{path}: the current signing key is missing")
         return keys
 
+    def adopt(self, doc: bytes) -> None:
+        """Take the keys of ``doc`` (shared state: another replica rotated them)."""
+        other = TaskKeys.from_doc(self.path, orjson.loads(doc))
+        self._keys, self.current = other._keys, other.current
+
     def _add_new(self, now: float) -> str:
         private = Ed25519PrivateKey.generate()
         key = _Key(thumbprint(private.public_key()), private.public_key(), private, now)
@@ -111,19 +122,22 @@ class TaskKeys:
         self.current = key.kid
         return key.kid
 
-    def _save(self) -> None:
-        doc = {"version": 1, "current": self.current, "keys": [
+    def doc(self) -> bytes:
+        """The keys as the JSON of ``task-keys.json`` (private halves included)."""
+        return orjson.dumps({"version": 1, "current": self.current, "keys": [
             {"kid": k.kid, "public": _b64(_raw_public(k.public)),
              "private": _b64(k.private.private_bytes(
                  serialization.Encoding.Raw, serialization.PrivateFormat.Raw,
                  serialization.NoEncryption())) if k.private else None,
              "created_at": k.created_at, "retired_at": k.retired_at}
-            for k in self._keys.values()]}
+            for k in self._keys.values()]}, option=orjson.OPT_INDENT_2)
+
+    def _save(self) -> None:
         os.makedirs(os.path.dirname(os.path.abspath(self.path)), mode=0o700, exist_ok=True)
         tmp = f"{self.path}.{os.getpid()}.tmp"
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         try:
-            os.write(fd, orjson.dumps(doc, option=orjson.OPT_INDENT_2))
+            os.write(fd, self.doc())
             os.fsync(fd)
         finally:
             os.close(fd)
@@ -186,13 +200,26 @@ class TaskTokenIssuer:
 
     issuer = TASK_ISSUER
 
-    def __init__(self, keys: TaskKeys, lookup: Callable[[str], TaskLookup | None]) -> None:
+    def __init__(self, keys: TaskKeys, lookup: Callable[[str], TaskLookup | None],
+                 fetch: Callable[[str], Awaitable[TaskLookup | None]] | None = None,
+                 reload_keys: Callable[[], Awaitable[None]] | None = None) -> None:
         self.keys = keys
         self._lookup = lookup
+        # Shared state: a task another replica created, a key another replica rotated in,
+        # not yet here. Keys are re-read at most every KEY_RELOAD_SECONDS (unknown kids
+        # cost nothing more than that).
+        self._fetch = fetch
+        self._reload_keys = reload_keys
+        self._keys_reloaded = 0.0
 
     async def verify(self, token: str, header: Mapping[str, Any]) -> Caller:
         kid = header.get("kid")
         key = self.keys.public_key(kid) if isinstance(kid, str) else None
+        if (key is None and isinstance(kid, str) and self._reload_keys is not None
+                and time.monotonic() - self._keys_reloaded >= KEY_RELOAD_SECONDS):
+            self._keys_reloaded = time.monotonic()
+            await self._reload_keys()
+            key = self.keys.public_key(kid)
         if key is None:
             raise InvalidCredential("task token is signed with a key taskgate does not hold")
         if header.get("alg") != ALG:
@@ -210,9 +237,15 @@ class TaskTokenIssuer:
             raise InvalidCredential("task token is malformed") from None
         task_id = claims["task"]
         task = self._lookup(task_id) if isinstance(task_id, str) else None
+        if task is None and self._fetch is not None and isinstance(task_id, str):
+            task = await self._fetch(task_id)
         if task is None:
             raise InvalidCredential("task unknown: it ended and was purged, or never existed")
         if task.workload != claims["sub"] or task.kid != kid:
             raise InvalidCredential("task token does not match its task")
         return Caller(workload=task.workload, issuer=TASK_ISSUER, expires_at=task.expires_at,
-                      task=task.id, owner=task.owner)
+                      task=task.id, owner=task.owner, key=kid)
+
+    def holds(self, key: str | None) -> bool:
+        """Whether taskgate still holds the task key ``key`` (a pruned key verifies nothing)."""
+        return key is not None and self.keys.public_key(key) is not None

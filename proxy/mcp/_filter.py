@@ -25,7 +25,7 @@ mitmproxy writes an empty chunk of a chunked response as the terminating
 from __future__ import annotations
 
 import re
-from collections.abc import Set
+from collections.abc import Callable, Set
 from typing import Any
 
 import orjson
@@ -55,7 +55,11 @@ class _Unreadable(ValueError):
     """An answer a lenient client could read differently from the filter."""
 
 
-def _filter_one(msg: Any, granted: Set[str]) -> bool:
+# Given the granted tools of one answer, the ones that may be shown (tool pinning).
+Review = Callable[[list[Any]], list[Any]]
+
+
+def _filter_one(msg: Any, granted: Set[str], review: Review | None = None) -> bool:
     """Drop ungranted tools from one response message in place; True if it changed."""
     try:
         check_message(msg)
@@ -76,13 +80,16 @@ def _filter_one(msg: Any, granted: Set[str]) -> bool:
         return True
     kept = [t for t in tools if isinstance(t, dict) and isinstance(t.get("name"), str)
             and t["name"] in granted]
+    if review is not None:
+        kept = review(kept)
     if len(kept) == len(tools):
         return False
     result["tools"] = kept
     return True
 
 
-def filter_message(data: bytes, granted: Set[str], strict: bool) -> bytes | None:
+def filter_message(data: bytes, granted: Set[str], strict: bool,
+                   review: Review | None = None) -> bytes | None:
     """``data`` (one JSON-RPC message or a batch) with ungranted tools removed.
 
     ``None`` means unchanged. Unreadable data is replaced by an error when
@@ -97,7 +104,7 @@ def filter_message(data: bytes, granted: Set[str], strict: bool) -> bytes | None
             raise _Unreadable("an empty batch")
         changed = False
         for m in msgs:
-            changed = _filter_one(m, granted) or changed
+            changed = _filter_one(m, granted, review) or changed
     except (Refused, _Unreadable):
         return error_message("the server's answer could not be inspected") if strict else None
     if not changed:
@@ -110,8 +117,8 @@ def filter_message(data: bytes, granted: Set[str], strict: bool) -> bytes | None
 class JsonFilter:
     """A JSON body: held up to ``cap`` bytes, rewritten at its end."""
 
-    def __init__(self, granted: Set[str], cap: int) -> None:
-        self.granted, self.cap = granted, cap
+    def __init__(self, granted: Set[str], cap: int, review: Review | None = None) -> None:
+        self.granted, self.cap, self.review = granted, cap, review
         self.buf = bytearray()
         self.over = self.done = False
 
@@ -130,7 +137,7 @@ class JsonFilter:
             return [error_message(f"the server's answer is larger than {self.cap} bytes")]
         data = bytes(self.buf)
         self.buf.clear()
-        new = filter_message(data, self.granted, strict=True)
+        new = filter_message(data, self.granted, strict=True, review=self.review)
         return _out(data if new is None else new)
 
 
@@ -156,8 +163,9 @@ class SseFilter:
     and cannot be read strictly is replaced by a JSON-RPC error.
     """
 
-    def __init__(self, granted: Set[str], cap: int, every: bool) -> None:
-        self.granted, self.cap, self.every = granted, cap, every
+    def __init__(self, granted: Set[str], cap: int, every: bool,
+                 review: Review | None = None) -> None:
+        self.granted, self.cap, self.every, self.review = granted, cap, every, review
         self.buf = bytearray()
         self.skipping = False
 
@@ -206,7 +214,8 @@ class SseFilter:
             return raw
         # An event that is read at all is read strictly: on a GET stream too, one that
         # mentions tools but cannot be read could hide a tool list from the filter.
-        new = filter_message(b"\n".join(data_lines), self.granted, strict=True)
+        new = filter_message(b"\n".join(data_lines), self.granted, strict=True,
+                             review=self.review)
         if new is None:
             return raw
         return b"".join(line + b"\n" for line in other) + b"data: " + new + b"\n\n"

@@ -136,6 +136,30 @@ def _arg_breach(name: str, outer: Mapping[str, Any], inner: Mapping[str, Any]) -
     return None
 
 
+def _own_args(mcp: Mapping[str, Any], tool: str) -> Mapping[str, Any]:
+    """The constraints ``mcp`` puts on ``tool`` alone (the mapping form of ``tools``)."""
+    tools = mcp.get("tools")
+    spec = tools.get(tool) if isinstance(tools, Mapping) else None
+    args = spec.get("args") if isinstance(spec, Mapping) else None
+    return args if isinstance(args, Mapping) else {}
+
+
+def _tool_arg_breach(tool: str, name: str, cons: Any, args_in: Mapping[str, Any],
+                     own_in: Mapping[str, Any]) -> str | None:
+    """Whether ``tool``'s calls under the rule hold argument ``name`` to ``cons``: by a
+    constraint for every tool or one for this tool, either as strict as ``cons``."""
+    if not isinstance(cons, Mapping):
+        return f"the ceiling's constraint on argument {name!r} cannot be compared"
+    held = [c for c in (args_in.get(name), own_in.get(name)) if isinstance(c, Mapping)]
+    if not held:
+        return (f"tool {tool!r}: argument {name!r} must keep the ceiling's constraint "
+                f"{dict(cons)}")
+    whys = [_arg_breach(name, cons, c) for c in held]
+    if all(whys):
+        return f"tool {tool!r}: {whys[0]}"
+    return None
+
+
 def mcp_breach(inner: Mapping[str, Any] | None, outer: Mapping[str, Any] | None) -> str | None:
     """Why ``inner``'s MCP limits are looser than ``outer``'s, or ``None``."""
     if outer is None:
@@ -143,8 +167,8 @@ def mcp_breach(inner: Mapping[str, Any] | None, outer: Mapping[str, Any] | None)
     if inner is None:
         return "the ceiling limits MCP tools here; the rule needs an 'mcp' section"
     tools_out = outer.get("tools")
+    tools_in = inner.get("tools") or ()
     if tools_out is not None:
-        tools_in = inner.get("tools") or ()
         extra = sorted(set(tools_in) - set(tools_out))
         if extra:
             return f"tools {extra} are not among the ceiling's tools {sorted(tools_out)}"
@@ -153,11 +177,23 @@ def mcp_breach(inner: Mapping[str, Any] | None, outer: Mapping[str, Any] | None)
     for name, cons in args_out.items():
         if not isinstance(cons, Mapping):
             return f"the ceiling's constraint on argument {name!r} cannot be compared"
-        if name not in args_in:
+        if name in args_in:
+            why = _arg_breach(name, cons, args_in[name])
+            if why:
+                return why
+            continue
+        # Not held for every tool: then for each tool the rule grants, on its own.
+        if not tools_in:
             return f"argument {name!r} must keep the ceiling's constraint {dict(cons)}"
-        why = _arg_breach(name, cons, args_in[name])
-        if why:
-            return why
+        for tool in sorted(tools_in):
+            why = _tool_arg_breach(tool, name, cons, args_in, _own_args(inner, tool))
+            if why:
+                return why
+    for tool in sorted(tools_in):
+        for name, cons in _own_args(outer, tool).items():
+            why = _tool_arg_breach(tool, name, cons, args_in, _own_args(inner, tool))
+            if why:
+                return why
     methods_out = list(outer.get("methods") or ())  # absent: the ceiling grants none
     extra = [m for m in inner.get("methods") or () if m not in methods_out]
     if extra:
@@ -283,16 +319,33 @@ def check_mcp_shape(mcp: Any, where: FieldPath | str = ("mcp",)) -> None:
     if not isinstance(mcp, Mapping):
         raise InvalidField(where, "mcp must be a mapping")
     tools = mcp.get("tools")
-    if tools is not None and (not isinstance(tools, list) or not all(
+    if isinstance(tools, Mapping):
+        if len(tools) > 256:
+            raise InvalidField((*where, "tools"), "at most 256 tools")
+        for name, spec in tools.items():
+            at = (*where, "tools", name if isinstance(name, str) else repr(name))
+            if not isinstance(name, str) or not 0 < len(name) <= 256:
+                raise InvalidField(at, "not a tool name")
+            if spec is None:
+                continue
+            if not isinstance(spec, Mapping):
+                raise InvalidField(at, "a tool maps to its constraints, e.g. {args: "
+                                   "{limit: {maximum: 50}}}, or to {} for none")
+            _check_args_shape(spec.get("args"), (*at, "args"))
+    elif tools is not None and (not isinstance(tools, list) or not all(
             isinstance(t, str) and 0 < len(t) <= 256 for t in tools) or len(tools) > 256):
-        raise InvalidField((*where, "tools"), "tools must be a list of tool names")
-    args = mcp.get("args")
+        raise InvalidField((*where, "tools"), "tools must be a list of tool names, or map "
+                           "each tool name to its constraints")
+    _check_args_shape(mcp.get("args"), (*where, "args"))
+
+
+def _check_args_shape(args: Any, where: FieldPath) -> None:
     if args is None:
         return
     if not isinstance(args, Mapping) or len(args) > 256:
-        raise InvalidField((*where, "args"), "args must map argument names to constraints")
+        raise InvalidField(where, "args must map argument names to constraints")
     for name, cons in args.items():
-        at = (*where, "args", name)
+        at = (*where, name)
         if not isinstance(cons, Mapping):
             raise InvalidField(at, "a constraint must be a mapping such as {'maximum': 50}")
         for key, value in cons.items():

@@ -9,6 +9,23 @@ A rule's ``mcp`` mapping is parsed once into a :class:`McpGrant`::
         query: {maxLength: 200, pattern: "[^<>]*"}
       methods: ["resources/*", "prompts/get"] # other JSON-RPC methods it allows
 
+or, with constraints per tool (a tool mapped to nothing, or ``{}``, has none;
+``args`` beside ``tools`` still bind every tool)::
+
+    mcp:
+      tools:
+        search_docs: {args: {limit: {maximum: 50}}}
+        read_file: {args: {path: {pattern: "/srv/docs/[^.]*"}}}
+        get_page: {}
+
+A constrained argument must be present: a call without it is refused, whatever
+the constraint (a server's default for a missing argument is not the gateway's
+to guess).
+
+``pin`` maps a granted tool to the digest its definition must have
+(``sha256:`` + 64 hex, see :func:`proxy.mcp._pins.tool_digest`): a tools/list
+answer that defines it otherwise drops it, and calls to it are refused.
+
 Constraints are JSON-Schema-like and strict: ``pattern`` is a full match;
 ``minimum``/``maximum`` need a number, ``pattern``/``maxLength`` a string; a
 constrained argument that is missing or of the wrong type fails. ``const`` and
@@ -58,7 +75,9 @@ __all__ = [
 
 TOOL_NAME = re.compile(r"[A-Za-z0-9_.-]{1,128}")
 _METHOD_NAME = re.compile(r"[A-Za-z0-9_.$-]+(?:/[A-Za-z0-9_.$-]+)*")
-GRANT_KEYS = ("tools", "args", "methods")
+GRANT_KEYS = ("tools", "args", "methods", "pin")
+PIN = re.compile(r"sha256:[0-9a-f]{64}")
+TOOL_KEYS = ("args",)
 CONSTRAINT_KEYS = ("const", "enum", "pattern", "minimum", "maximum", "maxLength")
 MAX_PATTERN_CHARS = 1024
 # A pattern is matched against at most this many characters; a longer string fails.
@@ -281,6 +300,43 @@ class ArgConstraint:
         return out
 
 
+def _check_tool_name(t: Any, where: FieldPath) -> None:
+    if not isinstance(t, str) or TOOL_NAME.fullmatch(t) is None:
+        raise InvalidField(where, f"{t!r} is not a tool name (1-128 of A-Z a-z 0-9 _ . -)")
+
+
+def _parse_pins(pins_in: Any, tools: frozenset[str], where: FieldPath) -> dict[str, str]:
+    """``mcp.pin``: granted tool → the digest its definition must have."""
+    if not isinstance(pins_in, Mapping):
+        raise InvalidField(where, 'pin must map tool names to digests, e.g. {search_docs: '
+                           '"sha256:…"}')
+    pins = {}
+    for tool, digest in pins_in.items():
+        w = (*where, tool if isinstance(tool, str) else repr(tool))
+        if tool not in tools:
+            raise InvalidField(w, f"{tool!r} is not among the rule's tools; pin a granted tool")
+        if not isinstance(digest, str) or PIN.fullmatch(digest) is None:
+            raise InvalidField(w, "a pin is 'sha256:' and 64 lower-case hex digits (the "
+                               "digest taskgate shows for the tool's definition)")
+        pins[tool] = digest
+    return pins
+
+
+def _parse_args(args_in: Any, where: FieldPath) -> dict[str, ArgConstraint]:
+    """An ``args`` mapping: argument name → :class:`ArgConstraint`, no two names alike."""
+    if not isinstance(args_in, Mapping):
+        raise InvalidField(where, "args must map argument names to constraints")
+    args = {}
+    for name, c in args_in.items():
+        if not isinstance(name, str) or not name:
+            raise InvalidField(where, f"{name!r} is not an argument name")
+        args[name] = ArgConstraint.parse(c, (*where, name))
+    if len({fold(n) for n in args}) != len(args):
+        raise InvalidField(where, "two argument names differ only by case or "
+                           "Unicode folding; name each argument once")
+    return args
+
+
 @dataclass(frozen=True, slots=True)
 class McpGrant:
     """The MCP part of a rule: allowed tools, argument constraints, extra methods."""
@@ -288,7 +344,12 @@ class McpGrant:
     tools: frozenset[str] = frozenset()
     args: Mapping[str, ArgConstraint] = field(default_factory=dict)
     methods: tuple[str, ...] = ()
+    # Constraints of one tool only (the mapping form of ``tools``), on top of ``args``.
+    tool_args: Mapping[str, Mapping[str, ArgConstraint]] = field(default_factory=dict)
+    pins: Mapping[str, str] = field(default_factory=dict)  # tool → "sha256:…" (mcp.pin)
     _folded_args: Mapping[str, str] = field(default_factory=dict, repr=False, compare=False)
+    _tool_folded: Mapping[str, Mapping[str, str]] = field(default_factory=dict, repr=False,
+                                                          compare=False)
 
     @classmethod
     def parse(cls, data: Any, where: FieldPath | str = ("mcp",)) -> McpGrant:
@@ -301,24 +362,38 @@ class McpGrant:
             if key not in GRANT_KEYS:
                 raise InvalidField((*where, key), f"unknown key; mcp has {', '.join(GRANT_KEYS)}")
         tools_in = data.get("tools", [])
-        if isinstance(tools_in, (str, Mapping)) or not isinstance(tools_in, Sequence):
-            raise InvalidField((*where, "tools"), "tools must be a list of tool names")
-        for i, t in enumerate(tools_in):
-            if not isinstance(t, str) or TOOL_NAME.fullmatch(t) is None:
-                raise InvalidField((*where, "tools", i), f"{t!r} is not a tool name "
-                                   "(1-128 of A-Z a-z 0-9 _ . -)")
-        args_in = data.get("args", {})
-        if not isinstance(args_in, Mapping):
-            raise InvalidField((*where, "args"), "args must map argument names to constraints")
-        args = {}
-        for name, c in args_in.items():
-            if not isinstance(name, str) or not name:
-                raise InvalidField((*where, "args"), f"{name!r} is not an argument name")
-            args[name] = ArgConstraint.parse(c, (*where, "args", name))
+        args = _parse_args(data.get("args", {}), (*where, "args"))
         folded = {fold(n): n for n in args}
-        if len(folded) != len(args):
-            raise InvalidField((*where, "args"), "two argument names differ only by case or "
-                               "Unicode folding; name each argument once")
+        tool_args: dict[str, Mapping[str, ArgConstraint]] = {}
+        tool_folded: dict[str, Mapping[str, str]] = {}
+        if isinstance(tools_in, Mapping):
+            for t, spec in tools_in.items():
+                w = (*where, "tools", t if isinstance(t, str) else repr(t))
+                _check_tool_name(t, w)
+                if spec is None:
+                    continue
+                if not isinstance(spec, Mapping):
+                    raise InvalidField(w, "a tool maps to its constraints, e.g. {args: "
+                                       "{limit: {maximum: 50}}}, or to {} for none")
+                for key in spec:
+                    if key not in TOOL_KEYS:
+                        raise InvalidField((*w, key), "unknown key; a tool has args")
+                own = _parse_args(spec.get("args", {}), (*w, "args"))
+                if own:
+                    both = {**folded}
+                    for n in own:
+                        if both.setdefault(fold(n), n) != n:
+                            raise InvalidField((*w, "args"), f"argument {n!r} differs only "
+                                               f"by case or Unicode folding from "
+                                               f"{both[fold(n)]!r}; name each argument once")
+                    tool_args[t] = own
+                    tool_folded[t] = both
+        elif isinstance(tools_in, str) or not isinstance(tools_in, Sequence):
+            raise InvalidField((*where, "tools"), "tools must be a list of tool names, or "
+                               "map each tool name to its constraints")
+        else:
+            for i, t in enumerate(tools_in):
+                _check_tool_name(t, (*where, "tools", i))
         methods_in = data.get("methods", [])
         if isinstance(methods_in, (str, Mapping)) or not isinstance(methods_in, Sequence):
             raise InvalidField((*where, "methods"), "methods must be a list such as "
@@ -330,7 +405,9 @@ class McpGrant:
                 raise InvalidField(w, f"{m!r} is not a JSON-RPC method name or 'family/*'")
             if fold(base) in ("tools", "tools/call"):
                 raise InvalidField(w, "grant tool calls with mcp.tools, not mcp.methods")
-        return cls(frozenset(tools_in), args, tuple(methods_in), folded)
+        pins = _parse_pins(data.get("pin", {}), frozenset(tools_in), (*where, "pin"))
+        return cls(frozenset(tools_in), args, tuple(methods_in), tool_args, pins, folded,
+                   tool_folded)
 
     def allows_method(self, method: str) -> bool:
         """Whether a JSON-RPC method other than ``tools/call`` passes under this grant."""
@@ -344,24 +421,33 @@ class McpGrant:
         """``None`` if this grant allows calling ``name`` with ``arguments``, else why."""
         if name not in self.tools:
             return f"tool {name!r} is not granted"
-        for key in arguments:
-            target = self._folded_args.get(fold(key))
-            if target is not None and target != key:
-                return (f"argument {key!r} differs only by case or Unicode folding from "
-                        f"the constrained argument {target!r}")
-        for arg, c in self.args.items():
-            if arg not in arguments:
-                return f"argument {arg!r} is required by the grant and missing"
-            why = c.why_not(arguments[arg])
-            if why is not None:
-                return f"argument {arg!r} {why}"
+        own = self.tool_args.get(name)
+        folded = self._tool_folded[name] if own else self._folded_args
+        if folded:
+            for key in arguments:
+                target = folded.get(fold(key))
+                if target is not None and target != key:
+                    return (f"argument {key!r} differs only by case or Unicode folding from "
+                            f"the constrained argument {target!r}")
+        for constraints in (self.args, own or {}):
+            for arg, c in constraints.items():
+                if arg not in arguments:
+                    return f"argument {arg!r} is required by the grant and missing"
+                why = c.why_not(arguments[arg])
+                if why is not None:
+                    return f"argument {arg!r} {why}"
         return None
 
     def to_dict(self) -> dict[str, Any]:
         """Plain data, as a task request or the config would spell it."""
         out: dict[str, Any] = {"tools": sorted(self.tools)}
+        if self.tool_args:
+            out["tools"] = {t: ({"args": {k: c.to_dict() for k, c in self.tool_args[t].items()}}
+                                if t in self.tool_args else {}) for t in sorted(self.tools)}
         if self.args:
             out["args"] = {k: c.to_dict() for k, c in self.args.items()}
         if self.methods:
             out["methods"] = list(self.methods)
+        if self.pins:
+            out["pin"] = dict(sorted(self.pins.items()))
         return out

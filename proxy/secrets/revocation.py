@@ -44,7 +44,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from proxy.audit import new_record, rfc3339
-from proxy.store import CredentialRow, TaskStore
+from proxy.store import CredentialRow, StateStore
 
 from .providers import Provider
 from .seal import Sealer
@@ -62,6 +62,8 @@ PRUNE_EVERY = 30.0  # how often live credentials that expired are forgotten
 IDLE_WAIT = 5.0  # the retry loop looks again at least this often
 RESTART_FIRST, RESTART_MAX = 0.1, 30.0  # pause before a failed job is restarted
 CLOSE_MARGIN = 5.0  # at shutdown, past the grace: for the last records and store writes
+TAKEOVER_SECONDS = 5.0  # shared state: how often credentials of dead replicas are looked for
+LEASE_MS = 30_000  # shared state: one replica's turn at revoking a credential
 STOPPED = "no answer before the gateway stopped"
 REASON = "secret revocation"  # every record's reason starts so: `taskgate logs` finds them
 
@@ -139,7 +141,7 @@ class Revocations:
     """Every revocable credential minted, until it is revoked or expires."""
 
     def __init__(self, providers: Mapping[str, Provider], clock: Callable[[], float], *,
-                 store: TaskStore | None = None, key_path: str | None = None,
+                 store: StateStore | None = None, key_path: str | None = None,
                  audit: Audit | None = None,
                  owner_of: Callable[[str], str | None] | None = None,
                  on_error: Callable[[str], None] | None = None,
@@ -191,7 +193,8 @@ class Revocations:
             self._ready.set()
         elif self._loader is None:
             self._loader = asyncio.get_running_loop().create_task(
-                self._supervise("load", self._load), name="taskgate-secret-revocations-load")
+                self._supervise("load", self._load_forever if self._store.shared
+                                else self._load), name="taskgate-secret-revocations-load")
 
     async def close(self, grace: float) -> None:
         """Stop the loop; try every live and pending credential for up to ``grace`` s."""
@@ -318,6 +321,16 @@ class Revocations:
                                f"({cred.attempts} attempts failed); nothing left to revoke",
                                started, provider)
             return
+        if self._store is not None and self._store.shared:
+            turn = await self._store.revoke_lease(cred.id, LEASE_MS)
+            if turn == -1:  # another replica revoked it (it took it over): nothing to do
+                log.info("secret %r: %s of task %s was revoked by another replica",
+                         cred.secret, cred.kind, cred.task)
+                self._drop(cred)
+                return
+            if turn == 0:  # another replica is revoking it right now: look again later
+                cred.next_at = self.clock() + LEASE_MS / 1000
+                return
         cred.attempts += 1
         try:
             async with asyncio.timeout_at(deadline):
@@ -442,6 +455,13 @@ class Revocations:
                               job, failures)
                 self._error(job)
             await asyncio.sleep(min(RESTART_MAX, RESTART_FIRST * 2 ** min(failures, 10)))
+
+    async def _load_forever(self) -> None:
+        """Shared state: take over, now and every :data:`TAKEOVER_SECONDS`, what replicas
+        that died (or this one's earlier run) left to revoke."""
+        while True:
+            await self._load()
+            await asyncio.sleep(TAKEOVER_SECONDS)
 
     async def _load(self) -> None:
         """Take over what an earlier run left in the store: every credential is pending."""

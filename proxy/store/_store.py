@@ -24,8 +24,9 @@ was counted on disk; a restart can neither forget it nor count it twice. (A
 crash between commit and forwarding leaves a call counted that never went
 out: the budget errs on the side of less.)
 
-A shared store for several replicas is a later concern; this interface
-(:class:`TaskStore`) is what it would implement.
+Several replicas share their state through Redis instead
+(:class:`~proxy.store._redis.RedisState`); both implement
+:class:`~proxy.store._state.StateStore`.
 
 The store thread never dies silently: a batch that fails is refused (503 for
 its callers), logged and counted (``taskgate_background_failures_total``); a
@@ -52,7 +53,7 @@ from typing import Any
 from proxy.batching import FAILURES, WorkQueue
 from proxy.errors import Unavailable
 
-__all__ = ["STORE_FILE", "CredentialRow", "TaskRow", "TaskStore", "store_path"]
+__all__ = ["STORE_FILE", "CredentialRow", "PinRow", "TaskRow", "TaskStore", "store_path"]
 
 log = logging.getLogger(__name__)
 
@@ -98,6 +99,19 @@ CREATE TABLE IF NOT EXISTS secret_credentials (
 _CREDENTIAL_COLUMNS = ("id, secret, kind, task, workload, issued_at, expires_at, state, "
                        "attempts, last_error, handle")
 
+# MCP tool pins (proxy/mcp/_pins.py): per subject (a task, or a workload) and server,
+# the pinned definitions and the changes waiting for an admin, as JSON.
+_PINS_SCHEMA = """
+CREATE TABLE IF NOT EXISTS tool_pins (
+    subject     TEXT NOT NULL,
+    server      TEXT NOT NULL,
+    pins        BLOB NOT NULL,
+    changes     BLOB NOT NULL,
+    updated_at  REAL NOT NULL,
+    PRIMARY KEY (subject, server)
+)
+"""
+
 Op = Callable[[sqlite3.Connection], Any]
 
 
@@ -137,8 +151,22 @@ class CredentialRow:
     handle: bytes
 
 
+@dataclass(slots=True)
+class PinRow:
+    """The tool pins of one subject on one server (JSON, as proxy/gateway/_pins.py
+    writes them)."""
+
+    subject: str
+    server: str
+    pins: bytes
+    changes: bytes
+    updated_at: float
+
+
 class TaskStore:
     """Tasks in SQLite, every statement on the store's own thread."""
+
+    shared = False  # one process: the registry's own memory decides budgets
 
     def __init__(self, path: str) -> None:
         self.path = path
@@ -226,12 +254,33 @@ class TaskStore:
         await self._submit(lambda c: _many(c, "DELETE FROM secret_credentials WHERE id = ?",
                                            rows), durable=True)
 
+    async def revoke_lease(self, cred_id: str, ttl_ms: int) -> int:
+        """One process holds its credentials alone: always its own to revoke."""
+        return 1
+
     async def load_credentials(self) -> list[CredentialRow]:
         return await self._submit(lambda c: [
             CredentialRow(*r[:10], bytes(r[10]))  # type: ignore[call-arg]  # 10 + handle
             for r in c.execute(
                 f"SELECT {_CREDENTIAL_COLUMNS} FROM secret_credentials "  # noqa: S608
                 "ORDER BY issued_at")])
+
+    # -- MCP tool pins --------------------------------------------------------------
+    async def save_pins(self, row: PinRow) -> None:
+        """Replace the pins of ``row``'s subject and server; fsync'd (an admin's accept,
+        a detected change, must survive a crash)."""
+        await self._submit(lambda c: c.execute(
+            "INSERT OR REPLACE INTO tool_pins (subject, server, pins, changes, updated_at) "
+            "VALUES (?,?,?,?,?)", astuple(row)), durable=True)
+
+    async def delete_pins(self, subject: str) -> None:
+        await self._submit(lambda c: c.execute("DELETE FROM tool_pins WHERE subject = ?",
+                                               (subject,)), durable=True)
+
+    async def load_pins(self) -> list[PinRow]:
+        return await self._submit(lambda c: [
+            PinRow(r[0], r[1], bytes(r[2]), bytes(r[3]), r[4]) for r in c.execute(
+                "SELECT subject, server, pins, changes, updated_at FROM tool_pins")])
 
     # -- the thread -----------------------------------------------------------
     @property
@@ -271,6 +320,7 @@ class TaskStore:
         if version == 1:  # a store from before task terms: the column is added, empty
             conn.execute("ALTER TABLE tasks ADD COLUMN terms BLOB")
         conn.execute(_CREDENTIALS_SCHEMA)
+        conn.execute(_PINS_SCHEMA)
         conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
         return conn
 

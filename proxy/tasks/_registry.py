@@ -52,12 +52,12 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from proxy.batching import FAILURES
-from proxy.config import Config
+from proxy.config import Config, Network
 from proxy.errors import InvalidCredential, InvalidField, Refused, TaskgateError, Unavailable
 from proxy.identity import TASK_ISSUER, Caller, Identity, TaskKeys, TaskTokenIssuer
 from proxy.policy import Breach, Budget, Decision, Rule, breach
 from proxy.secrets import check_token_scope
-from proxy.store import TaskRow, TaskStore
+from proxy.store import StateStore, TaskRow, TaskStore
 from proxy.tasks._model import RuleSets, Task, TaskRequest, canonical_rules, read_terms
 
 __all__ = ["Clock", "TaskEndHook", "TaskRegistry", "open_registry"]
@@ -80,7 +80,7 @@ _REFUND = ("deny", "rejected")
 class TaskRegistry:
     """Every task, in memory and in the store; creation, revocation, budgets, expiry."""
 
-    def __init__(self, config: Config, identity: Identity, store: TaskStore, keys: TaskKeys,
+    def __init__(self, config: Config, identity: Identity, store: StateStore, keys: TaskKeys,
                  *, retention: float = RETENTION_SECONDS, clock: Clock = time.time) -> None:
         self.config = config
         self.identity = identity
@@ -90,6 +90,8 @@ class TaskRegistry:
         self.keys = keys
         self.retention = retention
         self.tasks: dict[str, Task] = {}
+        # workload → its bound tasks by id: transparent mode looks here on every call.
+        self._bound: dict[str, dict[str, Task]] = {}
         self.rulesets = RuleSets()
         self._ends: list[tuple[float, str]] = []    # (expires_at, id): who ends next
         self._purges: list[tuple[float, str]] = []  # (ended + retention, id)
@@ -127,12 +129,18 @@ class TaskRegistry:
 
     def _index(self, task: Task) -> None:
         self.tasks[task.id] = task
+        if task.bind:
+            self._bound.setdefault(task.workload, {})[task.id] = task
         self._active = None
         heapq.heappush(self._ends, (task.revoked_at or task.expires_at, task.id))
         heapq.heappush(self._purges, (task.ended_at() + self.retention, task.id))
         self._kid_until[task.kid] = max(self._kid_until.get(task.kid, 0.0), task.expires_at)
 
     def get(self, task_id: str) -> Task | None:
+        return self.tasks.get(task_id)
+
+    async def current(self, task_id: str) -> Task | None:
+        """The task as it stands now, for the control plane (shared state: re-read)."""
         return self.tasks.get(task_id)
 
     def active_count(self) -> float:
@@ -211,6 +219,7 @@ class TaskRegistry:
         if wl.require_binding and not req.bind:
             raise InvalidField("bind", f"workload {workload!r} requires its tasks to be bound "
                                        "to where the agent runs: give bind.client_cidrs")
+        _check_bind_sources(req.bind, workload, config)
         # Containment is CPU work (automata over path globs): off the event loop, and
         # bounded per request so a request of pathological globs is refused, not slow.
         why = await asyncio.to_thread(_first_breach, req.rules, wl.ceiling)
@@ -348,9 +357,8 @@ class TaskRegistry:
         """The live tasks of ``workload`` bound to ``address`` (transparent mode judges a
         call from that address against their grants)."""
         now = self._clock()
-        return [t for t in self.tasks.values()
-                if t.bind and t.workload == workload and t.revoked_at is None
-                and now < t.expires_at and t.bound_to(address)]
+        return [t for t in self._bound.get(workload, {}).values()
+                if t.revoked_at is None and now < t.expires_at and t.bound_to(address)]
 
     def check_live(self, caller: Caller) -> None:
         """Raise if the caller's task ended; its budget is not looked at (the call asking
@@ -442,6 +450,7 @@ class TaskRegistry:
             task = self.tasks.get(tid)
             if task is not None and task.ended and task.ended_at() + self.retention <= now:
                 del self.tasks[tid]
+                self._bound.get(task.workload, {}).pop(tid, None)
                 self.rulesets.release(task.rules_json)
                 gone.append(tid)
         if gone:
@@ -510,6 +519,22 @@ class TaskRegistry:
         if self._background:
             await asyncio.gather(*self._background, return_exceptions=True)
         await self.store.close()
+
+
+def _check_bind_sources(bind: tuple[Network, ...], workload: str, config: Config) -> None:
+    """A task binds to where its own workload's agent runs: an address another workload
+    claims in transparent mode (``sources``) is that workload's there, so the task would
+    never apply to it (and its token would work only where it can never be used)."""
+    for i, net in enumerate(bind):
+        for name, other in config.workloads.items():
+            if name == workload:
+                continue
+            for src in other.sources:
+                if net.version == src.version and net.overlaps(src):
+                    raise InvalidField(("bind", "client_cidrs", i),
+                                       f"{str(net)!r} overlaps {str(src)!r}, a source address "
+                                       f"of workload {name!r}: a task is bound where its own "
+                                       "workload's agent runs")
 
 
 def _first_breach(rules: tuple[Rule, ...], ceiling: tuple[Rule, ...]

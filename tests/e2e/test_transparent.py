@@ -12,7 +12,9 @@ its README says:
 The agents (curl, python) run with no proxy variables and call an upstream on a
 root-side address: their calls are redirected, identified by source address, judged,
 audited; everything else is refused, and nothing reaches the upstream from an agent
-itself.
+itself. Where transparent mode meets the rest of issue 14: a task bound to the agent's
+address (its grants, its budget, its token refused on the proxy listener elsewhere),
+report mode, and a reload of ``sources`` / ``listen.transparent``.
 
 Names: each gateway resolves ``up.test`` and ``front.test`` through its own /etc/hosts
 (a private mount namespace, ``unshare --mount``); the agent through curl's ``--resolve``.
@@ -21,7 +23,9 @@ Everything the module creates (namespaces, links, rules) is removed even on fail
 
 from __future__ import annotations
 
+import base64
 import contextlib
+import copy
 import os
 import shutil
 import socket
@@ -36,14 +40,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import httpx
 import orjson
 import pytest
 import trustme
+import yaml
 from aiohttp import web
 
 from tests.conftest import OTHER_WORKLOAD
 from tests.e2e import assert_refusal
 from tests.support import PYTHON, REPO, WORKLOAD, Gateway, Upstream, bound_port, free_port
+from tests.tasks_support import admin, create_task, post_task, revoke
 
 DEPLOY = REPO / "deploy" / "transparent"
 NOT_HTTP = "only HTTP and HTTPS are accepted on the transparent listener"
@@ -52,12 +59,16 @@ NET, NET2 = f"10.77.{N}", f"10.78.{N}"  # the nftables link, the iptables-legacy
 NET6 = f"fd77:{N:x}:"  # the nftables link's IPv6 network, NET6 + ":1" the root side
 NS = f"tg-agent-{os.getpid()}"
 HOST_IF, AGENT_IF = f"tgh{os.getpid()}", f"tga{os.getpid()}"
+NFT_TABLE = f"taskgate_transparent_{os.getpid()}"  # deploy's table, one per test run
 HOST_IF2, AGENT_IF2 = f"tgi{os.getpid()}", f"tgb{os.getpid()}"
 POD_NS, POD_NET = f"tg-pod-{os.getpid()}", f"10.79.{N}"  # a pod, the gateway its sidecar
 HOST_IF3, POD_IF = f"tgp{os.getpid()}", f"tgq{os.getpid()}"
 POD = f"{POD_NET}.2"
 AGENT_UID = "65534"  # the agent's user in the pod; the gateway's is root (gateway_uid=0)
 AGENT, OTHER, STRANGER = f"{NET}.2", f"{NET}.3", f"{NET}.9"  # workload, other, nobody
+REPORTER = f"{NET}.4"  # a workload in report mode
+NEWCOMER = f"{NET}.5"  # claimed by no workload until a reload gives it to one
+REPORT_WORKLOAD = "spiffe://acme.test/agent/rollout"
 UPSTREAM = f"{NET}.1"
 FRONT = "10.99.77.1"  # where front.test resolves for the gateway: not the upstream
 
@@ -103,9 +114,21 @@ def _link(host_if: str, agent_if: str, net: str, *agent_hosts: int, net6: str = 
     sh("ip", "-n", ns, "link", "set", agent_if, "up")
 
 
+def _netns_nft() -> Path:
+    """deploy/transparent/netns.nft with its table named for this process: the shipped
+    rules replace their one table on the host, and a second run of this module at the
+    same time (another checkout) would otherwise take this run's redirect away."""
+    rules = (DEPLOY / "netns.nft").read_text()
+    assert "table inet taskgate_transparent {" in rules, "netns.nft renamed its table"
+    out = Path(tempfile.gettempdir(), f"{NFT_TABLE}.nft")
+    out.write_text(rules.replace("taskgate_transparent", NFT_TABLE))
+    return out
+
+
 def _teardown(gateway_port: int) -> None:
     """Remove whatever of the module's network exists; never fails."""
-    sh("nft", "delete", "table", "inet", "taskgate_transparent", check=False)
+    sh("nft", "delete", "table", "inet", NFT_TABLE, check=False)
+    Path(tempfile.gettempdir(), f"{NFT_TABLE}.nft").unlink(missing_ok=True)
     sh(str(DEPLOY / "netns.iptables.sh"), "delete", check=False, AGENT_IF=HOST_IF2,
        GATEWAY_PORT=str(gateway_port))
     for link in (HOST_IF, HOST_IF2, HOST_IF3):
@@ -126,14 +149,14 @@ def network(gateway_port: int) -> Iterator[None]:
     try:
         sh("ip", "netns", "add", NS)
         sh("ip", "-n", NS, "link", "set", "lo", "up")
-        _link(HOST_IF, AGENT_IF, NET, 2, 3, 9, net6=NET6)
+        _link(HOST_IF, AGENT_IF, NET, 2, 3, 4, 5, 9, net6=NET6)
         _link(HOST_IF2, AGENT_IF2, NET2, 2)
         sh("ip", "-n", NS, "route", "add", "default", "via", f"{NET}.1")
         sh("ip", "-n", NS, "-6", "route", "add", "default", "via", f"{NET6}:1")
         # As deploy/transparent/README.md says: nftables on one link, iptables-legacy on
         # the other.
         sh("nft", "-D", f"agent_if={HOST_IF}", "-D", f"gateway_port={gateway_port}",
-           "-f", str(DEPLOY / "netns.nft"))
+           "-f", str(_netns_nft()))
         sh(str(DEPLOY / "netns.iptables.sh"), "add", AGENT_IF=HOST_IF2,
            GATEWAY_PORT=str(gateway_port))
         # A pod: its own namespace, the gateway inside it as a sidecar; pod.nft is loaded
@@ -288,8 +311,15 @@ def gateway(network: None, tmp_path_factory: pytest.TempPathFactory,
                     _rule("t-up2", "up2.test", h, scheme="http"),
                     _rule("t-up6", "up6.test", h, scheme="http"),
                 ],
+                # What its tasks may be given: more than its standing rules.
+                "ceiling": [_rule("c-task", "up.test", h, scheme="http",
+                                  paths=["/allowed/**", "/task/**"])],
+                "report_allowed": True,
             },
             OTHER_WORKLOAD: {"owner": "other@acme.test", "sources": [f"{OTHER}/32"]},
+            REPORT_WORKLOAD: {"owner": "rollout@acme.test", "mode": "report",
+                              "sources": [f"{REPORTER}/32"],
+                              "standing": [_rule("r-http", "up.test", h, scheme="http")]},
         },
     }
     gw = NamedGateway(tmp_path_factory.mktemp("gw-transparent"), config)
@@ -362,6 +392,44 @@ def agent_socket(port: int, payload: bytes, *, host: str = UPSTREAM, source: str
         capture_output=True, text=True, timeout=20)
     assert out.returncode == 0, out.stderr
     return bytes(eval(out.stdout))  # noqa: S307 - repr() of bytes from our own script
+
+
+AGENT_SESSION = """
+import http.client, json, sys
+host, port, name, source = sys.argv[1:5]
+conn = http.client.HTTPConnection(host, int(port), timeout=10, source_address=(source, 0))
+socks = []
+for line in sys.stdin:
+    conn.request("GET", line.strip(), headers={"Host": f"{name}:{port}"})
+    resp = conn.getresponse()
+    resp.read()
+    if conn.sock not in socks:
+        socks.append(conn.sock)
+    print(json.dumps([resp.status, len(socks)]), flush=True)
+"""
+
+
+class AgentSession:
+    """One keep-alive HTTP connection from inside the namespace; each :meth:`get` is
+    the next request on it (and says how many connections have been used so far)."""
+
+    def __init__(self, host: str, port: int, name: str, source: str) -> None:
+        self.proc = subprocess.Popen(
+            ["ip", "netns", "exec", NS, *AGENT_ENV, sys.executable, "-I", "-c", AGENT_SESSION,
+             host, str(port), name, source],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+
+    def get(self, path: str) -> tuple[int, int]:
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        self.proc.stdin.write(path + "\n")
+        self.proc.stdin.flush()
+        status, connections = orjson.loads(self.proc.stdout.readline())
+        return int(status), int(connections)
+
+    def close(self) -> None:
+        if self.proc.stdin is not None:
+            self.proc.stdin.close()
+        self.proc.wait(10)
 
 
 def records(gw: Gateway, **match: Any) -> list[dict[str, Any]]:
@@ -547,7 +615,7 @@ def test_agent_cannot_reach_anything_around_the_gateway(gateway: Gateway,
             udp.recvfrom(16)
     # Every request the upstream ever saw came from the gateway, none from the agent.
     assert root_upstream.seen
-    agents = {AGENT, OTHER, STRANGER, f"{NET2}.2", f"{NET6}:2"}
+    agents = {AGENT, OTHER, STRANGER, REPORTER, NEWCOMER, f"{NET2}.2", f"{NET6}:2"}
     assert not {x["peer"] for x in root_upstream.seen} & agents
 
 
@@ -561,6 +629,201 @@ def test_iptables_legacy_rules_redirect_too(gateway: Gateway,
     assert (rec["workload"], rec["client"], rec["rule"], rec["upstream_ip"]) == (
         WORKLOAD, f"{NET2}.2", "t-up2", f"{NET2}.1")
     assert agent_socket(h, b"SSH-2.0-x\r\n", host=f"{NET2}.1", source=f"{NET2}.2") == b""
+
+
+# -- where transparent mode meets tasks, report mode and reload (issue 14) ------------------------
+def _task_rule(port: int) -> dict[str, Any]:
+    """A task grant beyond the workload's standing rules (within its ceiling)."""
+    return _rule("task-http", "up.test", port, scheme="http", paths=["/task/**"])
+
+
+def _bound_task(gw: Gateway, up: RootUpstream, address: str, **body: Any) -> dict[str, Any]:
+    return create_task(gw, up, [_task_rule(up.http_port)],
+                       bind={"client_cidrs": [f"{address}/32"]}, **body)
+
+
+def test_task_bound_to_the_agent_address_is_judged_on_its_grants(
+        gateway: Gateway, root_upstream: RootUpstream) -> None:
+    h = root_upstream.http_port
+    resolve = ("--resolve", f"up.test:{h}:{UPSTREAM}")
+    r = agent_curl(f"http://up.test:{h}/task/before", *resolve)
+    assert_refusal(r.status, r.headers, r.body, 403, "no rule")  # not a standing rule
+    assert record_of(gateway, r)["task"] is None
+    task = _bound_task(gateway, root_upstream, AGENT)
+    try:
+        r = agent_curl(f"http://up.test:{h}/task/bound", *resolve)
+        assert r.status == 200, r
+        assert r.json()["path"] == "/task/bound"
+        rec = record_of(gateway, r)
+        assert (rec["workload"], rec["task"], rec["client"], rec["decision"], rec["rule"]) == (
+            WORKLOAD, task["task_id"], AGENT, "allow", "task-http")
+        # The task's grants are all the call gets: the standing rules do not add to them.
+        r = agent_curl(f"http://up.test:{h}/allowed/while-bound", *resolve)
+        assert_refusal(r.status, r.headers, r.body, 403, "no rule")
+        assert record_of(gateway, r)["task"] == task["task_id"]
+        # Another address of the same workload is not bound: its standing rules hold.
+        r = agent_curl(f"http://up6.test:{h}/task/v6", "-6", "--resolve",
+                       f"up6.test:{h}:[{NET6}:1]", source=f"{NET6}:2")
+        assert_refusal(r.status, r.headers, r.body, 403, "no rule")
+        assert record_of(gateway, r)["task"] is None
+        # The token on a transparent call from another address names no one: that
+        # address is its own workload, whatever credential it carries.
+        r = agent_curl(f"http://up.test:{h}/task/stolen", *resolve, "-H",
+                       f"Proxy-Authorization: Basic {_basic(task)}", source=OTHER)
+        assert_refusal(r.status, r.headers, r.body, 403, "no rule")
+        rec = record_of(gateway, r)
+        assert (rec["workload"], rec["task"]) == (OTHER_WORKLOAD, None)
+    finally:
+        revoke(gateway, task["task_id"])
+    r = agent_curl(f"http://up.test:{h}/task/after", *resolve)
+    assert_refusal(r.status, r.headers, r.body, 403, "no rule")
+    assert record_of(gateway, r)["task"] is None
+    assert agent_curl(f"http://up.test:{h}/allowed/after", *resolve).status == 200
+    assert not any(x["path"] in ("/task/before", "/task/after", "/task/stolen", "/task/v6")
+                   for x in root_upstream.seen)
+
+
+def test_task_cannot_be_bound_to_another_workloads_address(
+        gateway: Gateway, root_upstream: RootUpstream) -> None:
+    r = post_task(gateway, [_task_rule(root_upstream.http_port)], up=root_upstream,
+                  bind={"client_cidrs": [f"{AGENT}/32", f"{OTHER}/32"]})
+    assert r.status_code == 422, r.text
+    assert r.json()["field"] == "bind.client_cidrs[1]"
+    assert f"a source address of workload {OTHER_WORKLOAD!r}" in r.json()["reason"]
+
+
+def test_bound_task_with_its_budget_spent_refuses_until_it_ends(
+        gateway: Gateway, root_upstream: RootUpstream) -> None:
+    h = root_upstream.http_port
+    resolve = ("--resolve", f"up.test:{h}:{UPSTREAM}")
+    task = _bound_task(gateway, root_upstream, AGENT, max_calls=1)
+    try:
+        assert agent_curl(f"http://up.test:{h}/task/one", *resolve).status == 200
+        for path in ("/task/two", "/allowed/spent"):  # the task's still: no standing rules
+            r = agent_curl(f"http://up.test:{h}{path}", *resolve)
+            assert_refusal(r.status, r.headers, r.body, 403, "task budget spent")
+            rec = record_of(gateway, r)
+            assert (rec["task"], rec["decision"]) == (task["task_id"], "deny")
+    finally:
+        revoke(gateway, task["task_id"])
+    assert agent_curl(f"http://up.test:{h}/allowed/ended", *resolve).status == 200
+    assert not any(x["path"] in ("/task/two", "/allowed/spent") for x in root_upstream.seen)
+
+
+def test_bound_report_mode_task_lets_a_refused_transparent_call_through(
+        gateway: Gateway, root_upstream: RootUpstream) -> None:
+    h = root_upstream.http_port
+    task = _bound_task(gateway, root_upstream, AGENT, mode="report")
+    try:
+        r = agent_curl(f"http://up.test:{h}/denied/report-task", "--resolve",
+                       f"up.test:{h}:{UPSTREAM}")
+        assert r.status == 200, r
+        rec = record_of(gateway, r)
+        assert (rec["task"], rec["decision"], rec["rule"]) == (
+            task["task_id"], "would_deny", None)
+    finally:
+        revoke(gateway, task["task_id"])
+
+
+def _basic(task: dict[str, Any]) -> str:
+    return base64.b64encode(f"{task['task_id']}:{task['token']}".encode()).decode()
+
+
+def test_bound_task_token_is_refused_on_the_proxy_listener_from_elsewhere(
+        gateway: Gateway, root_upstream: RootUpstream) -> None:
+    """The seed's stolen credential: the token of a task bound to the agent's sandbox,
+    used through the regular proxy listener from another address, is refused."""
+    h = root_upstream.http_port
+    task = _bound_task(gateway, root_upstream, AGENT)
+    try:
+        with httpx.Client(proxy=task["proxy_url"], trust_env=False, timeout=10) as c:
+            r = c.get(f"http://up.test:{h}/task/stolen-proxy")
+        data = assert_refusal(r.status_code, r.headers, r.content, 407,
+                              "the task token is bound elsewhere")
+        assert f"{AGENT}/32" in data["reason"] and task["token"] not in r.text
+        [rec] = records(gateway, request_id=data["request_id"])
+        assert (rec["decision"], rec["status"], rec["task"], rec["client"]) == (
+            "deny", 407, task["task_id"], "127.0.0.1")
+        assert "bound elsewhere" in rec["reason"]
+        assert not any(x["path"] == "/task/stolen-proxy" for x in root_upstream.seen)
+    finally:
+        revoke(gateway, task["task_id"])
+
+
+def test_report_mode_lets_a_refused_transparent_call_through(
+        gateway: Gateway, root_upstream: RootUpstream) -> None:
+    h = root_upstream.http_port
+    resolve = ("--resolve", f"up.test:{h}:{UPSTREAM}")
+    r = agent_curl(f"http://up.test:{h}/denied/report", *resolve, source=REPORTER)
+    assert r.status == 200, r
+    assert r.json()["path"] == "/denied/report"
+    rec = record_of(gateway, r)
+    assert (rec["workload"], rec["client"], rec["decision"], rec["rule"]) == (
+        REPORT_WORKLOAD, REPORTER, "would_deny", None)
+    assert "no rule" in rec["reason"] and rec["upstream_ip"] == UPSTREAM
+    # What the transparent listener itself refuses stays refused: a name that does not
+    # lead where the connection was sent, and anything that is not HTTP.
+    r = agent_curl(f"http://{UPSTREAM}:{h}/allowed/report-fronted", "-H",
+                   f"Host: front.test:{h}", source=REPORTER)
+    assert_refusal(r.status, r.headers, r.body, 403, "no domain fronting")
+    assert record_of(gateway, r)["decision"] == "deny"
+    assert agent_socket(h, b"SSH-2.0-x\r\n", source=REPORTER) == b""
+    found = [x for x in records(gateway, client=REPORTER, port=h)
+             if NOT_HTTP in (x.get("reason") or "")]
+    assert [x["decision"] for x in found] == ["deny"]
+    assert not any(x["path"] == "/allowed/report-fronted" for x in root_upstream.seen)
+
+
+def _reload(gw: Gateway, config: dict[str, Any]) -> dict[str, Any]:
+    gw.config_path.write_text(yaml.safe_dump(config, sort_keys=False))
+    r = httpx.post(f"{gw.control_url}/v1/reload", headers=admin(gw), timeout=30)
+    assert r.status_code == 200, r.text
+    answer: dict[str, Any] = r.json()
+    return answer
+
+
+def test_reload_of_sources_applies_to_the_next_transparent_connection(
+        gateway: Gateway, root_upstream: RootUpstream) -> None:
+    h, s = root_upstream.http_port, root_upstream.https_port
+    plain = (f"http://up.test:{h}/allowed/newcomer", "--resolve",
+             f"up.test:{h}:{UPSTREAM}")
+    tls = (f"https://up.test:{s}/allowed/newcomer-tls", "--cacert", str(gateway.ca),
+           "--resolve", f"up.test:{s}:{UPSTREAM}")
+    r = agent_curl(*plain, source=NEWCOMER)
+    assert_refusal(r.status, r.headers, r.body, 403,
+                   f"no workload claims the source address {NEWCOMER}")
+    assert agent_curl(*tls, source=NEWCOMER).status == 0  # closed before the handshake
+    changed = copy.deepcopy(gateway.config)
+    changed["workloads"][WORKLOAD]["sources"].append(f"{NEWCOMER}/32")
+    try:
+        answer = _reload(gateway, changed)
+        assert answer["applied"] is True and answer["restart_needed"] == []
+        for args in (plain, tls):
+            r = agent_curl(*args, source=NEWCOMER)
+            assert r.status == 200, r
+            rec = record_of(gateway, r)
+            assert (rec["workload"], rec["client"], rec["decision"]) == (
+                WORKLOAD, NEWCOMER, "allow")
+        # The transparent listener cannot move while the gateway runs: it is reported,
+        # and keeps listening where it did.
+        moved = copy.deepcopy(changed)
+        moved["listen"]["transparent"] = f"[::]:{free_port()}"
+        answer = _reload(gateway, moved)
+        assert answer["applied"] is True
+        assert answer["restart_needed"] == ["listen.transparent"]
+        assert agent_curl(*plain, source=NEWCOMER).status == 200
+        # A connection open across a reload: its next request is judged on the new config.
+        session = AgentSession(UPSTREAM, h, "up.test", NEWCOMER)
+        try:
+            assert session.get("/allowed/kept-alive") == (200, 1)
+        finally:
+            _reload(gateway, gateway.config)
+        assert session.get("/allowed/kept-alive-after") == (403, 1)  # same connection
+        session.close()
+    finally:
+        _reload(gateway, gateway.config)
+    r = agent_curl(*plain, source=NEWCOMER)
+    assert_refusal(r.status, r.headers, r.body, 403, "no workload claims")
 
 
 # -- a pod: the gateway as a sidecar, deploy/transparent/pod.nft in the pod's namespace -----------

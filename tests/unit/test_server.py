@@ -36,6 +36,8 @@ def test_transparent_listener_next_to_the_regular_one(listen: tuple[str, int], s
 
 def test_nothing_is_relayed_unread() -> None:
     opts = mitm_options(Config(transparent_listen=("0.0.0.0", 8082)), "ca.pem")
-    assert opts["rawtcp"] is False and opts["http3"] is False and opts["websocket"] is False
+    assert opts["rawtcp"] is False and opts["http3"] is False
+    # WebSocket frames are read: each one passes addons/websocket.py (counted, judged).
+    assert opts["websocket"] is True
     assert opts["tcp_hosts"] == opts["udp_hosts"] == []
     assert opts["ignore_hosts"] == opts["allow_hosts"] == []

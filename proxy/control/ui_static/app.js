@@ -11,7 +11,7 @@ const REFUSED = new Set(["deny", "rejected", "error"]);
 const state = {
   filters: {},
   task: null,         // the task whose timeline is shown (oldest first), or null
-  lastSeq: null,      // the newest seq seen, for the live tail
+  lastSeq: null,      // where the live tail goes on from (the answer's tail cursor)
   older: null,        // the cursor for older calls
   tasks: [],
 };
@@ -212,6 +212,48 @@ async function loadApprovals() {
   }));
 }
 
+// -- MCP tool changes (tool pinning) --------------------------------------------
+async function acceptChange(id) {
+  const by = $("approver").value.trim();
+  if (!by) {
+    setStatus("Enter your name (Approving as…) before accepting a tool change.", true);
+    $("approver").focus();
+    return;
+  }
+  localStorage.setItem("taskgate.approver", by);
+  const { status, data } = await api("POST", `/v1/tools/changes/${encodeURIComponent(id)}/accept`,
+                                     { by });
+  setStatus(status < 300 ? `Accepted tool change ${id}`
+                         : `accept ${id}: ${status} ${data && data.reason || ""}`, status >= 300);
+  await loadToolChanges();
+}
+
+async function loadToolChanges() {
+  const panel = $("tool-changes-body");
+  const { status, data } = await api("GET", "/v1/tools/changes");
+  if (status === 404) return notAvailable(panel, "Tool pinning");
+  if (status !== 200) {
+    panel.replaceChildren(el("span", { class: "error" }, `tool changes: ${status} ${data && data.reason || ""}`));
+    return;
+  }
+  const changes = listOf(data, "changes");
+  if (!changes.length) {
+    panel.replaceChildren(el("span", { class: "muted" }, "No tool has changed."));
+    return;
+  }
+  panel.replaceChildren(...changes.map((c) => el("div", { class: "approval", "data-change": c.id },
+    el("div", {},
+      el("strong", {}, visible(`${c.tool} · ${c.server}`)),
+      el("div", {}, visible(c.what)),
+      el("div", { class: "muted" }, visible(
+        `${c.subject} · seen ${fmtTime(c.at)} · now ${c.seen && c.seen.digest}` +
+        (c.pinned ? ` · pinned ${c.pinned.digest}` : ` · rule ${c.rule} pins ${c.rule_pin}`)))),
+    el("div", { class: "actions" },
+      c.acceptable
+        ? el("button", { class: "approve", type: "button", on: { click: () => acceptChange(c.id) } }, "Accept")
+        : el("span", { class: "muted" }, "pinned by a rule: change the rule")))));
+}
+
 // What will be forwarded, but for the gateway's secret: headers, the body (or its start),
 // its size and SHA-256, and the digest the record keeps with the approval.
 function heldRequest(r) {
@@ -302,8 +344,8 @@ async function loadCalls() {
   if (status !== 200) return;
   const recs = data.records;
   body.replaceChildren(...recs.map((r) => callRow(r, false)));
-  const seqs = recs.map((r) => r.seq);
-  state.lastSeq = Math.max(data.last_seq ?? 0, ...seqs, 0);
+  // Where the live tail goes on from: a seq, or one per log with workers (an opaque cursor).
+  state.lastSeq = data.tail ?? String(Math.max(data.last_seq ?? 0, ...recs.map((r) => r.seq), 0));
   state.older = state.task ? null : data.next;
   $("older").hidden = !state.older;
   $("calls-title").textContent = state.task ? `Calls of task ${state.task}` : "Calls";
@@ -331,8 +373,8 @@ async function tail() {
     for (const r of data.records) {
       if (state.task) body.append(callRow(r, true));
       else body.prepend(callRow(r, true));
-      state.lastSeq = Math.max(state.lastSeq, r.seq);
     }
+    if (data.tail) state.lastSeq = data.tail;
     next = data.next;
   }
 }
@@ -358,7 +400,7 @@ function report(err) {
 }
 
 async function refreshPanels() {
-  await Promise.all([loadApprovals(), loadTasks()]);
+  await Promise.all([loadApprovals(), loadToolChanges(), loadTasks()]);
 }
 
 async function signOut() {

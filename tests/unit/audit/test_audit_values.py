@@ -36,6 +36,7 @@ ESCAPED = ["\\ud800", "\\udfff", "a\\udc80b", "\\ud83d", "😀\\ud800é", "x\\ud
 STRING_FIELDS = [f for f in FIELDS if f not in ("seq", "port", "status", "bytes_in",
                                                   "bytes_out", "duration_ms", "tool",
                                                   "approval")]
+WRITER_SET = ("seq", "replica", "prev", "hash")  # the writer's own values, whatever was given
 
 
 def encodes(value: Any) -> bool:
@@ -144,7 +145,7 @@ async def test_writer_writes_every_field_with_lone_surrogates(tmp_path: Path,
     log = await opened(path)
     for i, bad in enumerate(BAD):
         value: Any = {"name": bad, "nested": [bad]} if field in ("tool", "approval") else bad
-        if field in ("seq", "prev", "hash"):
+        if field in WRITER_SET:
             rec = new_record(request_id=f"r{i}")
             rec[field] = bad  # the writer sets these: the bad value must not matter
         else:
@@ -155,7 +156,7 @@ async def test_writer_writes_every_field_with_lone_surrogates(tmp_path: Path,
     await log.close()
     recs = lines(path)
     assert len(recs) == len(BAD)
-    if field not in ("seq", "prev", "hash"):
+    if field not in WRITER_SET:
         for rec, escaped in zip(recs, ESCAPED, strict=True):
             want = ({"name": escaped, "nested": [escaped]} if field in ("tool", "approval")
                     else escaped)

@@ -86,3 +86,33 @@ async def test_a_bad_file_changes_nothing(tmp_path: Path, bad: str) -> None:
         assert not result.applied and result.error is not None
         assert result.error.startswith(f"{file}:")
         assert services.config is before and services.gateway.config is before
+
+
+# The file of a gateway started on port 0 everywhere; the ports it got at start.
+_PORT_ZERO = {"proxy": "127.0.0.1:0", "control": "127.0.0.1:0", "transparent": "0.0.0.0:0"}
+
+
+@pytest.mark.parametrize(("listen", "restart"), [
+    (_PORT_ZERO, []),  # reloading the file it started from changes no listener
+    ({**_PORT_ZERO, "transparent": "0.0.0.0:8082"}, []),  # the port it runs on
+    ({**_PORT_ZERO, "transparent": "0.0.0.0:9"}, ["listen.transparent"]),
+    ({**_PORT_ZERO, "transparent": "127.0.0.2:0"}, ["listen.transparent"]),  # another host
+    ({"proxy": "127.0.0.1:0", "control": "127.0.0.1:0"}, ["listen.transparent"]),  # dropped
+    ({**_PORT_ZERO, "proxy": "127.0.0.1:9"}, ["listen.proxy"]),
+])
+async def test_listeners_asked_for_again_need_no_restart(tmp_path: Path, listen: dict[str, str],
+                                                         restart: list[str]) -> None:
+    file = tmp_path / "taskgate.yaml"
+    _write(file, ["/v1/**"])
+    cfg = yaml.safe_load(file.read_text())
+    file.write_text(yaml.safe_dump({**cfg, "listen": _PORT_ZERO}))
+    async with build(load_config(str(file))) as services:
+        gw = services.gateway
+        # As `taskgate run` does once listening: the running config names the bound ports.
+        gw.config = dataclasses.replace(gw.config, proxy_listen=("127.0.0.1", 8080),
+                                        control_listen=("127.0.0.1", 8081),
+                                        transparent_listen=("0.0.0.0", 8082))  # noqa: S104
+        file.write_text(yaml.safe_dump({**cfg, "listen": listen}))
+        result = await reload(services, who="test")
+        assert result.applied and list(result.restart_needed) == restart
+        assert gw.config.transparent_listen == ("0.0.0.0", 8082)  # noqa: S104 - kept

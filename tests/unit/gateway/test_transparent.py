@@ -39,11 +39,29 @@ def config(triage: list[str], other: list[str]) -> Config:
 class FakeTask:
     id: str
     workload: str
-    bind: tuple[str, ...]
+    cidrs: tuple[str, ...]
     created_at: float = 0.0
     expires_at: float = 2000.0
-    revoked_at: float | None = None
     owner: str | None = "task-owner@acme.dev"
+
+    @property
+    def bind(self) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+        return tuple(ipaddress.ip_network(c) for c in self.cidrs)
+
+
+class FakeRegistry:
+    """``TaskRegistry.bound_to`` over live tasks (which tasks are live is the registry's,
+    tests/unit/tasks/test_binding.py)."""
+
+    def __init__(self, tasks: list[FakeTask]) -> None:
+        self.tasks = tasks
+        self.asked: list[tuple[str, str]] = []
+
+    def bound_to(self, address: str, workload: str) -> list[FakeTask]:
+        self.asked.append((address, workload))
+        ip = ipaddress.ip_address(address)
+        return [t for t in self.tasks if t.workload == workload
+                and any(ip.version == n.version and ip in n for n in t.bind)]
 
 
 class NoTasks:
@@ -86,30 +104,31 @@ def test_standing_caller_has_the_workload_and_owner() -> None:
 
 
 def test_bound_task_makes_the_call_the_tasks() -> None:
-    tasks = [FakeTask("wide", TRIAGE, ("10.77.0.0/24",), created_at=5),
-             FakeTask("narrow", TRIAGE, ("10.77.0.5/32",), created_at=1),
-             FakeTask("newer-wide", TRIAGE, ("10.77.0.0/24",), created_at=9),
-             FakeTask("revoked", TRIAGE, ("10.77.0.6/32",), revoked_at=10),
-             FakeTask("expired", TRIAGE, ("10.77.0.7/32",), expires_at=100),
-             FakeTask("elsewhere", OTHER, ("10.77.0.8/32",)),
-             FakeTask("unbound", TRIAGE, ())]
-    ident = SourceIdentity(config(["10.77.0.0/24"], []), TaskBinds(lambda: tasks,
-                                                                    clock=lambda: 1000.0))
+    registry = FakeRegistry([
+        FakeTask("wide", TRIAGE, ("10.77.0.0/24",), created_at=5),
+        FakeTask("narrow", TRIAGE, ("10.77.0.5/32",), created_at=1),
+        FakeTask("newer-wide", TRIAGE, ("10.77.0.0/24",), created_at=9),
+        FakeTask("elsewhere", OTHER, ("10.77.0.8/32",)),
+        FakeTask("unbound", TRIAGE, ())])
+    ident = SourceIdentity(config(["10.77.0.0/24"], []), TaskBinds(registry))
     narrow = ident.caller("10.77.0.5")  # the narrowest bind wins
     assert (narrow.task, narrow.workload, narrow.issuer, narrow.owner, narrow.expires_at) == (
         "narrow", TRIAGE, TASK_ISSUER, "task-owner@acme.dev", 2000.0)
     assert ident.caller("10.77.0.9").task == "newer-wide"  # same width: the newest
-    assert ident.caller("10.77.0.6").task == "newer-wide"  # a revoked bind counts for nothing
-    assert ident.caller("10.77.0.7").task == "newer-wide"  # nor an expired one
     # Another workload's task bound to an address this workload owns is never picked.
     assert ident.caller("10.77.0.8").task == "newer-wide"
+    # An IPv4 client seen by a dual-stack listener is looked up as its IPv4 address.
+    assert ident.caller("::ffff:10.77.0.5").task == "narrow"
+    assert registry.asked[-1] == ("10.77.0.5", TRIAGE)
 
 
 def test_no_bound_task_means_standing_rules() -> None:
-    tasks = [FakeTask("t", TRIAGE, ("10.77.0.5/32",))]
-    ident = SourceIdentity(config(["10.77.0.0/24"], []),
-                           TaskBinds(lambda: tasks, clock=lambda: 1000.0))
+    registry = FakeRegistry([FakeTask("t", TRIAGE, ("10.77.0.5/32",)),
+                             FakeTask("v6", TRIAGE, ("fd77::5/128",))])
+    ident = SourceIdentity(config(["10.77.0.0/24", "fd77::/64"], []), TaskBinds(registry))
     assert ident.caller("10.77.0.4").task is None
+    assert ident.caller("fd77::4").task is None
+    assert ident.caller("fd77::5").task == "v6"
 
 
 # -- where ---------------------------------------------------------------------------------
@@ -177,11 +196,3 @@ async def test_name_must_lead_to_the_original_destination(name: str, original: s
 ])
 def test_looks_like_http(data: bytes, verdict: bool | None) -> None:
     assert looks_like_http(data) is verdict
-
-
-def test_ip_network_of_a_task_bind_may_be_given_as_networks() -> None:
-    task = FakeTask("t", TRIAGE, ())
-    task.bind = (ipaddress.ip_network("10.77.0.0/30"),)  # type: ignore[assignment]
-    ident = SourceIdentity(config(["10.77.0.0/24"], []),
-                           TaskBinds(lambda: [task], clock=lambda: 1000.0))
-    assert ident.caller("10.77.0.2").task == "t"

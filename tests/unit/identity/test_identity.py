@@ -396,6 +396,76 @@ def test_check_fresh() -> None:
 async def test_forget_drops_cached_callers(keys: Keys) -> None:
     ident = identity(keys)
     await ident.identify("Bearer " + keys.token())
-    assert len(ident._cache) == 1
+    assert len(ident.cache) == 1
     ident.forget(lambda c: c.workload == WORKLOAD)
-    assert len(ident._cache) == 0
+    assert len(ident.cache) == 0
+
+
+# -- the verified-token cache: a verdict never outlives its exp or its key ----------------
+def url_identity(server: FakeJwksServer, clock: Clock) -> Identity:
+    issuer = WorkloadIssuer(ISSUER, AUDIENCE, url_keys(server, clock, max_age_seconds=300))
+    return Identity([issuer])
+
+
+async def test_cached_token_dropped_when_its_key_is_removed(keys: Keys) -> None:
+    server, clock = FakeJwksServer(keys.jwks()), Clock()
+    ident = url_identity(server, clock)
+    value = "Bearer " + keys.token()
+    await ident.identify(value)
+    await ident.identify(value)  # a cache hit: no second fetch
+    assert server.fetches == 1 and len(ident.cache) == 1
+    server.jwks = {"keys": [k for k in keys.jwks()["keys"] if k["kid"] != "rsa1"]}
+    clock.now += 301  # past max_age: the JWKS vouches for nothing until fetched again
+    with pytest.raises(InvalidCredential, match="does not publish"):
+        await ident.identify(value)
+    assert server.fetches == 2 and len(ident.cache) == 0
+
+
+async def test_cached_token_dropped_when_its_key_is_rotated(keys: Keys) -> None:
+    """The same kid republished with other key material is another key."""
+    server, clock = FakeJwksServer(keys.jwks()), Clock()
+    ident = url_identity(server, clock)
+    value = "Bearer " + keys.token()
+    await ident.identify(value)
+    other = Keys().jwks()  # fresh key material under the same kids
+    server.jwks = other
+    clock.now += 301
+    with pytest.raises(InvalidCredential, match="signature does not verify"):
+        await ident.identify(value)
+    assert len(ident.cache) == 0
+
+
+async def test_cached_token_kept_while_its_key_is_published(keys: Keys) -> None:
+    server, clock = FakeJwksServer(keys.jwks()), Clock()
+    ident = url_identity(server, clock)
+    value = "Bearer " + keys.token()
+    first = await ident.identify(value)
+    clock.now += 301  # refetched, same keys: verified once more, then cached again
+    assert await ident.identify(value) == first
+    assert await ident.identify(value) == first
+    assert server.fetches == 2 and len(ident.cache) == 1
+
+
+async def test_expired_cached_token_is_refused_and_dropped(keys: Keys) -> None:
+    ident = identity(keys, leeway=0)
+    value = "Bearer " + keys.token()
+    caller = await ident.identify(value)
+    key = next(iter(ident.cache._entries))
+    ident.cache.put(key, Caller(caller.workload, caller.issuer, time.time() - 1,
+                                key=caller.key))
+    with pytest.raises(InvalidCredential, match="expired"):
+        await ident.identify(value)
+    assert len(ident.cache) == 0
+
+
+async def test_cache_is_bounded_and_holds_no_token(keys: Keys) -> None:
+    issuer = WorkloadIssuer(ISSUER, AUDIENCE, JwksKeys(source="test", initial=keys.jwks()))
+    ident = Identity([issuer], cache_size=3)
+    tokens = [keys.token(sub=f"wl-{i}") for i in range(5)]
+    for t in tokens:
+        await ident.identify("Bearer " + t)
+    assert len(ident.cache) == 3
+    held = b"".join(ident.cache._entries)
+    assert not any(t.encode()[-40:] in held for t in tokens)
+    # the least recently used went first: the last three are hits
+    assert [c.workload for c in ident.cache._entries.values()] == ["wl-2", "wl-3", "wl-4"]

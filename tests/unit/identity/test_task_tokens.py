@@ -168,3 +168,15 @@ async def test_rotation_keeps_old_tokens_until_pruned(tmp_path: Path) -> None:
         await identity.identify(bearer(old_token))
     assert (await identity.identify(bearer(new_token))).task == "t-new"
     assert keys.jwks()["keys"][0]["kid"] == new_kid
+
+
+async def test_cached_task_token_dropped_when_its_key_is_pruned(tmp_path: Path) -> None:
+    keys, tasks, identity = setup(tmp_path)
+    token = issue(keys, tasks)
+    await identity.identify(bearer(token))
+    assert len(identity.cache) == 1
+    keys.rotate(time.time())
+    keys.prune(lambda kid: False)  # the old key is gone: no token it signed may pass
+    with pytest.raises(InvalidCredential, match="does not hold"):
+        await identity.identify(bearer(token))
+    assert len(identity.cache) == 0

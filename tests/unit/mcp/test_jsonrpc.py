@@ -5,13 +5,23 @@ from __future__ import annotations
 import gzip
 import hashlib
 import zlib
+from decimal import Decimal
 from typing import Any
 
 import brotli
 import pytest
 
 from proxy.errors import PayloadTooLarge, Refused
-from proxy.mcp._jsonrpc import canonical, decode_content, digest, loads_strict, parse_body
+from proxy.mcp._jsonrpc import (
+    _NOT_PROVEN,
+    _read_fast,
+    canonical,
+    decode_content,
+    digest,
+    loads_strict,
+    parse_body,
+)
+from proxy.policy._mcp_grant import exact
 
 OK = b'{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"a","arguments":{}}}'
 
@@ -244,8 +254,10 @@ def test_valid_unicode_escapes_read(body: bytes, value: str) -> None:
     "-1e-7", "5e0",
 ])
 def test_numbers_keep_their_text(text: str) -> None:
+    """Read fast (orjson spells it alike) or strictly (an ExactFloat), a number keeps
+    its value as written and its text in the canonical form."""
     doc = loads_strict(b'{"a":' + text.encode() + b"}")
-    assert doc["a"].text == text and float(doc["a"]) == float(text)
+    assert exact(doc["a"]) == Decimal(text) and float(doc["a"]) == float(text)
     assert canonical(doc) == b'{"a":' + text.encode() + b"}"
 
 
@@ -253,3 +265,37 @@ def test_canonical_keeps_exact_numbers_sorted() -> None:
     doc = loads_strict(b'{"b":50.0000000000000001,"a":[1,2.50]}')
     assert canonical(doc) == b'{"a":[1,2.50],"b":50.0000000000000001}'
     assert digest(doc) == hashlib.sha256(canonical(doc) or b"").hexdigest()
+
+
+# -- the fast reading is taken only when it is provably the strict one -------------------
+@pytest.mark.parametrize("body", [
+    b'{"a":1,"a":1}',                          # a duplicate orjson would drop
+    b'{"x":{"y":[{"k":1,"k":2}]}}',            # ... at depth
+    b'{"x":[{"name":1,"Name":2}]}',            # keys that differ only by case, at depth
+    b'{"N\\u0041me":1,"nAme":2}',               # ... hidden behind an escape
+    b'{"a":"\\u0041"}',                         # an escape decoded
+    b'{"a":"\\/"}',
+    b'{"a":"\xc3\xa9"}',                        # not ASCII: keys may fold by NFKC
+    b'{"a":1e2}', b'{"a":50.0000000000000001}', b'{"a":1.5e-400}', b'{"a":1e-05}',
+    b'{"a":18446744073709551616}',             # a huge integer orjson reads as a float
+    b'[' * 300 + b']' * 300,                   # deeper than orjson writes
+])
+def test_fast_reading_defers_to_the_strict_one(body: bytes) -> None:
+    assert _read_fast(body) is _NOT_PROVEN
+
+
+@pytest.mark.parametrize("body", [
+    OK, b'{"a":[1,2.5,-0.0,0.1,true,null,"x y"],"B":{"c":"D"}}',
+    b' {\n "a" : [ 1 , 2 ] }\t', b'{"a":"\\n\\"\\\\"}', b'{"a":9223372036854775807}',
+])
+def test_fast_reading_is_the_strict_one(body: bytes) -> None:
+    fast = _read_fast(body)
+    assert fast is not _NOT_PROVEN
+    assert canonical(fast) == canonical(_strict_reading(body))
+
+
+def _strict_reading(body: bytes) -> Any:
+    """The strict reader alone (the fast one switched off)."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr("proxy.mcp._jsonrpc._read_fast", lambda data: _NOT_PROVEN)
+        return loads_strict(body)

@@ -227,6 +227,12 @@ def test_host_breach_lists_the_ceiling_hosts() -> None:
     ({"args": {"a": {"maxLength": -1}}}, "mcp.args.a.maxLength"),
     ({"args": {"a": {"enum": []}}}, "mcp.args.a.enum"),
     ({"args": {"a": {"pattern": "("}}}, "mcp.args.a.pattern"),
+    ({"tools": {"t": 5}}, "mcp.tools.t"),
+    ({"tools": {"t": {"args": []}}}, "mcp.tools.t.args"),
+    ({"tools": {"t": {"args": {"a": 5}}}}, "mcp.tools.t.args.a"),
+    ({"tools": {"t": {"args": {"a": {"maxium": 5}}}}}, "mcp.tools.t.args.a.maxium"),
+    ({"tools": {"t": {"args": {"a": {"pattern": "("}}}}}, "mcp.tools.t.args.a.pattern"),
+    ({"tools": {"t": {"args": {"a": {"enum": []}}}}}, "mcp.tools.t.args.a.enum"),
 ])
 def test_mcp_shape_errors_name_the_key(mcp: Any, where: str) -> None:
     with pytest.raises(ValueError, match=rf"^{where.replace('.', '[.]')}: "):
@@ -263,3 +269,38 @@ def test_a_rule_without_the_secret_needs_no_token_scope() -> None:
     rule = parse_rule({"id": "t", "host": "api.github.com", "methods": ["GET"],
                        "paths": ["/repos/acme/widgets/issues"]})
     assert breach(rule, [ceiling]) is None
+
+
+# -- per-tool constraints within a ceiling ------------------------------------------
+PER_TOOL_CEILING = dict(host="mcp.acme.dev", paths=["/mcp"], mcp={"tools": {
+    "search_docs": {"args": {"limit": {"maximum": 50}}},
+    "read_file": {"args": {"path": {"pattern": "^/docs/"}}}}})
+
+
+@pytest.mark.parametrize(("ceiling", "task_mcp", "why"), [
+    (PER_TOOL_CEILING, {"tools": {"search_docs": {"args": {"limit": {"maximum": 10}}}}}, None),
+    (PER_TOOL_CEILING, {"tools": ["read_file"], "args": {"path": {"pattern": "^/docs/"}}},
+     None),  # held for every tool is held for this one
+    (PER_TOOL_CEILING, {"tools": {"search_docs": {"args": {"limit": {"maximum": 99}}}}},
+     "tool 'search_docs': argument 'limit' must be held to the ceiling's maximum 50"),
+    (PER_TOOL_CEILING, {"tools": ["search_docs"]},
+     "tool 'search_docs': argument 'limit' must keep the ceiling's constraint"),
+    (PER_TOOL_CEILING, {"tools": {"read_file": {"args": {"path": {"pattern": ".*"}}}}},
+     "tool 'read_file': argument 'path' must be held to the ceiling's pattern"),
+    (PER_TOOL_CEILING, {"tools": {"delete": {}}}, "tools ['delete'] are not among"),
+    # a constraint the ceiling puts on every tool may be held per tool, for each tool
+    (dict(MCP, mcp={"tools": ["search_docs", "read_file"], "args": {"limit": {"maximum": 50}}}),
+     {"tools": {"search_docs": {"args": {"limit": {"maximum": 5}}},
+                "read_file": {"args": {"limit": {"maximum": 50}}}}}, None),
+    (dict(MCP, mcp={"tools": ["search_docs", "read_file"], "args": {"limit": {"maximum": 50}}}),
+     {"tools": {"search_docs": {"args": {"limit": {"maximum": 5}}}, "read_file": {}}},
+     "tool 'read_file': argument 'limit' must keep the ceiling's constraint"),
+])
+def test_per_tool_constraints_within_ceiling(ceiling: dict[str, Any], task_mcp: dict[str, Any],
+                                             why: str | None) -> None:
+    c = rule(**{"id": "ceil", **ceiling})
+    got = breach(rule(host="mcp.acme.dev", paths=["/mcp"], mcp=task_mcp), [c])
+    if why is None:
+        assert got is None, got
+    else:
+        assert got is not None and got.key == "mcp" and why in got.reason, got

@@ -49,6 +49,36 @@ BAD_GRANTS: list[tuple[Any, str, str]] = [
     ({"methods": ["tools/call"]}, "mcp.methods[0]", "grant tool calls with mcp.tools"),
     ({"methods": ["tools/*"]}, "mcp.methods[0]", "grant tool calls with mcp.tools"),
     ({"methods": ["Tools/Call"]}, "mcp.methods[0]", "grant tool calls with mcp.tools"),
+    # the mapping form of tools: constraints per tool
+    ({"tools": 5}, "mcp.tools", "list of tool names, or map each tool"),
+    ({"tools": {"bad!": {}}}, "mcp.tools.bad!", "is not a tool name"),
+    ({"tools": {"search": 5}}, "mcp.tools.search", "a tool maps to its constraints"),
+    ({"tools": {"search": ["limit"]}}, "mcp.tools.search", "a tool maps to its constraints"),
+    ({"tools": {"search": {"arg": {}}}}, "mcp.tools.search.arg", "unknown key; a tool has args"),
+    ({"tools": {"search": {"args": ["limit"]}}}, "mcp.tools.search.args",
+     "map argument names"),
+    ({"tools": {"search": {"args": {"limit": 50}}}}, "mcp.tools.search.args.limit",
+     "a constraint is a mapping"),
+    ({"tools": {"search": {"args": {"limit": {"max": 5}}}}},
+     "mcp.tools.search.args.limit.max", "unknown constraint"),
+    ({"tools": {"search": {"args": {"limit": {"maximum": "50"}}}}},
+     "mcp.tools.search.args.limit.maximum", "is not a number"),
+    ({"tools": {"read": {"args": {"path": {"pattern": "("}}}}},
+     "mcp.tools.read.args.path.pattern", "not a valid regular expression"),
+    ({"tools": {"read": {"args": {"path": {"minimum": 2, "maximum": 1}}}}},
+     "mcp.tools.read.args.path", "minimum 2 is above maximum 1"),
+    ({"tools": {"read": {"args": {"a": {"maximum": 1}, "A": {"maximum": 2}}}}},
+     "mcp.tools.read.args", "differ only by case"),
+    ({"args": {"path": {"maxLength": 9}}, "tools": {"read": {"args": {"Path": {"maxLength": 3}}}}},
+     "mcp.tools.read.args", "differs only by case or Unicode folding from 'path'"),
+    # explicit tool pins
+    ({"tools": ["a"], "pin": ["a"]}, "mcp.pin", "pin must map tool names to digests"),
+    ({"tools": ["a"], "pin": {"b": "sha256:" + "0" * 64}}, "mcp.pin.b",
+     "not among the rule's tools"),
+    ({"tools": ["a"], "pin": {"a": "0" * 64}}, "mcp.pin.a", "'sha256:' and 64 lower-case hex"),
+    ({"tools": ["a"], "pin": {"a": "sha256:" + "A" * 64}}, "mcp.pin.a", "64 lower-case hex"),
+    ({"tools": ["a"], "pin": {"a": "sha256:" + "0" * 63}}, "mcp.pin.a", "64 lower-case hex"),
+    ({"tools": ["a"], "pin": {"a": None}}, "mcp.pin.a", "64 lower-case hex"),
 ]
 
 
@@ -388,3 +418,69 @@ def test_config_with_unsupported_pattern_is_a_config_error() -> None:
         parse_config(YAML(typ="rt", pure=True).load(text), "t.yaml")
     assert 'workloads["w"].standing[0].mcp.args.q.pattern' in str(e.value)
     assert "RE2" in str(e.value)
+
+
+# -- constraints per tool (the mapping form of tools) --------------------------------
+PER_TOOL = {"search_docs": {"args": {"limit": {"maximum": 50}}},
+            "read_file": {"args": {"path": {"pattern": "/docs/[a-z/]+"}}},
+            "list_docs": None, "get_page": {}}
+PER_TOOL_GRANT = McpGrant.parse({"tools": PER_TOOL, "args": {"q": {"maxLength": 5}}})
+
+PER_TOOL_CALLS: list[tuple[str, dict[str, Any], str | None]] = [
+    ("search_docs", {"limit": 50, "q": "x"}, None),
+    ("search_docs", {"limit": 51, "q": "x"}, "argument 'limit' is above the maximum 50"),
+    ("search_docs", {"q": "x"}, "argument 'limit' is required by the grant and missing"),
+    ("search_docs", {"limit": 1}, "argument 'q' is required by the grant and missing"),
+    ("search_docs", {"limit": 1, "q": "x", "Limit": 99}, "differs only by case"),
+    ("read_file", {"path": "/docs/a/b", "q": ""}, None),
+    ("read_file", {"path": "/etc/passwd", "q": ""}, "'path' does not match the allowed pattern"),
+    ("read_file", {"q": ""}, "argument 'path' is required by the grant and missing"),
+    ("read_file", {"path": "/docs/a", "q": "", "limit": 999}, None),  # limit: search only
+    ("list_docs", {"q": ""}, None),
+    ("get_page", {"q": "", "path": "/etc/passwd"}, None),
+    ("get_page", {}, "argument 'q' is required by the grant and missing"),
+    ("delete_docs", {"q": ""}, "tool 'delete_docs' is not granted"),
+]
+
+
+@pytest.mark.parametrize(("tool", "arguments", "why"), PER_TOOL_CALLS)
+def test_tool_call_per_tool(tool: str, arguments: dict[str, Any], why: str | None) -> None:
+    got = PER_TOOL_GRANT.why_not_tool(tool, arguments)
+    if why is None:
+        assert got is None
+    else:
+        assert got is not None and why in got
+
+
+def test_per_tool_grant_round_trips() -> None:
+    rule = parse_rule({"id": "r", "host": "mcp.test", "mcp": {"tools": PER_TOOL}})
+    plain = rule.to_dict()
+    assert plain["mcp"]["tools"] == {"get_page": {}, "list_docs": {},
+                                     "read_file": PER_TOOL["read_file"],
+                                     "search_docs": PER_TOOL["search_docs"]}
+    assert parse_rule(plain) == rule
+    assert rule.mcp is not None and rule.mcp.tools == frozenset(PER_TOOL)
+    # without any per-tool constraint, the list form comes back
+    listed = parse_rule({"id": "r", "host": "mcp.test", "mcp": {"tools": {"a": None}}})
+    assert listed.to_dict()["mcp"]["tools"] == ["a"]
+
+
+def test_config_error_names_the_tool_argument() -> None:
+    from ruamel.yaml import YAML
+
+    text = ("workloads:\n  w:\n    standing:\n      - id: r\n        host: mcp.test\n"
+            "        mcp:\n          tools:\n            read_file:\n"
+            "              args: {path: {pattern: '('}}\n")
+    with pytest.raises(ConfigError) as e:
+        parse_config(YAML(typ="rt", pure=True).load(text), "t.yaml")
+    assert str(e.value).startswith(
+        't.yaml:6: workloads["w"].standing[0].mcp.tools.read_file.args.path.pattern: '
+        "'(' is not a valid regular expression")
+
+
+def test_pin_round_trips() -> None:
+    pin = "sha256:" + "ab" * 32
+    rule = parse_rule({"id": "r", "host": "mcp.test", "mcp": {"tools": ["a"], "pin": {"a": pin}}})
+    assert rule.mcp is not None and rule.mcp.pins == {"a": pin}
+    assert rule.to_dict()["mcp"]["pin"] == {"a": pin}
+    assert parse_rule(rule.to_dict()) == rule

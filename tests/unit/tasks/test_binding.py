@@ -4,6 +4,7 @@ and the binding surviving a restart (the store's terms column)."""
 
 from __future__ import annotations
 
+import ipaddress
 import time
 from pathlib import Path
 from typing import Any
@@ -17,17 +18,22 @@ from proxy.identity import Caller, Identity, TaskKeys
 from proxy.policy import parse_rules
 from proxy.store import TaskStore
 from proxy.tasks import TaskRegistry, parse_task_request
+from tests.support import FakeClock
 from tests.unit.tasks.test_grants import CEILING, WL, caller_of, request
 
 STRICT = "spiffe://acme.test/agent/strict"
+ELSEWHERE = "spiffe://acme.test/agent/elsewhere"  # claims 10.88.0.0/24 in transparent mode
 
 
-async def _registry(home: Path) -> TaskRegistry:
+async def _registry(home: Path, clock: FakeClock | None = None) -> TaskRegistry:
     config = Config(home=str(home), workloads={
         WL: WorkloadConfig(ceiling=parse_rules(CEILING)),
-        STRICT: WorkloadConfig(ceiling=parse_rules(CEILING), require_binding=True)})
+        STRICT: WorkloadConfig(ceiling=parse_rules(CEILING), require_binding=True),
+        ELSEWHERE: WorkloadConfig(sources=(ipaddress.ip_network("10.88.0.0/24"),
+                                           ipaddress.ip_network("fd88::/64")))})
     keys = TaskKeys.load_or_create(str(home / "task-keys.json"))
-    reg = TaskRegistry(config, Identity([]), TaskStore(str(home / "tasks.db")), keys)
+    reg = TaskRegistry(config, Identity([]), TaskStore(str(home / "tasks.db")), keys,
+                       clock=clock or time.time)
     await reg.load()
     return reg
 
@@ -103,6 +109,38 @@ async def test_bound_to_lookup_and_restart(tmp_path: Path) -> None:
     assert {t.id for t in again.bound_to("10.77.0.5", WL)} == {here.id, wide.id}
     assert again.tasks[here.id].bind == here.bind
     await again.close()
+
+
+async def test_bound_to_leaves_out_expired_tasks(tmp_path: Path) -> None:
+    clock = FakeClock()
+    reg = await _registry(tmp_path, clock)
+    task, _ = await reg.create(parse_task_request(request(
+        bind={"client_cidrs": ["10.77.0.5/32"]})))
+    assert [t.id for t in reg.bound_to("10.77.0.5", WL)] == [task.id]
+    clock.advance(task.expires_at - clock.now)  # expired, not yet swept
+    assert reg.bound_to("10.77.0.5", WL) == []
+    clock.advance(reg.retention + 1)
+    await reg.sweep()  # purged: out of the bound index too
+    assert task.id not in reg.tasks and not any(reg._bound.values())
+    await reg.close()
+
+
+@pytest.mark.parametrize(("cidrs", "field"), [
+    (["10.77.0.5/32", "10.88.0.7/32"], "bind.client_cidrs[1]"),
+    (["10.0.0.0/8"], "bind.client_cidrs[0]"),       # wider than another's sources
+    (["fd88::1/128"], "bind.client_cidrs[0]"),
+])
+async def test_bind_on_another_workloads_sources_is_refused(
+        tmp_path: Path, cidrs: list[str], field: str) -> None:
+    reg = await _registry(tmp_path)
+    with pytest.raises(InvalidField) as e:
+        await reg.create(parse_task_request(request(bind={"client_cidrs": cidrs})))
+    assert (e.value.status, e.value.field) == (422, field)
+    assert f"source address of workload {ELSEWHERE!r}" in e.value.reason
+    # Addresses no other workload claims are fine.
+    await reg.create(parse_task_request(request(
+        bind={"client_cidrs": ["10.77.0.5/32", "127.0.0.2/32", "10.89.0.0/16"]})))
+    await reg.close()
 
 
 def test_stored_terms_read_back() -> None:

@@ -26,6 +26,8 @@ RULES: list[dict[str, Any]] = [
     {"id": "mcp", "host": "mcp.test", "paths": ["/mcp"], "secret": "k",
      "mcp": {"tools": ["search", "add"], "methods": ["resources/*"],
              "args": {"limit": {"maximum": 50}, "q": {"pattern": "[a-z]+", "maxLength": 9}}}},
+    {"id": "mcp-per-tool", "host": "mcp.test", "paths": ["/mcp"],
+     "mcp": {"tools": {"search": {"args": {"limit": {"maximum": 50}}}, "add": None}}},
 ]
 
 
@@ -78,9 +80,16 @@ def _rule(**change: Any) -> dict[str, Any]:
     (_rule(websocket="true"), 422, "invalid_request", "rules[1].websocket", "use true"),
     (_rule(websocket=True, mcp={"tools": ["t"]}, approval="required"), 422,
      "invalid_request", "rules[1].websocket", "cannot be held for approval"),
+    (_rule(mcp={"tools": {"search": {"args": {"limit": {"maximum": "x"}}}}}), 422,
+     "invalid_request", "rules[1].mcp.tools.search.args.limit.maximum", "must be a number"),
+    (_rule(mcp={"tools": {"search": {"args": {"q": {"pattern": "("}}}}}), 422,
+     "invalid_request", "rules[1].mcp.tools.search.args.q.pattern",
+     "not a valid regular expression"),
+    (_rule(mcp={"tools": {"search": {"argz": {}}}}), 422, "invalid_request",
+     "rules[1].mcp.tools.search.argz", "unknown key; a tool has args"),
 ], ids=["json", "object", "size", "unknown", "ttl", "rules", "glob", "globs", "host-long",
         "host", "duplicate", "mcp-shape", "mcp-pattern", "permission", "websocket",
-        "websocket-approval"])
+        "websocket-approval", "tool-arg-number", "tool-arg-pattern", "tool-key"])
 def test_request_errors_name_the_field(body: Any, status: int, error: str, field: str | None,
                                        reason: str) -> None:
     raw = body if isinstance(body, bytes) else orjson.dumps(body)
