@@ -25,6 +25,8 @@ from proxy.gateway import (
     Exchange,
     Gateway,
     Services,
+    grpc_refusal,
+    is_grpc,
     new_request_id,
     refusal_body,
 )
@@ -82,6 +84,13 @@ def refuse(flow: http.HTTPFlow, status: int, error: str, reason: str,
         with contextlib.suppress(ValueError):
             ex.host = canonical_host(ex.host)
     flow.request.stream = False
+    content_type = flow.request.headers.get("content-type")
+    if is_grpc(content_type):  # a gRPC client reads grpc-status, not HTTP's status
+        flow.response = http.Response.make(200, b"", {
+            "Content-Type": content_type or "application/grpc",
+            REQUEST_ID_HEADER: ex.request_id, **grpc_refusal(status, reason, ex.request_id),
+            **(headers or {})})
+        return
     flow.response = http.Response.make(
         status,
         refusal_body(error, reason, ex.request_id),
@@ -103,11 +112,14 @@ def tool_error(flow: http.HTTPFlow, decision: McpDecision, verdict: str = "deny"
         {"Content-Type": "application/json", REQUEST_ID_HEADER: ex.request_id})
 
 
-def refuse_for(flow: http.HTTPFlow, exc: BaseException) -> None:
-    """Refuse with the status the core's exception tree maps ``exc`` to."""
+def refuse_for(flow: http.HTTPFlow, exc: BaseException, *, challenge: bool = False) -> None:
+    """Refuse with the status the core's exception tree maps ``exc`` to. A 407 to a
+    call that showed no credential at all (``challenge``) is recorded as
+    ``challenge``, not ``deny``: git and libcurl clients probe without one first."""
     status, error, reason = status_for(exc)
     headers = {"Proxy-Authenticate": 'Basic realm="taskgate"'} if status == 407 else None
-    refuse(flow, status, error, reason, headers)
+    refuse(flow, status, error, reason, headers,
+           decision="challenge" if challenge and status == 407 else "deny")
 
 
 def guarded(hook: Hook) -> Hook:

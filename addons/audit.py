@@ -9,6 +9,7 @@ from mitmproxy import connection, http, tls
 from mitmproxy.proxy import server_hooks
 
 from addons._base import GatewayAddon, exchange, refuse, streams_response
+from addons.authorize import tunnel_of
 from proxy.errors import Unavailable
 from proxy.gateway import REQUEST_ID_HEADER, Exchange, Services
 from proxy.secrets import SecretBroker
@@ -69,6 +70,8 @@ def _scrubbed(broker: SecretBroker, msg: str) -> str:
 
 
 AUDIT_DOWN = "the audit log cannot be written; the call was refused before it was sent"
+UNTRUSTED = ("the agent's TLS handshake with the gateway failed; does it trust taskgate's "
+             "CA (`taskgate ca`)?")
 
 
 class Audit(GatewayAddon):
@@ -188,6 +191,25 @@ class Audit(GatewayAddon):
             await self.gateway.audit_exchange(ex)
         except Unavailable:
             log.error("audit write failed for errored call %s", ex.request_id)
+
+    async def tls_failed_client(self, data: tls.TlsData) -> None:
+        """The agent's TLS handshake inside an allowed tunnel failed (most often: it does
+        not trust taskgate's CA). No call will name the CONNECT, so its request id, the
+        one on ``200 Connection established``, gets a record saying why."""
+        client = data.context.client
+        tunnel = tunnel_of(client) if self.started else None
+        if tunnel is None or tunnel.connect_id is None:
+            return
+        ex = Exchange(request_id=tunnel.connect_id,
+                      client=client.peername[0] if client.peername else None,
+                      caller=tunnel.caller, method="CONNECT", host=tunnel.host,
+                      port=tunnel.port)
+        why = _scrubbed(self.services.secrets, data.conn.error or "")
+        ex.deny(f"{UNTRUSTED} ({why})" if why else UNTRUSTED, "error")
+        try:
+            await self.gateway.audit_exchange(ex)
+        except Unavailable:
+            log.error("audit write failed for the failed tunnel %s", ex.request_id)
 
     def server_connect_error(self, data: server_hooks.ServerConnectionHookData) -> None:
         self._upstream_failed(data.client, data.server)

@@ -93,7 +93,7 @@ class Authorize(GatewayAddon):
             refuse(flow, 403, "forbidden", decision.reason)
             return  # report mode: the tunnel opens; each call in it is judged (would_deny)
         self._tunnels[flow.client_conn] = Tunnel(
-            ex.caller, canonical_host(flow.request.host), flow.request.port)
+            ex.caller, canonical_host(flow.request.host), flow.request.port, ex.request_id)
 
     def response(self, flow: http.HTTPFlow) -> None:
         """A switch of protocols goes through only if the WebSocket addon took the socket

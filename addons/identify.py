@@ -30,13 +30,14 @@ class Identify(GatewayAddon):
             return
         ex = exchange(flow)
         ex.method = "CONNECT"
+        shown = "Proxy-Authorization" in flow.request.headers  # else a 407 is a challenge
         try:
             # Identify, then check the grant: a refused caller is still named in the record.
             ex.caller = await self.gateway.identity.identify(_credential(flow))
             self.gateway.check_client(ex.caller, ex.client)
             self.gateway.policy.check(ex.caller)
         except TaskgateError as e:
-            refuse_for(flow, e)
+            refuse_for(flow, e, challenge=not shown and ex.caller is None)
 
     @guarded
     async def requestheaders(self, flow: http.HTTPFlow) -> None:
@@ -44,7 +45,8 @@ class Identify(GatewayAddon):
             return
         ex = exchange(flow)
         self.gateway.begin(ex)
-        tunnel = tunnel_of(flow.client_conn)
+        tunnel = ex.tunnel = tunnel_of(flow.client_conn)  # its record names the CONNECT
+        shown = "Proxy-Authorization" in flow.request.headers  # else a 407 is a challenge
         try:
             credential = _credential(flow)
             if transparent(flow.client_conn):
@@ -61,7 +63,7 @@ class Identify(GatewayAddon):
                 self.gateway.check_client(ex.caller, ex.client)
                 self.gateway.policy.check(ex.caller)
         except TaskgateError as e:
-            refuse_for(flow, e)
+            refuse_for(flow, e, challenge=not shown and ex.caller is None)
 
 
 addons = [Identify()]

@@ -182,6 +182,7 @@ class Inject(GatewayAddon):
         resp.reason = redactor.redact(resp.data.reason).decode("latin-1")
         if resp.stream:
             if callable(resp.stream):
+                _unframed(flow)
                 resp.stream = _after(resp.stream, redactor.stream())
             return
         if not streams_response(flow, self.gateway.config.stream_threshold_bytes):
@@ -195,16 +196,12 @@ class Inject(GatewayAddon):
                                     "scanned for secret echoes; the call was cut", "error")
                 flow.kill()
             return  # not carrying a secret: passed on as it came
+        _unframed(flow)
         if not steps:
             resp.stream = redactor.stream()
             return
-        # Decoded as it streams, so the agent gets it decoded: no length, no codings.
-        for name in ("content-encoding", "content-length"):
-            resp.headers.pop(name, None)
-        if resp.http_version.startswith("HTTP/1"):
-            resp.headers["transfer-encoding"] = "chunked"
-        else:
-            resp.headers.pop("transfer-encoding", None)
+        # Decoded as it streams, so the agent gets it decoded: no codings either.
+        resp.headers.pop("content-encoding", None)
         resp.stream = _decoding(StreamDecoder(steps), redactor.stream(), ex)
 
     @guarded
@@ -252,6 +249,22 @@ class Inject(GatewayAddon):
             resp.headers["content-length"] = str(len(out))
 
 
+def _unframed(flow: http.HTTPFlow) -> None:
+    """A scanned stream has no length: a masked echo is shorter or longer than the
+    value (the fixed marker), so the body goes out chunked (HTTP/1) or framed by
+    HTTP/2's own frames."""
+    resp = flow.response
+    assert resp is not None
+    if flow.request.method == "HEAD" or resp.status_code < 200 or resp.status_code in (204,
+                                                                                       304):
+        return  # no body (a 101 hands the connection over): framing stays as it came
+    resp.headers.pop("content-length", None)
+    if resp.http_version.startswith("HTTP/1"):
+        resp.headers["transfer-encoding"] = "chunked"
+    else:
+        resp.headers.pop("transfer-encoding", None)
+
+
 def _scan(raw: bytes, steps: list[str], redactor: Redactor) -> bytes | None:
     """The decoded body, redacted, if it held an echo; else None (sent as it came)."""
     content = decode(raw, steps)
@@ -284,10 +297,18 @@ def _decoding(decoder: StreamDecoder, redact: Callable[[bytes], list[bytes]],
 
 
 def _redact_headers(headers: http.Headers, redactor: Redactor) -> None:
+    """Mask echoes in names and values; a masked name is lower-cased (HTTP/2 allows
+    no upper case in a name, HTTP/1 does not care; the marker is upper case)."""
     fields = headers.fields
-    redacted = tuple((redactor.redact(name), redactor.redact(value)) for name, value in fields)
+    redacted = tuple((_masked_name(redactor, name), redactor.redact(value))
+                     for name, value in fields)
     if redacted != fields:
         headers.fields = redacted
+
+
+def _masked_name(redactor: Redactor, name: bytes) -> bytes:
+    masked = redactor.redact(name)
+    return name if masked == name else masked.lower()
 
 
 addons = [Inject()]

@@ -44,6 +44,7 @@ from proxy.audit import Replica
 from proxy.config import Config
 from proxy.control import ControlSite, ControlState, make_app, make_worker_app
 from proxy.gateway import RELOAD_SIGNAL, Services, build, reload, stop_signals
+from proxy.identity import ENV_VAR as ADMIN_TOKEN_VAR
 from proxy.identity import admin_token
 
 __all__ = ["Worker", "banner", "ensure_ca", "mitm_options", "run", "serve", "settle_heap",
@@ -261,9 +262,16 @@ def banner(config: Config, ca_cert: str, proxy_port: int, control_port: int,
                else "")
             + (f"  workers:       {workers}\n" if workers > 1 else "") +
             f"  CA cert:       {os.path.abspath(ca_cert)}\n"
-            f"  admin token:   {os.path.abspath(config.admin_token_file)}\n"
+            f"  admin token:   {_token_source(config)}\n"
             f"  audit log:     {os.path.abspath(audit_log)}\n"
             f"  config:        {config.source}")
+
+
+def _token_source(config: Config) -> str:
+    """Where the admin token comes from: with TASKGATE_ADMIN_TOKEN set no file is made."""
+    if os.environ.get(ADMIN_TOKEN_VAR):
+        return f"from ${ADMIN_TOKEN_VAR}"
+    return os.path.abspath(config.admin_token_file)
 
 
 async def _serve(services: Services, ca_cert: str, handled: list[int],

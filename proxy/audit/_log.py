@@ -84,12 +84,14 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 FIELDS = (
-    "ts", "seq", "replica", "request_id", "workload", "task", "owner", "client", "method",
+    "ts", "seq", "replica", "request_id", "connect_id", "workload", "task", "owner", "client",
+    "method",
     "scheme", "host", "port", "upstream_ip", "path", "tool", "decision", "rule", "reason",
     "secret", "approval", "status", "bytes_in", "bytes_out", "websocket", "duration_ms", "prev",
     "hash",
 )
-DECISIONS = ("allow", "deny", "error", "approved", "rejected", "held", "would_deny")
+DECISIONS = ("allow", "deny", "error", "approved", "rejected", "held", "would_deny",
+             "challenge")
 GENESIS = "0" * 64
 HEAD_LAG_SECONDS = 0.1  # how far the chain head (file and anchor) may trail the log
 REDACTED = "REDACTED"

@@ -28,10 +28,13 @@ __all__ = ["APPROVALS"]
 
 
 def _setup(p: argparse.ArgumentParser) -> None:
-    sub = p.add_subparsers(dest="action", required=True, metavar="ACTION")
-    ls = sub.add_parser("list", help="calls waiting for approval, oldest first")
+    sub = p.add_subparsers(dest="action", required=True, metavar="ACTION",
+                           help="what to do with held calls")
+    text = "calls waiting for approval, oldest first"
+    ls = sub.add_parser("list", help=text, description=text)
     ls.add_argument("--json", action="store_true", help="print the control plane's JSON")
-    sh = sub.add_parser("show", help="one held call in full: URL, headers, body, tools")
+    text = "one held call in full: URL, headers, body, tools"
+    sh = sub.add_parser("show", help=text, description=text)
     sh.add_argument("id", help="the approval id (from `taskgate approvals list`)")
     sh.add_argument("--json", action="store_true", help="print the control plane's JSON")
     for verb, help_text in (("approve", "let one held call go to its upstream"),

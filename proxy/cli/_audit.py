@@ -94,7 +94,7 @@ def _logs_setup(p: argparse.ArgumentParser) -> None:
     p.add_argument("--task", help="only this task id")
     p.add_argument("--workload", help="only this workload id")
     p.add_argument("--decision", help="allow, deny, error, approved, rejected, held, "
-                                      "would_deny (comma-separated for several)")
+                                      "would_deny, challenge (comma-separated for several)")
     p.add_argument("--host", help="only calls to this host")
     p.add_argument("--tool", help="only MCP/JSON-RPC calls of this tool")
     p.add_argument("--since", help="from this time on: RFC 3339, or an age like 15m, 2h, 7d")
@@ -168,7 +168,8 @@ def _follow_all(logs: list[str], flt: AuditFilter) -> Iterator[dict[str, Any]]:
 
 
 def _verify_setup(parent: argparse.ArgumentParser) -> None:
-    sub = parent.add_subparsers(dest="action", required=True, metavar="ACTION")
+    sub = parent.add_subparsers(dest="action", required=True, metavar="ACTION",
+                                help="the audit log tool to run")
     p = sub.add_parser("verify", help="check the hash chain, across rotated files",
                        description="Check the audit log's hash chain. Exit 0 when intact, "
                                    "1 naming the first damage, 2 on a usage error.")

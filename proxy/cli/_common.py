@@ -31,6 +31,7 @@ class Command:
     help: str
     handler: Handler
     setup: Setup = _no_arguments
+    config_option: bool = True  # ``-c FILE``; check-config names its files as arguments
 
 
 def config_of(args: argparse.Namespace) -> Config:

@@ -20,6 +20,7 @@ from ruamel.yaml.error import YAMLError
 
 from proxy.cli._client import ControlClient, ControlError, segment
 from proxy.cli._common import Command, config_of
+from proxy.cli._setup import export_block, proxy_env
 from proxy.safe_text import safe, safe_json
 
 __all__ = ["TASK", "parse_ttl"]
@@ -79,8 +80,9 @@ def _create(ctl: ControlClient, args: argparse.Namespace) -> int:
     if args.bind:
         body["bind"] = {"client_cidrs": args.bind}
     task = ctl.call("POST", "/v1/tasks", body)
-    if args.json:
-        print(safe_json(task))
+    env = proxy_env(str(task["proxy_url"]))
+    if args.json:  # for orchestrators: the task, and the environment to start the agent in
+        print(safe_json({**task, "env": env}))
         return 0
     budget = f"{task['max_calls']} calls" if task.get("max_calls") else "no call budget"
     lines = [f"task      {safe(task['task_id'])}",
@@ -91,8 +93,11 @@ def _create(ctl: ControlClient, args: argparse.Namespace) -> int:
         lines.append("mode      report (refusals recorded would_deny, not enforced)")
     if task.get("bind"):
         lines.append(f"bound to  {safe(', '.join(task['bind']['client_cidrs']))}")
-    lines += ["", f"export HTTP_PROXY={safe(task['proxy_url'])}",
-              f"export HTTPS_PROXY={safe(task['proxy_url'])}"]
+    lines += ["",
+              "# The agent's environment: both spellings (curl reads only http_proxy for",
+              "# http:// URLs, grpcio only https_proxy), NO_PROXY empty (nothing goes around).",
+              "# Trust: `taskgate ca`. Node 20's fetch reads none of these: docs/clients.md.",
+              export_block({name: safe(value) for name, value in env.items()})]
     print("\n".join(lines))
     return 0
 
@@ -186,7 +191,8 @@ _ACTIONS = {"create": _create, "list": _list, "show": _show, "revoke": _revoke,
 
 
 def _setup(p: argparse.ArgumentParser) -> None:
-    sub = p.add_subparsers(dest="task_command", required=True, metavar="ACTION")
+    sub = p.add_subparsers(dest="task_command", required=True, metavar="ACTION",
+                           help="what to do with task grants")
 
     def action(name: str, help: str) -> argparse.ArgumentParser:
         sp = sub.add_parser(name, help=help, description=help)
@@ -195,13 +201,15 @@ def _setup(p: argparse.ArgumentParser) -> None:
         sp.add_argument("--json", action="store_true", help="print JSON")
         return sp
 
-    c = action("create", "create a task grant and print its HTTP_PROXY line")
+    c = action("create", "create a task grant and print the agent's proxy environment")
     c.add_argument("--workload", help="workload id (or --workload-token-file)")
     c.add_argument("--workload-token-file", metavar="FILE",
                    help="a workload JWT from a trusted issuer, attesting the workload")
     c.add_argument("--ttl", type=parse_ttl, default=900, help="lifetime: 900, 15m, 1h (15m)")
     c.add_argument("--max-calls", dest="max_calls", type=int, help="call budget")
-    c.add_argument("--rules", required=True, metavar="FILE", help="YAML list of rules")
+    c.add_argument("--rules", required=True, metavar="FILE",
+                   help="YAML list of rules, as in the config's `standing` (README: "
+                        "Tasks from the shell)")
     c.add_argument("--owner", help="who answers for this task (default: workload owner)")
     c.add_argument("--purpose", help="why the task exists, for the audit trail")
     c.add_argument("--mode", choices=("enforce", "report"),
@@ -210,9 +218,10 @@ def _setup(p: argparse.ArgumentParser) -> None:
     c.add_argument("--bind", action="append", metavar="CIDR",
                    help="client network the token is good from (repeat for more)")
     ls = action("list", "list tasks, newest first")
-    ls.add_argument("--workload")
-    ls.add_argument("--status", choices=("active", "spent", "expired", "revoked"))
-    ls.add_argument("--limit", type=int)
+    ls.add_argument("--workload", help="only this workload's tasks")
+    ls.add_argument("--status", choices=("active", "spent", "expired", "revoked"),
+                    help="only tasks in this state")
+    ls.add_argument("--limit", type=int, help="at most this many tasks")
     for name, text in (("show", "show one task"), ("revoke", "revoke a task now")):
         action(name, text).add_argument("id", help="task id")
     action("rotate-key", "sign new task tokens with a new key")

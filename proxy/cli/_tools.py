@@ -21,8 +21,10 @@ __all__ = ["TOOLS"]
 
 
 def _setup(p: argparse.ArgumentParser) -> None:
-    sub = p.add_subparsers(dest="action", required=True, metavar="ACTION")
-    ls = sub.add_parser("changes", help="tools whose definition changed, waiting for an admin")
+    sub = p.add_subparsers(dest="action", required=True, metavar="ACTION",
+                           help="what to do with pinned tool definitions")
+    text = "tools whose definition changed, waiting for an admin"
+    ls = sub.add_parser("changes", help=text, description=text)
     ls.add_argument("--json", action="store_true", help="print the control plane's JSON")
     a = sub.add_parser("accept", help="accept a changed tool definition as the new pin",
                        description="accept a changed tool definition as the new pin")

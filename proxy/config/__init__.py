@@ -3,9 +3,10 @@
 
 from __future__ import annotations
 
-from proxy.config._model import Config, Network, WorkloadConfig, load_config
+from proxy.config._model import DEFAULT_FILE, Config, Network, WorkloadConfig, load_config
 
 __all__ = [
+    "DEFAULT_FILE",
     "Config",
     "Network",
     "WorkloadConfig",

@@ -6,7 +6,16 @@ the hot reload of its config.
 from __future__ import annotations
 
 from proxy.gateway._build import Services, build
-from proxy.gateway._core import REQUEST_ID_HEADER, Gateway, new_request_id, refusal_body
+from proxy.gateway._core import (
+    GRPC_STATUS,
+    REQUEST_ID_HEADER,
+    Gateway,
+    grpc_refusal,
+    is_grpc,
+    new_request_id,
+    refusal_body,
+    refusal_message,
+)
 from proxy.gateway._egress import EgressGuard, OwnAddresses, Resolver, local_addresses
 from proxy.gateway._exchange import ApprovedAs, Exchange, SocketTotals, Tunnel
 from proxy.gateway._framing import h1_request_framing, trailer_fields
@@ -45,6 +54,7 @@ __all__ = [
     "Exchange",
     "FailureThrottle",
     "FrameVerdict",
+    "GRPC_STATUS",
     "Gateway",
     "METRICS_CONTENT_TYPE",
     "OpenSockets",
@@ -70,7 +80,9 @@ __all__ = [
     "destination_name",
     "frame_exchange",
     "granted_tools",
+    "grpc_refusal",
     "h1_request_framing",
+    "is_grpc",
     "judge_frame",
     "local_addresses",
     "looks_like_http",
@@ -79,6 +91,7 @@ __all__ = [
     "original_destination_reason",
     "pin_subject",
     "refusal_body",
+    "refusal_message",
     "reload",
     "stop_signals",
     "trailer_fields",

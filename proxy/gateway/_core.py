@@ -34,7 +34,16 @@ from proxy.policy import (
 )
 from proxy.tasks import Policy
 
-__all__ = ["REQUEST_ID_HEADER", "Gateway", "new_request_id", "refusal_body"]
+__all__ = [
+    "GRPC_STATUS",
+    "REQUEST_ID_HEADER",
+    "Gateway",
+    "grpc_refusal",
+    "is_grpc",
+    "new_request_id",
+    "refusal_body",
+    "refusal_message",
+]
 
 log = logging.getLogger(__name__)
 
@@ -45,9 +54,52 @@ def new_request_id() -> str:
     return uuid.uuid4().hex
 
 
+REFUSAL_TYPE = "taskgate_refusal"
+
+
+def refusal_message(reason: str, request_id: str) -> str:
+    """The one sentence a client shows for a refusal: the reason and the request id,
+    so an agent (or its LLM) can adapt and a person can find the audit record."""
+    return f"taskgate: {reason} (request id {request_id})"
+
+
 def refusal_body(error: str, reason: str, request_id: str, **extra: Any) -> bytes:
-    """The JSON body of every refusal: machine-readable, and readable by an LLM."""
-    return orjson.dumps({"error": error, "reason": reason, "request_id": request_id, **extra})
+    """The JSON body of every data-plane refusal: machine-readable, and readable by an LLM.
+
+    ``error`` is an object in the shape the LLM SDKs read (OpenAI's and Anthropic's
+    ``{"error": {"type", "code", "message"}}``): the openai SDK puts only
+    ``error.message`` into its exception's text, so the message carries the reason and
+    the request id. ``reason`` and ``request_id`` stay at the top level too.
+    """
+    return orjson.dumps({
+        "error": {"type": REFUSAL_TYPE, "code": error,
+                  "message": refusal_message(reason, request_id), "request_id": request_id},
+        "reason": reason, "request_id": request_id, **extra})
+
+
+# A refusal's HTTP status as a gRPC status code (grpc/doc/statuscodes.md): what a
+# gRPC client raises when its call is refused.
+GRPC_STATUS = {400: 3, 403: 7, 407: 16, 408: 4, 411: 3, 413: 8, 429: 8, 431: 8,
+               502: 14, 503: 14}
+_GRPC_INTERNAL = 13
+
+
+def is_grpc(content_type: str | None) -> bool:
+    """A gRPC call (``application/grpc``, ``+proto``, ``-web``…): it is refused the
+    gRPC way, since its client reads the status from ``grpc-status``, not HTTP's."""
+    return (content_type or "").strip().lower().startswith("application/grpc")
+
+
+def grpc_refusal(status: int, reason: str, request_id: str) -> dict[str, str]:
+    """The headers of a refused gRPC call, answered "Trailers-Only" (HTTP 200, no
+    body): ``grpc-status`` for ``status`` and ``grpc-message`` with the reason and
+    the request id, percent-encoded as the gRPC spec asks (bytes outside printable
+    ASCII, and ``%``)."""
+    message = refusal_message(reason, request_id).encode()
+    encoded = "".join(chr(b) if 0x20 <= b <= 0x7E and b != 0x25 else f"%{b:02X}"
+                      for b in message)
+    return {"grpc-status": str(GRPC_STATUS.get(status, _GRPC_INTERNAL)),
+            "grpc-message": encoded}
 
 
 class Gateway:

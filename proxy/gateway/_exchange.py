@@ -29,6 +29,9 @@ class Tunnel:
     caller: Caller
     host: str
     port: int
+    connect_id: str | None = None
+    """The CONNECT's request id (on its ``200 Connection established``): every call
+    through the tunnel names it in its record, so what ``curl -v`` shows is found."""
 
 
 @dataclass(slots=True)
@@ -156,6 +159,7 @@ class Exchange:
         caller = self.caller
         return new_record(
             ts=rfc3339(self.ts), request_id=self.request_id,
+            connect_id=self.tunnel.connect_id if self.tunnel else None,
             workload=caller.workload if caller else None,
             task=caller.task if caller else None, owner=caller.owner if caller else None,
             client=self.client, method=self.method, scheme=self.scheme, host=self.host,

@@ -117,6 +117,7 @@ class _Window:
     start: float  # monotonic
     count: int = 0
     unlogged: int = 0
+    unlogged_denies: int = 0  # of those, refusals of a credential (not challenges)
     first_unlogged: float = 0.0  # wall clock
     timer: asyncio.TimerHandle | None = None
 
@@ -155,6 +156,7 @@ class AuthFailures:
             win.timer = asyncio.get_running_loop().call_later(
                 max(0.0, win.start + self.window - now), self._summarize, client)
         win.unlogged += 1
+        win.unlogged_denies += record.get("decision") != "challenge"
         return True
 
     async def flush(self) -> None:
@@ -186,7 +188,8 @@ class AuthFailures:
             return
         record = new_record(
             ts=rfc3339(time.time()), request_id=uuid.uuid4().hex, client=client,
-            decision="deny", status=407,
+            # Only challenges (no credential shown): not a denial (docs/spec.md).
+            decision="deny" if win.unlogged_denies else "challenge", status=407,
             reason=(f"{win.unlogged} more calls refused for a missing or invalid proxy "
                     f"credential from this client since {rfc3339(win.first_unlogged)}; "
                     f"past {self.limit} a minute they are counted here, not written "

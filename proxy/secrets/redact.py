@@ -2,8 +2,9 @@
 
 An upstream may echo what it received (a debug endpoint, an error page that
 quotes the request, a ``Location`` with the token in it). Every reversible
-spelling of a value we know is masked, with ``*`` of the same length so a
-``Content-Length`` already sent stays true:
+spelling of a value we know is replaced by one fixed marker, :data:`MASK` (not
+``*`` × its length, which would tell the value's length; a streamed answer that is
+scanned loses its ``Content-Length`` instead, addons/inject.py):
 
 - character by character, each character either as itself or escaped, the
   escapes mixed freely: percent-encoding (either case of hex digit, also
@@ -37,9 +38,9 @@ import html.entities
 import re
 from collections.abc import Callable, Iterable
 
-__all__ = ["MIN_VALUE_BYTES", "Redactor", "scrub_upstream_text", "spellings"]
+__all__ = ["MASK", "MIN_VALUE_BYTES", "Redactor", "scrub_upstream_text", "spellings"]
 
-MASK = b"*"
+MASK = b"REDACTED"  # every echo of a secret, whatever its length (a valid header name too)
 MIN_VALUE_BYTES = 6  # shorter "secrets" would mask ordinary text; they are refused at use
 _MIN_FRAGMENT = 8
 _MAX_ZEROS = 3  # zero padding accepted in a numeric character reference (&#x002F;)
@@ -201,8 +202,8 @@ def _pattern(sps: Iterable[Spelling], partial: bool) -> bytes:
     return _atom_re(bytes(sorted(firsts))) + b"(?:" + b"|".join(branches) + b")"
 
 
-def _mask(m: re.Match[bytes]) -> bytes:
-    return MASK * (m.end() - m.start())
+def _mask(_m: re.Match[bytes]) -> bytes:
+    return MASK
 
 
 def _longest(sp: Spelling) -> int:

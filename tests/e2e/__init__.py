@@ -70,6 +70,9 @@ def assert_refusal(status: int, headers: Any, body: bytes, expected: int,
     assert set(data) >= {"error", "reason", "request_id"}, data
     rid = headers.get("x-taskgate-request-id") or headers.get("X-Taskgate-Request-Id")
     assert rid and data["request_id"] == rid, (rid, data)
+    err = data["error"]  # the shape LLM SDKs read: error.message has reason and id
+    assert err["type"] == "taskgate_refusal" and err["code"] and err["request_id"] == rid, err
+    assert data["reason"] in err["message"] and rid in err["message"], err
     if expected == 407:
         assert headers.get("proxy-authenticate") == 'Basic realm="taskgate"'
     if reason is not None:

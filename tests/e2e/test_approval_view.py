@@ -458,7 +458,7 @@ async def test_a_change_after_the_approval_is_refused(core: Services, change: An
     await ApprovedAsShown(core).request(f)
     assert f.response is not None and f.response.status_code == 500
     doc = orjson.loads(f.response.content or b"")
-    assert doc["error"] == "changed_after_approval" and doc["request_id"]
+    assert doc["error"]["code"] == "changed_after_approval" and doc["request_id"]
     assert exchange(f).decision == "error"
 
 

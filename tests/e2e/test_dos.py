@@ -227,7 +227,7 @@ def test_oversized_head_is_refused_and_closed(gw: Gateway, upstream: Upstream,
         s.sendall(data)
         reply = read_reply(s)
         assert reply.status == 431
-        assert reply.json()["error"] == "request_header_fields_too_large"
+        assert reply.json()["error"]["code"] == "request_header_fields_too_large"
         assert "proxy.max_header_bytes" in reply.json()["reason"]
         assert closed_within(s, 3)
     assert rss_kib(gw) - before < 16 * 1024
@@ -286,7 +286,7 @@ def test_slow_head_is_closed_with_408(gw: Gateway, upstream: Upstream, how: str)
             assert trickle(s, data, 0.1, HEADER_TIMEOUT + 5)
             assert time.monotonic() - start < HEADER_TIMEOUT + 1.2
         reply = read_reply(s)
-        assert reply.status == 408 and reply.json()["error"] == "request_timeout"
+        assert reply.status == 408 and reply.json()["error"]["code"] == "request_timeout"
         assert reply.json()["request_id"]
         assert closed_within(s, 3)
     assert time.monotonic() - start < HEADER_TIMEOUT + 4

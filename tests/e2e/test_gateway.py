@@ -97,7 +97,7 @@ def test_outside_the_rule(gateway: Gateway, upstream: Upstream, token: str, url)
         r = c.get(url(upstream, "/secret/x"))
     data = assert_refusal(r.status_code, r.headers, r.content, 403,
                           "no rule for this host allows this path")
-    assert data["error"] == "forbidden"
+    assert data["error"]["code"] == "forbidden"
     assert len(upstream.seen) == before
     (rec,) = gateway.records_for(data["request_id"])
     assert rec["decision"] == "deny" and rec["status"] == 403 and rec["rule"] is None
@@ -264,7 +264,7 @@ def test_connect_407_record_fields(gateway: Gateway, upstream: Upstream) -> None
     (rec,) = gateway.records_for(data["request_id"])
     assert (rec["method"], rec["scheme"], rec["host"], rec["port"], rec["path"]) == (
         "CONNECT", None, "localhost", upstream.https_port, None)
-    assert rec["decision"] == "deny" and rec["status"] == 407
+    assert rec["decision"] == "challenge" and rec["status"] == 407  # no credential shown
     assert rec["bytes_out"] == len(reply.body)
 
 

@@ -56,12 +56,12 @@ TRANSPORTS = {"http": plain_call, "connect": connect_call}
 
 
 def check_407(gateway: Gateway, upstream: Upstream, reply: Reply, reason: str,
-              seen_before: int) -> None:
+              seen_before: int, decision: str = "deny") -> None:
     data = assert_refusal(reply.status, reply.headers, reply.body, 407, reason)
-    assert data["error"] == "proxy_authentication_required"
+    assert data["error"]["code"] == "proxy_authentication_required"
     assert len(upstream.seen) == seen_before
     (rec,) = gateway.records_for(data["request_id"])
-    assert rec["status"] == 407 and rec["decision"] == "deny"
+    assert rec["status"] == 407 and rec["decision"] == decision
     assert rec["workload"] is None and rec["reason"] == data["reason"]
 
 
@@ -70,7 +70,8 @@ def check_407(gateway: Gateway, upstream: Upstream, reply: Reply, reason: str,
 def test_no_token(gateway: Gateway, upstream: Upstream, transport: str) -> None:
     before = len(upstream.seen)
     reply = TRANSPORTS[transport](gateway, upstream, None)
-    check_407(gateway, upstream, reply, "no proxy credential", before)
+    # No credential at all: a challenge (git and libcurl ask first), not a denial.
+    check_407(gateway, upstream, reply, "no proxy credential", before, "challenge")
 
 
 def test_no_token_httpx(gateway: Gateway, upstream: Upstream) -> None:

@@ -256,9 +256,9 @@ def test_taskgate_ca(tmp_path: Path) -> None:
     r = _run(["ca"], tmp_path)
     assert r.returncode == 0, r.stderr
     cert = tmp_path / "state" / "ca" / "mitmproxy-ca-cert.pem"
-    assert r.stdout.startswith(f"CA certificate: {cert}\n")
+    assert r.stdout.startswith(f"CA certificate:  {cert}\n")
     for var in ("SSL_CERT_FILE", "REQUESTS_CA_BUNDLE", "NODE_EXTRA_CA_CERTS"):
-        assert f"export {var}={cert}\n" in r.stdout
+        assert f"export {var}={cert}  # " in r.stdout
     assert cert.read_bytes().startswith(b"-----BEGIN CERTIFICATE-----")
     assert b"PRIVATE KEY" not in cert.read_bytes()
     for key in ("mitmproxy-ca.pem", "mitmproxy-ca.p12"):

@@ -170,7 +170,7 @@ def test_secret_is_injected_into_an_authorized_https_call(world: World) -> None:
     r = get(world, world.https("/env/echo"))
     assert r.status_code == 200, r.text
     assert last_seen(world)["authorization"] == [f"Bearer {ENV_VALUE}"]
-    assert ENV_VALUE not in r.text and "*" * len(ENV_VALUE) in r.text
+    assert ENV_VALUE not in r.text and "REDACTED" in r.text
     rec = world.gw.records_for(r.headers["x-taskgate-request-id"])
     assert [(x["decision"], x["secret"], x["rule"]) for x in rec] == [("allow", "env-key", "env")]
 
@@ -271,7 +271,7 @@ def test_github_installation_token_is_minted_and_used(world: World) -> None:
     assert r.status_code == 200, r.text
     assert world.github.requests[-1] == {"repositories": ["widgets"],
                                          "permissions": {"issues": "read"}}
-    assert r.json()[0]["seen_authorization"].startswith("Bearer ****")
+    assert r.json()[0]["seen_authorization"].startswith("Bearer REDACTED")
 
 
 def test_vault_kv_value_is_injected_in_its_header(world: World) -> None:
@@ -330,7 +330,7 @@ def test_provider_down_is_a_502_naming_the_secret(world: World) -> None:
     r = get(world, world.https("/down/echo"))
     assert r.status_code == 502, r.text
     body = r.json()
-    assert body["error"] == "secret_unavailable"
+    assert body["error"]["code"] == "secret_unavailable"
     assert body["reason"] == ("secret 'oauth-down' is unavailable: the provider could not be "
                               "reached")
     assert body["request_id"] == r.headers["x-taskgate-request-id"]
@@ -345,8 +345,8 @@ def test_provider_down_is_a_502_naming_the_secret(world: World) -> None:
 def test_echo_in_response_headers_is_redacted(world: World) -> None:
     r = get(world, world.https("/env/header"))
     assert r.status_code == 302
-    assert r.headers["x-echo"] == "Bearer " + "*" * len(ENV_VALUE)
-    assert r.headers["location"] == "/landing?token=" + "*" * len(ENV_VALUE)
+    assert r.headers["x-echo"] == "Bearer REDACTED"
+    assert r.headers["location"] == "/landing?token=REDACTED"
 
 
 def test_base64_echo_in_a_body_is_redacted(world: World) -> None:
@@ -354,7 +354,7 @@ def test_base64_echo_in_a_body_is_redacted(world: World) -> None:
     assert r.status_code == 200, r.text
     for spelling in spellings(ENV_VALUE):
         assert spelling not in r.content, spelling
-    assert "*" * 20 in r.json()["token_b64url"]
+    assert "REDACTED" in r.json()["token_b64url"]
 
 
 def test_sse_echo_split_across_chunks_is_redacted(world: World) -> None:
@@ -367,23 +367,24 @@ def test_sse_echo_split_across_chunks_is_redacted(world: World) -> None:
     body = b"".join(chunks)
     assert len(chunks) > 1
     assert ENV_VALUE.encode() not in body
-    assert body.startswith(b"data: Bearer " + b"*" * len(ENV_VALUE) + b"\n\n")
+    assert body.startswith(b"data: Bearer REDACTED\n\n")
     assert body.endswith(b"data: done\n\n")
 
 
-def test_large_streamed_body_keeps_its_length(world: World) -> None:
+def test_large_streamed_body_is_scanned_without_a_length(world: World) -> None:
+    """The marker is not the value's length: a scanned stream goes out chunked."""
     r = get(world, world.https("/env/large"))
     assert r.status_code == 200
-    assert int(r.headers["content-length"]) == len(r.content) == 6000 + len(
-        f"Bearer {ENV_VALUE}")
-    assert ENV_VALUE.encode() not in r.content and b"*" * len(ENV_VALUE) in r.content
+    assert "content-length" not in r.headers and r.headers["transfer-encoding"] == "chunked"
+    assert len(r.content) == 6000 + len("Bearer REDACTED")
+    assert ENV_VALUE.encode() not in r.content and b"REDACTED" in r.content
 
 
 def test_gzip_body_is_decoded_and_redacted(world: World) -> None:
     r = get(world, world.https("/env/gzip"))
     assert r.status_code == 200
     assert last_seen(world)["headers"]["Accept-Encoding"] == "identity"
-    assert r.json() == {"echo": "Bearer " + "*" * len(ENV_VALUE)}
+    assert r.json() == {"echo": "Bearer REDACTED"}
 
 
 def test_redirect_never_carries_the_secret(world: World) -> None:

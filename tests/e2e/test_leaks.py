@@ -117,7 +117,7 @@ def test_buffered_body_echo_is_masked(world: World, spelling: str) -> None:
     assert r.status_code == 200, r.text
     _injected(world)
     assert_clean(r)
-    assert b"*" * 20 in r.content
+    assert b"REDACTED" in r.content
     assert len(r.content) == int(r.headers["content-length"])
 
 
@@ -128,7 +128,7 @@ def test_streamed_body_echo_split_every_three_bytes_is_masked(world: World,
     assert r.status_code == 200, r.text
     assert "content-length" not in r.headers
     assert_clean(r)
-    assert b"*" * 20 in r.content and r.content.endswith(b'"}')
+    assert b"REDACTED" in r.content and r.content.endswith(b'"}')
 
 
 CODED = ["gzip", "deflate", "br", "gzip+br", "br+deflate"]
@@ -149,7 +149,7 @@ def test_content_encoded_echo_is_decoded_and_masked(world: World, coding: str, r
     assert r.status_code == 200, r.text
     assert "content-encoding" not in r.headers  # sent decoded: it held an echo
     assert_clean(r)
-    assert r.content.startswith(b'{"echo": "') and b"*" * 20 in r.content
+    assert r.content.startswith(b'{"echo": "') and b"REDACTED" in r.content
 
 
 @pytest.mark.parametrize("framing", ["chunked", "close"])
@@ -160,7 +160,7 @@ def test_transfer_encoded_echo_is_decoded_and_masked(world: World, framing: str,
     r = get(world, f"/te/{spelling}/{coding}/{framing}")
     assert r.status_code == 200, r.text
     assert_clean(r)
-    assert r.content.startswith(b'{"echo": "') and b"*" * 12 in r.content
+    assert r.content.startswith(b'{"echo": "') and b"REDACTED" in r.content
 
 
 # -- 4c: reason phrase, header names and values -----------------------------------
@@ -169,7 +169,7 @@ def test_reason_phrase_echo_is_masked(world: World, spelling: str) -> None:
     r = get(world, f"/reason/{spelling}")
     assert r.status_code == 401
     assert_clean(r)
-    assert r.reason_phrase.startswith("invalid token ***")
+    assert r.reason_phrase.startswith("invalid token REDACTED")
 
 
 @pytest.mark.parametrize("spelling", ["hex-lower", "hex-upper", "b64url", "pct-partial"])
@@ -177,8 +177,9 @@ def test_header_name_echo_is_masked(world: World, spelling: str) -> None:
     r = get(world, f"/header-name/{spelling}")
     assert r.status_code == 200, r.text
     assert_clean(r)
-    # base64 leaves its edge characters (they mix with neighbours): stars in the middle
-    assert any(k.lower().startswith(b"x-") and b"*" * 12 in k for k, _ in r.headers.raw), r.headers
+    # base64 leaves its edge characters (they mix with neighbours): the marker in the middle
+    assert any(k.lower().startswith(b"x-") and b"redacted" in k  # a masked name is lower-cased
+               for k, _ in r.headers.raw), r.headers
 
 
 @pytest.mark.parametrize("spelling", ["plain", "pct-lower", "html-dec", "json-u", "b64"])
@@ -186,7 +187,7 @@ def test_header_value_echo_is_masked(world: World, spelling: str) -> None:
     r = get(world, f"/header-value/{spelling}")
     assert r.status_code == 200, r.text
     assert_clean(r)
-    assert "*" * 12 in r.headers["www-authenticate"]
+    assert "REDACTED" in r.headers["www-authenticate"]
 
 
 # -- 4a: HTTP/2 trailers ---------------------------------------------------------
@@ -252,10 +253,10 @@ def test_h2_trailers_are_masked(world: World, mode: str, spelling: str) -> None:
     names = [k for k, _ in reply.trailers]
     assert "grpc-message" in names, reply.trailers
     message = dict(reply.trailers)["grpc-message"]
-    assert message.startswith("invalid token ") and "*" * 12 in message, message
-    assert any(k.startswith("x-echo-****") for k in names), names  # a trailer NAME
+    assert message.startswith("invalid token ") and "REDACTED" in message, message
+    assert any(k.startswith("x-echo-redacted") for k in names), names  # a trailer NAME
     assert leaked(RECEIVED[-1]) == []
-    assert reply.body.startswith(b"body ") and b"*" * 12 in reply.body
+    assert reply.body.startswith(b"body ") and b"REDACTED" in reply.body
 
 
 # -- 4b: mitmproxy's error texts quote the upstream ---------------------------------
@@ -375,7 +376,7 @@ def test_buffered_bomb_on_an_injected_call_is_refused_quickly(world: World, bomb
     elapsed = time.monotonic() - t0
     th.join(30)
     body = assert_refusal(r.status_code, r.headers, r.content, 502, "too large")
-    assert body["error"] == "secret_unredactable"
+    assert body["error"]["code"] == "secret_unredactable"
     assert elapsed < 5, elapsed
     assert done["plain"] < 5, done
     assert _rss_kb(world.gw.proc.pid) < 600 * 1024  # never the decoded gigabyte

@@ -95,7 +95,8 @@ def test_407_flood_is_summarized_not_written_line_by_line(
         with gw.client(None) as c:
             for _ in range(flood):
                 r = c.get(url)
-                assert r.status_code == 407 and r.json()["error"] == "proxy_authentication_required"
+                assert r.status_code == 407
+                assert r.json()["error"]["code"] == "proxy_authentication_required"
                 assert r.json()["request_id"] == r.headers["x-taskgate-request-id"]
                 ids.append(r.headers["x-taskgate-request-id"])
         other = call_from(gw, "127.0.0.2", None, upstream)
@@ -111,12 +112,14 @@ def test_407_flood_is_summarized_not_written_line_by_line(
                  and r["client"] == "127.0.0.1"]
     assert len(summaries) == 1  # ... counted in one record, written at the latest on stop
     (summary,) = summaries
-    assert summary["status"] == 407 and summary["decision"] == "deny"
+    # no credential shown by any of them: challenges, kept out of the denials
+    assert summary["status"] == 407 and summary["decision"] == "challenge"
     assert summary["reason"].startswith("25 more calls refused for a missing or invalid proxy")
     assert other.request_id in written  # another client: its own line
-    denied = sum(float(line.rsplit(" ", 1)[1]) for line in metrics.splitlines()
-                 if line.startswith('taskgate_calls_total{decision="deny"'))
-    assert denied >= flood + 1  # every refusal is still counted
+    challenged = sum(float(line.rsplit(" ", 1)[1]) for line in metrics.splitlines()
+                     if line.startswith('taskgate_calls_total{decision="challenge"'))
+    assert challenged >= flood + 1  # every refusal is still counted
+    assert 'taskgate_calls_total{decision="deny"' not in metrics
     from proxy.audit import verify
 
     assert verify(str(gw.audit_path)).ok

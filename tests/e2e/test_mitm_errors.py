@@ -51,7 +51,7 @@ def refusal(status: int, headers: Any, body: bytes, code: int, error: str) -> di
     assert status == code, body
     assert headers["content-type"] == "application/json"
     data = orjson.loads(body)
-    assert data["error"] == error and data["reason"]
+    assert data["error"]["code"] == error and data["reason"]
     assert data["request_id"] == headers["x-taskgate-request-id"]
     assert b"<html" not in body
     return data

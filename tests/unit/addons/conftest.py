@@ -141,7 +141,7 @@ def refusal(f: http.HTTPFlow, status: int, error: str | None = None) -> dict[str
     ex = exchange(f)
     assert doc["request_id"] == ex.request_id == f.response.headers[REQUEST_ID_HEADER]
     assert doc["reason"] and doc["reason"] == ex.reason
-    assert ex.status == status and ex.decision in ("deny", "error", "rejected")
+    assert ex.status == status and ex.decision in ("deny", "error", "rejected", "challenge")
     if error is not None:
-        assert doc["error"] == error
+        assert doc["error"]["code"] == error
     return doc

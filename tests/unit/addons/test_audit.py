@@ -20,9 +20,10 @@ from proxy.gateway import REQUEST_ID_HEADER, Services
 from tests.unit.addons.conftest import SECRET, refusal, request, respond
 
 # The audit record's fields (docs/spec.md): the exchange's chain state is never among them.
-RECORD_FIELDS = {"ts", "replica", "request_id", "workload", "task", "owner", "client", "method",
-                 "scheme", "host", "port", "upstream_ip", "path", "tool", "decision", "rule",
-                 "reason", "secret", "approval", "status", "bytes_in", "bytes_out",
+RECORD_FIELDS = {"ts", "replica", "request_id", "connect_id", "workload", "task", "owner",
+                 "client", "method", "scheme", "host", "port", "upstream_ip", "path", "tool",
+                 "decision", "rule", "reason", "secret", "approval", "status", "bytes_in",
+                 "bytes_out",
                  "websocket", "duration_ms"}
 
 

@@ -121,7 +121,8 @@ async def test_an_allowed_connect_opens_a_tunnel_calls_stay_in(svc: Services,
         opened = tunnel_of(tunnel.client_conn)
     caller = exchange(tunnel).caller
     assert tunnel.response is None and caller is not None and caller.workload == WORKLOAD
-    assert opened == Tunnel(caller, "api.example", 443) == authorize.tunnel(tunnel.client_conn)
+    assert opened == Tunnel(caller, "api.example", 443, exchange(tunnel).request_id) \
+        == authorize.tunnel(tunnel.client_conn)
 
     inside = request(url="https://api.example/allowed/x")
     inside.client_conn = tunnel.client_conn

@@ -35,6 +35,15 @@ async def test_a_request_without_a_credential_is_refused_with_407(svc: Services)
     assert f.response is not None
     assert f.response.headers["Proxy-Authenticate"] == 'Basic realm="taskgate"'
     assert exchange(f).caller is None
+    assert exchange(f).decision == "challenge"  # no credential shown: not a denial
+
+
+async def test_an_empty_credential_is_a_denial_not_a_challenge(svc: Services) -> None:
+    f = request(Proxy_Authorization=credential(""))
+    with taddons.context(Identify(svc), Authorize(svc)):
+        await Identify(svc).requestheaders(f)
+    assert "empty proxy credential" in refusal(f, 407)["reason"]
+    assert exchange(f).decision == "deny"
 
 
 async def test_a_forged_token_is_refused(svc: Services, keys: Keys) -> None:
@@ -119,3 +128,17 @@ async def test_without_authorize_loaded_every_call_shows_a_credential(
         inner.client_conn = tunnel.client_conn
         await identify.requestheaders(inner)
     refusal(inner, 407)
+
+
+async def test_a_grpc_call_without_a_credential_is_refused_unauthenticated(
+        svc: Services) -> None:
+    """A gRPC client reads grpc-status: 407 becomes UNAUTHENTICATED (16), in an HTTP 200."""
+    f = request("POST", "https://api.example/pkg.Svc/Call", content=b"\0\0\0\0\0",
+                Content_Type="application/grpc")
+    with taddons.context(Identify(svc), Authorize(svc)):
+        await Identify(svc).requestheaders(f)
+    assert f.response is not None and f.response.status_code == 200
+    assert f.response.headers["grpc-status"] == "16"
+    assert "no proxy credential" in f.response.headers["grpc-message"]
+    assert exchange(f).request_id in f.response.headers["grpc-message"]
+    assert f.response.content == b"" and exchange(f).decision == "challenge"

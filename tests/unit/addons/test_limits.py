@@ -100,8 +100,11 @@ def test_a_refusal_on_the_wire_is_taskgates_json(status: int, error: str) -> Non
     assert head.startswith(f"HTTP/1.1 {status} ".encode())
     resp = http1.read_response_head(head.split(b"\r\n"))
     doc = orjson.loads(body)
-    assert doc == {"error": error, "reason": "why it was refused",
-                   "request_id": resp.headers[REQUEST_ID_HEADER]}
+    rid = resp.headers[REQUEST_ID_HEADER]
+    assert doc == {"error": {"type": "taskgate_refusal", "code": error,
+                             "message": f"taskgate: why it was refused (request id {rid})",
+                             "request_id": rid},
+                   "reason": "why it was refused", "request_id": rid}
     assert resp.headers["Connection"] == "close"
     assert resp.headers["Content-Type"] == "application/json"
     assert int(resp.headers["Content-Length"]) == len(body)

@@ -20,8 +20,9 @@ from proxy.audit._log import FIELDS, GENESIS, canonical, chain_hash
 from proxy.errors import Unavailable
 
 SPEC_FIELDS = {
-    "ts", "seq", "replica", "request_id", "workload", "task", "owner", "client", "method", "scheme",
-    "host", "port", "upstream_ip", "path", "tool", "decision", "rule", "reason", "secret",
+    "ts", "seq", "replica", "request_id", "connect_id", "workload", "task", "owner", "client",
+    "method", "scheme", "host", "port", "upstream_ip", "path", "tool", "decision", "rule",
+    "reason", "secret",
     "approval",
     "status", "bytes_in", "bytes_out", "websocket", "duration_ms", "prev", "hash",
 }

@@ -303,4 +303,5 @@ def test_check_config_cli(tmp_path: Path) -> None:
 
 def test_check_config_needs_a_file(tmp_path: Path) -> None:
     r = check_config(cwd=tmp_path)
-    assert r.returncode == 2 and "the following arguments are required: file" in r.stderr
+    # No file named and no ./taskgate.yaml: the subcommand's usage, exit 2.
+    assert r.returncode == 2 and "usage: taskgate check-config FILE" in r.stderr

@@ -62,8 +62,8 @@ def test_failure_throttle_is_per_client_and_forgets() -> None:
     assert len(throttle._failures) == 2
 
 
-def record(client: str, status: int = 407) -> dict[str, Any]:
-    return new_record(client=client, status=status, decision="deny", reason="no credential")
+def record(client: str, status: int = 407, decision: str = "deny") -> dict[str, Any]:
+    return new_record(client=client, status=status, decision=decision, reason="no credential")
 
 
 async def test_auth_failures_summarize_past_the_limit() -> None:
@@ -97,3 +97,23 @@ async def test_auth_failures_flush_and_bounded_memory() -> None:
     await floods.flush()  # the gateway stops: nothing counted is lost
     assert sorted(r["client"] for r in written) == ["10.0.0.1", "10.0.0.2", "other"]
     assert [r for r in written if r["client"] == "other"][0]["reason"].startswith("3 more")
+
+
+@pytest.mark.parametrize(("decisions", "summary"), [
+    (["challenge"] * 4, "challenge"),  # only probes without a credential: no denial
+    (["challenge", "challenge", "deny", "challenge"], "deny"),
+])
+async def test_auth_failure_summary_is_a_denial_only_if_one_was(decisions: list[str],
+                                                                summary: str) -> None:
+    written: list[dict[str, Any]] = []
+
+    async def write(rec: dict[str, Any]) -> None:
+        written.append(rec)
+
+    floods = AuthFailures(write, limit=1, window=60)
+    floods.absorb(record("10.0.0.1", decision="deny"))  # written one by one
+    for decision in decisions:
+        assert floods.absorb(record("10.0.0.1", decision=decision))
+    await floods.flush()
+    (rec,) = written
+    assert rec["decision"] == summary and rec["reason"].startswith("4 more")

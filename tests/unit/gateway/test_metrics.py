@@ -65,10 +65,11 @@ def test_calls_move_the_counters(gw: Gateway, upstream: Upstream, keys: Keys) ->
 
     assert delta("taskgate_calls_total", decision="allow", rule="plain-read") == 4
     assert delta("taskgate_calls_total", decision="allow", rule="tls-read") == 1
-    assert delta("taskgate_calls_total", decision="deny", rule="none") == 2
+    assert delta("taskgate_calls_total", decision="deny", rule="none") == 1
+    assert delta("taskgate_calls_total", decision="challenge", rule="none") == 1  # no token
     assert delta("taskgate_call_duration_seconds_count", decision="allow") == 5
-    assert delta("taskgate_call_duration_seconds_count", decision="deny") == 2
-    assert delta("taskgate_call_duration_seconds_bucket", decision="deny", le="+Inf") == 2
+    assert delta("taskgate_call_duration_seconds_count", decision="deny") == 1
+    assert delta("taskgate_call_duration_seconds_bucket", decision="deny", le="+Inf") == 1
     assert delta("taskgate_call_duration_seconds_sum", decision="allow") > 0
     assert value(after, "taskgate_calls_in_flight") == 0
     assert value(after, "taskgate_audit_write_errors_total") == 0

@@ -34,7 +34,7 @@ def spelled(v: bytes) -> list[tuple[str, bytes]]:
 def test_every_spelling_is_masked_in_place(case: str, text: bytes) -> None:
     r = Redactor([VALUE, OTHER])
     out = r.redact(b"<<" + text + b">>")
-    assert len(out) == len(text) + 4
+    assert out.count(b"REDACTED") == 1  # one fixed marker: the value's length is not told
     assert VALUE not in out and base64.b64encode(VALUE)[2:-2] not in out
     for shift in range(3):  # no 10-character run of any base64 alignment survives
         enc = base64.b64encode(b"\0" * shift + VALUE)
@@ -57,7 +57,7 @@ def test_short_values_are_not_masked() -> None:
 
 def test_header_text_is_masked() -> None:
     r = Redactor([VALUE])
-    assert r.redact_text("Bearer " + VALUE.decode()) == "Bearer " + "*" * len(VALUE)
+    assert r.redact_text("Bearer " + VALUE.decode()) == "Bearer REDACTED"
     assert r.redact_text("naïve") == "naïve"
 
 
@@ -97,6 +97,6 @@ def test_stream_holds_back_only_what_could_start_a_value() -> None:
     assert step(b"data: " + VALUE[:5]) == [b"data: "]  # may be a value: held
     assert step(b"zzz\n\n") == [VALUE[:5] + b"zzz\n\n"]  # was not: released
     assert step(b"data: " + VALUE[:9]) == [b"data: "]
-    assert step(VALUE[9:] + b"\n\n") == [b"*" * len(VALUE) + b"\n\n"]
+    assert step(VALUE[9:] + b"\n\n") == [b"REDACTED\n\n"]
     assert step(VALUE[:3]) == []  # all held: nothing (not b"") is sent
     assert step(b"") == [VALUE[:3]]  # the end releases it

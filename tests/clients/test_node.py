@@ -1,0 +1,115 @@
+"""Node 20 clients through the gateway: built-in ``fetch`` with undici's
+``EnvHttpProxyAgent`` (Node 20's fetch reads no proxy variable), axios with a CONNECT
+agent, the openai npm SDK. The packages come from tests/clients/node/package.json and
+its lock, installed once into a cache folder (``npm ci``) keyed by the lock's digest."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from tests.clients.conftest import EVENTS, REFUSED_REASON, World, incremental
+
+NODE_DIR = Path(__file__).parent / "node"
+SCRIPT = NODE_DIR / "client.cjs"
+
+
+def _cache_root() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "taskgate-tests"
+
+
+@pytest.fixture(scope="module")
+def node_modules() -> Path:
+    """The suite's npm packages, installed from the lock once per lock version."""
+    files = [NODE_DIR / "package.json", NODE_DIR / "package-lock.json"]
+    key = hashlib.sha256(b"".join(f.read_bytes() for f in files)).hexdigest()[:16]
+    home = _cache_root() / f"node-{key}"
+    if not (home / "node_modules" / ".package-lock.json").exists():
+        tmp = home.with_name(f"{home.name}.tmp{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        for f in files:
+            shutil.copy(f, tmp / f.name)
+        # The registry directly: never through a proxy the test run may have set.
+        env = {k: v for k, v in os.environ.items() if "proxy" not in k.lower()}
+        subprocess.run(["npm", "ci", "--no-audit", "--no-fund", "--ignore-scripts",
+                        "--loglevel=error"], cwd=tmp, env=env, check=True, timeout=300,
+                       capture_output=True)
+        try:
+            tmp.rename(home)
+        except OSError:  # another run installed it meanwhile
+            shutil.rmtree(tmp, ignore_errors=True)
+    return home / "node_modules"
+
+
+def node(world: World, modules: Path, mode: str, url: str) -> dict[str, object]:
+    out = subprocess.run(["node", str(SCRIPT), mode, url], capture_output=True, text=True,
+                         timeout=60, env=world.env(NODE_PATH=str(modules)))
+    assert out.stdout, out.stderr
+    doc: dict[str, object] = json.loads(out.stdout.splitlines()[-1])
+    assert "error" not in doc, doc
+    return doc
+
+
+def test_fetch_with_env_proxy_agent_passes_and_is_recorded(world: World,
+                                                           node_modules: Path) -> None:
+    got = node(world, node_modules, "fetch", f"{world.origin}/allowed/node")
+    assert got["status"] == 200 and '"/allowed/node"' in str(got["body"]), got
+    rec = world.record(str(got["id"]))
+    assert (rec["decision"], rec["rule"], rec["path"]) == ("allow", "api", "/allowed/node")
+
+
+def test_bare_fetch_on_node_20_goes_around_the_gateway(world: World,
+                                                      node_modules: Path) -> None:
+    """Without the dispatcher Node 20's fetch ignores HTTPS_PROXY: it reaches the
+    upstream directly (whose certificate it does not trust here), unseen."""
+    before = len(world.gw.audit())
+    out = subprocess.run(["node", str(SCRIPT), "bare", f"{world.origin}/allowed/bare"],
+                         capture_output=True, text=True, timeout=60,
+                         env=world.env(NODE_PATH=str(node_modules)))
+    assert "certificate" in out.stdout, out.stdout
+    assert len(world.gw.audit()) == before
+
+
+def test_fetch_streams_events_as_they_come(world: World, node_modules: Path) -> None:
+    got = node(world, node_modules, "fetch", f"{world.origin}/sse?n={EVENTS}&gap=0.4")
+    stamps = [float(s) for s in got["stamps"]]  # type: ignore[attr-defined]
+    assert len(stamps) == EVENTS and incremental(stamps), got
+
+
+def test_fetch_refusal_body_has_the_reason(world: World, node_modules: Path) -> None:
+    got = node(world, node_modules, "fetch", f"{world.origin}/elsewhere")
+    body = json.loads(str(got["body"]))
+    assert got["status"] == 403 and REFUSED_REASON in body["error"]["message"]
+    assert world.record(str(got["id"]))["decision"] == "deny"
+
+
+def test_axios_passes_and_its_refusal_carries_the_reason(world: World,
+                                                         node_modules: Path) -> None:
+    got = node(world, node_modules, "axios", f"{world.origin}/allowed/axios")
+    rec = world.record(str(got["id"]))
+    assert got["status"] == 200 and rec["decision"] == "allow" and rec["connect_id"]
+    got = node(world, node_modules, "axios", f"{world.origin}/elsewhere")
+    # axios's own message is generic ("Request failed with status code 403"): the
+    # reason is in the answer's data, error.message.
+    assert got["status"] == 403 and REFUSED_REASON in str(got["detail"]), got
+    assert str(got["id"]) in str(got["detail"])
+
+
+def test_openai_npm_call_stream_and_refusal(world: World, node_modules: Path) -> None:
+    base = f"{world.origin}/v1"
+    got = node(world, node_modules, "openai", base)
+    assert got["body"] == "hello" and world.record(str(got["id"]))["decision"] == "allow"
+    got = node(world, node_modules, "openai-stream", base)
+    stamps = [float(s) for s in got["stamps"]]  # type: ignore[attr-defined]
+    assert len(stamps) == EVENTS and incremental(stamps), got
+    got = node(world, node_modules, "openai-refused", base)
+    assert got["status"] == 403 and got["name"] == "PermissionDeniedError", got
+    assert REFUSED_REASON in str(got["message"]) and str(got["id"]) in str(got["message"])
