@@ -23,6 +23,19 @@ def idle(gw: Gateway, source: str) -> socket.socket:
     return s
 
 
+def held(gw: Gateway, source: str, token: str, upstream: Upstream) -> socket.socket:
+    """Like :func:`idle`, over a connection the gateway has admitted: it answers a call
+    first, and it runs its ``client_connected`` (where a slot is taken) before it reads a
+    byte. Then nothing still on its way can change what the gateway counts."""
+    target = f"127.0.0.1:{upstream.http_port}"
+    s = socket.create_connection(("127.0.0.1", gw.proxy_port), timeout=5,
+                                 source_address=(source, 0))
+    s.sendall(request_bytes("GET", f"http://{target}/allowed/x", target, token))
+    assert read_reply(s).status == 200
+    s.sendall(b"GET http://127.0.0.1/ HTTP/1.1\r\nX-a: ")
+    return s
+
+
 def closed_by_gateway(s: socket.socket) -> bool:
     """True when the gateway hung up without a byte; False when it keeps waiting."""
     s.settimeout(1.5)
@@ -66,14 +79,16 @@ def test_connections_are_capped_per_client_and_in_all(
     token = keys.token()
     try:
         with ExitStack() as stack:
-            mine = [stack.enter_context(idle(gw, "127.0.0.1")) for _ in range(3)]
-            time.sleep(0.3)
+            # Each held connection is counted before the next opens, and none closes
+            # meanwhile: a call over a connection of its own would give its slot back
+            # only after the client has seen it close, maybe after the next one opened.
+            mine = [stack.enter_context(held(gw, "127.0.0.1", token, upstream))
+                    for _ in range(3)]
             extra = stack.enter_context(idle(gw, "127.0.0.1"))
             assert closed_by_gateway(extra)  # a fourth from one address: closed at once
             assert not closed_by_gateway(mine[0])  # the first three stay
-            assert call_from(gw, "127.0.0.2", token, upstream).status == 200  # others get in
-            others = [stack.enter_context(idle(gw, "127.0.0.2")) for _ in range(2)]
-            time.sleep(0.3)
+            others = [stack.enter_context(held(gw, "127.0.0.2", token, upstream))
+                      for _ in range(2)]  # others get in (each answers a call)
             third = stack.enter_context(idle(gw, "127.0.0.3"))
             assert closed_by_gateway(third)  # five open in all: nobody else
             assert not closed_by_gateway(others[0])
