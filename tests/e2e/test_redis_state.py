@@ -344,7 +344,7 @@ def test_redis_stopped_refuses_503_not_ready_then_recovers(
             with client(gw, _on(gw, task)) as c:
                 r = c.get(url)
             assert r.status_code == 503, r.text
-            assert r.json()["error"] == "unavailable" and "Redis" in r.json()["reason"]
+            assert r.json()["error"]["code"] == "unavailable" and "Redis" in r.json()["reason"]
             assert r.json()["request_id"]
         r = httpx.post(f"{a.control_url}/v1/tasks", headers=admin(a), timeout=10,
                        json={"workload": WORKLOAD, "ttl_seconds": 60,

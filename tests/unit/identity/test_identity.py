@@ -359,10 +359,12 @@ async def test_claims_read_strictly(keys: Keys, case: str) -> None:
         await identity(keys).identify("Bearer " + raw_signed_token(keys.rsa, header, payload))
 
 
-@pytest.mark.parametrize("exp", [str(int(time.time()) + 600), f"{time.time() + 600:.3f}"])
-async def test_numeric_dates_as_rfc_7519_writes_them(keys: Keys, exp: str) -> None:
+@pytest.mark.parametrize("spelled", ["integer", "fraction"])
+async def test_numeric_dates_as_rfc_7519_writes_them(keys: Keys, spelled: str) -> None:
     """Integers and fractions both are NumericDates: the strict reading refuses no
-    token a conforming issuer writes."""
+    token a conforming issuer writes. (The date is taken when the test runs, not when
+    it is collected: a long run must not see it expire.)"""
+    exp = str(int(time.time()) + 600) if spelled == "integer" else f"{time.time() + 600:.3f}"
     token = raw_signed_token(keys.rsa, HEADER, _claims_text(exp=exp))
     assert (await identity(keys).identify("Bearer " + token)).workload == WORKLOAD
 
