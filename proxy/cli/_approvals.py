@@ -21,7 +21,7 @@ from typing import Any
 import orjson
 
 from proxy.cli._client import ControlClient, ControlError, segment
-from proxy.cli._common import Command, config_of
+from proxy.cli._common import Command, config_of, control_config_option
 from proxy.safe_text import safe, safe_json
 
 __all__ = ["APPROVALS"]
@@ -43,9 +43,7 @@ def _setup(p: argparse.ArgumentParser) -> None:
         a.add_argument("id", help="the approval id (from `taskgate approvals list`)")
         a.add_argument("--by", required=True, metavar="NAME", help="who answers")
         a.add_argument("--comment", help="why; a denial's comment is shown to the agent")
-    for action_parser in (ls, sh, *(sub.choices[v] for v in ("approve", "deny"))):
-        action_parser.add_argument("-c", "--config", metavar="FILE", default=argparse.SUPPRESS,
-                                   help="config file (for listen.control and admin_token_file)")
+    control_config_option(ls, sh, *(sub.choices[v] for v in ("approve", "deny")))
 
 
 def _approvals(args: argparse.Namespace) -> int:

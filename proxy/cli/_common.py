@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from proxy.config import Config, load_config
 
-__all__ = ["Command", "Handler", "Setup", "config_of"]
+__all__ = ["Command", "Handler", "Setup", "config_of", "control_config_option"]
 
 Handler = Callable[[argparse.Namespace], int]
 Setup = Callable[[argparse.ArgumentParser], None]
@@ -32,6 +32,14 @@ class Command:
     handler: Handler
     setup: Setup = _no_arguments
     config_option: bool = True  # ``-c FILE``; check-config names its files as arguments
+
+
+def control_config_option(*parsers: argparse.ArgumentParser) -> None:
+    """``-c FILE`` on the actions of a command that talks to the control plane: they
+    are subparsers of their own, where the command's ``-c`` does not reach."""
+    for parser in parsers:
+        parser.add_argument("-c", "--config", metavar="FILE", default=argparse.SUPPRESS,
+                            help="config file (for listen.control and admin_token_file)")
 
 
 def config_of(args: argparse.Namespace) -> Config:

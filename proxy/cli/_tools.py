@@ -14,7 +14,7 @@ import sys
 from typing import Any
 
 from proxy.cli._client import ControlClient, ControlError, segment
-from proxy.cli._common import Command, config_of
+from proxy.cli._common import Command, config_of, control_config_option
 from proxy.safe_text import safe, safe_json
 
 __all__ = ["TOOLS"]
@@ -31,9 +31,7 @@ def _setup(p: argparse.ArgumentParser) -> None:
     a.add_argument("id", help="the change id (from `taskgate tools changes`)")
     a.add_argument("--by", required=True, metavar="NAME", help="who accepts")
     a.add_argument("--comment", help="why")
-    for action_parser in (ls, a):
-        action_parser.add_argument("-c", "--config", metavar="FILE", default=argparse.SUPPRESS,
-                                   help="config file (for listen.control and admin_token_file)")
+    control_config_option(ls, a)
 
 
 def _tools(args: argparse.Namespace) -> int:
