@@ -220,8 +220,12 @@ async def start_control(services: Services, state: ControlState) -> web.AppRunne
     """Start the control plane on ``listen.control``; ``None`` (logged) when it cannot
     listen."""
     config = services.config
+    # lingering_time: after a refusal that left a body unread (a 401 to a POST), aiohttp
+    # drains the rest before closing; its default of 10 s would let an unauthenticated
+    # client hold a control-plane slot that long, so it gets what a head gets.
     runner = web.AppRunner(make_app(services, state), access_log=None, handle_signals=False,
-                           keepalive_timeout=config.control_idle_timeout_seconds)
+                           keepalive_timeout=config.control_idle_timeout_seconds,
+                           lingering_time=config.control_header_timeout_seconds)
     await runner.setup()
     chost, cport = config.control_listen
     try:

@@ -159,3 +159,20 @@ def test_a_busy_keep_alive_connection_is_served(gw: Gateway) -> None:
         for _ in range(5):
             assert c.get(f"{gw.control_url}/healthz").status_code == 200
             time.sleep(HEAD_TIMEOUT / 2)
+
+
+def test_a_refused_request_with_a_body_left_unsent_is_closed_within_the_head_timeout(
+        gw: Gateway) -> None:
+    """aiohttp drains the unread rest of a refused body before it closes (10 s by default):
+    the gateway bounds that by the head timeout, so a client that sends a head, lets
+    the 401 come back and trickles nothing more holds its slot no longer than that."""
+    s = trickler(gw, b"POST /v1/tasks HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n\r\n{")
+    assert s is not None
+    with s:
+        s.settimeout(HEAD_TIMEOUT + 5)
+        start, data = time.monotonic(), b""
+        while chunk := s.recv(4096):
+            data += chunk
+        elapsed = time.monotonic() - start
+    assert data.startswith(b"HTTP/1.1 401 ")
+    assert elapsed < HEAD_TIMEOUT + 1.5, elapsed
