@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from proxy.gateway._build import Services, build
 from proxy.gateway._core import REQUEST_ID_HEADER, Gateway, new_request_id, refusal_body
-from proxy.gateway._egress import EgressGuard, OwnAddresses, Resolver, local_addresses
+from proxy.gateway._egress import EgressGuard, OwnAddresses, Resolver, Verdict, local_addresses
 from proxy.gateway._exchange import ApprovedAs, Exchange, SocketTotals, Tunnel
 from proxy.gateway._framing import h1_request_framing, trailer_fields
 from proxy.gateway._limits import ConnectionLimits, FailureThrottle, client_key
@@ -63,6 +63,7 @@ __all__ = [
     "TaskBinds",
     "ToolPins",
     "Tunnel",
+    "Verdict",
     "answer_frame",
     "build",
     "client_key",

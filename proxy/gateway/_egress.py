@@ -294,6 +294,22 @@ class Resolver:
     _cache: dict[str, tuple[float, asyncio.Future[tuple[str, ...]]]] = field(
         default_factory=dict, repr=False)
 
+    def known(self, host: str) -> tuple[str, ...] | None:
+        """What :meth:`resolve` would return without waiting: an IP literal, or the
+        addresses of a name resolved within its ``ttl``; ``None`` for anything else
+        (a lookup to make or still under way, a remembered failure)."""
+        try:
+            return (str(_address(host)),)
+        except ValueError:
+            pass
+        hit = self._cache.get(host)
+        if hit is None or hit[0] <= self.clock():
+            return None
+        fut = hit[1]
+        if not fut.done() or fut.cancelled() or fut.exception() is not None:
+            return None
+        return fut.result()
+
     async def resolve(self, host: str, port: int) -> tuple[str, ...]:
         """The addresses of ``host`` (an IP literal is itself); ``OSError`` if none."""
         try:
@@ -346,6 +362,19 @@ class EgressGuard:
             addresses = await self.resolver.resolve(host, port)
         except OSError as e:
             return Verdict(False, str(e))
+        return self._judge(host, port, addresses, opt_in, pinned)
+
+    def check_known(self, host: str, port: int, *, opt_in: bool,
+                    pinned: str | None = None) -> Verdict | None:
+        """:meth:`check` without waiting, when the resolver knows ``host`` already (an IP
+        literal, a name resolved within its TTL); ``None``: call :meth:`check`."""
+        addresses = self.resolver.known(host)
+        if addresses is None:
+            return None
+        return self._judge(host, port, addresses, opt_in, pinned)
+
+    def _judge(self, host: str, port: int, addresses: tuple[str, ...], opt_in: bool,
+               pinned: str | None) -> Verdict:
         if pinned is not None:
             addresses = (pinned, *(a for a in addresses if a != pinned))
         return judge(host, port, addresses, opt_in=opt_in, own=self.own)
