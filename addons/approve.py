@@ -15,6 +15,7 @@ anything but the secret's placement changed.
 
 from __future__ import annotations
 
+from collections.abc import Awaitable
 from typing import Any
 
 import orjson
@@ -32,7 +33,7 @@ from addons._base import (
 )
 from proxy.approvals import Approvals, HeldRequest, target_url
 from proxy.errors import PayloadTooLarge, Refused, TaskgateError
-from proxy.gateway import ApprovedAs
+from proxy.gateway import ApprovedAs, Exchange
 from proxy.identity import Caller
 from proxy.mcp import McpDecision, refused_after
 from proxy.policy import Rule
@@ -105,13 +106,16 @@ class Approve(GatewayAddon):
             refuse_for(flow, self._too_large())
 
     @guarded
-    async def request(self, flow: http.HTTPFlow) -> None:
+    def request(self, flow: http.HTTPFlow) -> Awaitable[None] | None:
         if flow.response or not flow.live:
-            return
+            return None
         ex = exchange(flow)
         rule = ex.allowed_by
         if rule is None or not rule.approval:
-            return
+            return None  # the usual call: no coroutine (addons/_pipeline.py)
+        return self._hold(flow, ex, rule)
+
+    async def _hold(self, flow: http.HTTPFlow, ex: Exchange, rule: Rule) -> None:
         caller = ex.caller
         body = flow.request.raw_content
         if caller is None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 import weakref
-from collections.abc import MutableMapping
+from collections.abc import Awaitable, MutableMapping
 
 from mitmproxy import connection, ctx, http
 from mitmproxy.net.http import url
@@ -12,8 +12,15 @@ from mitmproxy.net.http import url
 from addons._base import GatewayAddon, exchange, guarded, refuse, refuse_for
 from addons.egress import Egress
 from proxy.errors import Refused, TaskgateError
-from proxy.gateway import Services, SocketTotals, Tunnel, upgrade_decision, websocket_upgrade
-from proxy.policy import canonical_host
+from proxy.gateway import (
+    Exchange,
+    Services,
+    SocketTotals,
+    Tunnel,
+    upgrade_decision,
+    websocket_upgrade,
+)
+from proxy.policy import Call, Decision, canonical_host
 
 __all__ = ["Authorize", "Egress", "tunnel_of"]
 
@@ -124,9 +131,9 @@ class Authorize(GatewayAddon):
                 return
 
     @guarded
-    async def requestheaders(self, flow: http.HTTPFlow) -> None:
+    def requestheaders(self, flow: http.HTTPFlow) -> Awaitable[None] | None:
         if flow.response or not flow.live:
-            return
+            return None
         ex = exchange(flow)
         if ex.caller is None:
             raise Refused("caller not identified")
@@ -135,7 +142,7 @@ class Authorize(GatewayAddon):
         why, upgrade = _scan(req)
         if why is not None:
             refuse(flow, 400, "bad_request", why)
-            return
+            return None
         tunnel = ex.tunnel = self._tunnels.get(flow.client_conn)
         try:
             call = gw.describe(ex, req.method, req.scheme, req.host, req.port, req.data.path)
@@ -154,17 +161,30 @@ class Authorize(GatewayAddon):
                               "judged")
         except Refused as e:
             refuse_for(flow, e)
-            return
+            return None
         decision = gw.judge(ex, call)
         if upgrade:  # a WebSocket: only on a rule that says websocket: true
             assert ex.rules is not None  # judge() kept the rules it judged by
             decision = upgrade_decision(decision, ex.rules.matching(call))
         ex.rule = decision.rule_id
+        if gw.counts(ex, decision):  # budgets (task grants): may wait for the store
+            return self._admitted(flow, ex, call, decision, upgrade)
+        self._decided(flow, ex, call, decision, upgrade)
+        return None
+
+    async def _admitted(self, flow: http.HTTPFlow, ex: Exchange, call: Call,
+                        decision: Decision, upgrade: bool) -> None:
         try:
-            decision = await gw.admit(ex, decision)  # budgets (task grants)
+            decision = await self.gateway.admit(ex, decision)
         except TaskgateError as e:
             refuse_for(flow, e)
             return
+        self._decided(flow, ex, call, decision, upgrade)
+
+    def _decided(self, flow: http.HTTPFlow, ex: Exchange, call: Call, decision: Decision,
+                 upgrade: bool) -> None:
+        """Let the call on or refuse it, as its (admitted) decision says."""
+        gw, req = self.gateway, flow.request
         if not decision.allowed and gw.reporting(ex.caller):
             gw.report(ex, decision.reason)
             _forward_canonical(req, call.host)

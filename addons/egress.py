@@ -17,13 +17,21 @@ that same pinned address). A connection with no pin is refused: fail closed.
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Awaitable
 
 from mitmproxy import connection, ctx, http
 from mitmproxy.proxy import server_hooks
 
 from addons._base import GatewayAddon, exchange, guarded, refuse
 from proxy.errors import Refused
-from proxy.gateway import EgressGuard, OwnAddresses, Services, local_addresses
+from proxy.gateway import (
+    EgressGuard,
+    Exchange,
+    OwnAddresses,
+    Services,
+    Verdict,
+    local_addresses,
+)
 from proxy.policy import canonical_host
 
 Endpoint = tuple[str, int]
@@ -59,9 +67,9 @@ class Egress(GatewayAddon):
             ctx.options.update(connection_strategy="lazy")
 
     @guarded
-    async def requestheaders(self, flow: http.HTTPFlow) -> None:
+    def requestheaders(self, flow: http.HTTPFlow) -> Awaitable[None] | None:
         if flow.response or not flow.live:
-            return
+            return None
         ex = exchange(flow)
         rule, call = ex.allowed_by, ex.call
         if call is None or (rule is None and ex.decision != "would_deny"):
@@ -72,8 +80,23 @@ class Egress(GatewayAddon):
         pins = self._pins.setdefault(flow.client_conn.id, {})
         key = (call.host, call.port)
         # A transparent call goes where it was sent (its name was checked to lead there).
-        verdict = await self.guard.check(call.host, call.port, opt_in=opt_in,
-                                         pinned=pins.get(key) or ex.original_dst)
+        pinned = pins.get(key) or ex.original_dst
+        verdict = self.guard.check_known(call.host, call.port, opt_in=opt_in, pinned=pinned)
+        if verdict is None:  # a name to resolve: the one case that waits
+            return self._resolved(flow, ex, pins, key, opt_in, pinned)
+        self._pin(flow, ex, pins, key, verdict)
+        return None
+
+    async def _resolved(self, flow: http.HTTPFlow, ex: Exchange, pins: dict[Endpoint, str],
+                        key: Endpoint, opt_in: bool, pinned: str | None) -> None:
+        verdict = await self.guard.check(key[0], key[1], opt_in=opt_in, pinned=pinned)
+        self._pin(flow, ex, pins, key, verdict)
+
+    @staticmethod
+    def _pin(flow: http.HTTPFlow, ex: Exchange, pins: dict[Endpoint, str], key: Endpoint,
+             verdict: Verdict) -> None:
+        """Refuse the call, or pin its connection to the address judged (the agent
+        connection's pins, ``pins``, outlive no disconnect: see client_disconnected)."""
         if not verdict.allowed or verdict.ip is None:
             refuse(flow, 403, "forbidden", verdict.reason)
             return

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+from collections.abc import Awaitable
+
 from mitmproxy import http
 
 from addons._base import HOP_HEADERS, GatewayAddon, exchange, guarded, refuse_for
 from addons.authorize import tunnel_of
 from addons.transparent import transparent
 from proxy.errors import InvalidCredential, Refused, TaskgateError
+from proxy.gateway import Exchange
+from proxy.identity import Caller
 
 
 def _credential(flow: http.HTTPFlow) -> str | None:
@@ -40,9 +44,9 @@ class Identify(GatewayAddon):
             refuse_for(flow, e, challenge=not shown and ex.caller is None)
 
     @guarded
-    async def requestheaders(self, flow: http.HTTPFlow) -> None:
+    def requestheaders(self, flow: http.HTTPFlow) -> Awaitable[None] | None:
         if flow.response or not flow.live:
-            return
+            return None
         ex = exchange(flow)
         self.gateway.begin(ex)
         tunnel = ex.tunnel = tunnel_of(flow.client_conn)  # its record names the CONNECT
@@ -59,11 +63,25 @@ class Identify(GatewayAddon):
                 ex.caller = tunnel.caller
                 self.gateway.recheck(tunnel.caller)
             else:
-                ex.caller = await self.gateway.identity.identify(credential)
-                self.gateway.check_client(ex.caller, ex.client)
-                self.gateway.policy.check(ex.caller)
+                caller = self.gateway.identity.known(credential)
+                if caller is None:  # a token not seen lately: verified, which may wait
+                    return self._verified(flow, ex, credential, shown)
+                self._admit(ex, caller)
+        except TaskgateError as e:
+            refuse_for(flow, e, challenge=not shown and ex.caller is None)
+        return None
+
+    async def _verified(self, flow: http.HTTPFlow, ex: Exchange, credential: str | None,
+                        shown: bool) -> None:
+        try:
+            self._admit(ex, await self.gateway.identity.identify(credential))
         except TaskgateError as e:
             refuse_for(flow, e, challenge=not shown and ex.caller is None)
 
+    def _admit(self, ex: Exchange, caller: Caller) -> None:
+        """Name the caller on the record, then check its binding and grant."""
+        ex.caller = caller
+        self.gateway.check_client(caller, ex.client)
+        self.gateway.policy.check(caller)
 
 addons = [Identify()]

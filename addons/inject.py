@@ -205,12 +205,15 @@ class Inject(GatewayAddon):
         resp.stream = _decoding(StreamDecoder(steps), redactor.stream(), ex)
 
     @guarded
-    async def response(self, flow: http.HTTPFlow) -> None:
-        resp = flow.response
+    def response(self, flow: http.HTTPFlow) -> Awaitable[None] | None:
         ex = exchange(flow)
-        redactor = ex.redactor
-        if resp is None or redactor is None:
-            return
+        if flow.response is None or ex.redactor is None:
+            return None  # no secret went out: nothing to scan, no coroutine
+        return self._scanned(flow, ex)
+
+    async def _scanned(self, flow: http.HTTPFlow, ex: Exchange) -> None:
+        resp, redactor = flow.response, ex.redactor
+        assert resp is not None and redactor is not None  # response() looked
         if resp.trailers:  # streamed or not, they go out after this hook
             _redact_headers(resp.trailers, redactor)
         if resp.stream:

@@ -43,7 +43,7 @@ class Mcp(GatewayAddon):
     """Hold, read and judge MCP request bodies; filter tools/list answers."""
 
     @guarded
-    async def requestheaders(self, flow: http.HTTPFlow) -> None:
+    def requestheaders(self, flow: http.HTTPFlow) -> None:
         if flow.response or not flow.live:
             return
         ex = exchange(flow)
@@ -93,7 +93,7 @@ class Mcp(GatewayAddon):
                 raise PayloadTooLarge(why)
 
     @guarded
-    async def request(self, flow: http.HTTPFlow) -> None:
+    def request(self, flow: http.HTTPFlow) -> None:
         ex = exchange(flow)
         rules = ex.mcp_rules
         if not rules or flow.response or not flow.live:
@@ -134,7 +134,7 @@ class Mcp(GatewayAddon):
             req.headers["accept-encoding"] = "identity"  # filter what we can read
 
     @guarded
-    async def responseheaders(self, flow: http.HTTPFlow) -> None:
+    def responseheaders(self, flow: http.HTTPFlow) -> None:
         """Filter tools/list answers (fail closed: an error here kills the flow)."""
         decision = exchange(flow).mcp_decision
         resp = flow.response

@@ -15,6 +15,7 @@ original address). A refusal here answers JSON with the request id.
 from __future__ import annotations
 
 import logging
+from collections.abc import Awaitable
 
 from mitmproxy import connection, http
 from mitmproxy.proxy import commands, events, layer, layers, mode_specs
@@ -144,9 +145,12 @@ class Transparent(GatewayAddon):
             log.exception("taskgate: the refused transparent connection was not recorded")
 
     @guarded
-    async def requestheaders(self, flow: http.HTTPFlow) -> None:
+    def requestheaders(self, flow: http.HTTPFlow) -> Awaitable[None] | None:
         if flow.response or not flow.live or not transparent(flow.client_conn):
-            return
+            return None  # a proxy-mode call: no coroutine (addons/_pipeline.py)
+        return self._destination(flow)
+
+    async def _destination(self, flow: http.HTTPFlow) -> None:
         ex = exchange(flow)
         self.gateway.begin(ex)
         try:

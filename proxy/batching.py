@@ -15,6 +15,7 @@ fixed set (:data:`WORKERS`), so the label stays bounded.
 from __future__ import annotations
 
 import logging
+import queue
 import threading
 from collections.abc import Callable
 
@@ -48,53 +49,75 @@ FAILURES = Failures()
 
 
 class WorkQueue[T]:
-    """A closable queue whose consumer takes all waiting items at once."""
+    """A closable queue whose consumer takes all waiting items at once.
+
+    Built on :class:`queue.SimpleQueue` (C): a put and the consumer's wake-up cost no
+    Python-level lock dance (``threading.Condition`` was a measurable part of every
+    audited call: bench/README.md). Each put is one entry (a list of items);
+    ``None`` marks the close and stays queued once seen, so every later ``take``
+    sees it too."""
 
     def __init__(self) -> None:
-        self._cond = threading.Condition()
-        self._items: list[T] = []
+        self._q: queue.SimpleQueue[list[T] | None] = queue.SimpleQueue()
         self.closing = False
 
     def put(self, item: T) -> None:
-        with self._cond:
-            self._items.append(item)
-            self._cond.notify()
+        self._q.put([item])
 
     def put_all(self, items: list[T]) -> None:
         """Queue ``items`` with one wake-up of the consumer."""
-        with self._cond:
-            self._items.extend(items)
-            self._cond.notify()
+        if items:
+            self._q.put(list(items))
 
     def close(self) -> None:
         """No more items; the consumer drains what is queued, then ``take`` gives None."""
-        with self._cond:
-            self.closing = True
-            self._cond.notify()
+        self.closing = True
+        self._q.put(None)
 
     def take(self, timeout: float | None = None) -> list[T] | None:
         """Block until items wait (all of them), or ``None`` once closed and drained;
         with ``timeout``, an empty list when nothing came in that many seconds."""
-        with self._cond:
-            if timeout is None:
-                while not self._items and not self.closing:
-                    self._cond.wait()
-            elif not self._items and not self.closing:
-                self._cond.wait(timeout)
-            batch, self._items = self._items, []
-            if not batch and not self.closing:
-                return []
-        return batch or None
+        try:
+            if timeout is not None and timeout <= 0:
+                first = self._q.get_nowait()
+            else:
+                first = self._q.get(timeout=timeout)
+        except queue.Empty:
+            return []
+        batch = self._gather(first)
+        if batch:
+            return batch
+        return None if self.closing else []
+
+    def _gather(self, first: list[T] | None) -> list[T]:
+        """``first`` and every entry queued after it, as one list; the close mark, if
+        seen, is put back (after whatever is still queued behind it: nothing is)."""
+        closed = first is None
+        batch = [] if first is None else first
+        while True:
+            try:
+                more = self._q.get_nowait()
+            except queue.Empty:
+                break
+            if more is None:
+                closed = True
+            else:
+                batch.extend(more)
+        if closed:
+            self._q.put(None)
+        return batch
 
     def drain(self) -> list[T]:
         """Everything queued, taken without waiting (to fail it when the consumer is gone)."""
-        with self._cond:
-            batch, self._items = self._items, []
-        return batch
+        try:
+            first = self._q.get_nowait()
+        except queue.Empty:
+            return []
+        return self._gather(first)
 
     def empty(self) -> bool:
-        with self._cond:
-            return not self._items
+        """No item waits (once closed, the close mark is the one entry left)."""
+        return self._q.qsize() <= (1 if self.closing else 0)
 
 
 def consume[T](worker: str, queue: WorkQueue[T], handle: Callable[[list[T]], None],

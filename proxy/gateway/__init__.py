@@ -16,7 +16,7 @@ from proxy.gateway._core import (
     refusal_body,
     refusal_message,
 )
-from proxy.gateway._egress import EgressGuard, OwnAddresses, Resolver, local_addresses
+from proxy.gateway._egress import EgressGuard, OwnAddresses, Resolver, Verdict, local_addresses
 from proxy.gateway._exchange import ApprovedAs, Exchange, SocketTotals, Tunnel
 from proxy.gateway._framing import h1_request_framing, trailer_fields
 from proxy.gateway._limits import ConnectionLimits, FailureThrottle, client_key
@@ -73,6 +73,7 @@ __all__ = [
     "TaskBinds",
     "ToolPins",
     "Tunnel",
+    "Verdict",
     "answer_frame",
     "build",
     "client_key",

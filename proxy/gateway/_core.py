@@ -240,6 +240,11 @@ class Gateway:
         return any(r.private_ok and r.admits_endpoint(call.host, call.port)
                    for r in ex.rules.candidates(call.host))
 
+    def counts(self, ex: Exchange, decision: Decision) -> bool:
+        """Does :meth:`admit` count ``decision`` against a grant (and so may wait for the
+        store)? When not, admitting it would return it unchanged: callers skip it."""
+        return ex.caller is not None and decision.allowed and self.policy.budgeted(ex.caller)
+
     async def admit(self, ex: Exchange, decision: Decision) -> Decision:
         """Count an allowed call against its grant; may turn it into a refusal."""
         if ex.caller is None or not decision.allowed:

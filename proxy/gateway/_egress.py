@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import ipaddress
 import socket
 import time
@@ -51,6 +52,7 @@ __all__ = [
 
 PUBLIC, PRIVATE, NEVER = "public", "private", "never"
 _RANK = {PUBLIC: 0, PRIVATE: 1, NEVER: 2}
+VERDICTS_KEPT = 4096  # judged (host, port, addresses, …) remembered by an EgressGuard
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
@@ -98,6 +100,16 @@ def _address(ip: str | IPAddress) -> IPAddress:
     if isinstance(ip, (ipaddress.IPv4Address, ipaddress.IPv6Address)):
         return ip
     return ipaddress.ip_address(ip.partition("%")[0])  # a zone id never changes the class
+
+
+@functools.lru_cache(maxsize=4096)
+def _literal(host: str) -> str | None:
+    """``host`` written as an address (its normal spelling), ``None`` for a name. Cached:
+    parsing, and the exception a name raises, cost microseconds on every call."""
+    try:
+        return str(_address(host))
+    except ValueError:
+        return None
 
 
 def embedded_v4(addr: ipaddress.IPv6Address) -> list[ipaddress.IPv4Address]:
@@ -294,12 +306,26 @@ class Resolver:
     _cache: dict[str, tuple[float, asyncio.Future[tuple[str, ...]]]] = field(
         default_factory=dict, repr=False)
 
+    def known(self, host: str) -> tuple[str, ...] | None:
+        """What :meth:`resolve` would return without waiting: an IP literal, or the
+        addresses of a name resolved within its ``ttl``; ``None`` for anything else
+        (a lookup to make or still under way, a remembered failure)."""
+        literal = _literal(host)
+        if literal is not None:
+            return (literal,)
+        hit = self._cache.get(host)
+        if hit is None or hit[0] <= self.clock():
+            return None
+        fut = hit[1]
+        if not fut.done() or fut.cancelled() or fut.exception() is not None:
+            return None
+        return fut.result()
+
     async def resolve(self, host: str, port: int) -> tuple[str, ...]:
         """The addresses of ``host`` (an IP literal is itself); ``OSError`` if none."""
-        try:
-            return (str(_address(host)),)
-        except ValueError:
-            pass
+        literal = _literal(host)
+        if literal is not None:
+            return (literal,)
         now = self.clock()
         hit = self._cache.get(host)
         if hit is not None and hit[0] > now:
@@ -334,6 +360,8 @@ class EgressGuard:
 
     own: OwnAddresses
     resolver: Resolver = field(default_factory=Resolver)
+    _verdicts: dict[tuple[str, int, tuple[str, ...], bool, str | None], Verdict] = field(
+        default_factory=dict, repr=False)
 
     async def check(self, host: str, port: int, *, opt_in: bool,
                     pinned: str | None = None) -> Verdict:
@@ -346,6 +374,28 @@ class EgressGuard:
             addresses = await self.resolver.resolve(host, port)
         except OSError as e:
             return Verdict(False, str(e))
-        if pinned is not None:
-            addresses = (pinned, *(a for a in addresses if a != pinned))
-        return judge(host, port, addresses, opt_in=opt_in, own=self.own)
+        return self._judge(host, port, addresses, opt_in, pinned)
+
+    def check_known(self, host: str, port: int, *, opt_in: bool,
+                    pinned: str | None = None) -> Verdict | None:
+        """:meth:`check` without waiting, when the resolver knows ``host`` already (an IP
+        literal, a name resolved within its TTL); ``None``: call :meth:`check`."""
+        addresses = self.resolver.known(host)
+        if addresses is None:
+            return None
+        return self._judge(host, port, addresses, opt_in, pinned)
+
+    def _judge(self, host: str, port: int, addresses: tuple[str, ...], opt_in: bool,
+               pinned: str | None) -> Verdict:
+        """:func:`judge`, remembered: a verdict depends on nothing but these arguments
+        and ``own`` (frozen), and a keep-alive agent asks the same question per call."""
+        key = (host, port, addresses, opt_in, pinned)
+        verdict = self._verdicts.get(key)
+        if verdict is None:
+            if pinned is not None:
+                addresses = (pinned, *(a for a in addresses if a != pinned))
+            verdict = judge(host, port, addresses, opt_in=opt_in, own=self.own)
+            if len(self._verdicts) >= VERDICTS_KEPT:
+                self._verdicts.clear()
+            self._verdicts[key] = verdict
+        return verdict

@@ -470,18 +470,33 @@ class Identity:
     async def identify(self, proxy_authorization: str | None) -> Caller:
         token = token_from_proxy_authorization(proxy_authorization)
         key = TokenCache.key(token)
-        cached = self.cache.get(key)
-        if cached is not None:
-            issuer = self._issuers.get(cached.issuer)
-            if cached.expired(time.time(), self.leeway):
-                self.cache.drop(key)
-                raise InvalidCredential("token has expired")
-            if issuer is not None and issuer.holds(cached.key):
-                return cached
-            self.cache.drop(key)  # its key was removed or rotated: verify afresh
-        caller = await self._verify(token)
-        self.cache.put(key, caller)
+        caller = self._cached(key)
+        if caller is None:
+            caller = await self._verify(token)
+            self.cache.put(key, caller)
         return caller
+
+    def known(self, proxy_authorization: str | None) -> Caller | None:
+        """:meth:`identify` without waiting: the caller of a token verified before (its
+        cached verdict, re-checked as in :meth:`identify`), or ``None`` when the token
+        has to be verified, which may wait for the issuer's keys. Raises as
+        :meth:`identify` does. The usual call then needs no coroutine."""
+        return self._cached(TokenCache.key(token_from_proxy_authorization(
+            proxy_authorization)))
+
+    def _cached(self, key: bytes) -> Caller | None:
+        """The cached verdict for ``key`` if it still holds; raises once it expired."""
+        cached = self.cache.get(key)
+        if cached is None:
+            return None
+        issuer = self._issuers.get(cached.issuer)
+        if cached.expired(time.time(), self.leeway):
+            self.cache.drop(key)
+            raise InvalidCredential("token has expired")
+        if issuer is not None and issuer.holds(cached.key):
+            return cached
+        self.cache.drop(key)  # its key was removed or rotated: verify afresh
+        return None
 
     async def _verify(self, token: str) -> Caller:
         header, unverified = check_token_structure(token)

@@ -32,6 +32,11 @@ class Policy:
         """An allowed call is about to go ahead: take it from the caller's budget (tasks)."""
         return decision
 
+    def budgeted(self, caller: Caller) -> bool:
+        """Does :meth:`admit` have anything to do for ``caller``'s allowed calls? If not,
+        the gateway skips it (and the coroutine it costs) on every call."""
+        return False
+
     def reporting(self, caller: Caller) -> bool:
         """Report mode: a call the rules refuse goes through, recorded ``would_deny``."""
         return False
@@ -82,6 +87,9 @@ class TaskPolicy(StandingPolicy):
 
     async def admit(self, caller: Caller, decision: Decision, request_id: str) -> Decision:
         return await self.registry.admit(caller, decision, request_id)
+
+    def budgeted(self, caller: Caller) -> bool:
+        return caller.task is not None  # a task's calls are counted (registry.admit)
 
     def reporting(self, caller: Caller) -> bool:
         return self.registry.reporting(caller)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+from collections.abc import Awaitable, Sequence
 
 import orjson
 import pytest
@@ -24,6 +24,13 @@ def dns(answers: dict[str, Sequence[str]]):  # noqa: ANN201
             raise OSError("no such name")
         return answers[host]
     return lookup
+
+
+def settle(pending: Awaitable[None]) -> None:
+    """Run a hook's result to its end (a hook that did not wait returns DONE)."""
+    async def until_done() -> None:
+        await pending
+    asyncio.run(until_done())
 
 
 def addon(answers: dict[str, Sequence[str]]) -> Egress:
@@ -61,7 +68,7 @@ def test_a_wildcard_name_is_judged_by_every_address(answers: list[str], opt_in: 
                                                     refused: bool) -> None:
     a = addon({"x.good.test": answers})
     f = flow_for("x.good.test", allow_private=opt_in)
-    asyncio.run(a.requestheaders(f))
+    settle(a.requestheaders(f))
     if refused:
         assert f.response is not None and f.response.status_code == 403
         body = orjson.loads(f.response.content)
@@ -84,7 +91,7 @@ def test_a_wildcard_name_is_judged_by_every_address(answers: list[str], opt_in: 
 def test_a_failed_connection_gets_its_name_back() -> None:
     a = addon({"x.good.test": ["93.184.216.34"]})
     f = flow_for("x.good.test")
-    asyncio.run(a.requestheaders(f))
+    settle(a.requestheaders(f))
     server = connection.Server(address=("x.good.test", 443))
     a.server_connect(hook(server, f.client_conn))
     assert server.address == ("93.184.216.34", 443)
@@ -106,7 +113,7 @@ def test_a_connection_nobody_judged_is_killed() -> None:
 def test_pins_are_per_agent_connection_and_end_with_it() -> None:
     a = addon({"x.good.test": ["93.184.216.34"]})
     f = flow_for("x.good.test")
-    asyncio.run(a.requestheaders(f))
+    settle(a.requestheaders(f))
     other = tflow.tclient_conn()
     server = connection.Server(address=("x.good.test", 443))
     a.server_connect(hook(server, other))
@@ -121,18 +128,18 @@ def test_a_later_call_is_judged_against_the_pinned_address() -> None:
     answers = {"x.good.test": ["10.0.0.7"]}
     a = addon(answers)
     f = flow_for("x.good.test", allow_private=True)
-    asyncio.run(a.requestheaders(f))
+    settle(a.requestheaders(f))
     assert f.response is None
     answers["x.good.test"] = ["93.184.216.34"]  # rebinding: now public
     a._guard.resolver._cache.clear()  # type: ignore[union-attr]
     g = flow_for("x.good.test")  # a rule without the opt-in, on the same agent connection
     g.client_conn = f.client_conn
-    asyncio.run(a.requestheaders(g))
+    settle(a.requestheaders(g))
     assert g.response is not None and g.response.status_code == 403
 
 
 def test_an_unauthorized_flow_is_refused() -> None:
     a = addon({"x.good.test": ["93.184.216.34"]})
     f = tflow.tflow()
-    asyncio.run(a.requestheaders(f))
+    settle(a.requestheaders(f))
     assert f.response is not None and f.response.status_code == 403
