@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 
 from mitmproxy import connection, http, tls
 from mitmproxy.proxy import server_hooks
 
 from addons._base import GatewayAddon, exchange, refuse, streams_response
+from addons._pipeline import DONE
 from addons.authorize import tunnel_of
 from proxy.errors import Unavailable
 from proxy.gateway import REQUEST_ID_HEADER, Exchange, Services
@@ -138,7 +139,9 @@ class Audit(GatewayAddon):
             return
         resp.stream = _counter(ex, resp.stream if callable(resp.stream) else None)
 
-    async def response(self, flow: http.HTTPFlow) -> None:
+    def response(self, flow: http.HTTPFlow) -> Awaitable[None]:
+        """Settle the totals and write the record; what to await is the write itself
+        (no coroutine of this hook's own around it, on every call)."""
         resp = flow.response
         assert resp is not None
         ex = exchange(flow)
@@ -154,8 +157,8 @@ class Audit(GatewayAddon):
         if ex.decision is None:
             ex.deny("no decision was made; refused", "error")
         if flow.websocket is not None and ex.websocket is not None and ex.websocket.watched:
-            return  # a WebSocket's one record is written when it ends (addons/websocket.py)
-        await self._write(flow, ex)
+            return DONE  # a WebSocket's one record is written when it ends (addons/websocket.py)
+        return self._write(flow, ex)
 
     def http_connected(self, flow: http.HTTPFlow) -> None:
         if flow.response is not None:

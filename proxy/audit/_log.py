@@ -247,7 +247,10 @@ def canonical(record: Mapping[str, Any]) -> bytes:
 
 
 def chain_hash(record: Mapping[str, Any], key: bytes | None = None) -> str:
-    data = canonical(record)
+    return _digest(canonical(record), key)
+
+
+def _digest(data: bytes, key: bytes | None) -> str:
     if key:
         return hmac.new(key, data, hashlib.sha256).hexdigest()
     return hashlib.sha256(data).hexdigest()
@@ -548,13 +551,15 @@ class AuditLog:
                ) -> tuple[bytes, str, BaseException | None]:
         """The line for ``record`` as the ``seq``-th (filled in place), its hash, and the
         error its caller gets when it had to be replaced by :func:`substitute`."""
-        for key, value in list(record.items()):
+        for key, value in record.items():  # values replaced in place: the size stays
             record[key] = clean(value)
         record["seq"], record["prev"] = seq, prev
         record["replica"] = self.replica
         record.pop("hash", None)
         try:
-            digest = record["hash"] = chain_hash(record, self._key)
+            # Without its hash the record is its own canonical form (:func:`canonical`).
+            canon = orjson.dumps(record, option=orjson.OPT_SORT_KEYS)
+            digest = record["hash"] = _digest(canon, self._key)
             return orjson.dumps(record), digest, None
         except Exception as e:  # noqa: BLE001 - a record we cannot encode is replaced
             FAILURES.add("audit")

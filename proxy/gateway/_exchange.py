@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from proxy.approvals import HeldRequest
-from proxy.audit import new_record, rfc3339
+from proxy.audit import rfc3339
 from proxy.identity import Caller
 from proxy.mcp import McpDecision
 from proxy.policy import Call, Rule, RuleSet
@@ -156,17 +156,27 @@ class Exchange:
         self.decision, self.reason = decision, reason
 
     def record(self) -> dict[str, Any]:
+        """The call's record, every field of :data:`~proxy.audit.FIELDS` in order.
+
+        Built as it stands, once per call: its values are made encodable
+        (:func:`~proxy.audit.clean`) by the log's writer, in place, before the record
+        is chained and before any observer sees it."""
         caller = self.caller
-        return new_record(
-            ts=rfc3339(self.ts), request_id=self.request_id,
-            connect_id=self.tunnel.connect_id if self.tunnel else None,
-            workload=caller.workload if caller else None,
-            task=caller.task if caller else None, owner=caller.owner if caller else None,
-            client=self.client, method=self.method, scheme=self.scheme, host=self.host,
-            port=self.port, upstream_ip=self.upstream_ip, path=self.path, tool=self.tool,
-            decision=self.decision or "error", rule=self.rule, reason=self.reason,
-            secret=self.secret, approval=self.approval, status=self.status,
-            bytes_in=self.bytes_in, bytes_out=self.bytes_out,
-            websocket=self.websocket.record() if self.websocket is not None else None,
-            duration_ms=round((time.monotonic() - self.started) * 1000, 3),
-        )
+        tunnel = self.tunnel
+        return {
+            "ts": rfc3339(self.ts), "seq": None, "replica": None,
+            "request_id": self.request_id,
+            "connect_id": tunnel.connect_id if tunnel is not None else None,
+            "workload": caller.workload if caller is not None else None,
+            "task": caller.task if caller is not None else None,
+            "owner": caller.owner if caller is not None else None,
+            "client": self.client, "method": self.method, "scheme": self.scheme,
+            "host": self.host, "port": self.port, "upstream_ip": self.upstream_ip,
+            "path": self.path, "tool": self.tool, "decision": self.decision or "error",
+            "rule": self.rule, "reason": self.reason, "secret": self.secret,
+            "approval": self.approval, "status": self.status, "bytes_in": self.bytes_in,
+            "bytes_out": self.bytes_out,
+            "websocket": self.websocket.record() if self.websocket is not None else None,
+            "duration_ms": round((time.monotonic() - self.started) * 1000, 3),
+            "prev": None, "hash": None,
+        }

@@ -198,6 +198,8 @@ class Metrics:
         self.registry = CollectorRegistry()
         self._decision = _Bounded(0, DECISIONS, closed=True)
         self._rule = _Bounded(MAX_RULE_LABELS)
+        self._calls: dict[tuple[str, str], Counter] = {}
+        self._durations: dict[str, Histogram] = {}
         self._secret = _Bounded(0, tuple(gateway.config.secrets), closed=True)
         self.calls = Counter("taskgate_calls", "Calls by decision and matching rule",
                              ("decision", "rule"), registry=self.registry)
@@ -231,10 +233,19 @@ class Metrics:
         if record.get("decision") == "held":
             return  # the interim record of a held call; its final record counts it once
         decision = self._decision(record.get("decision"))
-        self.calls.labels(decision, self._rule(record.get("rule"))).inc()
+        key = (decision, self._rule(record.get("rule")))
+        # The labelled children, found once per label pair (``labels()`` costs a lock
+        # and a tuple per call); both labels are bounded, so are these.
+        calls = self._calls.get(key)
+        if calls is None:
+            calls = self._calls[key] = self.calls.labels(*key)
+        calls.inc()
         ms = record.get("duration_ms")
         if isinstance(ms, (int, float)) and ms >= 0:
-            self.duration.labels(decision).observe(ms / 1000.0)
+            duration = self._durations.get(decision)
+            if duration is None:
+                duration = self._durations[decision] = self.duration.labels(decision)
+            duration.observe(ms / 1000.0)
 
     def secret_fetch(self, name: str, ok: bool) -> None:
         """Count one fetch of secret ``name`` (a configured name; others read ``other``)."""

@@ -384,3 +384,25 @@ def test_writer_thread_is_never_left_waiting_forever_at_shutdown(tmp_path: Path)
     results = asyncio.run(main())
     assert results == [None] * 50
     assert len(lines(tmp_path / "audit.jsonl")) == 50
+
+
+async def test_a_calls_record_has_every_field_in_order_and_is_cleaned_by_the_writer(
+        tmp_path: Path) -> None:
+    """The gateway builds a call's record as it stands (no clean per call); the writer
+    makes it encodable, in place, before it is chained and observed."""
+    from proxy.gateway import Exchange
+
+    ex = Exchange(request_id="r1", client="127.0.0.1", method="GET", host="example.test",
+                  path=f"/a{BAD[0]}", reason=BAD[1], tool={"name": BAD[2], "args": [BAD[3]]})
+    ex.deny(BAD[1])
+    rec = ex.record()
+    assert tuple(rec) == FIELDS
+    path = tmp_path / "audit.jsonl"
+    log = await opened(path)
+    await write(log, rec)
+    await log.close()
+    (written,) = lines(path)
+    assert written["path"] == f"/a{ESCAPED[0]}" and written["reason"] == ESCAPED[1]
+    assert written["tool"] == {"name": ESCAPED[2], "args": [ESCAPED[3]]}
+    assert rec["reason"] == ESCAPED[1]  # cleaned in place: what observers see after the write
+    assert verify(str(path)).ok
