@@ -27,8 +27,9 @@ batch written more than that after the last head write records it at once; a
 later one marks it due, and the writer records it when the lag is up, whether or
 not more records came (on close, always).
 
-Values: every value is made encodable before it is chained (:func:`clean`, in
-:func:`new_record` and again in the writer, for records changed after it). A
+Values: every value is made encodable before it is chained (:func:`clean`, by the
+writer, in place, for every record; :func:`new_record` cleans too, for records read
+before they are written; a call's record is built without it). A
 string that is not valid Unicode (a lone surrogate U+D800–U+DFFF: a ``\\ud800``
 escape in an agent's JSON, or a byte that is not UTF-8 that a library kept as
 U+DC80–U+DCFF) keeps its code point as the six characters ``\\udXXX``, so the
