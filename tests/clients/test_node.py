@@ -1,7 +1,9 @@
 """Node 20 clients through the gateway: built-in ``fetch`` with undici's
 ``EnvHttpProxyAgent`` (Node 20's fetch reads no proxy variable), axios with a CONNECT
-agent, the openai npm SDK. The packages come from tests/clients/node/package.json and
-its lock, installed once into a cache folder (``npm ci``) keyed by the lock's digest."""
+agent, the openai npm SDK, the official TypeScript MCP client (against the official
+Python SDK's server, tests/mcp_server.py). The packages come from
+tests/clients/node/package.json and its lock, installed once into a cache folder
+(``npm ci``) keyed by the lock's digest."""
 
 from __future__ import annotations
 
@@ -15,6 +17,11 @@ from pathlib import Path
 import pytest
 
 from tests.clients.conftest import EVENTS, REFUSED_REASON, World, incremental
+from tests.mcp_fixtures import TOOL_REFUSED, mcp_gateway, mcp_servers, records
+from tests.mcp_server import McpUpstream
+from tests.support import Gateway
+
+__all__ = ["mcp_gateway", "mcp_servers"]  # fixtures used by name
 
 NODE_DIR = Path(__file__).parent / "node"
 SCRIPT = NODE_DIR / "client.cjs"
@@ -113,3 +120,34 @@ def test_openai_npm_call_stream_and_refusal(world: World, node_modules: Path) ->
     got = node(world, node_modules, "openai-refused", base)
     assert got["status"] == 403 and got["name"] == "PermissionDeniedError", got
     assert REFUSED_REASON in str(got["message"]) and str(got["id"]) in str(got["message"])
+
+
+@pytest.mark.parametrize("kind", ["sse", "tls"])
+def test_typescript_mcp_client_allowed_and_refused(
+        world: World, node_modules: Path, mcp_gateway: Gateway,
+        mcp_servers: dict[str, McpUpstream], token: str, kind: str) -> None:
+    """The official TypeScript MCP client (streamable HTTP, an SSE-answering server over
+    HTTP, a JSON-answering one over HTTPS): granted tools run, a tool not granted and an
+    argument over its maximum come back as JSON-RPC errors the SDK raises with the
+    reason, and the session goes on after them."""
+    up = mcp_servers[kind]
+    up.ran.clear()
+    proxy = mcp_gateway.proxy_url_with(token)
+    env = world.env(NODE_PATH=str(node_modules), HTTPS_PROXY=proxy, https_proxy=proxy,
+                    HTTP_PROXY=proxy, http_proxy=proxy,
+                    NODE_EXTRA_CA_CERTS=str(mcp_gateway.ca))
+    out = subprocess.run(["node", str(SCRIPT), "mcp", up.url], capture_output=True,
+                         text=True, timeout=60, env=env)
+    assert out.stdout, out.stderr
+    got = json.loads(out.stdout.splitlines()[-1])
+    assert "error" not in got, got
+    assert got["tools"] == ["add", "notify", "search"], got
+    assert got["added"] == {"result": {"result": 5}, "isError": False}, got
+    assert got["danger"]["code"] == TOOL_REFUSED, got
+    assert "'danger' is not granted" in got["danger"]["message"], got
+    assert "above the maximum 50" in got["over"]["message"], got
+    assert got["after"] == {"result": {"result": 2}, "isError": False}, got
+    assert up.names() == ["add", "add"]  # the refused calls never ran
+    danger = [r for r in records(mcp_gateway, decision="deny", port=up.port)
+              if (r["tool"] or {}).get("name") == "danger"]
+    assert danger and danger[-1]["tool"]["protocol"] == "mcp"

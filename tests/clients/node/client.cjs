@@ -73,6 +73,29 @@ async function refusedOpenAI() {
   }
 }
 
+async function viaMcp() {
+  // The official TypeScript MCP client over streamable HTTP: its fetch goes through the
+  // dispatcher above, so through the gateway.
+  const { Client, StreamableHTTPClientTransport } = require("@modelcontextprotocol/client");
+  const client = new Client({ name: "taskgate-node-test", version: "1.0.0" });
+  await client.connect(new StreamableHTTPClientTransport(new URL(url)));
+  const tools = (await client.listTools()).tools.map((t) => t.name).sort();
+  const call = async (name, args) => {
+    try {
+      const r = await client.callTool({ name, arguments: args });
+      return { result: r.structuredContent, isError: Boolean(r.isError) };
+    } catch (e) {
+      return { code: e.code, message: String(e.message), name: e.constructor.name };
+    }
+  };
+  const added = await call("add", { a: 2, b: 3 });
+  const danger = await call("danger", { target: "prod" });
+  const over = await call("search", { query: "mcp docs", limit: 500 });
+  const after = await call("add", { a: 1, b: 1 });
+  await client.close();
+  out({ tools, added, danger, over, after });
+}
+
 const modes = {
   fetch: viaFetch,
   bare: viaFetch,
@@ -80,6 +103,7 @@ const modes = {
   openai: () => viaOpenAI(false),
   "openai-stream": () => viaOpenAI(true),
   "openai-refused": refusedOpenAI,
+  mcp: viaMcp,
 };
 modes[mode]().catch((e) => {
   out({ error: String(e && e.stack || e), cause: String(e && e.cause) });
