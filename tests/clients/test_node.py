@@ -1,7 +1,8 @@
 """Node 20 clients through the gateway: built-in ``fetch`` with undici's
 ``EnvHttpProxyAgent`` (Node 20's fetch reads no proxy variable), axios with a CONNECT
 agent, the openai npm SDK, the official TypeScript MCP client (against the official
-Python SDK's server, tests/mcp_server.py). The packages come from
+Python SDK's server, tests/mcp_server.py); and npm itself, installing from a registry
+served through the gateway. The packages come from
 tests/clients/node/package.json and its lock, installed once into a cache folder
 (``npm ci``) keyed by the lock's digest."""
 
@@ -151,3 +152,41 @@ def test_typescript_mcp_client_allowed_and_refused(
     danger = [r for r in records(mcp_gateway, decision="deny", port=up.port)
               if (r["tool"] or {}).get("name") == "danger"]
     assert danger and danger[-1]["tool"]["protocol"] == "mcp"
+
+
+def test_npm_installs_from_a_registry_through_the_gateway(world: World, tmp_path: Path
+                                                           ) -> None:
+    """npm reads ``HTTPS_PROXY`` (its ``https-proxy`` default) and ``npm_config_cafile``:
+    a package from a registry served under /packages/npm/ (its packument and tarball, as
+    the registry API has them) is installed, every request recorded."""
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "package.json").write_text(json.dumps({"name": "tgprobe", "version": "1.0.0"}))
+    (src / "index.js").write_text("module.exports = 'through the gateway';\n")
+    packed = subprocess.run(["npm", "pack", "--json", "--pack-destination", str(tmp_path)],
+                            cwd=src, check=True, capture_output=True, text=True, timeout=120)
+    (info,) = json.loads(packed.stdout)
+    registry = world.upstream.files / "packages" / "npm"
+    registry.mkdir(parents=True, exist_ok=True)
+    shutil.copy(tmp_path / info["filename"], registry / info["filename"])
+    base = f"{world.origin}/packages/npm"
+    (registry / "tgprobe").write_text(json.dumps({
+        "name": "tgprobe", "dist-tags": {"latest": "1.0.0"},
+        "versions": {"1.0.0": {"name": "tgprobe", "version": "1.0.0", "dist": {
+            "tarball": f"{base}/{info['filename']}", "integrity": info["integrity"],
+            "shasum": info["shasum"]}}}}))
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "package.json").write_text(json.dumps({"name": "p", "private": True}))
+    before = len(world.gw.audit())
+    env = world.env(npm_config_cafile=str(world.gw.ca),
+                    npm_config_cache=str(tmp_path / "cache"))
+    out = subprocess.run(["npm", "install", "--no-audit", "--no-fund", "--registry",
+                          f"{base}/", "tgprobe"], cwd=project, env=env,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    installed = project / "node_modules" / "tgprobe" / "index.js"
+    assert installed.read_text() == "module.exports = 'through the gateway';\n"
+    recs = world.gw.audit()[before:]
+    paths = {str(r["path"]) for r in recs if r["decision"] == "allow"}
+    assert {"/packages/npm/tgprobe", f"/packages/npm/{info['filename']}"} <= paths, recs
