@@ -243,15 +243,15 @@ def substitute(record: Mapping[Any, Any], error: BaseException) -> dict[str, Any
 
 
 def canonical(record: Mapping[str, Any]) -> bytes:
-    return orjson.dumps({k: v for k, v in record.items() if k != "hash"},
-                        option=orjson.OPT_SORT_KEYS)
+    """The bytes a record's hash covers: the record without its ``hash``, keys sorted
+    (copied only when it has one: the writer hashes records before they do)."""
+    if "hash" in record:
+        record = {k: v for k, v in record.items() if k != "hash"}
+    return orjson.dumps(record, option=orjson.OPT_SORT_KEYS)
 
 
 def chain_hash(record: Mapping[str, Any], key: bytes | None = None) -> str:
-    return _digest(canonical(record), key)
-
-
-def _digest(data: bytes, key: bytes | None) -> str:
+    data = canonical(record)
     if key:
         return hmac.new(key, data, hashlib.sha256).hexdigest()
     return hashlib.sha256(data).hexdigest()
@@ -558,9 +558,7 @@ class AuditLog:
         record["replica"] = self.replica
         record.pop("hash", None)
         try:
-            # Without its hash the record is its own canonical form (:func:`canonical`).
-            canon = orjson.dumps(record, option=orjson.OPT_SORT_KEYS)
-            digest = record["hash"] = _digest(canon, self._key)
+            digest = record["hash"] = chain_hash(record, self._key)
             return orjson.dumps(record), digest, None
         except Exception as e:  # noqa: BLE001 - a record we cannot encode is replaced
             FAILURES.add("audit")

@@ -276,8 +276,7 @@ class Gateway:
         if self.floods is not None and self.floods.absorb(record):
             self._observe(record)  # counted (metrics) and summarized, not a line of its own
             return
-        await self.audit.write(record)  # as _write does, one coroutine less on every call
-        self._observe(record)
+        await self._write(record)
 
     async def audit_interim(self, ex: Exchange, decision: str, reason: str,
                             approval: dict[str, Any] | None = None) -> None:

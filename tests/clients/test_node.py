@@ -14,6 +14,7 @@ import os
 import shutil
 import subprocess
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -57,9 +58,11 @@ def node_modules() -> Path:
     return home / "node_modules"
 
 
-def node(world: World, modules: Path, mode: str, url: str) -> dict[str, object]:
+def node(world: World, modules: Path, mode: str, url: str, **env: str
+         ) -> dict[str, object]:
+    """``client.cjs MODE URL`` with the agent's environment (``env`` added to it)."""
     out = subprocess.run(["node", str(SCRIPT), mode, url], capture_output=True, text=True,
-                         timeout=60, env=world.env(NODE_PATH=str(modules)))
+                         timeout=60, env=world.env(NODE_PATH=str(modules), **env))
     assert out.stdout, out.stderr
     doc: dict[str, object] = json.loads(out.stdout.splitlines()[-1])
     assert "error" not in doc, doc
@@ -134,14 +137,9 @@ def test_typescript_mcp_client_allowed_and_refused(
     up = mcp_servers[kind]
     up.ran.clear()
     proxy = mcp_gateway.proxy_url_with(token)
-    env = world.env(NODE_PATH=str(node_modules), HTTPS_PROXY=proxy, https_proxy=proxy,
-                    HTTP_PROXY=proxy, http_proxy=proxy,
-                    NODE_EXTRA_CA_CERTS=str(mcp_gateway.ca))
-    out = subprocess.run(["node", str(SCRIPT), "mcp", up.url], capture_output=True,
-                         text=True, timeout=60, env=env)
-    assert out.stdout, out.stderr
-    got = json.loads(out.stdout.splitlines()[-1])
-    assert "error" not in got, got
+    got: dict[str, Any] = node(world, node_modules, "mcp", up.url, HTTPS_PROXY=proxy,
+                               https_proxy=proxy, HTTP_PROXY=proxy, http_proxy=proxy,
+                               NODE_EXTRA_CA_CERTS=str(mcp_gateway.ca))
     assert got["tools"] == ["add", "notify", "search"], got
     assert got["added"] == {"result": {"result": 5}, "isError": False}, got
     assert got["danger"]["code"] == TOOL_REFUSED, got

@@ -25,6 +25,7 @@ from proxy.audit import _log as audit_mod
 from proxy.audit._log import FIELDS, MAX_DEPTH, TOO_DEEP, clean
 from proxy.batching import FAILURES
 from proxy.errors import Unavailable
+from proxy.gateway import Exchange
 
 # Strings no UTF-8 encoder takes: a `\ud800` JSON escape, the other half, a byte that is
 # not UTF-8 kept by surrogateescape (U+DC80..U+DCFF), an emoji's high half alone, and
@@ -390,8 +391,6 @@ async def test_a_calls_record_has_every_field_in_order_and_is_cleaned_by_the_wri
         tmp_path: Path) -> None:
     """The gateway builds a call's record as it stands (no clean per call); the writer
     makes it encodable, in place, before it is chained and observed."""
-    from proxy.gateway import Exchange
-
     ex = Exchange(request_id="r1", client="127.0.0.1", method="GET", host="example.test",
                   path=f"/a{BAD[0]}", reason=BAD[1], tool={"name": BAD[2], "args": [BAD[3]]})
     ex.deny(BAD[1])
