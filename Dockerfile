@@ -1,9 +1,10 @@
 # taskgate egress gateway.
 #   docker build -t taskgate .
 #   docker run -p 8080:8080 -p 8081:8081 -v taskgate-home:/var/lib/taskgate taskgate
-FROM python:3.12-slim AS build
+# The full image: it has the C compiler that builds the JSON scanner (setup.py).
+FROM python:3.12 AS build
 WORKDIR /src
-COPY pyproject.toml README.md ./
+COPY pyproject.toml setup.py README.md ./
 COPY proxy ./proxy
 COPY addons ./addons
 RUN pip wheel --no-cache-dir --wheel-dir /wheels .

@@ -6,7 +6,8 @@
 2. Throughput: MCP tools/call requests per second from concurrent keep-alive
    clients, straight to a loopback JSON-RPC upstream, through plain
    ``mitmdump`` (no addons), and through taskgate with an MCP rule (identity,
-   authorization, body inspection, audit log).
+   authorization, body inspection, audit log), and through the same gateway without
+   the compiled scanner (the Python readers alone).
 
 Run: ``PYTHONPATH=. /tmp/venv/bin/python bench/bench_mcp.py [--seconds 3] [--runs 3]``.
 On a shared machine figures vary between runs; each target is run several times,
@@ -168,11 +169,27 @@ async def worker_once(session: Any, url: str, proxy: str | None, body: bytes,
 def bench_throughput(seconds: float, clients: int, rounds: int) -> None:
     from tests.support import WORKLOAD, Gateway, Keys
 
+    class NoScanner(Gateway):
+        """The gateway with ``proxy.mcp._scan`` made unimportable before it starts."""
+
+        def start(self, wait: bool = True) -> Gateway:
+            self._out = open(self.log, "ab")
+            code = ("import runpy, sys; sys.modules['proxy.mcp._scan'] = None; "
+                    "import proxy.mcp._jsonrpc as j; assert j._scan is None; "
+                    f"sys.argv = ['taskgate', 'run', '-c', {str(self.config_path)!r}]; "
+                    "runpy.run_module('proxy', run_name='__main__', alter_sys=True)")
+            self.proc = subprocess.Popen([sys.executable, "-S", "-c", code], cwd=self.dir,
+                                         env=self.env, stdout=self._out,
+                                         stderr=subprocess.STDOUT)
+            if wait:
+                self.wait_ready()
+            return self
+
     print(f"\n== throughput: MCP tools/call, {clients} keep-alive clients, "
           f"{seconds:g} s per run ==")
     procs: list[subprocess.Popen[bytes]] = []
     tmp = Path(tempfile.mkdtemp(prefix="bench-mcp-"))
-    gw = None
+    gw = gw2 = None
     try:
         up_port = free_port()
         procs.append(subprocess.Popen([sys.executable, __file__, "--serve", str(up_port)]))
@@ -197,6 +214,10 @@ def bench_throughput(seconds: float, clients: int, rounds: int) -> None:
                    {"id": "bench-plain", "host": "127.0.0.1", "port": up_port, "scheme": "http",
                     "methods": ["POST"], "paths": ["/plain"]}]}}}
         gw = Gateway(tmp / "gw", cfg).start()
+        # The same gateway with the compiled scanner kept out (proxy/mcp/_scan.c): every
+        # body takes the Python readers, as on a build without a C compiler.
+        (tmp / "gw2").mkdir()
+        gw2 = NoScanner(tmp / "gw2", cfg).start()
         token = keys.token(ttl=3600)
 
         url = f"http://127.0.0.1:{up_port}/mcp"
@@ -206,7 +227,8 @@ def bench_throughput(seconds: float, clients: int, rounds: int) -> None:
         targets = (("direct (no proxy)", None, "/mcp", None),
                    ("plain mitmdump", f"http://127.0.0.1:{mitm_port}", "/mcp", procs[1].pid),
                    ("taskgate, plain rule", gw.proxy_url_with(token), "/plain", gw.proc.pid),
-                   ("taskgate, MCP rule", gw.proxy_url_with(token), "/mcp", gw.proc.pid))
+                   ("taskgate, MCP rule", gw.proxy_url_with(token), "/mcp", gw.proc.pid),
+                   ("MCP rule, no scanner", gw2.proxy_url_with(token), "/mcp", gw2.proc.pid))
         for label, body in (("small tools/call", small), ("100 KB tools/call", big)):
             print(f"  {label} ({len(body):,} B), best of {rounds} interleaved runs; proxy CPU "
                   "per call (all threads, median of the runs):")
@@ -232,8 +254,9 @@ def bench_throughput(seconds: float, clients: int, rounds: int) -> None:
         records = sum(1 for _ in gw.audit_path.open())
         print(f"  taskgate wrote {records:,} audit records")
     finally:
-        if gw is not None:
-            gw.stop()
+        for g in (gw, gw2):
+            if g is not None:
+                g.stop()
         for p in procs:
             p.send_signal(signal.SIGTERM)
             try:

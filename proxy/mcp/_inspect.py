@@ -28,14 +28,14 @@ from __future__ import annotations
 
 import gc
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
 
 from proxy.errors import Refused
-from proxy.mcp._jsonrpc import Message, canonical, decode_content, digest, parse_body
+from proxy.mcp._jsonrpc import Arguments, Message, canonical, decode_content, digest, parse_body
 from proxy.policy import ALWAYS_ALLOWED, TOOL_NAME, McpGrant, Rule, fold, mcp_method
 
 __all__ = ["INERT_METHODS", "TOOL_REFUSED", "McpDecision", "inspect", "refused_after",
@@ -142,7 +142,7 @@ class _Call:
     def __init__(self, msg: Message) -> None:
         self.msg = msg
         self.name: str | None = None
-        self.arguments: dict[str, Any] = {}
+        self.arguments: Mapping[str, Any] = {}
         self.problem: str | None = None
         self.canonical: bytes | None = None
         m = msg.method
@@ -181,7 +181,7 @@ class _Call:
             self.problem = "the tool name is not 1-128 of A-Z a-z 0-9 _ . -"
             return
         arguments = params.get("arguments", {})
-        if not isinstance(arguments, dict):
+        if not isinstance(arguments, (dict, Arguments)):
             self.problem = "tools/call arguments must be an object"
             return
         self.arguments = arguments

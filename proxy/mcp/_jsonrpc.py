@@ -25,6 +25,13 @@ tools/list filter), so both directions are read alike.
 
 The ``Content-Type`` is not consulted: whatever the agent calls it, the body
 is read as JSON-RPC.
+
+A single ``tools/call`` is first offered to the compiled scanner (``_scan.c``):
+when it proves the body plain (ASCII, no duplicate or case look-alike key at any
+depth, no escape or number another parser could read differently) it writes the
+canonical form in the same pass, and the arguments are parsed only where a rule
+constrains them (:class:`Arguments`). What it does not prove takes the readers
+below, which decide and word every refusal.
 """
 
 from __future__ import annotations
@@ -34,6 +41,7 @@ import json
 import math
 import re
 import zlib
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -42,13 +50,18 @@ import orjson
 from proxy.errors import PayloadTooLarge, Refused
 from proxy.policy import ExactFloat, fold
 
-__all__ = ["Message", "canonical", "check_message", "decode_content", "digest", "dumps",
-           "loads_strict", "parse_body"]
+__all__ = ["Arguments", "Message", "canonical", "check_message", "decode_content", "digest",
+           "dumps", "loads_strict", "parse_body"]
 
 ENVELOPE = ("jsonrpc", "id", "method", "params", "result", "error")
 _FOLDED_ENVELOPE = {fold(k): k for k in ENVELOPE}
 MAX_ENCODINGS = 2
 MAX_ID_CHARS = 256
+
+try:  # built by setup.py; without a C compiler the Python readers do all the work.
+    from proxy.mcp import _scan
+except ImportError:  # pragma: no cover - depends on the build
+    _scan = None  # type: ignore[assignment]  # the stub types the built module
 
 try:  # brotli ships with mitmproxy; without it, 'br' is refused like any unknown coding.
     import brotli
@@ -68,6 +81,36 @@ class Message:
     @property
     def is_response(self) -> bool:
         return self.method is None
+
+
+class Arguments(Mapping[str, Any]):
+    """A tool call's arguments as the scanner proved them: their canonical JSON is
+    already written, and a value is parsed (strictly) only when a rule reads it, so
+    a large argument nobody constrains is never turned into Python objects."""
+
+    __slots__ = ("_doc", "_start", "_end", "_spans")
+
+    def __init__(self, doc: bytes, start: int, end: int,
+                 members: list[tuple[str, int, int, Any]]) -> None:
+        self._doc, self._start, self._end = doc, start, end
+        self._spans = {key: (s, e) for key, s, e, _ in members}
+
+    @property
+    def canonical(self) -> bytes:
+        return self._doc[self._start:self._end]
+
+    def __getitem__(self, key: str) -> Any:
+        s, e = self._spans[key]
+        return loads_strict(self._doc[s:e])
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._spans
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._spans)
+
+    def __len__(self) -> int:
+        return len(self._spans)
 
 
 class _Bad(ValueError):
@@ -315,8 +358,47 @@ def _valid_id(rid: Any) -> bool:
     return isinstance(rid, str) and len(rid) <= MAX_ID_CHARS
 
 
+def _read_tool_call(data: bytes) -> Message | None:
+    """A single ``tools/call`` read from the scanner's canonical form, or ``None`` when
+    the scanner does not prove the body plain or it is anything else (a batch, another
+    method, a message the checks would refuse: the full reader words the refusal)."""
+    if _scan is None or not data.isascii():
+        return None
+    doc = _scan.canonical(data)
+    if doc is None:
+        return None
+    top = _scan.index(doc, 3)  # the envelope, params, arguments
+    if top is None:
+        return None
+    obj: dict[str, Any] = {}
+    members = None
+    for key, s, e, inner in top:
+        if key == "params":
+            members = inner
+        else:
+            obj[key] = orjson.loads(doc[s:e])
+    if obj.get("method") != "tools/call" or members is None:
+        return None
+    params: dict[str, Any] = {}
+    for key, s, e, inner in members:
+        if key == "arguments":
+            if inner is None:
+                return None
+            params[key] = Arguments(doc, s, e, inner)
+        else:
+            params[key] = orjson.loads(doc[s:e])
+    obj["params"] = params
+    try:
+        return _message(obj)
+    except Refused:
+        return None
+
+
 def parse_body(data: bytes) -> tuple[list[Message], bool]:
     """The messages of a decoded body and whether it was a batch; raise :class:`Refused`."""
+    call = _read_tool_call(data)
+    if call is not None:
+        return [call], False
     doc = loads_strict(data)
     if isinstance(doc, list):
         if not doc:
@@ -343,6 +425,8 @@ def dumps(value: Any) -> bytes | None:
 
 def canonical(value: Any) -> bytes | None:
     """The canonical JSON of ``value``: sorted keys, no spaces, UTF-8, numbers as written."""
+    if isinstance(value, Arguments):
+        return value.canonical
     try:
         return orjson.dumps(value, default=_exact_number, option=orjson.OPT_SORT_KEYS)
     except (orjson.JSONEncodeError, TypeError):  # integers beyond 64 bits, deep nesting

@@ -1,0 +1,6 @@
+"""Type stub of the compiled scanner (proxy/mcp/_scan.c)."""
+
+from typing import Any
+
+def canonical(data: bytes, /) -> bytes | None: ...
+def index(canon: bytes, levels: int, /) -> list[tuple[str, int, int, Any]] | None: ...
