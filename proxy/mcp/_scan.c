@@ -13,7 +13,8 @@
  *     same way (\" \\ \b \f \n \r \t): no \u, no \/;
  *   - numbers without an exponent, at most 18 integer digits (no overflow, no
  *     rounding to a float), and no "-0" (read as the integer 0);
- *   - fewer than MAX_DEPTH levels of nesting (128 arrays in arrays, say).
+ *   - fewer than MAX_DEPTH levels of nesting (128 arrays in arrays, say), and no more
+ *     than MAX_MOVED_PER_BYTE times its size moved by reordering (deep unsorted objects).
  * Anything else is "not proven". index() lists an object's members in such a
  * canonical form, so the caller parses only the parts it needs.
  */
@@ -24,6 +25,7 @@
 #define MAX_DEPTH 128
 #define MAX_INT_DIGITS 18
 #define MAX_FRAC_DIGITS 64
+#define MAX_MOVED_PER_BYTE 16
 
 enum { PROVEN = 0, NOT_PROVEN = 1, NO_MEMORY = 2 };
 
@@ -48,6 +50,7 @@ typedef struct {
     Py_ssize_t scratch_cap;
     char *copy;          /* one object's bytes while they are reordered */
     Py_ssize_t copy_cap;
+    Py_ssize_t moved;    /* bytes reordered so far, across every level */
 } Scan;
 
 static int grow(void **p, Py_ssize_t *cap, Py_ssize_t need, size_t size)
@@ -259,6 +262,11 @@ static int reorder(Scan *sc, Py_ssize_t base, Py_ssize_t open)
             return NOT_PROVEN;
     flush(sc);
     Py_ssize_t size = sc->len - open;
+    /* Each level of unsorted objects moves what it holds again: bound the total (the
+     * Python readers, linear, take a body nested to make that quadratic). */
+    sc->moved += size;
+    if (sc->moved > MAX_MOVED_PER_BYTE * sc->n + 65536)
+        return NOT_PROVEN;
     if (grow((void **)&sc->copy, &sc->copy_cap, size, 1))
         return NO_MEMORY;
     memcpy(sc->copy, sc->out + open, (size_t)size);

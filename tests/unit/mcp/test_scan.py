@@ -84,6 +84,22 @@ def test_defers_to_the_python_readers(body: bytes) -> None:
     assert _scan.canonical(body) is None
 
 
+def _nested_unsorted(levels: int) -> bytes:
+    """Objects whose keys are out of order, each holding the next and 10 KB of its own."""
+    body = b"1"
+    for _ in range(levels):
+        body = b'{"z":0,"a":' + body + b',"pad":"' + b"x" * 10_000 + b'"}'
+    return body
+
+
+def test_bounds_the_bytes_reordering_moves() -> None:
+    """Each level of unsorted objects moves what it holds again; a body nested to make
+    that quadratic goes to the (linear) Python readers, which accept it."""
+    deep = _nested_unsorted(100)
+    assert _scan.canonical(deep) is None and strict_canonical(deep) is not _REFUSED
+    assert agrees(_nested_unsorted(10)) is not None
+
+
 @pytest.mark.parametrize(("body", "canon"), [
     (b'{"b":1,"a":2}', b'{"a":2,"b":1}'),
     (b' \t\r\n{ "b" : [ 1 , 2.50 , -0.0 , 0 ] ,\n"a":{"d":null,"c":true,"B":false}} \n',
