@@ -32,7 +32,9 @@ def module_name(path: Path) -> str:
 
 
 def sources() -> list[Path]:
-    return sorted([*(REPO / "proxy").rglob("*.py"), *(REPO / "addons").glob("*.py")])
+    """Our modules: the Python ones, and the compiled ones by their type stubs."""
+    return sorted([*(REPO / "proxy").rglob("*.py"), *(REPO / "proxy").rglob("*.pyi"),
+                   *(REPO / "addons").glob("*.py")])
 
 
 def imports(path: Path) -> Iterator[Import]:
