@@ -281,17 +281,39 @@ static int reorder(Scan *sc, Py_ssize_t base, Py_ssize_t open)
     return PROVEN;
 }
 
+/* Past an opening brace or bracket: whether the container closes at once (then past it). */
+static int opens_empty(Scan *sc, unsigned char close)
+{
+    sc->i++;
+    skip_ws(sc);
+    if (sc->i < sc->n && sc->s[sc->i] == close) {
+        sc->i++;
+        return 1;
+    }
+    return 0;
+}
+
+/* After a member or an element: 1 past a comma (another follows), 0 at the closing byte,
+ * -1 at anything else. */
+static int next_item(Scan *sc, unsigned char close)
+{
+    skip_ws(sc);
+    if (sc->i >= sc->n)
+        return -1;
+    if (sc->s[sc->i] == ',') {
+        sc->i++;
+        return 1;
+    }
+    return sc->s[sc->i] == close ? 0 : -1;
+}
+
 static int object(Scan *sc, int depth)
 {
-    int r;
-    sc->i++;
-    Py_ssize_t open = out_at(sc), base = sc->count;
-    skip_ws(sc);
-    if (sc->i < sc->n && sc->s[sc->i] == '}') {
-        sc->i++;
+    int r, more;
+    if (opens_empty(sc, '}'))
         return PROVEN;
-    }
-    for (;;) {
+    Py_ssize_t open = out_at(sc), base = sc->count; /* skipping spaces keeps out_at */
+    do {
         skip_ws(sc);
         if (sc->i >= sc->n || sc->s[sc->i] != '"')
             return NOT_PROVEN;
@@ -309,17 +331,9 @@ static int object(Scan *sc, int depth)
         if (grow((void **)&sc->members, &sc->cap, sc->count + 1, sizeof(Member)))
             return NO_MEMORY;
         sc->members[sc->count++] = (Member){start, out_at(sc), key, klen};
-        skip_ws(sc);
-        if (sc->i >= sc->n)
-            return NOT_PROVEN;
-        if (sc->s[sc->i] == ',') {
-            sc->i++;
-            continue;
-        }
-        if (sc->s[sc->i] != '}')
-            return NOT_PROVEN;
-        break;
-    }
+    } while ((more = next_item(sc, '}')) > 0);
+    if (more < 0)
+        return NOT_PROVEN;
     r = reorder(sc, base, open);
     sc->count = base;
     sc->i++;
@@ -328,29 +342,18 @@ static int object(Scan *sc, int depth)
 
 static int array(Scan *sc, int depth)
 {
-    int r;
-    sc->i++;
-    skip_ws(sc);
-    if (sc->i < sc->n && sc->s[sc->i] == ']') {
-        sc->i++;
+    int r, more;
+    if (opens_empty(sc, ']'))
         return PROVEN;
-    }
-    for (;;) {
+    do {
         skip_ws(sc);
         if ((r = value(sc, depth + 1)))
             return r;
-        skip_ws(sc);
-        if (sc->i >= sc->n)
-            return NOT_PROVEN;
-        if (sc->s[sc->i] == ',') {
-            sc->i++;
-            continue;
-        }
-        if (sc->s[sc->i] != ']')
-            return NOT_PROVEN;
-        sc->i++;
-        return PROVEN;
-    }
+    } while ((more = next_item(sc, ']')) > 0);
+    if (more < 0)
+        return NOT_PROVEN;
+    sc->i++;
+    return PROVEN;
 }
 
 static int value(Scan *sc, int depth)
