@@ -172,18 +172,12 @@ def bench_throughput(seconds: float, clients: int, rounds: int) -> None:
     class NoScanner(Gateway):
         """The gateway with ``proxy.mcp._scan`` made unimportable before it starts."""
 
-        def start(self, wait: bool = True) -> Gateway:
-            self._out = open(self.log, "ab")
+        def command(self) -> list[str]:
             code = ("import runpy, sys; sys.modules['proxy.mcp._scan'] = None; "
                     "import proxy.mcp._jsonrpc as j; assert j._scan is None; "
                     f"sys.argv = ['taskgate', 'run', '-c', {str(self.config_path)!r}]; "
                     "runpy.run_module('proxy', run_name='__main__', alter_sys=True)")
-            self.proc = subprocess.Popen([sys.executable, "-S", "-c", code], cwd=self.dir,
-                                         env=self.env, stdout=self._out,
-                                         stderr=subprocess.STDOUT)
-            if wait:
-                self.wait_ready()
-            return self
+            return [sys.executable, "-S", "-c", code]
 
     print(f"\n== throughput: MCP tools/call, {clients} keep-alive clients, "
           f"{seconds:g} s per run ==")

@@ -317,11 +317,14 @@ class Gateway:
     def proxy_url_with(self, token: str) -> str:
         return f"http://agent:{token}@127.0.0.1:{self.proxy_port}"
 
+    def command(self) -> list[str]:
+        """The gateway's command line; a subclass wraps it (a namespace) or replaces it."""
+        return [*PYTHON, "-m", "proxy", "run", "-c", str(self.config_path)]
+
     def start(self, wait: bool = True) -> Gateway:
         self._out = open(self.log, "ab")
-        self.proc = subprocess.Popen(
-            [*PYTHON, "-m", "proxy", "run", "-c", str(self.config_path)],
-            cwd=self.dir, env=self.env, stdout=self._out, stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen(self.command(), cwd=self.dir, env=self.env,
+                                     stdout=self._out, stderr=subprocess.STDOUT)
         if wait:
             self.wait_ready()
         return self

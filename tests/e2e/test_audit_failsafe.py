@@ -272,16 +272,10 @@ class NamespacedGateway(Gateway):
         self.disk = disk
         super().__init__(workdir, config)
 
-    def start(self, wait: bool = True) -> Gateway:
-        self._out = open(self.log, "ab")
-        cmd = " ".join([f"mount -t tmpfs -o size=256k,mode=0700 taskgate-test {self.disk} &&",
-                        "exec", *PYTHON, "-m", "proxy", "run", "-c", str(self.config_path)])
-        self.proc = subprocess.Popen(["unshare", "-m", "--propagation", "private", "sh", "-c",
-                                      cmd], cwd=self.dir, env=self.env, stdout=self._out,
-                                     stderr=subprocess.STDOUT)
-        if wait:
-            self.wait_ready()
-        return self
+    def command(self) -> list[str]:
+        mount = f"mount -t tmpfs -o size=256k,mode=0700 taskgate-test {self.disk} &&"
+        return ["unshare", "-m", "--propagation", "private", "sh", "-c",
+                " ".join([mount, "exec", *super().command()])]
 
     def inside(self, path: Path) -> Path:
         """``path`` as the gateway's mount namespace sees it."""

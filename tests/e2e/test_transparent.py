@@ -49,7 +49,7 @@ from aiohttp import web
 
 from tests.conftest import OTHER_WORKLOAD
 from tests.e2e import assert_refusal
-from tests.support import PYTHON, REPO, WORKLOAD, Gateway, Upstream, bound_port, free_port
+from tests.support import REPO, WORKLOAD, Gateway, Upstream, bound_port, free_port
 from tests.tasks_support import admin, create_task, post_task, revoke
 
 DEPLOY = REPO / "deploy" / "transparent"
@@ -265,23 +265,25 @@ class NamedGateway(Gateway):
     def _keep_ports(self) -> None:
         pass  # the config names where to listen; nothing restarts these gateways
 
+    @property
+    def etc_files(self) -> tuple[Path, Path]:
+        """The gateway's /etc/hosts and /etc/resolv.conf."""
+        return self.dir / "hosts", self.dir / "resolv.conf"
+
     def start(self, wait: bool = True) -> Gateway:
-        hosts, resolv = self.dir / "hosts", self.dir / "resolv.conf"
+        hosts, resolv = self.etc_files
         hosts.write_text(self.hosts)
         # No name server: a name not in the hosts file (or its AAAA) fails at once,
         # instead of waiting for a server a pod's namespace cannot reach.
         resolv.write_text("nameserver 127.0.0.1\noptions timeout:1 attempts:1\n")
-        self._out = open(self.log, "ab")  # noqa: SIM115 - closed by stop()
+        return super().start(wait)
+
+    def command(self) -> list[str]:
+        hosts, resolv = self.etc_files
         inside = ["ip", "netns", "exec", self.netns] if self.netns else []
-        self.proc = subprocess.Popen(
-            [*inside, "unshare", "--mount", "--propagation", "private", "sh", "-c",
-             'mount --bind "$0" /etc/hosts && mount --bind "$1" /etc/resolv.conf && '
-             'shift && exec "$@"', str(hosts), str(resolv),
-             *PYTHON, "-m", "proxy", "run", "-c", str(self.config_path)],
-            cwd=self.dir, env=self.env, stdout=self._out, stderr=subprocess.STDOUT)
-        if wait:
-            self.wait_ready()
-        return self
+        return [*inside, "unshare", "--mount", "--propagation", "private", "sh", "-c",
+                'mount --bind "$0" /etc/hosts && mount --bind "$1" /etc/resolv.conf && '
+                'shift && exec "$@"', str(hosts), str(resolv), *super().command()]
 
 
 def _rule(rule_id: str, host: str, port: int, **more: Any) -> dict[str, Any]:
