@@ -54,6 +54,27 @@ SECRET_REPLACES = (*AGENT_CREDENTIALS, "Accept-Encoding")
 Hook = Callable[[Any, http.HTTPFlow], Awaitable[None] | None]
 
 
+def header(headers: http.Headers, lname: bytes) -> str | None:
+    """``headers.get(name)`` for a lower-case ``lname``, in one pass over the fields
+    (mitmproxy's lookup converts the name and lower-cases every field through three
+    calls; on the hooks every call runs, that added up). Folded as ``Headers.get``."""
+    values = [v for k, v in headers.fields if k.lower() == lname]
+    if not values:
+        return None
+    return ", ".join(v.decode("utf-8", "surrogateescape") for v in values)
+
+
+def set_header(headers: http.Headers, name: str, value: str) -> None:
+    """``headers[name] = value``; appended without rebuilding the fields when the
+    header is not there yet (the usual case: our own headers)."""
+    lname = name.lower().encode()
+    if any(k.lower() == lname for k, _ in headers.fields):
+        headers[name] = value
+    else:
+        headers.fields = (*headers.fields, (name.encode(), value.encode("utf-8",
+                                                                        "surrogateescape")))
+
+
 def exchange(flow: http.HTTPFlow) -> Exchange:
     """The flow's :class:`Exchange`, made on first use (request id, client address)."""
     ex = flow.metadata.get(EXCHANGE)
@@ -165,11 +186,11 @@ def streams_response(flow: http.HTTPFlow, threshold: int) -> bool:
     so the addons that filter a stream (inject) and count it (audit) agree."""
     resp = flow.response
     assert resp is not None
-    length = resp.headers.get("content-length")
+    length = header(resp.headers, b"content-length")
     return bool(
-        (length is None and flow.request.method != "HEAD"
+        (length is None and flow.request.data.method != b"HEAD"
          and resp.status_code not in (204, 304))
-        or resp.headers.get("content-type", "").startswith("text/event-stream")
+        or (header(resp.headers, b"content-type") or "").startswith("text/event-stream")
         or (length and length.isdigit() and int(length) > threshold))
 
 

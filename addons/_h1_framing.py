@@ -74,20 +74,37 @@ def _make_body_reader(original: Any) -> Any:
     return make_body_reader
 
 
+# The wrappers below are plain functions that hand mitmproxy its own generator
+# whenever they have nothing to add (the usual event): a generator of ours around it
+# would run for every command of every event. A pipelined next message is read by a
+# nested call of the (patched) method, which decides for itself.
+
+
+def _nothing() -> Commands:
+    """No commands (an event the wrapper consumed)."""
+    yield from ()
+
+
 def _read_body(original: Any) -> Any:
     def read_body(self: Any, event: Any) -> Commands:
-        for command in original(self, event):
-            if isinstance(command, ReceiveHttp) and isinstance(
-                    command.event, (RequestEndOfMessage, ResponseEndOfMessage)):
-                trailers = getattr(self.body_reader, "trailers", None)
-                if trailers:
-                    self.body_reader.trailers = []
-                    kind = (RequestTrailers if isinstance(command.event, RequestEndOfMessage)
-                            else ResponseTrailers)
-                    yield ReceiveHttp(kind(command.event.stream_id, http.Headers(trailers)))
-            yield command
+        if not isinstance(getattr(self, "body_reader", None), _KeepTrailers):
+            return original(self, event)  # no chunked reader: no trailers to hand over
+        return _handing_over_trailers(self, original(self, event))
 
     return read_body
+
+
+def _handing_over_trailers(self: Any, commands_: Commands) -> Commands:
+    for command in commands_:
+        if isinstance(command, ReceiveHttp) and isinstance(
+                command.event, (RequestEndOfMessage, ResponseEndOfMessage)):
+            trailers = getattr(self.body_reader, "trailers", None)
+            if trailers:
+                self.body_reader.trailers = []
+                kind = (RequestTrailers if isinstance(command.event, RequestEndOfMessage)
+                        else ResponseTrailers)
+                yield ReceiveHttp(kind(command.event.stream_id, http.Headers(trailers)))
+        yield command
 
 
 def _last_chunk(trailers: http.Headers) -> bytes:
@@ -111,30 +128,35 @@ def _client_send(original: Any) -> Any:
                 self._tg_left, self._tg_chunked = framing.length, framing.chunked
         elif isinstance(event, RequestData):
             if not event.data:  # chunked, an empty chunk would end the body here
-                return
+                return _nothing()
             left = getattr(self, "_tg_left", None)
             if left is not None:
                 if len(event.data) > left:
-                    yield from _desync(self, "more body than its Content-Length")
-                    return
+                    return _desync(self, "more body than its Content-Length")
                 self._tg_left = left - len(event.data)
         elif isinstance(event, RequestTrailers):
             # Only chunked carries trailers in HTTP/1.1; otherwise they are dropped.
             self._tg_trailers = event.trailers if getattr(self, "_tg_chunked", False) else None
-            return
+            return _nothing()
         elif isinstance(event, RequestEndOfMessage):
             if getattr(self, "_tg_left", None):
-                yield from _desync(self, "less body than its Content-Length")
-                return
+                return _desync(self, "less body than its Content-Length")
             trailers = getattr(self, "_tg_trailers", None)
             if trailers and self._tg_chunked:
                 self._tg_trailers = None
-                yield commands.SendData(self.conn, _last_chunk(trailers))
-                yield from self.mark_done(request=True)
-                return
-        yield from original(self, event)
+                return _last_chunk_then_done(self, trailers, request=True)
+        return original(self, event)
 
     return send
+
+
+def _last_chunk_then_done(conn: Any, trailers: http.Headers, *, request: bool) -> Commands:
+    """End a chunked body with ``trailers`` in its last chunk, and the message."""
+    yield commands.SendData(conn.conn, _last_chunk(trailers))
+    if request:
+        yield from conn.mark_done(request=True)
+    else:
+        yield from conn.mark_done(response=True)
 
 
 def _desync(conn: Any, what: str) -> Commands:
@@ -150,19 +172,17 @@ def _server_send(original: Any) -> Any:
 
     def send(self: Any, event: Any) -> Commands:
         if isinstance(event, ResponseData) and not event.data:
-            return  # chunked, an empty chunk would end the body here
+            return _nothing()  # chunked, an empty chunk would end the body here
         if isinstance(event, ResponseTrailers):
             self._tg_trailers = event.trailers
-            return
+            return _nothing()
         if isinstance(event, ResponseEndOfMessage):
             trailers, self._tg_trailers = getattr(self, "_tg_trailers", None), None
             if (trailers and self.request is not None and self.response is not None
                     and self.request.method.upper() != "HEAD"
                     and "chunked" in self.response.headers.get("transfer-encoding", "").lower()):
-                yield commands.SendData(self.conn, _last_chunk(trailers))
-                yield from self.mark_done(response=True)
-                return
-        yield from original(self, event)
+                return _last_chunk_then_done(self, trailers, request=False)
+        return original(self, event)
 
     return send
 

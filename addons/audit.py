@@ -8,7 +8,7 @@ from collections.abc import Awaitable, Callable, Iterable
 from mitmproxy import connection, http, tls
 from mitmproxy.proxy import server_hooks
 
-from addons._base import GatewayAddon, exchange, refuse, streams_response
+from addons._base import GatewayAddon, exchange, header, refuse, set_header, streams_response
 from addons._pipeline import DONE
 from addons.authorize import tunnel_of
 from proxy.errors import Unavailable
@@ -101,11 +101,11 @@ class Audit(GatewayAddon):
         if flow.response or not flow.live or not self.started or self._down(flow):
             return
         req = flow.request
-        length = req.headers.get("content-length")
+        length = header(req.headers, b"content-length")
         # No length: a chunked HTTP/1 body, or an HTTP/2 or /3 body (framed by its
         # frames; gRPC streams are endless). Streamed, never held whole in memory.
         unknown = length is None and (
-            "chunked" in req.headers.get("transfer-encoding", "").lower()
+            "chunked" in (header(req.headers, b"transfer-encoding") or "").lower()
             or not req.http_version.startswith("HTTP/1"))
         large = unknown or (length is not None and length.isdigit()
                             and int(length) > self.gateway.config.stream_threshold_bytes)
@@ -125,7 +125,7 @@ class Audit(GatewayAddon):
         if resp is None or not self.started:  # not started: refused, id already on it
             return
         ex = exchange(flow)
-        resp.headers[REQUEST_ID_HEADER] = ex.request_id
+        set_header(resp.headers, REQUEST_ID_HEADER, ex.request_id)
         if not (resp.stream
                 or streams_response(flow, self.gateway.config.stream_threshold_bytes)):
             return  # buffered: `response` writes the record before anything is sent

@@ -14,6 +14,7 @@ from addons.egress import Egress
 from proxy.errors import Refused, TaskgateError
 from proxy.gateway import (
     Exchange,
+    Seen,
     Services,
     SocketTotals,
     Tunnel,
@@ -58,13 +59,13 @@ def _scan(req: http.Request) -> tuple[str | None, bool]:
     return None, upgrade
 
 
-def _forward_canonical(req: http.Request, host: str) -> None:
+def _forward_canonical(req: http.Request, host: str, current: str | None) -> None:
     """Send the host as judged: the connection target, Host and :authority all name
     the canonical host (``API.GOOD.TEST.`` goes out as ``api.good.test``). Written
-    only where it differs: mitmproxy's setters re-encode the header fields."""
+    only where it differs: mitmproxy's setters re-encode the header fields.
+    ``current`` is the request's ``host_header`` as it was judged."""
     if req.data.host != host:
         req.data.host = host
-    current = req.host_header
     if current is not None:
         wanted = url.hostport(req.scheme, host, req.port)
         if current != wanted:
@@ -82,6 +83,9 @@ class Authorize(GatewayAddon):
         # The tunnel each agent connection opened, keyed by the connection itself (as
         # mitmproxy's proxyauth keeps its logins): gone with the connection.
         self._tunnels: MutableMapping[connection.Client, Tunnel] = weakref.WeakKeyDictionary()
+        # Each agent connection's last call as read and judged (a keep-alive agent
+        # repeats its request line): gone with the connection.
+        self._seen: MutableMapping[connection.Client, Seen] = weakref.WeakKeyDictionary()
 
     def tunnel(self, client: connection.Client) -> Tunnel | None:
         """The CONNECT tunnel ``client`` opened and this addon allowed, if any."""
@@ -143,10 +147,15 @@ class Authorize(GatewayAddon):
         if why is not None:
             refuse(flow, 400, "bad_request", why)
             return None
-        tunnel = ex.tunnel = self._tunnels.get(flow.client_conn)
+        client = flow.client_conn
+        tunnel = ex.tunnel = self._tunnels.get(client)
+        seen = self._seen.get(client)
+        method, scheme, host, port, target = (req.method, req.scheme, req.host, req.port,
+                                              req.data.path)
         try:
-            call = gw.describe(ex, req.method, req.scheme, req.host, req.port, req.data.path)
-            gw.check_host_header(call, req.host_header, tunnel)
+            call = gw.describe(ex, method, scheme, host, port, target, seen)
+            host_header = req.host_header
+            gw.check_host_header(call, host_header, tunnel)
             if tunnel is not None and req.scheme == "https":
                 gw.check_sni(flow.client_conn.sni, tunnel)
             if tunnel is not None and req.authority:
@@ -162,32 +171,36 @@ class Authorize(GatewayAddon):
         except Refused as e:
             refuse_for(flow, e)
             return None
-        decision = gw.judge(ex, call)
+        decision = gw.judge(ex, call, seen)
+        rules = ex.rules
+        assert rules is not None  # judge() kept the rules it judged by
+        if seen is None or seen.call is not call or seen.rules is not rules:
+            self._seen[client] = Seen((method, scheme, host, port, target), call, ex.path,
+                                      rules, decision)
         if upgrade:  # a WebSocket: only on a rule that says websocket: true
-            assert ex.rules is not None  # judge() kept the rules it judged by
-            decision = upgrade_decision(decision, ex.rules.matching(call))
+            decision = upgrade_decision(decision, rules.matching(call))
         ex.rule = decision.rule_id
         if gw.counts(ex, decision):  # budgets (task grants): may wait for the store
-            return self._admitted(flow, ex, call, decision, upgrade)
-        self._decided(flow, ex, call, decision, upgrade)
+            return self._admitted(flow, ex, call, decision, upgrade, host_header)
+        self._decided(flow, ex, call, decision, upgrade, host_header)
         return None
 
     async def _admitted(self, flow: http.HTTPFlow, ex: Exchange, call: Call,
-                        decision: Decision, upgrade: bool) -> None:
+                        decision: Decision, upgrade: bool, host_header: str | None) -> None:
         try:
             decision = await self.gateway.admit(ex, decision)
         except TaskgateError as e:
             refuse_for(flow, e)
             return
-        self._decided(flow, ex, call, decision, upgrade)
+        self._decided(flow, ex, call, decision, upgrade, host_header)
 
     def _decided(self, flow: http.HTTPFlow, ex: Exchange, call: Call, decision: Decision,
-                 upgrade: bool) -> None:
+                 upgrade: bool, host_header: str | None) -> None:
         """Let the call on or refuse it, as its (admitted) decision says."""
         gw, req = self.gateway, flow.request
         if not decision.allowed and gw.reporting(ex.caller):
             gw.report(ex, decision.reason)
-            _forward_canonical(req, call.host)
+            _forward_canonical(req, call.host, host_header)
             ex.call = call
             return
         if not decision.allowed:
@@ -196,7 +209,7 @@ class Authorize(GatewayAddon):
         ex.decision, ex.reason = "allow", decision.reason
         if upgrade:
             ex.websocket = SocketTotals()
-        _forward_canonical(req, call.host)
+        _forward_canonical(req, call.host, host_header)
         ex.allowed_by, ex.call = decision.rule, call
 
 

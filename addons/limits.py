@@ -200,6 +200,7 @@ def _patch_read_headers() -> None:
 
     def read_headers(self: Any, event: events.ConnectionEvent
                      ) -> Generator[commands.Command, Any, None]:
+        # A plain function handing back mitmproxy's own generator (see _h1_framing).
         addon = _active[0] if _active else None
         if isinstance(event, events.DataReceived) and addon is not None:
             cap = addon.max_header_bytes
@@ -207,17 +208,12 @@ def _patch_read_headers() -> None:
                 data = bytes(self.buf)
                 end = _HEAD_END.search(data)
                 if end is None or end.start() > cap:
-                    self.buf = _http1.ReceiveBuffer()
-                    yield commands.SendData(self.conn, h1_refusal(
-                        431, "request_header_fields_too_large",
-                        f"the request head is larger than {cap} bytes "
-                        "(proxy.max_header_bytes)"))
-                    yield commands.CloseConnection(self.conn)
-                    self.state = self.done
-                    return
-            if len(self.buf) == len(event.data):  # the first bytes of a new head
+                    return _head_too_large(self, cap)
+            if len(self.buf) == len(event.data) and _HEAD_END.search(event.data) is None:
+                # The first bytes of a new head, not all of it (a head that came whole
+                # is read now: no clock to set and cancel on every keep-alive call).
                 addon.start_head_clock(self.conn)
-        yield from original(self, event)
+        return original(self, event)
 
     server.read_headers = read_headers  # type: ignore[method-assign]
 
@@ -267,21 +263,38 @@ def _patch_consume_request_body() -> None:
     HttpStream.state_consume_request_body = state_consume_request_body  # type: ignore[method-assign]
 
 
+def _head_too_large(conn: Any, cap: int) -> Generator[commands.Command, Any, None]:
+    conn.buf = _http1.ReceiveBuffer()
+    yield commands.SendData(conn.conn, h1_refusal(
+        431, "request_header_fields_too_large",
+        f"the request head is larger than {cap} bytes (proxy.max_header_bytes)"))
+    yield commands.CloseConnection(conn.conn)
+    conn.state = conn.done
+
+
 def _patch_forget_closed_servers() -> None:
     original = HttpLayer._handle_event
 
     def _handle_event(self: Any, event: events.Event) -> Generator[commands.Command, Any, None]:
-        yield from original(self, event)
+        # Only a close needs more than mitmproxy's own generator (see _h1_framing).
         if isinstance(event, events.ConnectionClosed):
-            # The layers have answered the close (the server handler marks the
-            # connection CLOSED as it runs their CloseConnection); nothing is routed
-            # to a closed connection again, and a new call opens a new one.
-            conn = event.connection
-            if (conn is not self.context.client and conn.state is ConnectionState.CLOSED
-                    and isinstance(self.connections.get(conn), layer.Layer)):
-                del self.connections[conn]
+            return _forgetting_closed(self, event, original(self, event))
+        return original(self, event)
 
     HttpLayer._handle_event = _handle_event  # type: ignore[method-assign]
+
+
+def _forgetting_closed(self: Any, event: events.ConnectionClosed,
+                       commands_: Generator[commands.Command, Any, None]
+                       ) -> Generator[commands.Command, Any, None]:
+    yield from commands_
+    # The layers have answered the close (the server handler marks the connection
+    # CLOSED as it runs their CloseConnection); nothing is routed to a closed
+    # connection again, and a new call opens a new one.
+    conn = event.connection
+    if (conn is not self.context.client and conn.state is ConnectionState.CLOSED
+            and isinstance(self.connections.get(conn), layer.Layer)):
+        del self.connections[conn]
 
 
 def _refuse_unread(stream: Any) -> Generator[commands.Command, Any, None]:

@@ -53,6 +53,8 @@ class Mcp(GatewayAddon):
         if ex.websocket is not None:
             return  # an allowed WebSocket upgrade: its frames are judged (addons/websocket.py)
         judged_on = ex.rules or self.gateway.policy.rules_for(ex.caller)
+        if not judged_on.has_mcp:
+            return
         rules = tuple(r for r in judged_on.matching(call) if r.mcp is not None)
         if not rules:
             return

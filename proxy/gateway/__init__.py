@@ -17,7 +17,7 @@ from proxy.gateway._core import (
     refusal_message,
 )
 from proxy.gateway._egress import EgressGuard, OwnAddresses, Resolver, Verdict, local_addresses
-from proxy.gateway._exchange import ApprovedAs, Exchange, SocketTotals, Tunnel
+from proxy.gateway._exchange import ApprovedAs, Exchange, Seen, SocketTotals, Tunnel
 from proxy.gateway._framing import h1_request_framing, trailer_fields
 from proxy.gateway._limits import ConnectionLimits, FailureThrottle, client_key
 from proxy.gateway._metrics import METRICS_CONTENT_TYPE, merge_metrics
@@ -66,6 +66,7 @@ __all__ = [
     "RESTART_KEYS",
     "ReloadResult",
     "Resolver",
+    "Seen",
     "Services",
     "SocketTotals",
     "SourceIdentity",

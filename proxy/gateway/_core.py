@@ -19,7 +19,7 @@ import orjson
 from proxy.audit import AuditLog, redact_target
 from proxy.config import Config
 from proxy.errors import Refused
-from proxy.gateway._exchange import Exchange, Tunnel
+from proxy.gateway._exchange import Exchange, Seen, Tunnel
 from proxy.gateway._limits import AuthFailures
 from proxy.identity import Caller, Identity
 from proxy.policy import (
@@ -175,12 +175,16 @@ class Gateway:
 
     # -- requests -------------------------------------------------------------
     def describe(self, ex: Exchange, method: str, scheme: str, host: str, port: int,
-                 raw_target: bytes) -> Call:
-        """Fill ``ex`` from the request line and return the :class:`Call` to judge.
+                 raw_target: bytes, seen: Seen | None = None) -> Call:
+        """Fill ``ex`` from the request line and return the :class:`Call` to judge;
+        ``seen``'s when it read the same request line (its connection's last call).
 
         Raises :class:`Refused` for a host or path with more than one reading.
         """
         ex.method, ex.scheme, ex.port = method, scheme, port
+        if seen is not None and seen.target == (method, scheme, host, port, raw_target):
+            ex.host, ex.path = seen.call.host, seen.path
+            return seen.call
         raw_path, raw_query = split_target(raw_target)
         ex.path = redact_target(raw_path.decode("latin-1"), raw_query.decode("latin-1"))
         try:
@@ -223,12 +227,15 @@ class Gateway:
     def authorize(self, caller: Caller, call: Call) -> Decision:
         return self.policy.rules_for(caller).decide(call)
 
-    def judge(self, ex: Exchange, call: Call) -> Decision:
+    def judge(self, ex: Exchange, call: Call, seen: Seen | None = None) -> Decision:
         """Decide ``call`` on the caller's rules as they are now, and keep those rules
         with the call: a reload while it is in flight does not change what the later
-        hooks (MCP) judge it by."""
+        hooks (MCP) judge it by. ``seen``'s decision when it judged this very call on
+        these very rules."""
         assert ex.caller is not None
         rules = ex.rules = self.policy.rules_for(ex.caller)
+        if seen is not None and seen.call is call and seen.rules is rules:
+            return seen.decision
         return rules.decide(call)
 
     def private_ok(self, ex: Exchange) -> bool:

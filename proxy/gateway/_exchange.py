@@ -16,10 +16,10 @@ from proxy.approvals import HeldRequest
 from proxy.audit import rfc3339
 from proxy.identity import Caller
 from proxy.mcp import McpDecision
-from proxy.policy import Call, Rule, RuleSet
+from proxy.policy import Call, Decision, Rule, RuleSet
 from proxy.secrets import Redactor
 
-__all__ = ["ApprovedAs", "Exchange", "SocketTotals", "Tunnel"]
+__all__ = ["ApprovedAs", "Exchange", "Seen", "SocketTotals", "Tunnel"]
 
 
 @dataclass(slots=True)
@@ -32,6 +32,23 @@ class Tunnel:
     connect_id: str | None = None
     """The CONNECT's request id (on its ``200 Connection established``): every call
     through the tunnel names it in its record, so what ``curl -v`` shows is found."""
+
+
+@dataclass(frozen=True, slots=True)
+class Seen:
+    """An agent connection's last call as read and judged (authorize keeps one per
+    connection): a keep-alive agent repeats its request line, and reading the host
+    and path and matching the rules are pure functions of it and of the rules.
+
+    ``target`` is (method, scheme, host, port, raw request target) as the request
+    carried them; ``rules`` the very rule set judged by (a reload or another task
+    makes another object, never a changed one)."""
+
+    target: tuple[str, str, str, int, bytes]
+    call: Call
+    path: str | None
+    rules: RuleSet
+    decision: Decision
 
 
 @dataclass(slots=True)

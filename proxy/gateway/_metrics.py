@@ -42,6 +42,7 @@ its log is an unhealthy gateway).
 
 from __future__ import annotations
 
+import bisect
 import logging
 import math
 import re
@@ -54,12 +55,17 @@ from prometheus_client import (
     CollectorRegistry,
     Counter,
     Gauge,
-    Histogram,
     disable_created_metrics,
     generate_latest,
 )
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 from prometheus_client.parser import text_string_to_metric_families
+from prometheus_client.utils import floatToGoString
 
 from proxy.audit import DECISIONS
 from proxy.batching import FAILURES
@@ -106,6 +112,51 @@ class _Bounded:
                 return OTHER
             self._values.add(text)
         return text
+
+
+class _Calls:
+    """``taskgate_calls_total`` and ``taskgate_call_duration_seconds``, counted in plain
+    ints and made metric families at scrape time.
+
+    Both move on every call, on the event loop that also serves the scrape; a
+    prometheus child's ``inc``/``observe`` takes a lock each time and walks the
+    buckets in Python. The exposition is the same as the standard metrics'."""
+
+    def __init__(self) -> None:
+        self.counts: dict[tuple[str, str], int] = {}
+        # Per decision: the count in each bucket of its own (not cumulative), +Inf last.
+        self.buckets: dict[str, list[int]] = {}
+        self.sums: dict[str, float] = {}
+        self._bounds = [*(floatToGoString(b) for b in BUCKETS), "+Inf"]
+
+    def add(self, key: tuple[str, str], seconds: float | None) -> None:
+        self.counts[key] = self.counts.get(key, 0) + 1
+        if seconds is None:
+            return
+        decision = key[0]
+        counts = self.buckets.get(decision)
+        if counts is None:
+            counts = self.buckets[decision] = [0] * (len(BUCKETS) + 1)
+            self.sums[decision] = 0.0
+        counts[bisect.bisect_left(BUCKETS, seconds)] += 1  # le: the first bound >= it
+        self.sums[decision] += seconds
+
+    def collect(self) -> Iterator[Metric]:
+        calls = CounterMetricFamily("taskgate_calls", "Calls by decision and matching rule",
+                                    labels=("decision", "rule"))
+        for key, count in list(self.counts.items()):
+            calls.add_metric(list(key), float(count))
+        yield calls
+        duration = HistogramMetricFamily("taskgate_call_duration_seconds",
+                                         "Time from request to audit record, by decision",
+                                         labels=("decision",))
+        for decision, counts in list(self.buckets.items()):
+            cumulative, total = [], 0
+            for bound, count in zip(self._bounds, counts, strict=True):
+                total += count
+                cumulative.append((bound, float(total)))
+            duration.add_metric([decision], cumulative, self.sums[decision])
+        yield duration
 
 
 class _GatewayCollector:
@@ -198,14 +249,10 @@ class Metrics:
         self.registry = CollectorRegistry()
         self._decision = _Bounded(0, DECISIONS, closed=True)
         self._rule = _Bounded(MAX_RULE_LABELS)
-        self._calls: dict[tuple[str, str], Counter] = {}
-        self._durations: dict[str, Histogram] = {}
         self._secret = _Bounded(0, tuple(gateway.config.secrets), closed=True)
-        self.calls = Counter("taskgate_calls", "Calls by decision and matching rule",
-                             ("decision", "rule"), registry=self.registry)
-        self.duration = Histogram("taskgate_call_duration_seconds",
-                                  "Time from request to audit record, by decision",
-                                  ("decision",), buckets=BUCKETS, registry=self.registry)
+        self._calls = _Calls()
+        self._labels: dict[tuple[object, object], tuple[str, str]] = {}
+        self.registry.register(self._calls)
         self.secret_fetches = Counter("taskgate_secret_fetches",
                                       "Secret fetches by secret name and result (ok, error)",
                                       ("secret", "result"), registry=self.registry)
@@ -229,23 +276,22 @@ class Metrics:
 
     # -- the API other features call ------------------------------------------
     def observe(self, record: dict[str, Any]) -> None:
-        """One audit record (a sync ``Gateway.on_record`` observer)."""
+        """One audit record (a sync ``Gateway.on_record`` observer, on the event loop)."""
         if record.get("decision") == "held":
             return  # the interim record of a held call; its final record counts it once
-        decision = self._decision(record.get("decision"))
-        key = (decision, self._rule(record.get("rule")))
-        # The labelled children, found once per label pair (``labels()`` costs a lock
-        # and a tuple per call); both labels are bounded, so are these.
-        calls = self._calls.get(key)
-        if calls is None:
-            calls = self._calls[key] = self.calls.labels(*key)
-        calls.inc()
+        decision, rule = raw = (record.get("decision"), record.get("rule"))
+        plain = (decision is None or type(decision) is str) and (rule is None or
+                                                                 type(rule) is str)
+        key = self._labels.get(raw) if plain else None
+        if key is None:
+            key = (self._decision(decision), self._rule(rule))
+            if plain and len(self._labels) < 4 * MAX_RULE_LABELS:
+                # A value's label never changes once given (admitted, or "other" for
+                # good once the cap is reached): the pair is looked up, not worked out
+                # again on every call. At most 4 × MAX_RULE_LABELS pairs are kept.
+                self._labels[raw] = key
         ms = record.get("duration_ms")
-        if isinstance(ms, (int, float)) and ms >= 0:
-            duration = self._durations.get(decision)
-            if duration is None:
-                duration = self._durations[decision] = self.duration.labels(decision)
-            duration.observe(ms / 1000.0)
+        self._calls.add(key, ms / 1000.0 if isinstance(ms, (int, float)) and ms >= 0 else None)
 
     def secret_fetch(self, name: str, ok: bool) -> None:
         """Count one fetch of secret ``name`` (a configured name; others read ``other``)."""

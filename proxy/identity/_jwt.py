@@ -481,8 +481,17 @@ class Identity:
         cached verdict, re-checked as in :meth:`identify`), or ``None`` when the token
         has to be verified, which may wait for the issuer's keys. Raises as
         :meth:`identify` does. The usual call then needs no coroutine."""
-        return self._cached(TokenCache.key(token_from_proxy_authorization(
-            proxy_authorization)))
+        return self._cached(self.key_of(proxy_authorization))
+
+    @staticmethod
+    def key_of(proxy_authorization: str | None) -> bytes:
+        """The cache key of the credential's token (the SHA-256 of the token, never
+        the token); raises as :meth:`identify` does on a missing or malformed one."""
+        return TokenCache.key(token_from_proxy_authorization(proxy_authorization))
+
+    def known_key(self, key: bytes) -> Caller | None:
+        """:meth:`known` for a token whose :meth:`key_of` is ``key``."""
+        return self._cached(key)
 
     def _cached(self, key: bytes) -> Caller | None:
         """The cached verdict for ``key`` if it still holds; raises once it expired."""

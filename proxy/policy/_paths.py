@@ -25,6 +25,9 @@ _PCT = re.compile(rb"%([0-9A-Fa-f]{2})")
 _BAD_PCT = re.compile(rb"%(?![0-9A-Fa-f]{2})")
 # The first byte that is a control byte or not ASCII (one scan in C, on every call).
 _ODD_BYTE = re.compile(rb"[\x00-\x1f\x7f-\xff]")
+# Anything :func:`ambiguity` looks at further; a path without any is read as it is
+# (one scan in C; the checks below each scan the path again).
+_SUSPECT = re.compile(rb"[\x00-\x1f\x7f-\xff\\#;%]|//|/\.")
 # Escapes whose decoded byte changes how the path is split or read.
 _FORBIDDEN_ESCAPES = {
     0x2F: "an encoded '/' (%2f)",
@@ -47,6 +50,8 @@ def ambiguity(raw_path: bytes) -> str | None:
     """Why ``raw_path`` (no query) is ambiguous, or ``None`` if it has one reading."""
     if not raw_path.startswith(b"/"):
         return "the path must start with '/'"
+    if _SUSPECT.search(raw_path) is None:
+        return None
     odd = _ODD_BYTE.search(raw_path)
     if odd is not None:
         if odd[0][0] < 0x80:

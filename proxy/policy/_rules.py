@@ -8,6 +8,7 @@ matcher then only compares canonical values.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import re
 from collections.abc import Iterable, Mapping, Sequence
@@ -96,8 +97,12 @@ class Rule:
             return "port"
         # Path before method, as in _MISS_ORDER: "wrong method" is only said of a
         # rule whose host and path did match.
-        if self.paths and not any(g.matches(call.path) for g in self.paths):
-            return "path"
+        if self.paths:
+            for glob in self.paths:
+                if glob.matches(call.path):
+                    break
+            else:
+                return "path"
         if self.methods and call.method not in self.methods:
             return "method"
         return None
@@ -164,8 +169,12 @@ class RuleSet:
     rules: tuple[Rule, ...] = ()
     _exact: dict[str, list[Rule]] = field(default_factory=dict, repr=False)
     _wild: list[Rule] = field(default_factory=list, repr=False)
+    # Whether any rule judges MCP calls: most sets have none, and their calls then
+    # need no second match for the MCP step (addons/mcp.py).
+    has_mcp: bool = field(default=False, init=False)
 
     def __post_init__(self) -> None:
+        self.has_mcp = any(r.mcp is not None for r in self.rules)
         for r in self.rules:
             if r.host.wildcard:
                 self._wild.append(r)
@@ -199,7 +208,10 @@ class RuleSet:
         return Decision(False, _MISS_REASONS[closest])
 
 
+@functools.lru_cache(maxsize=4096)
 def is_ip(host: str) -> bool:
+    """Is ``host`` an IP address literal? Cached: asked of a rule's host on every
+    call it allows (``Rule.private_ok``), and rules are few."""
     try:
         ipaddress.ip_address(host)
     except ValueError:

@@ -2,16 +2,26 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from mitmproxy import http
 from mitmproxy.test import taddons
 
 from addons._base import exchange
 from addons.authorize import Authorize, tunnel_of
 from addons.identify import Identify
+from proxy.config._model import parse_config
 from proxy.gateway import Services, Tunnel
 from proxy.policy import Call
 from tests.support import WORKLOAD, Keys
-from tests.unit.addons.conftest import OTHER_WORKLOAD, connect, refusal, request
+from tests.unit.addons.conftest import (
+    OTHER_WORKLOAD,
+    RULES,
+    config_doc,
+    connect,
+    refusal,
+    request,
+)
 
 
 async def judged(svc: Services, f: http.HTTPFlow, authorize: Authorize | None = None
@@ -151,3 +161,35 @@ async def test_a_caller_without_rules_is_refused_at_connect(svc: Services, keys:
         await authorize.http_connect(f)
     refusal(f, 403, "forbidden")
     assert authorize.tunnel(f.client_conn) is None
+
+
+async def test_a_connections_last_call_is_judged_again_on_new_rules(
+        svc: Services, agent_token: str, shared_files: dict[str, Path]) -> None:
+    """authorize keeps each connection's last call as read and judged; the same
+    request line again is that call, but judged afresh once the rules are others
+    (a reload), and another request line is read anew."""
+    authorize = Authorize(svc)
+    first = request(url="http://api.example/allowed/x?k=1", token=agent_token)
+
+    async def again(url: str = "http://api.example/allowed/x?k=1") -> http.HTTPFlow:
+        f = request(url=url, token=agent_token)
+        f.client_conn = first.client_conn
+        await judged(svc, f, authorize)
+        return f
+
+    await judged(svc, first, authorize)
+    same = await again()
+    assert exchange(same).decision == "allow" and exchange(same).call is exchange(first).call
+    assert exchange(same).path == "/allowed/x?k=REDACTED" == exchange(first).path
+    assert exchange(same).host == "api.example"
+
+    doc = config_doc(shared_files["jwks"])
+    doc["workloads"][WORKLOAD]["standing"] = [r for r in RULES if r["id"] != "read"]
+    svc.gateway.policy.reconfigure(parse_config(doc))  # type: ignore[attr-defined]
+    assert "path" in refusal(await again(), 403, "forbidden")["reason"]
+    svc.gateway.policy.reconfigure(parse_config(config_doc(shared_files["jwks"])))  # type: ignore[attr-defined]
+    assert exchange(await again()).decision == "allow"
+    assert "path" in refusal(await again("http://api.example/private"), 403)["reason"]
+    assert exchange(await again("http://api.example/allowed/y")).call == Call(
+        "GET", "http", "api.example", 80, "/allowed/y")
+    assert exchange(await again()).decision == "allow"

@@ -142,3 +142,23 @@ async def test_a_grpc_call_without_a_credential_is_refused_unauthenticated(
     assert "no proxy credential" in f.response.headers["grpc-message"]
     assert exchange(f).request_id in f.response.headers["grpc-message"]
     assert f.response.content == b"" and exchange(f).decision == "challenge"
+
+
+async def test_each_call_on_a_connection_is_its_own_credentials(svc: Services, keys: Keys
+                                                                  ) -> None:
+    """The token's cache key is remembered per connection: a later call on the same
+    connection with another credential, a forged one or none is judged by its own."""
+    identify = Identify(svc)
+    calls = [request(token=keys.token()), request(token=keys.token()),
+             request(token=keys.token(sub=OTHER_WORKLOAD)),
+             request(token=keys.token(key=keys.other)), request(), request(token="")]
+    for f in calls[1:]:
+        f.client_conn = calls[0].client_conn
+    with taddons.context(identify, Authorize(svc)):
+        for f in calls:
+            await identify.requestheaders(f)
+    workloads = [(ex.caller.workload if ex.caller else None, ex.decision)
+                 for ex in map(exchange, calls)]
+    assert workloads == [(WORKLOAD, None), (WORKLOAD, None), (OTHER_WORKLOAD, None),
+                         (None, "deny"), (None, "challenge"), (None, "deny")]
+    assert all("Proxy-Authorization" not in f.request.headers for f in calls)

@@ -178,3 +178,41 @@ def test_a_held_call_counts_once_by_its_final_decision(tmp_path: Path) -> None:
              if name == "taskgate_calls_total"}
     assert calls == {"approved": 1}
     assert value(s, "taskgate_call_duration_seconds_count", decision="approved") == 1
+
+
+def test_calls_read_as_the_standard_counter_and_histogram(tmp_path: Path) -> None:
+    """The per-call metrics are counted in plain ints; their text is what prometheus's
+    own Counter and Histogram, fed the same records, would print (bounds included:
+    a duration equal to a bucket's bound is in that bucket)."""
+    from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+
+    from proxy.gateway._metrics import BUCKETS
+
+    m = Metrics(core_gateway(tmp_path))
+    reference = CollectorRegistry()
+    calls = Counter("taskgate_calls", "Calls by decision and matching rule",
+                    ("decision", "rule"), registry=reference)
+    duration = Histogram("taskgate_call_duration_seconds",
+                         "Time from request to audit record, by decision", ("decision",),
+                         buckets=BUCKETS, registry=reference)
+    durations = [0.0, 0.3, *(b * 1000 for b in BUCKETS), 0.99, 1.0001, 299_999.0, 400_000.0,
+                 math.inf]
+    for i, ms in enumerate(durations):
+        decision, rule = ("allow", "read") if i % 3 else ("deny", None)
+        m.observe({"decision": decision, "rule": rule, "duration_ms": ms})
+        calls.labels(decision, rule or "none").inc()
+        duration.labels(decision).observe(ms / 1000.0)
+    m.observe({"decision": "deny", "rule": None, "duration_ms": None})  # counted, not timed
+    calls.labels("deny", "none").inc()
+
+    def families(text: bytes) -> dict[str, dict[tuple[str, tuple[tuple[str, str], ...]], float]]:
+        out: dict[str, dict[tuple[str, tuple[tuple[str, str], ...]], float]] = {}
+        for family in text_string_to_metric_families(text.decode()):
+            if family.name in ("taskgate_calls", "taskgate_call_duration_seconds"):
+                out[family.name] = {(s.name, tuple(sorted(s.labels.items()))): s.value
+                                    for s in family.samples}
+        return out
+
+    assert families(m.render()) == families(generate_latest(reference))
+    assert value(parsed(m), "taskgate_call_duration_seconds_bucket", decision="allow",
+                 le="0.001") == 2  # 0.3 ms, and 1 ms exactly: the first bucket

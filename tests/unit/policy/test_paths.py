@@ -194,3 +194,27 @@ def test_glob_must_be_a_string(glob: object) -> None:
 
 def test_glob_str_is_its_text() -> None:
     assert str(PathGlob.parse("/a/**")) == "/a/**"
+
+
+def test_the_quick_reading_agrees_with_every_check() -> None:
+    """A path with none of the bytes the checks look at is read as it is at once; on
+    any path the answer is the one the full checks give (here: forced for all)."""
+    import random
+    import re
+
+    from proxy.policy import _paths
+
+    alphabet = [b"/", b"a", b".", b"..", b"%", b"%2f", b"%2e", b"%41", b"%e2%80%a5", b"%zz",
+                b";", b"#", b"\\", b"\x00", b"\x7f", b"\xc3\xa9", b"~", b"-", b"_", b"//",
+                b"%ef%bc%8f", b"%25", b"@", b":", b"!"]
+    rng = random.Random(12)
+    paths = [b"/" + b"".join(rng.choice(alphabet) for _ in range(rng.randrange(0, 9)))
+             for _ in range(20_000)]
+    quick = [ambiguity(p) for p in paths]
+    full = _paths._SUSPECT
+    try:
+        _paths._SUSPECT = re.compile(rb"")  # every path takes the full checks
+        assert [ambiguity(p) for p in paths] == quick
+    finally:
+        _paths._SUSPECT = full
+    assert quick.count(None) > 1000 and len(set(quick)) > 10  # both kinds were seen
