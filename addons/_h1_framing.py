@@ -144,19 +144,17 @@ def _client_send(original: Any) -> Any:
             trailers = getattr(self, "_tg_trailers", None)
             if trailers and self._tg_chunked:
                 self._tg_trailers = None
-                return _last_chunk_then_done(self, trailers, request=True)
+                return _last_chunk_then(self, trailers, self.mark_done(request=True))
         return original(self, event)
 
     return send
 
 
-def _last_chunk_then_done(conn: Any, trailers: http.Headers, *, request: bool) -> Commands:
-    """End a chunked body with ``trailers`` in its last chunk, and the message."""
+def _last_chunk_then(conn: Any, trailers: http.Headers, done: Commands) -> Commands:
+    """End a chunked body with ``trailers`` in its last chunk, then the message
+    (``done``: the connection's ``mark_done``, run only once the chunk is out)."""
     yield commands.SendData(conn.conn, _last_chunk(trailers))
-    if request:
-        yield from conn.mark_done(request=True)
-    else:
-        yield from conn.mark_done(response=True)
+    yield from done
 
 
 def _desync(conn: Any, what: str) -> Commands:
@@ -181,7 +179,7 @@ def _server_send(original: Any) -> Any:
             if (trailers and self.request is not None and self.response is not None
                     and self.request.method.upper() != "HEAD"
                     and "chunked" in self.response.headers.get("transfer-encoding", "").lower()):
-                return _last_chunk_then_done(self, trailers, request=False)
+                return _last_chunk_then(self, trailers, self.mark_done(response=True))
         return original(self, event)
 
     return send

@@ -22,8 +22,8 @@ assert all(name[:1] in _P for name in _HOP)
 
 def _credential(flow: http.HTTPFlow) -> list[str]:
     """Take the proxy credentials off the request (they never travel upstream) and
-    return them. One pass over the header fields: the usual call has none to take
-    off, and mitmproxy's per-name lookups and deletes each walk every field."""
+    return them, in one pass over the header fields (mitmproxy's lookup and its two
+    deletes each walked every field); the fields are rebuilt only when there was one."""
     headers = flow.request.headers
     fields = headers.fields
     values: list[str] = []
@@ -52,8 +52,7 @@ class Identify(GatewayAddon):
         super().__init__(services)
         # Per agent connection, its last credential and that token's cache key: a
         # keep-alive client sends the same one on every call, so it is decoded and
-        # hashed once per connection. Gone with the connection (as the credential
-        # itself is: mitmproxy holds the connection's requests no longer).
+        # hashed once per connection. Dropped with the connection.
         self._keys: MutableMapping[connection.Client, tuple[str, bytes]] = \
             weakref.WeakKeyDictionary()
 
@@ -103,8 +102,8 @@ class Identify(GatewayAddon):
         return None
 
     def _known(self, client: connection.Client, credential: str | None) -> Caller | None:
-        """The caller of a token verified lately (as ``Identity.known``), the token's
-        cache key remembered for the connection's next call."""
+        """The caller of a token verified lately, or ``None`` when it has to be verified
+        (which may wait); the token's cache key is kept for the connection's next call."""
         identity = self.gateway.identity
         memo = self._keys.get(client)
         if memo is None or memo[0] != credential:

@@ -251,7 +251,6 @@ class Metrics:
         self._rule = _Bounded(MAX_RULE_LABELS)
         self._secret = _Bounded(0, tuple(gateway.config.secrets), closed=True)
         self._calls = _Calls()
-        self._labels: dict[tuple[object, object], tuple[str, str]] = {}
         self.registry.register(self._calls)
         self.secret_fetches = Counter("taskgate_secret_fetches",
                                       "Secret fetches by secret name and result (ok, error)",
@@ -279,17 +278,7 @@ class Metrics:
         """One audit record (a sync ``Gateway.on_record`` observer, on the event loop)."""
         if record.get("decision") == "held":
             return  # the interim record of a held call; its final record counts it once
-        decision, rule = raw = (record.get("decision"), record.get("rule"))
-        plain = (decision is None or type(decision) is str) and (rule is None or
-                                                                 type(rule) is str)
-        key = self._labels.get(raw) if plain else None
-        if key is None:
-            key = (self._decision(decision), self._rule(rule))
-            if plain and len(self._labels) < 4 * MAX_RULE_LABELS:
-                # A value's label never changes once given (admitted, or "other" for
-                # good once the cap is reached): the pair is looked up, not worked out
-                # again on every call. At most 4 × MAX_RULE_LABELS pairs are kept.
-                self._labels[raw] = key
+        key = (self._decision(record.get("decision")), self._rule(record.get("rule")))
         ms = record.get("duration_ms")
         self._calls.add(key, ms / 1000.0 if isinstance(ms, (int, float)) and ms >= 0 else None)
 

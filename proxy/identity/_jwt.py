@@ -476,13 +476,6 @@ class Identity:
             self.cache.put(key, caller)
         return caller
 
-    def known(self, proxy_authorization: str | None) -> Caller | None:
-        """:meth:`identify` without waiting: the caller of a token verified before (its
-        cached verdict, re-checked as in :meth:`identify`), or ``None`` when the token
-        has to be verified, which may wait for the issuer's keys. Raises as
-        :meth:`identify` does. The usual call then needs no coroutine."""
-        return self._cached(self.key_of(proxy_authorization))
-
     @staticmethod
     def key_of(proxy_authorization: str | None) -> bytes:
         """The cache key of the credential's token (the SHA-256 of the token, never
@@ -490,7 +483,10 @@ class Identity:
         return TokenCache.key(token_from_proxy_authorization(proxy_authorization))
 
     def known_key(self, key: bytes) -> Caller | None:
-        """:meth:`known` for a token whose :meth:`key_of` is ``key``."""
+        """:meth:`identify` without waiting, for the token whose :meth:`key_of` is
+        ``key``: its cached verdict, re-checked as in :meth:`identify`, or ``None`` when
+        the token has to be verified (which may wait for the issuer's keys). Raises as
+        :meth:`identify` does. The usual call then needs no coroutine."""
         return self._cached(key)
 
     def _cached(self, key: bytes) -> Caller | None:
