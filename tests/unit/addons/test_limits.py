@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import collections
+import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -10,6 +12,9 @@ import orjson
 import pytest
 from mitmproxy import connection
 from mitmproxy.net.http import http1
+from mitmproxy.options import Options
+from mitmproxy.proxy import commands, events, layer
+from mitmproxy.proxy.context import Context
 from mitmproxy.test import taddons, tflow
 
 from addons._errors import h1_refusal
@@ -108,3 +113,38 @@ def test_a_refusal_on_the_wire_is_taskgates_json(status: int, error: str) -> Non
     assert resp.headers["Connection"] == "close"
     assert resp.headers["Content-Type"] == "application/json"
     assert int(resp.headers["Content-Length"]) == len(body)
+
+
+class _Waits(layer.Layer):
+    """A layer that opens a connection at start (a blocking command: it pauses) and
+    notes every event it handles."""
+
+    def __init__(self, context: Context) -> None:
+        super().__init__(context)
+        self.handled: list[events.Event] = []
+
+    def _handle_event(self, event: events.Event) -> layer.CommandGenerator[None]:
+        self.handled.append(event)
+        if isinstance(event, events.Start):
+            yield commands.OpenConnection(self.context.server)
+
+
+def test_a_paused_layer_replays_what_came_meanwhile_in_order() -> None:
+    """The event queue every layer gets (a list, not a 760-byte deque) keeps
+    mitmproxy's order: events that came while the layer waited run after the reply,
+    first come first."""
+    Limits()  # installs the patches
+    ctx = Context(tflow.tclient_conn(), Options())
+    ctx.server = tflow.tserver_conn()
+    waits = _Waits(ctx)
+    assert waits._paused_event_queue == [] and not isinstance(waits._paused_event_queue,
+                                                              collections.deque)
+    assert sys.getsizeof(waits._paused_event_queue) < sys.getsizeof(collections.deque())
+    [open_] = list(waits.handle_event(events.Start()))
+    assert isinstance(open_, commands.OpenConnection)
+    later = [events.DataReceived(ctx.client, b"one"), events.DataReceived(ctx.client, b"two")]
+    for event in later:
+        assert list(waits.handle_event(event)) == []  # paused: queued
+    assert waits._paused_event_queue == later
+    list(waits.handle_event(events.OpenConnectionCompleted(open_, None)))
+    assert waits.handled[-2:] == later and not waits._paused_event_queue
