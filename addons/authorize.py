@@ -9,7 +9,7 @@ from collections.abc import Awaitable, MutableMapping
 from mitmproxy import connection, ctx, http
 from mitmproxy.net.http import url
 
-from addons._base import GatewayAddon, exchange, guarded, refuse, refuse_for
+from addons._base import GatewayAddon, exchange, guarded, header, refuse, refuse_for
 from addons.egress import Egress
 from proxy.errors import Refused, TaskgateError
 from proxy.gateway import (
@@ -28,6 +28,7 @@ __all__ = ["Authorize", "Egress", "tunnel_of"]
 
 # Control characters a header value must not carry (HTAB is whitespace, allowed).
 _CTL = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
+_H1 = (b"HTTP/1.1", b"HTTP/1.0")  # where host_header is the Host header
 
 
 def _scan(req: http.Request) -> tuple[str | None, bool]:
@@ -154,7 +155,10 @@ class Authorize(GatewayAddon):
                                               req.data.path)
         try:
             call = gw.describe(ex, method, scheme, host, port, target, seen)
-            host_header = req.host_header
+            # mitmproxy's host_header, in one pass over the fields on HTTP/1 (there it
+            # is the Host header; on HTTP/2 and /3 the :authority first).
+            host_header = (header(req.headers, b"host") if req.data.http_version
+                           in _H1 else req.host_header)
             gw.check_host_header(call, host_header, tunnel)
             if tunnel is not None and req.scheme == "https":
                 gw.check_sni(flow.client_conn.sni, tunnel)
