@@ -130,21 +130,37 @@ class _Waits(layer.Layer):
 
 
 def test_a_paused_layer_replays_what_came_meanwhile_in_order() -> None:
-    """The event queue every layer gets (a list, not a 760-byte deque) keeps
-    mitmproxy's order: events that came while the layer waited run after the reply,
-    first come first."""
+    """The event queue every layer gets (nothing allocated while empty, not a 760-byte
+    deque) keeps mitmproxy's order: events that came while the layer waited run after
+    the reply, first come first, and the queue is empty again after."""
     Limits()  # installs the patches
     ctx = Context(tflow.tclient_conn(), Options())
     ctx.server = tflow.tserver_conn()
     waits = _Waits(ctx)
-    assert waits._paused_event_queue == [] and not isinstance(waits._paused_event_queue,
-                                                              collections.deque)
-    assert sys.getsizeof(waits._paused_event_queue) < sys.getsizeof(collections.deque())
+    queue = waits._paused_event_queue
+    assert not queue and len(queue) == 0 and list(queue) == []
+    assert sys.getsizeof(queue) < sys.getsizeof(collections.deque()) / 10
     [open_] = list(waits.handle_event(events.Start()))
     assert isinstance(open_, commands.OpenConnection)
     later = [events.DataReceived(ctx.client, b"one"), events.DataReceived(ctx.client, b"two")]
     for event in later:
         assert list(waits.handle_event(event)) == []  # paused: queued
-    assert waits._paused_event_queue == later
+    assert queue and len(queue) == 2 and list(queue) == later
     list(waits.handle_event(events.OpenConnectionCompleted(open_, None)))
-    assert waits.handled[-2:] == later and not waits._paused_event_queue
+    assert waits.handled[-2:] == later
+    assert not queue and list(queue) == [] and queue._events is None  # the deque let go
+
+
+def test_the_event_queue_is_a_deque_once_used() -> None:
+    """An agent can send on while its call is held: thousands of events queue up, and
+    taking each must not move all the others (a list's pop(0) would): first in, first
+    out, through a deque."""
+    Limits()
+    queue = _Waits(Context(tflow.tclient_conn(), Options()))._paused_event_queue
+    with pytest.raises(IndexError):
+        queue.popleft()
+    for i in range(50_000):
+        queue.append(i)  # type: ignore[arg-type]
+    assert isinstance(queue._events, collections.deque)
+    assert [queue.popleft() for _ in range(50_000)] == list(range(50_000))
+    assert not queue
