@@ -28,7 +28,6 @@ __all__ = ["Authorize", "Egress", "tunnel_of"]
 
 # Control characters a header value must not carry (HTAB is whitespace, allowed).
 _CTL = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
-_H1 = (b"HTTP/1.1", b"HTTP/1.0")  # where host_header is the Host header
 
 
 def _scan(req: http.Request) -> tuple[str | None, bool]:
@@ -155,10 +154,10 @@ class Authorize(GatewayAddon):
                                               req.data.path)
         try:
             call = gw.describe(ex, method, scheme, host, port, target, seen)
-            # mitmproxy's host_header, in one pass over the fields on HTTP/1 (there it
-            # is the Host header; on HTTP/2 and /3 the :authority first).
-            host_header = (header(req.headers, b"host") if req.data.http_version
-                           in _H1 else req.host_header)
+            # mitmproxy's host_header, its branches kept: the Host header (read in one
+            # pass over the fields) but on HTTP/2 and /3, where the :authority comes first.
+            host_header = (req.host_header if req.is_http2 or req.is_http3
+                           else header(req.headers, b"host"))
             gw.check_host_header(call, host_header, tunnel)
             if tunnel is not None and req.scheme == "https":
                 gw.check_sni(flow.client_conn.sni, tunnel)
