@@ -11,10 +11,11 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+import weakref
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from mitmproxy import ctx, http
+from mitmproxy import connection, ctx, http
 
 from addons._pipeline import DONE
 from addons._standalone import shared_services
@@ -58,7 +59,11 @@ def header(headers: http.Headers, lname: bytes) -> str | None:
     """``headers.get(name)`` for a lower-case ``lname``, in one pass over the fields
     (mitmproxy's lookup converts the name and lower-cases every field through three
     calls; on the hooks every call runs, that added up). Folded as ``Headers.get``."""
-    values = [v for k, v in headers.fields if k.lower() == lname]
+    return _folded([v for k, v in headers.fields if k.lower() == lname])
+
+
+def _folded(values: list[bytes]) -> str | None:
+    """A field's values as ``Headers.get`` gives them: joined, or None if there are none."""
     if not values:
         return None
     return ", ".join(v.decode("utf-8", "surrogateescape") for v in values)
@@ -73,6 +78,37 @@ def set_header(headers: http.Headers, name: str, value: str) -> None:
     else:
         headers.fields = (*headers.fields, (name.encode(), value.encode("utf-8",
                                                                         "surrogateescape")))
+
+
+class PerConnection[V]:
+    """What an addon keeps per agent connection (its tunnel, its last call), gone with it.
+
+    Keyed by the connection's id, as a ``WeakKeyDictionary`` of connections finds
+    them (mitmproxy's connections are equal when their ids are), but without its
+    cost on every call: a weak reference made per lookup, and the connection's
+    ``__hash__`` and ``__eq__`` run in Python (~0.5 µs a lookup, several per call).
+    As there, an entry goes when its connection object is collected (a finalizer
+    set with the connection's first entry); :meth:`pop` drops it at once."""
+
+    __slots__ = ("_values",)
+
+    def __init__(self) -> None:
+        self._values: dict[str, V] = {}
+
+    def get(self, client: connection.Client) -> V | None:
+        return self._values.get(client.id)
+
+    def __setitem__(self, client: connection.Client, value: V) -> None:
+        key = client.id
+        if key not in self._values:
+            weakref.finalize(client, self._values.pop, key, None)
+        self._values[key] = value
+
+    def pop(self, client: connection.Client) -> V | None:
+        return self._values.pop(client.id, None)
+
+    def __len__(self) -> int:
+        return len(self._values)
 
 
 def exchange(flow: http.HTTPFlow) -> Exchange:
@@ -186,11 +222,18 @@ def streams_response(flow: http.HTTPFlow, threshold: int) -> bool:
     so the addons that filter a stream (inject) and count it (audit) agree."""
     resp = flow.response
     assert resp is not None
-    length = header(resp.headers, b"content-length")
+    lengths, types = [], []  # both fields in one pass (asked on every response)
+    for name, value in resp.headers.fields:
+        lname = name.lower()
+        if lname == b"content-length":
+            lengths.append(value)
+        elif lname == b"content-type":
+            types.append(value)
+    length = _folded(lengths)
     return bool(
         (length is None and flow.request.data.method != b"HEAD"
          and resp.status_code not in (204, 304))
-        or (header(resp.headers, b"content-type") or "").startswith("text/event-stream")
+        or (_folded(types) or "").startswith("text/event-stream")
         or (length and length.isdigit() and int(length) > threshold))
 
 

@@ -3,13 +3,20 @@
 from __future__ import annotations
 
 import re
-import weakref
-from collections.abc import Awaitable, MutableMapping
+from collections.abc import Awaitable
 
 from mitmproxy import connection, ctx, http
 from mitmproxy.net.http import url
 
-from addons._base import GatewayAddon, exchange, guarded, header, refuse, refuse_for
+from addons._base import (
+    GatewayAddon,
+    PerConnection,
+    exchange,
+    guarded,
+    header,
+    refuse,
+    refuse_for,
+)
 from addons.egress import Egress
 from proxy.errors import Refused, TaskgateError
 from proxy.gateway import (
@@ -80,12 +87,12 @@ class Authorize(GatewayAddon):
 
     def __init__(self, services: Services | None = None) -> None:
         super().__init__(services)
-        # The tunnel each agent connection opened, keyed by the connection itself (as
-        # mitmproxy's proxyauth keeps its logins): gone with the connection.
-        self._tunnels: MutableMapping[connection.Client, Tunnel] = weakref.WeakKeyDictionary()
+        # The tunnel each agent connection opened, kept with the connection (as
+        # mitmproxy's proxyauth keeps its logins): gone with it.
+        self._tunnels: PerConnection[Tunnel] = PerConnection()
         # Each agent connection's last call as read and judged (a keep-alive agent
         # repeats its request line): gone with the connection.
-        self._seen: MutableMapping[connection.Client, Seen] = weakref.WeakKeyDictionary()
+        self._seen: PerConnection[Seen] = PerConnection()
 
     def tunnel(self, client: connection.Client) -> Tunnel | None:
         """The CONNECT tunnel ``client`` opened and this addon allowed, if any."""
@@ -121,7 +128,7 @@ class Authorize(GatewayAddon):
     def client_disconnected(self, client: connection.Client) -> None:
         # At once, not when the connection object is collected: a flow still running
         # (held for approval) finds no tunnel for a connection that is gone.
-        self._tunnels.pop(client, None)
+        self._tunnels.pop(client)
 
     @guarded
     def request(self, flow: http.HTTPFlow) -> None:

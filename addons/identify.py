@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import weakref
-from collections.abc import Awaitable, MutableMapping
+from collections.abc import Awaitable
 
 from mitmproxy import connection, http
 
-from addons._base import HOP_HEADERS, GatewayAddon, exchange, guarded, refuse_for
+from addons._base import HOP_HEADERS, GatewayAddon, PerConnection, exchange, guarded, refuse_for
 from addons.authorize import tunnel_of
 from addons.transparent import transparent
 from proxy.errors import InvalidCredential, Refused, TaskgateError
@@ -53,8 +52,7 @@ class Identify(GatewayAddon):
         # Per agent connection, its last credential and that token's cache key: a
         # keep-alive client sends the same one on every call, so it is decoded and
         # hashed once per connection. Dropped with the connection.
-        self._keys: MutableMapping[connection.Client, tuple[str, bytes]] = \
-            weakref.WeakKeyDictionary()
+        self._keys: PerConnection[tuple[str, bytes]] = PerConnection()
 
     @guarded
     async def http_connect(self, flow: http.HTTPFlow) -> None:

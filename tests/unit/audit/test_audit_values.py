@@ -166,6 +166,30 @@ async def test_writer_writes_every_field_with_lone_surrogates(tmp_path: Path,
     assert report.ok and report.records == len(BAD), report.damage
 
 
+class Text(str):
+    """A ``str`` of another type: the writer's inline check takes exact types only."""
+
+
+async def test_writer_cleans_values_its_inline_check_passes_on(tmp_path: Path) -> None:
+    """The writer checks the common values in place of a clean() call per field; what
+    it passes on must be what clean() would have returned, and the rest still cleaned."""
+    path = tmp_path / "audit.jsonl"
+    log = await opened(path)
+    rec = new_record(request_id="r", decision="allow")
+    rec.update(bytes_in=1 << 70, bytes_out=(1 << 64) - 1, status=-(1 << 63),
+               duration_ms=1.5, port=True, reason=Text("caf\u00e9 \ud800"),
+               path="/caf\u00e9", host="api.test", tool={"n": 1 << 80, 2: ("a",)})
+    await write(log, rec)
+    await log.close()
+    [got] = lines(path)
+    assert got["bytes_in"] == str(1 << 70)  # past 64 bits: text, as clean() makes it
+    assert got["bytes_out"] == (1 << 64) - 1 and got["status"] == -(1 << 63)
+    assert got["duration_ms"] == 1.5 and got["port"] is True
+    assert got["reason"] == "caf\u00e9 \\ud800" and got["path"] == "/caf\u00e9"
+    assert got["tool"] == {"n": str(1 << 80), "2": ["a"]}
+    assert verify(str(path)).ok
+
+
 class Opaque:
     """A value JSON has no encoding for (what a bug would put in a record)."""
 

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import urllib.parse
+import uuid
 
 import orjson
 import pytest
 
-from proxy.gateway import grpc_refusal, is_grpc, refusal_body
+from proxy.gateway import grpc_refusal, is_grpc, new_request_id, refusal_body
 
 
 def test_the_error_object_carries_code_message_and_request_id() -> None:
@@ -38,3 +39,16 @@ def test_grpc_message_is_percent_encoded_and_round_trips(reason: str) -> None:
     ("", False)])
 def test_which_calls_are_grpc(content_type: str | None, grpc: bool) -> None:
     assert is_grpc(content_type) is grpc
+
+
+def test_request_ids_are_random_uuids_in_hex() -> None:
+    """What ``uuid.uuid4().hex`` wrote before: 32 hex digits, version 4, RFC 4122
+    variant; and every id its own."""
+    ids = [new_request_id() for _ in range(2000)]
+    assert len(set(ids)) == len(ids)
+    for rid in ids:
+        parsed = uuid.UUID(hex=rid)
+        assert parsed.hex == rid and len(rid) == 32
+        assert parsed.version == 4 and parsed.variant == uuid.RFC_4122
+    # the bits around the version and variant stay random
+    assert len({rid[12:14] for rid in ids}) > 8 and len({rid[16] for rid in ids}) == 4
