@@ -108,7 +108,7 @@ def _cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
-def _tree(repo: Path) -> str:
+def tree_line(repo: Path) -> str:
     """This checkout and its commit (``+`` if it has uncommitted changes)."""
     try:
         head = subprocess.run(["git", "-C", str(repo), "rev-parse", "--short", "HEAD"],
@@ -130,5 +130,5 @@ def machine_facts(repo: Path) -> list[str]:
         f"{platform.system()} {platform.release()}, load avg {load}",
         f"software:  Python {platform.python_version()}, mitmproxy {_version('mitmproxy')}, "
         f"aiohttp {_version('aiohttp')}, uvloop {_version('uvloop')}, {ssl.OPENSSL_VERSION}",
-        f"taskgate:  {_tree(repo)}",
+        f"taskgate:  {tree_line(repo)}",
     ]

@@ -34,11 +34,12 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / _TICK
 
 
-def child_env() -> dict[str, str]:
-    """The environment for children: this repo's code first, and no proxy variables."""
+def child_env(tree: Path = REPO) -> dict[str, str]:
+    """The environment for children: ``tree``'s code first (this repo's unless a
+    benchmark compares another checkout), and no proxy variables."""
     env = {k: v for k, v in os.environ.items()
            if k.lower() not in ("http_proxy", "https_proxy", "all_proxy", "no_proxy")}
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(tree), env.get("PYTHONPATH")]))
     env["PYTHONUNBUFFERED"] = "1"
     return env
 
@@ -46,11 +47,12 @@ def child_env() -> dict[str, str]:
 class Proc:
     """A child process with its output in a log file."""
 
-    def __init__(self, name: str, argv: list[str], log: Path, cwd: Path | None = None) -> None:
+    def __init__(self, name: str, argv: list[str], log: Path, cwd: Path | None = None,
+                 tree: Path = REPO) -> None:
         self.name = name
         self.log = log
         self._out = open(log, "wb")  # noqa: SIM115 - closed in stop()
-        self.popen = subprocess.Popen(argv, cwd=cwd, env=child_env(), stdout=self._out,
+        self.popen = subprocess.Popen(argv, cwd=cwd, env=child_env(tree), stdout=self._out,
                                       stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
 
     @property

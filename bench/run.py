@@ -11,7 +11,10 @@ connections, N requests after a warm-up, capped in time) direct to the upstream
 (the ceiling of client + upstream) and through each proxy, and prints the median
 req/s, p50 and p99 of the rounds, the proxy's CPU per request, and the ratios
 taskgate/mitmdump (the target) and taskgate/mitm-min (the cost of taskgate's own
-addons). Exit status 1 if any request failed or the audit log missed a call.
+addons). ``--compare CHECKOUT`` adds taskgate from another checkout (row ``other``)
+to the same rounds, and the ratio taskgate/other: a change against its base, paired
+round by round (the machine's drift between runs is larger than most changes).
+Exit status 1 if any request failed or the audit log missed a call.
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ if __package__ in (None, ""):  # run as a script: make `bench` and `proxy` impor
 
 import uvloop
 
-from bench.fixtures import Files, machine_facts, make_files, taskgate_config
+from bench.fixtures import Files, machine_facts, make_files, taskgate_config, tree_line
 from bench.load import LoadResult, Target, percentile, run_load
 from bench.procs import REPO, Proc, cpu_seconds, free_port, start_upstream
 
@@ -46,6 +49,7 @@ TARGET_RATIO = 1.5
 TARGET_MIN_RATIO = 0.8
 TARGET_PER_CALL_RATIO = 1.0
 PROXIES = ["mitmdump", "taskgate", "mitm-min"]
+OTHER = "other"  # taskgate from another checkout (--compare), measured beside this one
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,6 +88,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--connection-per-call", action="store_true",
                    help="every call on a new connection: for https its own CONNECT and "
                         "TLS handshakes (agents and CLIs that do not keep connections)")
+    p.add_argument("--compare", type=Path, default=None, metavar="CHECKOUT",
+                   help="also run taskgate from another checkout (row 'other'), in the "
+                        "same rounds: a change measured against its base, paired")
     p.add_argument("--keep", action="store_true", help="keep the temp folder (logs, audit)")
     args = p.parse_args(argv)
     args.schemes = [s.strip() for s in args.schemes.split(",") if s.strip()]
@@ -92,6 +99,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.proxies = [s.strip() for s in args.proxies.split(",") if s.strip()]
     if not set(args.proxies) <= set(PROXIES) or not args.proxies:
         p.error(f"--proxies takes some of {', '.join(PROXIES)}")
+    if args.compare is not None:
+        args.compare = args.compare.resolve()
+        if not (args.compare / "proxy" / "__main__.py").is_file() or \
+                not (args.compare / "bench" / "tree.py").is_file():
+            p.error(f"--compare {args.compare}: not a taskgate checkout")
+        args.proxies.append(OTHER)
     if min(args.requests, args.concurrency, args.rounds) < 1 or args.duration <= 0:
         p.error("--requests, --concurrency, --rounds and --duration must be positive")
     return args
@@ -133,10 +146,17 @@ class Bench:
         config_path.write_text(json.dumps(config, indent=2))
         self.audit_path = Path(config["audit"]["path"])
         mitm_conf, min_home = root / "mitmdump-conf", root / "mitm-min-home"
+        other_home = root / "other-home"
+        other = {**taskgate_config(f, self.ports.get(OTHER) or free_port(), free_port(),
+                                   http_port, https_port, PATH_GLOB),
+                 "home": str(other_home), "audit": {"path": str(other_home / "audit.jsonl")}}
+        other_path = root / "other.yaml"
+        other_path.write_text(json.dumps(other, indent=2))
         self.proxy_ca = {
             "mitmdump": mitm_conf / "mitmproxy-ca-cert.pem",
             "taskgate": Path(config["home"]) / "ca" / "mitmproxy-ca-cert.pem",
             "mitm-min": min_home / "ca" / "mitmproxy-ca-cert.pem",
+            OTHER: other_home / "ca" / "mitmproxy-ca-cert.pem",
         }
         argv = {
             "mitmdump": [
@@ -148,9 +168,11 @@ class Bench:
                          "-c", str(config_path)],
             "mitm-min": [sys.executable, "-m", "bench.tree", "bench.mitm_min", str(config_path),
                          str(self.ports.get("mitm-min")), str(min_home)],
+            OTHER: [sys.executable, "-m", "bench.tree", "proxy", "run", "-c", str(other_path)],
         }
         for name in self.args.proxies:
-            self.procs.append(Proc(name, argv[name], root / f"{name}.log", cwd=root))
+            tree = self.args.compare if name == OTHER else REPO
+            self.procs.append(Proc(name, argv[name], root / f"{name}.log", cwd=root, tree=tree))
         for proc in self.procs:
             proc.wait_listening(self.ports[proc.name])
 
@@ -243,7 +265,7 @@ def report(args: argparse.Namespace, results: dict[tuple[str, str], list[Sample]
         goals = (((("mitmdump", TARGET_PER_CALL_RATIO), ("mitm-min", None)))
                  if args.connection_per_call else
                  (("mitmdump", TARGET_RATIO), ("mitm-min", TARGET_MIN_RATIO)))
-        for base, goal in goals:
+        for base, goal in (*goals, (OTHER, None)):
             if tg is None or (scheme, base) not in results:
                 continue
             lines.append(_ratio_line(scheme, tg, base, results[(scheme, base)], goal))
@@ -254,6 +276,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     root = Path(tempfile.mkdtemp(prefix="taskgate-bench-"))
     print("\n".join(machine_facts(REPO)))
+    if args.compare is not None:
+        print(f"other:     {tree_line(args.compare)}")
     conns = ("connections, a new one per call (CONNECT + TLS for https)"
              if args.connection_per_call else "keep-alive connections")
     print(f"load:      {args.concurrency} {conns}, {args.requests} requests "
@@ -284,7 +308,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"kept: {root}")
         else:
             shutil.rmtree(root, ignore_errors=True)
-    order = [(sch, via) for sch in args.schemes for via in ("direct", *PROXIES)
+    order = [(sch, via) for sch in args.schemes for via in ("direct", *PROXIES, OTHER)
              if (sch, via) in results]
     print()
     print("\n".join(report(args, {k: results[k] for k in order})))

@@ -86,3 +86,28 @@ def test_memory_bench_smoke() -> None:
         assert re.search(rf"^{kind} +16 MB in .*target \+<= 64 MB met$", out, re.M), out
     assert re.search(r"^audit: +(\d+) 'allow' records for \1 calls through taskgate: OK$",
                      out, re.M), out
+
+
+def test_bench_compares_another_checkout() -> None:
+    """--compare runs taskgate from another checkout in the same rounds (here: this one)."""
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "bench" / "run.py"), "--requests", "30", "--warmup", "5",
+         "--concurrency", "2", "--rounds", "2", "--duration", "20", "--schemes", "http",
+         "--proxies", "taskgate", "--compare", str(REPO)],
+        capture_output=True, text=True, timeout=180, cwd=REPO)
+    out = proc.stdout
+    assert proc.returncode == 0, out + proc.stderr
+    assert re.search(rf"^other: +{re.escape(str(REPO))} @ ", out, re.M), out
+    row = re.search(ROW.format(scheme="http", via="other"), out, re.M)
+    assert row is not None and int(row.group(1)) > 0, out
+    ratio = re.search(r"^ratio taskgate/other\s+http\s*: (\d+\.\d+)x req/s \(rounds "
+                      r"\d+\.\d+ \d+\.\d+;", out, re.M)
+    assert ratio is not None and float(ratio.group(1)) > 0, out
+    assert "target" not in ratio.group(0), out  # a comparison, not a goal
+
+
+def test_bench_compare_refuses_what_is_not_a_checkout(tmp_path: Path) -> None:
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "bench" / "run.py"), "--compare", str(tmp_path)],
+        capture_output=True, text=True, timeout=60, cwd=REPO)
+    assert proc.returncode == 2 and "not a taskgate checkout" in proc.stderr, proc.stderr
