@@ -146,12 +146,12 @@ class Bench:
         config_path.write_text(json.dumps(config, indent=2))
         self.audit_path = Path(config["audit"]["path"])
         mitm_conf, min_home = root / "mitmdump-conf", root / "mitm-min-home"
-        other_home = root / "other-home"
-        other = {**taskgate_config(f, self.ports.get(OTHER) or free_port(), free_port(),
-                                   http_port, https_port, PATH_GLOB),
-                 "home": str(other_home), "audit": {"path": str(other_home / "audit.jsonl")}}
-        other_path = root / "other.yaml"
-        other_path.write_text(json.dumps(other, indent=2))
+        other_home, other_path = root / "other-home", root / "other.yaml"
+        if OTHER in self.args.proxies:  # the same config; its own ports, home, audit log
+            other = {**taskgate_config(f, self.ports[OTHER], free_port(), http_port,
+                                       https_port, PATH_GLOB),
+                     "home": str(other_home), "audit": {"path": str(other_home / "audit.jsonl")}}
+            other_path.write_text(json.dumps(other, indent=2))
         self.proxy_ca = {
             "mitmdump": mitm_conf / "mitmproxy-ca-cert.pem",
             "taskgate": Path(config["home"]) / "ca" / "mitmproxy-ca-cert.pem",
