@@ -54,6 +54,26 @@ def test_never_proves_what_the_strict_reader_refuses(body: bytes, why: str) -> N
 
 
 @pytest.mark.parametrize("body", [
+    b'{"ab":1,"aB":2}',                  # out of order: sorted, then compared folded
+    b'{"aB":1,"ab":2}',                  # in byte order already
+    b'{"b":1,"c":2,"ab":3,"AB":4}',      # the only capitals in the last key
+    b'{"x":{"k":1,"K":2},"y":3}',        # in a nested object, its parent has none
+    b'{"K":{"a":1},"k":{"b":2}}',        # values that differ do not matter
+])
+def test_never_proves_keys_equal_but_for_case(body: bytes) -> None:
+    """Capitals are noted per object as its keys are read; a key with one is what
+    makes the folded comparison run."""
+    assert strict_canonical(body) is _REFUSED
+    assert _scan.canonical(body) is None
+
+
+def test_capitals_in_a_nested_object_are_its_own() -> None:
+    """A capital inside a child does not make its parent's keys fold: a parent whose
+    keys are plain is still proven (and its child, whose keys do not fold)."""
+    assert agrees(b'{"x":{"Ab":1,"c":2},"ab":2}') == b'{"ab":2,"x":{"Ab":1,"c":2}}'
+
+
+@pytest.mark.parametrize("body", [
     b'{"a":1,"a":1}',                          # a duplicate
     b'{"x":{"y":[{"k":1,"k":2}]}}',            # ... at depth
     b'{"x":[{"name":1,"Name":2}]}',            # keys equal but for case, at depth
