@@ -226,13 +226,25 @@ def _members_agree(canon: bytes, doc: dict[str, Any], listed: Any, levels: int) 
 
 
 @pytest.mark.parametrize("bad", [b"", b"x", b"{", b'{"a"}', b'{"a":}', b'{"a":1', b'{"a":"1}',
-                                 b'{"a":1,}', b'{"a":[1}', b'{"a":1}}'])
+                                 b'{"a":1,}', b'{"a":[1}', b'{"a":1}}',
+                                 b'{"a":[1,2', b'{"a":[\x00', b'{"a":{"b":[1]'])
 def test_index_refuses_what_canonical_never_writes(bad: bytes) -> None:
     if bad[:1] != b"{":
         assert _scan.index(bad, 3) is None
         return
     with pytest.raises(ValueError, match="not the output of canonical"):
         _scan.index(bad, 3)
+
+
+def test_index_skips_to_the_end_of_a_value_not_to_a_nul_inside_it() -> None:
+    """The skip through a container stops at the NUL that ends every bytes object (no
+    bound check per byte); one inside the value is just a byte to step over."""
+    doc = b'{"a":[1,\x00,{"c":2}],"b":3}'
+    members = _scan.index(doc, 1)
+    assert members is not None
+    (a, a_start, a_end, _), (b, b_start, b_end, _) = members
+    assert (a, doc[a_start:a_end]) == ("a", b'[1,\x00,{"c":2}]')
+    assert (b, doc[b_start:b_end]) == ("b", b"3")
 
 
 # -- a tool call judged through the scanner gets the same decision -----------------------
