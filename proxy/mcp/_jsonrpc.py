@@ -364,10 +364,10 @@ def _read_tool_call(data: bytes) -> Message | None:
     method, a message the checks would refuse: the full reader words the refusal)."""
     if _scan is None or not data.isascii():
         return None
-    doc = _scan.canonical(data)
-    if doc is None:
+    read = _scan.read(data, 3)  # the canonical form; the envelope, params, arguments
+    if read is None:
         return None
-    top = _scan.index(doc, 3)  # the envelope, params, arguments
+    doc, top = read
     if top is None:
         return None
     obj: dict[str, Any] = {}

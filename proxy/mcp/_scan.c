@@ -15,8 +15,9 @@
  *     rounding to a float), and no "-0" (read as the integer 0);
  *   - fewer than MAX_DEPTH levels of nesting (128 arrays in arrays, say), and no more
  *     than MAX_MOVED_PER_BYTE times its size moved by reordering (deep unsorted objects).
- * Anything else is "not proven". index() lists an object's members in such a
- * canonical form, so the caller parses only the parts it needs.
+ * Anything else is "not proven". read() also lists, in the same pass, where each
+ * member of the top object (and of the objects among their values, some levels down)
+ * is in the canonical form, so the caller parses only the parts it needs.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -32,7 +33,22 @@ enum { PROVEN = 0, NOT_PROVEN = 1, NO_MEMORY = 2 };
 typedef struct {
     Py_ssize_t start, end; /* the member '"key":value' in the output */
     Py_ssize_t key, klen;  /* its key (without quotes) in the input */
+    Py_ssize_t node;       /* the node its value was listed as (read()), or -1 */
 } Member;
+
+/* What read() lists of an object: its members in output order, each value's place
+ * relative to the byte after the object's opening brace (an enclosing object's
+ * reordering moves the whole object, so a relative place stays right), and the
+ * node of a value that is an object listed one level further down. */
+typedef struct {
+    Py_ssize_t key, klen;   /* the key in the input (no escapes: the output's too) */
+    Py_ssize_t start, end;  /* the value, relative */
+    Py_ssize_t node;
+} Entry;
+
+typedef struct {
+    Py_ssize_t first, count; /* its entries */
+} Node;
 
 /* The output is the input without whitespace, each object's members then put in key
  * order. Bytes are copied lazily: input from `pending` up to `i` is not yet in `out`,
@@ -51,6 +67,12 @@ typedef struct {
     char *copy;          /* one object's bytes while they are reordered */
     Py_ssize_t copy_cap;
     Py_ssize_t moved;    /* bytes reordered so far, across every level */
+    int levels;          /* objects listed this many levels down (read()); 0: none */
+    Py_ssize_t last_node; /* the node the object just read was listed as, or -1 */
+    Entry *entries;
+    Py_ssize_t entry_count, entry_cap;
+    Node *nodes;
+    Py_ssize_t node_count, node_cap;
 } Scan;
 
 static int grow(void **p, Py_ssize_t *cap, Py_ssize_t need, size_t size)
@@ -263,7 +285,30 @@ static void sort_members(const unsigned char *s, Member *m, Member *tmp, Py_ssiz
     }
 }
 
-static int value(Scan *sc, int depth);
+static int value(Scan *sc, int depth, int level);
+
+/* List the object whose members are sc->members[base:] as a node (sc->last_node names
+ * it). They are in output order by now, one after another from the byte after the
+ * opening brace, a comma between two. */
+static int list_object(Scan *sc, Py_ssize_t base)
+{
+    Py_ssize_t n = sc->count - base;
+    if (grow((void **)&sc->entries, &sc->entry_cap, sc->entry_count + n, sizeof(Entry))
+        || grow((void **)&sc->nodes, &sc->node_cap, sc->node_count + 1, sizeof(Node)))
+        return NO_MEMORY;
+    Entry *e = sc->entries + sc->entry_count;
+    Py_ssize_t at = 0;
+    for (Py_ssize_t k = 0; k < n; k++) {
+        const Member *m = &sc->members[base + k];
+        Py_ssize_t len = m->end - m->start;
+        e[k] = (Entry){m->key, m->klen, at + m->klen + 3, at + len, m->node};
+        at += len + 1; /* '"key":value' and the comma after it */
+    }
+    sc->nodes[sc->node_count] = (Node){sc->entry_count, n};
+    sc->entry_count += n;
+    sc->last_node = sc->node_count++;
+    return PROVEN;
+}
 
 /* One object's members, written from output position `open` on in document order, are
  * checked (no duplicate, no keys equal but for case) and put in key order. Called with
@@ -288,8 +333,11 @@ static int reorder(Scan *sc, Py_ssize_t base, Py_ssize_t open, int capitals)
         for (Py_ssize_t k = 1; k < n; k++)
             if (key_cmp(s, &m[k - 1], &m[k], 1) == 0)
                 return NOT_PROVEN;
-        if (ordered)
+        if (ordered) { /* left as it was: so are the members, for read()'s list */
+            if (sc->levels)
+                sort_members(s, m, sc->scratch, n, 0);
             return PROVEN;
+        }
     }
     sort_members(s, m, sc->scratch, n, 0);
     for (Py_ssize_t k = 1; k < n; k++)
@@ -342,13 +390,17 @@ static int next_item(Scan *sc, unsigned char close)
     return sc->s[sc->i] == close ? 0 : -1;
 }
 
-static int object(Scan *sc, int depth)
+/* An object; `level` > 0: listed (read()), its member values that are objects one
+ * level further down while levels remain. */
+static int object(Scan *sc, int depth, int level)
 {
     int r, more;
+    Py_ssize_t base = sc->count;
     if (opens_empty(sc, '}'))
-        return PROVEN;
-    Py_ssize_t open = out_at(sc), base = sc->count; /* skipping spaces keeps out_at */
+        return level ? list_object(sc, base) : PROVEN;
+    Py_ssize_t open = out_at(sc); /* skipping spaces keeps out_at */
     int capitals = 0; /* whether any key has one: only then can two fold together */
+    int inner = level && level < sc->levels ? level + 1 : 0;
     do {
         skip_ws(sc);
         if (sc->i >= sc->n || sc->s[sc->i] != '"')
@@ -362,15 +414,19 @@ static int object(Scan *sc, int depth)
             return NOT_PROVEN;
         sc->i++;
         skip_ws(sc);
-        if ((r = value(sc, depth + 1)))
+        sc->last_node = -1;
+        if ((r = value(sc, depth + 1, inner)))
             return r;
         if (grow((void **)&sc->members, &sc->cap, sc->count + 1, sizeof(Member)))
             return NO_MEMORY;
-        sc->members[sc->count++] = (Member){start, out_at(sc), key, klen};
+        sc->members[sc->count++] = (Member){start, out_at(sc), key, klen,
+                                            inner ? sc->last_node : -1};
     } while ((more = next_item(sc, '}')) > 0);
     if (more < 0)
         return NOT_PROVEN;
     r = reorder(sc, base, open, capitals);
+    if (r == PROVEN && level)
+        r = list_object(sc, base);
     sc->count = base;
     sc->i++;
     return r;
@@ -383,7 +439,7 @@ static int array(Scan *sc, int depth)
         return PROVEN;
     do {
         skip_ws(sc);
-        if ((r = value(sc, depth + 1)))
+        if ((r = value(sc, depth + 1, 0)))
             return r;
     } while ((more = next_item(sc, ']')) > 0);
     if (more < 0)
@@ -392,13 +448,13 @@ static int array(Scan *sc, int depth)
     return PROVEN;
 }
 
-static int value(Scan *sc, int depth)
+static int value(Scan *sc, int depth, int level)
 {
     if (depth >= MAX_DEPTH || sc->i >= sc->n)
         return NOT_PROVEN;
     unsigned char c = sc->s[sc->i];
     switch (c) {
-    case '{': return object(sc, depth);
+    case '{': return object(sc, depth, level);
     case '[': return array(sc, depth);
     case '"': return string(sc);
     case 't': return literal(sc, "true", 4);
@@ -409,6 +465,35 @@ static int value(Scan *sc, int depth)
             return number(sc);
         return NOT_PROVEN;
     }
+}
+
+/* One pass over `data`: PROVEN with the canonical form in sc->out[:sc->len] (and, with
+ * sc->levels, the objects listed), NOT_PROVEN, or NO_MEMORY. */
+static int scan(Scan *sc, Py_buffer *view)
+{
+    sc->s = view->buf;
+    sc->n = view->len;
+    sc->last_node = -1;
+    sc->out = PyMem_Malloc((size_t)sc->n + 1);
+    if (sc->out == NULL)
+        return NO_MEMORY;
+    skip_ws(sc);
+    int r = value(sc, 0, sc->levels ? 1 : 0);
+    skip_ws(sc);
+    flush(sc);
+    if (r == PROVEN && sc->i != sc->n)
+        r = NOT_PROVEN;
+    return r;
+}
+
+static void scan_free(Scan *sc)
+{
+    PyMem_Free(sc->out);
+    PyMem_Free(sc->members);
+    PyMem_Free(sc->scratch);
+    PyMem_Free(sc->copy);
+    PyMem_Free(sc->entries);
+    PyMem_Free(sc->nodes);
 }
 
 PyDoc_STRVAR(canonical_doc,
@@ -422,18 +507,7 @@ static PyObject *scan_canonical(PyObject *Py_UNUSED(module), PyObject *arg)
     if (PyObject_GetBuffer(arg, &view, PyBUF_SIMPLE) < 0)
         return NULL;
     Scan sc = {0};
-    sc.s = view.buf;
-    sc.n = view.len;
-    sc.out = PyMem_Malloc((size_t)sc.n + 1);
-    int r = sc.out == NULL ? NO_MEMORY : PROVEN;
-    if (r == PROVEN) {
-        skip_ws(&sc);
-        r = value(&sc, 0);
-        skip_ws(&sc);
-        flush(&sc);
-        if (r == PROVEN && sc.i != sc.n)
-            r = NOT_PROVEN;
-    }
+    int r = scan(&sc, &view);
     PyObject *result = NULL;
     if (r == PROVEN)
         result = PyBytes_FromStringAndSize(sc.out, sc.len);
@@ -441,154 +515,88 @@ static PyObject *scan_canonical(PyObject *Py_UNUSED(module), PyObject *arg)
         result = Py_NewRef(Py_None);
     else
         PyErr_NoMemory();
-    PyMem_Free(sc.out);
-    PyMem_Free(sc.members);
-    PyMem_Free(sc.scratch);
-    PyMem_Free(sc.copy);
+    scan_free(&sc);
     PyBuffer_Release(&view);
     return result;
 }
 
-/* Bytes a skip through canonical bytes stops at inside a container. */
-static unsigned char bracket[256];
-
-static void init_bracket(void)
+/* A listed object's members as (key, value start, value end, the value's members if
+ * it is a listed object, else None); `base`: the output position after its opening
+ * brace. */
+static PyObject *build(const Scan *sc, Py_ssize_t node, Py_ssize_t base)
 {
-    bracket['"'] = bracket['{'] = bracket['}'] = bracket['['] = bracket[']'] = 1;
-    bracket[0] = 1; /* a bytes object's terminating NUL: the end, without a bound check */
-}
-
-/* The end of the value at i in canonical bytes (no spaces, strings well formed), or -1.
- * s[end] is the NUL every bytes object ends with. */
-static Py_ssize_t skip_value(const unsigned char *s, Py_ssize_t i, Py_ssize_t end)
-{
-    Py_ssize_t depth = 0;
-    do {
-        if (i >= end)
-            return -1;
-        unsigned char c = s[i];
-        if (c == '"') { /* to the next quote not escaped: after an even run of backslashes */
-            Py_ssize_t from = ++i;
-            for (;;) {
-                const unsigned char *q = memchr(s + i, '"', (size_t)(end - i));
-                if (q == NULL)
-                    return -1;
-                Py_ssize_t at = q - s, b = at;
-                while (b > from && s[b - 1] == '\\')
-                    b--;
-                i = at + 1;
-                if (((at - b) & 1) == 0)
-                    break;
-            }
-        } else if (c == '{' || c == '[') {
-            depth++;
-            i++;
-        } else if (c == '}' || c == ']') {
-            if (depth == 0)
-                return -1;
-            depth--;
-            i++;
-        } else if (depth == 0) {
-            while (i < end && s[i] != ',' && s[i] != '}' && s[i] != ']')
-                i++;
-        } else {
-            for (i++; !bracket[s[i]]; i++) /* stops at s[end] at the latest */
-                ;
-        }
-    } while (depth > 0);
-    return i;
-}
-
-/* The members of the object at s[*at] as a list of (key, start, end, members of the
- * value if it is an object and levels remain, else None); *at moves past the object. */
-static PyObject *index_object(const unsigned char *s, Py_ssize_t *at, Py_ssize_t end,
-                              long levels)
-{
-    PyObject *list = PyList_New(0);
+    const Node *nd = &sc->nodes[node];
+    PyObject *list = PyList_New(nd->count);
     if (list == NULL)
         return NULL;
-    Py_ssize_t i = *at + 1;
-    if (i < end && s[i] == '}') {
-        *at = i + 1;
-        return list;
-    }
-    for (;;) {
-        if (i >= end || s[i] != '"')
-            goto broken;
-        Py_ssize_t key = i + 1;
-        const unsigned char *q = memchr(s + key, '"', (size_t)(end - key));
-        if (q == NULL)
-            goto broken;
-        Py_ssize_t kend = q - s, v = kend + 2, e = v;
-        if (v >= end || s[kend + 1] != ':')
-            goto broken;
-        PyObject *sub;
-        if (levels > 1 && s[v] == '{') {
-            sub = index_object(s, &e, end, levels - 1);
-            if (sub == NULL) {
-                Py_DECREF(list);
-                return NULL;
-            }
-        } else {
-            e = skip_value(s, v, end);
-            if (e <= v)
-                goto broken;
-            sub = Py_NewRef(Py_None);
-        }
-        PyObject *item = Py_BuildValue("(s#nnN)", (const char *)s + key, kend - key, v, e, sub);
-        if (item == NULL || PyList_Append(list, item) < 0) {
-            Py_XDECREF(item);
+    for (Py_ssize_t k = 0; k < nd->count; k++) {
+        const Entry *e = &sc->entries[nd->first + k];
+        Py_ssize_t start = base + e->start, end = base + e->end;
+        PyObject *sub = e->node >= 0 ? build(sc, e->node, start + 1) : Py_NewRef(Py_None);
+        if (sub == NULL) {
             Py_DECREF(list);
             return NULL;
         }
-        Py_DECREF(item);
-        if (e >= end)
-            goto broken;
-        if (s[e] == '}') {
-            *at = e + 1;
-            return list;
+        PyObject *item = Py_BuildValue("(s#nnN)", (const char *)sc->s + e->key, e->klen,
+                                       start, end, sub);
+        if (item == NULL) {
+            Py_DECREF(list);
+            return NULL;
         }
-        if (s[e] != ',')
-            goto broken;
-        i = e + 1;
+        PyList_SET_ITEM(list, k, item);
     }
-broken:
-    Py_DECREF(list);
-    PyErr_SetString(PyExc_ValueError, "not the output of canonical()");
-    return NULL;
+    return list;
 }
 
-PyDoc_STRVAR(index_doc,
-"index(canon, levels, /)\n--\n\n"
-"The members of the object ``canon`` (canonical() output) as a list of (key, value\n"
-"start, value end, members of the value or None), nested ``levels`` deep; None if\n"
-"``canon`` is not an object.");
+PyDoc_STRVAR(read_doc,
+"read(data, levels, /)\n--\n\n"
+"``(canonical(data), members)`` in one pass, or None when canonical() gives None.\n"
+"``members``: the top object's members as (key, value start, value end, the value's\n"
+"members or None) in the canonical bytes, nested ``levels`` deep through values that\n"
+"are objects; None when the top value is not an object.");
 
-static PyObject *scan_index(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs)
+static PyObject *scan_read(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs)
 {
-    if (nargs != 2 || !PyBytes_Check(args[0])) {
-        PyErr_SetString(PyExc_TypeError, "index(canon: bytes, levels: int)");
+    if (nargs != 2) {
+        PyErr_SetString(PyExc_TypeError, "read(data: bytes, levels: int)");
         return NULL;
     }
     long levels = PyLong_AsLong(args[1]);
     if (levels == -1 && PyErr_Occurred())
         return NULL;
-    const unsigned char *s = (const unsigned char *)PyBytes_AS_STRING(args[0]);
-    Py_ssize_t end = PyBytes_GET_SIZE(args[0]), at = 0;
-    if (end < 1 || s[0] != '{' || levels < 1)
-        Py_RETURN_NONE;
-    PyObject *list = index_object(s, &at, end, levels);
-    if (list != NULL && at != end) {
-        Py_DECREF(list);
-        PyErr_SetString(PyExc_ValueError, "not the output of canonical()");
+    if (levels < 1 || levels > MAX_DEPTH) {
+        PyErr_SetString(PyExc_ValueError, "levels must be 1 to 128");
         return NULL;
     }
-    return list;
+    Py_buffer view;
+    if (PyObject_GetBuffer(args[0], &view, PyBUF_SIMPLE) < 0)
+        return NULL;
+    Scan sc = {0};
+    sc.levels = (int)levels;
+    int r = scan(&sc, &view);
+    PyObject *result = NULL;
+    if (r == PROVEN) {
+        PyObject *canon = PyBytes_FromStringAndSize(sc.out, sc.len);
+        /* the value read was an object (its first byte): its node is the last made */
+        PyObject *members = sc.len && sc.out[0] == '{' ? build(&sc, sc.node_count - 1, 1)
+                                                       : Py_NewRef(Py_None);
+        if (canon != NULL && members != NULL)
+            result = PyTuple_Pack(2, canon, members);
+        Py_XDECREF(canon);
+        Py_XDECREF(members);
+    } else if (r == NOT_PROVEN) {
+        result = Py_NewRef(Py_None);
+    } else {
+        PyErr_NoMemory();
+    }
+    scan_free(&sc);
+    PyBuffer_Release(&view);
+    return result;
 }
 
 static PyMethodDef methods[] = {
     {"canonical", scan_canonical, METH_O, canonical_doc},
-    {"index", (PyCFunction)(void (*)(void))scan_index, METH_FASTCALL, index_doc},
+    {"read", (PyCFunction)(void (*)(void))scan_read, METH_FASTCALL, read_doc},
     {NULL, NULL, 0, NULL},
 };
 
@@ -608,6 +616,5 @@ static struct PyModuleDef module = {
 PyMODINIT_FUNC PyInit__scan(void)
 {
     init_stop();
-    init_bracket();
     return PyModuleDef_Init(&module);
 }

@@ -51,6 +51,7 @@ def test_the_scanner_is_built() -> None:
 @pytest.mark.parametrize(("body", "why"), REFUSED)
 def test_never_proves_what_the_strict_reader_refuses(body: bytes, why: str) -> None:
     assert _scan.canonical(body) is None
+    assert _scan.read(body, 3) is None
 
 
 @pytest.mark.parametrize("body", [
@@ -198,21 +199,24 @@ def test_random_bodies_agree_with_the_strict_reader() -> None:
         fast = agrees(body)
         if fast is not None:
             proven += 1
-            index_agrees(fast)
+            read_agrees(body, fast)
         elif strict_canonical(body) is _REFUSED:
             deferred_refused += 1
     # Both sides are exercised: many bodies proven, many refused ones deferred.
     assert proven > 1500 and deferred_refused > 500, (proven, deferred_refused)
 
 
-def index_agrees(canon: bytes) -> None:
-    """index() lists exactly the members orjson reads from the canonical bytes."""
+def read_agrees(body: bytes, canon: bytes) -> None:
+    """read() gives canonical()'s bytes and lists exactly the members orjson reads from
+    them, at every depth asked."""
     doc = orjson.loads(canon)
-    listed = _scan.index(canon, 3)
-    if not isinstance(doc, dict):
-        assert listed is None
-        return
-    _members_agree(canon, doc, listed, 3)
+    for levels in (1, 2, 3, 4):
+        read = _scan.read(body, levels)
+        assert read is not None and read[0] == canon, body[:200]
+        if not isinstance(doc, dict):
+            assert read[1] is None
+            continue
+        _members_agree(canon, doc, read[1], levels)
 
 
 def _members_agree(canon: bytes, doc: dict[str, Any], listed: Any, levels: int) -> None:
@@ -225,26 +229,32 @@ def _members_agree(canon: bytes, doc: dict[str, Any], listed: Any, levels: int) 
             assert inner is None
 
 
-@pytest.mark.parametrize("bad", [b"", b"x", b"{", b'{"a"}', b'{"a":}', b'{"a":1', b'{"a":"1}',
-                                 b'{"a":1,}', b'{"a":[1}', b'{"a":1}}',
-                                 b'{"a":[1,2', b'{"a":[\x00', b'{"a":{"b":[1]'])
-def test_index_refuses_what_canonical_never_writes(bad: bytes) -> None:
-    if bad[:1] != b"{":
-        assert _scan.index(bad, 3) is None
-        return
-    with pytest.raises(ValueError, match="not the output of canonical"):
-        _scan.index(bad, 3)
+@pytest.mark.parametrize("body", [
+    b' {"b":{"y":{"z":{}} ,"x":[{"q":1}]},"a":1} ',  # objects in an array are not listed
+    b'{"B":1,"a":{"c":{"e":1,"d":2}}}',   # capitals, in byte order: left as they are
+    b'{"a":{"C":1,"b":2},"B":{"D":{"c":[]}}}',  # capitals, out of order
+    b'{"a":{}}', b"{}",
+    b'{"k":{"a":1,"b":{"c":{"d":{"e":1}}}}}',    # deeper than asked: not listed
+    b'"x"', b"7", b"[{}]",
+])
+def test_read_lists_the_members_in_the_canonical_form(body: bytes) -> None:
+    """Where each member's value is, relative to its object: an enclosing object's
+    reordering moves the whole object, so the places stay right."""
+    canon = agrees(body)
+    assert canon is not None
+    read_agrees(body, canon)
 
 
-def test_index_skips_to_the_end_of_a_value_not_to_a_nul_inside_it() -> None:
-    """The skip through a container stops at the NUL that ends every bytes object (no
-    bound check per byte); one inside the value is just a byte to step over."""
-    doc = b'{"a":[1,\x00,{"c":2}],"b":3}'
-    members = _scan.index(doc, 1)
-    assert members is not None
-    (a, a_start, a_end, _), (b, b_start, b_end, _) = members
-    assert (a, doc[a_start:a_end]) == ("a", b'[1,\x00,{"c":2}]')
-    assert (b, doc[b_start:b_end]) == ("b", b"3")
+@pytest.mark.parametrize("body", [b'{"a":1', b'{"a":1,"a":2}', b"", b'{"x":{"k":1,"K":2}}',
+                                  b'{"a":{"b":[1]', b'{"a":"\\u0041"}'])
+def test_read_proves_only_what_canonical_proves(body: bytes) -> None:
+    assert _scan.canonical(body) is None and _scan.read(body, 3) is None
+
+
+@pytest.mark.parametrize("levels", [0, -1, 129])
+def test_read_takes_1_to_128_levels(levels: int) -> None:
+    with pytest.raises(ValueError, match="levels"):
+        _scan.read(b"{}", levels)
 
 
 # -- a tool call judged through the scanner gets the same decision -----------------------
