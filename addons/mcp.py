@@ -70,9 +70,12 @@ class Mcp(GatewayAddon):
     def _check_transport(flow: http.HTTPFlow) -> None:
         """Refuse what the MCP transport does not define (a GET with a query, HEAD, PUT…)."""
         req = flow.request
+        method = req.method.upper()
+        if method == "POST":
+            return  # what transport_refusal says of every POST: inspect() judges the body
         length = req.headers.get_all("content-length")
         has_body = "transfer-encoding" in req.headers or any(v.strip() != "0" for v in length)
-        why = transport_refusal(req.method.upper(), "?" in req.path,
+        why = transport_refusal(method, "?" in req.path,
                                 ",".join(req.headers.get_all("accept")) or None,
                                 req.headers.get(SESSION_HEADER), has_body)
         if why is not None:

@@ -239,6 +239,17 @@ def test_transport_refusal(method: str, query: bool, accept: str | None, session
         assert got is not None and why in got, got
 
 
+@pytest.mark.parametrize("query", [False, True])
+@pytest.mark.parametrize("accept", [None, "text/event-stream", "text/html;q=0"])
+@pytest.mark.parametrize("session", [None, "", "s-1"])
+@pytest.mark.parametrize("body", [False, True])
+def test_a_post_passes_the_transport_check_whatever_its_headers(
+        query: bool, accept: str | None, session: str | None, body: bool) -> None:
+    """addons/mcp.py reads no header for a POST on the strength of this (its body is
+    judged by inspect()): a change here must change it too."""
+    assert transport_refusal("POST", query, accept, session, body) is None
+
+
 @pytest.mark.parametrize(("method", "body", "why"), [
     ("GET", b'{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"danger"}}',
      "a GET to an MCP endpoint carries no body"),
