@@ -311,7 +311,8 @@ static int list_object(Scan *sc, Py_ssize_t base)
 }
 
 /* One object's members, written from output position `open` on in document order, are
- * checked (no duplicate, no keys equal but for case) and put in key order. Called with
+ * checked (no duplicate, no keys equal but for case) and put in key order, the bytes
+ * and sc->members[base:] alike (read() lists the members in that order). Called with
  * sc->i at the closing brace; `capitals`: whether one of its keys has a capital letter
  * (noted as the keys were read: only then can two of them fold together). */
 static int reorder(Scan *sc, Py_ssize_t base, Py_ssize_t open, int capitals)
@@ -333,9 +334,8 @@ static int reorder(Scan *sc, Py_ssize_t base, Py_ssize_t open, int capitals)
         for (Py_ssize_t k = 1; k < n; k++)
             if (key_cmp(s, &m[k - 1], &m[k], 1) == 0)
                 return NOT_PROVEN;
-        if (ordered) { /* left as it was: so are the members, for read()'s list */
-            if (sc->levels)
-                sort_members(s, m, sc->scratch, n, 0);
+        if (ordered) { /* the bytes stay as they are: so do the members (in byte order) */
+            sort_members(s, m, sc->scratch, n, 0);
             return PROVEN;
         }
     }
